@@ -1,0 +1,302 @@
+//! Loading a model and its tokenizer from a Hugging Face model directory, a GGUF file, or a hub
+//! repository id.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+
+use crate::config::{ModelConfig, TokenIds};
+use crate::error::{Error, Result};
+use crate::hub::HubRepo;
+use crate::models::{config_from_gguf, transformer::Model};
+use crate::tokenizer::Tokenizer;
+use crate::weights::{GgufWeights, SafetensorsWeights, WeightSource};
+
+/// Where a model comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A directory with `config.json`, `*.safetensors` and `tokenizer.json`.
+    Dir(PathBuf),
+    /// A GGUF file (weights, config and tokenizer in one).
+    Gguf(PathBuf),
+    /// A hub repository: safetensors layout, or one GGUF file of it when `file` is given.
+    Hub {
+        /// `org/name`.
+        repo: String,
+        /// Branch, tag or commit; `main` when absent.
+        revision: Option<String>,
+        /// A `.gguf` file in the repository.
+        file: Option<String>,
+    },
+}
+
+impl ModelSource {
+    /// Reads a source from a string: an existing directory, a path ending in `.gguf`, or a hub id
+    /// `org/name`, `org/name@revision`, `org/name:file.gguf` (`@revision` may follow the file).
+    pub fn parse(text: &str) -> Self {
+        let path = Path::new(text);
+        if path.is_dir() {
+            return Self::Dir(path.to_path_buf());
+        }
+        if text.ends_with(".gguf") && (path.exists() || !text.contains(':')) {
+            return Self::Gguf(path.to_path_buf());
+        }
+        let (rest, revision) = match text.rsplit_once('@') {
+            Some((rest, rev)) => (rest, Some(rev.to_string())),
+            None => (text, None),
+        };
+        let (repo, file) = match rest.split_once(':') {
+            Some((repo, file)) => (repo.to_string(), Some(file.to_string())),
+            None => (rest.to_string(), None),
+        };
+        Self::Hub {
+            repo,
+            revision,
+            file,
+        }
+    }
+}
+
+impl std::fmt::Display for ModelSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Dir(p) | Self::Gguf(p) => write!(f, "{}", p.display()),
+            Self::Hub { repo, file, .. } => match file {
+                Some(file) => write!(f, "{repo}:{file}"),
+                None => write!(f, "{repo}"),
+            },
+        }
+    }
+}
+
+/// How to load: dtype, device and CPU threads.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Weights and activations; f32 by default (quantized weights are dequantized to it).
+    pub dtype: DType,
+    /// Where the weights live.
+    pub device: Device,
+    /// Give the model its own rayon pool of this many threads (CPU).
+    pub threads: Option<usize>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            threads: None,
+        }
+    }
+}
+
+/// A model with its tokenizer.
+pub struct LoadedModel {
+    /// The decoder.
+    pub model: Model,
+    /// Its tokenizer.
+    pub tokenizer: Tokenizer,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel")
+            .field("architecture", &self.model.architecture())
+            .field("layers", &self.model.num_layers())
+            .field("tokenizer", &self.tokenizer)
+            .finish()
+    }
+}
+
+/// Loads model and tokenizer from `source`.
+pub fn load(source: &ModelSource, options: &LoadOptions) -> Result<LoadedModel> {
+    let loaded = match source {
+        ModelSource::Dir(dir) => load_dir(&DirFiles::local(dir)?, options)?,
+        ModelSource::Gguf(path) => load_gguf(path, options)?,
+        ModelSource::Hub {
+            repo,
+            revision,
+            file,
+        } => {
+            let hub = HubRepo::new(repo, revision.as_deref());
+            match file {
+                Some(file) => load_gguf(&hub.get(file)?, options)?,
+                None => load_dir(&DirFiles::hub(&hub)?, options)?,
+            }
+        }
+    };
+    let LoadedModel { model, tokenizer } = loaded;
+    let model = match options.threads {
+        Some(threads) => model.with_threads(threads)?,
+        None => model,
+    };
+    Ok(LoadedModel { model, tokenizer })
+}
+
+/// The files of a Hugging Face model directory, wherever they are.
+#[derive(Debug, Clone)]
+pub struct DirFiles {
+    /// `config.json`.
+    pub config: PathBuf,
+    /// The safetensors shards, in index order.
+    pub weights: Vec<PathBuf>,
+    /// `tokenizer.json`.
+    pub tokenizer: PathBuf,
+    /// `tokenizer_config.json`, if present.
+    pub tokenizer_config: Option<PathBuf>,
+    /// `generation_config.json`, if present.
+    pub generation_config: Option<PathBuf>,
+}
+
+const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// Shard file names listed in a safetensors index, in first-appearance order.
+fn shards_from_index(index_path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
+    let corrupt = |reason: &str| Error::CorruptFile {
+        path: index_path.to_path_buf(),
+        reason: reason.to_string(),
+    };
+    let index: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| corrupt(&e.to_string()))?;
+    let map = index
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| corrupt("no `weight_map` object"))?;
+    let mut shards: Vec<String> = Vec::new();
+    for file in map.values() {
+        let file = file
+            .as_str()
+            .ok_or_else(|| corrupt("non-string shard name"))?;
+        if !shards.iter().any(|s| s == file) {
+            shards.push(file.to_string());
+        }
+    }
+    Ok(shards)
+}
+
+impl DirFiles {
+    /// The files of a local directory.
+    pub fn local(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::MissingFile {
+                path: dir.to_path_buf(),
+                what: "a model directory".into(),
+            });
+        }
+        let existing = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
+        let weights = if let Some(index) = existing(INDEX_FILE) {
+            shards_from_index(&index)?
+                .into_iter()
+                .map(|s| dir.join(s))
+                .collect()
+        } else if let Some(single) = existing("model.safetensors") {
+            vec![single]
+        } else {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|e| Error::io(dir, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .collect();
+            found.sort();
+            if found.is_empty() {
+                return Err(Error::MissingFile {
+                    path: dir.join("model.safetensors"),
+                    what: "the weights (no *.safetensors in the directory)".into(),
+                });
+            }
+            found
+        };
+        Ok(Self {
+            config: dir.join("config.json"),
+            weights,
+            tokenizer: dir.join("tokenizer.json"),
+            tokenizer_config: existing("tokenizer_config.json"),
+            generation_config: existing("generation_config.json"),
+        })
+    }
+
+    /// The files of a hub repository, fetched into (or found in) the hub cache.
+    pub fn hub(hub: &HubRepo) -> Result<Self> {
+        let config = hub.get("config.json")?;
+        let weights = match hub.get_optional(INDEX_FILE) {
+            Some(index) => shards_from_index(&index)?
+                .iter()
+                .map(|s| hub.get(s))
+                .collect::<Result<Vec<_>>>()?,
+            None => vec![hub.get("model.safetensors")?],
+        };
+        Ok(Self {
+            config,
+            weights,
+            tokenizer: hub.get("tokenizer.json")?,
+            tokenizer_config: hub.get_optional("tokenizer_config.json"),
+            generation_config: hub.get_optional("generation_config.json"),
+        })
+    }
+}
+
+fn check_vocab(tokenizer: &Tokenizer, model: &Model) -> Result<()> {
+    if tokenizer.vocab_size() > model.vocab_size() {
+        return Err(Error::VocabularyMismatch {
+            source_name: tokenizer.source_name().to_string(),
+            tokenizer_vocab: tokenizer.vocab_size(),
+            model_vocab: model.vocab_size(),
+        });
+    }
+    Ok(())
+}
+
+/// Loads a Hugging Face model directory's files.
+pub fn load_dir(files: &DirFiles, options: &LoadOptions) -> Result<LoadedModel> {
+    let text = std::fs::read_to_string(&files.config).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::MissingFile {
+            path: files.config.clone(),
+            what: "the model config (config.json)".into(),
+        },
+        _ => Error::io(&files.config, e),
+    })?;
+    let config = ModelConfig::from_json(&text, &files.config.display().to_string())?;
+    let weights = SafetensorsWeights::open(&files.weights)?;
+    let mut tokenizer = Tokenizer::from_files(&files.tokenizer, files.tokenizer_config.as_deref())?;
+    for id in config.eos_token_ids() {
+        tokenizer.add_eos_id(id);
+    }
+    if let Some(path) = &files.generation_config {
+        let ids = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("eos_token_id").cloned())
+            .and_then(|v| serde_json::from_value::<TokenIds>(v).ok());
+        for id in ids.map(|ids| ids.to_vec()).unwrap_or_default() {
+            tokenizer.add_eos_id(id);
+        }
+    }
+    let model = Model::load(
+        config,
+        &weights as &dyn WeightSource,
+        options.dtype,
+        &options.device,
+    )?;
+    check_vocab(&tokenizer, &model)?;
+    Ok(LoadedModel { model, tokenizer })
+}
+
+/// Loads a GGUF file: config and tokenizer from its metadata, weights dequantized to
+/// `options.dtype`.
+pub fn load_gguf(path: &Path, options: &LoadOptions) -> Result<LoadedModel> {
+    let weights = GgufWeights::open(path)?;
+    let config = config_from_gguf(weights.content(), path)?;
+    let mut tokenizer = Tokenizer::from_gguf(weights.content(), path)?;
+    for id in config.eos_token_ids() {
+        tokenizer.add_eos_id(id);
+    }
+    let model = Model::load(
+        config,
+        &weights as &dyn WeightSource,
+        options.dtype,
+        &options.device,
+    )?;
+    check_vocab(&tokenizer, &model)?;
+    Ok(LoadedModel { model, tokenizer })
+}
