@@ -156,11 +156,31 @@ fn default_hidden_act() -> String {
 
 impl ModelConfig {
     /// Parses and validates a `config.json` text.
+    ///
+    /// Both layouts of RoPE settings are accepted: `rope_theta` + `rope_scaling` (most hub
+    /// checkpoints) and transformers 5's `rope_parameters`.
     pub fn from_json(text: &str, source_name: &str) -> Result<Self> {
-        let config: Self = serde_json::from_str(text).map_err(|e| Error::InvalidConfig {
+        let invalid = |reason: String| Error::InvalidConfig {
             source_name: source_name.to_string(),
-            reason: e.to_string(),
-        })?;
+            reason,
+        };
+        let mut value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        if let Some(object) = value.as_object_mut() {
+            if let Some(serde_json::Value::Object(mut params)) = object.remove("rope_parameters") {
+                if let Some(theta) = params.remove("rope_theta") {
+                    object.insert("rope_theta".into(), theta);
+                }
+                let rope_type = params
+                    .get("rope_type")
+                    .and_then(|t| t.as_str())
+                    .unwrap_or("default");
+                if rope_type != "default" {
+                    object.insert("rope_scaling".into(), serde_json::Value::Object(params));
+                }
+            }
+        }
+        let config: Self = serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
         config.validate(source_name)?;
         Ok(config)
     }

@@ -44,7 +44,10 @@ pub use config::{Architecture, ModelConfig};
 pub use error::{Error, Result};
 pub use hub::HubRepo;
 pub use kv_cache::KvCache;
-pub use loading::{load, load_dir, load_gguf, DirFiles, LoadOptions, LoadedModel, ModelSource};
+pub use loading::{
+    load, load_dir, load_gguf, load_hub, load_model_dir, DirFiles, LoadOptions, LoadedModel,
+    ModelSource,
+};
 pub use mask::{AttentionInput, RowVisibility, TokenTree};
 pub use models::transformer::Model;
 pub use tokenizer::{ChatMessage, Tokenizer};

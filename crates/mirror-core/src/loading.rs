@@ -117,20 +117,21 @@ pub fn load(source: &ModelSource, options: &LoadOptions) -> Result<LoadedModel> 
             repo,
             revision,
             file,
-        } => {
-            let hub = HubRepo::new(repo, revision.as_deref());
-            match file {
-                Some(file) => load_gguf(&hub.get(file)?, options)?,
-                None => load_dir(&DirFiles::hub(&hub)?, options)?,
-            }
-        }
+        } => load_hub(
+            &HubRepo::new(repo, revision.as_deref()),
+            file.as_deref(),
+            options,
+        )?,
     };
-    let LoadedModel { model, tokenizer } = loaded;
-    let model = match options.threads {
-        Some(threads) => model.with_threads(threads)?,
-        None => model,
-    };
-    Ok(LoadedModel { model, tokenizer })
+    Ok(loaded)
+}
+
+/// Loads from a hub repository (cache first): one GGUF `file` of it, or its safetensors layout.
+pub fn load_hub(hub: &HubRepo, file: Option<&str>, options: &LoadOptions) -> Result<LoadedModel> {
+    match file {
+        Some(file) => load_gguf(&hub.get(file)?, options),
+        None => load_dir(&DirFiles::hub(hub)?, options),
+    }
 }
 
 /// The files of a Hugging Face model directory, wherever they are.
@@ -146,6 +147,8 @@ pub struct DirFiles {
     pub tokenizer_config: Option<PathBuf>,
     /// `generation_config.json`, if present.
     pub generation_config: Option<PathBuf>,
+    /// `chat_template.jinja` (newer layout; takes precedence over `tokenizer_config.json`).
+    pub chat_template: Option<PathBuf>,
 }
 
 const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -213,6 +216,7 @@ impl DirFiles {
             tokenizer: dir.join("tokenizer.json"),
             tokenizer_config: existing("tokenizer_config.json"),
             generation_config: existing("generation_config.json"),
+            chat_template: existing("chat_template.jinja"),
         })
     }
 
@@ -232,6 +236,7 @@ impl DirFiles {
             tokenizer: hub.get("tokenizer.json")?,
             tokenizer_config: hub.get_optional("tokenizer_config.json"),
             generation_config: hub.get_optional("generation_config.json"),
+            chat_template: hub.get_optional("chat_template.jinja"),
         })
     }
 }
@@ -247,20 +252,43 @@ fn check_vocab(tokenizer: &Tokenizer, model: &Model) -> Result<()> {
     Ok(())
 }
 
-/// Loads a Hugging Face model directory's files.
-pub fn load_dir(files: &DirFiles, options: &LoadOptions) -> Result<LoadedModel> {
-    let text = std::fs::read_to_string(&files.config).map_err(|e| match e.kind() {
+fn read_config(path: &Path) -> Result<ModelConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => Error::MissingFile {
-            path: files.config.clone(),
+            path: path.to_path_buf(),
             what: "the model config (config.json)".into(),
         },
-        _ => Error::io(&files.config, e),
+        _ => Error::io(path, e),
     })?;
-    let config = ModelConfig::from_json(&text, &files.config.display().to_string())?;
+    ModelConfig::from_json(&text, &path.display().to_string())
+}
+
+/// Loads only the model (config and weights) of a Hugging Face directory, without a tokenizer.
+pub fn load_model_dir(files: &DirFiles, options: &LoadOptions) -> Result<Model> {
+    let config = read_config(&files.config)?;
     let weights = SafetensorsWeights::open(&files.weights)?;
+    let model = Model::load(
+        config,
+        &weights as &dyn WeightSource,
+        options.dtype,
+        &options.device,
+    )?;
+    match options.threads {
+        Some(threads) => model.with_threads(threads),
+        None => Ok(model),
+    }
+}
+
+/// Loads a Hugging Face model directory's files: model and tokenizer.
+pub fn load_dir(files: &DirFiles, options: &LoadOptions) -> Result<LoadedModel> {
     let mut tokenizer = Tokenizer::from_files(&files.tokenizer, files.tokenizer_config.as_deref())?;
-    for id in config.eos_token_ids() {
+    let model = load_model_dir(files, options)?;
+    for id in model.config().eos_token_ids() {
         tokenizer.add_eos_id(id);
+    }
+    if let Some(path) = &files.chat_template {
+        let template = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        tokenizer.set_chat_template(Some(template));
     }
     if let Some(path) = &files.generation_config {
         let ids = std::fs::read_to_string(path)
@@ -272,12 +300,6 @@ pub fn load_dir(files: &DirFiles, options: &LoadOptions) -> Result<LoadedModel> 
             tokenizer.add_eos_id(id);
         }
     }
-    let model = Model::load(
-        config,
-        &weights as &dyn WeightSource,
-        options.dtype,
-        &options.device,
-    )?;
     check_vocab(&tokenizer, &model)?;
     Ok(LoadedModel { model, tokenizer })
 }
