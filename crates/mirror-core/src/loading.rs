@@ -91,21 +91,12 @@ impl Default for LoadOptions {
 }
 
 /// A model with its tokenizer.
+#[derive(Debug)]
 pub struct LoadedModel {
     /// The decoder.
     pub model: Model,
     /// Its tokenizer.
     pub tokenizer: Tokenizer,
-}
-
-impl std::fmt::Debug for LoadedModel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LoadedModel")
-            .field("architecture", &self.model.architecture())
-            .field("layers", &self.model.num_layers())
-            .field("tokenizer", &self.tokenizer)
-            .finish()
-    }
 }
 
 /// Loads model and tokenizer from `source`.
@@ -196,19 +187,11 @@ impl DirFiles {
         } else if let Some(single) = existing("model.safetensors") {
             vec![single]
         } else {
-            let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
-                .map_err(|e| Error::io(dir, e))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-                .collect();
-            found.sort();
-            if found.is_empty() {
-                return Err(Error::MissingFile {
-                    path: dir.join("model.safetensors"),
-                    what: "the weights (no *.safetensors in the directory)".into(),
-                });
-            }
-            found
+            // Other *.safetensors files in a directory (adapters, references) are not guessed at.
+            return Err(Error::MissingFile {
+                path: dir.join("model.safetensors"),
+                what: format!("the weights (model.safetensors or {INDEX_FILE})"),
+            });
         };
         Ok(Self {
             config: dir.join("config.json"),

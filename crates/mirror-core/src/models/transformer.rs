@@ -59,6 +59,19 @@ pub struct Model {
     pool: Option<Arc<rayon::ThreadPool>>,
 }
 
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("architecture", &self.architecture)
+            .field("layers", &self.layers.len())
+            .field("hidden_size", &self.config.hidden_size)
+            .field("vocab_size", &self.config.vocab_size)
+            .field("dtype", &self.dtype)
+            .field("device", &self.device)
+            .finish()
+    }
+}
+
 /// Reads weights by their Hugging Face names, checking shapes against the config.
 struct Loader<'a> {
     source: &'a dyn WeightSource,
