@@ -1,1 +1,2 @@
 pub use mirror_core;
+pub use mirror_scheduler;

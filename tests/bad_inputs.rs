@@ -271,8 +271,19 @@ fn runtime_misuse_is_an_error_not_a_panic() {
     );
     // After the failed append nothing is half-written: the cache is still empty.
     assert_eq!(cache.len(), 0);
-    let err = model.new_cache(1, 100_000).unwrap_err();
-    assert!(matches!(err, Error::ContextOverflow { .. }), "{err}");
+    // Positions past the context limit (256 for the fixture), even with cache rows to spare.
+    let mut big = model.new_cache(1, 300).unwrap();
+    let err = model.forward_causal(&[1; 257], &mut big).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::ContextOverflow {
+                requested: 257,
+                capacity: 256
+            }
+        ),
+        "{err}"
+    );
     let err = model.forward_causal(&[], &mut cache).unwrap_err();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
     let err = cache.compact(0, &[3, 2]).unwrap_err();

@@ -87,3 +87,95 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// Writes a random llama/qwen2/qwen3 checkpoint (config.json + model.safetensors) into `dir` and
+/// loads it: a tiny model of any vocabulary size for strategy tests.
+pub fn random_model(
+    dir: &std::path::Path,
+    model_type: &str,
+    vocab: usize,
+    layers: usize,
+    seed: u64,
+) -> Model {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    let (hidden, inter, heads, kv_heads) = (32usize, 64usize, 4usize, 2usize);
+    let head_dim = hidden / heads;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut random = |shape: &[usize], scale: f32, offset: f32| {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n)
+            .map(|_| offset + scale * (rng.random::<f32>() * 2.0 - 1.0))
+            .collect();
+        Tensor::from_vec(data, shape, &candle_core::Device::Cpu).unwrap()
+    };
+    let mut w: HashMap<String, Tensor> = HashMap::new();
+    let lin = |out: usize, inp: usize| (vec![out, inp], 2.0 / (inp as f32).sqrt());
+    w.insert(
+        "model.embed_tokens.weight".into(),
+        random(&[vocab, hidden], 1.0, 0.0),
+    );
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        w.insert(
+            format!("{p}.input_layernorm.weight"),
+            random(&[hidden], 0.2, 1.0),
+        );
+        w.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            random(&[hidden], 0.2, 1.0),
+        );
+        for (name, out) in [
+            ("q_proj", heads * head_dim),
+            ("k_proj", kv_heads * head_dim),
+            ("v_proj", kv_heads * head_dim),
+        ] {
+            let (shape, scale) = lin(out, hidden);
+            w.insert(
+                format!("{p}.self_attn.{name}.weight"),
+                random(&shape, scale, 0.0),
+            );
+            if model_type == "qwen2" {
+                w.insert(
+                    format!("{p}.self_attn.{name}.bias"),
+                    random(&[out], 0.2, 0.0),
+                );
+            }
+        }
+        if model_type == "qwen3" {
+            w.insert(
+                format!("{p}.self_attn.q_norm.weight"),
+                random(&[head_dim], 0.2, 1.0),
+            );
+            w.insert(
+                format!("{p}.self_attn.k_norm.weight"),
+                random(&[head_dim], 0.2, 1.0),
+            );
+        }
+        let (shape, scale) = lin(hidden, heads * head_dim);
+        w.insert(
+            format!("{p}.self_attn.o_proj.weight"),
+            random(&shape, scale, 0.0),
+        );
+        for (name, out, inp) in [
+            ("gate_proj", inter, hidden),
+            ("up_proj", inter, hidden),
+            ("down_proj", hidden, inter),
+        ] {
+            let (shape, scale) = lin(out, inp);
+            w.insert(format!("{p}.mlp.{name}.weight"), random(&shape, scale, 0.0));
+        }
+    }
+    w.insert("model.norm.weight".into(), random(&[hidden], 0.2, 1.0));
+    let (shape, scale) = lin(vocab, hidden);
+    w.insert("lm_head.weight".into(), random(&shape, 2.0 * scale, 0.0));
+    let config = serde_json::json!({
+        "model_type": model_type, "vocab_size": vocab, "hidden_size": hidden,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "max_position_embeddings": 512, "tie_word_embeddings": false
+    });
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
+    load_model_dir(&DirFiles::local(dir).unwrap(), &LoadOptions::default()).unwrap()
+}

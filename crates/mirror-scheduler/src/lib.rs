@@ -1,1 +1,60 @@
-//! placeholder during bootstrap
+//! # mirror-scheduler
+//!
+//! Decoding strategies over [`mirror_core`] models, behind one [`Decoder`] trait:
+//!
+//! - [`Autoregressive`]: the target alone, the reference for every other strategy;
+//! - [`SpeculativeDecoding`]: vanilla SD, draft then verify, serially;
+//! - [`Mirror`]: Mirror speculative decoding (arXiv 2510.13161): the draft runs on its own worker
+//!   thread and device handle, drafting a hypothesis tree from the target's early-exit tap while
+//!   the target finishes its layers.
+//!
+//! All three are lossless: greedy output is token-identical to the target alone, and sampled
+//! output follows the target's distribution (see [`verify`]).
+
+pub mod autoregressive;
+pub mod config;
+mod draft;
+pub mod engine;
+pub mod error;
+pub mod mirror;
+mod progress;
+pub mod speculative;
+pub mod stats;
+pub mod tree;
+pub mod verify;
+
+use std::sync::Arc;
+
+use mirror_core::Model;
+
+pub use autoregressive::Autoregressive;
+pub use config::{FinishReason, Generation, GenerationConfig, StreamControl};
+pub use draft::Resolution;
+pub use engine::Engine;
+pub use error::{Error, Result};
+pub use mirror::{DraftSchedule, EarlyExit, Mirror, MirrorBuilder};
+pub use speculative::{SpeculativeBuilder, SpeculativeDecoding};
+pub use stats::{Stats, TimeSplit};
+
+/// A decoding strategy over a target model.
+pub trait Decoder: Send {
+    /// Short name for reports (`autoregressive`, `speculative`, `mirror`).
+    fn name(&self) -> &'static str;
+
+    /// The model whose output this strategy reproduces.
+    fn target(&self) -> &Arc<Model>;
+
+    /// Generates after `prompt`, calling `on_tokens` with each batch of newly committed tokens;
+    /// returning [`StreamControl::Stop`] cancels the generation.
+    fn generate_stream(
+        &mut self,
+        prompt: &[u32],
+        config: &GenerationConfig,
+        on_tokens: &mut dyn FnMut(&[u32]) -> StreamControl,
+    ) -> Result<Generation>;
+
+    /// Generates after `prompt`.
+    fn generate(&mut self, prompt: &[u32], config: &GenerationConfig) -> Result<Generation> {
+        self.generate_stream(prompt, config, &mut |_| StreamControl::Continue)
+    }
+}

@@ -19,6 +19,7 @@ use crate::kv_cache::KvCache;
 use crate::mask::AttentionInput;
 use crate::weights::WeightSource;
 
+#[derive(Clone)]
 struct Attention {
     q_proj: Linear,
     k_proj: Linear,
@@ -31,12 +32,14 @@ struct Attention {
     head_dim: usize,
 }
 
+#[derive(Clone)]
 struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
 }
 
+#[derive(Clone)]
 struct DecoderLayer {
     input_layernorm: RmsNorm,
     self_attn: Attention,
@@ -219,6 +222,32 @@ impl Model {
         })
     }
 
+    /// A model made of this model's first `layers` layers, its final norm and LM head, sharing
+    /// their weights (no copy): a self-speculative draft (Elhoushi et al., "LayerSkip",
+    /// arXiv 2404.16710) with the target's vocabulary by construction.
+    pub fn truncated(&self, layers: usize) -> Result<Self> {
+        if layers == 0 || layers > self.num_layers() {
+            return Err(Error::invalid(format!(
+                "a truncated model needs 1..={} layers, got {layers}",
+                self.num_layers()
+            )));
+        }
+        let mut config = self.config.clone();
+        config.num_hidden_layers = layers;
+        Ok(Self {
+            config,
+            architecture: self.architecture,
+            embed_tokens: self.embed_tokens.clone(),
+            layers: self.layers[..layers].to_vec(),
+            norm: self.norm.clone(),
+            lm_head: self.lm_head.clone(),
+            rope: self.rope.clone(),
+            dtype: self.dtype,
+            device: self.device.clone(),
+            pool: self.pool.clone(),
+        })
+    }
+
     /// Confines this model's CPU work to `pool` (gemm and candle's parallel ops run in the
     /// current rayon pool), so two models can run side by side without oversubscribing cores.
     pub fn with_thread_pool(mut self, pool: Arc<rayon::ThreadPool>) -> Self {
@@ -283,15 +312,10 @@ impl Model {
         self.config.context_limit().min(self.rope.max_positions())
     }
 
-    /// A KV cache for `batch` rows of up to `capacity` positions (at most the context limit).
+    /// A KV cache for `batch` rows of `capacity` cached tokens each. Capacity counts cache rows,
+    /// not positions: a token tree can hold more rows than the deepest position it reaches.
+    /// Positions past [`Model::context_limit`] are refused by the forward passes.
     pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
-        let limit = self.context_limit();
-        if capacity > limit {
-            return Err(Error::ContextOverflow {
-                requested: capacity,
-                capacity: limit,
-            });
-        }
         KvCache::new(
             self.num_layers(),
             batch,
@@ -409,10 +433,10 @@ impl Model {
                 .contiguous()?
         };
         let max_position = positions.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
-        if max_position >= self.rope.max_positions() {
+        if max_position >= self.context_limit() {
             return Err(Error::ContextOverflow {
                 requested: max_position + 1,
-                capacity: self.rope.max_positions(),
+                capacity: self.context_limit(),
             });
         }
         self.run(|| {

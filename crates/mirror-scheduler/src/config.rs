@@ -1,0 +1,78 @@
+//! Generation settings and results.
+
+use mirror_core::sampling::SamplingParams;
+use serde::Serialize;
+
+use crate::stats::Stats;
+
+/// Settings of one generation.
+#[derive(Debug, Clone)]
+pub struct GenerationConfig {
+    /// Most tokens to generate.
+    pub max_new_tokens: usize,
+    /// Temperature, top-k and top-p; greedy by default.
+    pub sampling: SamplingParams,
+    /// Seed of the random stream (sampling only); the same seed gives the same output.
+    pub seed: u64,
+    /// Stop at the model's end-of-sequence ids.
+    pub stop_at_eos: bool,
+    /// Further ids that end generation.
+    pub stop_tokens: Vec<u32>,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 128,
+            sampling: SamplingParams::greedy(),
+            seed: 0,
+            stop_at_eos: true,
+            stop_tokens: Vec::new(),
+        }
+    }
+}
+
+impl GenerationConfig {
+    /// Greedy decoding of up to `max_new_tokens`.
+    pub fn greedy(max_new_tokens: usize) -> Self {
+        Self {
+            max_new_tokens,
+            ..Self::default()
+        }
+    }
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum FinishReason {
+    /// `max_new_tokens` were generated.
+    Length,
+    /// An end-of-sequence or stop token was generated (it is included in the output).
+    Stop,
+    /// The KV cache is full: the context limit was reached. Output so far is returned.
+    ContextLimit,
+    /// The caller cancelled a streaming generation.
+    Cancelled,
+}
+
+/// The result of a generation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Generation {
+    /// Generated token ids (the prompt excluded).
+    pub tokens: Vec<u32>,
+    /// Their text, when generated through an [`crate::Engine`] with a tokenizer.
+    pub text: Option<String>,
+    /// Why generation stopped.
+    pub finish_reason: FinishReason,
+    /// Acceptance, reuse and timing statistics.
+    pub stats: Stats,
+}
+
+/// What a streaming callback tells the decoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamControl {
+    /// Keep generating.
+    Continue,
+    /// Stop now; the generation ends with [`FinishReason::Cancelled`].
+    Stop,
+}

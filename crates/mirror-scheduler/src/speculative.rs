@@ -1,0 +1,180 @@
+//! Vanilla speculative decoding (Leviathan et al., "Fast Inference from Transformers via
+//! Speculative Decoding", arXiv 2211.17192; Chen et al., arXiv 2302.01318): the draft proposes
+//! gamma tokens autoregressively, then the target verifies the chain in one pass. Serial: the
+//! draft's time is never hidden. The baseline Mirror-SD is measured against.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use mirror_core::sampling::SamplingParams;
+use mirror_core::Model;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use crate::config::{FinishReason, Generation, GenerationConfig, StreamControl};
+use crate::draft::{host_rows, mix, DraftState};
+use crate::error::{Error, Result};
+use crate::progress::{capacity_for, Progress};
+use crate::stats::Stats;
+use crate::verify::verify_window;
+use crate::Decoder;
+
+/// Checks that draft and target share a vocabulary (same LM head size).
+pub(crate) fn check_pair(target: &Model, draft: &Model) -> Result<()> {
+    if target.vocab_size() != draft.vocab_size() {
+        return Err(Error::VocabularyMismatch {
+            draft: draft.vocab_size(),
+            target: target.vocab_size(),
+            detail: String::new(),
+        });
+    }
+    Ok(())
+}
+
+/// Draft sampling settings: greedy drafts propose point masses, otherwise the draft samples from
+/// the same warp as the target.
+pub(crate) fn draft_params(config: &GenerationConfig, greedy_draft: bool) -> SamplingParams {
+    if greedy_draft {
+        SamplingParams::greedy()
+    } else {
+        config.sampling
+    }
+}
+
+/// Builder of [`SpeculativeDecoding`].
+pub struct SpeculativeBuilder {
+    target: Arc<Model>,
+    draft: Arc<Model>,
+    gamma: usize,
+    greedy_draft: bool,
+}
+
+impl SpeculativeBuilder {
+    /// Window length (draft tokens per target pass), default 4.
+    pub fn gamma(mut self, gamma: usize) -> Self {
+        self.gamma = gamma;
+        self
+    }
+
+    /// Under sampling, let the draft propose its argmax (point-mass rule) instead of sampling.
+    pub fn greedy_draft(mut self, yes: bool) -> Self {
+        self.greedy_draft = yes;
+        self
+    }
+
+    /// Checks the pair and builds the decoder.
+    pub fn build(self) -> Result<SpeculativeDecoding> {
+        if self.gamma == 0 {
+            return Err(Error::InvalidConfig("gamma must be at least 1".into()));
+        }
+        check_pair(&self.target, &self.draft)?;
+        Ok(SpeculativeDecoding {
+            draft: DraftState::new(Arc::clone(&self.draft)),
+            target: self.target,
+            gamma: self.gamma,
+            greedy_draft: self.greedy_draft,
+        })
+    }
+}
+
+/// Vanilla speculative decoding.
+pub struct SpeculativeDecoding {
+    target: Arc<Model>,
+    draft: DraftState,
+    gamma: usize,
+    greedy_draft: bool,
+}
+
+impl SpeculativeDecoding {
+    /// A builder for `target` verified against proposals of `draft`.
+    pub fn builder(target: Arc<Model>, draft: Arc<Model>) -> SpeculativeBuilder {
+        SpeculativeBuilder {
+            target,
+            draft,
+            gamma: 4,
+            greedy_draft: false,
+        }
+    }
+}
+
+impl Decoder for SpeculativeDecoding {
+    fn name(&self) -> &'static str {
+        "speculative"
+    }
+
+    fn target(&self) -> &Arc<Model> {
+        &self.target
+    }
+
+    fn generate_stream(
+        &mut self,
+        prompt: &[u32],
+        config: &GenerationConfig,
+        on_tokens: &mut dyn FnMut(&[u32]) -> StreamControl,
+    ) -> Result<Generation> {
+        let started = Instant::now();
+        let gamma = self.gamma;
+        let capacity = capacity_for(&self.target, prompt, config, gamma)?;
+        let mut stats = Stats::new(gamma);
+        let mut progress = Progress::new(config, &self.target, on_tokens);
+        let mut rng = StdRng::seed_from_u64(mix(config.seed, 1));
+        let mut cache = self.target.new_cache(1, capacity)?;
+        let mut seq = prompt.to_vec();
+        let n = seq.len();
+        if n > 1 {
+            self.target.next_token_logits(&seq[..n - 1], &mut cache)?;
+        }
+        self.draft.reset(
+            capacity,
+            capacity,
+            draft_params(config, self.greedy_draft),
+            progress.stop_ids().to_vec(),
+        )?;
+        if n > 1 {
+            self.draft.sync(&seq[..n - 1])?;
+        }
+        self.draft.take_counters();
+        stats.time.prefill = started.elapsed();
+        let mut step = 0u64;
+        while !progress.done() {
+            if cache.len() + 1 > cache.capacity() {
+                progress.finish = Some(FinishReason::ContextLimit);
+                break;
+            }
+            let room = cache.capacity() - cache.len() - 1;
+            let window = self
+                .draft
+                .rollout(&seq, gamma.min(room), mix(config.seed, step))?;
+            let (forwards, busy) = self.draft.take_counters();
+            stats.draft_passes += forwards;
+            stats.time.draft_busy += busy;
+
+            let pass = Instant::now();
+            let base = cache.len();
+            let mut fed = vec![seq[seq.len() - 1]];
+            fed.extend_from_slice(&window.tokens);
+            let rows = host_rows(&self.target.forward_causal(&fed, &mut cache)?.unsqueeze(0)?)?;
+            stats.time.target_prefix += pass.elapsed();
+            stats.target_passes += 1;
+
+            let verify = Instant::now();
+            let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
+            let verdict = verify_window(&refs, &window, &config.sampling, &mut || rng.random());
+            stats.record_window(window.len(), verdict.accepted);
+            cache.truncate(base + 1 + verdict.accepted);
+            let mut new = window.tokens[..verdict.accepted].to_vec();
+            new.push(verdict.token);
+            seq.extend_from_slice(&new);
+            stats.time.verify += verify.elapsed();
+            progress.commit(&new);
+            step += 1;
+        }
+        stats.generated_tokens = progress.tokens.len();
+        stats.time.total = started.elapsed();
+        Ok(Generation {
+            finish_reason: progress.finish.unwrap_or(FinishReason::Length),
+            tokens: progress.tokens,
+            text: None,
+            stats,
+        })
+    }
+}

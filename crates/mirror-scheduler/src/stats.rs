@@ -1,0 +1,213 @@
+//! Statistics of one generation: acceptance, reuse, the overlap mass and where time went.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Wall time spent in each part of decoding.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TimeSplit {
+    /// Prompt processing (both models where there is a draft).
+    pub prefill: Duration,
+    /// Target layers `[0, l_e)` and the early-exit tap (Mirror) or the whole target pass (others).
+    pub target_prefix: Duration,
+    /// Target layers `[l_e, N)` and the final LM head (Mirror only).
+    pub target_suffix: Duration,
+    /// Time the draft spent computing (rollouts and branch trees).
+    pub draft_busy: Duration,
+    /// Part of `draft_busy` that ran while the target was computing (hidden).
+    pub draft_hidden: Duration,
+    /// Time the target waited to hand the early-exit message over (first rendezvous).
+    pub wait_early_exit: Duration,
+    /// Time the target waited for the draft after its final distributions (second rendezvous).
+    pub wait_final: Duration,
+    /// Verification and bookkeeping on the host.
+    pub verify: Duration,
+    /// Whole generation, prefill included.
+    pub total: Duration,
+}
+
+/// Counters of one generation.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stats {
+    /// Window length gamma (0 for autoregressive decoding).
+    pub gamma: usize,
+    /// Tokens generated.
+    pub generated_tokens: usize,
+    /// Forward passes of the target after prefill.
+    pub target_passes: usize,
+    /// Forward passes of the draft after prefill (tree passes count once).
+    pub draft_passes: usize,
+    /// Windows verified.
+    pub windows: usize,
+    /// `accepted_histogram[a]`: windows with `a` draft tokens accepted.
+    pub accepted_histogram: Vec<usize>,
+    /// `position_proposed[j]`: windows whose draft token `j+1` was checked.
+    pub position_proposed: Vec<usize>,
+    /// `position_accepted[j]`: windows whose draft token `j+1` was accepted.
+    pub position_accepted: Vec<usize>,
+    /// Mirror: next windows taken whole from the hypothesis tree.
+    pub reuse_hits: usize,
+    /// Mirror: next windows taken partly from the tree (an incomplete branch), then extended.
+    pub reuse_partial: usize,
+    /// Mirror: next windows rolled out afresh (the correction was not in the tree).
+    pub fallbacks: usize,
+    /// Mirror: branches the draft completed, over all windows.
+    pub branches_completed: usize,
+    /// Mirror: branches the draft planned, over all windows.
+    pub branches_planned: usize,
+    /// Mirror: sum over windows of the final distribution's mass on the early-exit top-kappa,
+    /// at the row where the correction was made.
+    pub omega_sum: f64,
+    /// Where the time went.
+    pub time: TimeSplit,
+}
+
+impl Stats {
+    pub(crate) fn new(gamma: usize) -> Self {
+        Self {
+            gamma,
+            accepted_histogram: vec![0; gamma + 1],
+            position_proposed: vec![0; gamma],
+            position_accepted: vec![0; gamma],
+            ..Self::default()
+        }
+    }
+
+    /// Records a verified window of `proposed` draft tokens, `accepted` of which were accepted.
+    pub(crate) fn record_window(&mut self, proposed: usize, accepted: usize) {
+        self.windows += 1;
+        if accepted < self.accepted_histogram.len() {
+            self.accepted_histogram[accepted] += 1;
+        }
+        for j in 0..proposed.min(self.position_proposed.len()) {
+            self.position_proposed[j] += 1;
+            if j < accepted {
+                self.position_accepted[j] += 1;
+            }
+        }
+    }
+
+    /// Mean accepted draft tokens per window, E[A].
+    pub fn mean_accepted(&self) -> f64 {
+        let total: usize = self
+            .accepted_histogram
+            .iter()
+            .enumerate()
+            .map(|(a, n)| a * n)
+            .sum();
+        ratio(total as f64, self.windows as f64)
+    }
+
+    /// Acceptance rate of each window position.
+    pub fn acceptance_by_position(&self) -> Vec<f64> {
+        self.position_accepted
+            .iter()
+            .zip(&self.position_proposed)
+            .map(|(&a, &p)| ratio(a as f64, p as f64))
+            .collect()
+    }
+
+    /// Tokens committed per target forward pass.
+    pub fn tokens_per_target_pass(&self) -> f64 {
+        ratio(self.generated_tokens as f64, self.target_passes as f64)
+    }
+
+    /// Share of next windows served from the hypothesis tree (whole or partly).
+    pub fn reuse_rate(&self) -> f64 {
+        let hits = (self.reuse_hits + self.reuse_partial) as f64;
+        ratio(hits, hits + self.fallbacks as f64)
+    }
+
+    /// Share of next windows that needed a fresh rollout (FF).
+    pub fn fallback_frequency(&self) -> f64 {
+        let all = (self.reuse_hits + self.reuse_partial + self.fallbacks) as f64;
+        ratio(self.fallbacks as f64, all)
+    }
+
+    /// Mean overlap mass Omega; the paper bounds FF <= 1 - Omega for a full tree.
+    pub fn omega(&self) -> f64 {
+        let resolved = (self.reuse_hits + self.reuse_partial + self.fallbacks) as f64;
+        ratio(self.omega_sum, resolved)
+    }
+
+    /// Share of the draft's compute hidden behind the target.
+    pub fn hidden_fraction(&self) -> f64 {
+        ratio(
+            self.time.draft_hidden.as_secs_f64(),
+            self.time.draft_busy.as_secs_f64(),
+        )
+    }
+
+    /// Generated tokens per second of wall time, prefill included.
+    pub fn tokens_per_second(&self) -> f64 {
+        ratio(self.generated_tokens as f64, self.time.total.as_secs_f64())
+    }
+
+    /// Generated tokens per second after prefill.
+    pub fn decode_tokens_per_second(&self) -> f64 {
+        let decode = self.time.total.saturating_sub(self.time.prefill);
+        ratio(self.generated_tokens as f64, decode.as_secs_f64())
+    }
+
+    /// A multi-line human summary.
+    pub fn summary(&self) -> String {
+        let t = &self.time;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let mut out = format!(
+            "tokens {} in {:.2} s ({:.2} tok/s, {:.2} tok/s after prefill)\n",
+            self.generated_tokens,
+            t.total.as_secs_f64(),
+            self.tokens_per_second(),
+            self.decode_tokens_per_second()
+        );
+        if self.gamma > 0 {
+            out += &format!(
+                "gamma {}  windows {}  mean accepted {:.2}  tokens/target pass {:.2}\n",
+                self.gamma,
+                self.windows,
+                self.mean_accepted(),
+                self.tokens_per_target_pass()
+            );
+            out += &format!("accepted-length histogram {:?}\n", self.accepted_histogram);
+            let by_pos: Vec<String> = self
+                .acceptance_by_position()
+                .iter()
+                .map(|a| format!("{a:.2}"))
+                .collect();
+            out += &format!("acceptance by position [{}]\n", by_pos.join(", "));
+        }
+        if self.reuse_hits + self.reuse_partial + self.fallbacks > 0 {
+            out += &format!(
+                "reuse {} whole + {} partial, fallbacks {} (FF {:.2}), Omega {:.2}, branches {}/{} completed\n",
+                self.reuse_hits,
+                self.reuse_partial,
+                self.fallbacks,
+                self.fallback_frequency(),
+                self.omega(),
+                self.branches_completed,
+                self.branches_planned
+            );
+        }
+        out += &format!(
+            "time ms: prefill {:.0}  target prefix {:.0}  suffix {:.0}  draft busy {:.0} (hidden {:.0}%)  waits {:.0}/{:.0}  verify {:.0}",
+            ms(t.prefill),
+            ms(t.target_prefix),
+            ms(t.target_suffix),
+            ms(t.draft_busy),
+            100.0 * self.hidden_fraction(),
+            ms(t.wait_early_exit),
+            ms(t.wait_final),
+            ms(t.verify)
+        );
+        out
+    }
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}

@@ -1,0 +1,109 @@
+//! The hypothesis tree of Mirror-SD: which branches to draft, in which order, and how the
+//! corrected prefix is looked up. Pure logic over host data.
+//!
+//! A branch `(row, token)` is the window the draft would propose after the target accepts
+//! `w_1..w_row` and then emits `token` (a correction at `row < gamma`, or the bonus at
+//! `row == gamma`). Its priority estimates the probability of that outcome from the early-exit
+//! distributions: reaching `row` (every earlier draft token accepted), stopping there, and the
+//! correction being `token`.
+
+/// One branch to draft.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BranchPlan {
+    /// Window row the branch hangs from (0..=gamma).
+    pub row: usize,
+    /// Its root token: the correction or bonus it anticipates.
+    pub token: u32,
+    /// Estimated probability that this branch is the one needed.
+    pub priority: f64,
+}
+
+/// Plans the branches of a window from the early-exit top-kappa of each row.
+///
+/// `top_k[d]` holds `(token, log_prob)` of row `d` (after `w_1..w_d`), most likely first;
+/// `window` is `w_1..w_gamma'`, so `top_k.len() == window.len() + 1`. A candidate equal to the
+/// draft's own next token is skipped (if the target agreed with it, it is not a correction).
+/// Returned most likely first.
+pub fn plan_branches(top_k: &[Vec<(u32, f32)>], window: &[u32]) -> Vec<BranchPlan> {
+    let rows = top_k.len().min(window.len() + 1);
+    let mut plans = Vec::new();
+    let mut reach = 1.0f64;
+    for row in 0..rows {
+        let candidates = &top_k[row];
+        let next_draft = window.get(row).copied();
+        // Probability that the draft token of this row is accepted, from the early exit; an
+        // absent token gets half the smallest listed probability (unlikely, not impossible).
+        let accept = next_draft.map(|w| {
+            candidates
+                .iter()
+                .find(|(t, _)| *t == w)
+                .map(|(_, lp)| (*lp as f64).exp())
+                .unwrap_or_else(|| {
+                    candidates
+                        .last()
+                        .map_or(0.0, |(_, lp)| 0.5 * (*lp as f64).exp())
+                })
+        });
+        let stop_here = match accept {
+            Some(a) => reach * (1.0 - a).max(0.0),
+            None => reach,
+        };
+        let excluded_mass = accept.unwrap_or(0.0);
+        for &(token, log_prob) in candidates {
+            if Some(token) == next_draft {
+                continue;
+            }
+            let share = (log_prob as f64).exp() / (1.0 - excluded_mass).max(1e-9);
+            plans.push(BranchPlan {
+                row,
+                token,
+                priority: stop_here * share,
+            });
+        }
+        if let Some(a) = accept {
+            reach *= a;
+        }
+    }
+    plans.sort_by(|a, b| b.priority.total_cmp(&a.priority).then(a.row.cmp(&b.row)));
+    plans
+}
+
+/// The final rendezvous: mass of the final distribution `probs` on the early-exit candidates.
+pub fn overlap_mass(probs: &[f32], candidates: &[(u32, f32)]) -> f64 {
+    candidates
+        .iter()
+        .map(|(t, _)| probs.get(*t as usize).copied().unwrap_or(0.0) as f64)
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lp(p: f32) -> f32 {
+        p.ln()
+    }
+
+    #[test]
+    fn skips_the_draft_token_and_orders_by_probability() {
+        // Row 0: draft token 7 has early-exit probability 0.6; candidates 7 and 3.
+        // Row 1 (bonus row for a 1-token window): candidates 9 and 4.
+        let top_k = vec![
+            vec![(7, lp(0.6)), (3, lp(0.3))],
+            vec![(9, lp(0.8)), (4, lp(0.1))],
+        ];
+        let plans = plan_branches(&top_k, &[7]);
+        let keys: Vec<(usize, u32)> = plans.iter().map(|p| (p.row, p.token)).collect();
+        // (1,9): 0.6 * 0.8 = 0.48; (0,3): 0.4 * 0.3/0.4 = 0.3; (1,4): 0.6 * 0.1 = 0.06.
+        assert_eq!(keys, vec![(1, 9), (0, 3), (1, 4)]);
+        assert!((plans[0].priority - 0.48).abs() < 1e-6);
+        assert!((plans[1].priority - 0.3).abs() < 1e-6);
+        assert!((plans[2].priority - 0.06).abs() < 1e-6);
+    }
+
+    #[test]
+    fn overlap_mass_sums_candidates() {
+        let probs = [0.1, 0.2, 0.3, 0.4];
+        assert!((overlap_mass(&probs, &[(3, 0.0), (1, 0.0)]) - 0.6).abs() < 1e-6);
+    }
+}

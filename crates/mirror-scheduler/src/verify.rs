@@ -1,0 +1,200 @@
+//! Verification of a drafted window against the target's distributions: pure functions over
+//! `&[f32]`, tested without tensors.
+//!
+//! Greedy: accept while the draft token is the target's argmax; the correction is the argmax at
+//! the first mismatch (or the bonus after a fully accepted window). Sampling: a token the draft
+//! sampled from `q` is accepted with probability `min(1, p(x)/q(x))`, and on rejection the
+//! correction is drawn from `normalize(max(0, p - q))`; a deterministic draft token (greedy draft)
+//! has a point-mass `q`, so it is accepted with probability `p(x)` and the correction is drawn
+//! from `p` without `x`. Both keep the target's distribution exactly.
+
+use mirror_core::sampling::{self, SamplingParams};
+
+/// How the draft chose a proposed token.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DraftChoice {
+    /// Deterministically (argmax): a point mass.
+    PointMass,
+    /// Sampled from this distribution (after the same warp as the target's).
+    Sampled(Vec<f32>),
+}
+
+/// A drafted window: tokens and how each was chosen.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DraftWindow {
+    /// Proposed tokens `w_1..w_gamma`.
+    pub tokens: Vec<u32>,
+    /// How each token was chosen (same length as `tokens`).
+    pub choices: Vec<DraftChoice>,
+}
+
+impl DraftWindow {
+    /// Number of proposed tokens.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// True when nothing is proposed.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// Keeps the first `len` proposals.
+    pub fn truncate(&mut self, len: usize) {
+        self.tokens.truncate(len);
+        self.choices.truncate(len);
+    }
+}
+
+/// The outcome of verifying one window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    /// Number of draft tokens accepted (A).
+    pub accepted: usize,
+    /// The target's token after them: the correction, or the bonus when all were accepted.
+    pub token: u32,
+}
+
+/// Verifies `window` against target logits `target_logits[j]` (the distribution after the
+/// window's first `j` tokens; `window.len() + 1` rows). `uniform` yields numbers in `[0, 1)`.
+pub fn verify_window(
+    target_logits: &[&[f32]],
+    window: &DraftWindow,
+    params: &SamplingParams,
+    uniform: &mut dyn FnMut() -> f64,
+) -> Verdict {
+    debug_assert_eq!(target_logits.len(), window.len() + 1);
+    if params.is_greedy() {
+        for (j, &w) in window.tokens.iter().enumerate() {
+            let best = sampling::argmax(target_logits[j]);
+            if best != w {
+                return Verdict {
+                    accepted: j,
+                    token: best,
+                };
+            }
+        }
+        let last = window.len();
+        return Verdict {
+            accepted: last,
+            token: sampling::argmax(target_logits[last]),
+        };
+    }
+    for (j, (&w, choice)) in window.tokens.iter().zip(&window.choices).enumerate() {
+        let p = sampling::warp(target_logits[j], params);
+        let u = uniform();
+        let (accept, rest) = match choice {
+            DraftChoice::PointMass => (
+                sampling::accept_deterministic(&p, w, u),
+                sampling::without_token(&p, w),
+            ),
+            DraftChoice::Sampled(q) => (
+                sampling::accept_sampled(&p, q, w, u),
+                sampling::residual(&p, q),
+            ),
+        };
+        if !accept {
+            return Verdict {
+                accepted: j,
+                token: sampling::sample(&rest, uniform()),
+            };
+        }
+    }
+    let last = window.len();
+    let p = sampling::warp(target_logits[last], params);
+    Verdict {
+        accepted: last,
+        token: sampling::sample(&p, uniform()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    fn logits_of(probs: &[f32]) -> Vec<f32> {
+        probs.iter().map(|p| p.ln()).collect()
+    }
+
+    #[test]
+    fn greedy_accepts_prefix_then_corrects() {
+        let rows = [
+            vec![0.0, 5.0, 1.0],
+            vec![3.0, 0.0, 1.0],
+            vec![0.0, 0.0, 9.0],
+        ];
+        let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
+        let window = DraftWindow {
+            tokens: vec![1, 2],
+            choices: vec![DraftChoice::PointMass; 2],
+        };
+        let mut u = || 0.5;
+        let v = verify_window(&refs, &window, &SamplingParams::greedy(), &mut u);
+        assert_eq!(
+            v,
+            Verdict {
+                accepted: 1,
+                token: 0
+            }
+        );
+        let window = DraftWindow {
+            tokens: vec![1, 0],
+            choices: vec![DraftChoice::PointMass; 2],
+        };
+        let v = verify_window(&refs, &window, &SamplingParams::greedy(), &mut u);
+        assert_eq!(
+            v,
+            Verdict {
+                accepted: 2,
+                token: 2
+            }
+        );
+    }
+
+    /// Monte Carlo: the first committed token must be distributed as p, for sampled and
+    /// deterministic drafts alike (compared with p itself, an independent reference).
+    #[test]
+    fn first_token_is_distributed_as_the_target() {
+        let p = [0.5f32, 0.3, 0.15, 0.05];
+        let q = [0.1f32, 0.6, 0.1, 0.2];
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        };
+        let target = [logits_of(&p), logits_of(&[0.25; 4])];
+        let refs: Vec<&[f32]> = target.iter().map(|r| r.as_slice()).collect();
+        let mut rng = StdRng::seed_from_u64(7);
+        let n = 200_000;
+        for deterministic in [false, true] {
+            let mut counts = [0usize; 4];
+            for _ in 0..n {
+                let (w, choice) = if deterministic {
+                    (1, DraftChoice::PointMass)
+                } else {
+                    let x = mirror_core::sampling::sample(&q, rng.random());
+                    (x, DraftChoice::Sampled(q.to_vec()))
+                };
+                let window = DraftWindow {
+                    tokens: vec![w],
+                    choices: vec![choice],
+                };
+                let mut u = || rng.random::<f64>();
+                let v = verify_window(&refs, &window, &params, &mut u);
+                let first = if v.accepted == 1 { w } else { v.token };
+                counts[first as usize] += 1;
+            }
+            for (i, &c) in counts.iter().enumerate() {
+                let freq = c as f64 / n as f64;
+                // 5 standard deviations of a binomial frequency.
+                let sd = (p[i] as f64 * (1.0 - p[i] as f64) / n as f64).sqrt();
+                assert!(
+                    (freq - p[i] as f64).abs() < 5.0 * sd,
+                    "deterministic={deterministic} token {i}: {freq} vs {}",
+                    p[i]
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! The three strategies agree: greedy output of vanilla SD and Mirror-SD is token-identical to
+//! the target alone, across gamma, kappa, exit layers and drafting schedules; an identical draft
+//! has every window accepted; Mirror's tree is actually reused.
+
+mod common;
+
+use std::sync::Arc;
+
+use mirror_core::Model;
+use mirror_sd::mirror_scheduler::{
+    Autoregressive, Decoder, DraftSchedule, EarlyExit, FinishReason, GenerationConfig, Mirror,
+    SpeculativeDecoding,
+};
+
+const PROMPTS: [&[u32]; 3] = [&[1, 17, 42], &[5], &[300, 2, 99, 150, 7, 8, 9]];
+const NEW_TOKENS: usize = 24;
+
+fn config() -> GenerationConfig {
+    GenerationConfig {
+        stop_at_eos: false,
+        ..GenerationConfig::greedy(NEW_TOKENS)
+    }
+}
+
+struct Pair {
+    target: Arc<Model>,
+    drafts: Vec<(&'static str, Arc<Model>)>,
+}
+
+fn pair() -> Pair {
+    let target = Arc::new(common::load_fixture("qwen2"));
+    let drafts = vec![
+        ("identical", Arc::clone(&target)),
+        ("first layer", Arc::new(target.truncated(1).unwrap())),
+        ("unrelated", Arc::new(common::load_fixture("llama"))),
+    ];
+    Pair { target, drafts }
+}
+
+fn reference(target: &Arc<Model>) -> Vec<Vec<u32>> {
+    let mut ar = Autoregressive::new(Arc::clone(target));
+    PROMPTS
+        .iter()
+        .map(|p| ar.generate(p, &config()).unwrap().tokens)
+        .collect()
+}
+
+#[test]
+fn greedy_speculative_decoding_is_token_identical() {
+    let pair = pair();
+    let expected = reference(&pair.target);
+    for (name, draft) in &pair.drafts {
+        for gamma in [1, 3, 7] {
+            let mut sd = SpeculativeDecoding::builder(Arc::clone(&pair.target), Arc::clone(draft))
+                .gamma(gamma)
+                .build()
+                .unwrap();
+            for (prompt, want) in PROMPTS.iter().zip(&expected) {
+                let got = sd.generate(prompt, &config()).unwrap();
+                assert_eq!(&got.tokens, want, "SD draft={name} gamma={gamma}");
+                assert_eq!(got.finish_reason, FinishReason::Length);
+            }
+        }
+    }
+}
+
+#[test]
+fn greedy_mirror_is_token_identical_across_settings() {
+    let pair = pair();
+    let expected = reference(&pair.target);
+    let schedules = [
+        DraftSchedule::FullGrid,
+        DraftSchedule::Anytime {
+            branches_per_pass: 1,
+        },
+        DraftSchedule::Anytime {
+            branches_per_pass: 4,
+        },
+    ];
+    for (name, draft) in &pair.drafts {
+        for gamma in [1, 3, 7] {
+            for kappa in [1, 4] {
+                for exit in [1, 2] {
+                    for schedule in schedules {
+                        let mut mirror =
+                            Mirror::builder(Arc::clone(&pair.target), Arc::clone(draft))
+                                .gamma(gamma)
+                                .kappa(kappa)
+                                .early_exit(EarlyExit::Layer(exit))
+                                .schedule(schedule)
+                                .build()
+                                .unwrap();
+                        for (prompt, want) in PROMPTS.iter().zip(&expected) {
+                            let got = mirror.generate(prompt, &config()).unwrap();
+                            assert_eq!(
+                                &got.tokens, want,
+                                "Mirror draft={name} gamma={gamma} kappa={kappa} exit={exit} {schedule:?}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn identical_draft_has_every_window_accepted() {
+    let pair = pair();
+    let target = &pair.target;
+    let gamma = 3;
+    let mut sd = SpeculativeDecoding::builder(Arc::clone(target), Arc::clone(target))
+        .gamma(gamma)
+        .build()
+        .unwrap();
+    let mut mirror = Mirror::builder(Arc::clone(target), Arc::clone(target))
+        .gamma(gamma)
+        .schedule(DraftSchedule::FullGrid)
+        .build()
+        .unwrap();
+    let decoders: [&mut dyn Decoder; 2] = [&mut sd, &mut mirror];
+    for decoder in decoders {
+        let out = decoder.generate(PROMPTS[0], &config()).unwrap();
+        let stats = &out.stats;
+        assert!(stats.windows > 0);
+        assert_eq!(
+            stats.accepted_histogram[gamma],
+            stats.windows,
+            "{}: {:?}",
+            decoder.name(),
+            stats.accepted_histogram
+        );
+        assert_eq!(stats.mean_accepted(), gamma as f64);
+        // gamma + 1 tokens per target pass (the last window may be cut by the length limit).
+        assert!(
+            stats.tokens_per_target_pass() > gamma as f64,
+            "{}",
+            decoder.name()
+        );
+    }
+}
+
+#[test]
+fn mirror_reuses_drafted_branches_and_stays_identical() {
+    let pair = pair();
+    let expected = reference(&pair.target);
+    for (name, draft) in &pair.drafts[..2] {
+        let mut mirror = Mirror::builder(Arc::clone(&pair.target), Arc::clone(draft))
+            .gamma(3)
+            .kappa(4)
+            .schedule(DraftSchedule::FullGrid)
+            .build()
+            .unwrap();
+        let mut hits = 0;
+        for (prompt, want) in PROMPTS.iter().zip(&expected) {
+            let out = mirror.generate(prompt, &config()).unwrap();
+            assert_eq!(&out.tokens, want, "{name}");
+            let s = &out.stats;
+            hits += s.reuse_hits;
+            assert_eq!(
+                s.reuse_hits + s.reuse_partial + s.fallbacks,
+                s.windows,
+                "{name}"
+            );
+            // The paper's bound, for a full tree in greedy mode: a miss needs the target's
+            // token outside the early-exit top-kappa, whose mass is at most 1 - Omega.
+            assert!(s.omega() > 0.0 && s.omega() <= 1.0 + 1e-6);
+        }
+        assert!(hits > 0, "draft {name}: no branch was ever reused");
+    }
+}
+
+#[test]
+fn stop_tokens_inside_windows_end_generation_identically() {
+    let pair = pair();
+    let expected = reference(&pair.target);
+    // Stop at the 10th token of the reference output: it lies inside some drafted window.
+    let stop = expected[0][9];
+    let config = GenerationConfig {
+        stop_tokens: vec![stop],
+        ..config()
+    };
+    let mut ar = Autoregressive::new(Arc::clone(&pair.target));
+    let want = ar.generate(PROMPTS[0], &config).unwrap();
+    assert_eq!(want.finish_reason, FinishReason::Stop);
+    assert_eq!(*want.tokens.last().unwrap(), stop);
+    for (name, draft) in &pair.drafts {
+        let mut sd = SpeculativeDecoding::builder(Arc::clone(&pair.target), Arc::clone(draft))
+            .gamma(4)
+            .build()
+            .unwrap();
+        let mut mirror = Mirror::builder(Arc::clone(&pair.target), Arc::clone(draft))
+            .gamma(4)
+            .build()
+            .unwrap();
+        for decoder in [&mut sd as &mut dyn Decoder, &mut mirror] {
+            let got = decoder.generate(PROMPTS[0], &config).unwrap();
+            assert_eq!(got.tokens, want.tokens, "{} draft={name}", decoder.name());
+            assert_eq!(got.finish_reason, FinishReason::Stop);
+        }
+    }
+}
+
+#[test]
+fn context_limit_is_a_documented_stop() {
+    let pair = pair();
+    // The fixture's context is 256 positions; ask for more than fits after a 200-token prompt.
+    let prompt: Vec<u32> = (0..200).map(|i| (i * 7 % 300) as u32).collect();
+    let config = GenerationConfig {
+        stop_at_eos: false,
+        ..GenerationConfig::greedy(100)
+    };
+    let mut ar = Autoregressive::new(Arc::clone(&pair.target));
+    let want = ar.generate(&prompt, &config).unwrap();
+    assert_eq!(want.finish_reason, FinishReason::ContextLimit);
+    let mut sd =
+        SpeculativeDecoding::builder(Arc::clone(&pair.target), Arc::clone(&pair.drafts[1].1))
+            .gamma(4)
+            .build()
+            .unwrap();
+    let mut mirror = Mirror::builder(Arc::clone(&pair.target), Arc::clone(&pair.drafts[1].1))
+        .gamma(4)
+        .build()
+        .unwrap();
+    for decoder in [&mut sd as &mut dyn Decoder, &mut mirror] {
+        let got = decoder.generate(&prompt, &config).unwrap();
+        assert_eq!(
+            got.finish_reason,
+            FinishReason::ContextLimit,
+            "{}",
+            decoder.name()
+        );
+        assert_eq!(got.tokens, want.tokens, "{}", decoder.name());
+    }
+    // A prompt that does not fit at all is an error, not a panic.
+    let long: Vec<u32> = vec![3; 300];
+    assert!(ar.generate(&long, &config).is_err());
+    assert!(mirror.generate(&long, &config).is_err());
+}
