@@ -149,3 +149,56 @@ fn qwen_target_greedy_matches_candle_quantized_qwen2() {
         qwen_matches_candle(&path);
     }
 }
+
+#[test]
+fn speculative_and_mirror_greedy_equal_autoregressive_on_smollm2() {
+    use mirror_sd::mirror_scheduler::{
+        Autoregressive, Decoder, DraftSchedule, GenerationConfig, Mirror, SpeculativeDecoding,
+    };
+    use std::sync::Arc;
+    let Some(path) = common::smollm2_path() else {
+        return;
+    };
+    let loaded = load(&ModelSource::Gguf(path), &LoadOptions::default()).unwrap();
+    let target = Arc::new(loaded.model);
+    // A self-speculative draft: SmolLM2's own first 10 of 30 layers, its norm and head.
+    let draft = Arc::new(target.truncated(10).unwrap());
+    let config = GenerationConfig::greedy(24);
+    let mut decoders: Vec<Box<dyn Decoder>> = vec![
+        Box::new(
+            SpeculativeDecoding::builder(Arc::clone(&target), Arc::clone(&draft))
+                .gamma(4)
+                .build()
+                .unwrap(),
+        ),
+        Box::new(
+            Mirror::builder(Arc::clone(&target), Arc::clone(&draft))
+                .gamma(4)
+                .kappa(4)
+                .build()
+                .unwrap(),
+        ),
+        Box::new(
+            Mirror::builder(Arc::clone(&target), Arc::clone(&draft))
+                .gamma(3)
+                .kappa(2)
+                .schedule(DraftSchedule::FullGrid)
+                .build()
+                .unwrap(),
+        ),
+    ];
+    let mut ar = Autoregressive::new(Arc::clone(&target));
+    for prompt in &PROMPTS[..2] {
+        let tokens = loaded.tokenizer.encode(prompt, true).unwrap();
+        let want = ar.generate(&tokens, &config).unwrap();
+        for decoder in decoders.iter_mut() {
+            let got = decoder.generate(&tokens, &config).unwrap();
+            assert_eq!(got.tokens, want.tokens, "{} on {prompt:?}", decoder.name());
+            assert!(
+                got.stats.mean_accepted() > 0.0,
+                "{}: the self-draft never agreed",
+                decoder.name()
+            );
+        }
+    }
+}

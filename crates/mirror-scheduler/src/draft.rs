@@ -67,8 +67,8 @@ pub(crate) struct DraftState {
     pub busy: Duration,
     /// Busy intervals of the current tree, for the hidden-time split.
     pub intervals: Vec<(Instant, Instant)>,
-    /// Fault injection for tests: panic after this many forwards.
-    pub panic_after: Option<usize>,
+    /// Fault injection for tests: after this many forwards, fail once (panic or error).
+    pub fault: Option<(usize, bool)>,
     pub total_forwards: usize,
 }
 
@@ -84,7 +84,7 @@ impl DraftState {
             forwards: 0,
             busy: Duration::ZERO,
             intervals: Vec::new(),
-            panic_after: None,
+            fault: None,
             total_forwards: 0,
         }
     }
@@ -133,9 +133,15 @@ impl DraftState {
         &mut self,
         f: impl FnOnce(&Model, &mut KvCache) -> mirror_core::Result<T>,
     ) -> Result<T> {
-        if let Some(limit) = self.panic_after {
-            if self.total_forwards >= limit {
-                panic!("injected draft fault after {limit} forwards");
+        if let Some((after, panic)) = self.fault {
+            if self.total_forwards >= after {
+                self.fault = None;
+                if panic {
+                    panic!("injected draft panic after {after} forwards");
+                }
+                return Err(Error::WorkerFailed(format!(
+                    "injected draft error after {after} forwards"
+                )));
             }
         }
         let start = Instant::now();

@@ -284,7 +284,7 @@ pub struct MirrorBuilder {
     schedule: DraftSchedule,
     greedy_draft: bool,
     draft_threads: Option<usize>,
-    panic_after: Option<usize>,
+    fault: Option<(usize, bool)>,
 }
 
 impl MirrorBuilder {
@@ -325,10 +325,11 @@ impl MirrorBuilder {
         self
     }
 
-    /// Fault injection for tests: the draft worker panics after this many forwards.
+    /// Fault injection for tests: the draft worker fails once after `forwards` forward passes,
+    /// by panicking or by returning an error.
     #[doc(hidden)]
-    pub fn inject_draft_panic_after(mut self, forwards: usize) -> Self {
-        self.panic_after = Some(forwards);
+    pub fn inject_draft_fault(mut self, forwards: usize, panic: bool) -> Self {
+        self.fault = Some((forwards, panic));
         self
     }
 
@@ -353,7 +354,7 @@ impl MirrorBuilder {
         let (worker_tx, from_worker) = unbounded();
         let stop = Arc::new(AtomicBool::new(false));
         let mut state = DraftState::new(Arc::clone(&self.draft));
-        state.panic_after = self.panic_after;
+        state.fault = self.fault;
         let worker = Worker {
             state,
             rx: worker_rx,
@@ -425,7 +426,7 @@ impl Mirror {
             },
             greedy_draft: false,
             draft_threads: None,
-            panic_after: None,
+            fault: None,
         }
     }
 

@@ -28,8 +28,7 @@ pub fn plan_branches(top_k: &[Vec<(u32, f32)>], window: &[u32]) -> Vec<BranchPla
     let rows = top_k.len().min(window.len() + 1);
     let mut plans = Vec::new();
     let mut reach = 1.0f64;
-    for row in 0..rows {
-        let candidates = &top_k[row];
+    for (row, candidates) in top_k.iter().enumerate().take(rows) {
         let next_draft = window.get(row).copied();
         // Probability that the draft token of this row is accepted, from the early exit; an
         // absent token gets half the smallest listed probability (unlikely, not impossible).
