@@ -1,0 +1,282 @@
+//! Runs autoregressive decoding, vanilla SD and Mirror-SD (anytime and full grid) on the same
+//! models over a prompt suite, in one process so that speed ratios are measured side by side.
+//! Greedy outputs must be token-identical to autoregressive decoding: the run fails loudly if not.
+//! Writes `results.json`, `results.md` and `speedup.svg` to `--out-dir`.
+//!
+//! ```text
+//! cargo run --release --example compare                       # default pair, the whole suite
+//! cargo run --release --example compare -- --per-category 1 --max-new-tokens 48
+//! cargo run --release --example compare -- --target models/SmolLM2-135M-Instruct.Q4_1.gguf --self-draft-layers 10
+//! ```
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+use mirror_sd::mirror_scheduler::{
+    Autoregressive, Decoder, DraftSchedule, EarlyExit, Engine, Generation, GenerationConfig, Mirror, SpeculativeDecoding,
+};
+use serde::Serialize;
+
+#[derive(Parser, Debug)]
+#[command(about = "Compare autoregressive, vanilla SD and Mirror-SD side by side")]
+struct Args {
+    #[arg(long, default_value = common::DEFAULT_TARGET)]
+    target: String,
+    #[arg(long, default_value = common::DEFAULT_DRAFT)]
+    draft: String,
+    /// Use the target's own first N layers as the draft.
+    #[arg(long)]
+    self_draft_layers: Option<usize>,
+    /// Prompt suite (JSON lines with id, category, messages).
+    #[arg(long, default_value = "../shared/prompts/bench.jsonl")]
+    prompts: PathBuf,
+    /// Prompts per category (default: all).
+    #[arg(long)]
+    per_category: Option<usize>,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 4)]
+    gamma: usize,
+    #[arg(long, default_value_t = 4)]
+    kappa: usize,
+    #[arg(long, default_value_t = 0.5)]
+    exit_fraction: f64,
+    /// Branches per draft pass for anytime Mirror.
+    #[arg(long, default_value_t = 2)]
+    branches_per_pass: usize,
+    /// Threads of the Mirror draft worker's own pool (default: the global pool).
+    #[arg(long)]
+    draft_threads: Option<usize>,
+    /// Strategies to run, comma-separated: ar, sd, mirror, mirror-full.
+    #[arg(long, default_value = "ar,sd,mirror,mirror-full")]
+    methods: String,
+    #[arg(long, default_value = "target/compare")]
+    out_dir: PathBuf,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+struct Totals {
+    tokens: usize,
+    seconds: f64,
+    windows: usize,
+    accepted: usize,
+    target_passes: usize,
+    reuse: usize,
+    resolved: usize,
+    draft_busy: f64,
+    draft_hidden: f64,
+    target_prefix: f64,
+    target_suffix: f64,
+    wait_final: f64,
+}
+
+impl Totals {
+    fn add(&mut self, g: &Generation) {
+        let s = &g.stats;
+        self.tokens += s.generated_tokens;
+        self.seconds += s.time.total.as_secs_f64();
+        self.windows += s.windows;
+        self.accepted += (s.mean_accepted() * s.windows as f64).round() as usize;
+        self.target_passes += s.target_passes;
+        self.reuse += s.reuse_hits + s.reuse_partial;
+        self.resolved += s.reuse_hits + s.reuse_partial + s.fallbacks;
+        self.draft_busy += s.time.draft_busy.as_secs_f64();
+        self.draft_hidden += s.time.draft_hidden.as_secs_f64();
+        self.target_prefix += s.time.target_prefix.as_secs_f64();
+        self.target_suffix += s.time.target_suffix.as_secs_f64();
+        self.wait_final += s.time.wait_final.as_secs_f64();
+    }
+    fn tokens_per_second(&self) -> f64 {
+        self.tokens as f64 / self.seconds.max(1e-9)
+    }
+    fn mean_accepted(&self) -> f64 {
+        self.accepted as f64 / (self.windows.max(1)) as f64
+    }
+    fn reuse_rate(&self) -> f64 {
+        self.reuse as f64 / (self.resolved.max(1)) as f64
+    }
+    fn hidden(&self) -> f64 {
+        self.draft_hidden / self.draft_busy.max(1e-9)
+    }
+}
+
+fn main() {
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn build(method: &str, args: &Args, target: &Arc<mirror_sd::mirror_core::Model>, draft: &Option<Arc<mirror_sd::mirror_core::Model>>) -> Result<Box<dyn Decoder>, String> {
+    let draft = || draft.clone().ok_or_else(|| "a draft is needed".to_string());
+    let mirror = |schedule| -> Result<Box<dyn Decoder>, String> {
+        let mut b = Mirror::builder(Arc::clone(target), draft()?)
+            .gamma(args.gamma)
+            .kappa(args.kappa)
+            .early_exit(EarlyExit::Fraction(args.exit_fraction))
+            .schedule(schedule);
+        if let Some(t) = args.draft_threads {
+            b = b.draft_threads(t);
+        }
+        Ok(Box::new(b.build().map_err(|e| e.to_string())?))
+    };
+    match method {
+        "ar" => Ok(Box::new(Autoregressive::new(Arc::clone(target)))),
+        "sd" => Ok(Box::new(
+            SpeculativeDecoding::builder(Arc::clone(target), draft()?).gamma(args.gamma).build().map_err(|e| e.to_string())?,
+        )),
+        "mirror" => mirror(DraftSchedule::Anytime { branches_per_pass: args.branches_per_pass }),
+        "mirror-full" => mirror(DraftSchedule::FullGrid),
+        other => Err(format!("unknown method `{other}`")),
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let methods: Vec<String> = args.methods.split(',').map(|m| m.trim().to_string()).collect();
+    if methods.first().map(String::as_str) != Some("ar") {
+        return Err("the first method must be `ar`: it is the reference for identity and speedups".into());
+    }
+    let mut prompts = common::read_prompts(&args.prompts)?;
+    if let Some(k) = args.per_category {
+        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+        prompts.retain(|(_, cat, _)| {
+            let n = seen.entry(cat.clone()).or_default();
+            *n += 1;
+            *n <= k
+        });
+    }
+    let device = mirror_sd::mirror_core::Device::Cpu;
+    let loaded = common::load_with_spinner("target", &common::resolve_source(&args.target)?, &device, None)?;
+    let target = Arc::new(loaded.model);
+    let draft = if methods.iter().any(|m| m != "ar") {
+        Some(common::draft_model(&args.draft, args.self_draft_layers, &target, &device, None)?)
+    } else {
+        None
+    };
+    let config = GenerationConfig::greedy(args.max_new_tokens);
+    let tokenizer = loaded.tokenizer;
+    let mut engines: Vec<(String, Engine)> = Vec::new();
+    for m in &methods {
+        engines.push((m.clone(), Engine::new(build(m, &args, &target, &draft)?, tokenizer.clone())));
+    }
+    // per method -> per category totals
+    let mut results: BTreeMap<String, BTreeMap<String, Totals>> = BTreeMap::new();
+    let mut mismatches = Vec::new();
+    for (id, category, messages) in &prompts {
+        let prompt = engines[0].1.encode_chat(messages).map_err(|e| e.to_string())?;
+        let mut reference: Option<Vec<u32>> = None;
+        // Round-robin per prompt: every method sees the same machine state in turn.
+        for (name, engine) in engines.iter_mut() {
+            let g = engine.generate_tokens_stream(&prompt, &config, |_| mirror_sd::mirror_scheduler::StreamControl::Continue)
+                .map_err(|e| format!("{name} on {id}: {e}"))?;
+            eprintln!(
+                "{id:<14} {name:<12} {:>4} tokens {:>6.2} tok/s  E[A] {:.2}  reuse {:.2}",
+                g.tokens.len(),
+                g.stats.tokens_per_second(),
+                g.stats.mean_accepted(),
+                g.stats.reuse_rate()
+            );
+            match &reference {
+                None => reference = Some(g.tokens.clone()),
+                Some(want) if *want != g.tokens => mismatches.push(format!("{name} differs from ar on {id}")),
+                _ => {}
+            }
+            let per = results.entry(name.clone()).or_default();
+            per.entry(category.clone()).or_default().add(&g);
+            per.entry("overall".into()).or_default().add(&g);
+        }
+    }
+    std::fs::create_dir_all(&args.out_dir).map_err(|e| e.to_string())?;
+    let table = markdown(&methods, &results);
+    println!("{table}");
+    std::fs::write(args.out_dir.join("results.md"), &table).map_err(|e| e.to_string())?;
+    let json = serde_json::json!({
+        "target": args.target, "draft": args.self_draft_layers.map(|l| format!("target's first {l} layers")).unwrap_or(args.draft.clone()),
+        "gamma": args.gamma, "kappa": args.kappa, "exit_fraction": args.exit_fraction,
+        "max_new_tokens": args.max_new_tokens, "prompts": prompts.len(), "results": results,
+        "identical_to_autoregressive": mismatches.is_empty(),
+    });
+    std::fs::write(args.out_dir.join("results.json"), serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
+    std::fs::write(args.out_dir.join("speedup.svg"), svg(&methods, &results)).map_err(|e| e.to_string())?;
+    eprintln!("wrote {}/results.{{md,json}} and speedup.svg", args.out_dir.display());
+    if !mismatches.is_empty() {
+        return Err(format!("greedy outputs are not identical:\n  {}", mismatches.join("\n  ")));
+    }
+    Ok(())
+}
+
+fn categories(results: &BTreeMap<String, BTreeMap<String, Totals>>) -> Vec<String> {
+    let mut cats: Vec<String> = results.values().next().map(|m| m.keys().cloned().collect()).unwrap_or_default();
+    cats.retain(|c| c != "overall");
+    cats.push("overall".into());
+    cats
+}
+
+fn markdown(methods: &[String], results: &BTreeMap<String, BTreeMap<String, Totals>>) -> String {
+    let mut out = String::from("| category | method | tok/s | speedup vs ar | vs sd | E[A] | tokens/target pass | reuse | draft hidden |\n|---|---|---|---|---|---|---|---|---|\n");
+    for cat in categories(results) {
+        let ar = results["ar"][&cat].tokens_per_second();
+        let sd = results.get("sd").map(|r| r[&cat].tokens_per_second());
+        for m in methods {
+            let t = &results[m][&cat];
+            let tps = t.tokens_per_second();
+            let vs_sd = match (m.starts_with("mirror"), sd) {
+                (true, Some(sd)) => format!("{:.2}x", tps / sd),
+                _ => "".into(),
+            };
+            let spec = m != "ar";
+            out += &format!(
+                "| {cat} | {m} | {tps:.2} | {:.2}x | {vs_sd} | {} | {:.2} | {} | {} |\n",
+                tps / ar,
+                if spec { format!("{:.2}", t.mean_accepted()) } else { "".into() },
+                t.tokens as f64 / t.target_passes.max(1) as f64,
+                if m.starts_with("mirror") { format!("{:.2}", t.reuse_rate()) } else { "".into() },
+                if m.starts_with("mirror") { format!("{:.0}%", 100.0 * t.hidden()) } else { "".into() },
+            );
+        }
+    }
+    out
+}
+
+/// A grouped bar chart of speedup over autoregressive decoding, by category.
+fn svg(methods: &[String], results: &BTreeMap<String, BTreeMap<String, Totals>>) -> String {
+    let cats = categories(results);
+    let shown: Vec<&String> = methods.iter().filter(|m| m.as_str() != "ar").collect();
+    let colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52"];
+    let (w, h, left, bottom, top) = (120.0 * cats.len() as f64 + 80.0, 360.0, 60.0, 60.0, 30.0);
+    let max = cats
+        .iter()
+        .flat_map(|c| shown.iter().map(move |m| results[*m][c].tokens_per_second() / results["ar"][c].tokens_per_second()))
+        .fold(1.5f64, f64::max)
+        .ceil();
+    let y = |v: f64| h - bottom - (h - bottom - top) * v / max;
+    let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n");
+    s += &format!("<text x=\"{left}\" y=\"18\">Speedup over autoregressive decoding (greedy, wall time)</text>\n");
+    for tick in 0..=(max as usize) {
+        let yy = y(tick as f64);
+        s += &format!("<line x1=\"{left}\" y1=\"{yy}\" x2=\"{}\" y2=\"{yy}\" stroke=\"#ddd\"/><text x=\"{}\" y=\"{}\" text-anchor=\"end\">{tick}x</text>\n", w - 10.0, left - 6.0, yy + 4.0);
+    }
+    s += &format!("<line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\" stroke-dasharray=\"4\"/>\n", y(1.0), w - 10.0, y(1.0));
+    let group = 120.0;
+    let bar = (group - 20.0) / shown.len().max(1) as f64;
+    for (ci, cat) in cats.iter().enumerate() {
+        let x0 = left + 10.0 + ci as f64 * group;
+        for (mi, m) in shown.iter().enumerate() {
+            let v = results[*m][cat].tokens_per_second() / results["ar"][cat].tokens_per_second();
+            let x = x0 + mi as f64 * bar;
+            s += &format!("<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{}\"><title>{m} {cat}: {v:.2}x</title></rect>\n", y(v), bar - 2.0, y(0.0) - y(v), colors[mi % colors.len()]);
+        }
+        s += &format!("<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{cat}</text>\n", x0 + (group - 20.0) / 2.0, h - bottom + 18.0);
+    }
+    for (mi, m) in shown.iter().enumerate() {
+        let x = left + 10.0 + mi as f64 * 140.0;
+        s += &format!("<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{m}</text>\n", h - 24.0, colors[mi % colors.len()], x + 16.0, h - 14.0);
+    }
+    s + "</svg>\n"
+}

@@ -1,0 +1,187 @@
+//! One generation with Mirror-SD (or vanilla SD, or the target alone), streamed, with statistics.
+//!
+//! With no arguments it runs the default pair (Qwen2.5-Coder 1.5B target, 0.5B draft; fetched
+//! when missing) on a sample prompt:
+//!
+//! ```text
+//! cargo run --release --example generate
+//! cargo run --release --example generate -- --method sd --gamma 5 --prompt "Write quicksort in Rust"
+//! cargo run --release --example generate -- --target models/SmolLM2-135M-Instruct.Q4_1.gguf --self-draft-layers 10
+//! ```
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::io::Write;
+use std::sync::Arc;
+
+use clap::{Parser, ValueEnum};
+use mirror_sd::mirror_core::sampling::SamplingParams;
+use mirror_sd::mirror_core::ChatMessage;
+use mirror_sd::mirror_scheduler::{
+    Autoregressive, Decoder, DraftSchedule, EarlyExit, Engine, GenerationConfig, Mirror, SpeculativeDecoding, StreamControl,
+};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Method {
+    /// The target alone.
+    Ar,
+    /// Vanilla speculative decoding.
+    Sd,
+    /// Mirror speculative decoding.
+    Mirror,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Schedule {
+    /// Branches by likelihood until the target is done (default).
+    Anytime,
+    /// The paper's full kappa x (gamma+1) grid.
+    Full,
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "Generate with Mirror speculative decoding")]
+struct Args {
+    /// Target: a model directory, a .gguf file, or a hub id (org/name or org/name:file.gguf).
+    #[arg(long, default_value = common::DEFAULT_TARGET)]
+    target: String,
+    /// Draft, in the same forms as the target.
+    #[arg(long, default_value = common::DEFAULT_DRAFT)]
+    draft: String,
+    /// Use the target's own first N layers as the draft instead of --draft.
+    #[arg(long)]
+    self_draft_layers: Option<usize>,
+    #[arg(long, value_enum, default_value_t = Method::Mirror)]
+    method: Method,
+    /// The prompt (a user message when the chat template is on).
+    #[arg(long, default_value = "Write a Python function that checks whether a string is a palindrome, ignoring case and punctuation.")]
+    prompt: String,
+    /// Draft tokens per window.
+    #[arg(long, default_value_t = 4)]
+    gamma: usize,
+    /// Early-exit candidates per row (Mirror).
+    #[arg(long, default_value_t = 4)]
+    kappa: usize,
+    /// Early-exit layer index (Mirror); default: --exit-fraction.
+    #[arg(long)]
+    exit_layer: Option<usize>,
+    /// Early-exit layer as a fraction of the target's depth.
+    #[arg(long, default_value_t = 0.5)]
+    exit_fraction: f64,
+    #[arg(long, value_enum, default_value_t = Schedule::Anytime)]
+    schedule: Schedule,
+    /// Branches advanced per draft pass in anytime mode.
+    #[arg(long, default_value_t = 2)]
+    branches_per_pass: usize,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// 0 means greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Target device: cpu, cuda:N, metal:N.
+    #[arg(long, default_value = "cpu")]
+    target_device: String,
+    /// Draft device (a second handle: another GPU, another CUDA stream, or the CPU).
+    #[arg(long, default_value = "cpu")]
+    draft_device: String,
+    /// CPU threads for the target's pool (default: rayon's global pool).
+    #[arg(long)]
+    target_threads: Option<usize>,
+    /// CPU threads for the draft (Mirror: the worker's own pool).
+    #[arg(long)]
+    draft_threads: Option<usize>,
+    /// Send the prompt as raw text instead of rendering the chat template.
+    #[arg(long)]
+    no_chat_template: bool,
+    /// Print the result and statistics as JSON instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let target_device = common::parse_device(&args.target_device)?;
+    let draft_device = common::parse_device(&args.draft_device)?;
+    let target_source = common::resolve_source(&args.target)?;
+    let loaded = common::load_with_spinner("target", &target_source, &target_device, args.target_threads)?;
+    let target = Arc::new(loaded.model);
+    let decoder: Box<dyn Decoder> = match args.method {
+        Method::Ar => Box::new(Autoregressive::new(Arc::clone(&target))),
+        Method::Sd => {
+            let draft = common::draft_model(&args.draft, args.self_draft_layers, &target, &draft_device, args.draft_threads)?;
+            Box::new(SpeculativeDecoding::builder(Arc::clone(&target), draft).gamma(args.gamma).build().map_err(|e| e.to_string())?)
+        }
+        Method::Mirror => {
+            let draft = common::draft_model(&args.draft, args.self_draft_layers, &target, &draft_device, None)?;
+            let early_exit = match args.exit_layer {
+                Some(l) => EarlyExit::Layer(l),
+                None => EarlyExit::Fraction(args.exit_fraction),
+            };
+            let schedule = match args.schedule {
+                Schedule::Anytime => DraftSchedule::Anytime { branches_per_pass: args.branches_per_pass },
+                Schedule::Full => DraftSchedule::FullGrid,
+            };
+            let mut builder = Mirror::builder(Arc::clone(&target), draft)
+                .gamma(args.gamma)
+                .kappa(args.kappa)
+                .early_exit(early_exit)
+                .schedule(schedule);
+            if let Some(threads) = args.draft_threads {
+                builder = builder.draft_threads(threads);
+            }
+            Box::new(builder.build().map_err(|e| e.to_string())?)
+        }
+    };
+    let method = decoder.name();
+    let mut engine = Engine::new(decoder, loaded.tokenizer);
+    let config = GenerationConfig {
+        max_new_tokens: args.max_new_tokens,
+        sampling: SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p },
+        seed: args.seed,
+        ..GenerationConfig::default()
+    };
+    let prompt = if args.no_chat_template || engine.tokenizer().chat_template().is_none() {
+        engine.tokenizer().encode(&args.prompt, true).map_err(|e| e.to_string())?
+    } else {
+        engine.encode_chat(&[ChatMessage::new("user", args.prompt.clone())]).map_err(|e| e.to_string())?
+    };
+    let quiet = args.json;
+    let generation = engine
+        .generate_tokens_stream(&prompt, &config, |piece| {
+            if !quiet {
+                print!("{piece}");
+                let _ = std::io::stdout().flush();
+            }
+            StreamControl::Continue
+        })
+        .map_err(|e| e.to_string())?;
+    if args.json {
+        let out = serde_json::json!({
+            "method": method,
+            "prompt_tokens": prompt.len(),
+            "generation": generation,
+            "mean_accepted": generation.stats.mean_accepted(),
+            "tokens_per_second": generation.stats.tokens_per_second(),
+            "reuse_rate": generation.stats.reuse_rate(),
+            "hidden_fraction": generation.stats.hidden_fraction(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?);
+    } else {
+        println!("\n\n[{method}] finish: {:?}, prompt {} tokens", generation.finish_reason, prompt.len());
+        println!("{}", generation.stats.summary());
+    }
+    Ok(())
+}
