@@ -18,7 +18,8 @@ use std::sync::Arc;
 
 use clap::Parser;
 use mirror_sd::mirror_scheduler::{
-    Autoregressive, Decoder, DraftSchedule, EarlyExit, Engine, Generation, GenerationConfig, Mirror, SpeculativeDecoding,
+    Autoregressive, Decoder, DraftSchedule, EarlyExit, Engine, Generation, GenerationConfig,
+    Mirror, SpeculativeDecoding,
 };
 use serde::Serialize;
 
@@ -112,7 +113,12 @@ fn main() {
     }
 }
 
-fn build(method: &str, args: &Args, target: &Arc<mirror_sd::mirror_core::Model>, draft: &Option<Arc<mirror_sd::mirror_core::Model>>) -> Result<Box<dyn Decoder>, String> {
+fn build(
+    method: &str,
+    args: &Args,
+    target: &Arc<mirror_sd::mirror_core::Model>,
+    draft: &Option<Arc<mirror_sd::mirror_core::Model>>,
+) -> Result<Box<dyn Decoder>, String> {
     let draft = || draft.clone().ok_or_else(|| "a draft is needed".to_string());
     let mirror = |schedule| -> Result<Box<dyn Decoder>, String> {
         let mut b = Mirror::builder(Arc::clone(target), draft()?)
@@ -128,18 +134,29 @@ fn build(method: &str, args: &Args, target: &Arc<mirror_sd::mirror_core::Model>,
     match method {
         "ar" => Ok(Box::new(Autoregressive::new(Arc::clone(target)))),
         "sd" => Ok(Box::new(
-            SpeculativeDecoding::builder(Arc::clone(target), draft()?).gamma(args.gamma).build().map_err(|e| e.to_string())?,
+            SpeculativeDecoding::builder(Arc::clone(target), draft()?)
+                .gamma(args.gamma)
+                .build()
+                .map_err(|e| e.to_string())?,
         )),
-        "mirror" => mirror(DraftSchedule::Anytime { branches_per_pass: args.branches_per_pass }),
+        "mirror" => mirror(DraftSchedule::Anytime {
+            branches_per_pass: args.branches_per_pass,
+        }),
         "mirror-full" => mirror(DraftSchedule::FullGrid),
         other => Err(format!("unknown method `{other}`")),
     }
 }
 
 fn run(args: Args) -> Result<(), String> {
-    let methods: Vec<String> = args.methods.split(',').map(|m| m.trim().to_string()).collect();
+    let methods: Vec<String> = args
+        .methods
+        .split(',')
+        .map(|m| m.trim().to_string())
+        .collect();
     if methods.first().map(String::as_str) != Some("ar") {
-        return Err("the first method must be `ar`: it is the reference for identity and speedups".into());
+        return Err(
+            "the first method must be `ar`: it is the reference for identity and speedups".into(),
+        );
     }
     let mut prompts = common::read_prompts(&args.prompts)?;
     if let Some(k) = args.per_category {
@@ -151,10 +168,21 @@ fn run(args: Args) -> Result<(), String> {
         });
     }
     let device = mirror_sd::mirror_core::Device::Cpu;
-    let loaded = common::load_with_spinner("target", &common::resolve_source(&args.target)?, &device, None)?;
+    let loaded = common::load_with_spinner(
+        "target",
+        &common::resolve_source(&args.target)?,
+        &device,
+        None,
+    )?;
     let target = Arc::new(loaded.model);
     let draft = if methods.iter().any(|m| m != "ar") {
-        Some(common::draft_model(&args.draft, args.self_draft_layers, &target, &device, None)?)
+        Some(common::draft_model(
+            &args.draft,
+            args.self_draft_layers,
+            &target,
+            &device,
+            None,
+        )?)
     } else {
         None
     };
@@ -162,17 +190,26 @@ fn run(args: Args) -> Result<(), String> {
     let tokenizer = loaded.tokenizer;
     let mut engines: Vec<(String, Engine)> = Vec::new();
     for m in &methods {
-        engines.push((m.clone(), Engine::new(build(m, &args, &target, &draft)?, tokenizer.clone())));
+        engines.push((
+            m.clone(),
+            Engine::new(build(m, &args, &target, &draft)?, tokenizer.clone()),
+        ));
     }
     // per method -> per category totals
     let mut results: BTreeMap<String, BTreeMap<String, Totals>> = BTreeMap::new();
     let mut mismatches = Vec::new();
     for (id, category, messages) in &prompts {
-        let prompt = engines[0].1.encode_chat(messages).map_err(|e| e.to_string())?;
+        let prompt = engines[0]
+            .1
+            .encode_chat(messages)
+            .map_err(|e| e.to_string())?;
         let mut reference: Option<Vec<u32>> = None;
         // Round-robin per prompt: every method sees the same machine state in turn.
         for (name, engine) in engines.iter_mut() {
-            let g = engine.generate_tokens_stream(&prompt, &config, |_| mirror_sd::mirror_scheduler::StreamControl::Continue)
+            let g = engine
+                .generate_tokens_stream(&prompt, &config, |_| {
+                    mirror_sd::mirror_scheduler::StreamControl::Continue
+                })
                 .map_err(|e| format!("{name} on {id}: {e}"))?;
             eprintln!(
                 "{id:<14} {name:<12} {:>4} tokens {:>6.2} tok/s  E[A] {:.2}  reuse {:.2}",
@@ -183,7 +220,9 @@ fn run(args: Args) -> Result<(), String> {
             );
             match &reference {
                 None => reference = Some(g.tokens.clone()),
-                Some(want) if *want != g.tokens => mismatches.push(format!("{name} differs from ar on {id}")),
+                Some(want) if *want != g.tokens => {
+                    mismatches.push(format!("{name} differs from ar on {id}"))
+                }
                 _ => {}
             }
             let per = results.entry(name.clone()).or_default();
@@ -201,18 +240,32 @@ fn run(args: Args) -> Result<(), String> {
         "max_new_tokens": args.max_new_tokens, "prompts": prompts.len(), "results": results,
         "identical_to_autoregressive": mismatches.is_empty(),
     });
-    std::fs::write(args.out_dir.join("results.json"), serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?)
+    std::fs::write(
+        args.out_dir.join("results.json"),
+        serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
+    std::fs::write(args.out_dir.join("speedup.svg"), svg(&methods, &results))
         .map_err(|e| e.to_string())?;
-    std::fs::write(args.out_dir.join("speedup.svg"), svg(&methods, &results)).map_err(|e| e.to_string())?;
-    eprintln!("wrote {}/results.{{md,json}} and speedup.svg", args.out_dir.display());
+    eprintln!(
+        "wrote {}/results.{{md,json}} and speedup.svg",
+        args.out_dir.display()
+    );
     if !mismatches.is_empty() {
-        return Err(format!("greedy outputs are not identical:\n  {}", mismatches.join("\n  ")));
+        return Err(format!(
+            "greedy outputs are not identical:\n  {}",
+            mismatches.join("\n  ")
+        ));
     }
     Ok(())
 }
 
 fn categories(results: &BTreeMap<String, BTreeMap<String, Totals>>) -> Vec<String> {
-    let mut cats: Vec<String> = results.values().next().map(|m| m.keys().cloned().collect()).unwrap_or_default();
+    let mut cats: Vec<String> = results
+        .values()
+        .next()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
     cats.retain(|c| c != "overall");
     cats.push("overall".into());
     cats
@@ -234,10 +287,22 @@ fn markdown(methods: &[String], results: &BTreeMap<String, BTreeMap<String, Tota
             out += &format!(
                 "| {cat} | {m} | {tps:.2} | {:.2}x | {vs_sd} | {} | {:.2} | {} | {} |\n",
                 tps / ar,
-                if spec { format!("{:.2}", t.mean_accepted()) } else { "".into() },
+                if spec {
+                    format!("{:.2}", t.mean_accepted())
+                } else {
+                    "".into()
+                },
                 t.tokens as f64 / t.target_passes.max(1) as f64,
-                if m.starts_with("mirror") { format!("{:.2}", t.reuse_rate()) } else { "".into() },
-                if m.starts_with("mirror") { format!("{:.0}%", 100.0 * t.hidden()) } else { "".into() },
+                if m.starts_with("mirror") {
+                    format!("{:.2}", t.reuse_rate())
+                } else {
+                    "".into()
+                },
+                if m.starts_with("mirror") {
+                    format!("{:.0}%", 100.0 * t.hidden())
+                } else {
+                    "".into()
+                },
             );
         }
     }
@@ -252,7 +317,11 @@ fn svg(methods: &[String], results: &BTreeMap<String, BTreeMap<String, Totals>>)
     let (w, h, left, bottom, top) = (120.0 * cats.len() as f64 + 80.0, 360.0, 60.0, 60.0, 30.0);
     let max = cats
         .iter()
-        .flat_map(|c| shown.iter().map(move |m| results[*m][c].tokens_per_second() / results["ar"][c].tokens_per_second()))
+        .flat_map(|c| {
+            shown.iter().map(move |m| {
+                results[*m][c].tokens_per_second() / results["ar"][c].tokens_per_second()
+            })
+        })
         .fold(1.5f64, f64::max)
         .ceil();
     let y = |v: f64| h - bottom - (h - bottom - top) * v / max;
@@ -272,7 +341,11 @@ fn svg(methods: &[String], results: &BTreeMap<String, BTreeMap<String, Totals>>)
             let x = x0 + mi as f64 * bar;
             s += &format!("<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{}\"><title>{m} {cat}: {v:.2}x</title></rect>\n", y(v), bar - 2.0, y(0.0) - y(v), colors[mi % colors.len()]);
         }
-        s += &format!("<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{cat}</text>\n", x0 + (group - 20.0) / 2.0, h - bottom + 18.0);
+        s += &format!(
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{cat}</text>\n",
+            x0 + (group - 20.0) / 2.0,
+            h - bottom + 18.0
+        );
     }
     for (mi, m) in shown.iter().enumerate() {
         let x = left + 10.0 + mi as f64 * 140.0;

@@ -19,7 +19,8 @@ use clap::{Parser, ValueEnum};
 use mirror_sd::mirror_core::sampling::SamplingParams;
 use mirror_sd::mirror_core::ChatMessage;
 use mirror_sd::mirror_scheduler::{
-    Autoregressive, Decoder, DraftSchedule, EarlyExit, Engine, GenerationConfig, Mirror, SpeculativeDecoding, StreamControl,
+    Autoregressive, Decoder, DraftSchedule, EarlyExit, Engine, GenerationConfig, Mirror,
+    SpeculativeDecoding, StreamControl,
 };
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -55,7 +56,10 @@ struct Args {
     #[arg(long, value_enum, default_value_t = Method::Mirror)]
     method: Method,
     /// The prompt (a user message when the chat template is on).
-    #[arg(long, default_value = "Write a Python function that checks whether a string is a palindrome, ignoring case and punctuation.")]
+    #[arg(
+        long,
+        default_value = "Write a Python function that checks whether a string is a palindrome, ignoring case and punctuation."
+    )]
     prompt: String,
     /// Draft tokens per window.
     #[arg(long, default_value_t = 4)]
@@ -116,22 +120,46 @@ fn run(args: Args) -> Result<(), String> {
     let target_device = common::parse_device(&args.target_device)?;
     let draft_device = common::parse_device(&args.draft_device)?;
     let target_source = common::resolve_source(&args.target)?;
-    let loaded = common::load_with_spinner("target", &target_source, &target_device, args.target_threads)?;
+    let loaded = common::load_with_spinner(
+        "target",
+        &target_source,
+        &target_device,
+        args.target_threads,
+    )?;
     let target = Arc::new(loaded.model);
     let decoder: Box<dyn Decoder> = match args.method {
         Method::Ar => Box::new(Autoregressive::new(Arc::clone(&target))),
         Method::Sd => {
-            let draft = common::draft_model(&args.draft, args.self_draft_layers, &target, &draft_device, args.draft_threads)?;
-            Box::new(SpeculativeDecoding::builder(Arc::clone(&target), draft).gamma(args.gamma).build().map_err(|e| e.to_string())?)
+            let draft = common::draft_model(
+                &args.draft,
+                args.self_draft_layers,
+                &target,
+                &draft_device,
+                args.draft_threads,
+            )?;
+            Box::new(
+                SpeculativeDecoding::builder(Arc::clone(&target), draft)
+                    .gamma(args.gamma)
+                    .build()
+                    .map_err(|e| e.to_string())?,
+            )
         }
         Method::Mirror => {
-            let draft = common::draft_model(&args.draft, args.self_draft_layers, &target, &draft_device, None)?;
+            let draft = common::draft_model(
+                &args.draft,
+                args.self_draft_layers,
+                &target,
+                &draft_device,
+                None,
+            )?;
             let early_exit = match args.exit_layer {
                 Some(l) => EarlyExit::Layer(l),
                 None => EarlyExit::Fraction(args.exit_fraction),
             };
             let schedule = match args.schedule {
-                Schedule::Anytime => DraftSchedule::Anytime { branches_per_pass: args.branches_per_pass },
+                Schedule::Anytime => DraftSchedule::Anytime {
+                    branches_per_pass: args.branches_per_pass,
+                },
                 Schedule::Full => DraftSchedule::FullGrid,
             };
             let mut builder = Mirror::builder(Arc::clone(&target), draft)
@@ -149,14 +177,23 @@ fn run(args: Args) -> Result<(), String> {
     let mut engine = Engine::new(decoder, loaded.tokenizer);
     let config = GenerationConfig {
         max_new_tokens: args.max_new_tokens,
-        sampling: SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p },
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+        },
         seed: args.seed,
         ..GenerationConfig::default()
     };
     let prompt = if args.no_chat_template || engine.tokenizer().chat_template().is_none() {
-        engine.tokenizer().encode(&args.prompt, true).map_err(|e| e.to_string())?
+        engine
+            .tokenizer()
+            .encode(&args.prompt, true)
+            .map_err(|e| e.to_string())?
     } else {
-        engine.encode_chat(&[ChatMessage::new("user", args.prompt.clone())]).map_err(|e| e.to_string())?
+        engine
+            .encode_chat(&[ChatMessage::new("user", args.prompt.clone())])
+            .map_err(|e| e.to_string())?
     };
     let quiet = args.json;
     let generation = engine
@@ -178,9 +215,16 @@ fn run(args: Args) -> Result<(), String> {
             "reuse_rate": generation.stats.reuse_rate(),
             "hidden_fraction": generation.stats.hidden_fraction(),
         });
-        println!("{}", serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?
+        );
     } else {
-        println!("\n\n[{method}] finish: {:?}, prompt {} tokens", generation.finish_reason, prompt.len());
+        println!(
+            "\n\n[{method}] finish: {:?}, prompt {} tokens",
+            generation.finish_reason,
+            prompt.len()
+        );
         println!("{}", generation.stats.summary());
     }
     Ok(())

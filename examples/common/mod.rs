@@ -22,7 +22,10 @@ pub fn resolve_source(arg: &str) -> Result<ModelSource, String> {
     let local = repo_root().join(arg);
     if is_default {
         if !local.is_file() {
-            eprintln!("{} is missing: fetching the default pair (about 1.6 GB)...", local.display());
+            eprintln!(
+                "{} is missing: fetching the default pair (about 1.6 GB)...",
+                local.display()
+            );
             let status = Command::new("python3")
                 .arg(repo_root().join("scripts/fetch_models.py"))
                 .arg("qwen")
@@ -40,23 +43,38 @@ pub fn resolve_source(arg: &str) -> Result<ModelSource, String> {
 /// `cpu`, `cuda` / `cuda:N` (a handle with its own stream), or `metal` / `metal:N`.
 pub fn parse_device(name: &str) -> Result<Device, String> {
     let (kind, ordinal) = match name.split_once(':') {
-        Some((k, n)) => (k, n.parse::<usize>().map_err(|_| format!("bad device ordinal in `{name}`"))?),
+        Some((k, n)) => (
+            k,
+            n.parse::<usize>()
+                .map_err(|_| format!("bad device ordinal in `{name}`"))?,
+        ),
         None => (name, 0),
     };
     match kind {
         "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda_with_stream(ordinal).map_err(|e| format!("{name}: {e} (build with --features cuda)")),
-        "metal" => Device::new_metal(ordinal).map_err(|e| format!("{name}: {e} (build with --features metal)")),
+        "cuda" => Device::new_cuda_with_stream(ordinal)
+            .map_err(|e| format!("{name}: {e} (build with --features cuda)")),
+        "metal" => Device::new_metal(ordinal)
+            .map_err(|e| format!("{name}: {e} (build with --features metal)")),
         other => Err(format!("unknown device `{other}` (cpu, cuda:N, metal:N)")),
     }
 }
 
 /// Loads a model with a spinner on stderr.
-pub fn load_with_spinner(what: &str, source: &ModelSource, device: &Device, threads: Option<usize>) -> Result<LoadedModel, String> {
+pub fn load_with_spinner(
+    what: &str,
+    source: &ModelSource,
+    device: &Device,
+    threads: Option<usize>,
+) -> Result<LoadedModel, String> {
     let spinner = indicatif::ProgressBar::new_spinner();
     spinner.set_message(format!("loading {what}: {source}"));
     spinner.enable_steady_tick(Duration::from_millis(120));
-    let options = LoadOptions { dtype: DType::F32, device: device.clone(), threads };
+    let options = LoadOptions {
+        dtype: DType::F32,
+        device: device.clone(),
+        threads,
+    };
     let started = std::time::Instant::now();
     let loaded = load(source, &options).map_err(|e| format!("loading {what}: {e}"))?;
     spinner.finish_with_message(format!(
@@ -78,22 +96,31 @@ pub fn draft_model(
     threads: Option<usize>,
 ) -> Result<Arc<Model>, String> {
     if let Some(layers) = self_draft_layers {
-        return target.truncated(layers).map(Arc::new).map_err(|e| e.to_string());
+        return target
+            .truncated(layers)
+            .map(Arc::new)
+            .map_err(|e| e.to_string());
     }
     let source = resolve_source(draft)?;
-    Ok(Arc::new(load_with_spinner("draft", &source, device, threads)?.model))
+    Ok(Arc::new(
+        load_with_spinner("draft", &source, device, threads)?.model,
+    ))
 }
 
 /// Reads the prompt suite (`{"id", "category", "messages"}` per line).
-pub fn read_prompts(path: &Path) -> Result<Vec<(String, String, Vec<mirror_sd::mirror_core::ChatMessage>)>, String> {
+pub fn read_prompts(
+    path: &Path,
+) -> Result<Vec<(String, String, Vec<mirror_sd::mirror_core::ChatMessage>)>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|line| {
-            let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("{}: {e}", path.display()))?;
+            let v: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| format!("{}: {e}", path.display()))?;
             let id = v["id"].as_str().unwrap_or("?").to_string();
             let category = v["category"].as_str().unwrap_or("?").to_string();
-            let messages = serde_json::from_value(v["messages"].clone()).map_err(|e| format!("{id}: {e}"))?;
+            let messages =
+                serde_json::from_value(v["messages"].clone()).map_err(|e| format!("{id}: {e}"))?;
             Ok((id, category, messages))
         })
         .collect()

@@ -259,7 +259,16 @@ impl DraftState {
         stop: Option<&AtomicBool>,
     ) -> Result<Vec<Branch>> {
         self.intervals.clear();
-        self.sync(context)?;
+        // The linear tail the cache lacks (usually the window's last token) rides along with the
+        // first tree pass instead of costing a forward of its own.
+        let common = self
+            .cached
+            .iter()
+            .zip(context)
+            .take_while(|(a, b)| a == b)
+            .count();
+        self.truncate(common)?;
+        let mut tail: Vec<u32> = context[common..].to_vec();
         let mut branches: Vec<Branch> = Vec::with_capacity(plan.len());
         let device = self.model.device().clone();
         let stopped = || stop.is_some_and(|s| s.load(Ordering::Acquire));
@@ -292,13 +301,22 @@ impl DraftState {
                     break;
                 }
                 let base = self.cache()?.len();
-                let mut rows = Vec::with_capacity(active.len());
-                let mut tokens = Vec::with_capacity(active.len());
+                let mut rows = Vec::with_capacity(tail.len() + active.len());
+                let mut tokens = Vec::with_capacity(tail.len() + active.len());
+                for (i, &t) in tail.iter().enumerate() {
+                    rows.push(RowVisibility {
+                        position: base + i,
+                        prefix_len: base + i + 1,
+                        extra: Vec::new(),
+                    });
+                    tokens.push(t);
+                }
+                let first_branch_row = base + tail.len();
                 for (k, &i) in active.iter().enumerate() {
                     let b = &branches[i];
                     let prefix_len = window_start + b.plan.row + 1;
                     let mut extra = b.nodes.clone();
-                    extra.push(base + k);
+                    extra.push(first_branch_row + k);
                     rows.push(RowVisibility {
                         position: prefix_len + b.nodes.len(),
                         prefix_len,
@@ -309,11 +327,34 @@ impl DraftState {
                 let input = AttentionInput::from_rows(&rows, base + rows.len(), &device)?;
                 let logits = self.timed(|m, c| m.forward(&[&tokens], &input, c))?;
                 let logits = host_rows(&logits)?;
+                let skip = tail.len();
+                // The tail's last row is the draft's own prediction after w_gamma: its guess for
+                // the bonus token. Root a branch there too (the draft continuing its own chain),
+                // unless the plan already has it; it is fed with the next pass.
+                if skip > 0 && self.cached.len() + skip == context.len() {
+                    let bonus_row = context.len() - 1 - window_start;
+                    let guess = sampling::argmax(&logits[skip - 1]);
+                    let planned = plan.iter().any(|p| p.row == bonus_row && p.token == guess);
+                    if !planned && window_start + bonus_row + 2 < self.position_limit {
+                        let p = BranchPlan {
+                            row: bonus_row,
+                            token: guess,
+                            priority: 1.0,
+                        };
+                        branches.push(Branch {
+                            plan: p,
+                            nodes: Vec::new(),
+                            window: DraftWindow::default(),
+                            seed: mix(step_seed, ((p.row as u64) << 32) | p.token as u64),
+                        });
+                    }
+                }
+                self.cached.append(&mut tail);
                 for (k, &i) in active.iter().enumerate() {
                     let (seed, index) = (branches[i].seed, branches[i].window.len());
-                    let (token, choice) = self.choose(&logits[k], seed, index);
+                    let (token, choice) = self.choose(&logits[skip + k], seed, index);
                     let b = &mut branches[i];
-                    b.nodes.push(base + k);
+                    b.nodes.push(first_branch_row + k);
                     b.window.tokens.push(token);
                     b.window.choices.push(choice);
                 }

@@ -390,6 +390,7 @@ impl MirrorBuilder {
             from_worker,
             stop,
             handle: Some(handle),
+            acceptance: vec![(1.0, 2.0); self.gamma],
             outstanding: 0,
         })
     }
@@ -407,6 +408,9 @@ pub struct Mirror {
     from_worker: Receiver<FromDraft>,
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
+    /// Verified windows so far: per position, (accepted, proposed) given the earlier positions
+    /// were accepted; the tree's branch priorities come from these rates.
+    acceptance: Vec<(f64, f64)>,
     /// Replies owed by the worker to requests whose generation ended in an error: drained before
     /// the next generation so that no stale reply is taken for a new one.
     outstanding: usize,
@@ -566,7 +570,8 @@ impl Decoder for Mirror {
                 .iter()
                 .map(|row| sampling::top_k_log_probs(row, kappa))
                 .collect();
-            let plan = plan_branches(&top_k, &window.tokens);
+            let rates: Vec<f64> = self.acceptance.iter().map(|(a, p)| a / p).collect();
+            let plan = plan_branches(&top_k, &window.tokens, &rates);
             stats.branches_planned += plan.len();
             stats.time.target_prefix += t0.elapsed();
 
@@ -603,6 +608,13 @@ impl Decoder for Mirror {
             let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
             let verdict = verify_window(&refs, &window, &config.sampling, &mut || rng.random());
             stats.record_window(window.len(), verdict.accepted);
+            for (j, rate) in self.acceptance.iter_mut().enumerate().take(window.len()) {
+                if j > verdict.accepted {
+                    break;
+                }
+                rate.1 += 1.0;
+                rate.0 += f64::from(u8::from(j < verdict.accepted));
+            }
             let final_probs: Vec<f32> = sampling::log_softmax(&rows[verdict.accepted])
                 .into_iter()
                 .map(f32::exp)

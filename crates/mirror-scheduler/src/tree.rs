@@ -21,38 +21,42 @@ pub struct BranchPlan {
 /// Plans the branches of a window from the early-exit top-kappa of each row.
 ///
 /// `top_k[d]` holds `(token, log_prob)` of row `d` (after `w_1..w_d`), most likely first;
-/// `window` is `w_1..w_gamma'`, so `top_k.len() == window.len() + 1`. A candidate equal to the
-/// draft's own next token is skipped (if the target agreed with it, it is not a correction).
-/// Returned most likely first.
-pub fn plan_branches(top_k: &[Vec<(u32, f32)>], window: &[u32]) -> Vec<BranchPlan> {
+/// `window` is `w_1..w_gamma'`, so `top_k.len() == window.len() + 1`. `accept_rates[j]` estimates
+/// the probability that the target accepts the draft's token at position `j` given that it
+/// accepted the ones before (the decoder tracks it from verified windows): the early-exit tap is
+/// too shallow to predict acceptance, but it is a good guide to *which* token the target emits
+/// once it rejects. A candidate equal to the draft's own next token is skipped (if the target
+/// agrees with it, it is not a correction). Returned most likely first.
+pub fn plan_branches(
+    top_k: &[Vec<(u32, f32)>],
+    window: &[u32],
+    accept_rates: &[f64],
+) -> Vec<BranchPlan> {
     let rows = top_k.len().min(window.len() + 1);
     let mut plans = Vec::new();
     let mut reach = 1.0f64;
     for (row, candidates) in top_k.iter().enumerate().take(rows) {
         let next_draft = window.get(row).copied();
-        // Probability that the draft token of this row is accepted, from the early exit; an
-        // absent token gets half the smallest listed probability (unlikely, not impossible).
-        let accept = next_draft.map(|w| {
-            candidates
-                .iter()
-                .find(|(t, _)| *t == w)
-                .map(|(_, lp)| (*lp as f64).exp())
-                .unwrap_or_else(|| {
-                    candidates
-                        .last()
-                        .map_or(0.0, |(_, lp)| 0.5 * (*lp as f64).exp())
-                })
+        let accept = next_draft.map(|_| {
+            accept_rates
+                .get(row)
+                .copied()
+                .unwrap_or(0.5)
+                .clamp(0.0, 1.0)
         });
-        let stop_here = match accept {
-            Some(a) => reach * (1.0 - a).max(0.0),
-            None => reach,
-        };
-        let excluded_mass = accept.unwrap_or(0.0);
+        let stop_here = reach * (1.0 - accept.unwrap_or(0.0));
+        // Within the row, share the stopping probability by early-exit probability, without
+        // the draft's own token (a rejected token is never the correction).
+        let excluded: f64 = candidates
+            .iter()
+            .filter(|(t, _)| Some(*t) == next_draft)
+            .map(|(_, lp)| (*lp as f64).exp())
+            .sum();
         for &(token, log_prob) in candidates {
             if Some(token) == next_draft {
                 continue;
             }
-            let share = (log_prob as f64).exp() / (1.0 - excluded_mass).max(1e-9);
+            let share = (log_prob as f64).exp() / (1.0 - excluded).max(1e-9);
             plans.push(BranchPlan {
                 row,
                 token,
@@ -85,19 +89,36 @@ mod tests {
 
     #[test]
     fn skips_the_draft_token_and_orders_by_probability() {
-        // Row 0: draft token 7 has early-exit probability 0.6; candidates 7 and 3.
+        // Row 0: candidates 7 (the draft token, early-exit probability 0.6, accepted with
+        // probability 0.6) and 3.
         // Row 1 (bonus row for a 1-token window): candidates 9 and 4.
         let top_k = vec![
             vec![(7, lp(0.6)), (3, lp(0.3))],
             vec![(9, lp(0.8)), (4, lp(0.1))],
         ];
-        let plans = plan_branches(&top_k, &[7]);
+        let plans = plan_branches(&top_k, &[7], &[0.6]);
         let keys: Vec<(usize, u32)> = plans.iter().map(|p| (p.row, p.token)).collect();
         // (1,9): 0.6 * 0.8 = 0.48; (0,3): 0.4 * 0.3/0.4 = 0.3; (1,4): 0.6 * 0.1 = 0.06.
         assert_eq!(keys, vec![(1, 9), (0, 3), (1, 4)]);
         assert!((plans[0].priority - 0.48).abs() < 1e-6);
         assert!((plans[1].priority - 0.3).abs() < 1e-6);
         assert!((plans[2].priority - 0.06).abs() < 1e-6);
+    }
+
+    #[test]
+    fn acceptance_rates_move_the_tree_towards_the_bonus_row() {
+        // Two draft tokens accepted 90% of the time each: the bonus row dominates.
+        let top_k = vec![
+            vec![(1, lp(0.5)), (2, lp(0.4))],
+            vec![(3, lp(0.5)), (4, lp(0.4))],
+            vec![(5, lp(0.7)), (6, lp(0.2))],
+        ];
+        let plans = plan_branches(&top_k, &[1, 3], &[0.9, 0.9]);
+        assert_eq!((plans[0].row, plans[0].token), (2, 5));
+        assert!((plans[0].priority - 0.81 * 0.7).abs() < 1e-6);
+        // Row 0 stops with probability 0.1; its only non-draft candidate takes all of it.
+        let row0 = plans.iter().find(|p| p.row == 0).unwrap();
+        assert!((row0.priority - 0.1 * 0.4 / 0.5).abs() < 1e-6);
     }
 
     #[test]
