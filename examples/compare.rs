@@ -64,6 +64,7 @@ struct Args {
 struct Totals {
     tokens: usize,
     seconds: f64,
+    prefill_seconds: f64,
     windows: usize,
     accepted: usize,
     target_passes: usize,
@@ -81,6 +82,7 @@ impl Totals {
         let s = &g.stats;
         self.tokens += s.generated_tokens;
         self.seconds += s.time.total.as_secs_f64();
+        self.prefill_seconds += s.time.prefill.as_secs_f64();
         self.windows += s.windows;
         self.accepted += (s.mean_accepted() * s.windows as f64).round() as usize;
         self.target_passes += s.target_passes;

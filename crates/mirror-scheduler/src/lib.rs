@@ -16,6 +16,7 @@ pub mod config;
 mod draft;
 pub mod engine;
 pub mod error;
+pub mod latency;
 pub mod mirror;
 mod progress;
 pub mod speculative;

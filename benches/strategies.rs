@@ -1,0 +1,111 @@
+//! Draft tree construction and short end-to-end generations per strategy on SmolLM2-135M (f32).
+//!
+//! - `tree_pass/rows_R`: one tree-masked forward of R branch nodes over a 64-token context (one
+//!   step of hypothesis-tree drafting with R = kappa x (gamma + 1) branches), beside a causal
+//!   forward of the same number of tokens.
+//! - `generate_32/*`: 32 greedy tokens after a short prompt with each strategy; the draft is
+//!   SmolLM2's own first 10 layers (no trained exit head, so acceptance is low: this measures the
+//!   machinery on a real model, not the speedup of a trained pair; see BENCHMARKS.md for that).
+//!
+//! `python3 scripts/fetch_models.py smollm2 && cargo bench --bench strategies`
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use mirror_sd::mirror_core::{load, AttentionInput, LoadOptions, ModelSource, TokenTree};
+use mirror_sd::mirror_scheduler::{
+    Autoregressive, Decoder, GenerationConfig, Mirror, SpeculativeDecoding,
+};
+
+fn model_path() -> PathBuf {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.is_file(),
+        "run `python3 scripts/fetch_models.py smollm2` first"
+    );
+    path
+}
+
+fn bench(c: &mut Criterion) {
+    let loaded = load(&ModelSource::Gguf(model_path()), &LoadOptions::default()).unwrap();
+    let target = Arc::new(loaded.model);
+    let device = target.device().clone();
+    let context: Vec<u32> = (0..64u32).map(|i| 100 + (i * 37) % 4000).collect();
+
+    let mut group = c.benchmark_group("tree_pass_after_64");
+    group
+        .sample_size(15)
+        .measurement_time(Duration::from_secs(5))
+        .warm_up_time(Duration::from_secs(1));
+    let mut cache = target.new_cache(1, 256).unwrap();
+    target.forward_causal(&context, &mut cache).unwrap();
+    for rows in [4usize, 8, 20, 40] {
+        // `rows` branch roots hanging from the last context token (depth 0 each).
+        let mut tree = TokenTree::new();
+        for r in 0..rows {
+            tree.push(200 + r as u32, None).unwrap();
+        }
+        let input = AttentionInput::tree(&tree, context.len(), &device).unwrap();
+        group.bench_function(format!("tree/rows_{rows}"), |b| {
+            b.iter(|| {
+                let out = target
+                    .forward(&[tree.tokens()], &input, &mut cache)
+                    .unwrap();
+                device.synchronize().unwrap();
+                cache.truncate(context.len());
+                out
+            })
+        });
+        let tokens: Vec<u32> = tree.tokens().to_vec();
+        group.bench_function(format!("causal/rows_{rows}"), |b| {
+            b.iter(|| {
+                let out = target.forward_causal(&tokens, &mut cache).unwrap();
+                device.synchronize().unwrap();
+                cache.truncate(context.len());
+                out
+            })
+        });
+    }
+    group.finish();
+
+    let prompt = loaded
+        .tokenizer
+        .encode("The history of the printing press begins", true)
+        .unwrap();
+    let draft = Arc::new(target.truncated(10).unwrap());
+    let config = GenerationConfig::greedy(32);
+    let mut decoders: Vec<Box<dyn Decoder>> = vec![
+        Box::new(Autoregressive::new(Arc::clone(&target))),
+        Box::new(
+            SpeculativeDecoding::builder(Arc::clone(&target), Arc::clone(&draft))
+                .gamma(3)
+                .build()
+                .unwrap(),
+        ),
+        Box::new(
+            Mirror::builder(Arc::clone(&target), Arc::clone(&draft))
+                .gamma(3)
+                .kappa(2)
+                .build()
+                .unwrap(),
+        ),
+    ];
+    let mut group = c.benchmark_group("generate_32");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10))
+        .warm_up_time(Duration::from_secs(1));
+    for decoder in decoders.iter_mut() {
+        let name = decoder.name();
+        group.bench_function(name, |b| {
+            b.iter(|| decoder.generate(&prompt, &config).unwrap())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
