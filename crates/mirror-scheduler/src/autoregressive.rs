@@ -66,13 +66,6 @@ impl Decoder for Autoregressive {
             stats.time.target_prefix += pass.elapsed();
             stats.target_passes += 1;
         }
-        stats.generated_tokens = progress.tokens.len();
-        stats.time.total = started.elapsed();
-        Ok(Generation {
-            finish_reason: progress.finish.unwrap_or(FinishReason::Length),
-            tokens: progress.tokens,
-            text: None,
-            stats,
-        })
+        Ok(progress.finish(stats, started))
     }
 }

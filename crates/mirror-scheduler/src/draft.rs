@@ -41,6 +41,24 @@ pub(crate) struct Branch {
     pub seed: u64,
 }
 
+impl Branch {
+    /// A branch not drafted yet; its random stream depends only on the step and its root.
+    fn new(plan: BranchPlan, step_seed: u64) -> Self {
+        Self {
+            plan,
+            nodes: Vec::new(),
+            window: DraftWindow::default(),
+            seed: branch_seed(step_seed, plan.row, plan.token),
+        }
+    }
+}
+
+/// Seed of the branch after `row` rooted at `token`; a fresh rollout of the same outcome uses it
+/// too, so a sampled window is the same whether it was drafted in the tree or afterwards.
+fn branch_seed(step_seed: u64, row: usize, token: u32) -> u64 {
+    mix(step_seed, ((row as u64) << 32) | token as u64)
+}
+
 /// How the next window was obtained at the final rendezvous.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resolution {
@@ -280,12 +298,7 @@ impl DraftState {
             // A branch after row d holds tokens at positions window_start + d + 2 onwards.
             let fits = |p: &&BranchPlan| window_start + p.row + 2 < self.position_limit;
             for p in wave.iter().filter(fits) {
-                branches.push(Branch {
-                    plan: *p,
-                    nodes: Vec::new(),
-                    window: DraftWindow::default(),
-                    seed: mix(step_seed, ((p.row as u64) << 32) | p.token as u64),
-                });
+                branches.push(Branch::new(*p, step_seed));
             }
             loop {
                 // Every unfinished branch of the wave feeds its newest token (the root first).
@@ -341,12 +354,7 @@ impl DraftState {
                             token: guess,
                             priority: 1.0,
                         };
-                        branches.push(Branch {
-                            plan: p,
-                            nodes: Vec::new(),
-                            window: DraftWindow::default(),
-                            seed: mix(step_seed, ((p.row as u64) << 32) | p.token as u64),
-                        });
+                        branches.push(Branch::new(p, step_seed));
                     }
                 }
                 self.cached.append(&mut tail);
@@ -383,7 +391,7 @@ impl DraftState {
         let found = branches
             .iter()
             .find(|b| b.plan.row == accepted && b.plan.token == token && !b.window.is_empty());
-        let seed = mix(step_seed, ((accepted as u64) << 32) | token as u64);
+        let seed = branch_seed(step_seed, accepted, token);
         let Some(branch) = found else {
             self.truncate(keep)?;
             return Ok((self.rollout(&committed, gamma, seed)?, Resolution::Miss));

@@ -4,8 +4,9 @@ use std::sync::Arc;
 
 use mirror_core::Model;
 
-use crate::config::{FinishReason, GenerationConfig, StreamControl};
+use crate::config::{FinishReason, Generation, GenerationConfig, StreamControl};
 use crate::error::{Error, Result};
+use crate::stats::Stats;
 
 /// The committed output of one generation.
 pub(crate) struct Progress<'a> {
@@ -61,6 +62,18 @@ impl<'a> Progress<'a> {
 
     pub fn done(&self) -> bool {
         self.finish.is_some()
+    }
+
+    /// Closes the generation: final counters and the result.
+    pub fn finish(self, mut stats: Stats, started: std::time::Instant) -> Generation {
+        stats.generated_tokens = self.tokens.len();
+        stats.time.total = started.elapsed();
+        Generation {
+            finish_reason: self.finish.unwrap_or(FinishReason::Length),
+            tokens: self.tokens,
+            text: None,
+            stats,
+        }
     }
 }
 
