@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use mirror_core::{load_dir, DirFiles, LoadOptions, Model};
 use mirror_sd::mirror_scheduler::{
-    Autoregressive, Decoder, Engine, Error, FinishReason, GenerationConfig, Mirror,
+    Autoregressive, Decoder, DraftSchedule, Engine, Error, FinishReason, GenerationConfig, Mirror,
     SpeculativeDecoding, StreamControl,
 };
 
@@ -39,34 +39,51 @@ fn target() -> Arc<Model> {
 
 #[test]
 fn a_failing_draft_is_an_error_and_the_decoder_recovers() {
-    for panic in [false, true] {
-        within_a_minute(move || {
-            let target = target();
-            let draft = Arc::new(target.truncated(1).unwrap());
-            let expected = Autoregressive::new(Arc::clone(&target))
-                .generate(&PROMPT, &config())
-                .unwrap()
-                .tokens;
-            let mut mirror = Mirror::builder(Arc::clone(&target), draft)
-                .gamma(3)
-                .inject_draft_fault(6, panic)
-                .build()
-                .unwrap();
-            let err = mirror.generate(&PROMPT, &config()).unwrap_err();
-            match &err {
-                Error::WorkerFailed(msg) => assert!(msg.contains("injected draft"), "{msg}"),
-                other => panic!("expected WorkerFailed, got {other}"),
+    // Faults at every point of the protocol: prefill, first rollout, tree passes, resolutions;
+    // with the full grid (deterministic forward counts) and anytime drafting.
+    within_a_minute(|| {
+        let target = target();
+        let draft = Arc::new(target.truncated(1).unwrap());
+        let expected = Autoregressive::new(Arc::clone(&target))
+            .generate(&PROMPT, &config())
+            .unwrap()
+            .tokens;
+        for schedule in [
+            DraftSchedule::FullGrid,
+            DraftSchedule::Anytime {
+                branches_per_pass: 2,
+            },
+        ] {
+            for after in 0..10 {
+                for panic in [false, true] {
+                    let mut mirror = Mirror::builder(Arc::clone(&target), Arc::clone(&draft))
+                        .gamma(3)
+                        .schedule(schedule)
+                        .inject_draft_fault(after, panic)
+                        .build()
+                        .unwrap();
+                    let what = format!("{schedule:?} fault after {after} forwards, panic={panic}");
+                    match mirror.generate(&PROMPT, &config()) {
+                        Err(Error::WorkerFailed(msg)) => {
+                            assert!(msg.contains("injected draft"), "{what}: {msg}");
+                            assert_eq!(msg.contains("panic"), panic, "{what}: {msg}");
+                        }
+                        other => panic!(
+                            "{what}: expected WorkerFailed, got {:?}",
+                            other.map(|g| g.tokens)
+                        ),
+                    }
+                    // The fault fires once: the same decoder then generates correctly, twice.
+                    for _ in 0..2 {
+                        let got = mirror
+                            .generate(&PROMPT, &config())
+                            .unwrap_or_else(|e| panic!("{what}: {e}"));
+                        assert_eq!(got.tokens, expected, "{what}");
+                    }
+                }
             }
-            if panic {
-                assert!(err.to_string().contains("panic"), "{err}");
-            }
-            // The fault fires once: the same decoder then generates correctly.
-            assert_eq!(
-                mirror.generate(&PROMPT, &config()).unwrap().tokens,
-                expected
-            );
-        });
-    }
+        }
+    });
 }
 
 #[test]

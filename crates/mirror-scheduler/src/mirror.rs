@@ -126,6 +126,14 @@ enum FromDraft {
     Failed(String),
 }
 
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
 struct Worker {
     state: DraftState,
     rx: Receiver<ToDraft>,
@@ -155,14 +163,10 @@ impl Worker {
                     reply
                 }
                 Ok(Err(e)) => Some(FromDraft::Failed(e.to_string())),
-                Err(panic) => {
-                    let msg = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "unknown panic".into());
-                    Some(FromDraft::Failed(format!("panic: {msg}")))
-                }
+                Err(panic) => Some(FromDraft::Failed(format!(
+                    "panic: {}",
+                    panic_message(&*panic)
+                ))),
             };
             if let Some(reply) = reply {
                 if self.tx.send(reply).is_err() {
@@ -224,25 +228,26 @@ impl Worker {
                     }
                     DraftSchedule::FullGrid => (plan.len(), None),
                 };
-                let branches = self.state.build_tree(
-                    &context,
-                    window_start,
-                    &plan,
-                    gamma,
-                    step_seed,
-                    per_pass,
-                    stop,
-                )?;
-                let completed = branches
-                    .iter()
-                    .filter(|b| {
-                        b.window.len() >= gamma
-                            || b.window
-                                .tokens
-                                .last()
-                                .is_some_and(|t| self.state.stop_ids.contains(t))
-                    })
-                    .count();
+                // A tree and its resolution get exactly one reply, to the resolution: a failure
+                // while drafting (error or panic) is held until then, so no stray reply is left
+                // for a later request.
+                let built = catch_unwind(AssertUnwindSafe(|| {
+                    self.state.build_tree(
+                        &context,
+                        window_start,
+                        &plan,
+                        gamma,
+                        step_seed,
+                        per_pass,
+                        stop,
+                    )
+                }))
+                .unwrap_or_else(|panic| {
+                    Err(Error::WorkerFailed(format!(
+                        "panic: {}",
+                        panic_message(&*panic)
+                    )))
+                });
                 let next = self.rx.recv().unwrap_or(ToDraft::Shutdown);
                 let ToDraft::Resolve {
                     accepted,
@@ -253,6 +258,17 @@ impl Worker {
                     // The generation was abandoned: run the next command instead.
                     return Ok((None, Some(next)));
                 };
+                let branches = built?;
+                let completed = branches
+                    .iter()
+                    .filter(|b| {
+                        b.window.len() >= gamma
+                            || b.window
+                                .tokens
+                                .last()
+                                .is_some_and(|t| self.state.stop_ids.contains(t))
+                    })
+                    .count();
                 let hidden = self.state.hidden_time(target_done);
                 let (window, resolution) = self.state.resolve(
                     &context,
