@@ -72,6 +72,13 @@ impl EarlyExit {
 pub enum DraftSchedule {
     /// Branches in order of need, `branches_per_pass` per draft forward, until the target's final
     /// distributions are ready (default).
+    ///
+    /// Greedy output is identical in every run. Under sampling, every branch draws from its own
+    /// seeded stream, so a window is the same whether it was drafted in the tree or rolled out
+    /// later; the logits of a tree pass and of a linear pass can still differ in the last bits,
+    /// so a draw on a boundary may differ between runs that drafted different amounts. The output
+    /// distribution is exact either way. Use [`DraftSchedule::FullGrid`] for bit-reproducible
+    /// sampled runs.
     Anytime {
         /// Branches advanced together in one tree-masked draft pass.
         branches_per_pass: usize,
