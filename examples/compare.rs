@@ -185,6 +185,7 @@ fn run(args: Args) -> Result<(), String> {
             &args.draft,
             args.self_draft_layers,
             &target,
+            Some(&loaded.tokenizer),
             &device,
             None,
         )?)

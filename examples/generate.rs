@@ -134,6 +134,7 @@ fn run(args: Args) -> Result<(), String> {
                 &args.draft,
                 args.self_draft_layers,
                 &target,
+                Some(&loaded.tokenizer),
                 &draft_device,
                 args.draft_threads,
             )?;
@@ -149,6 +150,7 @@ fn run(args: Args) -> Result<(), String> {
                 &args.draft,
                 args.self_draft_layers,
                 &target,
+                Some(&loaded.tokenizer),
                 &draft_device,
                 None,
             )?;

@@ -229,3 +229,27 @@ fn engine_streams_text_with_the_tokenizer() {
         assert!(!chat.tokens.is_empty());
     });
 }
+
+#[test]
+fn tokenizers_that_differ_in_content_are_refused() {
+    use mirror_sd::mirror_scheduler::check_tokenizers;
+    let dir = common::fixture_dir("qwen2");
+    let target = mirror_core::Tokenizer::from_files(&dir.join("tokenizer.json"), None).unwrap();
+    assert!(check_tokenizers(&target, &target.clone()).is_ok());
+    // Same size, two entries swapped: what a size check cannot see.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let vocab = json["model"]["vocab"].as_object_mut().unwrap();
+    let (a, b) = (vocab["a"].clone(), vocab["b"].clone());
+    vocab.insert("a".into(), b);
+    vocab.insert("b".into(), a);
+    std::fs::write(tmp.path().join("tokenizer.json"), json.to_string()).unwrap();
+    let draft =
+        mirror_core::Tokenizer::from_files(&tmp.path().join("tokenizer.json"), None).unwrap();
+    assert_eq!(draft.vocab_size(), target.vocab_size());
+    let err = check_tokenizers(&target, &draft).unwrap_err();
+    assert!(matches!(err, Error::VocabularyMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("first difference"), "{err}");
+}

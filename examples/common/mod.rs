@@ -88,10 +88,12 @@ pub fn load_with_spinner(
 }
 
 /// The draft: a separate model, or the target's own first `layers` layers (self-speculation).
+/// A separate draft's tokenizer is checked against `target_tokenizer` id by id.
 pub fn draft_model(
     draft: &str,
     self_draft_layers: Option<usize>,
     target: &Arc<Model>,
+    target_tokenizer: Option<&mirror_sd::mirror_core::Tokenizer>,
     device: &Device,
     threads: Option<usize>,
 ) -> Result<Arc<Model>, String> {
@@ -102,9 +104,12 @@ pub fn draft_model(
             .map_err(|e| e.to_string());
     }
     let source = resolve_source(draft)?;
-    Ok(Arc::new(
-        load_with_spinner("draft", &source, device, threads)?.model,
-    ))
+    let loaded = load_with_spinner("draft", &source, device, threads)?;
+    if let Some(target_tokenizer) = target_tokenizer {
+        mirror_sd::mirror_scheduler::check_tokenizers(target_tokenizer, &loaded.tokenizer)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(Arc::new(loaded.model))
 }
 
 /// Reads the prompt suite (`{"id", "category", "messages"}` per line).

@@ -34,7 +34,7 @@ pub use draft::Resolution;
 pub use engine::Engine;
 pub use error::{Error, Result};
 pub use mirror::{DraftSchedule, EarlyExit, Mirror, MirrorBuilder};
-pub use speculative::{SpeculativeBuilder, SpeculativeDecoding};
+pub use speculative::{check_tokenizers, SpeculativeBuilder, SpeculativeDecoding};
 pub use stats::{Stats, TimeSplit};
 
 /// A decoding strategy over a target model.

@@ -30,6 +30,34 @@ pub(crate) fn check_pair(target: &Model, draft: &Model) -> Result<()> {
     Ok(())
 }
 
+/// Checks that two tokenizers map every id to the same token, so that ids proposed by the draft
+/// mean the same text to the target. Equal sizes are not enough: a reordered or extended
+/// vocabulary silently turns proposals into garbage that the target rejects.
+pub fn check_tokenizers(
+    target: &mirror_core::Tokenizer,
+    draft: &mirror_core::Tokenizer,
+) -> Result<()> {
+    let (t, d) = (target.vocab_size(), draft.vocab_size());
+    let first_difference =
+        (0..t.min(d) as u32).find(|&id| target.id_to_token(id) != draft.id_to_token(id));
+    if t != d || first_difference.is_some() {
+        let detail = match first_difference {
+            Some(id) => format!(
+                " (first difference at id {id}: target {:?}, draft {:?})",
+                target.id_to_token(id),
+                draft.id_to_token(id)
+            ),
+            None => String::new(),
+        };
+        return Err(Error::VocabularyMismatch {
+            draft: d,
+            target: t,
+            detail,
+        });
+    }
+    Ok(())
+}
+
 /// Draft sampling settings: greedy drafts propose point masses, otherwise the draft samples from
 /// the same warp as the target.
 pub(crate) fn draft_params(config: &GenerationConfig, greedy_draft: bool) -> SamplingParams {
