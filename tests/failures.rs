@@ -253,3 +253,52 @@ fn tokenizers_that_differ_in_content_are_refused() {
     assert!(matches!(err, Error::VocabularyMismatch { .. }), "{err}");
     assert!(err.to_string().contains("first difference"), "{err}");
 }
+
+#[test]
+fn dropping_a_text_stream_midway_cancels_and_returns_the_decoder() {
+    within_a_minute(|| {
+        let loaded = load_dir(
+            &DirFiles::local(&common::fixture_dir("qwen2")).unwrap(),
+            &LoadOptions::default(),
+        )
+        .unwrap();
+        let target = Arc::new(loaded.model);
+        let draft = Arc::new(target.truncated(2).unwrap());
+        let mut reference = Engine::new(
+            Box::new(Autoregressive::new(Arc::clone(&target))),
+            loaded.tokenizer.clone(),
+        );
+        let prompt = loaded.tokenizer.encode("hello world", true).unwrap();
+        let long = GenerationConfig {
+            stop_at_eos: false,
+            ..GenerationConfig::greedy(200)
+        };
+        let want = reference
+            .generate_tokens_stream(&prompt, &long, |_| StreamControl::Continue)
+            .unwrap();
+        let mut engine = Engine::new(
+            Box::new(
+                Mirror::builder(Arc::clone(&target), draft)
+                    .gamma(3)
+                    .build()
+                    .unwrap(),
+            ),
+            loaded.tokenizer,
+        );
+        // Read to the end: the pieces add up to the text.
+        let mut stream = engine.stream(&prompt, &long).unwrap();
+        let pieces: String = stream.by_ref().collect();
+        let whole = stream.finish().unwrap();
+        assert_eq!(whole.tokens, want.tokens);
+        assert_eq!(Some(pieces), whole.text);
+        // Drop after two pieces: the generation stops and the engine gets its decoder back.
+        let mut stream = engine.stream(&prompt, &long).unwrap();
+        assert!(stream.next().is_some() && stream.next().is_some());
+        drop(stream);
+        assert!(engine.decoder().is_some());
+        let again = engine
+            .generate_tokens_stream(&prompt, &long, |_| StreamControl::Continue)
+            .unwrap();
+        assert_eq!(again.tokens, want.tokens);
+    });
+}

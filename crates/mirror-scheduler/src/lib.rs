@@ -31,7 +31,7 @@ use mirror_core::Model;
 pub use autoregressive::Autoregressive;
 pub use config::{FinishReason, Generation, GenerationConfig, StreamControl};
 pub use draft::Resolution;
-pub use engine::Engine;
+pub use engine::{Engine, TextStream};
 pub use error::{Error, Result};
 pub use mirror::{DraftSchedule, EarlyExit, Mirror, MirrorBuilder};
 pub use speculative::{check_tokenizers, SpeculativeBuilder, SpeculativeDecoding};
