@@ -43,7 +43,7 @@ pub enum Error {
     /// `config.json` (or GGUF metadata) is invalid or inconsistent.
     #[error("invalid model config ({source_name}): {reason}")]
     InvalidConfig {
-        /// Where the config came from (a path or "GGUF metadata of <path>").
+        /// Where the config came from (a path or `GGUF metadata of <path>`).
         source_name: String,
         /// What is wrong with it.
         reason: String,

@@ -9,7 +9,7 @@
 //! - logits for every position, so a window is verified in one pass;
 //! - a preallocated [`KvCache`] with O(1) rollback and tree-path compaction;
 //! - causal and tree [masks](mask) with per-token positions;
-//! - [loading](loading) from Hugging Face directories, GGUF files and the hub (cache first);
+//! - [loading] from Hugging Face directories, GGUF files and the hub (cache first);
 //! - [tokenizers](tokenizer) with chat templates, and pure [sampling] and verification rules.
 //!
 //! ```no_run

@@ -101,7 +101,7 @@ pub struct Scenario {
     pub kappa: usize,
     /// Tokens per draft step (speculative streaming; 1 for a plain draft).
     pub eta: f64,
-    /// Mean accepted draft tokens per window, E[A].
+    /// Mean accepted draft tokens per window, `E[A]`.
     pub mean_accepted: f64,
     /// Early-exit layer as a fraction of the target's depth.
     pub exit_fraction: f64,

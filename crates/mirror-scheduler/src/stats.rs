@@ -88,7 +88,7 @@ impl Stats {
         }
     }
 
-    /// Mean accepted draft tokens per window, E[A].
+    /// Mean accepted draft tokens per window, `E[A]`.
     pub fn mean_accepted(&self) -> f64 {
         let total: usize = self
             .accepted_histogram
