@@ -131,3 +131,24 @@ fn gguf_exports_reproduce_transformers_logits() {
         }
     }
 }
+
+#[test]
+fn every_loader_honours_the_thread_option() {
+    use mirror_core::{load_dir, load_gguf, DirFiles, LoadOptions};
+    let options = LoadOptions {
+        threads: Some(1),
+        ..LoadOptions::default()
+    };
+    let files = DirFiles::local(&fixture_dir("qwen2")).unwrap();
+    assert_eq!(load_dir(&files, &options).unwrap().model.threads(), Some(1));
+    assert_eq!(
+        load_dir(&files, &LoadOptions::default())
+            .unwrap()
+            .model
+            .threads(),
+        None
+    );
+    if let Some(real) = common::smollm2_path() {
+        assert_eq!(load_gguf(&real, &options).unwrap().model.threads(), Some(1));
+    }
+}

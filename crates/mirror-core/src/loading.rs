@@ -256,6 +256,12 @@ pub fn load_model_dir(files: &DirFiles, options: &LoadOptions) -> Result<Model> 
         options.dtype,
         &options.device,
     )?;
+    with_pool(model, options)
+}
+
+/// Gives the model its own thread pool when the options ask for one (every loader goes
+/// through here, so `LoadOptions::threads` means the same for directories, GGUF and the hub).
+fn with_pool(model: Model, options: &LoadOptions) -> Result<Model> {
     match options.threads {
         Some(threads) => model.with_threads(threads),
         None => Ok(model),
@@ -302,6 +308,7 @@ pub fn load_gguf(path: &Path, options: &LoadOptions) -> Result<LoadedModel> {
         options.dtype,
         &options.device,
     )?;
+    let model = with_pool(model, options)?;
     check_vocab(&tokenizer, &model)?;
     Ok(LoadedModel { model, tokenizer })
 }

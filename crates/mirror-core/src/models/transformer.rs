@@ -265,6 +265,11 @@ impl Model {
         Ok(self.with_thread_pool(Arc::new(pool)))
     }
 
+    /// Threads of the model's own pool, or `None` when it runs in the caller's rayon pool.
+    pub fn threads(&self) -> Option<usize> {
+        self.pool.as_ref().map(|p| p.current_num_threads())
+    }
+
     fn run<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
         match &self.pool {
             Some(pool) => pool.install(f),
