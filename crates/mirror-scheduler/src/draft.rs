@@ -180,14 +180,18 @@ impl DraftState {
         Ok(logits)
     }
 
-    /// Makes the cache hold `context` and returns the logits after its last token.
-    fn advance_to(&mut self, context: &[u32]) -> Result<Vec<f32>> {
-        let mut common = self
-            .cached
+    /// How many leading tokens of `context` the cache already holds.
+    fn cached_prefix(&self, context: &[u32]) -> usize {
+        self.cached
             .iter()
             .zip(context)
             .take_while(|(a, b)| a == b)
-            .count();
+            .count()
+    }
+
+    /// Makes the cache hold `context` and returns the logits after its last token.
+    fn advance_to(&mut self, context: &[u32]) -> Result<Vec<f32>> {
+        let mut common = self.cached_prefix(context);
         if common == context.len() {
             // Everything is cached but the logits after it are not: feed the last token again.
             common -= 1;
@@ -198,12 +202,7 @@ impl DraftState {
 
     /// Makes the cache hold `context` exactly (no logits needed).
     pub fn sync(&mut self, context: &[u32]) -> Result<()> {
-        let common = self
-            .cached
-            .iter()
-            .zip(context)
-            .take_while(|(a, b)| a == b)
-            .count();
+        let common = self.cached_prefix(context);
         self.truncate(common)?;
         if common < context.len() {
             self.feed(&context[common..])?;
@@ -279,12 +278,7 @@ impl DraftState {
         self.intervals.clear();
         // The linear tail the cache lacks (usually the window's last token) rides along with the
         // first tree pass instead of costing a forward of its own.
-        let common = self
-            .cached
-            .iter()
-            .zip(context)
-            .take_while(|(a, b)| a == b)
-            .count();
+        let common = self.cached_prefix(context);
         self.truncate(common)?;
         let mut tail: Vec<u32> = context[common..].to_vec();
         let mut branches: Vec<Branch> = Vec::with_capacity(plan.len());
