@@ -142,6 +142,10 @@ pub struct ModelConfig {
     /// Hugging Face checkpoints use the half-split (NeoX) layout.
     #[serde(default)]
     pub rope_interleaved: bool,
+    /// Speculative streams a draft declares (`"speculative_streams": {"num_streams": 2,
+    /// "stream_layers": 4, "rank": 64}`); their weights come from a stream checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speculative_streams: Option<crate::models::streams::StreamConfig>,
 }
 
 fn default_rope_theta() -> f64 {

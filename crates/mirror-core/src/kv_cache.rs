@@ -123,6 +123,18 @@ impl KvCache {
         ))
     }
 
+    /// Views of everything cached for `layer` (read-only; nothing is appended).
+    pub(crate) fn view(&self, layer: usize) -> Result<(Tensor, Tensor)> {
+        let cache = self
+            .layers
+            .get(layer)
+            .ok_or_else(|| Error::invalid(format!("layer {layer} is outside the cache")))?;
+        Ok((
+            cache.keys.narrow(2, 0, cache.len)?,
+            cache.values.narrow(2, 0, cache.len)?,
+        ))
+    }
+
     /// Rolls every layer back to `len` positions. O(1): nothing is copied or cleared.
     pub fn truncate(&mut self, len: usize) {
         for layer in &mut self.layers {

@@ -38,6 +38,7 @@ pub mod mask;
 pub mod models;
 pub mod sampling;
 pub mod tokenizer;
+pub mod training;
 pub mod weights;
 
 pub use config::{Architecture, ModelConfig};
@@ -49,7 +50,8 @@ pub use loading::{
     ModelSource,
 };
 pub use mask::{AttentionInput, RowVisibility, TokenTree};
-pub use models::transformer::Model;
+pub use models::streams::{stream_attention, StreamConfig, StreamHead};
+pub use models::transformer::{Kernels, Model, StreamLogits};
 pub use tokenizer::{ChatMessage, Tokenizer};
 
 pub use candle_core::{DType, Device, Tensor};

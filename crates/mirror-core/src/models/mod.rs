@@ -5,6 +5,7 @@ pub mod mistral;
 pub mod qwen2;
 pub mod qwen3;
 pub(crate) mod rope;
+pub mod streams;
 pub mod transformer;
 
 use std::path::Path;
@@ -141,6 +142,7 @@ pub fn config_from_gguf(content: &Content, path: &Path) -> Result<ModelConfig> {
         eos_token_id: token_id("tokenizer.ggml.eos_token_id"),
         hidden_act: "silu".into(),
         rope_interleaved: architecture.spec().gguf_rope_interleaved,
+        speculative_streams: None,
     };
     config.validate(&source_name)?;
     Ok(config)

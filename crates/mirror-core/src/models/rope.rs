@@ -66,6 +66,26 @@ impl Rope {
         })
     }
 
+    /// [`Rope::apply`] built from differentiable tensor ops (the fused kernels have no backward),
+    /// for tables of one batch row `(tokens, head_dim / 2)`.
+    pub(crate) fn apply_differentiable(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
+        if cos.rank() != 2 {
+            return Err(crate::error::Error::invalid(
+                "differentiable RoPE needs positions shared by the whole batch",
+            ));
+        }
+        Ok(if self.interleaved {
+            candle_nn::rotary_emb::rope_i_slow(x, cos, sin)?
+        } else {
+            candle_nn::rotary_emb::rope_slow(x, cos, sin)?
+        })
+    }
+
     pub(crate) fn max_positions(&self) -> usize {
         self.cos.dims()[0]
     }

@@ -9,10 +9,11 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm};
 
 use super::rope::Rope;
+use super::streams::{stream_attention, StreamHead};
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
@@ -47,6 +48,35 @@ struct DecoderLayer {
     mlp: Mlp,
 }
 
+/// Which implementation of the normalisation, RoPE and softmax kernels a pass uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// candle's fused kernels: fastest, but gradients do not flow through them.
+    #[default]
+    Fused,
+    /// The same functions from differentiable tensor ops, for training (stream parameters).
+    Autograd,
+}
+
+impl Kernels {
+    fn norm(self, norm: &RmsNorm, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Kernels::Fused => norm.forward(x)?,
+            Kernels::Autograd => norm.forward_diff(x)?,
+        })
+    }
+}
+
+/// Logits of one forward with speculative streams (batch 1).
+#[derive(Debug, Clone)]
+pub struct StreamLogits {
+    /// Main-stream logits of the requested rows, `(rows, vocab)` f32.
+    pub main: Tensor,
+    /// Stream logits `(anchors, streams, vocab)` f32: stream `j` (1-based) of an anchor at
+    /// position `p` predicts the token at `p + j + 1`.
+    pub streams: Tensor,
+}
+
 /// A decoder-only language model with weights behind `&self` (share it across threads with an
 /// `Arc`) and all mutable state in a [`KvCache`] passed as `&mut`.
 pub struct Model {
@@ -60,6 +90,7 @@ pub struct Model {
     dtype: DType,
     device: Device,
     pool: Option<Arc<rayon::ThreadPool>>,
+    streams: Option<Arc<StreamHead>>,
 }
 
 impl std::fmt::Debug for Model {
@@ -71,6 +102,7 @@ impl std::fmt::Debug for Model {
             .field("vocab_size", &self.config.vocab_size)
             .field("dtype", &self.dtype)
             .field("device", &self.device)
+            .field("streams", &self.streams.as_ref().map(|s| s.config()))
             .finish()
     }
 }
@@ -218,6 +250,7 @@ impl Model {
             dtype,
             device: device.clone(),
             pool: None,
+            streams: None,
             config,
         })
     }
@@ -234,6 +267,8 @@ impl Model {
         }
         let mut config = self.config.clone();
         config.num_hidden_layers = layers;
+        // Streams belong to the top layers of the full model.
+        config.speculative_streams = None;
         Ok(Self {
             config,
             architecture: self.architecture,
@@ -245,7 +280,40 @@ impl Model {
             dtype: self.dtype,
             device: self.device.clone(),
             pool: self.pool.clone(),
+            streams: None,
         })
+    }
+
+    /// This model (weights shared, no copy) with speculative-stream parameters attached
+    /// (Bhendawade et al., "Speculative Streaming", arXiv 2402.11131): a draft that proposes
+    /// `1 + streams` tokens per forward. The main stream is unchanged.
+    pub fn with_streams(&self, head: Arc<StreamHead>) -> Result<Self> {
+        head.check_fits(self.hidden_size(), self.num_layers())?;
+        if let Some(declared) = &self.config.speculative_streams {
+            if declared != head.config() {
+                return Err(Error::invalid(format!(
+                    "the model's config declares streams {declared:?} but the stream weights are {:?}",
+                    head.config()
+                )));
+            }
+        }
+        let mut model = self.truncated(self.num_layers())?;
+        model.config = self.config.clone();
+        model.config.speculative_streams = Some(head.config().clone());
+        model.streams = Some(head);
+        Ok(model)
+    }
+
+    /// This model without stream parameters (weights shared): a plain one-token-per-step model.
+    pub fn without_streams(&self) -> Result<Self> {
+        let mut model = self.truncated(self.num_layers())?;
+        model.config.speculative_streams = None;
+        Ok(model)
+    }
+
+    /// The attached speculative streams, if any.
+    pub fn streams(&self) -> Option<&Arc<StreamHead>> {
+        self.streams.as_ref()
     }
 
     /// Confines this model's CPU work to `pool` (gemm and candle's parallel ops run in the
@@ -386,14 +454,6 @@ impl Model {
                 cache.batch()
             )));
         }
-        let (pos_batch, pos_tokens) = input.positions.dims2()?;
-        if pos_tokens != tokens || (pos_batch != batch && pos_batch != 1) {
-            return Err(Error::invalid(format!(
-                "positions {:?} do not fit hidden states {:?}",
-                input.positions.dims(),
-                hidden.dims()
-            )));
-        }
         if layers.is_empty() {
             return Ok(hidden.clone());
         }
@@ -403,7 +463,37 @@ impl Model {
                 "layers of the range hold different cached lengths",
             ));
         }
-        let kv_len = first_len + tokens;
+        let (positions, mask) = self.prepare_input(input, batch, tokens, first_len + tokens)?;
+        self.run(|| {
+            let (cos, sin) = self.rope.tables(&positions)?;
+            let mut x = hidden.clone();
+            for index in layers {
+                x = self.layer_forward(index, &x, Kernels::Fused, |attn, h| {
+                    let (q, k, v) = self.project_qkv(attn, h, &cos, &sin, Kernels::Fused)?;
+                    let (keys, values) = cache.append(index, &k, &v)?;
+                    self.attend(attn, &q, &keys, &values, mask.as_ref(), Kernels::Fused)
+                })?;
+            }
+            Ok(x)
+        })
+    }
+
+    /// Checks `input` against `batch x tokens` new rows over `kv_len` keys and returns positions
+    /// `(batch, tokens)` and the mask shaped `(b or 1, 1, 1, tokens, kv_len)` in the model's dtype.
+    fn prepare_input(
+        &self,
+        input: &AttentionInput,
+        batch: usize,
+        tokens: usize,
+        kv_len: usize,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (pos_batch, pos_tokens) = input.positions.dims2()?;
+        if pos_tokens != tokens || (pos_batch != batch && pos_batch != 1) {
+            return Err(Error::invalid(format!(
+                "positions {:?} do not fit {batch} x {tokens} new rows",
+                input.positions.dims(),
+            )));
+        }
         let mask = match &input.mask {
             None => None,
             Some(mask) => {
@@ -444,48 +534,38 @@ impl Model {
                 capacity: self.context_limit(),
             });
         }
-        self.run(|| {
-            let (cos, sin) = self.rope.tables(&positions)?;
-            let mut x = hidden.clone();
-            for index in layers {
-                x = self.layer_forward(index, &x, &cos, &sin, mask.as_ref(), cache)?;
-            }
-            Ok(x)
-        })
+        Ok((positions, mask))
     }
 
+    /// One decoder block over `x`, with `attention` mapping the normed states to the attention
+    /// output (so the cached main rows and the uncached stream rows share everything else).
     fn layer_forward(
         &self,
         index: usize,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-        cache: &mut KvCache,
+        kernels: Kernels,
+        attention: impl FnOnce(&Attention, &Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let layer = &self.layers[index];
-        let residual = x;
-        let h = layer.input_layernorm.forward(x)?;
-        let h = self.attention(index, &layer.self_attn, &h, cos, sin, mask, cache)?;
-        let x = (residual + h)?;
-        let h = layer.post_attention_layernorm.forward(&x)?;
+        let h = kernels.norm(&layer.input_layernorm, x)?;
+        let h = attention(&layer.self_attn, &h)?;
+        let x = (x + h)?;
+        let h = kernels.norm(&layer.post_attention_layernorm, &x)?;
         let mlp = &layer.mlp;
         let gate = candle_nn::ops::silu(&mlp.gate_proj.forward(&h)?)?;
         let h = mlp.down_proj.forward(&(gate * mlp.up_proj.forward(&h)?)?)?;
         Ok((x + h)?)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
+    /// Queries `(b, heads, t, d)`, keys and values `(b, kv_heads, t, d)`, rotated.
+    fn project_qkv(
         &self,
-        index: usize,
         attn: &Attention,
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
-        cache: &mut KvCache,
-    ) -> Result<Tensor> {
+        kernels: Kernels,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let (batch, tokens, _) = x.dims3()?;
         let (heads, kv_heads, head_dim) = (attn.num_heads, attn.num_kv_heads, attn.head_dim);
         let q = attn
@@ -501,17 +581,38 @@ impl Model {
             .forward(x)?
             .reshape((batch, tokens, kv_heads, head_dim))?;
         let (q, k) = match (&attn.q_norm, &attn.k_norm) {
-            (Some(qn), Some(kn)) => (qn.forward(&q.contiguous()?)?, kn.forward(&k.contiguous()?)?),
+            (Some(qn), Some(kn)) => (
+                kernels.norm(qn, &q.contiguous()?)?,
+                kernels.norm(kn, &k.contiguous()?)?,
+            ),
             _ => (q, k),
         };
-        let q = self
-            .rope
-            .apply(&q.transpose(1, 2)?.contiguous()?, cos, sin)?;
-        let k = self
-            .rope
-            .apply(&k.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        let rotate = |t: Tensor| -> Result<Tensor> {
+            let t = t.transpose(1, 2)?.contiguous()?;
+            match kernels {
+                Kernels::Fused => self.rope.apply(&t, cos, sin),
+                Kernels::Autograd => self.rope.apply_differentiable(&t, cos, sin),
+            }
+        };
+        let q = rotate(q)?;
+        let k = rotate(k)?;
         let v = v.transpose(1, 2)?.contiguous()?;
-        let (keys, values) = cache.append(index, &k, &v)?;
+        Ok((q, k, v))
+    }
+
+    /// Attention of queries `q` over `keys`/`values` `(b, kv_heads, kv_len, d)` with an additive
+    /// mask shaped `(b or 1, 1, 1, queries, kv_len)`, through the output projection.
+    fn attend(
+        &self,
+        attn: &Attention,
+        q: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+        mask: Option<&Tensor>,
+        kernels: Kernels,
+    ) -> Result<Tensor> {
+        let (batch, heads, tokens, head_dim) = q.dims4()?;
+        let kv_heads = attn.num_kv_heads;
         let kv_len = keys.dim(2)?;
         // Grouped-query attention without copying K/V: fold the query heads that share a kv head
         // into the row dimension, (b, kv_heads, group * tokens, head_dim).
@@ -526,20 +627,143 @@ impl Model {
                 .reshape((batch, kv_heads, group * tokens, kv_len))?,
             None => scores,
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = match kernels {
+            Kernels::Fused => candle_nn::ops::softmax_last_dim(&scores)?,
+            Kernels::Autograd => candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?,
+        };
         let out = probs
-            .matmul(&values)?
+            .matmul(values)?
             .reshape((batch, heads, tokens, head_dim))?
             .transpose(1, 2)?
             .reshape((batch, tokens, heads * head_dim))?;
         Ok(attn.o_proj.forward(&out)?)
     }
 
+    /// Runs speculative streams through the top `stream_layers` layers.
+    ///
+    /// `anchors` `(batch, anchors, hidden)` are the main stream's states entering layer
+    /// `N - stream_layers` at the anchor rows; `input` comes from
+    /// [`stream_attention`](super::streams::stream_attention) (stream rows anchor-major, their
+    /// mask over the cache's keys then over the stream rows). The cache must already hold the
+    /// main rows of the top layers; stream keys and values are never written to it.
+    /// Returns the streams' states after the last layer, `(batch, anchors * streams, hidden)`.
+    pub fn stream_hidden(
+        &self,
+        head: &StreamHead,
+        anchors: &Tensor,
+        input: &AttentionInput,
+        cache: &KvCache,
+        kernels: Kernels,
+    ) -> Result<Tensor> {
+        head.check_fits(self.hidden_size(), self.num_layers())?;
+        let (batch, anchor_rows, _) = anchors.dims3()?;
+        let rows = anchor_rows * head.config().num_streams;
+        let split = self.num_layers() - head.config().stream_layers;
+        if cache.batch() != batch || cache.num_layers() != self.num_layers() {
+            return Err(Error::invalid("the cache does not belong to these anchors"));
+        }
+        let cached = cache.layer_len(split);
+        if (split..self.num_layers()).any(|l| cache.layer_len(l) != cached) {
+            return Err(Error::invalid(
+                "the stream layers hold different cached lengths",
+            ));
+        }
+        let (positions, mask) = self.prepare_input(input, batch, rows, cached + rows)?;
+        let positions = match kernels {
+            // Differentiable RoPE takes one table for the whole batch.
+            Kernels::Autograd => positions.i(0..1)?,
+            Kernels::Fused => positions,
+        };
+        self.run(|| {
+            let (cos, sin) = self.rope.tables(&positions)?;
+            let mut x = head.initial_states(anchors)?;
+            for index in split..self.num_layers() {
+                x = self.layer_forward(index, &x, kernels, |attn, h| {
+                    let (q, k, v) = self.project_qkv(attn, h, &cos, &sin, kernels)?;
+                    let (cached_keys, cached_values) = cache.view(index)?;
+                    let keys = Tensor::cat(&[&cached_keys, &k], 2)?;
+                    let values = Tensor::cat(&[&cached_values, &v], 2)?;
+                    self.attend(attn, &q, &keys, &values, mask.as_ref(), kernels)
+                })?;
+            }
+            Ok(x)
+        })
+    }
+
+    /// One draft step with the attached streams (batch 1): feeds `tokens` after the cache under
+    /// `input`, returns the main logits of `logit_rows` and the stream logits anchored at
+    /// `stream_rows` (indices into `tokens`). Without streams, `stream_rows` must be empty.
+    pub fn forward_with_streams(
+        &self,
+        tokens: &[u32],
+        input: &AttentionInput,
+        cache: &mut KvCache,
+        logit_rows: &[usize],
+        stream_rows: &[usize],
+    ) -> Result<StreamLogits> {
+        let head = match (&self.streams, stream_rows.is_empty()) {
+            (Some(head), false) => Arc::clone(head),
+            (None, false) => {
+                return Err(Error::invalid(
+                    "stream rows requested from a model without streams",
+                ))
+            }
+            (_, true) => {
+                let hidden = self.embed(&[tokens])?;
+                let hidden = self.forward_layers(&hidden, 0..self.num_layers(), input, cache)?;
+                let main = self.logits_at(&hidden, logit_rows)?.squeeze(0)?;
+                let vocab = self.vocab_size();
+                let streams = Tensor::zeros((0, 0, vocab), DType::F32, &self.device)?;
+                return Ok(StreamLogits { main, streams });
+            }
+        };
+        if stream_rows.iter().any(|&r| r >= tokens.len()) {
+            return Err(Error::invalid(format!(
+                "stream rows {stream_rows:?} must index the {} fed tokens",
+                tokens.len()
+            )));
+        }
+        let split = self.num_layers() - head.config().stream_layers;
+        let kv_before = cache.len();
+        let hidden = self.embed(&[tokens])?;
+        let middle = self.forward_layers(&hidden, 0..split, input, cache)?;
+        let hidden = self.forward_layers(&middle, split..self.num_layers(), input, cache)?;
+        let main = self.logits_at(&hidden, logit_rows)?.squeeze(0)?;
+        let index: Vec<u32> = stream_rows.iter().map(|&r| r as u32).collect();
+        let index = Tensor::from_vec(index, stream_rows.len(), &self.device)?;
+        let anchors = middle.index_select(&index, 1)?;
+        let all_positions = input.positions.i(0)?.to_vec1::<u32>()?;
+        let anchor_positions: Vec<u32> = stream_rows.iter().map(|&r| all_positions[r]).collect();
+        let anchor_mask = match &input.mask {
+            Some(mask) => Some(mask.flatten_to(mask.rank() - 2)?.index_select(&index, 0)?),
+            None => None,
+        };
+        let stream_input = stream_attention(
+            &anchor_positions,
+            anchor_mask.as_ref(),
+            kv_before + tokens.len(),
+            head.config().num_streams,
+            &self.device,
+        )?;
+        let states = self.stream_hidden(&head, &anchors, &stream_input, cache, Kernels::Fused)?;
+        let streams = self.logits(&states)?.squeeze(0)?.reshape((
+            stream_rows.len(),
+            head.config().num_streams,
+            self.vocab_size(),
+        ))?;
+        Ok(StreamLogits { main, streams })
+    }
+
     /// Final norm and LM head over every row of `hidden` `(batch, tokens, hidden)`, from any
     /// layer: `(batch, tokens, vocab)`. Applied after layer `l < N` this is the early-exit tap.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.logits_with(hidden, Kernels::Fused)
+    }
+
+    /// [`Model::logits`] with a choice of kernels ([`Kernels::Autograd`] to train through it).
+    pub fn logits_with(&self, hidden: &Tensor, kernels: Kernels) -> Result<Tensor> {
         self.run(|| {
-            let h = self.norm.forward(hidden)?;
+            let h = kernels.norm(&self.norm, hidden)?;
             Ok(self.lm_head.forward(&h)?.to_dtype(DType::F32)?)
         })
     }

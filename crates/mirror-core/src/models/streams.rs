@@ -1,0 +1,276 @@
+//! Speculative streams (Bhendawade et al., "Speculative Streaming: Fast LLM Inference without
+//! Auxiliary Models", arXiv 2402.11131): lookahead streams in the top layers of a draft, so that
+//! one forward proposes `1 + streams` tokens.
+//!
+//! Stream `j` (1-based) of an anchor row at position `p` enters layer `N - stream_layers` as
+//! `h + up(down(h)) + e_j`, where `h` is the main stream's state there, `down`/`up` a rank-`r`
+//! residual projection and `e_j` a learned stream embedding. In the top layers it attends to
+//! everything the anchor sees (the verified prefix and the anchor itself) and to streams
+//! `1..=j` of the same anchor, at position `p + j`, and predicts the token at `p + j + 1` through
+//! the model's shared final norm and LM head. Stream keys and values are never cached, and the
+//! main stream never attends to streams, so a draft with streams predicts exactly what the base
+//! draft predicts on its main stream.
+//!
+//! Checkpoints are safetensors files holding `streams.down_proj.weight` `(rank, hidden)`,
+//! `streams.up_proj.weight` `(hidden, rank)` and `streams.embeddings` `(streams, hidden)`, with the
+//! [`StreamConfig`] as JSON in the metadata key `mirror_sd.streams`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::Linear;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::mask::AttentionInput;
+
+/// Metadata key of a stream checkpoint's config.
+pub const STREAM_CONFIG_KEY: &str = "mirror_sd.streams";
+const DOWN: &str = "streams.down_proj.weight";
+const UP: &str = "streams.up_proj.weight";
+const EMBEDDINGS: &str = "streams.embeddings";
+
+/// Shape of a draft's speculative streams (a plain serde struct, as in `config.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamConfig {
+    /// Lookahead streams: the draft proposes up to `1 + num_streams` tokens per forward.
+    pub num_streams: usize,
+    /// Top layers the streams run through (`N_s`).
+    pub stream_layers: usize,
+    /// Rank of the projection from the main stream's state.
+    pub rank: usize,
+}
+
+impl StreamConfig {
+    fn validate(&self) -> Result<()> {
+        if self.num_streams == 0 || self.stream_layers == 0 || self.rank == 0 {
+            return Err(Error::invalid(format!(
+                "a stream config needs num_streams, stream_layers and rank >= 1, got {self:?}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The stream parameters of a draft; attach them with
+/// [`Model::with_streams`](crate::Model::with_streams).
+#[derive(Debug, Clone)]
+pub struct StreamHead {
+    config: StreamConfig,
+    hidden_size: usize,
+    down: Linear,
+    up: Linear,
+    embeddings: Tensor,
+}
+
+impl StreamHead {
+    /// Builds a head from its tensors: `down` `(rank, hidden)`, `up` `(hidden, rank)`,
+    /// `embeddings` `(num_streams, hidden)`. Tensors that are [`candle_core::Var`]s stay
+    /// trainable through the head.
+    pub fn from_tensors(
+        config: StreamConfig,
+        down: Tensor,
+        up: Tensor,
+        embeddings: Tensor,
+    ) -> Result<Self> {
+        config.validate()?;
+        let (rank, hidden_size) = down.dims2()?;
+        let shape_error = |name: &str, expected: Vec<usize>, actual: &[usize]| Error::TensorShape {
+            name: name.to_string(),
+            expected,
+            actual: actual.to_vec(),
+            path: "stream parameters".into(),
+        };
+        if rank != config.rank {
+            return Err(shape_error(
+                DOWN,
+                vec![config.rank, hidden_size],
+                down.dims(),
+            ));
+        }
+        if up.dims() != [hidden_size, rank] {
+            return Err(shape_error(UP, vec![hidden_size, rank], up.dims()));
+        }
+        if embeddings.dims() != [config.num_streams, hidden_size] {
+            return Err(shape_error(
+                EMBEDDINGS,
+                vec![config.num_streams, hidden_size],
+                embeddings.dims(),
+            ));
+        }
+        Ok(Self {
+            config,
+            hidden_size,
+            down: Linear::new(down, None),
+            up: Linear::new(up, None),
+            embeddings,
+        })
+    }
+
+    /// A head whose parameters are all zero: every stream starts as a copy of its anchor.
+    pub fn zeros(
+        config: StreamConfig,
+        hidden_size: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let (s, r, h) = (config.num_streams, config.rank, hidden_size);
+        Self::from_tensors(
+            config,
+            Tensor::zeros((r, h), dtype, device)?,
+            Tensor::zeros((h, r), dtype, device)?,
+            Tensor::zeros((s, h), dtype, device)?,
+        )
+    }
+
+    /// Reads a stream checkpoint (see the module docs).
+    pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::MissingFile {
+                    path: path.to_path_buf(),
+                    what: "speculative-stream checkpoint".into(),
+                }
+            } else {
+                Error::Io {
+                    path: path.to_path_buf(),
+                    source: e,
+                }
+            }
+        })?;
+        let corrupt = |reason: String| Error::CorruptFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| corrupt(format!("not a safetensors file: {e}")))?;
+        let config_json = metadata
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(STREAM_CONFIG_KEY))
+            .ok_or_else(|| corrupt(format!("no `{STREAM_CONFIG_KEY}` entry in the metadata")))?;
+        let config: StreamConfig = serde_json::from_str(config_json)
+            .map_err(|e| corrupt(format!("bad stream config: {e}")))?;
+        let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+            .map_err(|e| corrupt(e.to_string()))?;
+        let get = |name: &str| -> Result<Tensor> {
+            let tensor = tensors.get(name).ok_or_else(|| Error::MissingTensor {
+                name: name.to_string(),
+                path: path.to_path_buf(),
+            })?;
+            Ok(tensor.to_dtype(dtype)?)
+        };
+        Self::from_tensors(config, get(DOWN)?, get(UP)?, get(EMBEDDINGS)?)
+    }
+
+    /// Writes the head as a stream checkpoint (f32), with `extra` metadata entries.
+    pub fn save(&self, path: &Path, extra: &HashMap<String, String>) -> Result<()> {
+        let mut metadata = extra.clone();
+        let config = serde_json::to_string(&self.config)
+            .map_err(|e| Error::invalid(format!("stream config: {e}")))?;
+        metadata.insert(STREAM_CONFIG_KEY.into(), config);
+        let tensors = [
+            (DOWN, self.down.weight().to_dtype(DType::F32)?),
+            (UP, self.up.weight().to_dtype(DType::F32)?),
+            (EMBEDDINGS, self.embeddings.to_dtype(DType::F32)?),
+        ];
+        safetensors::tensor::serialize_to_file(tensors, Some(metadata), path).map_err(|e| {
+            Error::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::other(e.to_string()),
+            }
+        })
+    }
+
+    /// The head's shape.
+    pub fn config(&self) -> &StreamConfig {
+        &self.config
+    }
+
+    /// Width of the states the head reads.
+    pub fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+
+    /// `down`, `up` and the stream embeddings, in that order.
+    pub fn tensors(&self) -> [&Tensor; 3] {
+        [self.down.weight(), self.up.weight(), &self.embeddings]
+    }
+
+    pub(crate) fn check_fits(&self, hidden_size: usize, num_layers: usize) -> Result<()> {
+        if self.hidden_size != hidden_size || self.config.stream_layers > num_layers {
+            return Err(Error::invalid(format!(
+                "streams for hidden size {} over {} layers do not fit a model of hidden size \
+                 {hidden_size} with {num_layers} layers",
+                self.hidden_size, self.config.stream_layers
+            )));
+        }
+        Ok(())
+    }
+
+    /// Initial stream states `(batch, anchors * streams, hidden)` (anchor-major) from the
+    /// anchors' main-stream states `(batch, anchors, hidden)`.
+    pub fn initial_states(&self, anchors: &Tensor) -> Result<Tensor> {
+        let (batch, rows, hidden) = anchors.dims3()?;
+        let streams = self.config.num_streams;
+        let projected = (anchors + self.up.forward(&self.down.forward(anchors)?)?)?;
+        let embeddings = self
+            .embeddings
+            .to_dtype(anchors.dtype())?
+            .reshape((1, 1, streams, hidden))?;
+        let states = projected
+            .unsqueeze(2)?
+            .broadcast_add(&embeddings)?
+            .reshape((batch, rows * streams, hidden))?;
+        Ok(states)
+    }
+}
+
+/// Positions and mask of the stream rows of `anchor_positions.len()` anchors: stream `j` of the
+/// anchor at `p` sits at `p + j`, sees the keys its anchor sees (`anchor_mask` rows `(anchors,
+/// kv_len)`, additive; `None`: all `kv_len` keys) and streams `1..=j` of its own anchor.
+pub fn stream_attention(
+    anchor_positions: &[u32],
+    anchor_mask: Option<&Tensor>,
+    kv_len: usize,
+    num_streams: usize,
+    device: &Device,
+) -> Result<AttentionInput> {
+    let anchors = anchor_positions.len();
+    let rows = anchors * num_streams;
+    if rows == 0 {
+        return Err(Error::invalid(
+            "streams need at least one anchor and one stream",
+        ));
+    }
+    let positions: Vec<u32> = anchor_positions
+        .iter()
+        .flat_map(|&p| (1..=num_streams as u32).map(move |j| p + j))
+        .collect();
+    let seen = match anchor_mask {
+        Some(mask) => {
+            if mask.dims() != [anchors, kv_len] {
+                return Err(Error::invalid(format!(
+                    "anchor mask {:?} is not ({anchors}, {kv_len})",
+                    mask.dims()
+                )));
+            }
+            let repeat: Vec<u32> = (0..rows).map(|r| (r / num_streams) as u32).collect();
+            let repeat = Tensor::from_vec(repeat, rows, device)?;
+            mask.to_dtype(DType::F32)?.index_select(&repeat, 0)?
+        }
+        None => Tensor::zeros((rows, kv_len), DType::F32, device)?,
+    };
+    let mut own = vec![f32::NEG_INFINITY; rows * rows];
+    for row in 0..rows {
+        let anchor = row / num_streams;
+        let first = anchor * num_streams;
+        own[row * rows + first..=row * rows + row].fill(0.0);
+    }
+    let own = Tensor::from_vec(own, (rows, rows), device)?;
+    Ok(AttentionInput {
+        positions: Tensor::from_vec(positions, (1, rows), device)?,
+        mask: Some(Tensor::cat(&[&seen, &own], 1)?),
+    })
+}

@@ -1,0 +1,515 @@
+//! Training speculative streams on a frozen draft with the future n-gram loss of Speculative
+//! Streaming (Bhendawade et al., arXiv 2402.11131): `-sum_j a_j * log p_j(y_{t+1+j})`, stream `j`
+//! of the anchor at `t` predicting the token `j` places after the main stream's.
+//!
+//! Only the stream parameters get gradients. The layers below the streams are frozen and cheap to
+//! skip: [`freeze`] runs them once per training sequence and keeps the states entering layer
+//! `N - stream_layers` ([`FrozenSequence`]). A step then runs the main rows through the top layers
+//! (no gradient) and the streams of a random subset of anchors through the same layers and the LM
+//! head with differentiable kernels. Anchors do not see each other's streams, so training on a
+//! subset is exact, and it keeps the LM head (the largest matrix) affordable on a CPU.
+//!
+//! [`AdamW`] is candle-nn's update rule with its moments exposed, so a checkpoint resumes exactly.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::{Optimizer, ParamsAdamW};
+use rand::{rngs::StdRng, seq::index::sample, Rng, SeedableRng};
+
+use crate::error::{Error, Result};
+use crate::mask::AttentionInput;
+use crate::models::streams::{stream_attention, StreamConfig, StreamHead};
+use crate::models::transformer::{Kernels, Model};
+
+/// AdamW with decoupled weight decay (Loshchilov & Hutter, arXiv 1711.05101), the update of
+/// `candle_nn::AdamW`, with its step count and moments readable for checkpoints.
+#[derive(Debug)]
+pub struct AdamW {
+    vars: Vec<Var>,
+    first: Vec<Tensor>,
+    second: Vec<Tensor>,
+    step: usize,
+    params: ParamsAdamW,
+}
+
+impl Optimizer for AdamW {
+    type Config = ParamsAdamW;
+
+    fn new(vars: Vec<Var>, params: ParamsAdamW) -> candle_core::Result<Self> {
+        let vars: Vec<Var> = vars.into_iter().filter(|v| v.dtype().is_float()).collect();
+        let first = vars
+            .iter()
+            .map(|v| v.zeros_like())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let second = first.clone();
+        Ok(Self {
+            vars,
+            first,
+            second,
+            step: 0,
+            params,
+        })
+    }
+
+    fn step(&mut self, grads: &candle_core::backprop::GradStore) -> candle_core::Result<()> {
+        self.step += 1;
+        let p = &self.params;
+        let correction1 = 1.0 - p.beta1.powi(self.step as i32);
+        let correction2 = 1.0 - p.beta2.powi(self.step as i32);
+        for ((var, m), v) in self
+            .vars
+            .iter()
+            .zip(self.first.iter_mut())
+            .zip(self.second.iter_mut())
+        {
+            let Some(g) = grads.get(var) else { continue };
+            *m = ((&*m * p.beta1)? + (g * (1.0 - p.beta1))?)?;
+            *v = ((&*v * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
+            let m_hat = (&*m / correction1)?;
+            let v_hat = (&*v / correction2)?;
+            let decayed = (var.as_tensor() * (1.0 - p.lr * p.weight_decay))?;
+            let update = (m_hat / (v_hat.sqrt()? + p.eps)?)?;
+            var.set(&(decayed - (update * p.lr)?)?)?;
+        }
+        Ok(())
+    }
+
+    fn learning_rate(&self) -> f64 {
+        self.params.lr
+    }
+
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.params.lr = lr;
+    }
+}
+
+/// A training sequence with the frozen layers already run.
+#[derive(Debug, Clone)]
+pub struct FrozenSequence {
+    /// The tokens.
+    pub tokens: Vec<u32>,
+    /// States entering layer `N - stream_layers`, `(tokens, hidden)`.
+    pub middle: Tensor,
+}
+
+/// Runs the layers below the streams over `tokens` once (the part of the draft that never
+/// changes during training).
+pub fn freeze(model: &Model, stream_layers: usize, tokens: &[u32]) -> Result<FrozenSequence> {
+    if stream_layers == 0 || stream_layers > model.num_layers() {
+        return Err(Error::invalid(format!(
+            "stream_layers must be in 1..={}",
+            model.num_layers()
+        )));
+    }
+    let split = model.num_layers() - stream_layers;
+    let mut cache = model.new_cache(1, tokens.len())?;
+    let input = AttentionInput::causal(1, tokens.len(), 0, model.device())?;
+    let hidden = model.embed(&[tokens])?;
+    let middle = model.forward_layers(&hidden, 0..split, &input, &mut cache)?;
+    Ok(FrozenSequence {
+        tokens: tokens.to_vec(),
+        middle: middle.squeeze(0)?,
+    })
+}
+
+/// Hyper-parameters of stream training (a plain serde struct, stored in checkpoints).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainSettings {
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Steps of linear warm-up.
+    pub warmup_steps: usize,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    /// Loss weight `a_j` of stream `j` (one per stream); the main stream is frozen, so `a_0`
+    /// would only add a constant.
+    pub stream_weights: Vec<f64>,
+    /// Anchors drawn per step (shared by the sequences of a batch).
+    pub anchors_per_step: usize,
+    /// Seed of the initial parameters and of the anchor draws.
+    pub seed: u64,
+}
+
+impl TrainSettings {
+    /// Defaults for `num_streams` streams: learning rate 2e-3, 20 warm-up steps, no decay,
+    /// weights `0.8^(j-1)`, 32 anchors.
+    pub fn new(num_streams: usize, seed: u64) -> Self {
+        Self {
+            learning_rate: 2e-3,
+            warmup_steps: 20,
+            weight_decay: 0.0,
+            stream_weights: (0..num_streams).map(|j| 0.8f64.powi(j as i32)).collect(),
+            anchors_per_step: 32,
+            seed,
+        }
+    }
+}
+
+/// Loss and top-1 accuracy of each stream over some anchors.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StreamReport {
+    /// Weighted n-gram loss (what the optimiser minimises).
+    pub loss: f64,
+    /// Mean negative log-likelihood of each stream's label.
+    pub stream_loss: Vec<f64>,
+    /// Fraction of anchors where each stream's argmax is its label.
+    pub stream_accuracy: Vec<f64>,
+    /// Labelled anchors per stream.
+    pub counts: Vec<usize>,
+}
+
+/// Trains a [`StreamHead`] on a frozen draft.
+pub struct StreamTrainer<'m> {
+    model: &'m Model,
+    config: StreamConfig,
+    settings: TrainSettings,
+    vars: [Var; 3],
+    optimizer: AdamW,
+}
+
+impl<'m> StreamTrainer<'m> {
+    /// A trainer with fresh parameters: `down` ~ N(0, 1/hidden), `up` = 0 (streams start as
+    /// copies of their anchors, as in LoRA), embeddings ~ N(0, 0.02^2); seeded by the settings.
+    pub fn new(model: &'m Model, config: StreamConfig, settings: TrainSettings) -> Result<Self> {
+        let hidden = model.hidden_size();
+        let mut rng = StdRng::seed_from_u64(settings.seed);
+        // Box-Muller, so the draw depends on nothing but the seed.
+        let mut normal = |n: usize, std: f64| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    let u1: f64 = 1.0 - rng.random::<f64>();
+                    let u2: f64 = rng.random();
+                    let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+                    (z * std) as f32
+                })
+                .collect()
+        };
+        let down = normal(config.rank * hidden, 1.0 / (hidden as f64).sqrt());
+        let embeddings = normal(config.num_streams * hidden, 0.02);
+        let device = model.device();
+        let down = Tensor::from_vec(down, (config.rank, hidden), device)?;
+        let up = Tensor::zeros((hidden, config.rank), DType::F32, device)?;
+        let embeddings = Tensor::from_vec(embeddings, (config.num_streams, hidden), device)?;
+        Self::from_parts(model, config, settings, [down, up, embeddings], None, 0)
+    }
+
+    fn from_parts(
+        model: &'m Model,
+        config: StreamConfig,
+        settings: TrainSettings,
+        params: [Tensor; 3],
+        moments: Option<(Vec<Tensor>, Vec<Tensor>)>,
+        step: usize,
+    ) -> Result<Self> {
+        if model.dtype() != DType::F32 {
+            return Err(Error::invalid("stream training needs the draft in f32"));
+        }
+        if settings.stream_weights.len() != config.num_streams {
+            return Err(Error::invalid(format!(
+                "{} stream weights for {} streams",
+                settings.stream_weights.len(),
+                config.num_streams
+            )));
+        }
+        // Validates the shapes against the model before any step.
+        let [down, up, embeddings] = params;
+        StreamHead::from_tensors(config.clone(), down.clone(), up.clone(), embeddings.clone())?
+            .check_fits(model.hidden_size(), model.num_layers())?;
+        let vars = [
+            Var::from_tensor(&down)?,
+            Var::from_tensor(&up)?,
+            Var::from_tensor(&embeddings)?,
+        ];
+        let mut optimizer = AdamW::new(
+            vars.to_vec(),
+            ParamsAdamW {
+                lr: settings.learning_rate,
+                weight_decay: settings.weight_decay,
+                ..ParamsAdamW::default()
+            },
+        )?;
+        if let Some((first, second)) = moments {
+            optimizer.first = first;
+            optimizer.second = second;
+        }
+        optimizer.step = step;
+        Ok(Self {
+            model,
+            config,
+            settings,
+            vars,
+            optimizer,
+        })
+    }
+
+    /// Steps taken so far.
+    pub fn step_count(&self) -> usize {
+        self.optimizer.step
+    }
+
+    /// The stream config being trained.
+    pub fn config(&self) -> &StreamConfig {
+        &self.config
+    }
+
+    /// The current parameters as a head (a detached copy).
+    pub fn head(&self) -> Result<StreamHead> {
+        let [down, up, embeddings] = &self.vars;
+        StreamHead::from_tensors(
+            self.config.clone(),
+            down.as_tensor().detach().copy()?,
+            up.as_tensor().detach().copy()?,
+            embeddings.as_tensor().detach().copy()?,
+        )
+    }
+
+    fn trainable_head(&self) -> Result<StreamHead> {
+        let [down, up, embeddings] = &self.vars;
+        StreamHead::from_tensors(
+            self.config.clone(),
+            down.as_tensor().clone(),
+            up.as_tensor().clone(),
+            embeddings.as_tensor().clone(),
+        )
+    }
+
+    /// Anchors with at least stream 1 labelled, for sequences of `len` tokens.
+    fn anchor_range(&self, len: usize) -> Result<usize> {
+        if len < 3 {
+            return Err(Error::invalid("training sequences need at least 3 tokens"));
+        }
+        Ok(len - 2)
+    }
+
+    /// The weighted loss (a scalar tensor with gradients to the stream parameters) and the
+    /// report, over `anchors` of every sequence in `batch` (all of one length).
+    fn loss(&self, batch: &[&FrozenSequence], anchors: &[usize]) -> Result<(Tensor, StreamReport)> {
+        let model = self.model;
+        let device = model.device();
+        let first = batch
+            .first()
+            .ok_or_else(|| Error::invalid("an empty training batch"))?;
+        let len = first.tokens.len();
+        if batch.iter().any(|s| s.tokens.len() != len) {
+            return Err(Error::invalid(
+                "a training batch needs sequences of one length",
+            ));
+        }
+        let streams = self.config.num_streams;
+        let split = model.num_layers() - self.config.stream_layers;
+        let middles: Vec<&Tensor> = batch.iter().map(|s| &s.middle).collect();
+        let middle = Tensor::stack(&middles, 0)?;
+        // Main rows through the top layers: no parameter of theirs trains, so no gradient.
+        let mut cache = model.new_cache(batch.len(), len)?;
+        let causal = AttentionInput::causal(1, len, 0, device)?;
+        model.forward_layers(&middle, split..model.num_layers(), &causal, &mut cache)?;
+        let index: Vec<u32> = anchors.iter().map(|&a| a as u32).collect();
+        let index = Tensor::from_vec(index.clone(), anchors.len(), device)?;
+        let anchor_states = middle.index_select(&index, 1)?;
+        let mask: Vec<f32> = anchors
+            .iter()
+            .flat_map(|&a| (0..len).map(move |k| if k <= a { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (anchors.len(), len), device)?;
+        let positions: Vec<u32> = anchors.iter().map(|&a| a as u32).collect();
+        let input = stream_attention(&positions, Some(&mask), len, streams, device)?;
+        let head = self.trainable_head()?;
+        let states =
+            model.stream_hidden(&head, &anchor_states, &input, &cache, Kernels::Autograd)?;
+        let logits = model.logits_with(&states, Kernels::Autograd)?;
+        let rows = batch.len() * anchors.len() * streams;
+        let logits = logits.reshape((rows, model.vocab_size()))?;
+        // Labels and weights, row-major over (sequence, anchor, stream).
+        let mut labels = Vec::with_capacity(rows);
+        let mut weights = Vec::with_capacity(rows);
+        let mut stream_of_row = Vec::with_capacity(rows);
+        for sequence in batch {
+            for &a in anchors {
+                for j in 1..=streams {
+                    let target = a + 1 + j;
+                    let valid = target < len;
+                    labels.push(if valid { sequence.tokens[target] } else { 0 });
+                    weights.push(if valid {
+                        self.settings.stream_weights[j - 1] as f32
+                    } else {
+                        0.0
+                    });
+                    stream_of_row.push(valid.then_some(j - 1));
+                }
+            }
+        }
+        let total_weight: f32 = weights.iter().sum();
+        if total_weight <= 0.0 {
+            return Err(Error::invalid("no anchor has a label"));
+        }
+        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let label_tensor = Tensor::from_vec(labels.clone(), (rows, 1), device)?;
+        let picked = log_probs.gather(&label_tensor, 1)?.squeeze(1)?;
+        let weight_tensor = Tensor::from_vec(weights, rows, device)?;
+        let loss = ((picked * weight_tensor)?.sum_all()? * (-1.0 / total_weight as f64))?;
+        // The report, from host copies.
+        let nll = log_probs
+            .gather(&label_tensor, 1)?
+            .squeeze(1)?
+            .to_vec1::<f32>()?;
+        let best = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        let mut report = StreamReport {
+            loss: loss.to_scalar::<f32>()? as f64,
+            stream_loss: vec![0.0; streams],
+            stream_accuracy: vec![0.0; streams],
+            counts: vec![0; streams],
+        };
+        for (row, stream) in stream_of_row.iter().enumerate() {
+            if let Some(j) = *stream {
+                report.counts[j] += 1;
+                report.stream_loss[j] -= nll[row] as f64;
+                if best[row] == labels[row] {
+                    report.stream_accuracy[j] += 1.0;
+                }
+            }
+        }
+        for j in 0..streams {
+            let n = report.counts[j].max(1) as f64;
+            report.stream_loss[j] /= n;
+            report.stream_accuracy[j] /= n;
+        }
+        Ok((loss, report))
+    }
+
+    /// One optimiser step on `batch` over freshly drawn anchors; returns the report before the
+    /// update.
+    pub fn step(&mut self, batch: &[&FrozenSequence]) -> Result<StreamReport> {
+        let len = batch.first().map_or(0, |s| s.tokens.len());
+        let range = self.anchor_range(len)?;
+        let count = self.settings.anchors_per_step.min(range).max(1);
+        // Anchors depend only on (seed, step), so a resumed run draws what an unbroken one would.
+        let mut rng = StdRng::seed_from_u64(
+            self.settings.seed
+                ^ (self.optimizer.step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
+        let mut anchors = sample(&mut rng, range, count).into_vec();
+        anchors.sort_unstable();
+        // Linear warm-up, then constant.
+        let warmup = self.settings.warmup_steps.max(1) as f64;
+        let scale = ((self.optimizer.step + 1) as f64 / warmup).min(1.0);
+        self.optimizer
+            .set_learning_rate(self.settings.learning_rate * scale);
+        let (loss, report) = self.loss(batch, &anchors)?;
+        self.optimizer.backward_step(&loss)?;
+        Ok(report)
+    }
+
+    /// Loss and accuracy over every anchor of `sequences` (no update).
+    pub fn evaluate(&self, sequences: &[FrozenSequence]) -> Result<StreamReport> {
+        let mut total = StreamReport {
+            stream_loss: vec![0.0; self.config.num_streams],
+            stream_accuracy: vec![0.0; self.config.num_streams],
+            counts: vec![0; self.config.num_streams],
+            ..StreamReport::default()
+        };
+        let mut weight = 0.0;
+        for sequence in sequences {
+            let range = self.anchor_range(sequence.tokens.len())?;
+            let anchors: Vec<usize> = (0..range).collect();
+            for chunk in anchors.chunks(self.settings.anchors_per_step.max(1)) {
+                let (_, report) = self.loss(&[sequence], chunk)?;
+                let n = report.counts.iter().sum::<usize>() as f64;
+                total.loss += report.loss * n;
+                weight += n;
+                for j in 0..self.config.num_streams {
+                    let c = report.counts[j] as f64;
+                    total.stream_loss[j] += report.stream_loss[j] * c;
+                    total.stream_accuracy[j] += report.stream_accuracy[j] * c;
+                    total.counts[j] += report.counts[j];
+                }
+            }
+        }
+        total.loss /= weight.max(1.0);
+        for j in 0..self.config.num_streams {
+            let c = total.counts[j].max(1) as f64;
+            total.stream_loss[j] /= c;
+            total.stream_accuracy[j] /= c;
+        }
+        Ok(total)
+    }
+
+    /// Writes everything needed to resume (parameters, AdamW moments, step, settings).
+    pub fn save_state(&self, path: &Path) -> Result<()> {
+        let mut tensors: Vec<(String, Tensor)> = Vec::new();
+        for (i, var) in self.vars.iter().enumerate() {
+            tensors.push((format!("param.{i}"), var.as_tensor().detach()));
+            tensors.push((format!("adam.first.{i}"), self.optimizer.first[i].clone()));
+            tensors.push((format!("adam.second.{i}"), self.optimizer.second[i].clone()));
+        }
+        let mut metadata = HashMap::new();
+        metadata.insert("step".to_string(), self.optimizer.step.to_string());
+        metadata.insert("config".to_string(), to_json(&self.config)?);
+        metadata.insert("settings".to_string(), to_json(&self.settings)?);
+        let io = |e: String| Error::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(e),
+        };
+        // Write then rename, so an interrupted save never leaves a torn checkpoint.
+        let partial = path.with_extension("partial");
+        safetensors::tensor::serialize_to_file(tensors, Some(metadata), &partial)
+            .map_err(|e| io(e.to_string()))?;
+        std::fs::rename(&partial, path).map_err(|e| io(e.to_string()))
+    }
+
+    /// Resumes from [`StreamTrainer::save_state`]. The checkpoint's config and settings win.
+    pub fn resume(model: &'m Model, path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let corrupt = |reason: String| Error::CorruptFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| corrupt(format!("not a safetensors file: {e}")))?;
+        let meta = header
+            .metadata()
+            .clone()
+            .ok_or_else(|| corrupt("no training metadata".into()))?;
+        let field = |k: &str| {
+            meta.get(k)
+                .cloned()
+                .ok_or_else(|| corrupt(format!("no `{k}` in the metadata")))
+        };
+        let step: usize = field("step")?
+            .parse()
+            .map_err(|e| corrupt(format!("bad step: {e}")))?;
+        let config: StreamConfig = serde_json::from_str(&field("config")?)
+            .map_err(|e| corrupt(format!("bad config: {e}")))?;
+        let settings: TrainSettings = serde_json::from_str(&field("settings")?)
+            .map_err(|e| corrupt(format!("bad settings: {e}")))?;
+        let device: &Device = model.device();
+        let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+            .map_err(|e| corrupt(e.to_string()))?;
+        let get = |name: String| -> Result<Tensor> {
+            tensors.get(&name).cloned().ok_or(Error::MissingTensor {
+                name,
+                path: path.to_path_buf(),
+            })
+        };
+        let params = [
+            get("param.0".into())?,
+            get("param.1".into())?,
+            get("param.2".into())?,
+        ];
+        let first = (0..3)
+            .map(|i| get(format!("adam.first.{i}")))
+            .collect::<Result<Vec<_>>>()?;
+        let second = (0..3)
+            .map(|i| get(format!("adam.second.{i}")))
+            .collect::<Result<Vec<_>>>()?;
+        Self::from_parts(model, config, settings, params, Some((first, second)), step)
+    }
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(|e| Error::invalid(e.to_string()))
+}

@@ -1,0 +1,332 @@
+//! Speculative streams: the stream pass against an independent computation through the cached
+//! attention path, the main stream untouched, checkpoints, and training that must learn.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use mirror_sd::mirror_core::training::{freeze, FrozenSequence, StreamTrainer, TrainSettings};
+use mirror_sd::mirror_core::{
+    AttentionInput, Error, Kernels, Model, RowVisibility, StreamConfig, StreamHead,
+};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+fn random_head(config: StreamConfig, hidden: usize, seed: u64) -> StreamHead {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut random = |shape: (usize, usize), scale: f32| {
+        let data: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| scale * (rng.random::<f32>() * 2.0 - 1.0))
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    };
+    let (r, s) = (config.rank, config.num_streams);
+    StreamHead::from_tensors(
+        config,
+        random((r, hidden), 0.3),
+        random((hidden, r), 0.3),
+        random((s, hidden), 0.5),
+    )
+    .unwrap()
+}
+
+/// Stream logits recomputed the slow way: the main rows through every layer (cached), then the
+/// stream rows, as extra "tree nodes" with hand-written visibility, through the top layers of the
+/// ordinary cached forward, rolled back afterwards.
+fn reference_streams(
+    model: &Model,
+    head: &StreamHead,
+    prefix: &[u32],
+    fed: &[u32],
+    anchors: &[usize],
+) -> Vec<Vec<f32>> {
+    let streams = head.config().num_streams;
+    let split = model.num_layers() - head.config().stream_layers;
+    let mut cache = model.new_cache(1, 64).unwrap();
+    model.forward_causal(prefix, &mut cache).unwrap();
+    let base = cache.len();
+    let input = AttentionInput::causal(1, fed.len(), base, model.device()).unwrap();
+    let hidden = model.embed(&[fed]).unwrap();
+    let middle = model
+        .forward_layers(&hidden, 0..split, &input, &mut cache)
+        .unwrap();
+    model
+        .forward_layers(&middle, split..model.num_layers(), &input, &mut cache)
+        .unwrap();
+    let after_main = base + fed.len();
+    let mut rows = Vec::new();
+    let mut states = Vec::new();
+    for (a, &anchor) in anchors.iter().enumerate() {
+        let anchor_state = middle.narrow(1, anchor, 1).unwrap();
+        let init = head.initial_states(&anchor_state).unwrap();
+        for j in 1..=streams {
+            let own: Vec<usize> = (1..=j).map(|i| after_main + a * streams + i - 1).collect();
+            rows.push(RowVisibility {
+                position: base + anchor + j,
+                prefix_len: base + anchor + 1,
+                extra: own,
+            });
+            states.push(init.narrow(1, j - 1, 1).unwrap());
+        }
+    }
+    let states = Tensor::cat(&states, 1).unwrap();
+    // Layers below the split see nothing of the streams: give them the same length by hand.
+    let input = AttentionInput::from_rows(&rows, after_main + rows.len(), model.device()).unwrap();
+    let mut top_cache = cache.deep_copy().unwrap();
+    let out = model
+        .forward_layers(&states, split..model.num_layers(), &input, &mut top_cache)
+        .unwrap();
+    model
+        .logits(&out)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn stream_pass_matches_the_cached_path_and_leaves_the_main_stream_alone() {
+    for fixture in ["llama", "qwen2", "qwen3"] {
+        let base = common::load_fixture(fixture);
+        let config = StreamConfig {
+            num_streams: 3,
+            stream_layers: 2,
+            rank: 4,
+        };
+        let head = random_head(config, base.hidden_size(), 7);
+        let model = base.with_streams(Arc::new(head.clone())).unwrap();
+        let prefix = [5u32, 17, 33, 2, 90];
+        let fed = [11u32, 12, 13, 14];
+        let anchors = [1usize, 3];
+        let mut cache = model.new_cache(1, 64).unwrap();
+        model.forward_causal(&prefix, &mut cache).unwrap();
+        let input = AttentionInput::causal(1, fed.len(), cache.len(), model.device()).unwrap();
+        let out = model
+            .forward_with_streams(&fed, &input, &mut cache, &[0, 1, 2, 3], &anchors)
+            .unwrap();
+        assert_eq!(
+            cache.len(),
+            prefix.len() + fed.len(),
+            "stream K/V were cached"
+        );
+
+        // Main stream: exactly the base model's logits.
+        let mut base_cache = base.new_cache(1, 64).unwrap();
+        base.forward_causal(&prefix, &mut base_cache).unwrap();
+        let expected = base.forward_causal(&fed, &mut base_cache).unwrap();
+        assert_eq!(
+            out.main.to_vec2::<f32>().unwrap(),
+            expected.to_vec2::<f32>().unwrap(),
+            "{fixture}: the main stream changed"
+        );
+
+        // Streams: the independent cached-path computation.
+        let reference = reference_streams(&base, &head, &prefix, &fed, &anchors);
+        let got = out.streams.to_vec3::<f32>().unwrap();
+        for (a, per_anchor) in got.iter().enumerate() {
+            for (j, logits) in per_anchor.iter().enumerate() {
+                let d = max_diff(logits, &reference[a * 3 + j]);
+                assert!(d < 1e-4, "{fixture}: anchor {a} stream {j} differs by {d}");
+            }
+        }
+    }
+}
+
+#[test]
+fn zero_initialised_streams_draft_exactly_like_the_base_model() {
+    let base = common::load_fixture("qwen2");
+    let config = StreamConfig {
+        num_streams: 2,
+        stream_layers: 1,
+        rank: 2,
+    };
+    let head = StreamHead::zeros(config, base.hidden_size(), DType::F32, &Device::Cpu).unwrap();
+    let model = base.with_streams(Arc::new(head)).unwrap();
+    // Greedy chains of the main stream, one token per step, with and without streams.
+    let mut tokens_base = vec![3u32, 9, 27];
+    let mut tokens_ss = tokens_base.clone();
+    let mut cache_base = base.new_cache(1, 64).unwrap();
+    let mut cache_ss = model.new_cache(1, 64).unwrap();
+    let mut feed_base = tokens_base.clone();
+    let mut feed_ss = tokens_ss.clone();
+    for _ in 0..10 {
+        let logits = base.next_token_logits(&feed_base, &mut cache_base).unwrap();
+        let input =
+            AttentionInput::causal(1, feed_ss.len(), cache_ss.len(), model.device()).unwrap();
+        let last = feed_ss.len() - 1;
+        let out = model
+            .forward_with_streams(&feed_ss, &input, &mut cache_ss, &[last], &[last])
+            .unwrap();
+        let main = out.main.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(logits, main);
+        let next = mirror_sd::mirror_core::sampling::argmax(&logits);
+        tokens_base.push(next);
+        tokens_ss.push(next);
+        feed_base = vec![next];
+        feed_ss = vec![next];
+    }
+    assert_eq!(tokens_base, tokens_ss);
+}
+
+#[test]
+fn differentiable_kernels_compute_the_same_streams() {
+    let model = common::load_fixture("qwen3");
+    let config = StreamConfig {
+        num_streams: 2,
+        stream_layers: 2,
+        rank: 3,
+    };
+    let head = random_head(config, model.hidden_size(), 3);
+    let tokens: Vec<u32> = (0..12).map(|i| (i * 7 + 1) % 300).collect();
+    let frozen = freeze(&model, 2, &tokens).unwrap();
+    let mut cache = model.new_cache(1, 16).unwrap();
+    let input = AttentionInput::causal(1, tokens.len(), 0, model.device()).unwrap();
+    model
+        .forward_layers(
+            &frozen.middle.unsqueeze(0).unwrap(),
+            1..3,
+            &input,
+            &mut cache,
+        )
+        .unwrap();
+    let anchors = frozen.middle.narrow(0, 4, 3).unwrap().unsqueeze(0).unwrap();
+    let mask: Vec<f32> = (4..7)
+        .flat_map(|a| (0..12).map(move |k| if k <= a { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (3, 12), &Device::Cpu).unwrap();
+    let input =
+        mirror_sd::mirror_core::stream_attention(&[4, 5, 6], Some(&mask), 12, 2, &Device::Cpu)
+            .unwrap();
+    let fused = model
+        .stream_hidden(&head, &anchors, &input, &cache, Kernels::Fused)
+        .unwrap();
+    let autograd = model
+        .stream_hidden(&head, &anchors, &input, &cache, Kernels::Autograd)
+        .unwrap();
+    let d = common::max_abs_diff(&fused, &autograd);
+    assert!(d < 1e-4, "kernels differ by {d}");
+}
+
+#[test]
+fn stream_checkpoints_round_trip_and_bad_ones_are_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StreamConfig {
+        num_streams: 2,
+        stream_layers: 2,
+        rank: 4,
+    };
+    let head = random_head(config.clone(), 32, 11);
+    let path = dir.path().join("streams.safetensors");
+    head.save(&path, &HashMap::new()).unwrap();
+    let loaded = StreamHead::load(&path, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(loaded.config(), &config);
+    for (a, b) in head.tensors().iter().zip(loaded.tensors()) {
+        assert_eq!(common::max_abs_diff(a, b), 0.0);
+    }
+    // Missing, truncated, and the wrong model.
+    let missing = StreamHead::load(&dir.path().join("nope"), DType::F32, &Device::Cpu);
+    assert!(
+        matches!(missing, Err(Error::MissingFile { .. })),
+        "{missing:?}"
+    );
+    let bytes = std::fs::read(&path).unwrap();
+    let torn = dir.path().join("torn.safetensors");
+    std::fs::write(&torn, &bytes[..bytes.len() / 2]).unwrap();
+    let torn = StreamHead::load(&torn, DType::F32, &Device::Cpu);
+    assert!(matches!(torn, Err(Error::CorruptFile { .. })), "{torn:?}");
+    let wide = common::load_fixture("llama"); // hidden 32, 3 layers: fits
+    assert!(wide.with_streams(Arc::new(loaded.clone())).is_ok());
+    let narrow_head = random_head(config, 16, 1);
+    let err = wide.with_streams(Arc::new(narrow_head));
+    assert!(matches!(err, Err(Error::InvalidArgument(_))), "{err:?}");
+}
+
+/// Sequences that follow a fixed random permutation of the vocabulary: the token two places
+/// ahead is a function of the current one, so a working stream 1 can learn it exactly.
+fn permutation_corpus(vocab: u32, count: usize, len: usize, seed: u64) -> Vec<Vec<u32>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut next: Vec<u32> = (0..vocab).collect();
+    for i in (1..next.len()).rev() {
+        next.swap(i, rng.random_range(0..=i));
+    }
+    (0..count)
+        .map(|_| {
+            let mut t = rng.random_range(0..vocab);
+            (0..len)
+                .map(|_| {
+                    let out = t;
+                    t = next[t as usize];
+                    out
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn training_learns_a_pattern_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let vocab = 24;
+    let model = common::random_model(dir.path(), "llama", vocab, 3, 5);
+    let config = StreamConfig {
+        num_streams: 2,
+        stream_layers: 2,
+        rank: 16,
+    };
+    let corpus = permutation_corpus(vocab as u32, 40, 16, 1);
+    let frozen: Vec<FrozenSequence> = corpus
+        .iter()
+        .map(|t| freeze(&model, config.stream_layers, t).unwrap())
+        .collect();
+    let (train, held_out) = frozen.split_at(32);
+    let mut settings = TrainSettings::new(2, 42);
+    settings.learning_rate = 2e-2;
+    settings.anchors_per_step = 8;
+    let mut trainer = StreamTrainer::new(&model, config.clone(), settings.clone()).unwrap();
+    let before = trainer.evaluate(held_out).unwrap();
+    let batches: Vec<Vec<&FrozenSequence>> = train.chunks(8).map(|c| c.iter().collect()).collect();
+    let run = |trainer: &mut StreamTrainer, from: usize, to: usize| {
+        for step in from..to {
+            trainer.step(&batches[step % batches.len()]).unwrap();
+        }
+    };
+    run(&mut trainer, 0, 150);
+    let checkpoint = dir.path().join("state.safetensors");
+    trainer.save_state(&checkpoint).unwrap();
+    run(&mut trainer, 150, 300);
+    let after = trainer.evaluate(held_out).unwrap();
+    assert!(
+        after.loss < 0.5 * before.loss,
+        "loss {} -> {}",
+        before.loss,
+        after.loss
+    );
+    assert!(
+        after.stream_accuracy[0] >= 0.9,
+        "stream 1 held-out accuracy {} (before {})",
+        after.stream_accuracy[0],
+        before.stream_accuracy[0]
+    );
+    // Resuming from the checkpoint replays the same steps bit for bit.
+    let mut resumed = StreamTrainer::resume(&model, &checkpoint).unwrap();
+    assert_eq!(resumed.step_count(), 150);
+    run(&mut resumed, 150, 300);
+    for (a, b) in trainer
+        .head()
+        .unwrap()
+        .tensors()
+        .iter()
+        .zip(resumed.head().unwrap().tensors())
+    {
+        assert_eq!(common::max_abs_diff(a, b), 0.0, "resume diverged");
+    }
+}
