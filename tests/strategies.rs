@@ -1,12 +1,13 @@
 //! The three strategies agree: greedy output of vanilla SD and Mirror-SD is token-identical to
 //! the target alone, across gamma, kappa, exit layers and drafting schedules; an identical draft
-//! has every window accepted; Mirror's tree is actually reused.
+//! has every window accepted; Mirror's tree is actually reused. Drafts with speculative streams
+//! (several tokens per step) keep all of that.
 
 mod common;
 
 use std::sync::Arc;
 
-use mirror_core::Model;
+use mirror_core::{Model, StreamConfig};
 use mirror_sd::mirror_scheduler::{
     Autoregressive, Decoder, DraftSchedule, EarlyExit, FinishReason, GenerationConfig, Mirror,
     SpeculativeDecoding,
@@ -236,4 +237,110 @@ fn context_limit_is_a_documented_stop() {
     let long: Vec<u32> = vec![3; 300];
     assert!(ar.generate(&long, &config).is_err());
     assert!(mirror.generate(&long, &config).is_err());
+}
+
+/// Drafts with random speculative streams: one stream over the top layer, and three over two.
+fn stream_drafts(target: &Arc<Model>) -> Vec<(&'static str, Arc<Model>)> {
+    let one = StreamConfig {
+        num_streams: 1,
+        stream_layers: 1,
+        rank: 4,
+    };
+    let three = StreamConfig {
+        num_streams: 3,
+        stream_layers: 2,
+        rank: 8,
+    };
+    let with = |model: &Model, config: StreamConfig, seed| {
+        let head = common::random_head(config, model.hidden_size(), seed);
+        Arc::new(model.with_streams(Arc::new(head)).unwrap())
+    };
+    let first_layer = target.truncated(1).unwrap();
+    let unrelated = common::load_fixture("llama");
+    vec![
+        ("identical+1 stream", with(target, one.clone(), 1)),
+        ("first layer+1 stream", with(&first_layer, one, 2)),
+        ("identical+3 streams", with(target, three.clone(), 3)),
+        ("unrelated+3 streams", with(&unrelated, three, 4)),
+    ]
+}
+
+#[test]
+fn greedy_decoding_with_stream_drafts_is_token_identical() {
+    let target = Arc::new(common::load_fixture("qwen2"));
+    let expected = reference(&target);
+    for (name, draft) in stream_drafts(&target) {
+        for gamma in [1, 3, 7] {
+            let mut sd = SpeculativeDecoding::builder(Arc::clone(&target), Arc::clone(&draft))
+                .gamma(gamma)
+                .build()
+                .unwrap();
+            for (prompt, want) in PROMPTS.iter().zip(&expected) {
+                let got = sd.generate(prompt, &config()).unwrap();
+                assert_eq!(&got.tokens, want, "SD draft={name} gamma={gamma}");
+                assert!(got.stats.eta() >= 1.0, "{name}: eta {}", got.stats.eta());
+            }
+            for schedule in [
+                DraftSchedule::FullGrid,
+                DraftSchedule::Anytime {
+                    branches_per_pass: 2,
+                },
+            ] {
+                let mut mirror = Mirror::builder(Arc::clone(&target), Arc::clone(&draft))
+                    .gamma(gamma)
+                    .kappa(3)
+                    .early_exit(EarlyExit::Layer(1))
+                    .schedule(schedule)
+                    .build()
+                    .unwrap();
+                for (prompt, want) in PROMPTS.iter().zip(&expected) {
+                    let got = mirror.generate(prompt, &config()).unwrap();
+                    assert_eq!(
+                        &got.tokens, want,
+                        "Mirror draft={name} gamma={gamma} {schedule:?}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn stream_drafts_propose_several_tokens_per_step() {
+    let target = Arc::new(common::load_fixture("qwen2"));
+    let plain = Arc::new(target.truncated(1).unwrap());
+    let streamed = Arc::clone(&stream_drafts(&target)[2].1); // identical + 3 streams
+    let gamma = 7;
+    let run = |draft: &Arc<Model>, sampled: bool| {
+        let mut sd = SpeculativeDecoding::builder(Arc::clone(&target), Arc::clone(draft))
+            .gamma(gamma)
+            .build()
+            .unwrap();
+        let temperature = if sampled { 1.0 } else { 0.0 };
+        let config = GenerationConfig {
+            sampling: mirror_core::sampling::SamplingParams {
+                temperature,
+                ..mirror_core::sampling::SamplingParams::greedy()
+            },
+            ..config()
+        };
+        sd.generate(PROMPTS[2], &config).unwrap().stats
+    };
+    // A plain draft: exactly one token per step.
+    assert_eq!(run(&plain, true).eta(), 1.0);
+    assert_eq!(run(&plain, false).eta(), 1.0);
+    // A sampling draft keeps every stream token: windows of 7 take steps of 4 + 3 tokens.
+    let sampled = run(&streamed, true);
+    assert!((sampled.eta() - 3.5).abs() < 1e-9, "eta {}", sampled.eta());
+    assert_eq!(sampled.draft_steps, 2 * sampled.windows);
+    // Greedy: stream tokens the main stream disagrees with are replaced by its own, so an
+    // identical draft's windows are right up to the last step's unchecked stream tokens.
+    let greedy = run(&streamed, false);
+    assert!(greedy.eta() >= 1.0);
+    assert_eq!(greedy.position_accepted[0], greedy.position_proposed[0]);
+    assert!(
+        greedy.mean_accepted() >= 3.0,
+        "{:?}",
+        greedy.accepted_histogram
+    );
 }

@@ -13,24 +13,6 @@ use mirror_sd::mirror_core::{
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-fn random_head(config: StreamConfig, hidden: usize, seed: u64) -> StreamHead {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut random = |shape: (usize, usize), scale: f32| {
-        let data: Vec<f32> = (0..shape.0 * shape.1)
-            .map(|_| scale * (rng.random::<f32>() * 2.0 - 1.0))
-            .collect();
-        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
-    };
-    let (r, s) = (config.rank, config.num_streams);
-    StreamHead::from_tensors(
-        config,
-        random((r, hidden), 0.3),
-        random((hidden, r), 0.3),
-        random((s, hidden), 0.5),
-    )
-    .unwrap()
-}
-
 /// Stream logits recomputed the slow way: the main rows through every layer (cached), then the
 /// stream rows, as extra "tree nodes" with hand-written visibility, through the top layers of the
 /// ordinary cached forward, rolled back afterwards.
@@ -102,7 +84,7 @@ fn stream_pass_matches_the_cached_path_and_leaves_the_main_stream_alone() {
             stream_layers: 2,
             rank: 4,
         };
-        let head = random_head(config, base.hidden_size(), 7);
+        let head = common::random_head(config, base.hidden_size(), 7);
         let model = base.with_streams(Arc::new(head.clone())).unwrap();
         let prefix = [5u32, 17, 33, 2, 90];
         let fed = [11u32, 12, 13, 14];
@@ -185,7 +167,7 @@ fn differentiable_kernels_compute_the_same_streams() {
         stream_layers: 2,
         rank: 3,
     };
-    let head = random_head(config, model.hidden_size(), 3);
+    let head = common::random_head(config, model.hidden_size(), 3);
     let tokens: Vec<u32> = (0..12).map(|i| (i * 7 + 1) % 300).collect();
     let frozen = freeze(&model, 2, &tokens).unwrap();
     let mut cache = model.new_cache(1, 16).unwrap();
@@ -224,7 +206,7 @@ fn stream_checkpoints_round_trip_and_bad_ones_are_typed_errors() {
         stream_layers: 2,
         rank: 4,
     };
-    let head = random_head(config.clone(), 32, 11);
+    let head = common::random_head(config.clone(), 32, 11);
     let path = dir.path().join("streams.safetensors");
     head.save(&path, &HashMap::new()).unwrap();
     let loaded = StreamHead::load(&path, DType::F32, &Device::Cpu).unwrap();
@@ -245,7 +227,7 @@ fn stream_checkpoints_round_trip_and_bad_ones_are_typed_errors() {
     assert!(matches!(torn, Err(Error::CorruptFile { .. })), "{torn:?}");
     let wide = common::load_fixture("llama"); // hidden 32, 3 layers: fits
     assert!(wide.with_streams(Arc::new(loaded.clone())).is_ok());
-    let narrow_head = random_head(config, 16, 1);
+    let narrow_head = common::random_head(config, 16, 1);
     let err = wide.with_streams(Arc::new(narrow_head));
     assert!(matches!(err, Err(Error::InvalidArgument(_))), "{err:?}");
 }

@@ -179,3 +179,38 @@ pub fn random_model(
     candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
     load_model_dir(&DirFiles::local(dir).unwrap(), &LoadOptions::default()).unwrap()
 }
+
+/// Stream parameters drawn uniformly (seeded): streams that propose something, mostly wrong.
+pub fn random_head(
+    config: mirror_core::StreamConfig,
+    hidden: usize,
+    seed: u64,
+) -> mirror_core::StreamHead {
+    random_head_scaled(config, hidden, seed, 0.5)
+}
+
+/// [`random_head`] with stream embeddings of scale `embedding_scale` (larger: stream
+/// distributions further from the main stream's).
+pub fn random_head_scaled(
+    config: mirror_core::StreamConfig,
+    hidden: usize,
+    seed: u64,
+    embedding_scale: f32,
+) -> mirror_core::StreamHead {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut random = |shape: (usize, usize), scale: f32| {
+        let data: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| scale * (rng.random::<f32>() * 2.0 - 1.0))
+            .collect();
+        Tensor::from_vec(data, shape, &candle_core::Device::Cpu).unwrap()
+    };
+    let (r, s) = (config.rank, config.num_streams);
+    mirror_core::StreamHead::from_tensors(
+        config,
+        random((r, hidden), 0.3),
+        random((hidden, r), 0.3),
+        random((s, hidden), embedding_scale),
+    )
+    .unwrap()
+}

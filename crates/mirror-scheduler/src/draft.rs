@@ -1,5 +1,13 @@
 //! The draft side: autoregressive rollouts and branch-complete hypothesis trees, over a draft
 //! model and its own KV cache. Used in-thread by vanilla SD and on its worker thread by Mirror-SD.
+//!
+//! A draft with speculative streams ([`Model::with_streams`]) proposes its main-stream token and
+//! one token per stream in each step. With a greedy draft, the next step also checks the stream
+//! tokens against the main stream (every fed row's main logits come with the pass) and replaces
+//! the first one it disagrees with, as Speculative Streaming does; streams anchored at every fed
+//! row make the step after a disagreement propose a full set again. A sampling draft keeps its
+//! stream tokens as sampled from their own distributions (the distribution each token was drawn
+//! from is what the target's verification divides by, so output stays exact).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -28,6 +36,38 @@ pub(crate) fn mix(a: u64, b: u64) -> u64 {
 /// Logits rows of a forward, as host vectors.
 pub(crate) fn host_rows(logits: &candle_core::Tensor) -> Result<Vec<Vec<f32>>> {
     Ok(logits.squeeze(0)?.to_vec2::<f32>()?)
+}
+
+/// What one draft step leaves a chain: the main distribution after its newest fed token and the
+/// streams' distributions anchored there (empty without streams).
+#[derive(Debug, Clone, Default)]
+struct StepLogits {
+    main: Vec<f32>,
+    streams: Vec<Vec<f32>>,
+}
+
+/// Draft work since the last [`DraftState::take_counters`].
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct DraftCounters {
+    /// Forward passes.
+    pub forwards: usize,
+    /// Compute time.
+    pub busy: Duration,
+    /// Draft steps: one chain (a rollout or one branch) advanced by one forward.
+    pub steps: usize,
+    /// Tokens those steps added to their windows (eta = tokens / steps).
+    pub tokens: usize,
+}
+
+/// How many of `fed` (a chain's newest tokens, the first already trusted) the main stream
+/// agrees with: token `i >= 1` stands if the main argmax after token `i - 1` is `fed[i]`.
+fn agreed_prefix(fed: &[u32], main_rows: &[Vec<f32>]) -> usize {
+    1 + fed
+        .iter()
+        .skip(1)
+        .zip(main_rows)
+        .take_while(|(&token, row)| sampling::argmax(row) == token)
+        .count()
 }
 
 /// A branch of the hypothesis tree as drafted so far.
@@ -80,9 +120,8 @@ pub(crate) struct DraftState {
     pub stop_ids: Vec<u32>,
     /// Drafted tokens stay below this position: past it the target could not verify them.
     position_limit: usize,
-    /// Forward passes and compute time since the last `take_counters`.
-    pub forwards: usize,
-    pub busy: Duration,
+    /// Work since the last `take_counters`.
+    counters: DraftCounters,
     /// Busy intervals of the current tree, for the hidden-time split.
     pub intervals: Vec<(Instant, Instant)>,
     /// Fault injection for tests: after this many forwards, fail once (panic or error).
@@ -99,8 +138,7 @@ impl DraftState {
             params: SamplingParams::greedy(),
             stop_ids: Vec::new(),
             position_limit: usize::MAX,
-            forwards: 0,
-            busy: Duration::ZERO,
+            counters: DraftCounters::default(),
             intervals: Vec::new(),
             fault: None,
             total_forwards: 0,
@@ -140,11 +178,20 @@ impl DraftState {
             .ok_or_else(|| Error::InvalidConfig("draft used before reset".into()))
     }
 
-    pub fn take_counters(&mut self) -> (usize, Duration) {
-        let out = (self.forwards, self.busy);
-        self.forwards = 0;
-        self.busy = Duration::ZERO;
-        out
+    pub fn take_counters(&mut self) -> DraftCounters {
+        std::mem::take(&mut self.counters)
+    }
+
+    /// Streams of the draft (0: one token per step).
+    fn num_streams(&self) -> usize {
+        self.model
+            .streams()
+            .map_or(0, |head| head.config().num_streams)
+    }
+
+    /// Whether a step checks the previous step's stream tokens against the main stream.
+    fn self_verifying(&self) -> bool {
+        self.num_streams() > 0 && self.params.is_greedy()
     }
 
     fn timed<T>(
@@ -166,9 +213,9 @@ impl DraftState {
         let model = Arc::clone(&self.model);
         let out = f(&model, self.cache()?)?;
         let end = Instant::now();
-        self.forwards += 1;
+        self.counters.forwards += 1;
         self.total_forwards += 1;
-        self.busy += end - start;
+        self.counters.busy += end - start;
         self.intervals.push((start, end));
         Ok(out)
     }
@@ -180,6 +227,54 @@ impl DraftState {
         Ok(logits)
     }
 
+    /// Feeds a chain's newest `tokens` causally after the cache. With `check` (and a
+    /// self-verifying draft), tokens after the first stand only while the main stream agrees;
+    /// the rest leave the cache again. Returns how many stood and the step's logits after the
+    /// last of them.
+    fn feed_chain(&mut self, tokens: &[u32], check: bool) -> Result<(usize, StepLogits)> {
+        if tokens.is_empty() {
+            return Err(Error::Core(mirror_core::Error::InvalidArgument(
+                "a draft step needs at least one token to feed".into(),
+            )));
+        }
+        if self.num_streams() == 0 {
+            return Ok((
+                tokens.len(),
+                StepLogits {
+                    main: self.feed(tokens)?,
+                    streams: Vec::new(),
+                },
+            ));
+        }
+        let check = check && self.self_verifying();
+        let rows: Vec<usize> = if check {
+            (0..tokens.len()).collect()
+        } else {
+            vec![tokens.len() - 1]
+        };
+        let device = self.model.device().clone();
+        let base = self.cache()?.len();
+        let input = AttentionInput::causal(1, tokens.len(), base, &device)?;
+        let out = self.timed(|m, c| m.forward_with_streams(tokens, &input, c, &rows, &rows))?;
+        let main = out.main.to_vec2::<f32>()?;
+        let mut streams = out.streams.to_vec3::<f32>()?;
+        let kept = if check {
+            agreed_prefix(tokens, &main)
+        } else {
+            tokens.len()
+        };
+        self.cache()?.truncate(base + kept);
+        self.cached.extend_from_slice(&tokens[..kept]);
+        let anchor = if check { kept - 1 } else { 0 };
+        Ok((
+            kept,
+            StepLogits {
+                main: main[anchor].clone(),
+                streams: std::mem::take(&mut streams[anchor]),
+            },
+        ))
+    }
+
     /// How many leading tokens of `context` the cache already holds.
     fn cached_prefix(&self, context: &[u32]) -> usize {
         self.cached
@@ -189,15 +284,16 @@ impl DraftState {
             .count()
     }
 
-    /// Makes the cache hold `context` and returns the logits after its last token.
-    fn advance_to(&mut self, context: &[u32]) -> Result<Vec<f32>> {
+    /// Makes the cache hold `context` and returns the step's logits after its last token.
+    fn advance_to(&mut self, context: &[u32]) -> Result<StepLogits> {
         let mut common = self.cached_prefix(context);
         if common == context.len() {
             // Everything is cached but the logits after it are not: feed the last token again.
             common -= 1;
         }
         self.truncate(common)?;
-        self.feed(&context[common..])
+        // Committed tokens are not checked: they are the target's.
+        Ok(self.feed_chain(&context[common..], false)?.1)
     }
 
     /// Makes the cache hold `context` exactly (no logits needed).
@@ -230,35 +326,61 @@ impl DraftState {
     }
 
     /// Drafts up to `count` tokens after `context` (a stop token ends the window early). The
-    /// cache then holds `context` and every drafted token but the last.
+    /// cache then holds `context` and every drafted token but those of the last step.
     pub fn rollout(&mut self, context: &[u32], count: usize, seed: u64) -> Result<DraftWindow> {
         let mut window = DraftWindow::default();
         let count = count.min(self.position_limit.saturating_sub(context.len()));
         if count == 0 {
             return Ok(window);
         }
-        let logits = self.advance_to(context)?;
-        self.extend(&mut window, logits, count, seed)?;
+        let step = self.advance_to(context)?;
+        self.extend(&mut window, step, count, seed)?;
         Ok(window)
     }
 
-    /// Continues `window` from `logits` (the distribution after its last fed token) to `count`.
-    fn extend(
-        &mut self,
+    /// Appends one step's proposals to `window`: the main token, then one per stream, up to
+    /// `count` tokens or a stop token. Returns whether the window is finished.
+    fn propose(
+        &self,
         window: &mut DraftWindow,
-        mut logits: Vec<f32>,
+        step: &StepLogits,
         count: usize,
         seed: u64,
-    ) -> Result<()> {
-        loop {
-            let (token, choice) = self.choose(&logits, seed, window.len());
+    ) -> bool {
+        for logits in std::iter::once(&step.main).chain(&step.streams) {
+            let (token, choice) = self.choose(logits, seed, window.len());
             window.tokens.push(token);
             window.choices.push(choice);
             if window.len() >= count || self.is_stop(token) {
-                return Ok(());
+                return true;
             }
-            logits = self.feed(&[token])?;
         }
+        false
+    }
+
+    /// Continues `window` from `step` (the logits after its last fed token) to `count`.
+    fn extend(
+        &mut self,
+        window: &mut DraftWindow,
+        mut step: StepLogits,
+        count: usize,
+        seed: u64,
+    ) -> Result<()> {
+        let start = window.len();
+        loop {
+            let before = window.len();
+            let finished = self.propose(window, &step, count, seed);
+            self.counters.steps += 1;
+            if finished {
+                break;
+            }
+            let fresh = window.tokens[before..].to_vec();
+            let (kept, next) = self.feed_chain(&fresh, true)?;
+            window.truncate(before + kept);
+            step = next;
+        }
+        self.counters.tokens += window.len() - start;
+        Ok(())
     }
 
     /// Drafts the branches of `plan` (most likely first) after the linear `context`
@@ -318,29 +440,70 @@ impl DraftState {
                     });
                     tokens.push(t);
                 }
-                let first_branch_row = base + tail.len();
-                for (k, &i) in active.iter().enumerate() {
+                // Every active branch feeds its unfed tokens: the root first, then what its last
+                // step proposed (one token, or one per stream too).
+                let mut fed: Vec<(usize, Vec<u32>)> = Vec::with_capacity(active.len());
+                for &i in &active {
                     let b = &branches[i];
+                    let unfed = if b.nodes.is_empty() {
+                        vec![b.plan.token]
+                    } else {
+                        b.window.tokens[b.nodes.len() - 1..].to_vec()
+                    };
                     let prefix_len = window_start + b.plan.row + 1;
-                    let mut extra = b.nodes.clone();
-                    extra.push(first_branch_row + k);
-                    rows.push(RowVisibility {
-                        position: prefix_len + b.nodes.len(),
-                        prefix_len,
-                        extra,
-                    });
-                    tokens.push(b.window.tokens.last().copied().unwrap_or(b.plan.token));
+                    let first_row = base + rows.len();
+                    for (k, &t) in unfed.iter().enumerate() {
+                        let mut extra = b.nodes.clone();
+                        extra.extend(first_row..=first_row + k);
+                        rows.push(RowVisibility {
+                            position: prefix_len + b.nodes.len() + k,
+                            prefix_len,
+                            extra,
+                        });
+                        tokens.push(t);
+                    }
+                    fed.push((first_row - base, unfed));
                 }
-                let input = AttentionInput::from_rows(&rows, base + rows.len(), &device)?;
-                let logits = self.timed(|m, c| m.forward(&[&tokens], &input, c))?;
-                let logits = host_rows(&logits)?;
+                // Logit (and stream) rows: the tail's last (the bonus guess), then each branch's
+                // last fed row, or all of its fed rows when stream tokens are checked.
+                let check = self.self_verifying();
                 let skip = tail.len();
+                let mut wanted: Vec<usize> = Vec::new();
+                if skip > 0 {
+                    wanted.push(skip - 1);
+                }
+                let mut anchors: Vec<usize> = Vec::new();
+                for (first, unfed) in &fed {
+                    let from = if check {
+                        *first
+                    } else {
+                        first + unfed.len() - 1
+                    };
+                    anchors.extend(from..first + unfed.len());
+                }
+                wanted.extend(&anchors);
+                let stream_rows = if self.num_streams() > 0 {
+                    anchors.clone()
+                } else {
+                    Vec::new()
+                };
+                let input = AttentionInput::from_rows(&rows, base + rows.len(), &device)?;
+                let out = self.timed(|m, c| {
+                    m.forward_with_streams(&tokens, &input, c, &wanted, &stream_rows)
+                })?;
+                let main = out.main.to_vec2::<f32>()?;
+                let mut streams = if stream_rows.is_empty() {
+                    Vec::new()
+                } else {
+                    out.streams.to_vec3::<f32>()?
+                };
+                let row_of = |r: usize| wanted.iter().position(|&w| w == r);
                 // The tail's last row is the draft's own prediction after w_gamma: its guess for
                 // the bonus token. Root a branch there too (the draft continuing its own chain),
                 // unless the plan already has it; it is fed with the next pass.
                 if skip > 0 && self.cached.len() + skip == context.len() {
                     let bonus_row = context.len() - 1 - window_start;
-                    let guess = sampling::argmax(&logits[skip - 1]);
+                    let guess = sampling::argmax(&main[0]);
                     let planned = plan.iter().any(|p| p.row == bonus_row && p.token == guess);
                     if !planned && window_start + bonus_row + 2 < self.position_limit {
                         let p = BranchPlan {
@@ -352,16 +515,43 @@ impl DraftState {
                     }
                 }
                 self.cached.append(&mut tail);
-                for (k, &i) in active.iter().enumerate() {
-                    let (seed, index) = (branches[i].seed, branches[i].window.len());
-                    let (token, choice) = self.choose(&logits[skip + k], seed, index);
+                for (&i, (first, unfed)) in active.iter().zip(&fed) {
+                    // Rows of this branch's fed tokens among the wanted ones.
+                    let own: Vec<usize> =
+                        (0..unfed.len()).filter_map(|k| row_of(first + k)).collect();
+                    let kept = if check {
+                        let own_main: Vec<Vec<f32>> =
+                            own.iter().map(|&w| main[w].clone()).collect();
+                        agreed_prefix(unfed, &own_main)
+                    } else {
+                        unfed.len()
+                    };
+                    let anchor = own[if check { kept - 1 } else { 0 }];
+                    let step = StepLogits {
+                        main: main[anchor].clone(),
+                        streams: if streams.is_empty() {
+                            Vec::new()
+                        } else {
+                            // Stream rows follow the wanted rows after the tail's.
+                            std::mem::take(&mut streams[anchor - usize::from(skip > 0)])
+                        },
+                    };
                     let b = &mut branches[i];
-                    b.nodes.push(first_branch_row + k);
-                    b.window.tokens.push(token);
-                    b.window.choices.push(choice);
+                    let room = self.position_limit - (window_start + b.plan.row + 2);
+                    let count = gamma.min(room);
+                    b.nodes.extend((0..kept).map(|k| base + first + k));
+                    if !b.nodes.is_empty() && b.nodes.len() - 1 < b.window.len() {
+                        // Stream tokens the main stream disagreed with leave the window.
+                        b.window.truncate(b.nodes.len() - 1);
+                    }
+                    let mut window = std::mem::take(&mut b.window);
+                    self.propose(&mut window, &step, count, b.seed);
+                    self.counters.steps += 1;
+                    branches[i].window = window;
                 }
             }
         }
+        self.counters.tokens += branches.iter().map(|b| b.window.len()).sum::<usize>();
         Ok(branches)
     }
 
@@ -404,9 +594,11 @@ impl DraftState {
             window.truncate(gamma);
             return Ok((window, Resolution::Hit));
         }
-        let last = *drafted.last().unwrap_or(&token);
-        let logits = self.feed(&[last])?;
-        self.extend(&mut window, logits, gamma.min(room), branch.seed)?;
+        // The branch's last step is not fed yet: feed it (checking stream tokens), then go on.
+        let fed = branch.nodes.len() - 1;
+        let (kept, step) = self.feed_chain(&drafted[fed..], true)?;
+        window.truncate(fed + kept);
+        self.extend(&mut window, step, gamma.min(room), branch.seed)?;
         Ok((window, Resolution::Partial))
     }
 

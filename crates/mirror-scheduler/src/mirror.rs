@@ -26,7 +26,7 @@ use mirror_core::{AttentionInput, Model};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use crate::config::{FinishReason, Generation, GenerationConfig, StreamControl};
-use crate::draft::{host_rows, mix, DraftState, Resolution};
+use crate::draft::{host_rows, mix, DraftCounters, DraftState, Resolution};
 use crate::error::{Error, Result};
 use crate::progress::{capacity_for, Progress};
 use crate::speculative::{check_pair, draft_params};
@@ -122,8 +122,7 @@ enum ToDraft {
 struct DraftReport {
     window: DraftWindow,
     resolution: Option<Resolution>,
-    forwards: usize,
-    busy: Duration,
+    counters: DraftCounters,
     hidden: Duration,
     completed: usize,
 }
@@ -184,12 +183,10 @@ impl Worker {
     }
 
     fn report(&mut self, window: DraftWindow, resolution: Option<Resolution>) -> DraftReport {
-        let (forwards, busy) = self.state.take_counters();
         DraftReport {
             window,
             resolution,
-            forwards,
-            busy,
+            counters: self.state.take_counters(),
             ..DraftReport::default()
         }
     }
@@ -402,8 +399,13 @@ impl MirrorBuilder {
                 None => worker.run(),
             })
             .map_err(|e| Error::WorkerFailed(format!("cannot spawn the draft worker: {e}")))?;
+        let draft_streams = self
+            .draft
+            .streams()
+            .map_or(0, |head| head.config().num_streams);
         Ok(Mirror {
             target: self.target,
+            draft_streams,
             gamma: self.gamma,
             kappa: self.kappa,
             early_exit_layer,
@@ -422,6 +424,8 @@ impl MirrorBuilder {
 /// Mirror speculative decoding: target and draft in parallel, with a hypothesis tree.
 pub struct Mirror {
     target: Arc<Model>,
+    /// Speculative streams of the draft (a step feeds up to `1 + draft_streams` rows a branch).
+    draft_streams: usize,
     gamma: usize,
     kappa: usize,
     early_exit_layer: usize,
@@ -535,7 +539,11 @@ impl Decoder for Mirror {
         let mut stats = Stats::new(gamma);
         let mut progress = Progress::new(config, &self.target, on_tokens);
         let mut rng = StdRng::seed_from_u64(mix(config.seed, 1));
-        let tree_rows = kappa * (gamma + 1) * gamma + gamma + 2;
+        // Planned branches plus the bonus guess, each fed at most gamma times; a step of a
+        // draft with streams feeds up to 1 + streams rows (stream tokens the main stream
+        // rejects keep their rows until the tree is resolved).
+        let branches = kappa * (gamma + 1) + 1;
+        let tree_rows = branches * gamma * (1 + self.draft_streams) + gamma + 2;
         self.drain()?;
         self.request(ToDraft::Reset {
             capacity: capacity + tree_rows,
@@ -561,9 +569,8 @@ impl Decoder for Mirror {
             count: gamma,
             seed: mix(config.seed, u64::MAX),
         })?;
-        stats.draft_passes += first.forwards;
-        stats.time.draft_busy += first.busy;
-        stats.time.wait_final += first.busy;
+        stats.record_draft(first.counters);
+        stats.time.wait_final += first.counters.busy;
         let mut window = first.window;
         let layers = self.target.num_layers();
         let device = self.target.device().clone();
@@ -653,8 +660,7 @@ impl Decoder for Mirror {
                 target_done,
             })?;
             stats.time.wait_final += t4.elapsed();
-            stats.draft_passes += report.forwards;
-            stats.time.draft_busy += report.busy;
+            stats.record_draft(report.counters);
             stats.time.draft_hidden += report.hidden;
             stats.branches_completed += report.completed;
             match report.resolution {

@@ -172,9 +172,7 @@ impl Decoder for SpeculativeDecoding {
             let window = self
                 .draft
                 .rollout(&seq, gamma.min(room), mix(config.seed, step))?;
-            let (forwards, busy) = self.draft.take_counters();
-            stats.draft_passes += forwards;
-            stats.time.draft_busy += busy;
+            stats.record_draft(self.draft.take_counters());
 
             let pass = Instant::now();
             let base = cache.len();

@@ -38,6 +38,11 @@ pub struct Stats {
     pub target_passes: usize,
     /// Forward passes of the draft after prefill (tree passes count once).
     pub draft_passes: usize,
+    /// Draft steps: one chain (a rollout or a tree branch) advanced by one draft forward.
+    pub draft_steps: usize,
+    /// Tokens those steps put in windows and branches; `eta = draft_tokens / draft_steps` is
+    /// 1 for a plain draft and up to `1 + streams` with speculative streams.
+    pub draft_tokens: usize,
     /// Windows verified.
     pub windows: usize,
     /// `accepted_histogram[a]`: windows with `a` draft tokens accepted.
@@ -86,6 +91,28 @@ impl Stats {
                 self.position_accepted[j] += 1;
             }
         }
+    }
+
+    pub(crate) fn record_draft(&mut self, counters: crate::draft::DraftCounters) {
+        self.draft_passes += counters.forwards;
+        self.draft_steps += counters.steps;
+        self.draft_tokens += counters.tokens;
+        self.time.draft_busy += counters.busy;
+    }
+
+    /// Tokens the draft proposes per step (`eta`).
+    pub fn eta(&self) -> f64 {
+        ratio(self.draft_tokens as f64, self.draft_steps as f64)
+    }
+
+    /// Draft forward passes per verified window.
+    pub fn draft_passes_per_window(&self) -> f64 {
+        ratio(self.draft_passes as f64, self.windows as f64)
+    }
+
+    /// Draft compute time per verified window, in seconds.
+    pub fn draft_seconds_per_window(&self) -> f64 {
+        ratio(self.time.draft_busy.as_secs_f64(), self.windows as f64)
     }
 
     /// Mean accepted draft tokens per window, `E[A]`.
@@ -168,6 +195,12 @@ impl Stats {
                 self.windows,
                 self.mean_accepted(),
                 self.tokens_per_target_pass()
+            );
+            out += &format!(
+                "draft: eta {:.2} tokens/step, {:.2} passes and {:.1} ms per window\n",
+                self.eta(),
+                self.draft_passes_per_window(),
+                self.draft_seconds_per_window() * 1e3
             );
             out += &format!("accepted-length histogram {:?}\n", self.accepted_histogram);
             let by_pos: Vec<String> = self
