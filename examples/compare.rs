@@ -7,7 +7,12 @@
 //! cargo run --release --example compare                       # default pair, the whole suite
 //! cargo run --release --example compare -- --per-category 1 --max-new-tokens 48
 //! cargo run --release --example compare -- --target models/SmolLM2-135M-Instruct.Q4_1.gguf --self-draft-layers 10
+//! # with and without speculative streams on the draft
+//! cargo run --release --example compare -- --draft-streams streams/qwen2.5-coder-0.5b-instruct.safetensors \
+//!     --methods ar,sd,sd+ss,mirror,mirror+ss
 //! ```
+//!
+//! A method with the suffix `+ss` uses the draft with the streams of `--draft-streams` attached.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -53,7 +58,11 @@ struct Args {
     /// Threads of the Mirror draft worker's own pool (default: the global pool).
     #[arg(long)]
     draft_threads: Option<usize>,
-    /// Strategies to run, comma-separated: ar, sd, mirror, mirror-full.
+    /// Speculative-stream checkpoint for the draft (enables the `+ss` methods).
+    #[arg(long)]
+    draft_streams: Option<PathBuf>,
+    /// Strategies to run, comma-separated: ar, sd, mirror, mirror-full; sd, mirror and
+    /// mirror-full with `+ss` use the draft with streams.
     #[arg(long, default_value = "ar,sd,mirror,mirror-full")]
     methods: String,
     #[arg(long, default_value = "target/compare")]
@@ -72,6 +81,9 @@ struct Totals {
     resolved: usize,
     /// Sum over windows of Omega (final mass on the early-exit top-kappa at the deciding row).
     omega_sum: f64,
+    draft_passes: usize,
+    draft_steps: usize,
+    draft_tokens: usize,
     draft_busy: f64,
     draft_hidden: f64,
     target_prefix: f64,
@@ -91,6 +103,9 @@ impl Totals {
         self.reuse += s.reuse_hits + s.reuse_partial;
         self.resolved += s.reuse_hits + s.reuse_partial + s.fallbacks;
         self.omega_sum += s.omega_sum;
+        self.draft_passes += s.draft_passes;
+        self.draft_steps += s.draft_steps;
+        self.draft_tokens += s.draft_tokens;
         self.draft_busy += s.time.draft_busy.as_secs_f64();
         self.draft_hidden += s.time.draft_hidden.as_secs_f64();
         self.target_prefix += s.time.target_prefix.as_secs_f64();
@@ -105,6 +120,12 @@ impl Totals {
     }
     fn reuse_rate(&self) -> f64 {
         self.reuse as f64 / (self.resolved.max(1)) as f64
+    }
+    fn eta(&self) -> f64 {
+        self.draft_tokens as f64 / self.draft_steps.max(1) as f64
+    }
+    fn draft_ms_per_window(&self) -> f64 {
+        1e3 * self.draft_busy / self.windows.max(1) as f64
     }
     fn hidden(&self) -> f64 {
         self.draft_hidden / self.draft_busy.max(1e-9)
@@ -123,8 +144,23 @@ fn build(
     args: &Args,
     target: &Arc<mirror_sd::mirror_core::Model>,
     draft: &Option<Arc<mirror_sd::mirror_core::Model>>,
+    draft_streams: &Option<Arc<mirror_sd::mirror_core::Model>>,
 ) -> Result<Box<dyn Decoder>, String> {
-    let draft = || draft.clone().ok_or_else(|| "a draft is needed".to_string());
+    let (method, draft) = match method.strip_suffix("+ss") {
+        Some(base) => (
+            base,
+            draft_streams
+                .clone()
+                .ok_or_else(|| format!("`{method}` needs --draft-streams"))?,
+        ),
+        None => (
+            method,
+            draft
+                .clone()
+                .ok_or_else(|| "a draft is needed".to_string())?,
+        ),
+    };
+    let draft = || -> Result<_, String> { Ok(Arc::clone(&draft)) };
     let mirror = |schedule| -> Result<Box<dyn Decoder>, String> {
         let mut b = Mirror::builder(Arc::clone(target), draft()?)
             .gamma(args.gamma)
@@ -192,13 +228,20 @@ fn run(args: Args) -> Result<(), String> {
     } else {
         None
     };
+    let draft_streams = match (&args.draft_streams, &draft) {
+        (Some(path), Some(draft)) => Some(common::attach_streams(draft, path)?),
+        _ => None,
+    };
     let config = GenerationConfig::greedy(args.max_new_tokens);
     let tokenizer = loaded.tokenizer;
     let mut engines: Vec<(String, Engine)> = Vec::new();
     for m in &methods {
         engines.push((
             m.clone(),
-            Engine::new(build(m, &args, &target, &draft)?, tokenizer.clone()),
+            Engine::new(
+                build(m, &args, &target, &draft, &draft_streams)?,
+                tokenizer.clone(),
+            ),
         ));
     }
     // per method -> per category totals
@@ -218,10 +261,11 @@ fn run(args: Args) -> Result<(), String> {
                 })
                 .map_err(|e| format!("{name} on {id}: {e}"))?;
             eprintln!(
-                "{id:<14} {name:<12} {:>4} tokens {:>6.2} tok/s  E[A] {:.2}  reuse {:.2}",
+                "{id:<14} {name:<14} {:>4} tokens {:>6.2} tok/s  E[A] {:.2}  eta {:.2}  reuse {:.2}",
                 g.tokens.len(),
                 g.stats.tokens_per_second(),
                 g.stats.mean_accepted(),
+                g.stats.eta(),
                 g.stats.reuse_rate()
             );
             match &reference {
@@ -255,6 +299,7 @@ fn run(args: Args) -> Result<(), String> {
     let json = serde_json::json!({
         "fallback_bound": bounds,
         "target": args.target, "draft": args.self_draft_layers.map(|l| format!("target's first {l} layers")).unwrap_or(args.draft.clone()),
+        "draft_streams": args.draft_streams,
         "gamma": args.gamma, "kappa": args.kappa, "exit_fraction": args.exit_fraction,
         "max_new_tokens": args.max_new_tokens, "prompts": prompts.len(), "results": results,
         "identical_to_autoregressive": mismatches.is_empty(),
@@ -291,20 +336,20 @@ fn categories(results: &BTreeMap<String, BTreeMap<String, Totals>>) -> Vec<Strin
 }
 
 fn markdown(methods: &[String], results: &BTreeMap<String, BTreeMap<String, Totals>>) -> String {
-    let mut out = String::from("| category | method | tok/s | speedup vs ar | vs sd | E[A] | tokens/target pass | reuse | draft hidden |\n|---|---|---|---|---|---|---|---|---|\n");
+    let mut out = String::from("| category | method | tok/s | speedup vs ar | vs sd | E[A] | tokens/target pass | eta | draft ms/window | reuse | draft hidden |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     for cat in categories(results) {
         let ar = results["ar"][&cat].tokens_per_second();
         let sd = results.get("sd").map(|r| r[&cat].tokens_per_second());
         for m in methods {
             let t = &results[m][&cat];
             let tps = t.tokens_per_second();
-            let vs_sd = match (m.starts_with("mirror"), sd) {
+            let vs_sd = match (m.starts_with("mirror") || m == "sd+ss", sd) {
                 (true, Some(sd)) => format!("{:.2}x", tps / sd),
                 _ => "".into(),
             };
             let spec = m != "ar";
             out += &format!(
-                "| {cat} | {m} | {tps:.2} | {:.2}x | {vs_sd} | {} | {:.2} | {} | {} |\n",
+                "| {cat} | {m} | {tps:.2} | {:.2}x | {vs_sd} | {} | {:.2} | {} | {} | {} | {} |\n",
                 tps / ar,
                 if spec {
                     format!("{:.2}", t.mean_accepted())
@@ -312,6 +357,16 @@ fn markdown(methods: &[String], results: &BTreeMap<String, BTreeMap<String, Tota
                     "".into()
                 },
                 t.tokens as f64 / t.target_passes.max(1) as f64,
+                if spec {
+                    format!("{:.2}", t.eta())
+                } else {
+                    "".into()
+                },
+                if spec {
+                    format!("{:.0}", t.draft_ms_per_window())
+                } else {
+                    "".into()
+                },
                 if m.starts_with("mirror") {
                     format!("{:.2}", t.reuse_rate())
                 } else {
@@ -332,7 +387,9 @@ fn markdown(methods: &[String], results: &BTreeMap<String, BTreeMap<String, Tota
 fn svg(methods: &[String], results: &BTreeMap<String, BTreeMap<String, Totals>>) -> String {
     let cats = categories(results);
     let shown: Vec<&String> = methods.iter().filter(|m| m.as_str() != "ar").collect();
-    let colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52"];
+    let colors = [
+        "#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860",
+    ];
     let (w, h, left, bottom, top) = (120.0 * cats.len() as f64 + 80.0, 360.0, 60.0, 60.0, 30.0);
     let max = cats
         .iter()

@@ -50,6 +50,9 @@ struct Args {
     /// Draft, in the same forms as the target.
     #[arg(long, default_value = common::DEFAULT_DRAFT)]
     draft: String,
+    /// Speculative-stream checkpoint for the draft: it then proposes 1 + streams tokens a step.
+    #[arg(long)]
+    draft_streams: Option<std::path::PathBuf>,
     /// Use the target's own first N layers as the draft instead of --draft.
     #[arg(long)]
     self_draft_layers: Option<usize>,
@@ -138,6 +141,7 @@ fn run(args: Args) -> Result<(), String> {
                 &draft_device,
                 args.draft_threads,
             )?;
+            let draft = common::with_optional_streams(draft, args.draft_streams.as_deref())?;
             Box::new(
                 SpeculativeDecoding::builder(Arc::clone(&target), draft)
                     .gamma(args.gamma)
@@ -154,6 +158,7 @@ fn run(args: Args) -> Result<(), String> {
                 &draft_device,
                 None,
             )?;
+            let draft = common::with_optional_streams(draft, args.draft_streams.as_deref())?;
             let early_exit = match args.exit_layer {
                 Some(l) => EarlyExit::Layer(l),
                 None => EarlyExit::Fraction(args.exit_fraction),

@@ -133,12 +133,36 @@ fn calibrate(args: &Args, path: &str) -> Result<(), String> {
         schedule: TreeSchedule::Anytime { rows_per_pass: 1 },
         shared_device: true,
     };
+    // Tokens per draft step, as measured (1 for a plain draft).
+    let eta = |m: &str| {
+        let steps = overall(m, "draft_steps").unwrap_or(0.0);
+        let tokens = overall(m, "draft_tokens").unwrap_or(0.0);
+        if steps > 0.0 {
+            tokens / steps
+        } else {
+            1.0
+        }
+    };
     let p = base.predict();
     row("ar", measured("ar"), p.autoregressive);
     row("sd", measured("sd"), p.speculative);
+    if results.get("sd+ss").is_some() {
+        let s = Scenario {
+            eta: eta("sd+ss"),
+            mean_accepted: mean_accepted("sd+ss").unwrap_or(0.0),
+            ..base
+        };
+        row(
+            &format!("sd+ss (eta {:.2})", s.eta),
+            measured("sd+ss"),
+            s.predict().speculative,
+        );
+    }
     for (m, schedule) in [
         ("mirror", TreeSchedule::Anytime { rows_per_pass: 2 }),
         ("mirror-full", TreeSchedule::FullGrid),
+        ("mirror+ss", TreeSchedule::Anytime { rows_per_pass: 2 }),
+        ("mirror-full+ss", TreeSchedule::FullGrid),
     ] {
         if results.get(m).is_none() {
             continue;
@@ -149,6 +173,7 @@ fn calibrate(args: &Args, path: &str) -> Result<(), String> {
             schedule,
             fallback_frequency: 1.0 - reuse,
             mean_accepted: mean_accepted(m).unwrap_or(0.0),
+            eta: eta(m),
             ..base
         };
         row(

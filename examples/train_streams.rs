@@ -230,9 +230,10 @@ fn frozen_states(
     }
     let bar = bar(sequences.len() as u64, "frozen layers");
     let mut out = Vec::with_capacity(sequences.len());
+    let started = Instant::now();
     for tokens in sequences {
         out.push(freeze(model, stream_layers, tokens).map_err(|e| e.to_string())?);
-        bar.inc(1);
+        tick(&bar, started);
     }
     bar.finish();
     let middles: Vec<&Tensor> = out.iter().map(|s| &s.middle).collect();
@@ -247,6 +248,7 @@ fn frozen_states(
 /// position: `labels[t + 1]` is the target's argmax after tokens `..=t` (`labels[0]` unchanged).
 fn distill(target: &Model, sequences: &mut [FrozenSequence]) -> Result<(), String> {
     let bar = bar(sequences.len() as u64, "target labels");
+    let started = Instant::now();
     let mut agree = 0usize;
     let mut total = 0usize;
     for sequence in sequences.iter_mut() {
@@ -265,7 +267,7 @@ fn distill(target: &Model, sequences: &mut [FrozenSequence]) -> Result<(), Strin
             total += 1;
             *label = predicted;
         }
-        bar.inc(1);
+        tick(&bar, started);
     }
     bar.finish();
     eprintln!(
@@ -273,6 +275,19 @@ fn distill(target: &Model, sequences: &mut [FrozenSequence]) -> Result<(), Strin
         100.0 * agree as f64 / total.max(1) as f64
     );
     Ok(())
+}
+
+/// Advances `bar`; when stderr is not a terminal (the bar is hidden), logs every tenth instead.
+fn tick(bar: &ProgressBar, started: Instant) {
+    bar.inc(1);
+    let (pos, len) = (bar.position(), bar.length().unwrap_or(0));
+    if bar.is_hidden() && len >= 10 && pos % (len / 10) == 0 {
+        eprintln!(
+            "{}: {pos}/{len} ({:.0} s)",
+            bar.message(),
+            started.elapsed().as_secs_f64()
+        );
+    }
 }
 
 fn bar(len: u64, what: &str) -> ProgressBar {

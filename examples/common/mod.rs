@@ -112,6 +112,25 @@ pub fn draft_model(
     Ok(Arc::new(loaded.model))
 }
 
+/// `draft` with the speculative streams of the checkpoint at `path` attached (weights shared).
+pub fn attach_streams(draft: &Arc<Model>, path: &Path) -> Result<Arc<Model>, String> {
+    let head = mirror_sd::mirror_core::StreamHead::load(path, draft.dtype(), draft.device())
+        .map_err(|e| format!("draft streams: {e}"))?;
+    eprintln!("draft streams: {:?} from {}", head.config(), path.display());
+    draft
+        .with_streams(Arc::new(head))
+        .map(Arc::new)
+        .map_err(|e| format!("draft streams: {e}"))
+}
+
+/// `draft` as it is, or with streams when a checkpoint is given.
+pub fn with_optional_streams(draft: Arc<Model>, path: Option<&Path>) -> Result<Arc<Model>, String> {
+    match path {
+        Some(path) => attach_streams(&draft, path),
+        None => Ok(draft),
+    }
+}
+
 /// Reads the prompt suite (`{"id", "category", "messages"}` per line).
 pub fn read_prompts(
     path: &Path,

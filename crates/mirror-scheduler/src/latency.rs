@@ -6,7 +6,8 @@
 //! Per window of gamma draft tokens that yields `E[A] + 1` tokens:
 //!
 //! - autoregressive: `T = t_T(1)` per token;
-//! - vanilla SD: `T = J * t_D(1) + t_T(gamma + 1)`, with `J = ceil(gamma / eta)` draft steps;
+//! - vanilla SD: `T = J * t_D(ceil(eta)) + t_T(gamma + 1)`, with `J = ceil(gamma / eta)` draft
+//!   steps, each feeding the previous step's `eta` tokens (`eta = 1` without streams);
 //! - Mirror, separate devices: `T = t_T,pre + 2 rv + max(t_T,suf, T_tree) + exposed`, where
 //!   `T_tree` is what the draft computes during the overlap and `exposed` the rollout steps still
 //!   missing after the final rendezvous: all `J` on a fallback (frequency FF), the unfinished
@@ -140,14 +141,16 @@ impl Scenario {
         let window = self.gamma + 1;
         let tokens = self.mean_accepted.min(self.gamma as f64) + 1.0;
         let steps = self.draft_steps();
-        let step = self.draft.time(1);
+        // A step feeds what the previous one proposed: about eta rows (streams ride along).
+        let step_rows = self.eta.max(1.0).ceil() as usize;
+        let step = self.draft.time(step_rows);
         let autoregressive = 1.0 / self.target.time(1);
         let speculative = tokens / (steps as f64 * step + self.target.time(window));
 
         let target = self.target.time(window);
         let prefix = self.exit_fraction * target;
         let suffix = target - prefix;
-        let rows = self.kappa * window;
+        let rows = self.kappa * window * step_rows;
         // Draft work during the overlap, and how far the needed branch gets (in draft steps).
         let (overlap_work, drafted_steps) = match self.schedule {
             TreeSchedule::FullGrid => {
@@ -156,7 +159,7 @@ impl Scenario {
                 (work, steps)
             }
             TreeSchedule::Anytime { rows_per_pass } => {
-                let pass = self.draft.time(rows_per_pass.max(1));
+                let pass = self.draft.time(rows_per_pass.max(1) * step_rows);
                 // Passes that fit in the suffix; the first also feeds the window tail, and the
                 // pass in flight when the target finishes completes (one more).
                 let passes = (suffix / pass).floor() as usize + 1;
