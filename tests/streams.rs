@@ -312,3 +312,49 @@ fn training_learns_a_pattern_and_resumes_exactly() {
         assert_eq!(common::max_abs_diff(a, b), 0.0, "resume diverged");
     }
 }
+
+#[test]
+fn a_config_that_declares_streams_loads_them_from_the_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = common::fixture_dir("qwen2");
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let config = StreamConfig {
+        num_streams: 2,
+        stream_layers: 1,
+        rank: 4,
+    };
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
+    json["speculative_streams"] = serde_json::to_value(&config).unwrap();
+    std::fs::write(dir.path().join("config.json"), json.to_string()).unwrap();
+    let files = mirror_sd::mirror_core::DirFiles::local(dir.path()).unwrap();
+    let options = mirror_sd::mirror_core::LoadOptions::default();
+    // Declared but absent: a typed error naming the file.
+    let missing = mirror_sd::mirror_core::load_model_dir(&files, &options);
+    assert!(
+        matches!(&missing, Err(Error::MissingFile { path, .. }) if path.ends_with("streams.safetensors")),
+        "{missing:?}"
+    );
+    let head = common::random_head(config.clone(), 32, 5);
+    let streams = dir.path().join("streams.safetensors");
+    head.save(&streams, &HashMap::new()).unwrap();
+    let model = mirror_sd::mirror_core::load_model_dir(&files, &options).unwrap();
+    assert_eq!(model.streams().map(|h| h.config()), Some(&config));
+    // Weights of another shape than declared: refused.
+    common::random_head(
+        StreamConfig {
+            num_streams: 3,
+            ..config
+        },
+        32,
+        5,
+    )
+    .save(&streams, &HashMap::new())
+    .unwrap();
+    let wrong = mirror_sd::mirror_core::load_model_dir(&files, &options);
+    assert!(matches!(wrong, Err(Error::InvalidArgument(_))), "{wrong:?}");
+}

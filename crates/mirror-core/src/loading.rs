@@ -8,7 +8,7 @@ use candle_core::{DType, Device};
 use crate::config::{ModelConfig, TokenIds};
 use crate::error::{Error, Result};
 use crate::hub::HubRepo;
-use crate::models::{config_from_gguf, transformer::Model};
+use crate::models::{config_from_gguf, streams::StreamHead, transformer::Model};
 use crate::tokenizer::Tokenizer;
 use crate::weights::{GgufWeights, SafetensorsWeights, WeightSource};
 
@@ -247,17 +247,39 @@ fn read_config(path: &Path) -> Result<ModelConfig> {
 }
 
 /// Loads only the model (config and weights) of a Hugging Face directory, without a tokenizer.
+///
+/// A config that declares `speculative_streams` loads them from `streams.safetensors` next to
+/// `config.json` (their shape must match the declaration).
 pub fn load_model_dir(files: &DirFiles, options: &LoadOptions) -> Result<Model> {
     let config = read_config(&files.config)?;
+    let declares_streams = config.speculative_streams.is_some();
     let weights = SafetensorsWeights::open(&files.weights)?;
-    let model = Model::load(
+    let mut model = Model::load(
         config,
         &weights as &dyn WeightSource,
         options.dtype,
         &options.device,
     )?;
+    if declares_streams {
+        let path = files
+            .config
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(STREAMS_FILE);
+        if !path.is_file() {
+            return Err(Error::MissingFile {
+                path,
+                what: "speculative-stream weights declared by config.json".into(),
+            });
+        }
+        let head = StreamHead::load(&path, options.dtype, &options.device)?;
+        model = model.with_streams(std::sync::Arc::new(head))?;
+    }
     with_pool(model, options)
 }
+
+/// File of a model directory's speculative-stream weights.
+pub const STREAMS_FILE: &str = "streams.safetensors";
 
 /// Gives the model its own thread pool when the options ask for one (every loader goes
 /// through here, so `LoadOptions::threads` means the same for directories, GGUF and the hub).
