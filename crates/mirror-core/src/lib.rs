@@ -10,7 +10,9 @@
 //! - a preallocated [`KvCache`] with O(1) rollback and tree-path compaction;
 //! - causal and tree [masks](mask) with per-token positions;
 //! - [loading] from Hugging Face directories, GGUF files and the hub (cache first);
-//! - [tokenizers](tokenizer) with chat templates, and pure [sampling] and verification rules.
+//! - [tokenizers](tokenizer) with chat templates, and pure [sampling] and verification rules;
+//! - [speculative streams](models::streams) that let a draft propose several tokens per forward,
+//!   and their [training] on a frozen draft.
 //!
 //! ```no_run
 //! use mirror_core::{load, AttentionInput, LoadOptions, ModelSource};

@@ -643,7 +643,7 @@ impl Model {
     ///
     /// `anchors` `(batch, anchors, hidden)` are the main stream's states entering layer
     /// `N - stream_layers` at the anchor rows; `input` comes from
-    /// [`stream_attention`](super::streams::stream_attention) (stream rows anchor-major, their
+    /// [`stream_attention`] (stream rows anchor-major, their
     /// mask over the cache's keys then over the stream rows). The cache must already hold the
     /// main rows of the top layers; stream keys and values are never written to it.
     /// Returns the streams' states after the last layer, `(batch, anchors * streams, hidden)`.
