@@ -233,6 +233,22 @@ fn context_limit_is_a_documented_stop() {
         );
         assert_eq!(got.tokens, want.tokens, "{}", decoder.name());
     }
+    // Drafts with streams stop the same way (their streams would reach past the context).
+    for (name, draft) in stream_drafts(&pair.target) {
+        let mut sd = SpeculativeDecoding::builder(Arc::clone(&pair.target), Arc::clone(&draft))
+            .gamma(4)
+            .build()
+            .unwrap();
+        let mut mirror_ss = Mirror::builder(Arc::clone(&pair.target), draft)
+            .gamma(4)
+            .build()
+            .unwrap();
+        for decoder in [&mut sd as &mut dyn Decoder, &mut mirror_ss] {
+            let got = decoder.generate(&prompt, &config).unwrap();
+            assert_eq!(got.finish_reason, FinishReason::ContextLimit, "{name}");
+            assert_eq!(got.tokens, want.tokens, "{} {name}", decoder.name());
+        }
+    }
     // A prompt that does not fit at all is an error, not a panic.
     let long: Vec<u32> = vec![3; 300];
     assert!(ar.generate(&long, &config).is_err());

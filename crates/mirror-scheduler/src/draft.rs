@@ -189,6 +189,12 @@ impl DraftState {
             .map_or(0, |head| head.config().num_streams)
     }
 
+    /// Whether streams anchored at positions up to `last_anchor` stay inside the draft's context
+    /// (near the end a step proposes its main token only).
+    fn streams_fit(&self, last_anchor: usize) -> bool {
+        last_anchor + self.num_streams() < self.model.context_limit()
+    }
+
     /// Whether a step checks the previous step's stream tokens against the main stream.
     fn self_verifying(&self) -> bool {
         self.num_streams() > 0 && self.params.is_greedy()
@@ -255,9 +261,19 @@ impl DraftState {
         let device = self.model.device().clone();
         let base = self.cache()?.len();
         let input = AttentionInput::causal(1, tokens.len(), base, &device)?;
-        let out = self.timed(|m, c| m.forward_with_streams(tokens, &input, c, &rows, &rows))?;
+        let stream_rows = if self.streams_fit(base + tokens.len() - 1) {
+            rows.clone()
+        } else {
+            Vec::new()
+        };
+        let out =
+            self.timed(|m, c| m.forward_with_streams(tokens, &input, c, &rows, &stream_rows))?;
         let main = out.main.to_vec2::<f32>()?;
-        let mut streams = out.streams.to_vec3::<f32>()?;
+        let mut streams = if stream_rows.is_empty() {
+            vec![Vec::new(); rows.len()]
+        } else {
+            out.streams.to_vec3::<f32>()?
+        };
         let kept = if check {
             agreed_prefix(tokens, &main)
         } else {
@@ -482,7 +498,8 @@ impl DraftState {
                     anchors.extend(from..first + unfed.len());
                 }
                 wanted.extend(&anchors);
-                let stream_rows = if self.num_streams() > 0 {
+                let deepest = rows.iter().map(|r| r.position).max().unwrap_or(0);
+                let stream_rows = if self.num_streams() > 0 && self.streams_fit(deepest) {
                     anchors.clone()
                 } else {
                     Vec::new()
