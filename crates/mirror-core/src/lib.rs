@@ -31,6 +31,7 @@
 //! # Ok(()) }
 //! ```
 
+pub(crate) mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod hub;

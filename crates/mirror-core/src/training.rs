@@ -14,10 +14,11 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Tensor, Var, D};
 use candle_nn::{Optimizer, ParamsAdamW};
 use rand::{rngs::StdRng, seq::index::sample, Rng, SeedableRng};
 
+use crate::checkpoint::{self, Checkpoint};
 use crate::error::{Error, Result};
 use crate::mask::AttentionInput;
 use crate::models::streams::{stream_attention, StreamConfig, StreamHead};
@@ -443,73 +444,35 @@ impl<'m> StreamTrainer<'m> {
             tensors.push((format!("adam.first.{i}"), self.optimizer.first[i].clone()));
             tensors.push((format!("adam.second.{i}"), self.optimizer.second[i].clone()));
         }
-        let mut metadata = HashMap::new();
-        metadata.insert("step".to_string(), self.optimizer.step.to_string());
-        metadata.insert("config".to_string(), to_json(&self.config)?);
-        metadata.insert("settings".to_string(), to_json(&self.settings)?);
-        let io = |e: String| Error::Io {
-            path: path.to_path_buf(),
-            source: std::io::Error::other(e),
-        };
-        // Write then rename, so an interrupted save never leaves a torn checkpoint.
-        let partial = path.with_extension("partial");
-        safetensors::tensor::serialize_to_file(tensors, Some(metadata), &partial)
-            .map_err(|e| io(e.to_string()))?;
-        std::fs::rename(&partial, path).map_err(|e| io(e.to_string()))
+        let metadata = HashMap::from([
+            ("step".to_string(), checkpoint::json(&self.optimizer.step)?),
+            ("config".to_string(), checkpoint::json(&self.config)?),
+            ("settings".to_string(), checkpoint::json(&self.settings)?),
+        ]);
+        checkpoint::write(path, tensors, metadata)
     }
 
     /// Resumes from [`StreamTrainer::save_state`]. The checkpoint's config and settings win.
     pub fn resume(model: &'m Model, path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::Io {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
-        let corrupt = |reason: String| Error::CorruptFile {
-            path: path.to_path_buf(),
-            reason,
+        let checkpoint = Checkpoint::read(path, model.device(), "stream training state")?;
+        let step: usize = checkpoint.meta("step")?;
+        let config: StreamConfig = checkpoint.meta("config")?;
+        let settings: TrainSettings = checkpoint.meta("settings")?;
+        let get = |kind: &str| -> Result<Vec<Tensor>> {
+            (0..3)
+                .map(|i| checkpoint.tensor(&format!("{kind}.{i}")))
+                .collect()
         };
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| corrupt(format!("not a safetensors file: {e}")))?;
-        let meta = header
-            .metadata()
-            .clone()
-            .ok_or_else(|| corrupt("no training metadata".into()))?;
-        let field = |k: &str| {
-            meta.get(k)
-                .cloned()
-                .ok_or_else(|| corrupt(format!("no `{k}` in the metadata")))
-        };
-        let step: usize = field("step")?
-            .parse()
-            .map_err(|e| corrupt(format!("bad step: {e}")))?;
-        let config: StreamConfig = serde_json::from_str(&field("config")?)
-            .map_err(|e| corrupt(format!("bad config: {e}")))?;
-        let settings: TrainSettings = serde_json::from_str(&field("settings")?)
-            .map_err(|e| corrupt(format!("bad settings: {e}")))?;
-        let device: &Device = model.device();
-        let tensors = candle_core::safetensors::load_buffer(&bytes, device)
-            .map_err(|e| corrupt(e.to_string()))?;
-        let get = |name: String| -> Result<Tensor> {
-            tensors.get(&name).cloned().ok_or(Error::MissingTensor {
-                name,
-                path: path.to_path_buf(),
-            })
-        };
-        let params = [
-            get("param.0".into())?,
-            get("param.1".into())?,
-            get("param.2".into())?,
-        ];
-        let first = (0..3)
-            .map(|i| get(format!("adam.first.{i}")))
-            .collect::<Result<Vec<_>>>()?;
-        let second = (0..3)
-            .map(|i| get(format!("adam.second.{i}")))
-            .collect::<Result<Vec<_>>>()?;
-        Self::from_parts(model, config, settings, params, Some((first, second)), step)
+        let [down, up, embeddings]: [Tensor; 3] = get("param")?
+            .try_into()
+            .map_err(|_| Error::invalid("three stream parameters expected"))?;
+        Self::from_parts(
+            model,
+            config,
+            settings,
+            [down, up, embeddings],
+            Some((get("adam.first")?, get("adam.second")?)),
+            step,
+        )
     }
-}
-
-fn to_json<T: serde::Serialize>(value: &T) -> Result<String> {
-    serde_json::to_string(value).map_err(|e| Error::invalid(e.to_string()))
 }

@@ -22,6 +22,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Linear;
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::{self, Checkpoint};
 use crate::error::{Error, Result};
 use crate::mask::AttentionInput;
 
@@ -126,61 +127,25 @@ impl StreamHead {
 
     /// Reads a stream checkpoint (see the module docs).
     pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::MissingFile {
-                    path: path.to_path_buf(),
-                    what: "speculative-stream checkpoint".into(),
-                }
-            } else {
-                Error::Io {
-                    path: path.to_path_buf(),
-                    source: e,
-                }
-            }
-        })?;
-        let corrupt = |reason: String| Error::CorruptFile {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| corrupt(format!("not a safetensors file: {e}")))?;
-        let config_json = metadata
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get(STREAM_CONFIG_KEY))
-            .ok_or_else(|| corrupt(format!("no `{STREAM_CONFIG_KEY}` entry in the metadata")))?;
-        let config: StreamConfig = serde_json::from_str(config_json)
-            .map_err(|e| corrupt(format!("bad stream config: {e}")))?;
-        let tensors = candle_core::safetensors::load_buffer(&bytes, device)
-            .map_err(|e| corrupt(e.to_string()))?;
-        let get = |name: &str| -> Result<Tensor> {
-            let tensor = tensors.get(name).ok_or_else(|| Error::MissingTensor {
-                name: name.to_string(),
-                path: path.to_path_buf(),
-            })?;
-            Ok(tensor.to_dtype(dtype)?)
-        };
+        let checkpoint = Checkpoint::read(path, device, "speculative-stream checkpoint")?;
+        let config: StreamConfig = checkpoint.meta(STREAM_CONFIG_KEY)?;
+        let get = |name: &str| -> Result<Tensor> { Ok(checkpoint.tensor(name)?.to_dtype(dtype)?) };
         Self::from_tensors(config, get(DOWN)?, get(UP)?, get(EMBEDDINGS)?)
     }
 
     /// Writes the head as a stream checkpoint (f32), with `extra` metadata entries.
     pub fn save(&self, path: &Path, extra: &HashMap<String, String>) -> Result<()> {
         let mut metadata = extra.clone();
-        let config = serde_json::to_string(&self.config)
-            .map_err(|e| Error::invalid(format!("stream config: {e}")))?;
-        metadata.insert(STREAM_CONFIG_KEY.into(), config);
-        let tensors = [
-            (DOWN, self.down.weight().to_dtype(DType::F32)?),
-            (UP, self.up.weight().to_dtype(DType::F32)?),
-            (EMBEDDINGS, self.embeddings.to_dtype(DType::F32)?),
+        metadata.insert(STREAM_CONFIG_KEY.into(), checkpoint::json(&self.config)?);
+        let tensors = vec![
+            (DOWN.to_string(), self.down.weight().to_dtype(DType::F32)?),
+            (UP.to_string(), self.up.weight().to_dtype(DType::F32)?),
+            (
+                EMBEDDINGS.to_string(),
+                self.embeddings.to_dtype(DType::F32)?,
+            ),
         ];
-        safetensors::tensor::serialize_to_file(tensors, Some(metadata), path).map_err(|e| {
-            Error::Io {
-                path: path.to_path_buf(),
-                source: std::io::Error::other(e.to_string()),
-            }
-        })
+        checkpoint::write(path, tensors, metadata)
     }
 
     /// The head's shape.
