@@ -61,6 +61,9 @@ struct Args {
     /// Speculative-stream checkpoint for the draft (enables the `+ss` methods).
     #[arg(long)]
     draft_streams: Option<PathBuf>,
+    /// Propose a stream token only when its stream's top probability reaches this.
+    #[arg(long, default_value_t = mirror_sd::mirror_scheduler::DEFAULT_STREAM_CONFIDENCE)]
+    stream_confidence: f32,
     /// Strategies to run, comma-separated: ar, sd, mirror, mirror-full; sd, mirror and
     /// mirror-full with `+ss` use the draft with streams.
     #[arg(long, default_value = "ar,sd,mirror,mirror-full")]
@@ -166,6 +169,7 @@ fn build(
             .gamma(args.gamma)
             .kappa(args.kappa)
             .early_exit(EarlyExit::Fraction(args.exit_fraction))
+            .stream_confidence(args.stream_confidence)
             .schedule(schedule);
         if let Some(t) = args.draft_threads {
             b = b.draft_threads(t);
@@ -177,6 +181,7 @@ fn build(
         "sd" => Ok(Box::new(
             SpeculativeDecoding::builder(Arc::clone(target), draft()?)
                 .gamma(args.gamma)
+                .stream_confidence(args.stream_confidence)
                 .build()
                 .map_err(|e| e.to_string())?,
         )),
@@ -299,7 +304,7 @@ fn run(args: Args) -> Result<(), String> {
     let json = serde_json::json!({
         "fallback_bound": bounds,
         "target": args.target, "draft": args.self_draft_layers.map(|l| format!("target's first {l} layers")).unwrap_or(args.draft.clone()),
-        "draft_streams": args.draft_streams,
+        "draft_streams": args.draft_streams, "stream_confidence": args.stream_confidence,
         "gamma": args.gamma, "kappa": args.kappa, "exit_fraction": args.exit_fraction,
         "max_new_tokens": args.max_new_tokens, "prompts": prompts.len(), "results": results,
         "identical_to_autoregressive": mismatches.is_empty(),

@@ -53,6 +53,9 @@ struct Args {
     /// Speculative-stream checkpoint for the draft: it then proposes 1 + streams tokens a step.
     #[arg(long)]
     draft_streams: Option<std::path::PathBuf>,
+    /// With --draft-streams: propose a stream token only when its top probability reaches this.
+    #[arg(long, default_value_t = mirror_sd::mirror_scheduler::DEFAULT_STREAM_CONFIDENCE)]
+    stream_confidence: f32,
     /// Use the target's own first N layers as the draft instead of --draft.
     #[arg(long)]
     self_draft_layers: Option<usize>,
@@ -145,6 +148,7 @@ fn run(args: Args) -> Result<(), String> {
             Box::new(
                 SpeculativeDecoding::builder(Arc::clone(&target), draft)
                     .gamma(args.gamma)
+                    .stream_confidence(args.stream_confidence)
                     .build()
                     .map_err(|e| e.to_string())?,
             )
@@ -173,6 +177,7 @@ fn run(args: Args) -> Result<(), String> {
                 .gamma(args.gamma)
                 .kappa(args.kappa)
                 .early_exit(early_exit)
+                .stream_confidence(args.stream_confidence)
                 .schedule(schedule);
             if let Some(threads) = args.draft_threads {
                 builder = builder.draft_threads(threads);

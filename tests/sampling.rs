@@ -272,6 +272,7 @@ fn stream_draft_sampling_matches_the_target_distribution() {
         let mut sd = SpeculativeDecoding::builder(Arc::clone(&m.target), Arc::clone(&draft))
             .gamma(3)
             .greedy_draft(greedy_draft)
+            .stream_confidence(0.0)
             .build()
             .unwrap();
         let (stat, critical) = chi_square(&sample_pairs(&mut sd, params), &expected);
@@ -284,6 +285,7 @@ fn stream_draft_sampling_matches_the_target_distribution() {
             .kappa(3)
             .schedule(DraftSchedule::FullGrid)
             .greedy_draft(greedy_draft)
+            .stream_confidence(0.0)
             .build()
             .unwrap();
         let (stat, critical) = chi_square(&sample_pairs(&mut mirror, params), &expected);

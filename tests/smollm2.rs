@@ -202,3 +202,57 @@ fn speculative_and_mirror_greedy_equal_autoregressive_on_smollm2() {
         }
     }
 }
+
+/// SmolLM2 drafting for itself with the streams trained by `examples/train_streams.rs`
+/// (shipped in `streams/`): greedy output equals the model alone, and the trained streams carry
+/// information (a stream token the main stream agrees with stays, so eta > 1 measures that).
+#[test]
+fn smollm2_with_its_trained_streams_equals_autoregressive() {
+    use mirror_sd::mirror_core::StreamHead;
+    use mirror_sd::mirror_scheduler::{
+        Autoregressive, Decoder, GenerationConfig, Mirror, SpeculativeDecoding,
+    };
+    use std::sync::Arc;
+    let Some(path) = common::smollm2_path() else {
+        return;
+    };
+    let loaded = load(&ModelSource::Gguf(path), &LoadOptions::default()).unwrap();
+    let target = Arc::new(loaded.model);
+    let streams = common::repo_root().join("streams/smollm2-135m-instruct.safetensors");
+    let head = StreamHead::load(&streams, target.dtype(), target.device()).unwrap();
+    let draft = Arc::new(target.with_streams(Arc::new(head)).unwrap());
+    let config = GenerationConfig::greedy(32);
+    let mut decoders: Vec<Box<dyn Decoder>> = vec![
+        Box::new(
+            SpeculativeDecoding::builder(Arc::clone(&target), Arc::clone(&draft))
+                .gamma(5)
+                .build()
+                .unwrap(),
+        ),
+        Box::new(
+            Mirror::builder(Arc::clone(&target), Arc::clone(&draft))
+                .gamma(5)
+                .kappa(2)
+                .build()
+                .unwrap(),
+        ),
+    ];
+    let mut ar = Autoregressive::new(Arc::clone(&target));
+    let mut steps = 0;
+    let mut tokens_drafted = 0;
+    for prompt in &PROMPTS[..2] {
+        let tokens = loaded.tokenizer.encode(prompt, true).unwrap();
+        let want = ar.generate(&tokens, &config).unwrap();
+        for decoder in decoders.iter_mut() {
+            let got = decoder.generate(&tokens, &config).unwrap();
+            assert_eq!(got.tokens, want.tokens, "{} on {prompt:?}", decoder.name());
+            steps += got.stats.draft_steps;
+            tokens_drafted += got.stats.draft_tokens;
+        }
+    }
+    let eta = tokens_drafted as f64 / steps as f64;
+    assert!(
+        eta > 1.2,
+        "trained streams kept {eta:.2} tokens per draft step"
+    );
+}

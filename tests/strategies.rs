@@ -287,14 +287,21 @@ fn greedy_decoding_with_stream_drafts_is_token_identical() {
     let expected = reference(&target);
     for (name, draft) in stream_drafts(&target) {
         for gamma in [1, 3, 7] {
-            let mut sd = SpeculativeDecoding::builder(Arc::clone(&target), Arc::clone(&draft))
-                .gamma(gamma)
-                .build()
-                .unwrap();
-            for (prompt, want) in PROMPTS.iter().zip(&expected) {
-                let got = sd.generate(prompt, &config()).unwrap();
-                assert_eq!(&got.tokens, want, "SD draft={name} gamma={gamma}");
-                assert!(got.stats.eta() >= 1.0, "{name}: eta {}", got.stats.eta());
+            // Every stream token proposed, and only confident ones.
+            for confidence in [0.0, 0.2] {
+                let mut sd = SpeculativeDecoding::builder(Arc::clone(&target), Arc::clone(&draft))
+                    .gamma(gamma)
+                    .stream_confidence(confidence)
+                    .build()
+                    .unwrap();
+                for (prompt, want) in PROMPTS.iter().zip(&expected) {
+                    let got = sd.generate(prompt, &config()).unwrap();
+                    assert_eq!(
+                        &got.tokens, want,
+                        "SD draft={name} gamma={gamma} confidence={confidence}"
+                    );
+                    assert!(got.stats.eta() >= 1.0, "{name}: eta {}", got.stats.eta());
+                }
             }
             for schedule in [
                 DraftSchedule::FullGrid,
@@ -307,6 +314,7 @@ fn greedy_decoding_with_stream_drafts_is_token_identical() {
                     .kappa(3)
                     .early_exit(EarlyExit::Layer(1))
                     .schedule(schedule)
+                    .stream_confidence(0.0)
                     .build()
                     .unwrap();
                 for (prompt, want) in PROMPTS.iter().zip(&expected) {
@@ -327,9 +335,10 @@ fn stream_drafts_propose_several_tokens_per_step() {
     let plain = Arc::new(target.truncated(1).unwrap());
     let streamed = Arc::clone(&stream_drafts(&target)[2].1); // identical + 3 streams
     let gamma = 7;
-    let run = |draft: &Arc<Model>, sampled: bool| {
+    let run_with = |draft: &Arc<Model>, sampled: bool, confidence: f32| {
         let mut sd = SpeculativeDecoding::builder(Arc::clone(&target), Arc::clone(draft))
             .gamma(gamma)
+            .stream_confidence(confidence)
             .build()
             .unwrap();
         let temperature = if sampled { 1.0 } else { 0.0 };
@@ -342,6 +351,7 @@ fn stream_drafts_propose_several_tokens_per_step() {
         };
         sd.generate(PROMPTS[2], &config).unwrap().stats
     };
+    let run = |draft: &Arc<Model>, sampled: bool| run_with(draft, sampled, 0.0);
     // A plain draft: exactly one token per step.
     assert_eq!(run(&plain, true).eta(), 1.0);
     assert_eq!(run(&plain, false).eta(), 1.0);
@@ -359,4 +369,12 @@ fn stream_drafts_propose_several_tokens_per_step() {
         "{:?}",
         greedy.accepted_histogram
     );
+    // A threshold no stream reaches turns the streams off: one token per step again.
+    assert_eq!(run_with(&streamed, true, 1.0).eta(), 1.0);
+    assert_eq!(run_with(&streamed, false, 1.0).eta(), 1.0);
+    // Out-of-range thresholds are configuration errors.
+    let bad = SpeculativeDecoding::builder(Arc::clone(&target), Arc::clone(&streamed))
+        .stream_confidence(1.5)
+        .build();
+    assert!(bad.is_err());
 }

@@ -101,15 +101,13 @@ fn stream_pass_matches_the_cached_path_and_leaves_the_main_stream_alone() {
             "stream K/V were cached"
         );
 
-        // Main stream: exactly the base model's logits.
+        // Main stream: the base model's logits (to float rounding: the LM head runs over main
+        // and stream rows in one matmul, whose blocking depends on the row count).
         let mut base_cache = base.new_cache(1, 64).unwrap();
         base.forward_causal(&prefix, &mut base_cache).unwrap();
         let expected = base.forward_causal(&fed, &mut base_cache).unwrap();
-        assert_eq!(
-            out.main.to_vec2::<f32>().unwrap(),
-            expected.to_vec2::<f32>().unwrap(),
-            "{fixture}: the main stream changed"
-        );
+        let d = common::max_abs_diff(&out.main, &expected);
+        assert!(d < 1e-5, "{fixture}: the main stream changed by {d}");
 
         // Streams: the independent cached-path computation.
         let reference = reference_streams(&base, &head, &prefix, &fed, &anchors);
@@ -149,8 +147,11 @@ fn zero_initialised_streams_draft_exactly_like_the_base_model() {
             .forward_with_streams(&feed_ss, &input, &mut cache_ss, &[last], &[last])
             .unwrap();
         let main = out.main.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(logits, main);
+        // Equal to float rounding (one LM-head matmul over main and stream rows), and the same
+        // greedy choice.
+        assert!(max_diff(&logits, &main) < 1e-5);
         let next = mirror_sd::mirror_core::sampling::argmax(&logits);
+        assert_eq!(next, mirror_sd::mirror_core::sampling::argmax(&main));
         tokens_base.push(next);
         tokens_ss.push(next);
         feed_base = vec![next];

@@ -48,6 +48,16 @@ pub fn argmax(values: &[f32]) -> u32 {
     best as u32
 }
 
+/// Probability of the most likely token under `softmax(logits)` (0 for empty or all `-inf`).
+pub fn max_probability(logits: &[f32]) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return 0.0;
+    }
+    let total: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
+    1.0 / total
+}
+
 /// `log softmax(logits)` in f64 for accuracy, returned as f32.
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
@@ -190,6 +200,15 @@ mod tests {
     fn argmax_takes_first_of_ties() {
         assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
         assert_eq!(argmax(&[-1.0]), 0);
+    }
+
+    #[test]
+    fn max_probability_matches_hand_computation() {
+        // softmax(0, ln 3) = (1/4, 3/4)
+        assert!((max_probability(&[0.0, (3.0f32).ln()]) - 0.75).abs() < 1e-6);
+        assert!((max_probability(&[5.0, 5.0, 5.0, 5.0]) - 0.25).abs() < 1e-6);
+        assert_eq!(max_probability(&[]), 0.0);
+        assert_eq!(max_probability(&[f32::NEG_INFINITY]), 0.0);
     }
 
     #[test]

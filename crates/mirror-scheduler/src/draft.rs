@@ -126,6 +126,9 @@ pub(crate) struct DraftState {
     pub intervals: Vec<(Instant, Instant)>,
     /// Fault injection for tests: after this many forwards, fail once (panic or error).
     pub fault: Option<(usize, bool)>,
+    /// A stream token is proposed only while its stream's top probability reaches this (0:
+    /// always); a step then ends early rather than propose a likely miss.
+    pub stream_confidence: f32,
     pub total_forwards: usize,
 }
 
@@ -141,6 +144,7 @@ impl DraftState {
             counters: DraftCounters::default(),
             intervals: Vec::new(),
             fault: None,
+            stream_confidence: 0.0,
             total_forwards: 0,
         }
     }
@@ -354,8 +358,10 @@ impl DraftState {
         Ok(window)
     }
 
-    /// Appends one step's proposals to `window`: the main token, then one per stream, up to
-    /// `count` tokens or a stop token. Returns whether the window is finished.
+    /// Appends one step's proposals to `window`: the main token, then one per stream while the
+    /// streams are confident enough, up to `count` tokens or a stop token. Returns whether the
+    /// window is finished. (Where a step stops depends on the draft's own logits only, so the
+    /// verification stays exact.)
     fn propose(
         &self,
         window: &mut DraftWindow,
@@ -363,7 +369,10 @@ impl DraftState {
         count: usize,
         seed: u64,
     ) -> bool {
-        for logits in std::iter::once(&step.main).chain(&step.streams) {
+        for (j, logits) in std::iter::once(&step.main).chain(&step.streams).enumerate() {
+            if j > 0 && sampling::max_probability(logits) < self.stream_confidence {
+                return false;
+            }
             let (token, choice) = self.choose(logits, seed, window.len());
             window.tokens.push(token);
             window.choices.push(choice);

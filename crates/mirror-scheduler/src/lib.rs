@@ -34,7 +34,9 @@ pub use draft::Resolution;
 pub use engine::{Engine, TextStream};
 pub use error::{Error, Result};
 pub use mirror::{DraftSchedule, EarlyExit, Mirror, MirrorBuilder};
-pub use speculative::{check_tokenizers, SpeculativeBuilder, SpeculativeDecoding};
+pub use speculative::{
+    check_tokenizers, SpeculativeBuilder, SpeculativeDecoding, DEFAULT_STREAM_CONFIDENCE,
+};
 pub use stats::{Stats, TimeSplit};
 
 /// A decoding strategy over a target model.

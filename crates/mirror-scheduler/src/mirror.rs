@@ -29,7 +29,9 @@ use crate::config::{FinishReason, Generation, GenerationConfig, StreamControl};
 use crate::draft::{host_rows, mix, DraftCounters, DraftState, Resolution};
 use crate::error::{Error, Result};
 use crate::progress::{capacity_for, Progress};
-use crate::speculative::{check_pair, draft_params};
+use crate::speculative::{
+    check_pair, check_stream_confidence, draft_params, DEFAULT_STREAM_CONFIDENCE,
+};
 use crate::stats::Stats;
 use crate::tree::{overlap_mass, plan_branches, BranchPlan};
 use crate::verify::{verify_window, DraftWindow};
@@ -305,6 +307,7 @@ pub struct MirrorBuilder {
     greedy_draft: bool,
     draft_threads: Option<usize>,
     fault: Option<(usize, bool)>,
+    stream_confidence: f32,
 }
 
 impl MirrorBuilder {
@@ -345,6 +348,13 @@ impl MirrorBuilder {
         self
     }
 
+    /// With a draft that has speculative streams: propose a stream's token only when its top
+    /// probability reaches `threshold` (default [`DEFAULT_STREAM_CONFIDENCE`]; 0 proposes all).
+    pub fn stream_confidence(mut self, threshold: f32) -> Self {
+        self.stream_confidence = threshold;
+        self
+    }
+
     /// Fault injection for tests: the draft worker fails once after `forwards` forward passes,
     /// by panicking or by returning an error.
     #[doc(hidden)]
@@ -369,12 +379,14 @@ impl MirrorBuilder {
             ));
         }
         check_pair(&self.target, &self.draft)?;
+        check_stream_confidence(self.stream_confidence)?;
         let early_exit_layer = self.early_exit.resolve(self.target.num_layers())?;
         let (to_worker, worker_rx) = unbounded();
         let (worker_tx, from_worker) = unbounded();
         let stop = Arc::new(AtomicBool::new(false));
         let mut state = DraftState::new(Arc::clone(&self.draft));
         state.fault = self.fault;
+        state.stream_confidence = self.stream_confidence;
         let worker = Worker {
             state,
             rx: worker_rx,
@@ -458,6 +470,7 @@ impl Mirror {
             greedy_draft: false,
             draft_threads: None,
             fault: None,
+            stream_confidence: DEFAULT_STREAM_CONFIDENCE,
         }
     }
 

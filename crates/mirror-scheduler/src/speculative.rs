@@ -58,6 +58,20 @@ pub fn check_tokenizers(
     Ok(())
 }
 
+/// Default of `stream_confidence` on the builders: a stream token is proposed when its stream
+/// puts at least this probability on it (measured on the Qwen2.5-Coder pair, BENCHMARKS.md).
+pub const DEFAULT_STREAM_CONFIDENCE: f32 = 0.5;
+
+/// Checks a stream-confidence threshold.
+pub(crate) fn check_stream_confidence(threshold: f32) -> Result<()> {
+    if !(0.0..=1.0).contains(&threshold) {
+        return Err(Error::InvalidConfig(format!(
+            "stream_confidence must be within [0, 1], got {threshold}"
+        )));
+    }
+    Ok(())
+}
+
 /// Draft sampling settings: greedy drafts propose point masses, otherwise the draft samples from
 /// the same warp as the target.
 pub(crate) fn draft_params(config: &GenerationConfig, greedy_draft: bool) -> SamplingParams {
@@ -74,9 +88,17 @@ pub struct SpeculativeBuilder {
     draft: Arc<Model>,
     gamma: usize,
     greedy_draft: bool,
+    stream_confidence: f32,
 }
 
 impl SpeculativeBuilder {
+    /// With a draft that has speculative streams: propose a stream's token only when its top
+    /// probability reaches `threshold` (default [`DEFAULT_STREAM_CONFIDENCE`]; 0 proposes all).
+    pub fn stream_confidence(mut self, threshold: f32) -> Self {
+        self.stream_confidence = threshold;
+        self
+    }
+
     /// Window length (draft tokens per target pass), default 4.
     pub fn gamma(mut self, gamma: usize) -> Self {
         self.gamma = gamma;
@@ -95,8 +117,11 @@ impl SpeculativeBuilder {
             return Err(Error::InvalidConfig("gamma must be at least 1".into()));
         }
         check_pair(&self.target, &self.draft)?;
+        check_stream_confidence(self.stream_confidence)?;
+        let mut draft = DraftState::new(Arc::clone(&self.draft));
+        draft.stream_confidence = self.stream_confidence;
         Ok(SpeculativeDecoding {
-            draft: DraftState::new(Arc::clone(&self.draft)),
+            draft,
             target: self.target,
             gamma: self.gamma,
             greedy_draft: self.greedy_draft,
@@ -120,6 +145,7 @@ impl SpeculativeDecoding {
             draft,
             gamma: 4,
             greedy_draft: false,
+            stream_confidence: DEFAULT_STREAM_CONFIDENCE,
         }
     }
 }

@@ -728,7 +728,15 @@ impl Model {
         let hidden = self.embed(&[tokens])?;
         let middle = self.forward_layers(&hidden, 0..split, input, cache)?;
         let hidden = self.forward_layers(&middle, split..self.num_layers(), input, cache)?;
-        let main = self.logits_at(&hidden, logit_rows)?.squeeze(0)?;
+        if logit_rows.is_empty() || logit_rows.iter().any(|&r| r >= tokens.len()) {
+            return Err(Error::invalid(format!(
+                "rows {logit_rows:?} must be a non-empty subset of 0..{}",
+                tokens.len()
+            )));
+        }
+        let main_rows: Vec<u32> = logit_rows.iter().map(|&r| r as u32).collect();
+        let main_rows = Tensor::from_vec(main_rows, logit_rows.len(), &self.device)?;
+        let main_hidden = hidden.index_select(&main_rows, 1)?;
         let index: Vec<u32> = stream_rows.iter().map(|&r| r as u32).collect();
         let index = Tensor::from_vec(index, stream_rows.len(), &self.device)?;
         let anchors = middle.index_select(&index, 1)?;
@@ -746,11 +754,20 @@ impl Model {
             &self.device,
         )?;
         let states = self.stream_hidden(&head, &anchors, &stream_input, cache, Kernels::Fused)?;
-        let streams = self.logits(&states)?.squeeze(0)?.reshape((
-            stream_rows.len(),
-            head.config().num_streams,
-            self.vocab_size(),
-        ))?;
+        // One LM-head pass for main and stream rows: on a small draft the head's weights are
+        // a large share of a step, and streaming them once instead of twice is most of the
+        // difference between a stream step and a plain one.
+        let logits = self
+            .logits(&Tensor::cat(&[&main_hidden, &states], 1)?)?
+            .squeeze(0)?;
+        let main = logits.narrow(0, 0, logit_rows.len())?;
+        let streams = logits
+            .narrow(0, logit_rows.len(), states.dim(1)?)?
+            .reshape((
+                stream_rows.len(),
+                head.config().num_streams,
+                self.vocab_size(),
+            ))?;
         Ok(StreamLogits { main, streams })
     }
 
