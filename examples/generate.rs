@@ -133,18 +133,22 @@ fn run(args: Args) -> Result<(), String> {
         args.target_threads,
     )?;
     let target = Arc::new(loaded.model);
+    // The draft (with its streams, if any); `threads` gives it its own pool.
+    let load_draft = |threads: Option<usize>| {
+        let draft = common::draft_model(
+            &args.draft,
+            args.self_draft_layers,
+            &target,
+            Some(&loaded.tokenizer),
+            &draft_device,
+            threads,
+        )?;
+        common::with_optional_streams(draft, args.draft_streams.as_deref())
+    };
     let decoder: Box<dyn Decoder> = match args.method {
         Method::Ar => Box::new(Autoregressive::new(Arc::clone(&target))),
         Method::Sd => {
-            let draft = common::draft_model(
-                &args.draft,
-                args.self_draft_layers,
-                &target,
-                Some(&loaded.tokenizer),
-                &draft_device,
-                args.draft_threads,
-            )?;
-            let draft = common::with_optional_streams(draft, args.draft_streams.as_deref())?;
+            let draft = load_draft(args.draft_threads)?;
             Box::new(
                 SpeculativeDecoding::builder(Arc::clone(&target), draft)
                     .gamma(args.gamma)
@@ -154,15 +158,8 @@ fn run(args: Args) -> Result<(), String> {
             )
         }
         Method::Mirror => {
-            let draft = common::draft_model(
-                &args.draft,
-                args.self_draft_layers,
-                &target,
-                Some(&loaded.tokenizer),
-                &draft_device,
-                None,
-            )?;
-            let draft = common::with_optional_streams(draft, args.draft_streams.as_deref())?;
+            // Mirror's worker runs the draft in its own pool (`draft_threads` on the builder).
+            let draft = load_draft(None)?;
             let early_exit = match args.exit_layer {
                 Some(l) => EarlyExit::Layer(l),
                 None => EarlyExit::Fraction(args.exit_fraction),

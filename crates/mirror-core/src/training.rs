@@ -257,22 +257,21 @@ impl<'m> StreamTrainer<'m> {
 
     /// The current parameters as a head (a detached copy).
     pub fn head(&self) -> Result<StreamHead> {
-        let [down, up, embeddings] = &self.vars;
-        StreamHead::from_tensors(
-            self.config.clone(),
-            down.as_tensor().detach().copy()?,
-            up.as_tensor().detach().copy()?,
-            embeddings.as_tensor().detach().copy()?,
-        )
+        self.head_from(|t| Ok(t.detach().copy()?))
     }
 
+    /// The parameters as a head whose tensors are the trainable variables themselves.
     fn trainable_head(&self) -> Result<StreamHead> {
+        self.head_from(|t| Ok(t.clone()))
+    }
+
+    fn head_from(&self, take: impl Fn(&Tensor) -> Result<Tensor>) -> Result<StreamHead> {
         let [down, up, embeddings] = &self.vars;
         StreamHead::from_tensors(
             self.config.clone(),
-            down.as_tensor().clone(),
-            up.as_tensor().clone(),
-            embeddings.as_tensor().clone(),
+            take(down.as_tensor())?,
+            take(up.as_tensor())?,
+            take(embeddings.as_tensor())?,
         )
     }
 
