@@ -35,6 +35,13 @@ struct Args {
     target: String,
     #[arg(long, default_value = common::DEFAULT_DRAFT)]
     draft: String,
+    /// Weight format: as-stored (GGUF stays quantized), float, or a GGML type to quantize to
+    /// at load (q8_0, q4_k, ...).
+    #[arg(long, default_value = "as-stored")]
+    weights: String,
+    /// Weight format of the draft (default: --weights).
+    #[arg(long)]
+    draft_weights: Option<String>,
     /// Use the target's own first N layers as the draft.
     #[arg(long)]
     self_draft_layers: Option<usize>,
@@ -214,11 +221,15 @@ fn run(args: Args) -> Result<(), String> {
         });
     }
     let device = mirror_sd::mirror_core::Device::Cpu;
+    let weights = common::parse_weights(&args.weights)?;
+    let draft_weights =
+        common::parse_weights(args.draft_weights.as_deref().unwrap_or(&args.weights))?;
     let loaded = common::load_with_spinner(
         "target",
         &common::resolve_source(&args.target)?,
         &device,
         None,
+        weights,
     )?;
     let target = Arc::new(loaded.model);
     let draft = if methods.iter().any(|m| m != "ar") {
@@ -229,6 +240,7 @@ fn run(args: Args) -> Result<(), String> {
             Some(&loaded.tokenizer),
             &device,
             None,
+            draft_weights,
         )?)
     } else {
         None

@@ -50,6 +50,13 @@ struct Args {
     /// Draft, in the same forms as the target.
     #[arg(long, default_value = common::DEFAULT_DRAFT)]
     draft: String,
+    /// Weight format: as-stored (GGUF stays quantized), float, or a GGML type to quantize to
+    /// at load (q8_0, q4_k, ...).
+    #[arg(long, default_value = "as-stored")]
+    weights: String,
+    /// Weight format of the draft (default: --weights).
+    #[arg(long)]
+    draft_weights: Option<String>,
     /// Speculative-stream checkpoint for the draft: it then proposes 1 + streams tokens a step.
     #[arg(long)]
     draft_streams: Option<std::path::PathBuf>,
@@ -126,11 +133,15 @@ fn run(args: Args) -> Result<(), String> {
     let target_device = common::parse_device(&args.target_device)?;
     let draft_device = common::parse_device(&args.draft_device)?;
     let target_source = common::resolve_source(&args.target)?;
+    let weights = common::parse_weights(&args.weights)?;
+    let draft_weights =
+        common::parse_weights(args.draft_weights.as_deref().unwrap_or(&args.weights))?;
     let loaded = common::load_with_spinner(
         "target",
         &target_source,
         &target_device,
         args.target_threads,
+        weights,
     )?;
     let target = Arc::new(loaded.model);
     // The draft (with its streams, if any); `threads` gives it its own pool.
@@ -142,6 +153,7 @@ fn run(args: Args) -> Result<(), String> {
             Some(&loaded.tokenizer),
             &draft_device,
             threads,
+            draft_weights,
         )?;
         common::with_optional_streams(draft, args.draft_streams.as_deref())
     };

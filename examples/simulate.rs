@@ -33,6 +33,13 @@ struct Args {
     target: String,
     #[arg(long, default_value = common::DEFAULT_DRAFT)]
     draft: String,
+    /// Weight format: as-stored (GGUF stays quantized), float, or a GGML type to quantize to
+    /// at load (q8_0, q4_k, ...).
+    #[arg(long, default_value = "as-stored")]
+    weights: String,
+    /// Weight format of the draft (default: --weights).
+    #[arg(long)]
+    draft_weights: Option<String>,
 }
 
 fn main() {
@@ -84,11 +91,15 @@ fn calibrate(args: &Args, path: &str) -> Result<(), String> {
     let kappa = run["kappa"].as_u64().unwrap_or(4) as usize;
     let exit_fraction = run["exit_fraction"].as_f64().unwrap_or(0.5);
     let device = Device::Cpu;
+    let weights = common::parse_weights(&args.weights)?;
+    let draft_weights =
+        common::parse_weights(args.draft_weights.as_deref().unwrap_or(&args.weights))?;
     let target = common::load_with_spinner(
         "target",
         &common::resolve_source(&args.target)?,
         &device,
         None,
+        weights,
     )?
     .model;
     let draft = common::load_with_spinner(
@@ -96,6 +107,7 @@ fn calibrate(args: &Args, path: &str) -> Result<(), String> {
         &common::resolve_source(&args.draft)?,
         &device,
         None,
+        draft_weights,
     )?
     .model;
     let t1 = measure(&target, 1, 5)?;

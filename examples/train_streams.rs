@@ -316,7 +316,13 @@ fn report_line(r: &mirror_sd::mirror_core::training::StreamReport) -> String {
 fn run(args: Args) -> Result<(), String> {
     let device: Device = common::parse_device(&args.device)?;
     let source = common::resolve_source(&args.model)?;
-    let loaded = common::load_with_spinner("draft", &source, &device, None)?;
+    let loaded = common::load_with_spinner(
+        "draft",
+        &source,
+        &device,
+        None,
+        mirror_sd::mirror_core::WeightFormat::AsStored,
+    )?;
     let model = &loaded.model;
     let config = StreamConfig {
         num_streams: args.streams,
@@ -364,8 +370,13 @@ fn run(args: Args) -> Result<(), String> {
         &work_dir.join("frozen.safetensors"),
     )?;
     if let Some(target) = &args.distill_target {
-        let target =
-            common::load_with_spinner("target", &common::resolve_source(target)?, &device, None)?;
+        let target = common::load_with_spinner(
+            "target",
+            &common::resolve_source(target)?,
+            &device,
+            None,
+            mirror_sd::mirror_core::WeightFormat::AsStored,
+        )?;
         mirror_sd::mirror_scheduler::check_tokenizers(&target.tokenizer, &loaded.tokenizer)
             .map_err(|e| e.to_string())?;
         distill(&target.model, &mut frozen)?;

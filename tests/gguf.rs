@@ -13,7 +13,7 @@ use candle_core::{Device, Tensor};
 use common::{fixture_dir, max_abs_diff, reference, reference_tokens};
 use mirror_core::models::config_from_gguf;
 use mirror_core::weights::{GgufWeights, WeightSource};
-use mirror_core::{DType, Model, ModelConfig};
+use mirror_core::{Model, ModelConfig};
 
 /// llama.cpp's permutation of q/k rows: half-split (NeoX) pairs become adjacent pairs.
 fn permute_for_interleaved(w: &Tensor, heads: usize) -> Tensor {
@@ -107,8 +107,7 @@ fn load_gguf_model(path: &Path) -> Model {
     Model::load(
         config,
         &weights as &dyn WeightSource,
-        DType::F32,
-        &Device::Cpu,
+        &mirror_core::LoadOptions::default(),
     )
     .unwrap()
 }

@@ -6,9 +6,11 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mirror_sd::mirror_core::{load, DType, Device, LoadOptions, LoadedModel, Model, ModelSource};
+use mirror_sd::mirror_core::{
+    load, DType, Device, LoadOptions, LoadedModel, Model, ModelSource, WeightFormat,
+};
 
-/// The default target and draft (Qwen2.5-Coder 1.5B and 0.5B, GGUF, dequantized to f32).
+/// The default target and draft (Qwen2.5-Coder 1.5B and 0.5B, GGUF, run as stored).
 pub const DEFAULT_TARGET: &str = "models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf";
 pub const DEFAULT_DRAFT: &str = "models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
 
@@ -60,17 +62,24 @@ pub fn parse_device(name: &str) -> Result<Device, String> {
     }
 }
 
+/// `as-stored` (default), `float`, or a GGML type to quantize to at load (`q8_0`, `q4_k`, ...).
+pub fn parse_weights(text: &str) -> Result<WeightFormat, String> {
+    WeightFormat::parse(text).map_err(|e| e.to_string())
+}
+
 /// Loads a model with a spinner on stderr.
 pub fn load_with_spinner(
     what: &str,
     source: &ModelSource,
     device: &Device,
     threads: Option<usize>,
+    weights: WeightFormat,
 ) -> Result<LoadedModel, String> {
     let spinner = indicatif::ProgressBar::new_spinner();
     spinner.set_message(format!("loading {what}: {source}"));
     spinner.enable_steady_tick(Duration::from_millis(120));
     let options = LoadOptions {
+        weights,
         dtype: DType::F32,
         device: device.clone(),
         threads,
@@ -78,11 +87,12 @@ pub fn load_with_spinner(
     let started = std::time::Instant::now();
     let loaded = load(source, &options).map_err(|e| format!("loading {what}: {e}"))?;
     spinner.finish_with_message(format!(
-        "loaded {what}: {} layers, d={}, vocab {} in {:.1} s",
+        "loaded {what}: {} layers, d={}, vocab {} in {:.1} s; {}",
         loaded.model.num_layers(),
         loaded.model.hidden_size(),
         loaded.model.vocab_size(),
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        loaded.model.weight_report().summary()
     ));
     Ok(loaded)
 }
@@ -96,6 +106,7 @@ pub fn draft_model(
     target_tokenizer: Option<&mirror_sd::mirror_core::Tokenizer>,
     device: &Device,
     threads: Option<usize>,
+    weights: WeightFormat,
 ) -> Result<Arc<Model>, String> {
     if let Some(layers) = self_draft_layers {
         return target
@@ -104,7 +115,7 @@ pub fn draft_model(
             .map_err(|e| e.to_string());
     }
     let source = resolve_source(draft)?;
-    let loaded = load_with_spinner("draft", &source, device, threads)?;
+    let loaded = load_with_spinner("draft", &source, device, threads, weights)?;
     if let Some(target_tokenizer) = target_tokenizer {
         mirror_sd::mirror_scheduler::check_tokenizers(target_tokenizer, &loaded.tokenizer)
             .map_err(|e| e.to_string())?;

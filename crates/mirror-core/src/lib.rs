@@ -35,6 +35,7 @@ pub(crate) mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod hub;
+pub mod kernels;
 pub mod kv_cache;
 pub mod loading;
 pub mod mask;
@@ -44,6 +45,7 @@ pub mod tokenizer;
 pub mod training;
 pub mod weights;
 
+pub use candle_core::quantized::GgmlDType;
 pub use config::{Architecture, ModelConfig};
 pub use error::{Error, Result};
 pub use hub::HubRepo;
@@ -56,5 +58,6 @@ pub use mask::{AttentionInput, RowVisibility, TokenTree};
 pub use models::streams::{stream_attention, StreamConfig, StreamHead};
 pub use models::transformer::{Kernels, Model, StreamLogits};
 pub use tokenizer::{ChatMessage, Tokenizer};
+pub use weights::{WeightFormat, WeightReport};
 
 pub use candle_core::{DType, Device, Tensor};

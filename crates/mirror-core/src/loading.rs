@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::hub::HubRepo;
 use crate::models::{config_from_gguf, streams::StreamHead, transformer::Model};
 use crate::tokenizer::Tokenizer;
-use crate::weights::{GgufWeights, SafetensorsWeights, WeightSource};
+use crate::weights::{GgufWeights, SafetensorsWeights, WeightFormat, WeightSource};
 
 /// Where a model comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,10 +69,14 @@ impl std::fmt::Display for ModelSource {
     }
 }
 
-/// How to load: dtype, device and CPU threads.
+/// How to load: weight format, dtype, device and CPU threads.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Weights and activations; f32 by default (quantized weights are dequantized to it).
+    /// How weight matrices are kept: as stored (the default: GGUF stays quantized), quantized
+    /// at load to a GGML type, or dequantized to `dtype`.
+    pub weights: WeightFormat,
+    /// Activations, and float weights; f32 by default (the CPU kernels for quantized weights
+    /// take f32).
     pub dtype: DType,
     /// Where the weights live.
     pub device: Device,
@@ -83,6 +87,7 @@ pub struct LoadOptions {
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
+            weights: WeightFormat::AsStored,
             dtype: DType::F32,
             device: Device::Cpu,
             threads: None,
@@ -254,12 +259,7 @@ pub fn load_model_dir(files: &DirFiles, options: &LoadOptions) -> Result<Model> 
     let config = read_config(&files.config)?;
     let declares_streams = config.speculative_streams.is_some();
     let weights = SafetensorsWeights::open(&files.weights)?;
-    let mut model = Model::load(
-        config,
-        &weights as &dyn WeightSource,
-        options.dtype,
-        &options.device,
-    )?;
+    let mut model = Model::load(config, &weights as &dyn WeightSource, options)?;
     if declares_streams {
         let path = files
             .config
@@ -275,20 +275,11 @@ pub fn load_model_dir(files: &DirFiles, options: &LoadOptions) -> Result<Model> 
         let head = StreamHead::load(&path, options.dtype, &options.device)?;
         model = model.with_streams(std::sync::Arc::new(head))?;
     }
-    with_pool(model, options)
+    Ok(model)
 }
 
 /// File of a model directory's speculative-stream weights.
 pub const STREAMS_FILE: &str = "streams.safetensors";
-
-/// Gives the model its own thread pool when the options ask for one (every loader goes
-/// through here, so `LoadOptions::threads` means the same for directories, GGUF and the hub).
-fn with_pool(model: Model, options: &LoadOptions) -> Result<Model> {
-    match options.threads {
-        Some(threads) => model.with_threads(threads),
-        None => Ok(model),
-    }
-}
 
 /// Loads a Hugging Face model directory's files: model and tokenizer.
 pub fn load_dir(files: &DirFiles, options: &LoadOptions) -> Result<LoadedModel> {
@@ -315,8 +306,8 @@ pub fn load_dir(files: &DirFiles, options: &LoadOptions) -> Result<LoadedModel> 
     Ok(LoadedModel { model, tokenizer })
 }
 
-/// Loads a GGUF file: config and tokenizer from its metadata, weights dequantized to
-/// `options.dtype`.
+/// Loads a GGUF file: config and tokenizer from its metadata, weights in `options.weights`
+/// (as stored by default).
 pub fn load_gguf(path: &Path, options: &LoadOptions) -> Result<LoadedModel> {
     let weights = GgufWeights::open(path)?;
     let config = config_from_gguf(weights.content(), path)?;
@@ -324,13 +315,7 @@ pub fn load_gguf(path: &Path, options: &LoadOptions) -> Result<LoadedModel> {
     for id in config.eos_token_ids() {
         tokenizer.add_eos_id(id);
     }
-    let model = Model::load(
-        config,
-        &weights as &dyn WeightSource,
-        options.dtype,
-        &options.device,
-    )?;
-    let model = with_pool(model, options)?;
+    let model = Model::load(config, &weights as &dyn WeightSource, options)?;
     check_vocab(&tokenizer, &model)?;
     Ok(LoadedModel { model, tokenizer })
 }

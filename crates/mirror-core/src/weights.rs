@@ -1,12 +1,13 @@
 //! Where weights come from: safetensors files (one or sharded) or a GGUF file, both addressed by
-//! Hugging Face tensor names and checked against the shapes the config implies.
+//! Hugging Face tensor names and checked against the shapes the config implies; and in which
+//! form the model keeps them ([`WeightFormat`], reported by [`WeightReport`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
 
@@ -16,6 +17,17 @@ use crate::error::{Error, Result};
 pub trait WeightSource: Send + Sync {
     /// Loads `name`, checks that its shape is `shape`, converts it to `dtype` on `device`.
     fn load(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor>;
+    /// `name` in its stored GGML type, when the store keeps it quantized (GGUF); `None` for
+    /// float tensors and float stores. The shape is checked like [`WeightSource::load`]'s.
+    fn load_quantized(&self, name: &str, shape: &[usize]) -> Result<Option<QTensor>> {
+        let _ = (name, shape);
+        Ok(None)
+    }
+    /// The type `name` is stored in (`BF16`, `Q4_K`, ...), if the store says.
+    fn stored_type(&self, name: &str) -> Option<String> {
+        let _ = name;
+        None
+    }
     /// Whether the store holds `name`.
     fn contains(&self, name: &str) -> bool;
     /// The file or directory the weights come from, for error messages.
@@ -89,6 +101,13 @@ impl WeightSource for SafetensorsWeights {
             .load(device)
             .map_err(|e| corrupt(format!("tensor `{name}`: {e}")))?;
         Ok(tensor.to_dtype(dtype)?)
+    }
+
+    fn stored_type(&self, name: &str) -> Option<String> {
+        let &file_index = self.index.get(name)?;
+        let tensors = safetensors::SafeTensors::deserialize(&self.files[file_index].1).ok()?;
+        let dtype = tensors.tensor(name).ok()?.dtype();
+        Some(format!("{dtype:?}").to_uppercase())
     }
 
     fn contains(&self, name: &str) -> bool {
@@ -175,8 +194,9 @@ impl GgufWeights {
     }
 }
 
-impl WeightSource for GgufWeights {
-    fn load(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+impl GgufWeights {
+    /// Reads `name` (a Hugging Face name) as stored, checking its shape.
+    fn read(&self, name: &str, shape: &[usize]) -> Result<QTensor> {
         let missing = || Error::MissingTensor {
             name: name.to_string(),
             path: self.path.clone(),
@@ -188,19 +208,38 @@ impl WeightSource for GgufWeights {
             .get(&gguf_name)
             .ok_or_else(missing)?;
         check_shape(&gguf_name, &self.path, shape, info.shape.dims())?;
-        let qtensor = {
-            let mut file = self
-                .file
-                .lock()
-                .map_err(|_| Error::invalid("GGUF reader lock poisoned"))?;
-            info.read(&mut *file, self.content.tensor_data_offset, &Device::Cpu)
-                .map_err(|e| Error::CorruptFile {
-                    path: self.path.clone(),
-                    reason: format!("tensor `{gguf_name}`: {e}"),
-                })?
-        };
-        let tensor = qtensor.dequantize(&Device::Cpu)?.to_dtype(dtype)?;
+        let mut file = self
+            .file
+            .lock()
+            .map_err(|_| Error::invalid("GGUF reader lock poisoned"))?;
+        info.read(&mut *file, self.content.tensor_data_offset, &Device::Cpu)
+            .map_err(|e| Error::CorruptFile {
+                path: self.path.clone(),
+                reason: format!("tensor `{gguf_name}`: {e}"),
+            })
+    }
+}
+
+impl WeightSource for GgufWeights {
+    fn load(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let tensor = self
+            .read(name, shape)?
+            .dequantize(&Device::Cpu)?
+            .to_dtype(dtype)?;
         Ok(tensor.to_device(device)?)
+    }
+
+    fn load_quantized(&self, name: &str, shape: &[usize]) -> Result<Option<QTensor>> {
+        let tensor = self.read(name, shape)?;
+        Ok(match tensor.dtype() {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => None,
+            _ => Some(tensor),
+        })
+    }
+
+    fn stored_type(&self, name: &str) -> Option<String> {
+        let info = self.content.tensor_infos.get(&Self::gguf_name(name)?)?;
+        Some(ggml_type_name(info.ggml_dtype))
     }
 
     fn contains(&self, name: &str) -> bool {
@@ -209,5 +248,142 @@ impl WeightSource for GgufWeights {
 
     fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// How a model keeps its weight matrices (every linear layer, the LM head and the embedding
+/// table; norms and biases are always float).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    /// As the file stores them. GGUF quantized tensors stay quantized and run through
+    /// mirror-core's kernels on the CPU (candle's quantized matmul elsewhere); a GGML type the
+    /// kernels do not read is requantized to Q8_0 at load. Float tensors load in
+    /// [`LoadOptions::dtype`](crate::LoadOptions).
+    #[default]
+    AsStored,
+    /// Quantized at load to this GGML type, from whatever the file holds (in-situ
+    /// quantization, like mistral.rs's ISQ). A matrix whose width is not a multiple of the
+    /// type's block takes Q8_0 instead (or stays float if that does not fit either).
+    Quantize(GgmlDType),
+    /// Dequantized to [`LoadOptions::dtype`](crate::LoadOptions): float matmuls everywhere.
+    Float,
+}
+
+impl WeightFormat {
+    /// Parses `as-stored`, `float`, or a GGML type name (`q8_0`, `q4_k`, ...).
+    pub fn parse(text: &str) -> Result<Self> {
+        let lower = text.trim().to_ascii_lowercase();
+        Ok(match lower.as_str() {
+            "as-stored" | "stored" | "native" => Self::AsStored,
+            "float" | "f32" | "dequantize" => Self::Float,
+            other => Self::Quantize(parse_ggml_type(other).ok_or_else(|| {
+                Error::invalid(format!(
+                    "unknown weight format `{text}` (expected as-stored, float, q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k or q6_k)"
+                ))
+            })?),
+        })
+    }
+}
+
+/// A GGML type by its llama.cpp name (`q4_k`, `Q4_K`, `q8_0`, ...), limited to the types the
+/// CPU kernels read.
+pub fn parse_ggml_type(name: &str) -> Option<GgmlDType> {
+    Some(match name.to_ascii_lowercase().as_str() {
+        "q4_0" => GgmlDType::Q4_0,
+        "q4_1" => GgmlDType::Q4_1,
+        "q5_0" => GgmlDType::Q5_0,
+        "q5_1" => GgmlDType::Q5_1,
+        "q8_0" => GgmlDType::Q8_0,
+        "q4_k" | "q4k" => GgmlDType::Q4K,
+        "q5_k" | "q5k" => GgmlDType::Q5K,
+        "q6_k" | "q6k" => GgmlDType::Q6K,
+        _ => return None,
+    })
+}
+
+/// The llama.cpp name of a GGML type (`Q4_K`, `Q8_0`, `F32`, ...).
+pub fn ggml_type_name(dtype: GgmlDType) -> String {
+    let name = format!("{dtype:?}");
+    match name.strip_suffix('K') {
+        Some(base) if base.starts_with('Q') => format!("{base}_K"),
+        _ => name.to_uppercase(),
+    }
+}
+
+/// What loading did with one weight matrix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorReport {
+    /// The Hugging Face tensor name.
+    pub name: String,
+    /// Its type in the file (`Q5_0`, `F32`, `BF16`, ...).
+    pub stored: String,
+    /// The type it is multiplied in (`Q5_0`, `Q8_0`, `F32`, ...).
+    pub used: String,
+    /// Bytes it occupies in memory as used.
+    pub bytes: usize,
+}
+
+/// What loading did with every weight matrix of a model: kept as stored, requantized or
+/// dequantized, and the bytes each type takes. Printed by the examples and in
+/// `generate --json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WeightReport {
+    /// The kernel path of the CPU matmuls (`avx512`, `avx2`, `portable`), or the device.
+    pub compute: String,
+    /// Every weight matrix, in load order.
+    pub tensors: Vec<TensorReport>,
+}
+
+impl WeightReport {
+    /// Bytes per type as used: `{"Q4_K": 757_000_000, ...}`.
+    pub fn bytes_by_type(&self) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for t in &self.tensors {
+            *out.entry(t.used.clone()).or_insert(0) += t.bytes;
+        }
+        out
+    }
+
+    /// Total bytes of the weight matrices as used.
+    pub fn total_bytes(&self) -> usize {
+        self.tensors.iter().map(|t| t.bytes).sum()
+    }
+
+    /// The matrices whose type changed at load, as `(name, stored, used)`.
+    pub fn converted(&self) -> Vec<(&str, &str, &str)> {
+        self.tensors
+            .iter()
+            .filter(|t| t.stored != t.used)
+            .map(|t| (t.name.as_str(), t.stored.as_str(), t.used.as_str()))
+            .collect()
+    }
+
+    /// One line: bytes per type, and what was converted (`Q5_0->Q8_0 x 3`).
+    pub fn summary(&self) -> String {
+        let types: Vec<String> = self
+            .bytes_by_type()
+            .iter()
+            .map(|(ty, bytes)| format!("{ty} {:.0} MB", *bytes as f64 / 1e6))
+            .collect();
+        let mut conversions: BTreeMap<(String, String), usize> = BTreeMap::new();
+        for (_, from, to) in self.converted() {
+            *conversions
+                .entry((from.to_string(), to.to_string()))
+                .or_insert(0) += 1;
+        }
+        let converted: Vec<String> = conversions
+            .iter()
+            .map(|((from, to), n)| format!("{from}->{to} x{n}"))
+            .collect();
+        format!(
+            "weights {} ({}); converted at load: {}",
+            types.join(", "),
+            self.compute,
+            if converted.is_empty() {
+                "none".to_string()
+            } else {
+                converted.join(", ")
+            }
+        )
     }
 }

@@ -1,6 +1,9 @@
 //! Decoder architectures: the shared transformer and what each architecture changes.
 
+pub(crate) mod attention;
+pub(crate) mod linear;
 pub mod llama;
+pub(crate) mod loader;
 pub mod mistral;
 pub mod qwen2;
 pub mod qwen3;

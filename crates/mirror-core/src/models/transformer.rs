@@ -10,15 +10,19 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
-use candle_nn::{Embedding, Linear, RmsNorm};
+use candle_nn::RmsNorm;
 
+use super::attention;
+use super::linear::{Embedding, Linear};
+use super::loader::WeightLoader;
 use super::rope::Rope;
 use super::streams::{stream_attention, StreamHead};
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
+use crate::loading::LoadOptions;
 use crate::mask::AttentionInput;
-use crate::weights::WeightSource;
+use crate::weights::{WeightReport, WeightSource};
 
 #[derive(Clone)]
 struct Attention {
@@ -91,6 +95,7 @@ pub struct Model {
     device: Device,
     pool: Option<Arc<rayon::ThreadPool>>,
     streams: Option<Arc<StreamHead>>,
+    weights: Arc<WeightReport>,
 }
 
 impl std::fmt::Debug for Model {
@@ -107,56 +112,28 @@ impl std::fmt::Debug for Model {
     }
 }
 
-/// Reads weights by their Hugging Face names, checking shapes against the config.
-struct Loader<'a> {
-    source: &'a dyn WeightSource,
-    dtype: DType,
-    device: &'a Device,
-}
-
-impl Loader<'_> {
-    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.source.load(name, shape, self.dtype, self.device)
-    }
-
-    fn linear(&self, prefix: &str, out_dim: usize, in_dim: usize, bias: bool) -> Result<Linear> {
-        let weight = self.get(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
-        let bias = if bias {
-            Some(self.get(&format!("{prefix}.bias"), &[out_dim])?)
-        } else {
-            None
-        };
-        Ok(Linear::new(weight, bias))
-    }
-
-    fn norm(&self, name: &str, dim: usize, eps: f64) -> Result<RmsNorm> {
-        Ok(RmsNorm::new(self.get(name, &[dim])?, eps))
-    }
-}
-
 impl Model {
-    /// Builds the model from a weight source on `device` in `dtype`. Every tensor's shape is
-    /// checked against `config` and a mismatch names the tensor and the file.
+    /// Builds the model from a weight source with `options` (weight format, activation dtype,
+    /// device, threads). Every tensor's shape is checked against `config` and a mismatch names
+    /// the tensor and the file. What happened to each weight matrix is in
+    /// [`Model::weight_report`].
     pub fn load(
         config: ModelConfig,
         source: &dyn WeightSource,
-        dtype: DType,
-        device: &Device,
+        options: &LoadOptions,
     ) -> Result<Self> {
         let source_name = source.path().display().to_string();
         config.validate(&source_name)?;
         let architecture = Architecture::parse(&config.model_type, &source_name)?;
-        let loader = Loader {
-            source,
-            dtype,
-            device,
-        };
+        let (dtype, device) = (options.dtype, &options.device);
+        let loader = WeightLoader::new(source, options.weights, dtype, device)?;
         let hidden = config.hidden_size;
         let heads = config.num_attention_heads;
         let kv_heads = config.num_kv_heads();
         let head_dim = config.head_dim();
         let eps = config.rms_norm_eps;
-        let embed_weight = loader.get("model.embed_tokens.weight", &[config.vocab_size, hidden])?;
+        let embed_tokens =
+            loader.embedding("model.embed_tokens.weight", config.vocab_size, hidden)?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -235,13 +212,17 @@ impl Model {
         }
         let norm = loader.norm("model.norm.weight", hidden, eps)?;
         let lm_head = if config.tie_word_embeddings {
-            Linear::new(embed_weight.clone(), None)
+            Linear::new(embed_tokens.table().clone(), None)
         } else {
             loader.linear("lm_head", config.vocab_size, hidden, false)?
         };
         let rope = Rope::new(&config, dtype, device)?;
-        Ok(Self {
-            embed_tokens: Embedding::new(embed_weight, hidden),
+        let weights = Arc::new(loader.into_report());
+        if !weights.converted().is_empty() {
+            log::info!("{}: {}", source_name, weights.summary());
+        }
+        let model = Self {
+            embed_tokens,
             architecture,
             layers,
             norm,
@@ -251,8 +232,18 @@ impl Model {
             device: device.clone(),
             pool: None,
             streams: None,
+            weights,
             config,
-        })
+        };
+        match options.threads {
+            Some(threads) => model.with_threads(threads),
+            None => Ok(model),
+        }
+    }
+
+    /// What loading did with every weight matrix: stored and used types, bytes.
+    pub fn weight_report(&self) -> &WeightReport {
+        &self.weights
     }
 
     /// A model made of this model's first `layers` layers, its final norm and LM head, sharing
@@ -281,6 +272,7 @@ impl Model {
             device: self.device.clone(),
             pool: self.pool.clone(),
             streams: None,
+            weights: Arc::clone(&self.weights),
         })
     }
 
@@ -420,8 +412,7 @@ impl Model {
             }
             ids.push(token);
         }
-        let ids = Tensor::from_vec(ids, (batch, tokens), &self.device)?;
-        self.run(|| Ok(self.embed_tokens.forward(&ids)?))
+        self.run(|| self.embed_tokens.forward(&ids, batch, tokens))
     }
 
     /// Runs `layers` (a sub-range of `0..N`) over `hidden` `(batch, tokens, hidden)`, appending
@@ -552,8 +543,12 @@ impl Model {
         let x = (x + h)?;
         let h = kernels.norm(&layer.post_attention_layernorm, &x)?;
         let mlp = &layer.mlp;
-        let gate = candle_nn::ops::silu(&mlp.gate_proj.forward(&h)?)?;
-        let h = mlp.down_proj.forward(&(gate * mlp.up_proj.forward(&h)?)?)?;
+        let [gate, up]: [Tensor; 2] = Linear::forward_many(&[&mlp.gate_proj, &mlp.up_proj], &h)?
+            .try_into()
+            .map_err(|_| Error::invalid("the MLP projections returned the wrong count"))?;
+        let h = mlp
+            .down_proj
+            .forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
         Ok((x + h)?)
     }
 
@@ -568,18 +563,15 @@ impl Model {
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (batch, tokens, _) = x.dims3()?;
         let (heads, kv_heads, head_dim) = (attn.num_heads, attn.num_kv_heads, attn.head_dim);
-        let q = attn
-            .q_proj
-            .forward(x)?
-            .reshape((batch, tokens, heads, head_dim))?;
-        let k = attn
-            .k_proj
-            .forward(x)?
-            .reshape((batch, tokens, kv_heads, head_dim))?;
-        let v = attn
-            .v_proj
-            .forward(x)?
-            .reshape((batch, tokens, kv_heads, head_dim))?;
+        let [q, k, v]: [Tensor; 3] =
+            Linear::forward_many(&[&attn.q_proj, &attn.k_proj, &attn.v_proj], x)?
+                .try_into()
+                .map_err(|_| {
+                    Error::invalid("the attention projections returned the wrong count")
+                })?;
+        let q = q.reshape((batch, tokens, heads, head_dim))?;
+        let k = k.reshape((batch, tokens, kv_heads, head_dim))?;
+        let v = v.reshape((batch, tokens, kv_heads, head_dim))?;
         let (q, k) = match (&attn.q_norm, &attn.k_norm) {
             (Some(qn), Some(kn)) => (
                 kernels.norm(qn, &q.contiguous()?)?,
@@ -612,6 +604,12 @@ impl Model {
         kernels: Kernels,
     ) -> Result<Tensor> {
         let (batch, heads, tokens, head_dim) = q.dims4()?;
+        if kernels == Kernels::Fused {
+            let scale = 1.0 / (head_dim as f32).sqrt();
+            if let Some(out) = attention::attention(q, keys, values, mask, scale)? {
+                return attn.o_proj.forward(&out);
+            }
+        }
         let kv_heads = attn.num_kv_heads;
         let kv_len = keys.dim(2)?;
         // Grouped-query attention without copying K/V: fold the query heads that share a kv head
@@ -636,7 +634,7 @@ impl Model {
             .reshape((batch, heads, tokens, head_dim))?
             .transpose(1, 2)?
             .reshape((batch, tokens, heads * head_dim))?;
-        Ok(attn.o_proj.forward(&out)?)
+        attn.o_proj.forward(&out)
     }
 
     /// Runs speculative streams through the top `stream_layers` layers.

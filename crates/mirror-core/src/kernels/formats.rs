@@ -1,0 +1,386 @@
+//! GGML block formats (as llama.cpp's `ggml-common.h` defines them) decoded into one plain form,
+//! and the column-interleaved layout the matmul kernels read.
+//!
+//! Every supported type is `value = scale * (q - zero_point) [+ min]` over small unsigned
+//! integers `q`, with integer sub-block scales for the k-quants. Decoding keeps exactly those
+//! integers and the stored f16 scales, so the packed matrix holds the very weights of the file.
+
+use half::f16;
+
+use super::WeightType;
+
+/// One GGML block of one weight row, decoded.
+#[derive(Clone)]
+pub(crate) struct DecodedBlock {
+    /// Unsigned quant of every weight (`block` of them): the value before the zero point.
+    pub q: [u8; 256],
+    /// Integer sub-block scales: 8 six-bit scales (Q4_K, Q5_K) or 16 signed ones (Q6_K).
+    pub scales: [i8; 16],
+    /// Six-bit sub-block mins (Q4_K, Q5_K).
+    pub mins: [u8; 8],
+    /// Block scale `d`, f16 bits.
+    pub d: u16,
+    /// Block min `m` (Q4_1, Q5_1) or `dmin` (Q4_K, Q5_K), f16 bits.
+    pub m: u16,
+}
+
+impl DecodedBlock {
+    pub(crate) fn zero() -> Self {
+        Self {
+            q: [0; 256],
+            scales: [0; 16],
+            mins: [0; 8],
+            d: 0,
+            m: 0,
+        }
+    }
+}
+
+fn f16_bits(bytes: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([bytes[at], bytes[at + 1]])
+}
+
+/// Six-bit scale and min `j` (0..8) of a Q4_K/Q5_K block's 12 packed bytes.
+fn scale_min_k4(j: usize, packed: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (packed[j] & 63, packed[j + 4] & 63)
+    } else {
+        let scale = (packed[j + 4] & 0x0f) | ((packed[j - 4] >> 6) << 4);
+        let min = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4);
+        (scale, min)
+    }
+}
+
+/// Decodes one GGML block of type `ty` from `bytes` (exactly `ty.block_bytes()` long).
+pub(crate) fn decode_block(ty: WeightType, bytes: &[u8], out: &mut DecodedBlock) {
+    debug_assert_eq!(bytes.len(), ty.block_bytes());
+    match ty {
+        WeightType::Q4_0 | WeightType::Q4_1 => {
+            let (qs_at, has_min) = if ty == WeightType::Q4_1 {
+                (4, true)
+            } else {
+                (2, false)
+            };
+            out.d = f16_bits(bytes, 0);
+            out.m = if has_min { f16_bits(bytes, 2) } else { 0 };
+            for j in 0..16 {
+                let byte = bytes[qs_at + j];
+                out.q[j] = byte & 0x0f;
+                out.q[j + 16] = byte >> 4;
+            }
+        }
+        WeightType::Q5_0 | WeightType::Q5_1 => {
+            let (qh_at, has_min) = if ty == WeightType::Q5_1 {
+                (4, true)
+            } else {
+                (2, false)
+            };
+            out.d = f16_bits(bytes, 0);
+            out.m = if has_min { f16_bits(bytes, 2) } else { 0 };
+            let qh = u32::from_le_bytes([
+                bytes[qh_at],
+                bytes[qh_at + 1],
+                bytes[qh_at + 2],
+                bytes[qh_at + 3],
+            ]);
+            for (j, &byte) in bytes[qh_at + 4..qh_at + 20].iter().enumerate() {
+                let high_lo = (((qh >> j) & 1) as u8) << 4;
+                let high_hi = (((qh >> (j + 16)) & 1) as u8) << 4;
+                out.q[j] = (byte & 0x0f) | high_lo;
+                out.q[j + 16] = (byte >> 4) | high_hi;
+            }
+        }
+        WeightType::Q8_0 => {
+            out.d = f16_bits(bytes, 0);
+            out.m = 0;
+            for j in 0..32 {
+                out.q[j] = (bytes[2 + j] as i8 as i16 + 128) as u8;
+            }
+        }
+        WeightType::Q4K | WeightType::Q5K => {
+            out.d = f16_bits(bytes, 0);
+            out.m = f16_bits(bytes, 2);
+            let packed = &bytes[4..16];
+            for j in 0..8 {
+                let (scale, min) = scale_min_k4(j, packed);
+                out.scales[j] = scale as i8;
+                out.mins[j] = min;
+            }
+            let (qh, qs) = if ty == WeightType::Q5K {
+                (Some(&bytes[16..48]), &bytes[48..176])
+            } else {
+                (None, &bytes[16..144])
+            };
+            // 64 weights per 32 bytes of qs: the low nibbles, then the high nibbles.
+            for chunk in 0..4 {
+                let qs = &qs[chunk * 32..chunk * 32 + 32];
+                for l in 0..32 {
+                    let (mut lo, mut hi) = (qs[l] & 0x0f, qs[l] >> 4);
+                    if let Some(qh) = qh {
+                        lo |= ((qh[l] >> (2 * chunk)) & 1) << 4;
+                        hi |= ((qh[l] >> (2 * chunk + 1)) & 1) << 4;
+                    }
+                    out.q[chunk * 64 + l] = lo;
+                    out.q[chunk * 64 + 32 + l] = hi;
+                }
+            }
+        }
+        WeightType::Q6K => {
+            let ql = &bytes[0..128];
+            let qh = &bytes[128..192];
+            for j in 0..16 {
+                out.scales[j] = bytes[192 + j] as i8;
+            }
+            out.d = f16_bits(bytes, 208);
+            out.m = 0;
+            for half in 0..2 {
+                let ql = &ql[half * 64..half * 64 + 64];
+                let qh = &qh[half * 32..half * 32 + 32];
+                let q = &mut out.q[half * 128..half * 128 + 128];
+                for l in 0..32 {
+                    q[l] = (ql[l] & 0x0f) | ((qh[l] & 3) << 4);
+                    q[l + 32] = (ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4);
+                    q[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                    q[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+                }
+            }
+        }
+    }
+}
+
+/// The value of weight `i` of a decoded block, in the order llama.cpp's dequantization uses.
+pub(crate) fn block_value(ty: WeightType, block: &DecodedBlock, i: usize) -> f32 {
+    let d = f16::from_bits(block.d).to_f32();
+    let m = f16::from_bits(block.m).to_f32();
+    let q = block.q[i] as i32;
+    match ty {
+        WeightType::Q4_0 => d * (q - 8) as f32,
+        WeightType::Q5_0 => d * (q - 16) as f32,
+        WeightType::Q8_0 => d * (q - 128) as f32,
+        WeightType::Q4_1 | WeightType::Q5_1 => d * q as f32 + m,
+        WeightType::Q4K | WeightType::Q5K => {
+            let j = i / 32;
+            let scale = d * block.scales[j] as u8 as f32;
+            let min = m * block.mins[j] as f32;
+            scale * q as f32 - min
+        }
+        WeightType::Q6K => d * block.scales[i / 16] as f32 * (q - 32) as f32,
+    }
+}
+
+/// Byte offsets of one column group's sections (16 weight rows interleaved), per block.
+///
+/// A group is `[meta of every block][quants of every block][bit planes of every block]`, each
+/// section padded to 64 bytes, so the quant stream is aligned for full-width loads.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct GroupLayout {
+    pub blocks: usize,
+    pub meta: usize,
+    pub quants: usize,
+    pub planes: usize,
+    pub quants_start: usize,
+    pub planes_start: usize,
+    pub stride: usize,
+}
+
+/// Columns per group: the lanes of one AVX-512 register of i32.
+pub(crate) const GROUP: usize = 16;
+
+fn round64(n: usize) -> usize {
+    n.div_ceil(64) * 64
+}
+
+impl GroupLayout {
+    pub(crate) fn new(ty: WeightType, k: usize) -> Self {
+        let blocks = k / ty.block_len();
+        let (meta, quants, planes) = match ty {
+            WeightType::Q4_0 => (32, 256, 0),
+            WeightType::Q4_1 => (64, 256, 0),
+            WeightType::Q5_0 => (32, 256, 64),
+            WeightType::Q5_1 => (64, 256, 64),
+            WeightType::Q8_0 => (32, 512, 0),
+            WeightType::Q4K => (64 + 128 + 128, 2048, 0),
+            WeightType::Q5K => (64 + 128 + 128, 2048, 512),
+            WeightType::Q6K => (32 + 256, 2048, 1024),
+        };
+        let quants_start = round64(meta * blocks);
+        let planes_start = quants_start + quants * blocks;
+        let stride = round64(planes_start + planes * blocks);
+        Self {
+            blocks,
+            meta,
+            quants,
+            planes,
+            quants_start,
+            planes_start,
+            stride,
+        }
+    }
+}
+
+/// Writes block `b` of the 16 decoded columns `cols` into one group's bytes.
+///
+/// Quants: per 32 weights, four 64-byte chunks; chunk `t` holds in its low nibbles weights
+/// `4t..4t+4` of each column (bytes `4c..4c+4`) and in its high nibbles weights `16+4t..`.
+/// 8-bit quants take eight chunks of whole bytes. Bits above the nibble go to high-bit vectors
+/// laid out like the chunks (byte `4c + j`), see [`high_bit_slot`].
+pub(crate) fn pack_block(
+    ty: WeightType,
+    layout: &GroupLayout,
+    b: usize,
+    cols: &[DecodedBlock; GROUP],
+    group: &mut [u8],
+) {
+    let meta = &mut group[b * layout.meta..(b + 1) * layout.meta];
+    for (c, col) in cols.iter().enumerate() {
+        meta[2 * c..2 * c + 2].copy_from_slice(&col.d.to_le_bytes());
+    }
+    match ty {
+        WeightType::Q4_1 | WeightType::Q5_1 | WeightType::Q4K | WeightType::Q5K => {
+            for (c, col) in cols.iter().enumerate() {
+                meta[32 + 2 * c..34 + 2 * c].copy_from_slice(&col.m.to_le_bytes());
+            }
+        }
+        _ => {}
+    }
+    match ty {
+        WeightType::Q4K | WeightType::Q5K => {
+            for j in 0..8 {
+                for (c, col) in cols.iter().enumerate() {
+                    meta[64 + j * GROUP + c] = col.scales[j] as u8;
+                    meta[192 + j * GROUP + c] = col.mins[j];
+                }
+            }
+        }
+        WeightType::Q6K => {
+            for j in 0..16 {
+                for (c, col) in cols.iter().enumerate() {
+                    meta[32 + j * GROUP + c] = col.scales[j] as u8;
+                }
+            }
+        }
+        _ => {}
+    }
+    let quants_at = layout.quants_start + b * layout.quants;
+    let quants = &mut group[quants_at..quants_at + layout.quants];
+    let block = ty.block_len();
+    if ty == WeightType::Q8_0 {
+        for t in 0..8 {
+            for (c, col) in cols.iter().enumerate() {
+                for j in 0..4 {
+                    quants[t * 64 + 4 * c + j] = col.q[4 * t + j];
+                }
+            }
+        }
+    } else {
+        for s in 0..block / 32 {
+            for t in 0..4 {
+                for (c, col) in cols.iter().enumerate() {
+                    for j in 0..4 {
+                        let lo = col.q[32 * s + 4 * t + j] & 0x0f;
+                        let hi = col.q[32 * s + 16 + 4 * t + j] & 0x0f;
+                        quants[(s * 4 + t) * 64 + 4 * c + j] = lo | (hi << 4);
+                    }
+                }
+            }
+        }
+    }
+    let high_bits = ty.high_bits();
+    if high_bits > 0 {
+        let planes_at = layout.planes_start + b * layout.planes;
+        let planes = &mut group[planes_at..planes_at + layout.planes];
+        for s in 0..block / 32 {
+            for (c, col) in cols.iter().enumerate() {
+                for j in 0..4 {
+                    for t in 0..8 {
+                        let high = col.q[32 * s + 4 * t + j] >> 4;
+                        let (vector, bit) = high_bit_slot(high_bits, s, t);
+                        planes[vector * 64 + 4 * c + j] |= high << bit;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Where the bits above the nibble of 4-weight group `t` (0..8) of 32-weight sub-block `s` sit:
+/// (64-byte vector index within the block's high-bit section, lowest bit within each byte).
+/// Groups 0..4 are the low nibbles of the sub-block's four chunks, groups 4..8 the high ones.
+///
+/// Five-bit types keep one vector per sub-block: group `t < 4` at bit `4 + t`, group `4 + t` at
+/// bit `t`. Q6_K keeps two: groups 0..4 in the first, 4..8 in the second, two bits each at
+/// `2 * (t % 4)`. Either way a kernel moves a group's bits to bit 4 with at most two 16-bit
+/// shifts (one of them shared by the sub-block) and a mask.
+pub(crate) fn high_bit_slot(high_bits: usize, s: usize, t: usize) -> (usize, u32) {
+    if high_bits == 1 {
+        (s, if t < 4 { 4 + t as u32 } else { t as u32 - 4 })
+    } else {
+        (2 * s + t / 4, 2 * (t % 4) as u32)
+    }
+}
+
+/// Reads block `b` of column `c` back out of a group (the inverse of [`pack_block`]).
+pub(crate) fn unpack_block(
+    ty: WeightType,
+    layout: &GroupLayout,
+    b: usize,
+    c: usize,
+    group: &[u8],
+    out: &mut DecodedBlock,
+) {
+    let meta = &group[b * layout.meta..(b + 1) * layout.meta];
+    out.d = f16_bits(meta, 2 * c);
+    out.m = match ty {
+        WeightType::Q4_1 | WeightType::Q5_1 | WeightType::Q4K | WeightType::Q5K => {
+            f16_bits(meta, 32 + 2 * c)
+        }
+        _ => 0,
+    };
+    match ty {
+        WeightType::Q4K | WeightType::Q5K => {
+            for j in 0..8 {
+                out.scales[j] = meta[64 + j * GROUP + c] as i8;
+                out.mins[j] = meta[192 + j * GROUP + c];
+            }
+        }
+        WeightType::Q6K => {
+            for j in 0..16 {
+                out.scales[j] = meta[32 + j * GROUP + c] as i8;
+            }
+        }
+        _ => {}
+    }
+    let quants = &group[layout.quants_start + b * layout.quants..];
+    let block = ty.block_len();
+    if ty == WeightType::Q8_0 {
+        for t in 0..8 {
+            for j in 0..4 {
+                out.q[4 * t + j] = quants[t * 64 + 4 * c + j];
+            }
+        }
+    } else {
+        for s in 0..block / 32 {
+            for t in 0..4 {
+                for j in 0..4 {
+                    let byte = quants[(s * 4 + t) * 64 + 4 * c + j];
+                    out.q[32 * s + 4 * t + j] = byte & 0x0f;
+                    out.q[32 * s + 16 + 4 * t + j] = byte >> 4;
+                }
+            }
+        }
+    }
+    let high_bits = ty.high_bits();
+    if high_bits > 0 {
+        let planes = &group[layout.planes_start + b * layout.planes..];
+        let mask = (1u8 << high_bits) - 1;
+        for s in 0..block / 32 {
+            for j in 0..4 {
+                for t in 0..8 {
+                    let (vector, bit) = high_bit_slot(high_bits, s, t);
+                    let high = (planes[vector * 64 + 4 * c + j] >> bit) & mask;
+                    out.q[32 * s + 4 * t + j] |= high << 4;
+                }
+            }
+        }
+    }
+}

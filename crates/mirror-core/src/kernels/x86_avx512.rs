@@ -1,0 +1,357 @@
+//! AVX-512 VNNI kernels: one `vpdpbusd` multiplies 4 quants of each of 16 interleaved weight
+//! rows by 4 broadcast activation bytes. Tiles of up to four activation rows share every
+//! decoded weight vector. The float updates follow `portable.rs` operation for operation (no
+//! fused multiply-add), so results match the portable path bit for bit.
+//!
+//! With one row (decoding) the kernels are bound by the latency of dependent `vpdpbusd`s, so
+//! the low and high nibbles of every chunk feed separate accumulators; integer sums are exact,
+//! so how they are split does not change any result.
+
+// Row and lane loops index several arrays in step; iterators would hide that.
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::formats::GroupLayout;
+use super::portable::zero_point;
+use super::{Activations, Output, WeightType, Weights};
+
+/// Activation rows per tile: four rows keep every accumulator of the widest kernel in the 32
+/// vector registers.
+const TILE: usize = 4;
+
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL, VNNI and F16C; `out` must be valid for the writes.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+pub(super) unsafe fn matmul_groups(
+    w: &Weights,
+    acts: &Activations,
+    groups: Range<usize>,
+    out: Output,
+) {
+    for g in groups {
+        let group = w.group(g).as_ptr();
+        let lanes = w.lanes(g);
+        let mask: __mmask16 = if lanes == 16 {
+            0xffff
+        } else {
+            (1u16 << lanes) - 1
+        };
+        let mut row = 0;
+        while row < acts.rows {
+            let tile = (acts.rows - row).min(TILE);
+            let dst = out.ptr.add(row * out.ld + out.offset + g * 16);
+            match tile {
+                4 => store(
+                    dst,
+                    out.ld,
+                    mask,
+                    Tile::<4>::new(w, group, acts, row).run(w.ty),
+                ),
+                3 => store(
+                    dst,
+                    out.ld,
+                    mask,
+                    Tile::<3>::new(w, group, acts, row).run(w.ty),
+                ),
+                2 => store(
+                    dst,
+                    out.ld,
+                    mask,
+                    Tile::<2>::new(w, group, acts, row).run(w.ty),
+                ),
+                _ => store(
+                    dst,
+                    out.ld,
+                    mask,
+                    Tile::<1>::new(w, group, acts, row).run(w.ty),
+                ),
+            }
+            row += tile;
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn store<const R: usize>(dst: *mut f32, ld: usize, mask: __mmask16, acc: [__m512; R]) {
+    for (r, acc) in acc.iter().enumerate() {
+        _mm512_mask_storeu_ps(dst.add(r * ld), mask, *acc);
+    }
+}
+
+/// One column group against `R` activation rows, with raw pointers to each row's data (read
+/// without bounds checks in the inner loops; `new` takes them from checked slices).
+struct Tile<'a, const R: usize> {
+    layout: &'a GroupLayout,
+    group: *const u8,
+    q: [*const i8; R],
+    scales: [*const f32; R],
+    sums16: [*const i32; R],
+    sums32: [*const i32; R],
+}
+
+/// Four activation bytes broadcast to every lane.
+#[inline(always)]
+unsafe fn broadcast4(at: *const i8) -> __m512i {
+    _mm512_set1_epi32(std::ptr::read_unaligned(at as *const i32))
+}
+
+/// `a | (b & c)` in one instruction.
+#[inline(always)]
+unsafe fn or_masked(a: __m512i, b: __m512i, c: __m512i) -> __m512i {
+    _mm512_ternarylogic_epi32::<0xf8>(a, b, c)
+}
+
+/// 16-bit right shift by a small constant (the loops that call it are unrolled).
+#[inline(always)]
+unsafe fn shift_right(v: __m512i, by: usize) -> __m512i {
+    match by {
+        0 => v,
+        1 => _mm512_srli_epi16::<1>(v),
+        2 => _mm512_srli_epi16::<2>(v),
+        _ => _mm512_srli_epi16::<3>(v),
+    }
+}
+
+#[inline(always)]
+unsafe fn load(at: *const u8) -> __m512i {
+    _mm512_load_si512(at as *const _)
+}
+
+impl<'a, const R: usize> Tile<'a, R> {
+    fn new(w: &'a Weights, group: *const u8, acts: &'a Activations, row0: usize) -> Self {
+        let k = acts.k;
+        Self {
+            layout: &w.layout,
+            group,
+            q: std::array::from_fn(|r| acts.q[(row0 + r) * k..(row0 + r + 1) * k].as_ptr()),
+            scales: std::array::from_fn(|r| {
+                let n = k / acts.block;
+                acts.scales[(row0 + r) * n..(row0 + r + 1) * n].as_ptr()
+            }),
+            sums16: std::array::from_fn(|r| {
+                acts.sums16[(row0 + r) * (k / 16)..(row0 + r + 1) * (k / 16)].as_ptr()
+            }),
+            sums32: std::array::from_fn(|r| {
+                acts.sums32[(row0 + r) * (k / 32)..(row0 + r + 1) * (k / 32)].as_ptr()
+            }),
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    unsafe fn run(&self, ty: WeightType) -> [__m512; R] {
+        match ty {
+            WeightType::Q4_0 => self.blocks32::<false, false, false>(zero_point(ty)),
+            WeightType::Q4_1 => self.blocks32::<false, false, true>(zero_point(ty)),
+            WeightType::Q5_0 => self.blocks32::<true, false, false>(zero_point(ty)),
+            WeightType::Q5_1 => self.blocks32::<true, false, true>(zero_point(ty)),
+            WeightType::Q8_0 => self.blocks32::<false, true, false>(zero_point(ty)),
+            WeightType::Q4K => self.k4::<false>(),
+            WeightType::Q5K => self.k4::<true>(),
+            WeightType::Q6K => self.k6(),
+        }
+    }
+
+    /// Low and high nibbles of chunk `t` of a 32-weight sub-block, with their fifth bits from
+    /// the sub-block's high-bit vector `high` (and `high << 4`) when `FIVE`.
+    #[inline(always)]
+    unsafe fn nibbles<const FIVE: bool>(
+        chunk: __m512i,
+        high: __m512i,
+        high4: __m512i,
+        t: usize,
+    ) -> (__m512i, __m512i) {
+        let low = _mm512_set1_epi8(0x0f);
+        let lo = _mm512_and_si512(chunk, low);
+        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(chunk), low);
+        if FIVE {
+            let bit4 = _mm512_set1_epi8(0x10);
+            (
+                or_masked(lo, shift_right(high, t), bit4),
+                or_masked(hi, shift_right(high4, t), bit4),
+            )
+        } else {
+            (lo, hi)
+        }
+    }
+
+    /// Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0: `FIVE` for a fifth bit, `BYTES` for whole-byte quants,
+    /// `MIN` for a block min.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    unsafe fn blocks32<const FIVE: bool, const BYTES: bool, const MIN: bool>(
+        &self,
+        zp: i32,
+    ) -> [__m512; R] {
+        let layout = self.layout;
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..layout.blocks {
+            let meta = self.group.add(b * layout.meta);
+            let quants = self.group.add(layout.quants_start + b * layout.quants);
+            let mut isum = [[_mm512_setzero_si512(); 2]; R];
+            if BYTES {
+                for t in 0..8 {
+                    let v = load(quants.add(64 * t));
+                    for r in 0..R {
+                        let a = broadcast4(self.q[r].add(b * 32 + 4 * t));
+                        isum[r][t % 2] = _mm512_dpbusd_epi32(isum[r][t % 2], v, a);
+                    }
+                }
+            } else {
+                let (high, high4) = if FIVE {
+                    let high = load(self.group.add(layout.planes_start + b * layout.planes));
+                    (high, _mm512_slli_epi16::<4>(high))
+                } else {
+                    (_mm512_setzero_si512(), _mm512_setzero_si512())
+                };
+                for t in 0..4 {
+                    let chunk = load(quants.add(64 * t));
+                    let (lo, hi) = Self::nibbles::<FIVE>(chunk, high, high4, t);
+                    for r in 0..R {
+                        let a_lo = broadcast4(self.q[r].add(b * 32 + 4 * t));
+                        let a_hi = broadcast4(self.q[r].add(b * 32 + 16 + 4 * t));
+                        isum[r][0] = _mm512_dpbusd_epi32(isum[r][0], lo, a_lo);
+                        isum[r][1] = _mm512_dpbusd_epi32(isum[r][1], hi, a_hi);
+                    }
+                }
+            }
+            let d = _mm512_cvtph_ps(_mm256_load_si256(meta as *const __m256i));
+            let m = if MIN {
+                _mm512_cvtph_ps(_mm256_load_si256(meta.add(32) as *const __m256i))
+            } else {
+                _mm512_setzero_ps()
+            };
+            for r in 0..R {
+                let asum = *self.sums32[r].add(b);
+                let da = _mm512_set1_ps(*self.scales[r].add(b));
+                let isum = _mm512_add_epi32(isum[r][0], isum[r][1]);
+                let ints = _mm512_sub_epi32(isum, _mm512_set1_epi32(zp.wrapping_mul(asum)));
+                let update = _mm512_mul_ps(_mm512_mul_ps(da, d), _mm512_cvtepi32_ps(ints));
+                acc[r] = _mm512_add_ps(acc[r], update);
+                if MIN {
+                    let update = _mm512_mul_ps(_mm512_mul_ps(da, m), _mm512_set1_ps(asum as f32));
+                    acc[r] = _mm512_add_ps(acc[r], update);
+                }
+            }
+        }
+        acc
+    }
+
+    /// Q4_K and Q5_K.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    unsafe fn k4<const FIVE: bool>(&self) -> [__m512; R] {
+        let layout = self.layout;
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..layout.blocks {
+            let meta = self.group.add(b * layout.meta);
+            let quants = self.group.add(layout.quants_start + b * layout.quants);
+            let planes = self.group.add(layout.planes_start + b * layout.planes);
+            let mut big_a = [_mm512_setzero_si512(); R];
+            let mut big_b = [_mm512_setzero_si512(); R];
+            for s in 0..8 {
+                let (high, high4) = if FIVE {
+                    let high = load(planes.add(64 * s));
+                    (high, _mm512_slli_epi16::<4>(high))
+                } else {
+                    (_mm512_setzero_si512(), _mm512_setzero_si512())
+                };
+                let mut isum = [[_mm512_setzero_si512(); 2]; R];
+                for t in 0..4 {
+                    let chunk = load(quants.add(64 * (4 * s + t)));
+                    let (lo, hi) = Self::nibbles::<FIVE>(chunk, high, high4, t);
+                    for r in 0..R {
+                        let at = self.q[r].add(b * 256 + 32 * s + 4 * t);
+                        isum[r][0] = _mm512_dpbusd_epi32(isum[r][0], lo, broadcast4(at));
+                        isum[r][1] = _mm512_dpbusd_epi32(isum[r][1], hi, broadcast4(at.add(16)));
+                    }
+                }
+                let scale = _mm512_cvtepu8_epi32(_mm_load_si128(meta.add(64 + 16 * s) as *const _));
+                let min = _mm512_cvtepu8_epi32(_mm_load_si128(meta.add(192 + 16 * s) as *const _));
+                for r in 0..R {
+                    let isum = _mm512_add_epi32(isum[r][0], isum[r][1]);
+                    big_a[r] = _mm512_add_epi32(big_a[r], _mm512_mullo_epi32(isum, scale));
+                    let asum = _mm512_set1_epi32(*self.sums32[r].add(8 * b + s));
+                    big_b[r] = _mm512_add_epi32(big_b[r], _mm512_mullo_epi32(min, asum));
+                }
+            }
+            let d = _mm512_cvtph_ps(_mm256_load_si256(meta as *const __m256i));
+            let dmin = _mm512_cvtph_ps(_mm256_load_si256(meta.add(32) as *const __m256i));
+            for r in 0..R {
+                let da = _mm512_set1_ps(*self.scales[r].add(b));
+                let plus = _mm512_mul_ps(_mm512_mul_ps(da, d), _mm512_cvtepi32_ps(big_a[r]));
+                let minus = _mm512_mul_ps(_mm512_mul_ps(da, dmin), _mm512_cvtepi32_ps(big_b[r]));
+                acc[r] = _mm512_sub_ps(_mm512_add_ps(acc[r], plus), minus);
+            }
+        }
+        acc
+    }
+
+    /// Q6_K.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    unsafe fn k6(&self) -> [__m512; R] {
+        let layout = self.layout;
+        let low = _mm512_set1_epi8(0x0f);
+        let bits45 = _mm512_set1_epi8(0x30);
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..layout.blocks {
+            let meta = self.group.add(b * layout.meta);
+            let quants = self.group.add(layout.quants_start + b * layout.quants);
+            let planes = self.group.add(layout.planes_start + b * layout.planes);
+            let mut big_a = [_mm512_setzero_si512(); R];
+            for s in 0..8 {
+                // Two bits per group at 2t: t = 0 and 1 need a left shift by 4 first.
+                let high_lo = load(planes.add(128 * s));
+                let high_hi = load(planes.add(128 * s + 64));
+                let high_lo4 = _mm512_slli_epi16::<4>(high_lo);
+                let high_hi4 = _mm512_slli_epi16::<4>(high_hi);
+                let mut isum_lo = [_mm512_setzero_si512(); R];
+                let mut isum_hi = [_mm512_setzero_si512(); R];
+                for t in 0..4 {
+                    let chunk = load(quants.add(64 * (4 * s + t)));
+                    let (bits_lo, bits_hi) = match t {
+                        0 => (high_lo4, high_hi4),
+                        1 => (
+                            _mm512_srli_epi16::<2>(high_lo4),
+                            _mm512_srli_epi16::<2>(high_hi4),
+                        ),
+                        2 => (high_lo, high_hi),
+                        _ => (
+                            _mm512_srli_epi16::<2>(high_lo),
+                            _mm512_srli_epi16::<2>(high_hi),
+                        ),
+                    };
+                    let lo = or_masked(_mm512_and_si512(chunk, low), bits_lo, bits45);
+                    let hi = or_masked(
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(chunk), low),
+                        bits_hi,
+                        bits45,
+                    );
+                    for r in 0..R {
+                        let at = self.q[r].add(b * 256 + 32 * s + 4 * t);
+                        isum_lo[r] = _mm512_dpbusd_epi32(isum_lo[r], lo, broadcast4(at));
+                        isum_hi[r] = _mm512_dpbusd_epi32(isum_hi[r], hi, broadcast4(at.add(16)));
+                    }
+                }
+                let scale_lo =
+                    _mm512_cvtepi8_epi32(_mm_load_si128(meta.add(32 + 32 * s) as *const _));
+                let scale_hi =
+                    _mm512_cvtepi8_epi32(_mm_load_si128(meta.add(48 + 32 * s) as *const _));
+                for r in 0..R {
+                    let sums = self.sums16[r].add(16 * b + 2 * s);
+                    let offset_lo = _mm512_set1_epi32(32 * *sums);
+                    let offset_hi = _mm512_set1_epi32(32 * *sums.add(1));
+                    let lo = _mm512_mullo_epi32(_mm512_sub_epi32(isum_lo[r], offset_lo), scale_lo);
+                    let hi = _mm512_mullo_epi32(_mm512_sub_epi32(isum_hi[r], offset_hi), scale_hi);
+                    big_a[r] = _mm512_add_epi32(big_a[r], _mm512_add_epi32(lo, hi));
+                }
+            }
+            let d = _mm512_cvtph_ps(_mm256_load_si256(meta as *const __m256i));
+            for r in 0..R {
+                let da = _mm512_set1_ps(*self.scales[r].add(b));
+                let update = _mm512_mul_ps(_mm512_mul_ps(da, d), _mm512_cvtepi32_ps(big_a[r]));
+                acc[r] = _mm512_add_ps(acc[r], update);
+            }
+        }
+        acc
+    }
+}
