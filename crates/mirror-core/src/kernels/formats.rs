@@ -168,21 +168,24 @@ pub(crate) fn block_value(ty: WeightType, block: &DecodedBlock, i: usize) -> f32
     }
 }
 
-/// Byte offsets of one column group's sections (16 weight rows interleaved), per block.
+/// Byte offsets within one column group (16 weight rows interleaved).
 ///
-/// A group is `[meta of every block][quants of every block][bit planes of every block]`, each
-/// section padded to 64 bytes, so the quant stream is aligned for full-width loads.
+/// A group is a run of *records* in the order the kernels read them, so that one matmul
+/// streams memory in a single sequential pass: each record is `per_record` blocks as
+/// `[meta of its blocks, padded to 64][quants][high bits]`. Types whose per-block meta is
+/// 32 bytes pair their blocks, so that every quant vector stays 64-byte aligned without
+/// padding; the others take one block per record.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct GroupLayout {
     pub blocks: usize,
     pub meta: usize,
     pub quants: usize,
     pub planes: usize,
-    pub quants_start: usize,
-    pub planes_start: usize,
+    per_record: usize,
+    meta_span: usize,
+    record: usize,
     pub stride: usize,
 }
-
 /// Columns per group: the lanes of one AVX-512 register of i32.
 pub(crate) const GROUP: usize = 16;
 
@@ -203,18 +206,49 @@ impl GroupLayout {
             WeightType::Q5K => (64 + 128 + 128, 2048, 512),
             WeightType::Q6K => (32 + 256, 2048, 1024),
         };
-        let quants_start = round64(meta * blocks);
-        let planes_start = quants_start + quants * blocks;
-        let stride = round64(planes_start + planes * blocks);
+        let per_record = if meta == 32 { 2 } else { 1 };
+        let meta_span = round64(meta * per_record);
+        let record = meta_span + (quants + planes) * per_record;
         Self {
             blocks,
             meta,
             quants,
             planes,
-            quants_start,
-            planes_start,
-            stride,
+            per_record,
+            meta_span,
+            record,
+            stride: blocks.div_ceil(per_record) * record,
         }
+    }
+
+    /// Blocks that share one record (and one meta line).
+    pub(crate) fn blocks_per_record(&self) -> usize {
+        self.per_record
+    }
+
+    fn record_start(&self, b: usize) -> usize {
+        b / self.per_record * self.record
+    }
+
+    /// Offset of block `b`'s meta (scales, mins, sub-block scales).
+    #[inline(always)]
+    pub(crate) fn meta_at(&self, b: usize) -> usize {
+        self.record_start(b) + b % self.per_record * self.meta
+    }
+
+    /// Offset of block `b`'s quant vectors (64-byte aligned).
+    #[inline(always)]
+    pub(crate) fn quants_at(&self, b: usize) -> usize {
+        self.record_start(b) + self.meta_span + b % self.per_record * self.quants
+    }
+
+    /// Offset of block `b`'s high-bit vectors (64-byte aligned).
+    #[inline(always)]
+    pub(crate) fn planes_at(&self, b: usize) -> usize {
+        self.record_start(b)
+            + self.meta_span
+            + self.per_record * self.quants
+            + b % self.per_record * self.planes
     }
 }
 
@@ -231,7 +265,8 @@ pub(crate) fn pack_block(
     cols: &[DecodedBlock; GROUP],
     group: &mut [u8],
 ) {
-    let meta = &mut group[b * layout.meta..(b + 1) * layout.meta];
+    let meta_at = layout.meta_at(b);
+    let meta = &mut group[meta_at..meta_at + layout.meta];
     for (c, col) in cols.iter().enumerate() {
         meta[2 * c..2 * c + 2].copy_from_slice(&col.d.to_le_bytes());
     }
@@ -261,7 +296,7 @@ pub(crate) fn pack_block(
         }
         _ => {}
     }
-    let quants_at = layout.quants_start + b * layout.quants;
+    let quants_at = layout.quants_at(b);
     let quants = &mut group[quants_at..quants_at + layout.quants];
     let block = ty.block_len();
     if ty == WeightType::Q8_0 {
@@ -287,7 +322,7 @@ pub(crate) fn pack_block(
     }
     let high_bits = ty.high_bits();
     if high_bits > 0 {
-        let planes_at = layout.planes_start + b * layout.planes;
+        let planes_at = layout.planes_at(b);
         let planes = &mut group[planes_at..planes_at + layout.planes];
         for s in 0..block / 32 {
             for (c, col) in cols.iter().enumerate() {
@@ -328,7 +363,7 @@ pub(crate) fn unpack_block(
     group: &[u8],
     out: &mut DecodedBlock,
 ) {
-    let meta = &group[b * layout.meta..(b + 1) * layout.meta];
+    let meta = &group[layout.meta_at(b)..layout.meta_at(b) + layout.meta];
     out.d = f16_bits(meta, 2 * c);
     out.m = match ty {
         WeightType::Q4_1 | WeightType::Q5_1 | WeightType::Q4K | WeightType::Q5K => {
@@ -350,7 +385,7 @@ pub(crate) fn unpack_block(
         }
         _ => {}
     }
-    let quants = &group[layout.quants_start + b * layout.quants..];
+    let quants = &group[layout.quants_at(b)..];
     let block = ty.block_len();
     if ty == WeightType::Q8_0 {
         for t in 0..8 {
@@ -371,7 +406,7 @@ pub(crate) fn unpack_block(
     }
     let high_bits = ty.high_bits();
     if high_bits > 0 {
-        let planes = &group[layout.planes_start + b * layout.planes..];
+        let planes = &group[layout.planes_at(b)..];
         let mask = (1u8 << high_bits) - 1;
         for s in 0..block / 32 {
             for j in 0..4 {

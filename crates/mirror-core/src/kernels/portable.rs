@@ -22,7 +22,7 @@ use super::formats::{self, DecodedBlock, GROUP};
 use super::{Activations, Output, WeightType, Weights};
 
 /// The zero point subtracted from the unsigned quants of a 32-weight type.
-pub(crate) fn zero_point(ty: WeightType) -> i32 {
+pub(crate) const fn zero_point(ty: WeightType) -> i32 {
     match ty {
         WeightType::Q4_0 => 8,
         WeightType::Q5_0 => 16,

@@ -181,8 +181,8 @@ impl Row<'_> {
         let a_row = self.q();
         let mut acc = [_mm256_setzero_ps(); 2];
         for b in 0..layout.blocks {
-            let meta = self.group.add(b * layout.meta);
-            let quants = self.group.add(layout.quants_start + b * layout.quants);
+            let meta = self.group.add(layout.meta_at(b));
+            let quants = self.group.add(layout.quants_at(b));
             let mut isum = [_mm256_setzero_si256(); 2];
             if BYTES {
                 for t in 0..8 {
@@ -193,7 +193,7 @@ impl Row<'_> {
                     }
                 }
             } else {
-                let high = load2(self.group.add(layout.planes_start + b * layout.planes));
+                let high = load2(self.group.add(layout.planes_at(b)));
                 let high4 = shift_left4(high);
                 for t in 0..4 {
                     let (mut lo, mut hi) = nibbles(load2(quants.add(64 * t)));
@@ -238,9 +238,9 @@ impl Row<'_> {
         let a_row = self.q();
         let mut acc = [_mm256_setzero_ps(); 2];
         for b in 0..layout.blocks {
-            let meta = self.group.add(b * layout.meta);
-            let quants = self.group.add(layout.quants_start + b * layout.quants);
-            let planes = self.group.add(layout.planes_start + b * layout.planes);
+            let meta = self.group.add(layout.meta_at(b));
+            let quants = self.group.add(layout.quants_at(b));
+            let planes = self.group.add(layout.planes_at(b));
             let mut big_a = [_mm256_setzero_si256(); 2];
             let mut big_b = [_mm256_setzero_si256(); 2];
             for s in 0..8 {
@@ -292,9 +292,9 @@ impl Row<'_> {
         let a_row = self.q();
         let mut acc = [_mm256_setzero_ps(); 2];
         for b in 0..layout.blocks {
-            let meta = self.group.add(b * layout.meta);
-            let quants = self.group.add(layout.quants_start + b * layout.quants);
-            let planes = self.group.add(layout.planes_start + b * layout.planes);
+            let meta = self.group.add(layout.meta_at(b));
+            let quants = self.group.add(layout.quants_at(b));
+            let planes = self.group.add(layout.planes_at(b));
             let mut big_a = [_mm256_setzero_si256(); 2];
             for s in 0..8 {
                 let high_lo = load2(planes.add(128 * s));

@@ -11,7 +11,7 @@
 use candle_core::{Device, Layout, Tensor};
 use rayon::prelude::*;
 
-use super::linear::cpu_f32;
+use super::cpu_ops::{self as simd, cpu_f32};
 use crate::error::Result;
 
 /// A strided f32 view: element `(i0, i1, i2, i3)` at `start + sum(i * stride)`.
@@ -63,7 +63,7 @@ pub(crate) fn attention(
     else {
         return Ok(None);
     };
-    let (Some(qd), Some(kd), Some(vd)) = (slice(&qs), slice(&ks), slice(&vs)) else {
+    let (Some(qd), Some(kd), Some(vd)) = (simd::slice(&qs), simd::slice(&ks), simd::slice(&vs)) else {
         return Ok(None);
     };
     let (Some(qv), Some(kv), Some(vv)) = (view(qd, ql), view(kd, kl), view(vd, vl)) else {
@@ -78,7 +78,7 @@ pub(crate) fn attention(
     };
     let mask_rows = match &mask_guard {
         Some((storage, layout)) => {
-            let Some(data) = slice(storage) else {
+            let Some(data) = simd::slice(storage) else {
                 return Ok(None);
             };
             let batches = layout.dims()[0];
@@ -137,13 +137,6 @@ pub(crate) fn attention(
     )?))
 }
 
-fn slice(storage: &candle_core::Storage) -> Option<&[f32]> {
-    match storage {
-        candle_core::Storage::Cpu(cpu) => cpu.as_slice::<f32>().ok(),
-        _ => None,
-    }
-}
-
 /// One query row: softmax over the visible keys (in cache order), then the weighted sum of
 /// their values. `scores` and `visible` are scratch of `kv_len`.
 #[allow(clippy::too_many_arguments)]
@@ -185,151 +178,5 @@ fn attend_row<'k>(
     let inverse = 1.0 / total;
     for v in out.iter_mut() {
         *v *= inverse;
-    }
-}
-
-/// Lane-structured loops: the same arithmetic at any vector width, compiled for the widest
-/// the CPU has (the results do not depend on which).
-mod simd {
-    /// `sum a[i] * b[i]`: 16 partial sums, then added in lane order.
-    pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the feature was detected.
-                return unsafe { dot_avx512(a, b) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the feature was detected.
-                return unsafe { dot_avx2(a, b) };
-            }
-        }
-        dot_body(a, b)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
-        dot_body(a, b)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-        dot_body(a, b)
-    }
-
-    #[inline(always)]
-    fn dot_body(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let mut lanes = [0f32; 16];
-        let whole = n / 16 * 16;
-        for (x, y) in a[..whole].chunks_exact(16).zip(b[..whole].chunks_exact(16)) {
-            for i in 0..16 {
-                lanes[i] += x[i] * y[i];
-            }
-        }
-        let mut sum = 0f32;
-        for lane in lanes {
-            sum += lane;
-        }
-        for i in whole..n {
-            sum += a[i] * b[i];
-        }
-        sum
-    }
-
-    /// `out[i] += scale * x[i]`.
-    pub(super) fn add_scaled(out: &mut [f32], scale: f32, x: &[f32]) {
-        for (o, &v) in out.iter_mut().zip(x) {
-            *o += scale * v;
-        }
-    }
-
-    /// `s = exp(s - shift)` for every score (all of them at most `shift`).
-    pub(super) fn exp_shifted(scores: &mut [f32], shift: f32) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the feature was detected.
-                return unsafe { exp_avx512(scores, shift) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the feature was detected.
-                return unsafe { exp_avx2(scores, shift) };
-            }
-        }
-        exp_body(scores, shift)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn exp_avx512(scores: &mut [f32], shift: f32) {
-        exp_body(scores, shift)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn exp_avx2(scores: &mut [f32], shift: f32) {
-        exp_body(scores, shift)
-    }
-
-    #[inline(always)]
-    fn exp_body(scores: &mut [f32], shift: f32) {
-        for s in scores.iter_mut() {
-            *s = exp(*s - shift);
-        }
-    }
-
-    /// `e^x` for `x <= 0` within about 2 ulp: `x = n ln2 + r` with `|r| <= ln2 / 2`, a degree-6
-    /// Taylor polynomial for `e^r`, and `2^n` built in the exponent bits. Plain f32 operations,
-    /// so it vectorizes and gives the same bits at every width.
-    #[inline(always)]
-    pub(super) fn exp(x: f32) -> f32 {
-        const LOG2E: f32 = std::f32::consts::LOG2_E;
-        const LN2_HI: f32 = 0.693_145_75;
-        const LN2_LO: f32 = 1.428_606_8e-6;
-        let x = if x < -87.0 { -87.0 } else { x };
-        // Round to nearest with the 1.5 * 2^23 trick (no float-to-int conversion).
-        let shifted = x * LOG2E + 12_582_912.0;
-        let n = shifted - 12_582_912.0;
-        let r = (x - n * LN2_HI) - n * LN2_LO;
-        let p = 1.0 / 720.0;
-        let p = p * r + 1.0 / 120.0;
-        let p = p * r + 1.0 / 24.0;
-        let p = p * r + 1.0 / 6.0;
-        let p = p * r + 0.5;
-        let p = p * r + 1.0;
-        let p = p * r + 1.0;
-        let exponent = (shifted.to_bits() as i32 - 0x4b40_0000 + 127) as u32;
-        p * f32::from_bits(exponent << 23)
-    }
-
-    #[cfg(test)]
-    mod tests {
-        #[test]
-        fn exp_is_within_a_few_ulp_of_the_standard_library() {
-            let mut worst = 0f64;
-            let mut x = -87.0f32;
-            while x <= 0.0 {
-                let ours = super::exp(x) as f64;
-                let exact = (x as f64).exp();
-                worst = worst.max(((ours - exact) / exact).abs());
-                x += 0.0137;
-            }
-            assert!(worst < 5e-7, "worst relative error {worst}");
-            assert_eq!(super::exp(0.0), 1.0);
-            assert_eq!(super::exp(-200.0), super::exp(-87.0));
-        }
-
-        #[test]
-        fn dot_matches_an_f64_sum() {
-            for n in [1usize, 15, 16, 17, 64, 100, 128] {
-                let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
-                let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
-                let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
-                assert!((super::dot(&a, &b) as f64 - exact).abs() < 1e-5, "n = {n}");
-            }
-        }
     }
 }

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{CpuStorage, DType, Device, Layout, Module, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, Layout, Module, Shape, Tensor};
 
 use crate::error::{Error, Result};
 use crate::kernels::{self, KernelPath, PackedMatrix};
@@ -144,6 +144,22 @@ impl Linear {
         self.add_bias(y)
     }
 
+    /// The packed layers' outputs side by side in the last dimension, in one kernel call;
+    /// `None` unless every layer is packed and none has a bias.
+    pub(crate) fn forward_joint(layers: &[&Linear], x: &Tensor) -> Result<Option<Tensor>> {
+        let packed: Option<Vec<Arc<PackedMatrix>>> = layers
+            .iter()
+            .map(|l| match (&l.weight, &l.bias) {
+                (Matrix::Packed(p), None) => Some(Arc::clone(p)),
+                _ => None,
+            })
+            .collect();
+        match packed {
+            Some(packed) => Ok(Some(packed_forward(&packed, x)?)),
+            None => Ok(None),
+        }
+    }
+
     /// The outputs of several layers over the same input: one kernel call when all of them
     /// are packed, one call each otherwise.
     pub(crate) fn forward_many(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
@@ -222,15 +238,5 @@ impl Embedding {
                 Ok(q.embedding(&index)?.to_dtype(self.dtype)?)
             }
         }
-    }
-}
-
-/// Checks that a float tensor on the CPU holds f32 and returns its storage guard and layout,
-/// for kernels that read tensors in place.
-pub(crate) fn cpu_f32(tensor: &Tensor) -> Option<(candle_core::StorageRef<'_>, &Layout)> {
-    let (storage, layout) = tensor.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(CpuStorage::F32(_)) => Some((storage, layout)),
-        _ => None,
     }
 }

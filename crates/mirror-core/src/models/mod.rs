@@ -1,6 +1,7 @@
 //! Decoder architectures: the shared transformer and what each architecture changes.
 
 pub(crate) mod attention;
+pub(crate) mod cpu_ops;
 pub(crate) mod linear;
 pub mod llama;
 pub(crate) mod loader;

@@ -13,6 +13,7 @@ use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::RmsNorm;
 
 use super::attention;
+use super::cpu_ops;
 use super::linear::{Embedding, Linear};
 use super::loader::WeightLoader;
 use super::rope::Rope;
@@ -42,6 +43,26 @@ struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+}
+
+impl Mlp {
+    /// `down(silu(gate(h)) * up(h))`; on the CPU with packed weights, gate and up run as one
+    /// kernel call and the gate is applied in place of candle's element-wise ops.
+    fn forward(&self, h: &Tensor, kernels: Kernels, width: usize) -> Result<Tensor> {
+        let projections = [&self.gate_proj, &self.up_proj];
+        if kernels == Kernels::Fused {
+            if let Some(joint) = Linear::forward_joint(&projections, h)? {
+                if let Some(gated) = cpu_ops::swiglu(&joint, width)? {
+                    return self.down_proj.forward(&gated);
+                }
+            }
+        }
+        let [gate, up]: [Tensor; 2] = Linear::forward_many(&projections, h)?
+            .try_into()
+            .map_err(|_| Error::invalid("the MLP projections returned the wrong count"))?;
+        self.down_proj
+            .forward(&(candle_nn::ops::silu(&gate)? * up)?)
+    }
 }
 
 #[derive(Clone)]
@@ -542,13 +563,9 @@ impl Model {
         let h = attention(&layer.self_attn, &h)?;
         let x = (x + h)?;
         let h = kernels.norm(&layer.post_attention_layernorm, &x)?;
-        let mlp = &layer.mlp;
-        let [gate, up]: [Tensor; 2] = Linear::forward_many(&[&mlp.gate_proj, &mlp.up_proj], &h)?
-            .try_into()
-            .map_err(|_| Error::invalid("the MLP projections returned the wrong count"))?;
-        let h = mlp
-            .down_proj
-            .forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
+        let h = layer
+            .mlp
+            .forward(&h, kernels, self.config.intermediate_size)?;
         Ok((x + h)?)
     }
 

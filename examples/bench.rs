@@ -1,0 +1,360 @@
+//! The speed of the target and the draft alone, like llama.cpp's `llama-bench`: prompt
+//! processing and decoding in tokens per second, and the cost of one forward of k tokens
+//! (k = 1, 2, 4, 8, 16) after a 128-token context, the number that decides whether
+//! speculation pays. Medians of several runs; one model at a time.
+//!
+//! ```text
+//! cargo run --release --example bench                       # default pair, a table
+//! cargo run --release --example bench -- --json             # the same as JSON
+//! cargo run --release --example bench -- --candle           # also candle-transformers' quantized model
+//! cargo run --release --example bench -- --weights float    # dequantized f32 weights
+//! ```
+//!
+//! `scripts/llama_cpp_bench.mjs` prints the same JSON shape for llama.cpp on the same files.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use clap::Parser;
+use mirror_sd::mirror_core::{kernels::KernelPath, Device, Model, ModelSource, Tensor};
+use serde_json::{json, Value};
+
+#[derive(Parser, Debug)]
+#[command(about = "Prompt-processing and decode speed, and forward cost per window size")]
+struct Args {
+    #[arg(long, default_value = common::DEFAULT_TARGET)]
+    target: String,
+    #[arg(long, default_value = common::DEFAULT_DRAFT)]
+    draft: String,
+    /// Weight format: as-stored, float, or a GGML type to quantize to at load.
+    #[arg(long, default_value = "as-stored")]
+    weights: String,
+    /// Weight format of the draft (default: --weights).
+    #[arg(long)]
+    draft_weights: Option<String>,
+    /// Threads of each model's pool (default: every core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Which models: target, draft or both.
+    #[arg(long, default_value = "both")]
+    only: String,
+    /// Prompt tokens of the prompt-processing test.
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens of the decode test.
+    #[arg(long, default_value_t = 64)]
+    decode_tokens: usize,
+    /// Cached tokens before the k-token forwards.
+    #[arg(long, default_value_t = 128)]
+    context: usize,
+    /// Window sizes k of the forward test.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+    ks: Vec<usize>,
+    /// Timed runs per measurement (the median is reported).
+    #[arg(long, default_value_t = 7)]
+    repeats: usize,
+    /// Also time candle-transformers' quantized model (qwen2 / llama GGUF) on the same file.
+    #[arg(long)]
+    candle: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+/// Deterministic token ids spread over the common part of the vocabulary.
+fn tokens(n: usize, seed: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| 100 + (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) % 20_000)
+        .collect()
+}
+
+fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in values.iter().enumerate() {
+        if *v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Resident set and its peak, in MB (Linux).
+fn memory_mb() -> (Option<f64>, Option<f64>) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn bench_model(model: &Model, args: &Args) -> Result<Value, String> {
+    let err = |e: mirror_sd::mirror_core::Error| e.to_string();
+    let vocab_guard = |t: Vec<u32>| -> Vec<u32> {
+        t.into_iter()
+            .map(|id| id % model.vocab_size() as u32)
+            .collect()
+    };
+    let capacity = (args.prompt_tokens + 1)
+        .max(args.context + args.ks.iter().copied().max().unwrap_or(1))
+        .max(args.decode_tokens + 2);
+    let mut cache = model.new_cache(1, capacity).map_err(err)?;
+
+    // Prompt processing: one forward of the whole prompt from an empty cache.
+    let prompt = vocab_guard(tokens(args.prompt_tokens, 1));
+    let mut prefill = Vec::new();
+    for run in 0..3 {
+        cache.clear();
+        let started = Instant::now();
+        model.forward_causal(&prompt, &mut cache).map_err(err)?;
+        if run > 0 || args.repeats <= 1 {
+            prefill.push(started.elapsed().as_secs_f64());
+        }
+    }
+    let prefill_tok_s = args.prompt_tokens as f64 / median(prefill);
+
+    // Decoding: greedy tokens one at a time after a one-token prompt.
+    let mut decode = Vec::new();
+    for _ in 0..3 {
+        cache.clear();
+        let mut next = argmax(&model.next_token_logits(&[100], &mut cache).map_err(err)?);
+        let started = Instant::now();
+        for _ in 0..args.decode_tokens {
+            next = argmax(&model.next_token_logits(&[next], &mut cache).map_err(err)?);
+        }
+        decode.push(started.elapsed().as_secs_f64());
+    }
+    let decode_tok_s = args.decode_tokens as f64 / median(decode);
+
+    // k tokens after a context, all positions' logits (a verification window).
+    cache.clear();
+    let context = vocab_guard(tokens(args.context, 2));
+    model.forward_causal(&context, &mut cache).map_err(err)?;
+    let mut forward_ms = BTreeMap::new();
+    for &k in &args.ks {
+        let window = vocab_guard(tokens(k, 3 + k as u32));
+        let mut times = Vec::new();
+        for run in 0..args.repeats + 2 {
+            let started = Instant::now();
+            let logits = model.forward_causal(&window, &mut cache).map_err(err)?;
+            logits.device().synchronize().map_err(|e| e.to_string())?;
+            let elapsed = started.elapsed().as_secs_f64();
+            cache.truncate(args.context);
+            if run >= 2 {
+                times.push(elapsed * 1e3);
+            }
+        }
+        forward_ms.insert(k.to_string(), median(times));
+    }
+    let report = model.weight_report();
+    Ok(json!({
+        "prefill_tok_s": prefill_tok_s,
+        "decode_tok_s": decode_tok_s,
+        "forward_ms": forward_ms,
+        "prompt_tokens": args.prompt_tokens,
+        "decode_tokens": args.decode_tokens,
+        "context": args.context,
+        "threads": model.threads(),
+        "weights": report.summary(),
+        "weight_bytes": report.total_bytes(),
+    }))
+}
+
+/// candle-transformers' quantized model on the same GGUF file: a forward of k tokens after the
+/// context (last position's logits only, which is all that model returns).
+fn bench_candle(path: &std::path::Path, args: &Args) -> Result<Value, String> {
+    use candle_transformers::models::{quantized_llama, quantized_qwen2};
+    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file)
+        .map_err(|e| e.to_string())?;
+    let arch = match content.metadata.get("general.architecture") {
+        Some(candle_core::quantized::gguf_file::Value::String(s)) => s.clone(),
+        _ => return Err("no general.architecture".into()),
+    };
+    let vocab = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .map(|t| t.shape.dims()[0])
+        .unwrap_or(32_000) as u32;
+    let device = Device::Cpu;
+    let context: Vec<u32> = tokens(args.context, 2).iter().map(|t| t % vocab).collect();
+    let input = |ids: &[u32]| -> Result<Tensor, String> {
+        Tensor::new(ids, &device)
+            .and_then(|t| t.unsqueeze(0))
+            .map_err(|e| e.to_string())
+    };
+    enum Weights {
+        Qwen2(quantized_qwen2::ModelWeights),
+        Llama(quantized_llama::ModelWeights),
+    }
+    let mut base = match arch.as_str() {
+        "qwen2" => Weights::Qwen2(
+            quantized_qwen2::ModelWeights::from_gguf(content, &mut file, &device)
+                .map_err(|e| e.to_string())?,
+        ),
+        "llama" => Weights::Llama(
+            quantized_llama::ModelWeights::from_gguf(content, &mut file, &device)
+                .map_err(|e| e.to_string())?,
+        ),
+        other => return Err(format!("no candle reference for `{other}`")),
+    };
+    let context_input = input(&context)?;
+    let mut forward_ms = BTreeMap::new();
+    for &k in &args.ks {
+        let window: Vec<u32> = tokens(k, 3 + k as u32).iter().map(|t| t % vocab).collect();
+        let x = input(&window)?;
+        let mut times = Vec::new();
+        for run in 0..args.repeats + 2 {
+            // Its cache cannot be rolled back: clear it and prefill the context again,
+            // outside the clock.
+            match &mut base {
+                Weights::Qwen2(m) => {
+                    m.clear_kv_cache();
+                    m.forward(&context_input, 0)
+                }
+                Weights::Llama(m) => m.forward(&context_input, 0),
+            }
+            .map_err(|e| e.to_string())?;
+            let started = Instant::now();
+            let logits = match &mut base {
+                Weights::Qwen2(m) => m.forward(&x, args.context),
+                Weights::Llama(m) => m.forward(&x, args.context),
+            }
+            .map_err(|e| e.to_string())?;
+            logits.device().synchronize().map_err(|e| e.to_string())?;
+            if run >= 2 {
+                times.push(started.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        forward_ms.insert(k.to_string(), median(times));
+    }
+    Ok(json!({ "forward_ms": forward_ms }))
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let device = Device::Cpu;
+    let threads = args.threads.or_else(|| {
+        std::thread::available_parallelism()
+            .ok()
+            .map(|n| n.get())
+    });
+    let mut out = serde_json::Map::new();
+    let roles: Vec<(&str, &str, &str)> = match args.only.as_str() {
+        "target" => vec![("target", &args.target, &args.weights)],
+        "draft" => vec![(
+            "draft",
+            &args.draft,
+            args.draft_weights.as_deref().unwrap_or(&args.weights),
+        )],
+        "both" => vec![
+            ("target", &args.target, &args.weights),
+            (
+                "draft",
+                &args.draft,
+                args.draft_weights.as_deref().unwrap_or(&args.weights),
+            ),
+        ],
+        other => return Err(format!("--only {other}: expected target, draft or both")),
+    };
+    let mut models = Vec::new();
+    for (role, source, weights) in &roles {
+        let source = common::resolve_source(source)?;
+        let weights = common::parse_weights(weights)?;
+        let loaded = common::load_with_spinner(role, &source, &device, threads, weights)?;
+        models.push((role.to_string(), source, loaded.model));
+    }
+    let (rss, _) = memory_mb();
+    for (role, source, model) in &models {
+        let mut result = bench_model(model, &args)?;
+        result["model"] = json!(source.to_string());
+        if args.candle {
+            if let ModelSource::Gguf(path) = source {
+                // candle runs its quantized matmuls in its own process-wide pool.
+                let candle = bench_candle(path, &args)?;
+                result["candle_quantized"] = candle;
+            }
+        }
+        out.insert(role.clone(), result);
+    }
+    let (_, peak) = memory_mb();
+    out.insert("rss_mb_after_load".into(), json!(rss));
+    out.insert("peak_rss_mb".into(), json!(peak));
+    out.insert("kernel_path".into(), json!(KernelPath::selected().name()));
+    out.insert("threads".into(), json!(threads));
+    let out = Value::Object(out);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?);
+        return Ok(());
+    }
+    print_table(&out, &args);
+    Ok(())
+}
+
+fn print_table(out: &Value, args: &Args) {
+    println!(
+        "| model | weights | pp{} tok/s | tg{} tok/s |{} |",
+        args.prompt_tokens,
+        args.decode_tokens,
+        args.ks
+            .iter()
+            .map(|k| format!(" fwd k={k} ms"))
+            .collect::<Vec<_>>()
+            .join(" |")
+    );
+    println!("|---|---|---|---|{}", "---|".repeat(args.ks.len()));
+    for role in ["target", "draft"] {
+        let Some(r) = out.get(role) else { continue };
+        let forward = |value: &Value, k: usize| {
+            value["forward_ms"][k.to_string()]
+                .as_f64()
+                .map_or("-".to_string(), |v| format!("{v:.1}"))
+        };
+        println!(
+            "| {role} | {} | {:.1} | {:.2} |{} |",
+            r["weights"].as_str().unwrap_or("?"),
+            r["prefill_tok_s"].as_f64().unwrap_or(0.0),
+            r["decode_tok_s"].as_f64().unwrap_or(0.0),
+            args.ks
+                .iter()
+                .map(|&k| format!(" {}", forward(r, k)))
+                .collect::<Vec<_>>()
+                .join(" |")
+        );
+        if r.get("candle_quantized").is_some() {
+            println!(
+                "| {role}: candle quantized | as stored | | |{} |",
+                args.ks
+                    .iter()
+                    .map(|&k| format!(" {}", forward(&r["candle_quantized"], k)))
+                    .collect::<Vec<_>>()
+                    .join(" |")
+            );
+        }
+    }
+    println!(
+        "\nkernel path {}, threads {:?}, RSS after load {:.0} MB, peak {:.0} MB",
+        out["kernel_path"].as_str().unwrap_or("?"),
+        out["threads"],
+        out["rss_mb_after_load"].as_f64().unwrap_or(0.0),
+        out["peak_rss_mb"].as_f64().unwrap_or(0.0)
+    );
+}
