@@ -184,8 +184,8 @@ fn bench_model(model: &Model, args: &Args) -> Result<Value, String> {
 fn bench_candle(path: &std::path::Path, args: &Args) -> Result<Value, String> {
     use candle_transformers::models::{quantized_llama, quantized_qwen2};
     let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let content = candle_core::quantized::gguf_file::Content::read(&mut file)
-        .map_err(|e| e.to_string())?;
+    let content =
+        candle_core::quantized::gguf_file::Content::read(&mut file).map_err(|e| e.to_string())?;
     let arch = match content.metadata.get("general.architecture") {
         Some(candle_core::quantized::gguf_file::Value::String(s)) => s.clone(),
         _ => return Err("no general.architecture".into()),
@@ -252,11 +252,9 @@ fn bench_candle(path: &std::path::Path, args: &Args) -> Result<Value, String> {
 
 fn run(args: Args) -> Result<(), String> {
     let device = Device::Cpu;
-    let threads = args.threads.or_else(|| {
-        std::thread::available_parallelism()
-            .ok()
-            .map(|n| n.get())
-    });
+    let threads = args
+        .threads
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()));
     let mut out = serde_json::Map::new();
     let roles: Vec<(&str, &str, &str)> = match args.only.as_str() {
         "target" => vec![("target", &args.target, &args.weights)],
@@ -278,8 +276,8 @@ fn run(args: Args) -> Result<(), String> {
     let mut models = Vec::new();
     for (role, source, weights) in &roles {
         let source = common::resolve_source(source)?;
-        let weights = common::parse_weights(weights)?;
-        let loaded = common::load_with_spinner(role, &source, &device, threads, weights)?;
+        let options = common::load_options(weights, &device, threads, None)?;
+        let loaded = common::load_with_spinner(role, &source, &options)?;
         models.push((role.to_string(), source, loaded.model));
     }
     let (rss, _) = memory_mb();
@@ -302,7 +300,10 @@ fn run(args: Args) -> Result<(), String> {
     out.insert("threads".into(), json!(threads));
     let out = Value::Object(out);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?
+        );
         return Ok(());
     }
     print_table(&out, &args);

@@ -143,6 +143,8 @@ impl Totals {
 }
 
 fn main() {
+    // Before any model or pool exists: see mirror_core::threads.
+    mirror_sd::mirror_core::threads::limit_candle_threads(1);
     if let Err(e) = run(Args::parse()) {
         eprintln!("error: {e}");
         std::process::exit(1);
@@ -221,15 +223,17 @@ fn run(args: Args) -> Result<(), String> {
         });
     }
     let device = mirror_sd::mirror_core::Device::Cpu;
-    let weights = common::parse_weights(&args.weights)?;
-    let draft_weights =
-        common::parse_weights(args.draft_weights.as_deref().unwrap_or(&args.weights))?;
+    let target_options = common::load_options(&args.weights, &device, None, None)?;
+    let draft_options = common::load_options(
+        args.draft_weights.as_deref().unwrap_or(&args.weights),
+        &device,
+        None,
+        None,
+    )?;
     let loaded = common::load_with_spinner(
         "target",
         &common::resolve_source(&args.target)?,
-        &device,
-        None,
-        weights,
+        &target_options,
     )?;
     let target = Arc::new(loaded.model);
     let draft = if methods.iter().any(|m| m != "ar") {
@@ -238,9 +242,7 @@ fn run(args: Args) -> Result<(), String> {
             args.self_draft_layers,
             &target,
             Some(&loaded.tokenizer),
-            &device,
-            None,
-            draft_weights,
+            &draft_options,
         )?)
     } else {
         None

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use clap::{Parser, ValueEnum};
 use mirror_sd::mirror_core::sampling::SamplingParams;
-use mirror_sd::mirror_core::ChatMessage;
+use mirror_sd::mirror_core::{threads, ChatMessage};
 use mirror_sd::mirror_scheduler::{
     Autoregressive, Decoder, DraftSchedule, EarlyExit, Engine, GenerationConfig, Mirror,
     SpeculativeDecoding, StreamControl,
@@ -108,12 +108,15 @@ struct Args {
     /// Draft device (a second handle: another GPU, another CUDA stream, or the CPU).
     #[arg(long, default_value = "cpu")]
     draft_device: String,
-    /// CPU threads for the target's pool (default: rayon's global pool).
+    /// CPU threads of the target's own pool (default: every core, or Mirror's share of them).
     #[arg(long)]
     target_threads: Option<usize>,
-    /// CPU threads for the draft (Mirror: the worker's own pool).
+    /// CPU threads of the draft's own pool (default: as the target, or Mirror's share).
     #[arg(long)]
     draft_threads: Option<usize>,
+    /// Mirror: do not pin target and draft to disjoint cores.
+    #[arg(long)]
+    no_pin: bool,
     /// Send the prompt as raw text instead of rendering the chat template.
     #[arg(long)]
     no_chat_template: bool,
@@ -123,6 +126,8 @@ struct Args {
 }
 
 fn main() {
+    // Before any model or pool exists: see mirror_core::threads.
+    mirror_sd::mirror_core::threads::limit_candle_threads(1);
     if let Err(e) = run(Args::parse()) {
         eprintln!("error: {e}");
         std::process::exit(1);
@@ -133,45 +138,70 @@ fn run(args: Args) -> Result<(), String> {
     let target_device = common::parse_device(&args.target_device)?;
     let draft_device = common::parse_device(&args.draft_device)?;
     let target_source = common::resolve_source(&args.target)?;
-    let weights = common::parse_weights(&args.weights)?;
-    let draft_weights =
-        common::parse_weights(args.draft_weights.as_deref().unwrap_or(&args.weights))?;
-    let loaded = common::load_with_spinner(
-        "target",
-        &target_source,
+    // Thread policy (mirror_core::threads): one model at a time (ar, sd) uses every core;
+    // Mirror runs target and draft side by side on disjoint, pinned cores, unless threads
+    // are given explicitly or --no-pin.
+    let concurrent = matches!(args.method, Method::Mirror);
+    let (target_cores, draft_cores) = if concurrent && !args.no_pin {
+        let (t, d) = threads::split_cores(&threads::available_cores());
+        (
+            args.target_threads.is_none().then_some(t),
+            args.draft_threads.is_none().then_some(d),
+        )
+    } else {
+        (None, None)
+    };
+    let target_options = common::load_options(
+        &args.weights,
         &target_device,
         args.target_threads,
-        weights,
+        target_cores,
     )?;
+    let draft_options = common::load_options(
+        args.draft_weights.as_deref().unwrap_or(&args.weights),
+        &draft_device,
+        args.draft_threads,
+        draft_cores,
+    )?;
+    let loaded = common::load_with_spinner("target", &target_source, &target_options)?;
     let target = Arc::new(loaded.model);
-    // The draft (with its streams, if any); `threads` gives it its own pool.
-    let load_draft = |threads: Option<usize>| {
+    let draft = || {
         let draft = common::draft_model(
             &args.draft,
             args.self_draft_layers,
             &target,
             Some(&loaded.tokenizer),
-            &draft_device,
-            threads,
-            draft_weights,
+            &draft_options,
         )?;
         common::with_optional_streams(draft, args.draft_streams.as_deref())
     };
-    let decoder: Box<dyn Decoder> = match args.method {
-        Method::Ar => Box::new(Autoregressive::new(Arc::clone(&target))),
-        Method::Sd => {
-            let draft = load_draft(args.draft_threads)?;
-            Box::new(
-                SpeculativeDecoding::builder(Arc::clone(&target), draft)
-                    .gamma(args.gamma)
-                    .stream_confidence(args.stream_confidence)
-                    .build()
-                    .map_err(|e| e.to_string())?,
-            )
-        }
-        Method::Mirror => {
-            // Mirror's worker runs the draft in its own pool (`draft_threads` on the builder).
-            let draft = load_draft(None)?;
+    let draft = match args.method {
+        Method::Ar => None,
+        _ => Some(draft()?),
+    };
+    let weight_report = |model: &mirror_sd::mirror_core::Model| {
+        let report = model.weight_report();
+        serde_json::json!({
+            "summary": report.summary(),
+            "compute": report.compute,
+            "bytes_by_type": report.bytes_by_type(),
+            "converted": report.converted(),
+        })
+    };
+    let weights = serde_json::json!({
+        "target": weight_report(&target),
+        "draft": draft.as_ref().map(|d| weight_report(d)),
+    });
+    let decoder: Box<dyn Decoder> = match (args.method, draft) {
+        (Method::Ar, _) | (_, None) => Box::new(Autoregressive::new(Arc::clone(&target))),
+        (Method::Sd, Some(draft)) => Box::new(
+            SpeculativeDecoding::builder(Arc::clone(&target), draft)
+                .gamma(args.gamma)
+                .stream_confidence(args.stream_confidence)
+                .build()
+                .map_err(|e| e.to_string())?,
+        ),
+        (Method::Mirror, Some(draft)) => {
             let early_exit = match args.exit_layer {
                 Some(l) => EarlyExit::Layer(l),
                 None => EarlyExit::Fraction(args.exit_fraction),
@@ -182,15 +212,12 @@ fn run(args: Args) -> Result<(), String> {
                 },
                 Schedule::Full => DraftSchedule::FullGrid,
             };
-            let mut builder = Mirror::builder(Arc::clone(&target), draft)
+            let builder = Mirror::builder(Arc::clone(&target), draft)
                 .gamma(args.gamma)
                 .kappa(args.kappa)
                 .early_exit(early_exit)
                 .stream_confidence(args.stream_confidence)
                 .schedule(schedule);
-            if let Some(threads) = args.draft_threads {
-                builder = builder.draft_threads(threads);
-            }
             Box::new(builder.build().map_err(|e| e.to_string())?)
         }
     };
@@ -235,6 +262,7 @@ fn run(args: Args) -> Result<(), String> {
             "tokens_per_second": generation.stats.tokens_per_second(),
             "reuse_rate": generation.stats.reuse_rate(),
             "hidden_fraction": generation.stats.hidden_fraction(),
+            "weights": weights,
         });
         println!(
             "{}",

@@ -91,23 +91,23 @@ fn calibrate(args: &Args, path: &str) -> Result<(), String> {
     let kappa = run["kappa"].as_u64().unwrap_or(4) as usize;
     let exit_fraction = run["exit_fraction"].as_f64().unwrap_or(0.5);
     let device = Device::Cpu;
-    let weights = common::parse_weights(&args.weights)?;
-    let draft_weights =
-        common::parse_weights(args.draft_weights.as_deref().unwrap_or(&args.weights))?;
+    let target_options = common::load_options(&args.weights, &device, None, None)?;
+    let draft_options = common::load_options(
+        args.draft_weights.as_deref().unwrap_or(&args.weights),
+        &device,
+        None,
+        None,
+    )?;
     let target = common::load_with_spinner(
         "target",
         &common::resolve_source(&args.target)?,
-        &device,
-        None,
-        weights,
+        &target_options,
     )?
     .model;
     let draft = common::load_with_spinner(
         "draft",
         &common::resolve_source(&args.draft)?,
-        &device,
-        None,
-        draft_weights,
+        &draft_options,
     )?
     .model;
     let t1 = measure(&target, 1, 5)?;

@@ -319,9 +319,7 @@ fn run(args: Args) -> Result<(), String> {
     let loaded = common::load_with_spinner(
         "draft",
         &source,
-        &device,
-        None,
-        mirror_sd::mirror_core::WeightFormat::AsStored,
+        &common::load_options("as-stored", &device, None, None)?,
     )?;
     let model = &loaded.model;
     let config = StreamConfig {
@@ -373,9 +371,7 @@ fn run(args: Args) -> Result<(), String> {
         let target = common::load_with_spinner(
             "target",
             &common::resolve_source(target)?,
-            &device,
-            None,
-            mirror_sd::mirror_core::WeightFormat::AsStored,
+            &common::load_options("as-stored", &device, None, None)?,
         )?;
         mirror_sd::mirror_scheduler::check_tokenizers(&target.tokenizer, &loaded.tokenizer)
             .map_err(|e| e.to_string())?;

@@ -67,25 +67,33 @@ pub fn parse_weights(text: &str) -> Result<WeightFormat, String> {
     WeightFormat::parse(text).map_err(|e| e.to_string())
 }
 
+/// Load options from the examples' flags: weight format, device, threads or pinned cores.
+pub fn load_options(
+    weights: &str,
+    device: &Device,
+    threads: Option<usize>,
+    cores: Option<Vec<usize>>,
+) -> Result<LoadOptions, String> {
+    Ok(LoadOptions {
+        weights: parse_weights(weights)?,
+        dtype: DType::F32,
+        device: device.clone(),
+        threads,
+        cores,
+    })
+}
+
 /// Loads a model with a spinner on stderr.
 pub fn load_with_spinner(
     what: &str,
     source: &ModelSource,
-    device: &Device,
-    threads: Option<usize>,
-    weights: WeightFormat,
+    options: &LoadOptions,
 ) -> Result<LoadedModel, String> {
     let spinner = indicatif::ProgressBar::new_spinner();
     spinner.set_message(format!("loading {what}: {source}"));
     spinner.enable_steady_tick(Duration::from_millis(120));
-    let options = LoadOptions {
-        weights,
-        dtype: DType::F32,
-        device: device.clone(),
-        threads,
-    };
     let started = std::time::Instant::now();
-    let loaded = load(source, &options).map_err(|e| format!("loading {what}: {e}"))?;
+    let loaded = load(source, options).map_err(|e| format!("loading {what}: {e}"))?;
     spinner.finish_with_message(format!(
         "loaded {what}: {} layers, d={}, vocab {} in {:.1} s; {}",
         loaded.model.num_layers(),
@@ -104,9 +112,7 @@ pub fn draft_model(
     self_draft_layers: Option<usize>,
     target: &Arc<Model>,
     target_tokenizer: Option<&mirror_sd::mirror_core::Tokenizer>,
-    device: &Device,
-    threads: Option<usize>,
-    weights: WeightFormat,
+    options: &LoadOptions,
 ) -> Result<Arc<Model>, String> {
     if let Some(layers) = self_draft_layers {
         return target
@@ -115,7 +121,7 @@ pub fn draft_model(
             .map_err(|e| e.to_string());
     }
     let source = resolve_source(draft)?;
-    let loaded = load_with_spinner("draft", &source, device, threads, weights)?;
+    let loaded = load_with_spinner("draft", &source, options)?;
     if let Some(target_tokenizer) = target_tokenizer {
         mirror_sd::mirror_scheduler::check_tokenizers(target_tokenizer, &loaded.tokenizer)
             .map_err(|e| e.to_string())?;

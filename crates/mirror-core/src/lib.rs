@@ -41,6 +41,7 @@ pub mod loading;
 pub mod mask;
 pub mod models;
 pub mod sampling;
+pub mod threads;
 pub mod tokenizer;
 pub mod training;
 pub mod weights;

@@ -82,6 +82,9 @@ pub struct LoadOptions {
     pub device: Device,
     /// Give the model its own rayon pool of this many threads (CPU).
     pub threads: Option<usize>,
+    /// Pin the model's pool to these cores (one thread each unless `threads` says otherwise).
+    /// See [`crate::threads`] for the policy.
+    pub cores: Option<Vec<usize>>,
 }
 
 impl Default for LoadOptions {
@@ -91,6 +94,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             device: Device::Cpu,
             threads: None,
+            cores: None,
         }
     }
 }

@@ -341,8 +341,9 @@ impl MirrorBuilder {
         self
     }
 
-    /// Runs the draft worker inside its own rayon pool of `threads` threads (CPU), so the two
-    /// models do not compete for one pool.
+    /// Runs the draft on a pool of its own of `threads` threads (CPU; the draft model is
+    /// cloned with its weights shared, see [`Model::with_threads`]), so the two models do not
+    /// compete for one pool. A draft loaded with its own pool or cores needs none.
     pub fn draft_threads(mut self, threads: usize) -> Self {
         self.draft_threads = Some(threads);
         self
@@ -364,7 +365,7 @@ impl MirrorBuilder {
     }
 
     /// Checks the configuration, spawns the draft worker and builds the decoder.
-    pub fn build(self) -> Result<Mirror> {
+    pub fn build(mut self) -> Result<Mirror> {
         if self.gamma == 0 || self.kappa == 0 {
             return Err(Error::InvalidConfig(
                 "gamma and kappa must be at least 1".into(),
@@ -380,6 +381,9 @@ impl MirrorBuilder {
         }
         check_pair(&self.target, &self.draft)?;
         check_stream_confidence(self.stream_confidence)?;
+        if let Some(threads) = self.draft_threads {
+            self.draft = Arc::new(Model::clone(&self.draft).with_threads(threads)?);
+        }
         let early_exit_layer = self.early_exit.resolve(self.target.num_layers())?;
         let (to_worker, worker_rx) = unbounded();
         let (worker_tx, from_worker) = unbounded();
@@ -394,22 +398,9 @@ impl MirrorBuilder {
             stop: Arc::clone(&stop),
             schedule: self.schedule,
         };
-        let pool = match self.draft_threads {
-            Some(n) => Some(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(n.max(1))
-                    .thread_name(|i| format!("mirror-draft-{i}"))
-                    .build()
-                    .map_err(|e| Error::InvalidConfig(format!("draft thread pool: {e}")))?,
-            ),
-            None => None,
-        };
         let handle = std::thread::Builder::new()
             .name("mirror-draft-worker".into())
-            .spawn(move || match pool {
-                Some(pool) => pool.install(|| worker.run()),
-                None => worker.run(),
-            })
+            .spawn(move || worker.run())
             .map_err(|e| Error::WorkerFailed(format!("cannot spawn the draft worker: {e}")))?;
         let draft_streams = self
             .draft

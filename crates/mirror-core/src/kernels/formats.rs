@@ -252,6 +252,20 @@ impl GroupLayout {
     }
 }
 
+/// Where min `j` (0..8) of column `c` sits in a Q4_K/Q5_K block's meta: in pairs of
+/// sub-blocks, `[pair][column][2]`, so that a kernel multiplies a pair by the two activation
+/// sums in one `vpdpwssd`. The scales before them are `[sub-block][column]` (one multiply per
+/// sub-block).
+pub(crate) fn min_at(j: usize, c: usize) -> usize {
+    192 + (j / 2) * 2 * GROUP + 2 * c + j % 2
+}
+
+/// Where scale `j` (0..16) of column `c` sits in a Q6_K block's meta: in pairs,
+/// `[pair][column][2]`, as the mins of [`min_at`].
+pub(crate) fn q6_scale_at(j: usize, c: usize) -> usize {
+    32 + (j / 2) * 2 * GROUP + 2 * c + j % 2
+}
+
 /// Writes block `b` of the 16 decoded columns `cols` into one group's bytes.
 ///
 /// Quants: per 32 weights, four 64-byte chunks; chunk `t` holds in its low nibbles weights
@@ -283,14 +297,14 @@ pub(crate) fn pack_block(
             for j in 0..8 {
                 for (c, col) in cols.iter().enumerate() {
                     meta[64 + j * GROUP + c] = col.scales[j] as u8;
-                    meta[192 + j * GROUP + c] = col.mins[j];
+                    meta[min_at(j, c)] = col.mins[j];
                 }
             }
         }
         WeightType::Q6K => {
             for j in 0..16 {
                 for (c, col) in cols.iter().enumerate() {
-                    meta[32 + j * GROUP + c] = col.scales[j] as u8;
+                    meta[q6_scale_at(j, c)] = col.scales[j] as u8;
                 }
             }
         }
@@ -375,12 +389,12 @@ pub(crate) fn unpack_block(
         WeightType::Q4K | WeightType::Q5K => {
             for j in 0..8 {
                 out.scales[j] = meta[64 + j * GROUP + c] as i8;
-                out.mins[j] = meta[192 + j * GROUP + c];
+                out.mins[j] = meta[min_at(j, c)];
             }
         }
         WeightType::Q6K => {
             for j in 0..16 {
-                out.scales[j] = meta[32 + j * GROUP + c] as i8;
+                out.scales[j] = meta[q6_scale_at(j, c)] as i8;
             }
         }
         _ => {}

@@ -494,6 +494,16 @@ pub(crate) struct Activations {
     pub sums16: Vec<i32>,
     /// Sums of every 32 quants, `rows * k / 32`.
     pub sums32: Vec<i32>,
+    /// Pairs of `sums16` packed as two i16 in one i32 (low half first), `rows * k / 32`: one
+    /// broadcast operand of `vpdpwssd`. The sums fit: at most 16 * 127.
+    pub pairs16: Vec<i32>,
+    /// Pairs of `sums32` packed the same way, `rows * k / 64` (at most 32 * 127 each).
+    pub pairs32: Vec<i32>,
+}
+
+/// Two i16 in one i32, `low` in the low half.
+fn pack_pair(low: i32, high: i32) -> i32 {
+    (low as i16 as u16 as u32 | (high as i16 as u16 as u32) << 16) as i32
 }
 
 /// Round to nearest, ties to even, for |v| < 2^22 (llama.cpp's `nearest_int`): plain f32
@@ -525,6 +535,8 @@ impl Activations {
             scales: vec![0f32; rows * k / block],
             sums16: vec![0i32; rows * k / 16],
             sums32: vec![0i32; rows * k / 32],
+            pairs16: vec![0i32; rows * k / 32],
+            pairs32: vec![0i32; rows * k / 64],
         };
         match path {
             #[cfg(target_arch = "x86_64")]
@@ -596,6 +608,15 @@ fn quantize_rows(x: &[f32], acts: &mut Activations) {
     }
     for (pair, sum) in acts.sums16.chunks_exact(2).zip(acts.sums32.iter_mut()) {
         *sum = pair[0] + pair[1];
+    }
+    // The pairs serve the k-quants (rows of whole 256-blocks, so pairs never straddle rows).
+    if acts.block == 256 {
+        for (pair, packed) in acts.sums16.chunks_exact(2).zip(acts.pairs16.iter_mut()) {
+            *packed = pack_pair(pair[0], pair[1]);
+        }
+        for (pair, packed) in acts.sums32.chunks_exact(2).zip(acts.pairs32.iter_mut()) {
+            *packed = pack_pair(pair[0], pair[1]);
+        }
     }
 }
 

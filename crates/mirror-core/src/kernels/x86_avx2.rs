@@ -3,6 +3,9 @@
 //! time (16 registers hold no more). The float updates follow `portable.rs` operation for
 //! operation, so results match the other paths bit for bit.
 
+// Half and lane loops index several arrays in step; iterators would hide that.
+#![allow(clippy::needless_range_loop)]
+
 use std::arch::x86_64::*;
 use std::ops::Range;
 
@@ -131,14 +134,6 @@ unsafe fn halves_u8(at: *const u8) -> [__m256i; 2] {
     ]
 }
 
-#[inline(always)]
-unsafe fn halves_i8(at: *const u8) -> [__m256i; 2] {
-    [
-        _mm256_cvtepi8_epi32(_mm_loadl_epi64(at as *const __m128i)),
-        _mm256_cvtepi8_epi32(_mm_loadl_epi64(at.add(8) as *const __m128i)),
-    ]
-}
-
 impl Row<'_> {
     #[target_feature(enable = "avx2,f16c")]
     unsafe fn run(&self, ty: WeightType) -> [__m256; 2] {
@@ -165,6 +160,10 @@ impl Row<'_> {
 
     fn sum32(&self, j: usize) -> i32 {
         self.acts.sums32[self.row * (self.acts.k / 32) + j]
+    }
+
+    fn pair32(&self, j: usize) -> i32 {
+        self.acts.pairs32[self.row * (self.acts.k / 64) + j]
     }
 
     fn sum16(&self, j: usize) -> i32 {
@@ -266,11 +265,18 @@ impl Row<'_> {
                     }
                 }
                 let scale = halves_u8(meta.add(64 + 16 * s));
-                let min = halves_u8(meta.add(192 + 16 * s));
-                let asum = _mm256_set1_epi32(self.sum32(8 * b + s));
                 for h in 0..2 {
                     big_a[h] = _mm256_add_epi32(big_a[h], _mm256_mullo_epi32(isum[h], scale[h]));
-                    big_b[h] = _mm256_add_epi32(big_b[h], _mm256_mullo_epi32(min[h], asum));
+                }
+            }
+            // B: two sub-blocks' mins per vpmaddwd (see formats::min_at).
+            for pair in 0..4 {
+                let sums = _mm256_set1_epi32(self.pair32(4 * b + pair));
+                for h in 0..2 {
+                    let mins = _mm256_cvtepu8_epi16(_mm_loadu_si128(
+                        meta.add(192 + 32 * pair + 16 * h) as *const __m128i,
+                    ));
+                    big_b[h] = _mm256_add_epi32(big_b[h], _mm256_madd_epi16(mins, sums));
                 }
             }
             let d = halves_f16(meta);
@@ -321,15 +327,19 @@ impl Row<'_> {
                         isum_hi[h] = dot4(isum_hi[h], hi[h], a_hi);
                     }
                 }
-                let scale_lo = halves_i8(meta.add(32 + 32 * s));
-                let scale_hi = halves_i8(meta.add(48 + 32 * s));
+                // Lane c holds the scales of sub-blocks 2s and 2s + 1 as two i16.
                 let offset_lo = _mm256_set1_epi32(32 * self.sum16(16 * b + 2 * s));
                 let offset_hi = _mm256_set1_epi32(32 * self.sum16(16 * b + 2 * s + 1));
                 for h in 0..2 {
-                    let lo =
-                        _mm256_mullo_epi32(_mm256_sub_epi32(isum_lo[h], offset_lo), scale_lo[h]);
-                    let hi =
-                        _mm256_mullo_epi32(_mm256_sub_epi32(isum_hi[h], offset_hi), scale_hi[h]);
+                    let pair = _mm256_cvtepi8_epi16(_mm_loadu_si128(
+                        meta.add(32 + 32 * s + 16 * h) as *const __m128i,
+                    ));
+                    let scale_lo = _mm256_srai_epi32::<16>(_mm256_slli_epi32::<16>(pair));
+                    let scale_hi = _mm256_srai_epi32::<16>(pair);
+                    let lo = _mm256_sub_epi32(isum_lo[h], offset_lo);
+                    let hi = _mm256_sub_epi32(isum_hi[h], offset_hi);
+                    let lo = _mm256_mullo_epi32(lo, scale_lo);
+                    let hi = _mm256_mullo_epi32(hi, scale_hi);
                     big_a[h] = _mm256_add_epi32(big_a[h], _mm256_add_epi32(lo, hi));
                 }
             }

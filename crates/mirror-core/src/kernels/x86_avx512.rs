@@ -104,8 +104,9 @@ struct Tile<'a, const R: usize> {
     group: *const u8,
     q: [*const i8; R],
     scales: [*const f32; R],
-    sums16: [*const i32; R],
     sums32: [*const i32; R],
+    pairs16: [*const i32; R],
+    pairs32: [*const i32; R],
 }
 
 /// Four activation bytes broadcast to every lane.
@@ -157,11 +158,16 @@ impl<'a, const R: usize> Tile<'a, R> {
                 let n = k / acts.block;
                 acts.scales[(row0 + r) * n..(row0 + r + 1) * n].as_ptr()
             }),
-            sums16: std::array::from_fn(|r| {
-                acts.sums16[(row0 + r) * (k / 16)..(row0 + r + 1) * (k / 16)].as_ptr()
-            }),
             sums32: std::array::from_fn(|r| {
                 acts.sums32[(row0 + r) * (k / 32)..(row0 + r + 1) * (k / 32)].as_ptr()
+            }),
+            pairs16: std::array::from_fn(|r| {
+                let n = if acts.block == 256 { k / 32 } else { 0 };
+                acts.pairs16[(row0 + r) * n..(row0 + r + 1) * n].as_ptr()
+            }),
+            pairs32: std::array::from_fn(|r| {
+                let n = if acts.block == 256 { k / 64 } else { 0 };
+                acts.pairs32[(row0 + r) * n..(row0 + r + 1) * n].as_ptr()
             }),
         }
     }
@@ -170,11 +176,17 @@ impl<'a, const R: usize> Tile<'a, R> {
     /// running sums. Chosen once per call, so each type's loop is compiled on its own.
     fn step_for(ty: WeightType) -> Step<'a, R> {
         match ty {
-            WeightType::Q4_0 => Self::step32::<false, false, false, { zero_point(WeightType::Q4_0) }>,
+            WeightType::Q4_0 => {
+                Self::step32::<false, false, false, { zero_point(WeightType::Q4_0) }>
+            }
             WeightType::Q4_1 => Self::step32::<false, false, true, 0>,
-            WeightType::Q5_0 => Self::step32::<true, false, false, { zero_point(WeightType::Q5_0) }>,
+            WeightType::Q5_0 => {
+                Self::step32::<true, false, false, { zero_point(WeightType::Q5_0) }>
+            }
             WeightType::Q5_1 => Self::step32::<true, false, true, 0>,
-            WeightType::Q8_0 => Self::step32::<false, true, false, { zero_point(WeightType::Q8_0) }>,
+            WeightType::Q8_0 => {
+                Self::step32::<false, true, false, { zero_point(WeightType::Q8_0) }>
+            }
             WeightType::Q4K => Self::step_k4::<false>,
             WeightType::Q5K => Self::step_k4::<true>,
             WeightType::Q6K => Self::step_k6,
@@ -296,117 +308,129 @@ impl<'a, const R: usize> Tile<'a, R> {
         }
     }
 
-    /// Q4_K and Q5_K.
+    /// Q4_K and Q5_K. With one row, the low and high nibbles feed separate accumulators (the
+    /// chains of dependent `vpdpbusd`s are the limit); with several rows, the rows do.
     #[inline(always)]
     unsafe fn k4<const FIVE: bool>(&self, b: usize, acc: &mut [__m512; R]) {
         let layout = self.layout;
-        {
-            let meta = self.group.add(layout.meta_at(b));
-            let quants = self.group.add(layout.quants_at(b));
-            let planes = self.group.add(layout.planes_at(b));
-            let mut big_a = [_mm512_setzero_si512(); R];
-            let mut big_b = [_mm512_setzero_si512(); R];
-            for s in 0..8 {
-                let (high, high4) = if FIVE {
-                    let high = load::<R>(planes.add(64 * s));
-                    (high, _mm512_slli_epi16::<4>(high))
-                } else {
-                    (_mm512_setzero_si512(), _mm512_setzero_si512())
-                };
-                let mut isum = [[_mm512_setzero_si512(); 2]; R];
-                for t in 0..4 {
-                    let chunk = load::<R>(quants.add(64 * (4 * s + t)));
-                    let (lo, hi) = Self::nibbles::<FIVE>(chunk, high, high4, t);
-                    for r in 0..R {
-                        let at = self.q[r].add(b * 256 + 32 * s + 4 * t);
-                        isum[r][0] = _mm512_dpbusd_epi32(isum[r][0], lo, broadcast4(at));
-                        isum[r][1] = _mm512_dpbusd_epi32(isum[r][1], hi, broadcast4(at.add(16)));
-                    }
-                }
-                let scale = _mm512_cvtepu8_epi32(_mm_load_si128(meta.add(64 + 16 * s) as *const _));
-                let min = _mm512_cvtepu8_epi32(_mm_load_si128(meta.add(192 + 16 * s) as *const _));
+        let meta = self.group.add(layout.meta_at(b));
+        let quants = self.group.add(layout.quants_at(b));
+        let planes = self.group.add(layout.planes_at(b));
+        let split = R == 1;
+        let mut big_a = [_mm512_setzero_si512(); R];
+        let mut big_b = [_mm512_setzero_si512(); R];
+        for s in 0..8 {
+            let (high, high4) = if FIVE {
+                let high = load::<R>(planes.add(64 * s));
+                (high, _mm512_slli_epi16::<4>(high))
+            } else {
+                (_mm512_setzero_si512(), _mm512_setzero_si512())
+            };
+            let mut isum = [[_mm512_setzero_si512(); 2]; R];
+            for t in 0..4 {
+                let chunk = load::<R>(quants.add(64 * (4 * s + t)));
+                let (lo, hi) = Self::nibbles::<FIVE>(chunk, high, high4, t);
                 for r in 0..R {
-                    let isum = _mm512_add_epi32(isum[r][0], isum[r][1]);
-                    big_a[r] = _mm512_add_epi32(big_a[r], _mm512_mullo_epi32(isum, scale));
-                    let asum = _mm512_set1_epi32(*self.sums32[r].add(8 * b + s));
-                    big_b[r] = _mm512_add_epi32(big_b[r], _mm512_mullo_epi32(min, asum));
+                    let at = self.q[r].add(b * 256 + 32 * s + 4 * t);
+                    isum[r][0] = _mm512_dpbusd_epi32(isum[r][0], lo, broadcast4(at));
+                    let second = if split { 1 } else { 0 };
+                    isum[r][second] =
+                        _mm512_dpbusd_epi32(isum[r][second], hi, broadcast4(at.add(16)));
                 }
             }
-            let d = _mm512_cvtph_ps(_mm256_load_si256(meta as *const __m256i));
-            let dmin = _mm512_cvtph_ps(_mm256_load_si256(meta.add(32) as *const __m256i));
+            let scale = _mm512_cvtepu8_epi32(_mm_load_si128(meta.add(64 + 16 * s) as *const _));
             for r in 0..R {
-                let da = _mm512_set1_ps(*self.scales[r].add(b));
-                let plus = _mm512_mul_ps(_mm512_mul_ps(da, d), _mm512_cvtepi32_ps(big_a[r]));
-                let minus = _mm512_mul_ps(_mm512_mul_ps(da, dmin), _mm512_cvtepi32_ps(big_b[r]));
-                acc[r] = _mm512_sub_ps(_mm512_add_ps(acc[r], plus), minus);
+                let isum = if split {
+                    _mm512_add_epi32(isum[r][0], isum[r][1])
+                } else {
+                    isum[r][0]
+                };
+                big_a[r] = _mm512_add_epi32(big_a[r], _mm512_mullo_epi32(isum, scale));
             }
+        }
+        // B = sum_j min_j * asum_j, two sub-blocks per vpdpwssd (see formats::min_at).
+        for pair in 0..4 {
+            let mins =
+                _mm512_cvtepu8_epi16(_mm256_load_si256(meta.add(192 + 32 * pair) as *const _));
+            for r in 0..R {
+                let sums = _mm512_set1_epi32(*self.pairs32[r].add(4 * b + pair));
+                big_b[r] = _mm512_dpwssd_epi32(big_b[r], mins, sums);
+            }
+        }
+        let d = _mm512_cvtph_ps(_mm256_load_si256(meta as *const __m256i));
+        let dmin = _mm512_cvtph_ps(_mm256_load_si256(meta.add(32) as *const __m256i));
+        for r in 0..R {
+            let da = _mm512_set1_ps(*self.scales[r].add(b));
+            let plus = _mm512_mul_ps(_mm512_mul_ps(da, d), _mm512_cvtepi32_ps(big_a[r]));
+            let minus = _mm512_mul_ps(_mm512_mul_ps(da, dmin), _mm512_cvtepi32_ps(big_b[r]));
+            acc[r] = _mm512_sub_ps(_mm512_add_ps(acc[r], plus), minus);
         }
     }
 
-    /// Q6_K.
+    /// Q6_K: `A = sum_j scale_j * isum_j - 32 * sum_j scale_j * asum_j`, the second sum two
+    /// sub-blocks per `vpdpwssd` (see formats::q6_scale_at).
     #[inline(always)]
     unsafe fn k6(&self, b: usize, acc: &mut [__m512; R]) {
         let layout = self.layout;
         let low = _mm512_set1_epi8(0x0f);
         let bits45 = _mm512_set1_epi8(0x30);
-        {
-            let meta = self.group.add(layout.meta_at(b));
-            let quants = self.group.add(layout.quants_at(b));
-            let planes = self.group.add(layout.planes_at(b));
-            let mut big_a = [_mm512_setzero_si512(); R];
-            for s in 0..8 {
-                // Two bits per group at 2t: t = 0 and 1 need a left shift by 4 first.
-                let high_lo = load::<R>(planes.add(128 * s));
-                let high_hi = load::<R>(planes.add(128 * s + 64));
-                let high_lo4 = _mm512_slli_epi16::<4>(high_lo);
-                let high_hi4 = _mm512_slli_epi16::<4>(high_hi);
-                let mut isum_lo = [_mm512_setzero_si512(); R];
-                let mut isum_hi = [_mm512_setzero_si512(); R];
-                for t in 0..4 {
-                    let chunk = load::<R>(quants.add(64 * (4 * s + t)));
-                    let (bits_lo, bits_hi) = match t {
-                        0 => (high_lo4, high_hi4),
-                        1 => (
-                            _mm512_srli_epi16::<2>(high_lo4),
-                            _mm512_srli_epi16::<2>(high_hi4),
-                        ),
-                        2 => (high_lo, high_hi),
-                        _ => (
-                            _mm512_srli_epi16::<2>(high_lo),
-                            _mm512_srli_epi16::<2>(high_hi),
-                        ),
-                    };
-                    let lo = or_masked(_mm512_and_si512(chunk, low), bits_lo, bits45);
-                    let hi = or_masked(
-                        _mm512_and_si512(_mm512_srli_epi16::<4>(chunk), low),
-                        bits_hi,
-                        bits45,
-                    );
-                    for r in 0..R {
-                        let at = self.q[r].add(b * 256 + 32 * s + 4 * t);
-                        isum_lo[r] = _mm512_dpbusd_epi32(isum_lo[r], lo, broadcast4(at));
-                        isum_hi[r] = _mm512_dpbusd_epi32(isum_hi[r], hi, broadcast4(at.add(16)));
-                    }
-                }
-                let scale_lo =
-                    _mm512_cvtepi8_epi32(_mm_load_si128(meta.add(32 + 32 * s) as *const _));
-                let scale_hi =
-                    _mm512_cvtepi8_epi32(_mm_load_si128(meta.add(48 + 32 * s) as *const _));
+        let meta = self.group.add(layout.meta_at(b));
+        let quants = self.group.add(layout.quants_at(b));
+        let planes = self.group.add(layout.planes_at(b));
+        let mut big_a = [_mm512_setzero_si512(); R];
+        let mut offset = [_mm512_setzero_si512(); R];
+        for s in 0..8 {
+            // Two bits per group at 2t: t = 0 and 1 need a left shift by 4 first.
+            let high_lo = load::<R>(planes.add(128 * s));
+            let high_hi = load::<R>(planes.add(128 * s + 64));
+            let high_lo4 = _mm512_slli_epi16::<4>(high_lo);
+            let high_hi4 = _mm512_slli_epi16::<4>(high_hi);
+            let mut isum_lo = [_mm512_setzero_si512(); R];
+            let mut isum_hi = [_mm512_setzero_si512(); R];
+            for t in 0..4 {
+                let chunk = load::<R>(quants.add(64 * (4 * s + t)));
+                let (bits_lo, bits_hi) = match t {
+                    0 => (high_lo4, high_hi4),
+                    1 => (
+                        _mm512_srli_epi16::<2>(high_lo4),
+                        _mm512_srli_epi16::<2>(high_hi4),
+                    ),
+                    2 => (high_lo, high_hi),
+                    _ => (
+                        _mm512_srli_epi16::<2>(high_lo),
+                        _mm512_srli_epi16::<2>(high_hi),
+                    ),
+                };
+                let lo = or_masked(_mm512_and_si512(chunk, low), bits_lo, bits45);
+                let hi = or_masked(
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(chunk), low),
+                    bits_hi,
+                    bits45,
+                );
                 for r in 0..R {
-                    let sums = self.sums16[r].add(16 * b + 2 * s);
-                    let offset_lo = _mm512_set1_epi32(32 * *sums);
-                    let offset_hi = _mm512_set1_epi32(32 * *sums.add(1));
-                    let lo = _mm512_mullo_epi32(_mm512_sub_epi32(isum_lo[r], offset_lo), scale_lo);
-                    let hi = _mm512_mullo_epi32(_mm512_sub_epi32(isum_hi[r], offset_hi), scale_hi);
-                    big_a[r] = _mm512_add_epi32(big_a[r], _mm512_add_epi32(lo, hi));
+                    let at = self.q[r].add(b * 256 + 32 * s + 4 * t);
+                    isum_lo[r] = _mm512_dpbusd_epi32(isum_lo[r], lo, broadcast4(at));
+                    isum_hi[r] = _mm512_dpbusd_epi32(isum_hi[r], hi, broadcast4(at.add(16)));
                 }
             }
-            let d = _mm512_cvtph_ps(_mm256_load_si256(meta as *const __m256i));
+            // Lane c holds the scales of sub-blocks 2s and 2s + 1 as two i16.
+            let pair = _mm512_cvtepi8_epi16(_mm256_load_si256(meta.add(32 + 32 * s) as *const _));
+            let scale_lo = _mm512_srai_epi32::<16>(_mm512_slli_epi32::<16>(pair));
+            let scale_hi = _mm512_srai_epi32::<16>(pair);
             for r in 0..R {
-                let da = _mm512_set1_ps(*self.scales[r].add(b));
-                let update = _mm512_mul_ps(_mm512_mul_ps(da, d), _mm512_cvtepi32_ps(big_a[r]));
-                acc[r] = _mm512_add_ps(acc[r], update);
+                let lo = _mm512_mullo_epi32(isum_lo[r], scale_lo);
+                let hi = _mm512_mullo_epi32(isum_hi[r], scale_hi);
+                big_a[r] = _mm512_add_epi32(big_a[r], _mm512_add_epi32(lo, hi));
+                let sums = _mm512_set1_epi32(*self.pairs16[r].add(8 * b + s));
+                offset[r] = _mm512_dpwssd_epi32(offset[r], pair, sums);
             }
+        }
+        let d = _mm512_cvtph_ps(_mm256_load_si256(meta as *const __m256i));
+        for r in 0..R {
+            let ints = _mm512_sub_epi32(big_a[r], _mm512_slli_epi32::<5>(offset[r]));
+            let da = _mm512_set1_ps(*self.scales[r].add(b));
+            let update = _mm512_mul_ps(_mm512_mul_ps(da, d), _mm512_cvtepi32_ps(ints));
+            acc[r] = _mm512_add_ps(acc[r], update);
         }
     }
 }

@@ -63,7 +63,8 @@ pub(crate) fn attention(
     else {
         return Ok(None);
     };
-    let (Some(qd), Some(kd), Some(vd)) = (simd::slice(&qs), simd::slice(&ks), simd::slice(&vs)) else {
+    let (Some(qd), Some(kd), Some(vd)) = (simd::slice(&qs), simd::slice(&ks), simd::slice(&vs))
+    else {
         return Ok(None);
     };
     let (Some(qv), Some(kv), Some(vv)) = (view(qd, ql), view(kd, kl), view(vd, vl)) else {
@@ -87,34 +88,19 @@ pub(crate) fn attention(
         }
         None => None,
     };
-    let group = heads / kv_heads;
-    let run = |bh: usize| -> Vec<f32> {
-        let (b, h) = (bh / heads, bh % heads);
-        let mut out = vec![0f32; tokens * head_dim];
-        let mut scores = vec![0f32; kv_len];
-        let mut visible = vec![0u32; kv_len];
-        for (i, out) in out.chunks_exact_mut(head_dim).enumerate() {
-            let mask = mask_rows.map(|(rows, batches)| {
-                let mb = if batches == 1 { 0 } else { b };
-                &rows[(mb * tokens + i) * kv_len..(mb * tokens + i + 1) * kv_len]
-            });
-            let query = qv.row(b, h, i, head_dim);
-            let keys = |j: usize| kv.row(b, h / group, j, head_dim);
-            let values = |j: usize| vv.row(b, h / group, j, head_dim);
-            attend_row(
-                query,
-                keys,
-                values,
-                mask,
-                kv_len,
-                scale,
-                &mut scores,
-                &mut visible,
-                out,
-            );
-        }
-        out
+    let job = HeadJob {
+        q: qv,
+        k: kv,
+        v: vv,
+        mask: mask_rows,
+        heads,
+        group: heads / kv_heads,
+        tokens,
+        kv_len,
+        head_dim,
+        scale,
     };
+    let run = |bh: usize| job.run(bh);
     let work = batch * heads * tokens * kv_len * head_dim;
     let per_head: Vec<Vec<f32>> = if work >= 1 << 16 && rayon::current_num_threads() > 1 {
         (0..batch * heads).into_par_iter().map(run).collect()
@@ -137,46 +123,101 @@ pub(crate) fn attention(
     )?))
 }
 
-/// One query row: softmax over the visible keys (in cache order), then the weighted sum of
-/// their values. `scores` and `visible` are scratch of `kv_len`.
-#[allow(clippy::too_many_arguments)]
-fn attend_row<'k>(
-    query: &[f32],
-    keys: impl Fn(usize) -> &'k [f32],
-    values: impl Fn(usize) -> &'k [f32],
-    mask: Option<&[f32]>,
+/// What every (batch, head) pair of one attention call reads.
+struct HeadJob<'a> {
+    q: View<'a>,
+    k: View<'a>,
+    v: View<'a>,
+    /// The mask's rows and its batch size (1 or the batch).
+    mask: Option<(&'a [f32], usize)>,
+    heads: usize,
+    group: usize,
+    tokens: usize,
     kv_len: usize,
+    head_dim: usize,
     scale: f32,
-    scores: &mut [f32],
-    visible: &mut [u32],
-    out: &mut [f32],
-) {
-    let mut count = 0;
-    for j in 0..kv_len {
-        let bias = mask.map_or(0.0, |m| m[j]);
-        if bias == f32::NEG_INFINITY {
-            continue;
+}
+
+impl HeadJob<'_> {
+    /// The outputs `(tokens, head_dim)` of head `bh = batch * heads + head`, compiled for the
+    /// widest vectors the CPU has (the bits do not depend on which).
+    fn run(&self, bh: usize) -> Vec<f32> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the feature was detected.
+                return unsafe { self.run_avx512(bh) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the feature was detected.
+                return unsafe { self.run_avx2(bh) };
+            }
         }
-        scores[count] = simd::dot(query, keys(j)) * scale + bias;
-        visible[count] = j as u32;
-        count += 1;
+        self.run_body(bh)
     }
-    out.fill(0.0);
-    if count == 0 {
-        return;
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run_avx512(&self, bh: usize) -> Vec<f32> {
+        self.run_body(bh)
     }
-    let scores = &mut scores[..count];
-    let max = scores
-        .iter()
-        .fold(f32::NEG_INFINITY, |m, &s| if s > m { s } else { m });
-    simd::exp_shifted(scores, max);
-    let mut total = 0f32;
-    for (&p, &j) in scores.iter().zip(visible.iter()) {
-        total += p;
-        simd::add_scaled(out, p, values(j as usize));
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn run_avx2(&self, bh: usize) -> Vec<f32> {
+        self.run_body(bh)
     }
-    let inverse = 1.0 / total;
-    for v in out.iter_mut() {
-        *v *= inverse;
+
+    #[inline(always)]
+    fn run_body(&self, bh: usize) -> Vec<f32> {
+        let (b, h) = (bh / self.heads, bh % self.heads);
+        let (tokens, kv_len, head_dim) = (self.tokens, self.kv_len, self.head_dim);
+        let mut out = vec![0f32; tokens * head_dim];
+        let mut scores = vec![0f32; kv_len];
+        let mut visible = vec![0u32; kv_len];
+        for (i, out) in out.chunks_exact_mut(head_dim).enumerate() {
+            let mask = self.mask.map(|(rows, batches)| {
+                let mb = if batches == 1 { 0 } else { b };
+                &rows[(mb * tokens + i) * kv_len..(mb * tokens + i + 1) * kv_len]
+            });
+            let query = self.q.row(b, h, i, head_dim);
+            // Softmax over the visible keys, in cache order.
+            let mut count = 0;
+            for j in 0..kv_len {
+                let bias = mask.map_or(0.0, |m| m[j]);
+                if bias == f32::NEG_INFINITY {
+                    continue;
+                }
+                let key = self.k.row(b, h / self.group, j, head_dim);
+                scores[count] = simd::dot_lanes(query, key) * self.scale + bias;
+                visible[count] = j as u32;
+                count += 1;
+            }
+            out.fill(0.0);
+            if count == 0 {
+                continue;
+            }
+            let scores = &mut scores[..count];
+            let max = scores
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, &s| if s > m { s } else { m });
+            for s in scores.iter_mut() {
+                *s = simd::exp(*s - max);
+            }
+            // The weighted sum of their values, then one division.
+            let mut total = 0f32;
+            for (&p, &j) in scores.iter().zip(visible.iter()) {
+                total += p;
+                let value = self.v.row(b, h / self.group, j as usize, head_dim);
+                for (o, &v) in out.iter_mut().zip(value) {
+                    *o += p * v;
+                }
+            }
+            let inverse = 1.0 / total;
+            for v in out.iter_mut() {
+                *v *= inverse;
+            }
+        }
+        out
     }
 }

@@ -27,36 +27,10 @@ pub(crate) fn slice(storage: &Storage) -> Option<&[f32]> {
     }
 }
 
-/// `sum a[i] * b[i]`: 16 partial sums, then added in lane order.
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the feature was detected.
-            return unsafe { dot_avx512(a, b) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the feature was detected.
-            return unsafe { dot_avx2(a, b) };
-        }
-    }
-    dot_body(a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
-    dot_body(a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot_body(a, b)
-}
-
+/// `sum a[i] * b[i]`: 16 partial sums, then added in lane order. Inline it into a caller
+/// compiled for wide vectors (see `attention.rs`).
 #[inline(always)]
-fn dot_body(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let mut lanes = [0f32; 16];
     let whole = n / 16 * 16;
@@ -73,48 +47,6 @@ fn dot_body(a: &[f32], b: &[f32]) -> f32 {
         sum += a[i] * b[i];
     }
     sum
-}
-
-/// `out[i] += scale * x[i]`.
-pub(crate) fn add_scaled(out: &mut [f32], scale: f32, x: &[f32]) {
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o += scale * v;
-    }
-}
-
-/// `s = exp(s - shift)` for every score (all of them at most `shift`).
-pub(crate) fn exp_shifted(scores: &mut [f32], shift: f32) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the feature was detected.
-            return unsafe { exp_avx512(scores, shift) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the feature was detected.
-            return unsafe { exp_avx2(scores, shift) };
-        }
-    }
-    exp_body(scores, shift)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn exp_avx512(scores: &mut [f32], shift: f32) {
-    exp_body(scores, shift)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn exp_avx2(scores: &mut [f32], shift: f32) {
-    exp_body(scores, shift)
-}
-
-#[inline(always)]
-fn exp_body(scores: &mut [f32], shift: f32) {
-    for s in scores.iter_mut() {
-        *s = exp(*s - shift);
-    }
 }
 
 /// `e^x` for `x <= 88` within about 2 ulp: `x = n ln2 + r` with `|r| <= ln2 / 2`, a degree-6
@@ -141,51 +73,6 @@ pub(crate) fn exp(x: f32) -> f32 {
     p * f32::from_bits(exponent << 23)
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn exp_is_within_a_few_ulp_of_the_standard_library() {
-        let mut worst = 0f64;
-        let mut x = -87.0f32;
-        while x <= 88.0 {
-            let ours = super::exp(x) as f64;
-            let exact = (x as f64).exp();
-            worst = worst.max(((ours - exact) / exact).abs());
-            x += 0.0137;
-        }
-        assert!(worst < 1e-6, "worst relative error {worst}");
-        assert_eq!(super::exp(0.0), 1.0);
-        assert_eq!(super::exp(-200.0), super::exp(-87.0));
-    }
-
-    #[test]
-    fn silu_gate_matches_an_f64_reference() {
-        let gate: Vec<f32> = (0..100).map(|i| (i as f32 - 50.0) * 0.37).collect();
-        let up: Vec<f32> = (0..100).map(|i| (i as f32 * 0.11).cos()).collect();
-        let mut out = vec![0f32; 100];
-        super::silu_mul(&gate, &up, &mut out);
-        for i in 0..100 {
-            let g = gate[i] as f64;
-            let exact = g / (1.0 + (-g).exp()) * up[i] as f64;
-            assert!((out[i] as f64 - exact).abs() <= 1e-6 * exact.abs().max(1.0), "{i}");
-        }
-        // Far out on both sides: finite, and the limits of silu.
-        let mut out = [0f32; 2];
-        super::silu_mul(&[-1000.0, 1000.0], &[1.0, 1.0], &mut out);
-        assert!(out[0] <= 0.0 && out[0] > -1e-30 && out[1] == 1000.0, "{out:?}");
-    }
-
-    #[test]
-    fn dot_matches_an_f64_sum() {
-        for n in [1usize, 15, 16, 17, 64, 100, 128] {
-            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
-            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
-            let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
-            assert!((super::dot(&a, &b) as f64 - exact).abs() < 1e-5, "n = {n}");
-        }
-    }
-}
-
 /// `silu(gate) * up` where `joint (..., 2 * width)` holds gate then up in its last dimension
 /// (the packed gate/up projection's output). `None` when `joint` is not f32 on the CPU.
 pub(crate) fn swiglu(joint: &Tensor, width: usize) -> Result<Option<Tensor>> {
@@ -200,7 +87,10 @@ pub(crate) fn swiglu(joint: &Tensor, width: usize) -> Result<Option<Tensor>> {
     let rows = layout.shape().elem_count() / (2 * width);
     let data = &data[layout.start_offset()..layout.start_offset() + rows * 2 * width];
     let mut out = vec![0f32; rows * width];
-    for (src, dst) in data.chunks_exact(2 * width).zip(out.chunks_exact_mut(width)) {
+    for (src, dst) in data
+        .chunks_exact(2 * width)
+        .zip(out.chunks_exact_mut(width))
+    {
         let (gate, up) = src.split_at(width);
         silu_mul(gate, up, dst);
     }
@@ -249,5 +139,59 @@ fn silu_mul_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
         let negated = -g;
         let clamped = if negated > 88.0 { 88.0 } else { negated };
         *o = g / (1.0 + exp(clamped)) * u;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn exp_is_within_a_few_ulp_of_the_standard_library() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x <= 88.0 {
+            let ours = super::exp(x) as f64;
+            let exact = (x as f64).exp();
+            worst = worst.max(((ours - exact) / exact).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 1e-6, "worst relative error {worst}");
+        assert_eq!(super::exp(0.0), 1.0);
+        assert_eq!(super::exp(-200.0), super::exp(-87.0));
+    }
+
+    #[test]
+    fn silu_gate_matches_an_f64_reference() {
+        let gate: Vec<f32> = (0..100).map(|i| (i as f32 - 50.0) * 0.37).collect();
+        let up: Vec<f32> = (0..100).map(|i| (i as f32 * 0.11).cos()).collect();
+        let mut out = vec![0f32; 100];
+        super::silu_mul(&gate, &up, &mut out);
+        for i in 0..100 {
+            let g = gate[i] as f64;
+            let exact = g / (1.0 + (-g).exp()) * up[i] as f64;
+            assert!(
+                (out[i] as f64 - exact).abs() <= 1e-6 * exact.abs().max(1.0),
+                "{i}"
+            );
+        }
+        // Far out on both sides: finite, and the limits of silu.
+        let mut out = [0f32; 2];
+        super::silu_mul(&[-1000.0, 1000.0], &[1.0, 1.0], &mut out);
+        assert!(
+            out[0] <= 0.0 && out[0] > -1e-30 && out[1] == 1000.0,
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn dot_matches_an_f64_sum() {
+        for n in [1usize, 15, 16, 17, 64, 100, 128] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            assert!(
+                (super::dot_lanes(&a, &b) as f64 - exact).abs() < 1e-5,
+                "n = {n}"
+            );
+        }
     }
 }

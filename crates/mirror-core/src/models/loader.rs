@@ -193,3 +193,72 @@ fn fitting_type(target: GgmlDType, cols: usize) -> Option<GgmlDType> {
         .into_iter()
         .find(|t| cols.is_multiple_of(t.block_size()))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::weights::WeightSource;
+
+    /// One Q3_K matrix (a type the kernels do not read), as a GGUF file would hold it.
+    struct OneQ3K {
+        tensor: QTensor,
+    }
+
+    impl WeightSource for OneQ3K {
+        fn load(&self, _: &str, _: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+            Ok(self.tensor.dequantize(device)?.to_dtype(dtype)?)
+        }
+        fn load_quantized(&self, _: &str, _: &[usize]) -> Result<Option<QTensor>> {
+            let bytes = self.tensor.data()?;
+            let storage = QStorage::from_data(bytes, &Device::Cpu, GgmlDType::Q3K)?;
+            Ok(Some(QTensor::new(storage, self.tensor.shape().clone())?))
+        }
+        fn contains(&self, _: &str) -> bool {
+            true
+        }
+        fn path(&self) -> &Path {
+            Path::new("one-q3k.gguf")
+        }
+    }
+
+    #[test]
+    fn a_type_without_kernels_is_requantized_to_q8_0_within_its_rounding() {
+        let (rows, cols) = (20, 512);
+        let weights: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1.0 + (i % 13) as f32))
+            .collect();
+        let tensor = Tensor::from_vec(weights, (rows, cols), &Device::Cpu).unwrap();
+        let source = OneQ3K {
+            tensor: QTensor::quantize(&tensor, GgmlDType::Q3K).unwrap(),
+        };
+        let stored = source
+            .load("w", &[rows, cols], DType::F32, &Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let loader =
+            WeightLoader::new(&source, WeightFormat::AsStored, DType::F32, &Device::Cpu).unwrap();
+        let Matrix::Packed(packed) = loader.matrix("w", rows, cols).unwrap() else {
+            panic!("expected a packed matrix");
+        };
+        assert_eq!(packed.weight_type(), WeightType::Q8_0);
+        let report = loader.into_report();
+        assert_eq!(report.converted(), vec![("w", "Q3_K", "Q8_0")]);
+        // Q8_0: 127 steps of max|w|/127 on each side; rounding moves a weight by half a step,
+        // the f16 scale by at most 127 * 2^-11 of a step.
+        let mut row = vec![0f32; cols];
+        for (r, stored_row) in stored.iter().enumerate() {
+            packed.dequantize_row(r, &mut row).unwrap();
+            for (block, stored_block) in row.chunks(32).zip(stored_row.chunks(32)) {
+                let amax = stored_block.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let step = amax / 127.0;
+                let bound = step / 2.0 + 127.0 * step * 2f32.powi(-11) + 1e-7;
+                for (a, b) in block.iter().zip(stored_block) {
+                    assert!((a - b).abs() <= bound, "{a} vs {b}, bound {bound}");
+                }
+            }
+        }
+    }
+}

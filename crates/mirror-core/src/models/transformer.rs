@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::loading::LoadOptions;
 use crate::mask::AttentionInput;
+use crate::threads;
 use crate::weights::{WeightReport, WeightSource};
 
 #[derive(Clone)]
@@ -103,7 +104,8 @@ pub struct StreamLogits {
 }
 
 /// A decoder-only language model with weights behind `&self` (share it across threads with an
-/// `Arc`) and all mutable state in a [`KvCache`] passed as `&mut`.
+/// `Arc`) and all mutable state in a [`KvCache`] passed as `&mut`. Cloning shares the weights.
+#[derive(Clone)]
 pub struct Model {
     config: ModelConfig,
     architecture: Architecture,
@@ -256,9 +258,17 @@ impl Model {
             weights,
             config,
         };
-        match options.threads {
-            Some(threads) => model.with_threads(threads),
-            None => Ok(model),
+        match (&options.cores, options.threads) {
+            (Some(cores), threads) => {
+                let pool = threads::build_pool(
+                    "mirror-model",
+                    threads.unwrap_or(cores.len()),
+                    Some(cores),
+                )?;
+                Ok(model.with_thread_pool(pool))
+            }
+            (None, Some(threads)) => model.with_threads(threads),
+            (None, None) => Ok(model),
         }
     }
 
@@ -338,12 +348,14 @@ impl Model {
 
     /// Confines this model to a new pool of `threads` threads (see [`Model::with_thread_pool`]).
     pub fn with_threads(self, threads: usize) -> Result<Self> {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads.max(1))
-            .thread_name(|i| format!("mirror-model-{i}"))
-            .build()
-            .map_err(|e| Error::ThreadPool(e.to_string()))?;
-        Ok(self.with_thread_pool(Arc::new(pool)))
+        Ok(self.with_thread_pool(threads::build_pool("mirror-model", threads, None)?))
+    }
+
+    /// Confines this model to a new pool with one thread per core of `cores`, each pinned to
+    /// those cores (Linux), so that models pinned to disjoint cores never compete for one.
+    pub fn with_cores(self, cores: &[usize]) -> Result<Self> {
+        let pool = threads::build_pool("mirror-model", cores.len(), Some(cores))?;
+        Ok(self.with_thread_pool(pool))
     }
 
     /// Threads of the model's own pool, or `None` when it runs in the caller's rayon pool.
