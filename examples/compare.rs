@@ -223,13 +223,8 @@ fn run(args: Args) -> Result<(), String> {
         });
     }
     let device = mirror_sd::mirror_core::Device::Cpu;
-    let target_options = common::load_options(&args.weights, &device, None, None)?;
-    let draft_options = common::load_options(
-        args.draft_weights.as_deref().unwrap_or(&args.weights),
-        &device,
-        None,
-        None,
-    )?;
+    let (target_options, draft_options) =
+        common::pair_options(&args.weights, args.draft_weights.as_deref(), &device)?;
     let loaded = common::load_with_spinner(
         "target",
         &common::resolve_source(&args.target)?,

@@ -91,13 +91,8 @@ fn calibrate(args: &Args, path: &str) -> Result<(), String> {
     let kappa = run["kappa"].as_u64().unwrap_or(4) as usize;
     let exit_fraction = run["exit_fraction"].as_f64().unwrap_or(0.5);
     let device = Device::Cpu;
-    let target_options = common::load_options(&args.weights, &device, None, None)?;
-    let draft_options = common::load_options(
-        args.draft_weights.as_deref().unwrap_or(&args.weights),
-        &device,
-        None,
-        None,
-    )?;
+    let (target_options, draft_options) =
+        common::pair_options(&args.weights, args.draft_weights.as_deref(), &device)?;
     let target = common::load_with_spinner(
         "target",
         &common::resolve_source(&args.target)?,

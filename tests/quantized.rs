@@ -111,45 +111,38 @@ fn assert_parity(name: &str, ours: &[Vec<f32>], theirs: &[Vec<f32>], exact: &[Ve
     );
 }
 
-#[test]
-fn smollm2_quantized_forward_matches_candle_quantized_llama_at_every_position() {
-    let Some(path) = common::smollm2_path() else {
-        return;
-    };
-    let loaded = load_as(&path, WeightFormat::AsStored);
+/// Ours as stored, ours in f32, and candle-transformers' quantized model of the GGUF's
+/// architecture, at every position of the prompt.
+fn parity(path: &Path, name: &str) {
+    let loaded = load_as(path, WeightFormat::AsStored);
     let tokens = loaded.tokenizer.encode(PROMPT, true).unwrap();
     let ours = ours_every_position(&loaded.model, &tokens);
-    let exact = ours_every_position(&load_as(&path, WeightFormat::Float).model, &tokens);
-    let mut file = std::fs::File::open(&path).unwrap();
+    let exact = ours_every_position(&load_as(path, WeightFormat::Float).model, &tokens);
+    let mut file = std::fs::File::open(path).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
-    let mut reference = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
-        content,
-        &mut file,
-        &Device::Cpu,
-    )
-    .unwrap();
-    let theirs = candle_every_position(|x, pos| reference.forward(x, pos).unwrap(), &tokens);
-    assert_parity("SmolLM2 Q4_1", &ours, &theirs, &exact);
+    let theirs = if loaded.model.architecture() == mirror_core::Architecture::Qwen2 {
+        use candle_transformers::models::quantized_qwen2::ModelWeights;
+        let mut reference = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
+        candle_every_position(|x, pos| reference.forward(x, pos).unwrap(), &tokens)
+    } else {
+        use candle_transformers::models::quantized_llama::ModelWeights;
+        let mut reference = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
+        candle_every_position(|x, pos| reference.forward(x, pos).unwrap(), &tokens)
+    };
+    assert_parity(name, &ours, &theirs, &exact);
+}
+
+#[test]
+fn smollm2_quantized_forward_matches_candle_quantized_llama_at_every_position() {
+    if let Some(path) = common::smollm2_path() {
+        parity(&path, "SmolLM2 Q4_1");
+    }
 }
 
 fn qwen_parity(file: &str) {
-    let Some(path) = qwen_opt_in(file) else {
-        return;
-    };
-    let loaded = load_as(&path, WeightFormat::AsStored);
-    let tokens = loaded.tokenizer.encode(PROMPT, true).unwrap();
-    let ours = ours_every_position(&loaded.model, &tokens);
-    let exact = ours_every_position(&load_as(&path, WeightFormat::Float).model, &tokens);
-    let mut f = std::fs::File::open(&path).unwrap();
-    let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
-    let mut reference = candle_transformers::models::quantized_qwen2::ModelWeights::from_gguf(
-        content,
-        &mut f,
-        &Device::Cpu,
-    )
-    .unwrap();
-    let theirs = candle_every_position(|x, pos| reference.forward(x, pos).unwrap(), &tokens);
-    assert_parity(file, &ours, &theirs, &exact);
+    if let Some(path) = qwen_opt_in(file) {
+        parity(&path, file);
+    }
 }
 
 #[test]

@@ -83,6 +83,19 @@ pub fn load_options(
     })
 }
 
+/// Target and draft options from `--weights` / `--draft-weights` (the draft defaults to the
+/// target's format), unpinned, on `device`.
+pub fn pair_options(
+    weights: &str,
+    draft_weights: Option<&str>,
+    device: &Device,
+) -> Result<(LoadOptions, LoadOptions), String> {
+    Ok((
+        load_options(weights, device, None, None)?,
+        load_options(draft_weights.unwrap_or(weights), device, None, None)?,
+    ))
+}
+
 /// Loads a model with a spinner on stderr.
 pub fn load_with_spinner(
     what: &str,
