@@ -4,7 +4,7 @@
 //!   step of hypothesis-tree drafting with R = kappa x (gamma + 1) branches), beside a causal
 //!   forward of the same number of tokens.
 //! - `draft_step_after_64/*`: one draft step, plain (1 or 3 tokens fed) or with 2 speculative
-//!   streams (3 tokens fed, main and stream logits at every fed row).
+//!   lookahead (3 tokens fed, main and lookahead logits at every fed row).
 //! - `generate_32/*`: 32 greedy tokens after a short prompt with each strategy; the draft is
 //!   SmolLM2's own first 10 layers (no trained exit head, so acceptance is low: this measures the
 //!   machinery on a real model, not the speedup of a trained pair; see BENCHMARKS.md for that).
@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use mirror_sd::mirror_core::{
-    load, AttentionInput, LoadOptions, ModelSource, StreamConfig, StreamHead, TokenTree,
+    load, AttentionInput, LoadOptions, LookaheadConfig, LookaheadHead, ModelSource, TokenTree,
 };
 use mirror_sd::mirror_scheduler::{
     Autoregressive, Decoder, GenerationConfig, Mirror, SpeculativeDecoding,
@@ -76,38 +76,38 @@ fn bench(c: &mut Criterion) {
     group.finish();
 
     // One draft step: a plain draft feeds one token and returns one distribution; a draft with
-    // 2 streams over its top 4 layers (rank 64) feeds the previous step's 3 tokens and returns
-    // main and stream distributions at all 3 rows (what a self-checking greedy step computes).
+    // 2 lookahead tokens over its top 4 layers (rank 64) feeds the previous step's 3 tokens and returns
+    // main and lookahead distributions at all 3 rows (what a self-checking greedy step computes).
     let mut group = c.benchmark_group("draft_step_after_64");
     group
         .sample_size(15)
         .measurement_time(Duration::from_secs(5))
         .warm_up_time(Duration::from_secs(1));
-    let stream_config = StreamConfig {
-        num_streams: 2,
-        stream_layers: 4,
+    let stream_config = LookaheadConfig {
+        tokens: 2,
+        layers: 4,
         rank: 64,
     };
     let head =
-        StreamHead::zeros(stream_config, target.hidden_size(), target.dtype(), &device).unwrap();
-    let streamed = target.with_streams(Arc::new(head)).unwrap();
-    for (name, fed, streams) in [
+        LookaheadHead::zeros(stream_config, target.hidden_size(), target.dtype(), &device).unwrap();
+    let streamed = target.with_lookahead(Arc::new(head)).unwrap();
+    for (name, fed, lookahead) in [
         ("plain/1_token", 1usize, false),
         ("plain/3_tokens", 3, false),
-        ("streams/3_tokens", 3, true),
+        ("lookahead/3_tokens", 3, true),
     ] {
         let tokens: Vec<u32> = (0..fed as u32).map(|i| 300 + i).collect();
-        let rows: Vec<usize> = if streams {
+        let rows: Vec<usize> = if lookahead {
             (0..fed).collect()
         } else {
             vec![fed - 1]
         };
-        let stream_rows = if streams { rows.clone() } else { Vec::new() };
+        let lookahead_rows = if lookahead { rows.clone() } else { Vec::new() };
         group.bench_function(name, |b| {
             b.iter(|| {
                 let input = AttentionInput::causal(1, fed, context.len(), &device).unwrap();
                 let out = streamed
-                    .forward_with_streams(&tokens, &input, &mut cache, &rows, &stream_rows)
+                    .forward_with_lookahead(&tokens, &input, &mut cache, &rows, &lookahead_rows)
                     .unwrap();
                 device.synchronize().unwrap();
                 cache.truncate(context.len());

@@ -7,12 +7,13 @@
 //! cargo run --release --example compare                       # default pair, the whole suite
 //! cargo run --release --example compare -- --per-category 1 --max-new-tokens 48
 //! cargo run --release --example compare -- --target models/SmolLM2-135M-Instruct.Q4_1.gguf --self-draft-layers 10
-//! # with and without speculative streams on the draft
-//! cargo run --release --example compare -- --draft-streams streams/qwen2.5-coder-0.5b-instruct.safetensors \
-//!     --methods ar,sd,sd+ss,mirror,mirror+ss
+//! # with and without lookahead tokens on the draft
+//! cargo run --release --example compare -- --draft-lookahead lookahead/qwen2.5-coder-0.5b-instruct.safetensors \
+//!     --methods ar,sd,sd+lookahead,mirror,mirror+lookahead
 //! ```
 //!
-//! A method with the suffix `+ss` uses the draft with the streams of `--draft-streams` attached.
+//! A method with the suffix `+lookahead` uses the draft with the lookahead weights of
+//! `--draft-lookahead` attached.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -65,14 +66,14 @@ struct Args {
     /// Threads of the Mirror draft worker's own pool (default: the global pool).
     #[arg(long)]
     draft_threads: Option<usize>,
-    /// Speculative-stream checkpoint for the draft (enables the `+ss` methods).
+    /// Lookahead checkpoint for the draft (enables the `+lookahead` methods).
     #[arg(long)]
-    draft_streams: Option<PathBuf>,
-    /// Propose a stream token only when its stream's top probability reaches this.
-    #[arg(long, default_value_t = mirror_sd::mirror_scheduler::DEFAULT_STREAM_CONFIDENCE)]
-    stream_confidence: f32,
+    draft_lookahead: Option<PathBuf>,
+    /// Propose a lookahead token only when its top probability reaches this.
+    #[arg(long, default_value_t = mirror_sd::mirror_scheduler::DEFAULT_LOOKAHEAD_CONFIDENCE)]
+    lookahead_confidence: f32,
     /// Strategies to run, comma-separated: ar, sd, mirror, mirror-full; sd, mirror and
-    /// mirror-full with `+ss` use the draft with streams.
+    /// mirror-full with `+lookahead` use the draft with lookahead.
     #[arg(long, default_value = "ar,sd,mirror,mirror-full")]
     methods: String,
     #[arg(long, default_value = "target/compare")]
@@ -156,14 +157,14 @@ fn build(
     args: &Args,
     target: &Arc<mirror_sd::mirror_core::Model>,
     draft: &Option<Arc<mirror_sd::mirror_core::Model>>,
-    draft_streams: &Option<Arc<mirror_sd::mirror_core::Model>>,
+    draft_lookahead: &Option<Arc<mirror_sd::mirror_core::Model>>,
 ) -> Result<Box<dyn Decoder>, String> {
-    let (method, draft) = match method.strip_suffix("+ss") {
+    let (method, draft) = match method.strip_suffix("+lookahead") {
         Some(base) => (
             base,
-            draft_streams
+            draft_lookahead
                 .clone()
-                .ok_or_else(|| format!("`{method}` needs --draft-streams"))?,
+                .ok_or_else(|| format!("`{method}` needs --draft-lookahead"))?,
         ),
         None => (
             method,
@@ -178,7 +179,7 @@ fn build(
             .gamma(args.gamma)
             .kappa(args.kappa)
             .early_exit(EarlyExit::Fraction(args.exit_fraction))
-            .stream_confidence(args.stream_confidence)
+            .lookahead_confidence(args.lookahead_confidence)
             .schedule(schedule);
         if let Some(t) = args.draft_threads {
             b = b.draft_threads(t);
@@ -190,7 +191,7 @@ fn build(
         "sd" => Ok(Box::new(
             SpeculativeDecoding::builder(Arc::clone(target), draft()?)
                 .gamma(args.gamma)
-                .stream_confidence(args.stream_confidence)
+                .lookahead_confidence(args.lookahead_confidence)
                 .build()
                 .map_err(|e| e.to_string())?,
         )),
@@ -242,8 +243,8 @@ fn run(args: Args) -> Result<(), String> {
     } else {
         None
     };
-    let draft_streams = match (&args.draft_streams, &draft) {
-        (Some(path), Some(draft)) => Some(common::attach_streams(draft, path)?),
+    let draft_lookahead = match (&args.draft_lookahead, &draft) {
+        (Some(path), Some(draft)) => Some(common::attach_lookahead(draft, path)?),
         _ => None,
     };
     let config = GenerationConfig::greedy(args.max_new_tokens);
@@ -253,7 +254,7 @@ fn run(args: Args) -> Result<(), String> {
         engines.push((
             m.clone(),
             Engine::new(
-                build(m, &args, &target, &draft, &draft_streams)?,
+                build(m, &args, &target, &draft, &draft_lookahead)?,
                 tokenizer.clone(),
             ),
         ));
@@ -313,7 +314,7 @@ fn run(args: Args) -> Result<(), String> {
     let json = serde_json::json!({
         "fallback_bound": bounds,
         "target": args.target, "draft": args.self_draft_layers.map(|l| format!("target's first {l} layers")).unwrap_or(args.draft.clone()),
-        "draft_streams": args.draft_streams, "stream_confidence": args.stream_confidence,
+        "draft_lookahead": args.draft_lookahead, "lookahead_confidence": args.lookahead_confidence,
         "gamma": args.gamma, "kappa": args.kappa, "exit_fraction": args.exit_fraction,
         "max_new_tokens": args.max_new_tokens, "prompts": prompts.len(), "results": results,
         "identical_to_autoregressive": mismatches.is_empty(),
@@ -357,7 +358,7 @@ fn markdown(methods: &[String], results: &BTreeMap<String, BTreeMap<String, Tota
         for m in methods {
             let t = &results[m][&cat];
             let tps = t.tokens_per_second();
-            let vs_sd = match (m.starts_with("mirror") || m == "sd+ss", sd) {
+            let vs_sd = match (m.starts_with("mirror") || m == "sd+lookahead", sd) {
                 (true, Some(sd)) => format!("{:.2}x", tps / sd),
                 _ => "".into(),
             };

@@ -57,12 +57,12 @@ struct Args {
     /// Weight format of the draft (default: --weights).
     #[arg(long)]
     draft_weights: Option<String>,
-    /// Speculative-stream checkpoint for the draft: it then proposes 1 + streams tokens a step.
+    /// Speculative-lookahead checkpoint for the draft: it then proposes 1 + S tokens a step.
     #[arg(long)]
-    draft_streams: Option<std::path::PathBuf>,
-    /// With --draft-streams: propose a stream token only when its top probability reaches this.
-    #[arg(long, default_value_t = mirror_sd::mirror_scheduler::DEFAULT_STREAM_CONFIDENCE)]
-    stream_confidence: f32,
+    draft_lookahead: Option<std::path::PathBuf>,
+    /// With --draft-lookahead: propose a lookahead token only when its top probability reaches this.
+    #[arg(long, default_value_t = mirror_sd::mirror_scheduler::DEFAULT_LOOKAHEAD_CONFIDENCE)]
+    lookahead_confidence: f32,
     /// Use the target's own first N layers as the draft instead of --draft.
     #[arg(long)]
     self_draft_layers: Option<usize>,
@@ -173,7 +173,7 @@ fn run(args: Args) -> Result<(), String> {
             Some(&loaded.tokenizer),
             &draft_options,
         )?;
-        common::with_optional_streams(draft, args.draft_streams.as_deref())
+        common::with_optional_lookahead(draft, args.draft_lookahead.as_deref())
     };
     let draft = match args.method {
         Method::Ar => None,
@@ -197,7 +197,7 @@ fn run(args: Args) -> Result<(), String> {
         (Method::Sd, Some(draft)) => Box::new(
             SpeculativeDecoding::builder(Arc::clone(&target), draft)
                 .gamma(args.gamma)
-                .stream_confidence(args.stream_confidence)
+                .lookahead_confidence(args.lookahead_confidence)
                 .build()
                 .map_err(|e| e.to_string())?,
         ),
@@ -216,7 +216,7 @@ fn run(args: Args) -> Result<(), String> {
                 .gamma(args.gamma)
                 .kappa(args.kappa)
                 .early_exit(early_exit)
-                .stream_confidence(args.stream_confidence)
+                .lookahead_confidence(args.lookahead_confidence)
                 .schedule(schedule);
             Box::new(builder.build().map_err(|e| e.to_string())?)
         }

@@ -253,45 +253,45 @@ fn sampled_generation_is_reproducible_with_a_seed() {
 }
 
 #[test]
-fn stream_draft_sampling_matches_the_target_distribution() {
-    // The draft proposes two tokens per step (main stream + one random stream), so the second
-    // token of each pair comes from the stream's own distribution: the verifier must divide by
+fn lookahead_draft_sampling_matches_the_target_distribution() {
+    // The draft proposes two tokens per step (main row + one random lookahead row), so the second
+    // token of each pair comes from the lookahead row's own distribution: the verifier must divide by
     // exactly that distribution for the output to stay the target's.
     let m = models();
-    let config = mirror_core::StreamConfig {
-        num_streams: 1,
-        stream_layers: 1,
+    let config = mirror_core::LookaheadConfig {
+        tokens: 1,
+        layers: 1,
         rank: 4,
     };
-    // Large stream embeddings: the stream's distribution differs clearly from the main one's.
+    // Large lookahead embeddings: the lookahead distribution differs clearly from the main one's.
     let head = common::random_head_scaled(config, m.draft.hidden_size(), 21, 20.0);
-    let draft = Arc::new(m.draft.with_streams(Arc::new(head)).unwrap());
+    let draft = Arc::new(m.draft.with_lookahead(Arc::new(head)).unwrap());
     let params = params_list()[0];
     let expected = exact_joint(&m.target, &params);
     for greedy_draft in [false, true] {
         let mut sd = SpeculativeDecoding::builder(Arc::clone(&m.target), Arc::clone(&draft))
             .gamma(3)
             .greedy_draft(greedy_draft)
-            .stream_confidence(0.0)
+            .lookahead_confidence(0.0)
             .build()
             .unwrap();
         let (stat, critical) = chi_square(&sample_pairs(&mut sd, params), &expected);
         assert!(
             stat < critical,
-            "SD+streams greedy_draft={greedy_draft}: chi2 {stat:.1} >= {critical:.1}"
+            "SD+lookahead greedy_draft={greedy_draft}: chi2 {stat:.1} >= {critical:.1}"
         );
         let mut mirror = Mirror::builder(Arc::clone(&m.target), Arc::clone(&draft))
             .gamma(2)
             .kappa(3)
             .schedule(DraftSchedule::FullGrid)
             .greedy_draft(greedy_draft)
-            .stream_confidence(0.0)
+            .lookahead_confidence(0.0)
             .build()
             .unwrap();
         let (stat, critical) = chi_square(&sample_pairs(&mut mirror, params), &expected);
         assert!(
             stat < critical,
-            "Mirror+streams greedy_draft={greedy_draft}: chi2 {stat:.1} >= {critical:.1}"
+            "Mirror+lookahead greedy_draft={greedy_draft}: chi2 {stat:.1} >= {critical:.1}"
         );
     }
 }

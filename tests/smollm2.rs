@@ -1,5 +1,5 @@
 //! Real-model tests on SmolLM2-135M-Instruct (GGUF Q4_1, run as stored): greedy decoding,
-//! speculative decoding and Mirror against plain decoding, trained speculative streams.
+//! speculative decoding and Mirror against plain decoding, trained lookahead tokens.
 //! Parity with candle-transformers' quantized models and batch invariance are in
 //! `tests/quantized.rs`.
 //!
@@ -96,14 +96,14 @@ fn speculative_and_mirror_greedy_equal_autoregressive_on_smollm2() {
     }
 }
 
-/// SmolLM2 drafting for itself with the streams trained by `examples/train_streams.rs`
-/// (shipped in `streams/`): greedy output equals the model alone, and the trained streams carry
-/// information: the draft's main stream is the target itself, so every window token the target
-/// rejects is a wrong stream token, and E[A] with every stream token proposed measures stream
-/// accuracy. Untrained (zero) streams, copies of their anchor, are the baseline.
+/// SmolLM2 drafting for itself with the lookahead weights trained by `examples/train_lookahead.rs`
+/// (shipped in `lookahead/`): greedy output equals the model alone, and the trained lookahead rows carry
+/// information: the draft's main row is the target itself, so every window token the target
+/// rejects is a wrong lookahead token, and E[A] with every lookahead token proposed measures lookahead
+/// accuracy. Untrained (zero) lookahead rows, copies of their anchor, are the baseline.
 #[test]
 fn smollm2_with_its_trained_streams_equals_autoregressive() {
-    use mirror_sd::mirror_core::{StreamConfig, StreamHead};
+    use mirror_sd::mirror_core::{LookaheadConfig, LookaheadHead};
     use mirror_sd::mirror_scheduler::{
         Autoregressive, Decoder, GenerationConfig, Mirror, SpeculativeDecoding,
     };
@@ -113,10 +113,10 @@ fn smollm2_with_its_trained_streams_equals_autoregressive() {
     };
     let loaded = load(&ModelSource::Gguf(path), &LoadOptions::default()).unwrap();
     let target = Arc::new(loaded.model);
-    let streams = common::repo_root().join("streams/smollm2-135m-instruct.safetensors");
-    let trained = StreamHead::load(&streams, target.dtype(), target.device()).unwrap();
-    let untrained = StreamHead::zeros(
-        StreamConfig::clone(trained.config()),
+    let weights = common::repo_root().join("lookahead/smollm2-135m-instruct.safetensors");
+    let trained = LookaheadHead::load(&weights, target.dtype(), target.device()).unwrap();
+    let untrained = LookaheadHead::zeros(
+        LookaheadConfig::clone(trained.config()),
         target.hidden_size(),
         target.dtype(),
         target.device(),
@@ -134,12 +134,12 @@ fn smollm2_with_its_trained_streams_equals_autoregressive() {
         .collect();
     let mut mean_accepted = Vec::new();
     for head in [trained, untrained] {
-        let draft = Arc::new(target.with_streams(Arc::new(head)).unwrap());
+        let draft = Arc::new(target.with_lookahead(Arc::new(head)).unwrap());
         let mut decoders: Vec<Box<dyn Decoder>> = vec![
             Box::new(
                 SpeculativeDecoding::builder(Arc::clone(&target), Arc::clone(&draft))
                     .gamma(5)
-                    .stream_confidence(0.0)
+                    .lookahead_confidence(0.0)
                     .build()
                     .unwrap(),
             ),
@@ -165,12 +165,12 @@ fn smollm2_with_its_trained_streams_equals_autoregressive() {
         mean_accepted.push(accepted / windows as f64);
     }
     eprintln!(
-        "E[A]: trained streams {:.2}, untrained {:.2}",
+        "E[A]: trained lookahead {:.2}, untrained {:.2}",
         mean_accepted[0], mean_accepted[1]
     );
     assert!(
         mean_accepted[0] > mean_accepted[1] + 0.1,
-        "E[A] with trained streams {:.2}, untrained {:.2}",
+        "E[A] with trained lookahead {:.2}, untrained {:.2}",
         mean_accepted[0],
         mean_accepted[1]
     );

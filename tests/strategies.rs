@@ -1,13 +1,13 @@
 //! The three strategies agree: greedy output of vanilla SD and Mirror-SD is token-identical to
 //! the target alone, across gamma, kappa, exit layers and drafting schedules; an identical draft
-//! has every window accepted; Mirror's tree is actually reused. Drafts with speculative streams
+//! has every window accepted; Mirror's tree is actually reused. Drafts with lookahead tokens
 //! (several tokens per step) keep all of that.
 
 mod common;
 
 use std::sync::Arc;
 
-use mirror_core::{Model, StreamConfig};
+use mirror_core::{LookaheadConfig, Model};
 use mirror_sd::mirror_scheduler::{
     Autoregressive, Decoder, DraftSchedule, EarlyExit, FinishReason, GenerationConfig, Mirror,
     SpeculativeDecoding,
@@ -233,8 +233,8 @@ fn context_limit_is_a_documented_stop() {
         );
         assert_eq!(got.tokens, want.tokens, "{}", decoder.name());
     }
-    // Drafts with streams stop the same way (their streams would reach past the context).
-    for (name, draft) in stream_drafts(&pair.target) {
+    // Drafts with lookahead stop the same way (their lookahead rows would reach past the context).
+    for (name, draft) in lookahead_drafts(&pair.target) {
         let mut sd = SpeculativeDecoding::builder(Arc::clone(&pair.target), Arc::clone(&draft))
             .gamma(4)
             .build()
@@ -255,43 +255,43 @@ fn context_limit_is_a_documented_stop() {
     assert!(mirror.generate(&long, &config).is_err());
 }
 
-/// Drafts with random speculative streams: one stream over the top layer, and three over two.
-fn stream_drafts(target: &Arc<Model>) -> Vec<(&'static str, Arc<Model>)> {
-    let one = StreamConfig {
-        num_streams: 1,
-        stream_layers: 1,
+/// Drafts with random lookahead tokens: one over the top layer, and three over two.
+fn lookahead_drafts(target: &Arc<Model>) -> Vec<(&'static str, Arc<Model>)> {
+    let one = LookaheadConfig {
+        tokens: 1,
+        layers: 1,
         rank: 4,
     };
-    let three = StreamConfig {
-        num_streams: 3,
-        stream_layers: 2,
+    let three = LookaheadConfig {
+        tokens: 3,
+        layers: 2,
         rank: 8,
     };
-    let with = |model: &Model, config: StreamConfig, seed| {
+    let with = |model: &Model, config: LookaheadConfig, seed| {
         let head = common::random_head(config, model.hidden_size(), seed);
-        Arc::new(model.with_streams(Arc::new(head)).unwrap())
+        Arc::new(model.with_lookahead(Arc::new(head)).unwrap())
     };
     let first_layer = target.truncated(1).unwrap();
     let unrelated = common::load_fixture("llama");
     vec![
-        ("identical+1 stream", with(target, one.clone(), 1)),
-        ("first layer+1 stream", with(&first_layer, one, 2)),
-        ("identical+3 streams", with(target, three.clone(), 3)),
-        ("unrelated+3 streams", with(&unrelated, three, 4)),
+        ("identical+1 lookahead", with(target, one.clone(), 1)),
+        ("first layer+1 lookahead", with(&first_layer, one, 2)),
+        ("identical+3 lookahead", with(target, three.clone(), 3)),
+        ("unrelated+3 lookahead", with(&unrelated, three, 4)),
     ]
 }
 
 #[test]
-fn greedy_decoding_with_stream_drafts_is_token_identical() {
+fn greedy_decoding_with_lookahead_drafts_is_token_identical() {
     let target = Arc::new(common::load_fixture("qwen2"));
     let expected = reference(&target);
-    for (name, draft) in stream_drafts(&target) {
+    for (name, draft) in lookahead_drafts(&target) {
         for gamma in [1, 3, 7] {
-            // Every stream token proposed, and only confident ones.
+            // Every lookahead token proposed, and only confident ones.
             for confidence in [0.0, 0.2] {
                 let mut sd = SpeculativeDecoding::builder(Arc::clone(&target), Arc::clone(&draft))
                     .gamma(gamma)
-                    .stream_confidence(confidence)
+                    .lookahead_confidence(confidence)
                     .build()
                     .unwrap();
                 for (prompt, want) in PROMPTS.iter().zip(&expected) {
@@ -314,7 +314,7 @@ fn greedy_decoding_with_stream_drafts_is_token_identical() {
                     .kappa(3)
                     .early_exit(EarlyExit::Layer(1))
                     .schedule(schedule)
-                    .stream_confidence(0.0)
+                    .lookahead_confidence(0.0)
                     .build()
                     .unwrap();
                 for (prompt, want) in PROMPTS.iter().zip(&expected) {
@@ -333,12 +333,12 @@ fn greedy_decoding_with_stream_drafts_is_token_identical() {
 fn stream_drafts_propose_several_tokens_per_step() {
     let target = Arc::new(common::load_fixture("qwen2"));
     let plain = Arc::new(target.truncated(1).unwrap());
-    let streamed = Arc::clone(&stream_drafts(&target)[2].1); // identical + 3 streams
+    let streamed = Arc::clone(&lookahead_drafts(&target)[2].1); // identical + 3 lookahead
     let gamma = 7;
     let run_with = |draft: &Arc<Model>, sampled: bool, confidence: f32| {
         let mut sd = SpeculativeDecoding::builder(Arc::clone(&target), Arc::clone(draft))
             .gamma(gamma)
-            .stream_confidence(confidence)
+            .lookahead_confidence(confidence)
             .build()
             .unwrap();
         let temperature = if sampled { 1.0 } else { 0.0 };
@@ -355,12 +355,12 @@ fn stream_drafts_propose_several_tokens_per_step() {
     // A plain draft: exactly one token per step.
     assert_eq!(run(&plain, true).eta(), 1.0);
     assert_eq!(run(&plain, false).eta(), 1.0);
-    // A sampling draft keeps every stream token: windows of 7 take steps of 4 + 3 tokens.
+    // A sampling draft keeps every lookahead token: windows of 7 take steps of 4 + 3 tokens.
     let sampled = run(&streamed, true);
     assert!((sampled.eta() - 3.5).abs() < 1e-9, "eta {}", sampled.eta());
     assert_eq!(sampled.draft_steps, 2 * sampled.windows);
-    // Greedy: stream tokens the main stream disagrees with are replaced by its own, so an
-    // identical draft's windows are right up to the last step's unchecked stream tokens.
+    // Greedy: lookahead tokens the main row disagrees with are replaced by its own, so an
+    // identical draft's windows are right up to the last step's unchecked lookahead tokens.
     let greedy = run(&streamed, false);
     assert!(greedy.eta() >= 1.0);
     assert_eq!(greedy.position_accepted[0], greedy.position_proposed[0]);
@@ -369,12 +369,12 @@ fn stream_drafts_propose_several_tokens_per_step() {
         "{:?}",
         greedy.accepted_histogram
     );
-    // A threshold no stream reaches turns the streams off: one token per step again.
+    // A threshold no lookahead row reaches turns lookahead off: one token per step again.
     assert_eq!(run_with(&streamed, true, 1.0).eta(), 1.0);
     assert_eq!(run_with(&streamed, false, 1.0).eta(), 1.0);
     // Out-of-range thresholds are configuration errors.
     let bad = SpeculativeDecoding::builder(Arc::clone(&target), Arc::clone(&streamed))
-        .stream_confidence(1.5)
+        .lookahead_confidence(1.5)
         .build();
     assert!(bad.is_err());
 }

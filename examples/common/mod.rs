@@ -142,21 +142,28 @@ pub fn draft_model(
     Ok(Arc::new(loaded.model))
 }
 
-/// `draft` with the speculative streams of the checkpoint at `path` attached (weights shared).
-pub fn attach_streams(draft: &Arc<Model>, path: &Path) -> Result<Arc<Model>, String> {
-    let head = mirror_sd::mirror_core::StreamHead::load(path, draft.dtype(), draft.device())
-        .map_err(|e| format!("draft streams: {e}"))?;
-    eprintln!("draft streams: {:?} from {}", head.config(), path.display());
+/// `draft` with the lookahead tokens of the checkpoint at `path` attached (weights shared).
+pub fn attach_lookahead(draft: &Arc<Model>, path: &Path) -> Result<Arc<Model>, String> {
+    let head = mirror_sd::mirror_core::LookaheadHead::load(path, draft.dtype(), draft.device())
+        .map_err(|e| format!("draft lookahead: {e}"))?;
+    eprintln!(
+        "draft lookahead: {:?} from {}",
+        head.config(),
+        path.display()
+    );
     draft
-        .with_streams(Arc::new(head))
+        .with_lookahead(Arc::new(head))
         .map(Arc::new)
-        .map_err(|e| format!("draft streams: {e}"))
+        .map_err(|e| format!("draft lookahead: {e}"))
 }
 
-/// `draft` as it is, or with streams when a checkpoint is given.
-pub fn with_optional_streams(draft: Arc<Model>, path: Option<&Path>) -> Result<Arc<Model>, String> {
+/// `draft` as it is, or with lookahead when a checkpoint is given.
+pub fn with_optional_lookahead(
+    draft: Arc<Model>,
+    path: Option<&Path>,
+) -> Result<Arc<Model>, String> {
     match path {
-        Some(path) => attach_streams(&draft, path),
+        Some(path) => attach_lookahead(&draft, path),
         None => Ok(draft),
     }
 }

@@ -180,23 +180,24 @@ pub fn random_model(
     load_model_dir(&DirFiles::local(dir).unwrap(), &LoadOptions::default()).unwrap()
 }
 
-/// Stream parameters drawn uniformly (seeded): streams that propose something, mostly wrong.
+/// Lookahead parameters drawn uniformly (seeded): lookahead rows that propose something, mostly
+/// wrong.
 pub fn random_head(
-    config: mirror_core::StreamConfig,
+    config: mirror_core::LookaheadConfig,
     hidden: usize,
     seed: u64,
-) -> mirror_core::StreamHead {
+) -> mirror_core::LookaheadHead {
     random_head_scaled(config, hidden, seed, 0.5)
 }
 
-/// [`random_head`] with stream embeddings of scale `embedding_scale` (larger: stream
-/// distributions further from the main stream's).
+/// [`random_head`] with lookahead embeddings of scale `embedding_scale` (larger: lookahead
+/// distributions further from the main row's).
 pub fn random_head_scaled(
-    config: mirror_core::StreamConfig,
+    config: mirror_core::LookaheadConfig,
     hidden: usize,
     seed: u64,
     embedding_scale: f32,
-) -> mirror_core::StreamHead {
+) -> mirror_core::LookaheadHead {
     use rand::{rngs::StdRng, Rng, SeedableRng};
     let mut rng = StdRng::seed_from_u64(seed);
     let mut random = |shape: (usize, usize), scale: f32| {
@@ -205,8 +206,8 @@ pub fn random_head_scaled(
             .collect();
         Tensor::from_vec(data, shape, &candle_core::Device::Cpu).unwrap()
     };
-    let (r, s) = (config.rank, config.num_streams);
-    mirror_core::StreamHead::from_tensors(
+    let (r, s) = (config.rank, config.tokens);
+    mirror_core::LookaheadHead::from_tensors(
         config,
         random((r, hidden), 0.3),
         random((hidden, r), 0.3),

@@ -1,4 +1,4 @@
-//! Small safetensors files with JSON metadata: speculative-stream weights and training state.
+//! Small safetensors files with JSON metadata: lookahead weights and training state.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

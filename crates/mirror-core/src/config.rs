@@ -92,7 +92,7 @@ pub struct ModelConfig {
     pub model_type: String,
     /// Rows of the embedding matrix and of the LM head.
     pub vocab_size: usize,
-    /// Width of the residual stream.
+    /// Width of the hidden states.
     pub hidden_size: usize,
     /// Width of the MLP.
     pub intermediate_size: usize,
@@ -142,10 +142,12 @@ pub struct ModelConfig {
     /// Hugging Face checkpoints use the half-split (NeoX) layout.
     #[serde(default)]
     pub rope_interleaved: bool,
-    /// Speculative streams a draft declares (`"speculative_streams": {"num_streams": 2,
-    /// "stream_layers": 4, "rank": 64}`); their weights come from a stream checkpoint.
+    /// Lookahead tokens a draft declares, under Speculative Streaming's name:
+    /// `"speculative_streams": {"num_streams": 2, "stream_layers": 4, "rank": 64}`; their
+    /// weights come from a lookahead checkpoint (see [`crate::models::lookahead`]).
+    #[serde(rename = "speculative_streams")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub speculative_streams: Option<crate::models::streams::StreamConfig>,
+    pub lookahead: Option<crate::models::lookahead::LookaheadConfig>,
 }
 
 fn default_rope_theta() -> f64 {

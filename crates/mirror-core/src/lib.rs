@@ -11,7 +11,7 @@
 //! - causal and tree [masks](mask) with per-token positions;
 //! - [loading] from Hugging Face directories, GGUF files and the hub (cache first);
 //! - [tokenizers](tokenizer) with chat templates, and pure [sampling] and verification rules;
-//! - [speculative streams](models::streams) that let a draft propose several tokens per forward,
+//! - [lookahead tokens](models::lookahead) that let a draft propose several tokens per forward,
 //!   and their [training] on a frozen draft.
 //!
 //! ```no_run
@@ -56,8 +56,8 @@ pub use loading::{
     ModelSource,
 };
 pub use mask::{AttentionInput, RowVisibility, TokenTree};
-pub use models::streams::{stream_attention, StreamConfig, StreamHead};
-pub use models::transformer::{Kernels, Model, StreamLogits};
+pub use models::lookahead::{lookahead_attention, LookaheadConfig, LookaheadHead};
+pub use models::transformer::{Kernels, LookaheadLogits, Model};
 pub use tokenizer::{ChatMessage, Tokenizer};
 pub use weights::{WeightFormat, WeightReport};
 

@@ -8,7 +8,7 @@ use candle_core::{DType, Device};
 use crate::config::{ModelConfig, TokenIds};
 use crate::error::{Error, Result};
 use crate::hub::HubRepo;
-use crate::models::{config_from_gguf, streams::StreamHead, transformer::Model};
+use crate::models::{config_from_gguf, lookahead::LookaheadHead, transformer::Model};
 use crate::tokenizer::Tokenizer;
 use crate::weights::{GgufWeights, SafetensorsWeights, WeightFormat, WeightSource};
 
@@ -257,11 +257,11 @@ fn read_config(path: &Path) -> Result<ModelConfig> {
 
 /// Loads only the model (config and weights) of a Hugging Face directory, without a tokenizer.
 ///
-/// A config that declares `speculative_streams` loads them from `streams.safetensors` next to
+/// A config that declares lookahead tokens (`speculative_streams`) loads their weights from `streams.safetensors` next to
 /// `config.json` (their shape must match the declaration).
 pub fn load_model_dir(files: &DirFiles, options: &LoadOptions) -> Result<Model> {
     let config = read_config(&files.config)?;
-    let declares_streams = config.speculative_streams.is_some();
+    let declares_streams = config.lookahead.is_some();
     let weights = SafetensorsWeights::open(&files.weights)?;
     let mut model = Model::load(config, &weights as &dyn WeightSource, options)?;
     if declares_streams {
@@ -269,21 +269,21 @@ pub fn load_model_dir(files: &DirFiles, options: &LoadOptions) -> Result<Model> 
             .config
             .parent()
             .unwrap_or(Path::new("."))
-            .join(STREAMS_FILE);
+            .join(LOOKAHEAD_FILE);
         if !path.is_file() {
             return Err(Error::MissingFile {
                 path,
-                what: "speculative-stream weights declared by config.json".into(),
+                what: "lookahead weights declared by config.json".into(),
             });
         }
-        let head = StreamHead::load(&path, options.dtype, &options.device)?;
-        model = model.with_streams(std::sync::Arc::new(head))?;
+        let head = LookaheadHead::load(&path, options.dtype, &options.device)?;
+        model = model.with_lookahead(std::sync::Arc::new(head))?;
     }
     Ok(model)
 }
 
-/// File of a model directory's speculative-stream weights.
-pub const STREAMS_FILE: &str = "streams.safetensors";
+/// File of a model directory's lookahead weights.
+pub const LOOKAHEAD_FILE: &str = "streams.safetensors";
 
 /// Loads a Hugging Face model directory's files: model and tokenizer.
 pub fn load_dir(files: &DirFiles, options: &LoadOptions) -> Result<LoadedModel> {

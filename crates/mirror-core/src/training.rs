@@ -1,12 +1,12 @@
-//! Training speculative streams on a frozen draft with the future n-gram loss of Speculative
-//! Streaming (Bhendawade et al., arXiv 2402.11131): `-sum_j a_j * log p_j(y_{t+1+j})`, stream `j`
-//! of the anchor at `t` predicting the token `j` places after the main stream's.
+//! Training lookahead tokens on a frozen draft with the future n-gram loss of Speculative
+//! Streaming (Bhendawade et al., arXiv 2402.11131): `-sum_j a_j * log p_j(y_{t+1+j})`, lookahead `j`
+//! of the anchor at `t` predicting the token `j` places after the main row's.
 //!
-//! Only the stream parameters get gradients. The layers below the streams are frozen and cheap to
+//! Only the lookahead parameters get gradients. The layers below the lookahead rows are frozen and cheap to
 //! skip: [`freeze`] runs them once per training sequence and keeps the states entering layer
-//! `N - stream_layers` ([`FrozenSequence`]). A step then runs the main rows through the top layers
-//! (no gradient) and the streams of a random subset of anchors through the same layers and the LM
-//! head with differentiable kernels. Anchors do not see each other's streams, so training on a
+//! `N - lookahead_layers` ([`FrozenSequence`]). A step then runs the main rows through the top layers
+//! (no gradient) and the lookahead rows of a random subset of anchors through the same layers and the LM
+//! head with differentiable kernels. Anchors do not see each other's lookahead rows, so training on a
 //! subset is exact, and it keeps the LM head (the largest matrix) affordable on a CPU.
 //!
 //! [`AdamW`] is candle-nn's update rule with its moments exposed, so a checkpoint resumes exactly.
@@ -21,7 +21,7 @@ use rand::{rngs::StdRng, seq::index::sample, Rng, SeedableRng};
 use crate::checkpoint::{self, Checkpoint};
 use crate::error::{Error, Result};
 use crate::mask::AttentionInput;
-use crate::models::streams::{stream_attention, StreamConfig, StreamHead};
+use crate::models::lookahead::{lookahead_attention, LookaheadConfig, LookaheadHead};
 use crate::models::transformer::{Kernels, Model};
 
 /// AdamW with decoupled weight decay (Loshchilov & Hutter, arXiv 1711.05101), the update of
@@ -91,20 +91,20 @@ impl Optimizer for AdamW {
 pub struct FrozenSequence {
     /// The tokens.
     pub tokens: Vec<u32>,
-    /// States entering layer `N - stream_layers`, `(tokens, hidden)`.
+    /// States entering layer `N - lookahead_layers`, `(tokens, hidden)`.
     pub middle: Tensor,
 }
 
-/// Runs the layers below the streams over `tokens` once (the part of the draft that never
+/// Runs the layers below the lookahead rows over `tokens` once (the part of the draft that never
 /// changes during training).
-pub fn freeze(model: &Model, stream_layers: usize, tokens: &[u32]) -> Result<FrozenSequence> {
-    if stream_layers == 0 || stream_layers > model.num_layers() {
+pub fn freeze(model: &Model, lookahead_layers: usize, tokens: &[u32]) -> Result<FrozenSequence> {
+    if lookahead_layers == 0 || lookahead_layers > model.num_layers() {
         return Err(Error::invalid(format!(
-            "stream_layers must be in 1..={}",
+            "lookahead_layers must be in 1..={}",
             model.num_layers()
         )));
     }
-    let split = model.num_layers() - stream_layers;
+    let split = model.num_layers() - lookahead_layers;
     let mut cache = model.new_cache(1, tokens.len())?;
     let input = AttentionInput::causal(1, tokens.len(), 0, model.device())?;
     let hidden = model.embed(&[tokens])?;
@@ -115,7 +115,7 @@ pub fn freeze(model: &Model, stream_layers: usize, tokens: &[u32]) -> Result<Fro
     })
 }
 
-/// Hyper-parameters of stream training (a plain serde struct, stored in checkpoints).
+/// Hyper-parameters of lookahead training (a plain serde struct, stored in checkpoints).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainSettings {
     /// Peak learning rate.
@@ -124,9 +124,10 @@ pub struct TrainSettings {
     pub warmup_steps: usize,
     /// Decoupled weight decay.
     pub weight_decay: f64,
-    /// Loss weight `a_j` of stream `j` (one per stream); the main stream is frozen, so `a_0`
+    /// Loss weight `a_j` of lookahead `j` (one per lookahead token); the main row is frozen, so `a_0`
     /// would only add a constant.
-    pub stream_weights: Vec<f64>,
+    #[serde(rename = "stream_weights")]
+    pub lookahead_weights: Vec<f64>,
     /// Anchors drawn per step (shared by the sequences of a batch).
     pub anchors_per_step: usize,
     /// Seed of the initial parameters and of the anchor draws.
@@ -134,46 +135,48 @@ pub struct TrainSettings {
 }
 
 impl TrainSettings {
-    /// Defaults for `num_streams` streams: learning rate 2e-3, 20 warm-up steps, no decay,
+    /// Defaults for `lookahead_tokens` tokens: learning rate 2e-3, 20 warm-up steps, no decay,
     /// weights `0.8^(j-1)`, 32 anchors.
-    pub fn new(num_streams: usize, seed: u64) -> Self {
+    pub fn new(lookahead_tokens: usize, seed: u64) -> Self {
         Self {
             learning_rate: 2e-3,
             warmup_steps: 20,
             weight_decay: 0.0,
-            stream_weights: (0..num_streams).map(|j| 0.8f64.powi(j as i32)).collect(),
+            lookahead_weights: (0..lookahead_tokens)
+                .map(|j| 0.8f64.powi(j as i32))
+                .collect(),
             anchors_per_step: 32,
             seed,
         }
     }
 }
 
-/// Loss and top-1 accuracy of each stream over some anchors.
+/// Loss and top-1 accuracy of each lookahead token over some anchors.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct StreamReport {
+pub struct LookaheadReport {
     /// Weighted n-gram loss (what the optimiser minimises).
     pub loss: f64,
-    /// Mean negative log-likelihood of each stream's label.
-    pub stream_loss: Vec<f64>,
-    /// Fraction of anchors where each stream's argmax is its label.
-    pub stream_accuracy: Vec<f64>,
-    /// Labelled anchors per stream.
+    /// Mean negative log-likelihood of each lookahead token's label.
+    pub lookahead_loss: Vec<f64>,
+    /// Fraction of anchors where each lookahead token's argmax is its label.
+    pub lookahead_accuracy: Vec<f64>,
+    /// Labelled anchors per lookahead token.
     pub counts: Vec<usize>,
 }
 
-/// Trains a [`StreamHead`] on a frozen draft.
-pub struct StreamTrainer<'m> {
+/// Trains a [`LookaheadHead`] on a frozen draft.
+pub struct LookaheadTrainer<'m> {
     model: &'m Model,
-    config: StreamConfig,
+    config: LookaheadConfig,
     settings: TrainSettings,
     vars: [Var; 3],
     optimizer: AdamW,
 }
 
-impl<'m> StreamTrainer<'m> {
-    /// A trainer with fresh parameters: `down` ~ N(0, 1/hidden), `up` = 0 (streams start as
+impl<'m> LookaheadTrainer<'m> {
+    /// A trainer with fresh parameters: `down` ~ N(0, 1/hidden), `up` = 0 (lookahead rows start as
     /// copies of their anchors, as in LoRA), embeddings ~ N(0, 0.02^2); seeded by the settings.
-    pub fn new(model: &'m Model, config: StreamConfig, settings: TrainSettings) -> Result<Self> {
+    pub fn new(model: &'m Model, config: LookaheadConfig, settings: TrainSettings) -> Result<Self> {
         let hidden = model.hidden_size();
         let mut rng = StdRng::seed_from_u64(settings.seed);
         // Box-Muller, so the draw depends on nothing but the seed.
@@ -188,35 +191,35 @@ impl<'m> StreamTrainer<'m> {
                 .collect()
         };
         let down = normal(config.rank * hidden, 1.0 / (hidden as f64).sqrt());
-        let embeddings = normal(config.num_streams * hidden, 0.02);
+        let embeddings = normal(config.tokens * hidden, 0.02);
         let device = model.device();
         let down = Tensor::from_vec(down, (config.rank, hidden), device)?;
         let up = Tensor::zeros((hidden, config.rank), DType::F32, device)?;
-        let embeddings = Tensor::from_vec(embeddings, (config.num_streams, hidden), device)?;
+        let embeddings = Tensor::from_vec(embeddings, (config.tokens, hidden), device)?;
         Self::from_parts(model, config, settings, [down, up, embeddings], None, 0)
     }
 
     fn from_parts(
         model: &'m Model,
-        config: StreamConfig,
+        config: LookaheadConfig,
         settings: TrainSettings,
         params: [Tensor; 3],
         moments: Option<(Vec<Tensor>, Vec<Tensor>)>,
         step: usize,
     ) -> Result<Self> {
         if model.dtype() != DType::F32 {
-            return Err(Error::invalid("stream training needs the draft in f32"));
+            return Err(Error::invalid("lookahead training needs the draft in f32"));
         }
-        if settings.stream_weights.len() != config.num_streams {
+        if settings.lookahead_weights.len() != config.tokens {
             return Err(Error::invalid(format!(
-                "{} stream weights for {} streams",
-                settings.stream_weights.len(),
-                config.num_streams
+                "{} lookahead weights for {} lookahead tokens",
+                settings.lookahead_weights.len(),
+                config.tokens
             )));
         }
         // Validates the shapes against the model before any step.
         let [down, up, embeddings] = params;
-        StreamHead::from_tensors(config.clone(), down.clone(), up.clone(), embeddings.clone())?
+        LookaheadHead::from_tensors(config.clone(), down.clone(), up.clone(), embeddings.clone())?
             .check_fits(model.hidden_size(), model.num_layers())?;
         let vars = [
             Var::from_tensor(&down)?,
@@ -250,24 +253,24 @@ impl<'m> StreamTrainer<'m> {
         self.optimizer.step
     }
 
-    /// The stream config being trained.
-    pub fn config(&self) -> &StreamConfig {
+    /// The lookahead config being trained.
+    pub fn config(&self) -> &LookaheadConfig {
         &self.config
     }
 
     /// The current parameters as a head (a detached copy).
-    pub fn head(&self) -> Result<StreamHead> {
+    pub fn head(&self) -> Result<LookaheadHead> {
         self.head_from(|t| Ok(t.detach().copy()?))
     }
 
     /// The parameters as a head whose tensors are the trainable variables themselves.
-    fn trainable_head(&self) -> Result<StreamHead> {
+    fn trainable_head(&self) -> Result<LookaheadHead> {
         self.head_from(|t| Ok(t.clone()))
     }
 
-    fn head_from(&self, take: impl Fn(&Tensor) -> Result<Tensor>) -> Result<StreamHead> {
+    fn head_from(&self, take: impl Fn(&Tensor) -> Result<Tensor>) -> Result<LookaheadHead> {
         let [down, up, embeddings] = &self.vars;
-        StreamHead::from_tensors(
+        LookaheadHead::from_tensors(
             self.config.clone(),
             take(down.as_tensor())?,
             take(up.as_tensor())?,
@@ -275,7 +278,7 @@ impl<'m> StreamTrainer<'m> {
         )
     }
 
-    /// Anchors with at least stream 1 labelled, for sequences of `len` tokens.
+    /// Anchors with at least lookahead token 1 labelled, for sequences of `len` tokens.
     fn anchor_range(&self, len: usize) -> Result<usize> {
         if len < 3 {
             return Err(Error::invalid("training sequences need at least 3 tokens"));
@@ -283,9 +286,13 @@ impl<'m> StreamTrainer<'m> {
         Ok(len - 2)
     }
 
-    /// The weighted loss (a scalar tensor with gradients to the stream parameters) and the
+    /// The weighted loss (a scalar tensor with gradients to the lookahead parameters) and the
     /// report, over `anchors` of every sequence in `batch` (all of one length).
-    fn loss(&self, batch: &[&FrozenSequence], anchors: &[usize]) -> Result<(Tensor, StreamReport)> {
+    fn loss(
+        &self,
+        batch: &[&FrozenSequence],
+        anchors: &[usize],
+    ) -> Result<(Tensor, LookaheadReport)> {
         let model = self.model;
         let device = model.device();
         let first = batch
@@ -297,8 +304,8 @@ impl<'m> StreamTrainer<'m> {
                 "a training batch needs sequences of one length",
             ));
         }
-        let streams = self.config.num_streams;
-        let split = model.num_layers() - self.config.stream_layers;
+        let count = self.config.tokens;
+        let split = model.num_layers() - self.config.layers;
         let middles: Vec<&Tensor> = batch.iter().map(|s| &s.middle).collect();
         let middle = Tensor::stack(&middles, 0)?;
         // Main rows through the top layers: no parameter of theirs trains, so no gradient.
@@ -314,29 +321,29 @@ impl<'m> StreamTrainer<'m> {
             .collect();
         let mask = Tensor::from_vec(mask, (anchors.len(), len), device)?;
         let positions: Vec<u32> = anchors.iter().map(|&a| a as u32).collect();
-        let input = stream_attention(&positions, Some(&mask), len, streams, device)?;
+        let input = lookahead_attention(&positions, Some(&mask), len, count, device)?;
         let head = self.trainable_head()?;
         let states =
-            model.stream_hidden(&head, &anchor_states, &input, &cache, Kernels::Autograd)?;
+            model.lookahead_hidden(&head, &anchor_states, &input, &cache, Kernels::Autograd)?;
         let logits = model.logits_with(&states, Kernels::Autograd)?;
-        let rows = batch.len() * anchors.len() * streams;
+        let rows = batch.len() * anchors.len() * count;
         let logits = logits.reshape((rows, model.vocab_size()))?;
-        // Labels and weights, row-major over (sequence, anchor, stream).
+        // Labels and weights, row-major over (sequence, anchor, lookahead token).
         let mut labels = Vec::with_capacity(rows);
         let mut weights = Vec::with_capacity(rows);
-        let mut stream_of_row = Vec::with_capacity(rows);
+        let mut lookahead_of_row = Vec::with_capacity(rows);
         for sequence in batch {
             for &a in anchors {
-                for j in 1..=streams {
+                for j in 1..=count {
                     let target = a + 1 + j;
                     let valid = target < len;
                     labels.push(if valid { sequence.tokens[target] } else { 0 });
                     weights.push(if valid {
-                        self.settings.stream_weights[j - 1] as f32
+                        self.settings.lookahead_weights[j - 1] as f32
                     } else {
                         0.0
                     });
-                    stream_of_row.push(valid.then_some(j - 1));
+                    lookahead_of_row.push(valid.then_some(j - 1));
                 }
             }
         }
@@ -355,32 +362,32 @@ impl<'m> StreamTrainer<'m> {
             .squeeze(1)?
             .to_vec1::<f32>()?;
         let best = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-        let mut report = StreamReport {
+        let mut report = LookaheadReport {
             loss: loss.to_scalar::<f32>()? as f64,
-            stream_loss: vec![0.0; streams],
-            stream_accuracy: vec![0.0; streams],
-            counts: vec![0; streams],
+            lookahead_loss: vec![0.0; count],
+            lookahead_accuracy: vec![0.0; count],
+            counts: vec![0; count],
         };
-        for (row, stream) in stream_of_row.iter().enumerate() {
-            if let Some(j) = *stream {
+        for (row, token) in lookahead_of_row.iter().enumerate() {
+            if let Some(j) = *token {
                 report.counts[j] += 1;
-                report.stream_loss[j] -= nll[row] as f64;
+                report.lookahead_loss[j] -= nll[row] as f64;
                 if best[row] == labels[row] {
-                    report.stream_accuracy[j] += 1.0;
+                    report.lookahead_accuracy[j] += 1.0;
                 }
             }
         }
-        for j in 0..streams {
+        for j in 0..count {
             let n = report.counts[j].max(1) as f64;
-            report.stream_loss[j] /= n;
-            report.stream_accuracy[j] /= n;
+            report.lookahead_loss[j] /= n;
+            report.lookahead_accuracy[j] /= n;
         }
         Ok((loss, report))
     }
 
     /// One optimiser step on `batch` over freshly drawn anchors; returns the report before the
     /// update.
-    pub fn step(&mut self, batch: &[&FrozenSequence]) -> Result<StreamReport> {
+    pub fn step(&mut self, batch: &[&FrozenSequence]) -> Result<LookaheadReport> {
         let len = batch.first().map_or(0, |s| s.tokens.len());
         let range = self.anchor_range(len)?;
         let count = self.settings.anchors_per_step.min(range).max(1);
@@ -402,12 +409,12 @@ impl<'m> StreamTrainer<'m> {
     }
 
     /// Loss and accuracy over every anchor of `sequences` (no update).
-    pub fn evaluate(&self, sequences: &[FrozenSequence]) -> Result<StreamReport> {
-        let mut total = StreamReport {
-            stream_loss: vec![0.0; self.config.num_streams],
-            stream_accuracy: vec![0.0; self.config.num_streams],
-            counts: vec![0; self.config.num_streams],
-            ..StreamReport::default()
+    pub fn evaluate(&self, sequences: &[FrozenSequence]) -> Result<LookaheadReport> {
+        let mut total = LookaheadReport {
+            lookahead_loss: vec![0.0; self.config.tokens],
+            lookahead_accuracy: vec![0.0; self.config.tokens],
+            counts: vec![0; self.config.tokens],
+            ..LookaheadReport::default()
         };
         let mut weight = 0.0;
         for sequence in sequences {
@@ -418,19 +425,19 @@ impl<'m> StreamTrainer<'m> {
                 let n = report.counts.iter().sum::<usize>() as f64;
                 total.loss += report.loss * n;
                 weight += n;
-                for j in 0..self.config.num_streams {
+                for j in 0..self.config.tokens {
                     let c = report.counts[j] as f64;
-                    total.stream_loss[j] += report.stream_loss[j] * c;
-                    total.stream_accuracy[j] += report.stream_accuracy[j] * c;
+                    total.lookahead_loss[j] += report.lookahead_loss[j] * c;
+                    total.lookahead_accuracy[j] += report.lookahead_accuracy[j] * c;
                     total.counts[j] += report.counts[j];
                 }
             }
         }
         total.loss /= weight.max(1.0);
-        for j in 0..self.config.num_streams {
+        for j in 0..self.config.tokens {
             let c = total.counts[j].max(1) as f64;
-            total.stream_loss[j] /= c;
-            total.stream_accuracy[j] /= c;
+            total.lookahead_loss[j] /= c;
+            total.lookahead_accuracy[j] /= c;
         }
         Ok(total)
     }
@@ -451,11 +458,11 @@ impl<'m> StreamTrainer<'m> {
         checkpoint::write(path, tensors, metadata)
     }
 
-    /// Resumes from [`StreamTrainer::save_state`]. The checkpoint's config and settings win.
+    /// Resumes from [`LookaheadTrainer::save_state`]. The checkpoint's config and settings win.
     pub fn resume(model: &'m Model, path: &Path) -> Result<Self> {
-        let checkpoint = Checkpoint::read(path, model.device(), "stream training state")?;
+        let checkpoint = Checkpoint::read(path, model.device(), "lookahead training state")?;
         let step: usize = checkpoint.meta("step")?;
-        let config: StreamConfig = checkpoint.meta("config")?;
+        let config: LookaheadConfig = checkpoint.meta("config")?;
         let settings: TrainSettings = checkpoint.meta("settings")?;
         let get = |kind: &str| -> Result<Vec<Tensor>> {
             (0..3)
@@ -464,7 +471,7 @@ impl<'m> StreamTrainer<'m> {
         };
         let [down, up, embeddings]: [Tensor; 3] = get("param")?
             .try_into()
-            .map_err(|_| Error::invalid("three stream parameters expected"))?;
+            .map_err(|_| Error::invalid("three lookahead parameters expected"))?;
         Self::from_parts(
             model,
             config,

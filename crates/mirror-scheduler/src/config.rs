@@ -12,7 +12,7 @@ pub struct GenerationConfig {
     pub max_new_tokens: usize,
     /// Temperature, top-k and top-p; greedy by default.
     pub sampling: SamplingParams,
-    /// Seed of the random stream (sampling only); the same seed gives the same output.
+    /// Seed of the random generator (sampling only); the same seed gives the same output.
     pub seed: u64,
     /// Stop at the model's end-of-sequence ids.
     pub stop_at_eos: bool,

@@ -1,12 +1,12 @@
 //! The draft side: autoregressive rollouts and branch-complete hypothesis trees, over a draft
 //! model and its own KV cache. Used in-thread by vanilla SD and on its worker thread by Mirror-SD.
 //!
-//! A draft with speculative streams ([`Model::with_streams`]) proposes its main-stream token and
-//! one token per stream in each step. With a greedy draft, the next step also checks the stream
-//! tokens against the main stream (every fed row's main logits come with the pass) and replaces
-//! the first one it disagrees with, as Speculative Streaming does; streams anchored at every fed
+//! A draft with lookahead tokens ([`Model::with_lookahead`]) proposes its main-lookahead token and
+//! one lookahead token per step. With a greedy draft, the next step also checks the lookahead
+//! tokens against the main row (every fed row's main logits come with the pass) and replaces
+//! the first one it disagrees with, as Speculative Streaming does; lookahead rows anchored at every fed
 //! row make the step after a disagreement propose a full set again. A sampling draft keeps its
-//! stream tokens as sampled from their own distributions (the distribution each token was drawn
+//! lookahead tokens as sampled from their own distributions (the distribution each token was drawn
 //! from is what the target's verification divides by, so output stays exact).
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::tree::BranchPlan;
 use crate::verify::{DraftChoice, DraftWindow};
 
-/// Mixes seeds into one (splitmix64 finaliser), so every branch has its own random stream and
+/// Mixes seeds into one (splitmix64 finaliser), so every branch has its own random sequence and
 /// sampled output does not depend on how many branches were drafted in time.
 pub(crate) fn mix(a: u64, b: u64) -> u64 {
     let mut z = a ^ b
@@ -39,11 +39,11 @@ pub(crate) fn host_rows(logits: &candle_core::Tensor) -> Result<Vec<Vec<f32>>> {
 }
 
 /// What one draft step leaves a chain: the main distribution after its newest fed token and the
-/// streams' distributions anchored there (empty without streams).
+/// lookahead distributions anchored there (empty without lookahead).
 #[derive(Debug, Clone, Default)]
 struct StepLogits {
     main: Vec<f32>,
-    streams: Vec<Vec<f32>>,
+    lookahead: Vec<Vec<f32>>,
 }
 
 /// Draft work since the last [`DraftState::take_counters`].
@@ -59,7 +59,7 @@ pub(crate) struct DraftCounters {
     pub tokens: usize,
 }
 
-/// How many of `fed` (a chain's newest tokens, the first already trusted) the main stream
+/// How many of `fed` (a chain's newest tokens, the first already trusted) the main row
 /// agrees with: token `i >= 1` stands if the main argmax after token `i - 1` is `fed[i]`.
 fn agreed_prefix(fed: &[u32], main_rows: &[Vec<f32>]) -> usize {
     1 + fed
@@ -82,7 +82,7 @@ pub(crate) struct Branch {
 }
 
 impl Branch {
-    /// A branch not drafted yet; its random stream depends only on the step and its root.
+    /// A branch not drafted yet; its random sequence depends only on the step and its root.
     fn new(plan: BranchPlan, step_seed: u64) -> Self {
         Self {
             plan,
@@ -126,9 +126,9 @@ pub(crate) struct DraftState {
     pub intervals: Vec<(Instant, Instant)>,
     /// Fault injection for tests: after this many forwards, fail once (panic or error).
     pub fault: Option<(usize, bool)>,
-    /// A stream token is proposed only while its stream's top probability reaches this (0:
+    /// A lookahead token is proposed only while its lookahead row's top probability reaches this (0:
     /// always); a step then ends early rather than propose a likely miss.
-    pub stream_confidence: f32,
+    pub lookahead_confidence: f32,
     pub total_forwards: usize,
 }
 
@@ -144,7 +144,7 @@ impl DraftState {
             counters: DraftCounters::default(),
             intervals: Vec::new(),
             fault: None,
-            stream_confidence: 0.0,
+            lookahead_confidence: 0.0,
             total_forwards: 0,
         }
     }
@@ -186,22 +186,22 @@ impl DraftState {
         std::mem::take(&mut self.counters)
     }
 
-    /// Streams of the draft (0: one token per step).
-    fn num_streams(&self) -> usize {
+    /// Lookahead tokens of the draft per step (0: one token per step).
+    fn lookahead_tokens(&self) -> usize {
         self.model
-            .streams()
-            .map_or(0, |head| head.config().num_streams)
+            .lookahead()
+            .map_or(0, |head| head.config().tokens)
     }
 
-    /// Whether streams anchored at positions up to `last_anchor` stay inside the draft's context
+    /// Whether lookahead rows anchored at positions up to `last_anchor` stay inside the draft's context
     /// (near the end a step proposes its main token only).
-    fn streams_fit(&self, last_anchor: usize) -> bool {
-        last_anchor + self.num_streams() < self.model.context_limit()
+    fn lookahead_fits(&self, last_anchor: usize) -> bool {
+        last_anchor + self.lookahead_tokens() < self.model.context_limit()
     }
 
-    /// Whether a step checks the previous step's stream tokens against the main stream.
+    /// Whether a step checks the previous step's lookahead tokens against the main row.
     fn self_verifying(&self) -> bool {
-        self.num_streams() > 0 && self.params.is_greedy()
+        self.lookahead_tokens() > 0 && self.params.is_greedy()
     }
 
     fn timed<T>(
@@ -238,7 +238,7 @@ impl DraftState {
     }
 
     /// Feeds a chain's newest `tokens` causally after the cache. With `check` (and a
-    /// self-verifying draft), tokens after the first stand only while the main stream agrees;
+    /// self-verifying draft), tokens after the first stand only while the main row agrees;
     /// the rest leave the cache again. Returns how many stood and the step's logits after the
     /// last of them.
     fn feed_chain(&mut self, tokens: &[u32], check: bool) -> Result<(usize, StepLogits)> {
@@ -247,12 +247,12 @@ impl DraftState {
                 "a draft step needs at least one token to feed".into(),
             )));
         }
-        if self.num_streams() == 0 {
+        if self.lookahead_tokens() == 0 {
             return Ok((
                 tokens.len(),
                 StepLogits {
                     main: self.feed(tokens)?,
-                    streams: Vec::new(),
+                    lookahead: Vec::new(),
                 },
             ));
         }
@@ -265,18 +265,18 @@ impl DraftState {
         let device = self.model.device().clone();
         let base = self.cache()?.len();
         let input = AttentionInput::causal(1, tokens.len(), base, &device)?;
-        let stream_rows = if self.streams_fit(base + tokens.len() - 1) {
+        let lookahead_rows = if self.lookahead_fits(base + tokens.len() - 1) {
             rows.clone()
         } else {
             Vec::new()
         };
         let out =
-            self.timed(|m, c| m.forward_with_streams(tokens, &input, c, &rows, &stream_rows))?;
+            self.timed(|m, c| m.forward_with_lookahead(tokens, &input, c, &rows, &lookahead_rows))?;
         let main = out.main.to_vec2::<f32>()?;
-        let mut streams = if stream_rows.is_empty() {
+        let mut lookahead = if lookahead_rows.is_empty() {
             vec![Vec::new(); rows.len()]
         } else {
-            out.streams.to_vec3::<f32>()?
+            out.lookahead.to_vec3::<f32>()?
         };
         let kept = if check {
             agreed_prefix(tokens, &main)
@@ -290,7 +290,7 @@ impl DraftState {
             kept,
             StepLogits {
                 main: main[anchor].clone(),
-                streams: std::mem::take(&mut streams[anchor]),
+                lookahead: std::mem::take(&mut lookahead[anchor]),
             },
         ))
     }
@@ -358,8 +358,8 @@ impl DraftState {
         Ok(window)
     }
 
-    /// Appends one step's proposals to `window`: the main token, then one per stream while the
-    /// streams are confident enough, up to `count` tokens or a stop token. Returns whether the
+    /// Appends one step's proposals to `window`: the main token, then one per lookahead row while
+    /// they are confident enough, up to `count` tokens or a stop token. Returns whether the
     /// window is finished. (Where a step stops depends on the draft's own logits only, so the
     /// verification stays exact.)
     fn propose(
@@ -369,8 +369,11 @@ impl DraftState {
         count: usize,
         seed: u64,
     ) -> bool {
-        for (j, logits) in std::iter::once(&step.main).chain(&step.streams).enumerate() {
-            if j > 0 && sampling::max_probability(logits) < self.stream_confidence {
+        for (j, logits) in std::iter::once(&step.main)
+            .chain(&step.lookahead)
+            .enumerate()
+        {
+            if j > 0 && sampling::max_probability(logits) < self.lookahead_confidence {
                 return false;
             }
             let (token, choice) = self.choose(logits, seed, window.len());
@@ -466,7 +469,7 @@ impl DraftState {
                     tokens.push(t);
                 }
                 // Every active branch feeds its unfed tokens: the root first, then what its last
-                // step proposed (one token, or one per stream too).
+                // step proposed (one token, or one per lookahead row too).
                 let mut fed: Vec<(usize, Vec<u32>)> = Vec::with_capacity(active.len());
                 for &i in &active {
                     let b = &branches[i];
@@ -489,8 +492,8 @@ impl DraftState {
                     }
                     fed.push((first_row - base, unfed));
                 }
-                // Logit (and stream) rows: the tail's last (the bonus guess), then each branch's
-                // last fed row, or all of its fed rows when stream tokens are checked.
+                // Logit (and lookahead) rows: the tail's last (the bonus guess), then each branch's
+                // last fed row, or all of its fed rows when lookahead tokens are checked.
                 let check = self.self_verifying();
                 let skip = tail.len();
                 let mut wanted: Vec<usize> = Vec::new();
@@ -508,20 +511,21 @@ impl DraftState {
                 }
                 wanted.extend(&anchors);
                 let deepest = rows.iter().map(|r| r.position).max().unwrap_or(0);
-                let stream_rows = if self.num_streams() > 0 && self.streams_fit(deepest) {
+                let lookahead_rows = if self.lookahead_tokens() > 0 && self.lookahead_fits(deepest)
+                {
                     anchors.clone()
                 } else {
                     Vec::new()
                 };
                 let input = AttentionInput::from_rows(&rows, base + rows.len(), &device)?;
                 let out = self.timed(|m, c| {
-                    m.forward_with_streams(&tokens, &input, c, &wanted, &stream_rows)
+                    m.forward_with_lookahead(&tokens, &input, c, &wanted, &lookahead_rows)
                 })?;
                 let main = out.main.to_vec2::<f32>()?;
-                let mut streams = if stream_rows.is_empty() {
+                let mut lookahead = if lookahead_rows.is_empty() {
                     Vec::new()
                 } else {
-                    out.streams.to_vec3::<f32>()?
+                    out.lookahead.to_vec3::<f32>()?
                 };
                 let row_of = |r: usize| wanted.iter().position(|&w| w == r);
                 // The tail's last row is the draft's own prediction after w_gamma: its guess for
@@ -555,11 +559,11 @@ impl DraftState {
                     let anchor = own[if check { kept - 1 } else { 0 }];
                     let step = StepLogits {
                         main: main[anchor].clone(),
-                        streams: if streams.is_empty() {
+                        lookahead: if lookahead.is_empty() {
                             Vec::new()
                         } else {
-                            // Stream rows follow the wanted rows after the tail's.
-                            std::mem::take(&mut streams[anchor - usize::from(skip > 0)])
+                            // Lookahead rows follow the wanted rows after the tail's.
+                            std::mem::take(&mut lookahead[anchor - usize::from(skip > 0)])
                         },
                     };
                     let b = &mut branches[i];
@@ -567,7 +571,7 @@ impl DraftState {
                     let count = gamma.min(room);
                     b.nodes.extend((0..kept).map(|k| base + first + k));
                     if !b.nodes.is_empty() && b.nodes.len() - 1 < b.window.len() {
-                        // Stream tokens the main stream disagreed with leave the window.
+                        // Lookahead tokens the main row disagreed with leave the window.
                         b.window.truncate(b.nodes.len() - 1);
                     }
                     let mut window = std::mem::take(&mut b.window);
@@ -620,7 +624,7 @@ impl DraftState {
             window.truncate(gamma);
             return Ok((window, Resolution::Hit));
         }
-        // The branch's last step is not fed yet: feed it (checking stream tokens), then go on.
+        // The branch's last step is not fed yet: feed it (checking lookahead tokens), then go on.
         let fed = branch.nodes.len() - 1;
         let (kept, step) = self.feed_chain(&drafted[fed..], true)?;
         window.truncate(fed + kept);

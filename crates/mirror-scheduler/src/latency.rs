@@ -7,7 +7,7 @@
 //!
 //! - autoregressive: `T = t_T(1)` per token;
 //! - vanilla SD: `T = J * t_D(ceil(eta)) + t_T(gamma + 1)`, with `J = ceil(gamma / eta)` draft
-//!   steps, each feeding the previous step's `eta` tokens (`eta = 1` without streams);
+//!   steps, each feeding the previous step's `eta` tokens (`eta = 1` without lookahead);
 //! - Mirror, separate devices: `T = t_T,pre + 2 rv + max(t_T,suf, T_tree) + exposed`, where
 //!   `T_tree` is what the draft computes during the overlap and `exposed` the rollout steps still
 //!   missing after the final rendezvous: all `J` on a fallback (frequency FF), the unfinished
@@ -141,7 +141,7 @@ impl Scenario {
         let window = self.gamma + 1;
         let tokens = self.mean_accepted.min(self.gamma as f64) + 1.0;
         let steps = self.draft_steps();
-        // A step feeds what the previous one proposed: about eta rows (streams ride along).
+        // A step feeds what the previous one proposed: about eta rows (lookahead tokens ride along).
         let step_rows = self.eta.max(1.0).ceil() as usize;
         let step = self.draft.time(step_rows);
         let autoregressive = 1.0 / self.target.time(1);

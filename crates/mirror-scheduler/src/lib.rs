@@ -35,7 +35,7 @@ pub use engine::{Engine, TextStream};
 pub use error::{Error, Result};
 pub use mirror::{DraftSchedule, EarlyExit, Mirror, MirrorBuilder};
 pub use speculative::{
-    check_tokenizers, SpeculativeBuilder, SpeculativeDecoding, DEFAULT_STREAM_CONFIDENCE,
+    check_tokenizers, SpeculativeBuilder, SpeculativeDecoding, DEFAULT_LOOKAHEAD_CONFIDENCE,
 };
 pub use stats::{Stats, TimeSplit};
 

@@ -30,7 +30,7 @@ use crate::draft::{host_rows, mix, DraftCounters, DraftState, Resolution};
 use crate::error::{Error, Result};
 use crate::progress::{capacity_for, Progress};
 use crate::speculative::{
-    check_pair, check_stream_confidence, draft_params, DEFAULT_STREAM_CONFIDENCE,
+    check_lookahead_confidence, check_pair, draft_params, DEFAULT_LOOKAHEAD_CONFIDENCE,
 };
 use crate::stats::Stats;
 use crate::tree::{overlap_mass, plan_branches, BranchPlan};
@@ -76,7 +76,7 @@ pub enum DraftSchedule {
     /// distributions are ready (default).
     ///
     /// Greedy output is identical in every run. Under sampling, every branch draws from its own
-    /// seeded stream, so a window is the same whether it was drafted in the tree or rolled out
+    /// seeded random sequence, so a window is the same whether it was drafted in the tree or rolled out
     /// later; the logits of a tree pass and of a linear pass can still differ in the last bits,
     /// so a draw on a boundary may differ between runs that drafted different amounts. The output
     /// distribution is exact either way. Use [`DraftSchedule::FullGrid`] for bit-reproducible
@@ -307,7 +307,7 @@ pub struct MirrorBuilder {
     greedy_draft: bool,
     draft_threads: Option<usize>,
     fault: Option<(usize, bool)>,
-    stream_confidence: f32,
+    lookahead_confidence: f32,
 }
 
 impl MirrorBuilder {
@@ -349,10 +349,10 @@ impl MirrorBuilder {
         self
     }
 
-    /// With a draft that has speculative streams: propose a stream's token only when its top
-    /// probability reaches `threshold` (default [`DEFAULT_STREAM_CONFIDENCE`]; 0 proposes all).
-    pub fn stream_confidence(mut self, threshold: f32) -> Self {
-        self.stream_confidence = threshold;
+    /// With a draft that has lookahead tokens: propose a lookahead token only when its top
+    /// probability reaches `threshold` (default [`DEFAULT_LOOKAHEAD_CONFIDENCE`]; 0 proposes all).
+    pub fn lookahead_confidence(mut self, threshold: f32) -> Self {
+        self.lookahead_confidence = threshold;
         self
     }
 
@@ -380,7 +380,7 @@ impl MirrorBuilder {
             ));
         }
         check_pair(&self.target, &self.draft)?;
-        check_stream_confidence(self.stream_confidence)?;
+        check_lookahead_confidence(self.lookahead_confidence)?;
         if let Some(threads) = self.draft_threads {
             self.draft = Arc::new(Model::clone(&self.draft).with_threads(threads)?);
         }
@@ -390,7 +390,7 @@ impl MirrorBuilder {
         let stop = Arc::new(AtomicBool::new(false));
         let mut state = DraftState::new(Arc::clone(&self.draft));
         state.fault = self.fault;
-        state.stream_confidence = self.stream_confidence;
+        state.lookahead_confidence = self.lookahead_confidence;
         let worker = Worker {
             state,
             rx: worker_rx,
@@ -402,13 +402,13 @@ impl MirrorBuilder {
             .name("mirror-draft-worker".into())
             .spawn(move || worker.run())
             .map_err(|e| Error::WorkerFailed(format!("cannot spawn the draft worker: {e}")))?;
-        let draft_streams = self
+        let draft_lookahead = self
             .draft
-            .streams()
-            .map_or(0, |head| head.config().num_streams);
+            .lookahead()
+            .map_or(0, |head| head.config().tokens);
         Ok(Mirror {
             target: self.target,
-            draft_streams,
+            draft_lookahead,
             gamma: self.gamma,
             kappa: self.kappa,
             early_exit_layer,
@@ -427,8 +427,8 @@ impl MirrorBuilder {
 /// Mirror speculative decoding: target and draft in parallel, with a hypothesis tree.
 pub struct Mirror {
     target: Arc<Model>,
-    /// Speculative streams of the draft (a step feeds up to `1 + draft_streams` rows a branch).
-    draft_streams: usize,
+    /// Lookahead tokens of the draft (a step feeds up to `1 + draft_lookahead` rows a branch).
+    draft_lookahead: usize,
     gamma: usize,
     kappa: usize,
     early_exit_layer: usize,
@@ -461,7 +461,7 @@ impl Mirror {
             greedy_draft: false,
             draft_threads: None,
             fault: None,
-            stream_confidence: DEFAULT_STREAM_CONFIDENCE,
+            lookahead_confidence: DEFAULT_LOOKAHEAD_CONFIDENCE,
         }
     }
 
@@ -544,10 +544,10 @@ impl Decoder for Mirror {
         let mut progress = Progress::new(config, &self.target, on_tokens);
         let mut rng = StdRng::seed_from_u64(mix(config.seed, 1));
         // Planned branches plus the bonus guess, each fed at most gamma times; a step of a
-        // draft with streams feeds up to 1 + streams rows (stream tokens the main stream
+        // draft with lookahead feeds up to 1 + S rows (lookahead tokens the main row
         // rejects keep their rows until the tree is resolved).
         let branches = kappa * (gamma + 1) + 1;
-        let tree_rows = branches * gamma * (1 + self.draft_streams) + gamma + 2;
+        let tree_rows = branches * gamma * (1 + self.draft_lookahead) + gamma + 2;
         self.drain()?;
         self.request(ToDraft::Reset {
             capacity: capacity + tree_rows,

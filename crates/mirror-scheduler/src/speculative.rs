@@ -58,15 +58,15 @@ pub fn check_tokenizers(
     Ok(())
 }
 
-/// Default of `stream_confidence` on the builders: a stream token is proposed when its stream
+/// Default of `lookahead_confidence` on the builders: a lookahead token is proposed when its row
 /// puts at least this probability on it (measured on the Qwen2.5-Coder pair, BENCHMARKS.md).
-pub const DEFAULT_STREAM_CONFIDENCE: f32 = 0.5;
+pub const DEFAULT_LOOKAHEAD_CONFIDENCE: f32 = 0.5;
 
-/// Checks a stream-confidence threshold.
-pub(crate) fn check_stream_confidence(threshold: f32) -> Result<()> {
+/// Checks a lookahead-confidence threshold.
+pub(crate) fn check_lookahead_confidence(threshold: f32) -> Result<()> {
     if !(0.0..=1.0).contains(&threshold) {
         return Err(Error::InvalidConfig(format!(
-            "stream_confidence must be within [0, 1], got {threshold}"
+            "lookahead_confidence must be within [0, 1], got {threshold}"
         )));
     }
     Ok(())
@@ -88,14 +88,14 @@ pub struct SpeculativeBuilder {
     draft: Arc<Model>,
     gamma: usize,
     greedy_draft: bool,
-    stream_confidence: f32,
+    lookahead_confidence: f32,
 }
 
 impl SpeculativeBuilder {
-    /// With a draft that has speculative streams: propose a stream's token only when its top
-    /// probability reaches `threshold` (default [`DEFAULT_STREAM_CONFIDENCE`]; 0 proposes all).
-    pub fn stream_confidence(mut self, threshold: f32) -> Self {
-        self.stream_confidence = threshold;
+    /// With a draft that has lookahead tokens: propose a lookahead token only when its top
+    /// probability reaches `threshold` (default [`DEFAULT_LOOKAHEAD_CONFIDENCE`]; 0 proposes all).
+    pub fn lookahead_confidence(mut self, threshold: f32) -> Self {
+        self.lookahead_confidence = threshold;
         self
     }
 
@@ -117,9 +117,9 @@ impl SpeculativeBuilder {
             return Err(Error::InvalidConfig("gamma must be at least 1".into()));
         }
         check_pair(&self.target, &self.draft)?;
-        check_stream_confidence(self.stream_confidence)?;
+        check_lookahead_confidence(self.lookahead_confidence)?;
         let mut draft = DraftState::new(Arc::clone(&self.draft));
-        draft.stream_confidence = self.stream_confidence;
+        draft.lookahead_confidence = self.lookahead_confidence;
         Ok(SpeculativeDecoding {
             draft,
             target: self.target,
@@ -145,7 +145,7 @@ impl SpeculativeDecoding {
             draft,
             gamma: 4,
             greedy_draft: false,
-            stream_confidence: DEFAULT_STREAM_CONFIDENCE,
+            lookahead_confidence: DEFAULT_LOOKAHEAD_CONFIDENCE,
         }
     }
 }

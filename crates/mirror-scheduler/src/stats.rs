@@ -41,7 +41,7 @@ pub struct Stats {
     /// Draft steps: one chain (a rollout or a tree branch) advanced by one draft forward.
     pub draft_steps: usize,
     /// Tokens those steps put in windows and branches; `eta = draft_tokens / draft_steps` is
-    /// 1 for a plain draft and up to `1 + streams` with speculative streams.
+    /// 1 for a plain draft and up to `1 + S` with lookahead tokens.
     pub draft_tokens: usize,
     /// Windows verified.
     pub windows: usize,

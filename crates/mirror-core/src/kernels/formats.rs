@@ -171,7 +171,7 @@ pub(crate) fn block_value(ty: WeightType, block: &DecodedBlock, i: usize) -> f32
 /// Byte offsets within one column group (16 weight rows interleaved).
 ///
 /// A group is a run of *records* in the order the kernels read them, so that one matmul
-/// streams memory in a single sequential pass: each record is `per_record` blocks as
+/// reads memory in a single sequential pass: each record is `per_record` blocks as
 /// `[meta of its blocks, padded to 64][quants][high bits]`. Types whose per-block meta is
 /// 32 bytes pair their blocks, so that every quant vector stays 64-byte aligned without
 /// padding; the others take one block per record.

@@ -22,7 +22,7 @@ use super::{Activations, Output, WeightType, Weights};
 const TILE: usize = 4;
 
 /// Activation rows per pass over a column group. Within a pass the group's weight blocks
-/// stream by once, each block applied to every tile of rows in turn, so memory traffic is
+/// go by once, each block applied to every tile of rows in turn, so memory traffic is
 /// spread evenly over the computation; the rows' sums wait on the stack between blocks.
 const PASS: usize = 64;
 
@@ -132,8 +132,8 @@ unsafe fn shift_right(v: __m512i, by: usize) -> __m512i {
     }
 }
 
-/// Loads 64 bytes and prefetches further along the weight stream. The weights stream from
-/// memory once per call, and the kernels do too little work per byte for the hardware
+/// Loads 64 bytes and prefetches further along the weights. The weights are read
+/// from memory once per call, and the kernels do too little work per byte for the hardware
 /// prefetcher alone to keep enough requests in flight. Distances and cache levels were tuned
 /// on the pair's 1.5B model with interleaved runs: for one activation row, prefetch 3 KB
 /// ahead into L2; for a tile of rows (more work per byte), 2 KB ahead into L1.

@@ -5,11 +5,11 @@ pub(crate) mod cpu_ops;
 pub(crate) mod linear;
 pub mod llama;
 pub(crate) mod loader;
+pub mod lookahead;
 pub mod mistral;
 pub mod qwen2;
 pub mod qwen3;
 pub(crate) mod rope;
-pub mod streams;
 pub mod transformer;
 
 use std::path::Path;
@@ -146,7 +146,7 @@ pub fn config_from_gguf(content: &Content, path: &Path) -> Result<ModelConfig> {
         eos_token_id: token_id("tokenizer.ggml.eos_token_id"),
         hidden_act: "silu".into(),
         rope_interleaved: architecture.spec().gguf_rope_interleaved,
-        speculative_streams: None,
+        lookahead: None,
     };
     config.validate(&source_name)?;
     Ok(config)

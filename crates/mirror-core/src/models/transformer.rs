@@ -16,8 +16,8 @@ use super::attention;
 use super::cpu_ops;
 use super::linear::{Embedding, Linear};
 use super::loader::WeightLoader;
+use super::lookahead::{lookahead_attention, LookaheadHead};
 use super::rope::Rope;
-use super::streams::{stream_attention, StreamHead};
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
@@ -80,7 +80,7 @@ pub enum Kernels {
     /// candle's fused kernels: fastest, but gradients do not flow through them.
     #[default]
     Fused,
-    /// The same functions from differentiable tensor ops, for training (stream parameters).
+    /// The same functions from differentiable tensor ops, for training (lookahead parameters).
     Autograd,
 }
 
@@ -93,14 +93,14 @@ impl Kernels {
     }
 }
 
-/// Logits of one forward with speculative streams (batch 1).
+/// Logits of one forward with lookahead tokens (batch 1).
 #[derive(Debug, Clone)]
-pub struct StreamLogits {
-    /// Main-stream logits of the requested rows, `(rows, vocab)` f32.
+pub struct LookaheadLogits {
+    /// Main-lookahead logits of the requested rows, `(rows, vocab)` f32.
     pub main: Tensor,
-    /// Stream logits `(anchors, streams, vocab)` f32: stream `j` (1-based) of an anchor at
+    /// Lookahead logits `(anchors, S, vocab)` f32: lookahead `j` (1-based) of an anchor at
     /// position `p` predicts the token at `p + j + 1`.
-    pub streams: Tensor,
+    pub lookahead: Tensor,
 }
 
 /// A decoder-only language model with weights behind `&self` (share it across threads with an
@@ -117,7 +117,7 @@ pub struct Model {
     dtype: DType,
     device: Device,
     pool: Option<Arc<rayon::ThreadPool>>,
-    streams: Option<Arc<StreamHead>>,
+    lookahead: Option<Arc<LookaheadHead>>,
     weights: Arc<WeightReport>,
 }
 
@@ -130,7 +130,7 @@ impl std::fmt::Debug for Model {
             .field("vocab_size", &self.config.vocab_size)
             .field("dtype", &self.dtype)
             .field("device", &self.device)
-            .field("streams", &self.streams.as_ref().map(|s| s.config()))
+            .field("lookahead", &self.lookahead.as_ref().map(|s| s.config()))
             .finish()
     }
 }
@@ -254,7 +254,7 @@ impl Model {
             dtype,
             device: device.clone(),
             pool: None,
-            streams: None,
+            lookahead: None,
             weights,
             config,
         };
@@ -289,8 +289,8 @@ impl Model {
         }
         let mut config = self.config.clone();
         config.num_hidden_layers = layers;
-        // Streams belong to the top layers of the full model.
-        config.speculative_streams = None;
+        // Lookahead rows belong to the top layers of the full model.
+        config.lookahead = None;
         Ok(Self {
             config,
             architecture: self.architecture,
@@ -302,41 +302,41 @@ impl Model {
             dtype: self.dtype,
             device: self.device.clone(),
             pool: self.pool.clone(),
-            streams: None,
+            lookahead: None,
             weights: Arc::clone(&self.weights),
         })
     }
 
-    /// This model (weights shared, no copy) with speculative-stream parameters attached
+    /// This model (weights shared, no copy) with lookahead parameters attached
     /// (Bhendawade et al., "Speculative Streaming", arXiv 2402.11131): a draft that proposes
-    /// `1 + streams` tokens per forward. The main stream is unchanged.
-    pub fn with_streams(&self, head: Arc<StreamHead>) -> Result<Self> {
+    /// `1 + S` tokens per forward. The main row is unchanged.
+    pub fn with_lookahead(&self, head: Arc<LookaheadHead>) -> Result<Self> {
         head.check_fits(self.hidden_size(), self.num_layers())?;
-        if let Some(declared) = &self.config.speculative_streams {
+        if let Some(declared) = &self.config.lookahead {
             if declared != head.config() {
                 return Err(Error::invalid(format!(
-                    "the model's config declares streams {declared:?} but the stream weights are {:?}",
+                    "the model's config declares lookahead {declared:?} but the lookahead weights are {:?}",
                     head.config()
                 )));
             }
         }
         let mut model = self.truncated(self.num_layers())?;
         model.config = self.config.clone();
-        model.config.speculative_streams = Some(head.config().clone());
-        model.streams = Some(head);
+        model.config.lookahead = Some(head.config().clone());
+        model.lookahead = Some(head);
         Ok(model)
     }
 
-    /// This model without stream parameters (weights shared): a plain one-token-per-step model.
-    pub fn without_streams(&self) -> Result<Self> {
+    /// This model without lookahead parameters (weights shared): a plain one-token-per-step model.
+    pub fn without_lookahead(&self) -> Result<Self> {
         let mut model = self.truncated(self.num_layers())?;
-        model.config.speculative_streams = None;
+        model.config.lookahead = None;
         Ok(model)
     }
 
-    /// The attached speculative streams, if any.
-    pub fn streams(&self) -> Option<&Arc<StreamHead>> {
-        self.streams.as_ref()
+    /// The attached lookahead tokens, if any.
+    pub fn lookahead(&self) -> Option<&Arc<LookaheadHead>> {
+        self.lookahead.as_ref()
     }
 
     /// Confines this model's CPU work to `pool` (gemm and candle's parallel ops run in the
@@ -562,7 +562,7 @@ impl Model {
     }
 
     /// One decoder block over `x`, with `attention` mapping the normed states to the attention
-    /// output (so the cached main rows and the uncached stream rows share everything else).
+    /// output (so the cached main rows and the uncached lookahead rows share everything else).
     fn layer_forward(
         &self,
         index: usize,
@@ -666,17 +666,17 @@ impl Model {
         attn.o_proj.forward(&out)
     }
 
-    /// Runs speculative streams through the top `stream_layers` layers.
+    /// Runs lookahead tokens through the top `lookahead_layers` layers.
     ///
-    /// `anchors` `(batch, anchors, hidden)` are the main stream's states entering layer
-    /// `N - stream_layers` at the anchor rows; `input` comes from
-    /// [`stream_attention`] (stream rows anchor-major, their
-    /// mask over the cache's keys then over the stream rows). The cache must already hold the
-    /// main rows of the top layers; stream keys and values are never written to it.
-    /// Returns the streams' states after the last layer, `(batch, anchors * streams, hidden)`.
-    pub fn stream_hidden(
+    /// `anchors` `(batch, anchors, hidden)` are the main row's states entering layer
+    /// `N - lookahead_layers` at the anchor rows; `input` comes from
+    /// [`lookahead_attention`] (lookahead rows anchor-major, their
+    /// mask over the cache's keys then over the lookahead rows). The cache must already hold the
+    /// main rows of the top layers; lookahead keys and values are never written to it.
+    /// Returns the lookahead rows' states after the last layer, `(batch, anchors * S, hidden)`.
+    pub fn lookahead_hidden(
         &self,
-        head: &StreamHead,
+        head: &LookaheadHead,
         anchors: &Tensor,
         input: &AttentionInput,
         cache: &KvCache,
@@ -684,15 +684,15 @@ impl Model {
     ) -> Result<Tensor> {
         head.check_fits(self.hidden_size(), self.num_layers())?;
         let (batch, anchor_rows, _) = anchors.dims3()?;
-        let rows = anchor_rows * head.config().num_streams;
-        let split = self.num_layers() - head.config().stream_layers;
+        let rows = anchor_rows * head.config().tokens;
+        let split = self.num_layers() - head.config().layers;
         if cache.batch() != batch || cache.num_layers() != self.num_layers() {
             return Err(Error::invalid("the cache does not belong to these anchors"));
         }
         let cached = cache.layer_len(split);
         if (split..self.num_layers()).any(|l| cache.layer_len(l) != cached) {
             return Err(Error::invalid(
-                "the stream layers hold different cached lengths",
+                "the lookahead layers hold different cached lengths",
             ));
         }
         let (positions, mask) = self.prepare_input(input, batch, rows, cached + rows)?;
@@ -717,22 +717,22 @@ impl Model {
         })
     }
 
-    /// One draft step with the attached streams (batch 1): feeds `tokens` after the cache under
-    /// `input`, returns the main logits of `logit_rows` and the stream logits anchored at
-    /// `stream_rows` (indices into `tokens`). Without streams, `stream_rows` must be empty.
-    pub fn forward_with_streams(
+    /// One draft step with the attached lookahead (batch 1): feeds `tokens` after the cache under
+    /// `input`, returns the main logits of `logit_rows` and the lookahead logits anchored at
+    /// `lookahead_rows` (indices into `tokens`). Without lookahead, `lookahead_rows` must be empty.
+    pub fn forward_with_lookahead(
         &self,
         tokens: &[u32],
         input: &AttentionInput,
         cache: &mut KvCache,
         logit_rows: &[usize],
-        stream_rows: &[usize],
-    ) -> Result<StreamLogits> {
-        let head = match (&self.streams, stream_rows.is_empty()) {
+        lookahead_rows: &[usize],
+    ) -> Result<LookaheadLogits> {
+        let head = match (&self.lookahead, lookahead_rows.is_empty()) {
             (Some(head), false) => Arc::clone(head),
             (None, false) => {
                 return Err(Error::invalid(
-                    "stream rows requested from a model without streams",
+                    "lookahead rows requested from a model without lookahead",
                 ))
             }
             (_, true) => {
@@ -740,17 +740,17 @@ impl Model {
                 let hidden = self.forward_layers(&hidden, 0..self.num_layers(), input, cache)?;
                 let main = self.logits_at(&hidden, logit_rows)?.squeeze(0)?;
                 let vocab = self.vocab_size();
-                let streams = Tensor::zeros((0, 0, vocab), DType::F32, &self.device)?;
-                return Ok(StreamLogits { main, streams });
+                let lookahead = Tensor::zeros((0, 0, vocab), DType::F32, &self.device)?;
+                return Ok(LookaheadLogits { main, lookahead });
             }
         };
-        if stream_rows.iter().any(|&r| r >= tokens.len()) {
+        if lookahead_rows.iter().any(|&r| r >= tokens.len()) {
             return Err(Error::invalid(format!(
-                "stream rows {stream_rows:?} must index the {} fed tokens",
+                "lookahead rows {lookahead_rows:?} must index the {} fed tokens",
                 tokens.len()
             )));
         }
-        let split = self.num_layers() - head.config().stream_layers;
+        let split = self.num_layers() - head.config().layers;
         let kv_before = cache.len();
         let hidden = self.embed(&[tokens])?;
         let middle = self.forward_layers(&hidden, 0..split, input, cache)?;
@@ -764,38 +764,39 @@ impl Model {
         let main_rows: Vec<u32> = logit_rows.iter().map(|&r| r as u32).collect();
         let main_rows = Tensor::from_vec(main_rows, logit_rows.len(), &self.device)?;
         let main_hidden = hidden.index_select(&main_rows, 1)?;
-        let index: Vec<u32> = stream_rows.iter().map(|&r| r as u32).collect();
-        let index = Tensor::from_vec(index, stream_rows.len(), &self.device)?;
+        let index: Vec<u32> = lookahead_rows.iter().map(|&r| r as u32).collect();
+        let index = Tensor::from_vec(index, lookahead_rows.len(), &self.device)?;
         let anchors = middle.index_select(&index, 1)?;
         let all_positions = input.positions.i(0)?.to_vec1::<u32>()?;
-        let anchor_positions: Vec<u32> = stream_rows.iter().map(|&r| all_positions[r]).collect();
+        let anchor_positions: Vec<u32> = lookahead_rows.iter().map(|&r| all_positions[r]).collect();
         let anchor_mask = match &input.mask {
             Some(mask) => Some(mask.flatten_to(mask.rank() - 2)?.index_select(&index, 0)?),
             None => None,
         };
-        let stream_input = stream_attention(
+        let stream_input = lookahead_attention(
             &anchor_positions,
             anchor_mask.as_ref(),
             kv_before + tokens.len(),
-            head.config().num_streams,
+            head.config().tokens,
             &self.device,
         )?;
-        let states = self.stream_hidden(&head, &anchors, &stream_input, cache, Kernels::Fused)?;
-        // One LM-head pass for main and stream rows: on a small draft the head's weights are
+        let states =
+            self.lookahead_hidden(&head, &anchors, &stream_input, cache, Kernels::Fused)?;
+        // One LM-head pass for main and lookahead rows: on a small draft the head's weights are
         // a large share of a step, and streaming them once instead of twice is most of the
-        // difference between a stream step and a plain one.
+        // difference between a lookahead step and a plain one.
         let logits = self
             .logits(&Tensor::cat(&[&main_hidden, &states], 1)?)?
             .squeeze(0)?;
         let main = logits.narrow(0, 0, logit_rows.len())?;
-        let streams = logits
+        let lookahead = logits
             .narrow(0, logit_rows.len(), states.dim(1)?)?
             .reshape((
-                stream_rows.len(),
-                head.config().num_streams,
+                lookahead_rows.len(),
+                head.config().tokens,
                 self.vocab_size(),
             ))?;
-        Ok(StreamLogits { main, streams })
+        Ok(LookaheadLogits { main, lookahead })
     }
 
     /// Final norm and LM head over every row of `hidden` `(batch, tokens, hidden)`, from any

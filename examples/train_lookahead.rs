@@ -1,21 +1,21 @@
-//! Trains speculative streams for a draft (Bhendawade et al., arXiv 2402.11131) on text that
+//! Trains lookahead tokens for a draft (Bhendawade et al., arXiv 2402.11131) on text that
 //! ships with this machine's toolchains: the Python standard library sources and the Rust
-//! documentation's Markdown. The base draft stays frozen; only the stream parameters train, with
+//! documentation's Markdown. The base draft stays frozen; only the lookahead parameters train, with
 //! the future n-gram loss. Deterministic for a seed, checkpointed, and resumable.
 //!
 //! ```text
-//! # the default draft (Qwen2.5-Coder-0.5B): what streams/qwen2.5-coder-0.5b-instruct.safetensors holds
-//! cargo run --release --example train_streams
+//! # the default draft (Qwen2.5-Coder-0.5B): what lookahead/qwen2.5-coder-0.5b-instruct.safetensors holds
+//! cargo run --release --example train_lookahead
 //! # SmolLM2-135M
-//! cargo run --release --example train_streams -- --model models/SmolLM2-135M-Instruct.Q4_1.gguf \
-//!     --out streams/smollm2-135m-instruct.safetensors
+//! cargo run --release --example train_lookahead -- --model models/SmolLM2-135M-Instruct.Q4_1.gguf \
+//!     --out lookahead/smollm2-135m-instruct.safetensors
 //! ```
 //!
-//! The layers below the streams run once over the corpus and their states are kept in
+//! The layers below the lookahead rows run once over the corpus and their states are kept in
 //! `<work-dir>/frozen.safetensors`; `<work-dir>/state.safetensors` holds parameters, AdamW
 //! moments and the step, so an interrupted run continues where it stopped (`--fresh` restarts).
 //! With `--distill-target`, labels are the target's greedy predictions on the same text
-//! (teacher-forced), which aims the streams at what the target will accept.
+//! (teacher-forced), which aims the lookahead tokens at what the target will accept.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -27,33 +27,35 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use mirror_sd::mirror_core::training::{freeze, FrozenSequence, StreamTrainer, TrainSettings};
-use mirror_sd::mirror_core::{Model, StreamConfig, Tokenizer};
+use mirror_sd::mirror_core::training::{freeze, FrozenSequence, LookaheadTrainer, TrainSettings};
+use mirror_sd::mirror_core::{LookaheadConfig, Model, Tokenizer};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 
 #[derive(Parser, Debug)]
-#[command(about = "Train speculative streams for a draft model")]
+#[command(about = "Train lookahead tokens for a draft model")]
 struct Args {
-    /// The draft whose streams to train.
+    /// The draft whose lookahead tokens to train.
     #[arg(long, default_value = common::DEFAULT_DRAFT)]
     model: String,
-    /// Where the trained streams go.
+    /// Where the trained lookahead weights go.
     #[arg(
         long,
-        default_value = "streams/qwen2.5-coder-0.5b-instruct.safetensors"
+        default_value = "lookahead/qwen2.5-coder-0.5b-instruct.safetensors"
     )]
     out: PathBuf,
-    /// Frozen states and resumable state (default: target/streams/<out file stem>).
+    /// Frozen states and resumable state (default: target/lookahead/<out file stem>).
     #[arg(long)]
     work_dir: Option<PathBuf>,
     /// Text files or directories (searched recursively for .py, .md, .rs, .txt). Default: the
     /// Python standard library and the Rust toolchain's documentation.
     #[arg(long)]
     data: Vec<PathBuf>,
+    /// Lookahead tokens per draft step (the streams of Speculative Streaming).
     #[arg(long, default_value_t = 2)]
-    streams: usize,
+    lookahead_tokens: usize,
+    /// Top layers the lookahead tokens run through.
     #[arg(long, default_value_t = 4)]
-    stream_layers: usize,
+    lookahead_layers: usize,
     #[arg(long, default_value_t = 64)]
     rank: usize,
     /// Training sequences (of --seq-len tokens).
@@ -201,7 +203,7 @@ fn corpus(
 fn frozen_states(
     model: &Model,
     sequences: &[Vec<u32>],
-    stream_layers: usize,
+    lookahead_layers: usize,
     key: &str,
     path: &Path,
 ) -> Result<Vec<FrozenSequence>, String> {
@@ -232,7 +234,7 @@ fn frozen_states(
     let mut out = Vec::with_capacity(sequences.len());
     let started = Instant::now();
     for tokens in sequences {
-        out.push(freeze(model, stream_layers, tokens).map_err(|e| e.to_string())?);
+        out.push(freeze(model, lookahead_layers, tokens).map_err(|e| e.to_string())?);
         tick(&bar, started);
     }
     bar.finish();
@@ -302,11 +304,11 @@ fn bar(len: u64, what: &str) -> ProgressBar {
     bar
 }
 
-fn report_line(r: &mirror_sd::mirror_core::training::StreamReport) -> String {
+fn report_line(r: &mirror_sd::mirror_core::training::LookaheadReport) -> String {
     let per: Vec<String> = r
-        .stream_loss
+        .lookahead_loss
         .iter()
-        .zip(&r.stream_accuracy)
+        .zip(&r.lookahead_accuracy)
         .enumerate()
         .map(|(j, (l, a))| format!("s{}: nll {l:.3} top1 {:.1}%", j + 1, 100.0 * a))
         .collect();
@@ -322,21 +324,21 @@ fn run(args: Args) -> Result<(), String> {
         &common::load_options("as-stored", &device, None, None)?,
     )?;
     let model = &loaded.model;
-    let config = StreamConfig {
-        num_streams: args.streams,
-        stream_layers: args.stream_layers,
+    let config = LookaheadConfig {
+        tokens: args.lookahead_tokens,
+        layers: args.lookahead_layers,
         rank: args.rank,
     };
     let stem = args
         .out
         .file_stem()
         .and_then(|s| s.to_str())
-        .unwrap_or("streams")
+        .unwrap_or("lookahead")
         .to_string();
     let work_dir = args
         .work_dir
         .clone()
-        .unwrap_or_else(|| common::repo_root().join("target/streams").join(&stem));
+        .unwrap_or_else(|| common::repo_root().join("target/lookahead").join(&stem));
     std::fs::create_dir_all(&work_dir).map_err(|e| format!("{}: {e}", work_dir.display()))?;
     let data = if args.data.is_empty() {
         default_data()
@@ -355,7 +357,7 @@ fn run(args: Args) -> Result<(), String> {
         "{}|{}|layers {}|{}x{}|seed {}|data {data:?}",
         args.model,
         model.num_layers(),
-        args.stream_layers,
+        args.lookahead_layers,
         total,
         args.seq_len,
         args.seed
@@ -363,7 +365,7 @@ fn run(args: Args) -> Result<(), String> {
     let mut frozen = frozen_states(
         model,
         &sequences,
-        args.stream_layers,
+        args.lookahead_layers,
         &key,
         &work_dir.join("frozen.safetensors"),
     )?;
@@ -380,10 +382,10 @@ fn run(args: Args) -> Result<(), String> {
     let (train, held_out) = frozen.split_at(args.sequences);
     let state_path = work_dir.join("state.safetensors");
     let mut trainer = if state_path.is_file() && !args.fresh {
-        let trainer = StreamTrainer::resume(model, &state_path).map_err(|e| e.to_string())?;
+        let trainer = LookaheadTrainer::resume(model, &state_path).map_err(|e| e.to_string())?;
         if trainer.config() != &config {
             return Err(format!(
-                "{} holds streams {:?}, not {config:?}: pass --fresh to start over",
+                "{} holds lookahead {:?}, not {config:?}: pass --fresh to start over",
                 state_path.display(),
                 trainer.config()
             ));
@@ -391,10 +393,10 @@ fn run(args: Args) -> Result<(), String> {
         eprintln!("resuming at step {}", trainer.step_count());
         trainer
     } else {
-        let mut settings = TrainSettings::new(args.streams, args.seed);
+        let mut settings = TrainSettings::new(args.lookahead_tokens, args.seed);
         settings.learning_rate = args.learning_rate;
         settings.anchors_per_step = args.anchors;
-        StreamTrainer::new(model, config.clone(), settings).map_err(|e| e.to_string())?
+        LookaheadTrainer::new(model, config.clone(), settings).map_err(|e| e.to_string())?
     };
     let batches = train.len().div_ceil(args.batch.max(1));
     let mut order: Vec<usize> = (0..train.len()).collect();
@@ -452,11 +454,11 @@ fn run(args: Args) -> Result<(), String> {
         ("seed".to_string(), args.seed.to_string()),
         (
             "held_out_top1".to_string(),
-            format!("{:?}", evaluation.stream_accuracy),
+            format!("{:?}", evaluation.lookahead_accuracy),
         ),
         (
             "held_out_nll".to_string(),
-            format!("{:?}", evaluation.stream_loss),
+            format!("{:?}", evaluation.lookahead_loss),
         ),
     ]);
     if let Some(target) = &args.distill_target {

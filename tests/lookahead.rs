@@ -1,5 +1,5 @@
-//! Speculative streams: the stream pass against an independent computation through the cached
-//! attention path, the main stream untouched, checkpoints, and training that must learn.
+//! Lookahead tokens: the lookahead pass against an independent computation through the cached
+//! attention path, the main row untouched, checkpoints, and training that must learn.
 
 mod common;
 
@@ -7,24 +7,24 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use mirror_sd::mirror_core::training::{freeze, FrozenSequence, StreamTrainer, TrainSettings};
+use mirror_sd::mirror_core::training::{freeze, FrozenSequence, LookaheadTrainer, TrainSettings};
 use mirror_sd::mirror_core::{
-    AttentionInput, Error, Kernels, Model, RowVisibility, StreamConfig, StreamHead,
+    AttentionInput, Error, Kernels, LookaheadConfig, LookaheadHead, Model, RowVisibility,
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-/// Stream logits recomputed the slow way: the main rows through every layer (cached), then the
-/// stream rows, as extra "tree nodes" with hand-written visibility, through the top layers of the
+/// Lookahead logits recomputed the slow way: the main rows through every layer (cached), then the
+/// lookahead rows, as extra "tree nodes" with hand-written visibility, through the top layers of the
 /// ordinary cached forward, rolled back afterwards.
-fn reference_streams(
+fn reference_lookahead(
     model: &Model,
-    head: &StreamHead,
+    head: &LookaheadHead,
     prefix: &[u32],
     fed: &[u32],
     anchors: &[usize],
 ) -> Vec<Vec<f32>> {
-    let streams = head.config().num_streams;
-    let split = model.num_layers() - head.config().stream_layers;
+    let count = head.config().tokens;
+    let split = model.num_layers() - head.config().layers;
     let mut cache = model.new_cache(1, 64).unwrap();
     model.forward_causal(prefix, &mut cache).unwrap();
     let base = cache.len();
@@ -42,8 +42,8 @@ fn reference_streams(
     for (a, &anchor) in anchors.iter().enumerate() {
         let anchor_state = middle.narrow(1, anchor, 1).unwrap();
         let init = head.initial_states(&anchor_state).unwrap();
-        for j in 1..=streams {
-            let own: Vec<usize> = (1..=j).map(|i| after_main + a * streams + i - 1).collect();
+        for j in 1..=count {
+            let own: Vec<usize> = (1..=j).map(|i| after_main + a * count + i - 1).collect();
             rows.push(RowVisibility {
                 position: base + anchor + j,
                 prefix_len: base + anchor + 1,
@@ -53,7 +53,7 @@ fn reference_streams(
         }
     }
     let states = Tensor::cat(&states, 1).unwrap();
-    // Layers below the split see nothing of the streams: give them the same length by hand.
+    // Layers below the split see nothing of the lookahead rows: give them the same length by hand.
     let input = AttentionInput::from_rows(&rows, after_main + rows.len(), model.device()).unwrap();
     let mut top_cache = cache.deep_copy().unwrap();
     let out = model
@@ -76,16 +76,16 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[test]
-fn stream_pass_matches_the_cached_path_and_leaves_the_main_stream_alone() {
+fn lookahead_pass_matches_the_cached_path_and_leaves_the_main_row_alone() {
     for fixture in ["llama", "qwen2", "qwen3"] {
         let base = common::load_fixture(fixture);
-        let config = StreamConfig {
-            num_streams: 3,
-            stream_layers: 2,
+        let config = LookaheadConfig {
+            tokens: 3,
+            layers: 2,
             rank: 4,
         };
         let head = common::random_head(config, base.hidden_size(), 7);
-        let model = base.with_streams(Arc::new(head.clone())).unwrap();
+        let model = base.with_lookahead(Arc::new(head.clone())).unwrap();
         let prefix = [5u32, 17, 33, 2, 90];
         let fed = [11u32, 12, 13, 14];
         let anchors = [1usize, 3];
@@ -93,45 +93,48 @@ fn stream_pass_matches_the_cached_path_and_leaves_the_main_stream_alone() {
         model.forward_causal(&prefix, &mut cache).unwrap();
         let input = AttentionInput::causal(1, fed.len(), cache.len(), model.device()).unwrap();
         let out = model
-            .forward_with_streams(&fed, &input, &mut cache, &[0, 1, 2, 3], &anchors)
+            .forward_with_lookahead(&fed, &input, &mut cache, &[0, 1, 2, 3], &anchors)
             .unwrap();
         assert_eq!(
             cache.len(),
             prefix.len() + fed.len(),
-            "stream K/V were cached"
+            "lookahead K/V were cached"
         );
 
-        // Main stream: the base model's logits (to float rounding: the LM head runs over main
-        // and stream rows in one matmul, whose blocking depends on the row count).
+        // Main row: the base model's logits (to float rounding: the LM head runs over main
+        // and lookahead rows in one matmul, whose blocking depends on the row count).
         let mut base_cache = base.new_cache(1, 64).unwrap();
         base.forward_causal(&prefix, &mut base_cache).unwrap();
         let expected = base.forward_causal(&fed, &mut base_cache).unwrap();
         let d = common::max_abs_diff(&out.main, &expected);
-        assert!(d < 1e-5, "{fixture}: the main stream changed by {d}");
+        assert!(d < 1e-5, "{fixture}: the main row changed by {d}");
 
-        // Streams: the independent cached-path computation.
-        let reference = reference_streams(&base, &head, &prefix, &fed, &anchors);
-        let got = out.streams.to_vec3::<f32>().unwrap();
+        // Lookahead rows: the independent cached-path computation.
+        let reference = reference_lookahead(&base, &head, &prefix, &fed, &anchors);
+        let got = out.lookahead.to_vec3::<f32>().unwrap();
         for (a, per_anchor) in got.iter().enumerate() {
             for (j, logits) in per_anchor.iter().enumerate() {
                 let d = max_diff(logits, &reference[a * 3 + j]);
-                assert!(d < 1e-4, "{fixture}: anchor {a} stream {j} differs by {d}");
+                assert!(
+                    d < 1e-4,
+                    "{fixture}: anchor {a} lookahead {j} differs by {d}"
+                );
             }
         }
     }
 }
 
 #[test]
-fn zero_initialised_streams_draft_exactly_like_the_base_model() {
+fn zero_initialised_lookahead_drafts_exactly_like_the_base_model() {
     let base = common::load_fixture("qwen2");
-    let config = StreamConfig {
-        num_streams: 2,
-        stream_layers: 1,
+    let config = LookaheadConfig {
+        tokens: 2,
+        layers: 1,
         rank: 2,
     };
-    let head = StreamHead::zeros(config, base.hidden_size(), DType::F32, &Device::Cpu).unwrap();
-    let model = base.with_streams(Arc::new(head)).unwrap();
-    // Greedy chains of the main stream, one token per step, with and without streams.
+    let head = LookaheadHead::zeros(config, base.hidden_size(), DType::F32, &Device::Cpu).unwrap();
+    let model = base.with_lookahead(Arc::new(head)).unwrap();
+    // Greedy chains of the main row, one token per step, with and without lookahead.
     let mut tokens_base = vec![3u32, 9, 27];
     let mut tokens_ss = tokens_base.clone();
     let mut cache_base = base.new_cache(1, 64).unwrap();
@@ -144,10 +147,10 @@ fn zero_initialised_streams_draft_exactly_like_the_base_model() {
             AttentionInput::causal(1, feed_ss.len(), cache_ss.len(), model.device()).unwrap();
         let last = feed_ss.len() - 1;
         let out = model
-            .forward_with_streams(&feed_ss, &input, &mut cache_ss, &[last], &[last])
+            .forward_with_lookahead(&feed_ss, &input, &mut cache_ss, &[last], &[last])
             .unwrap();
         let main = out.main.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        // Equal to float rounding (one LM-head matmul over main and stream rows), and the same
+        // Equal to float rounding (one LM-head matmul over main and lookahead rows), and the same
         // greedy choice.
         assert!(max_diff(&logits, &main) < 1e-5);
         let next = mirror_sd::mirror_core::sampling::argmax(&logits);
@@ -161,11 +164,11 @@ fn zero_initialised_streams_draft_exactly_like_the_base_model() {
 }
 
 #[test]
-fn differentiable_kernels_compute_the_same_streams() {
+fn differentiable_kernels_compute_the_same_lookahead_rows() {
     let model = common::load_fixture("qwen3");
-    let config = StreamConfig {
-        num_streams: 2,
-        stream_layers: 2,
+    let config = LookaheadConfig {
+        tokens: 2,
+        layers: 2,
         rank: 3,
     };
     let head = common::random_head(config, model.hidden_size(), 3);
@@ -187,36 +190,36 @@ fn differentiable_kernels_compute_the_same_streams() {
         .collect();
     let mask = Tensor::from_vec(mask, (3, 12), &Device::Cpu).unwrap();
     let input =
-        mirror_sd::mirror_core::stream_attention(&[4, 5, 6], Some(&mask), 12, 2, &Device::Cpu)
+        mirror_sd::mirror_core::lookahead_attention(&[4, 5, 6], Some(&mask), 12, 2, &Device::Cpu)
             .unwrap();
     let fused = model
-        .stream_hidden(&head, &anchors, &input, &cache, Kernels::Fused)
+        .lookahead_hidden(&head, &anchors, &input, &cache, Kernels::Fused)
         .unwrap();
     let autograd = model
-        .stream_hidden(&head, &anchors, &input, &cache, Kernels::Autograd)
+        .lookahead_hidden(&head, &anchors, &input, &cache, Kernels::Autograd)
         .unwrap();
     let d = common::max_abs_diff(&fused, &autograd);
     assert!(d < 1e-4, "kernels differ by {d}");
 }
 
 #[test]
-fn stream_checkpoints_round_trip_and_bad_ones_are_typed_errors() {
+fn lookahead_checkpoints_round_trip_and_bad_ones_are_typed_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let config = StreamConfig {
-        num_streams: 2,
-        stream_layers: 2,
+    let config = LookaheadConfig {
+        tokens: 2,
+        layers: 2,
         rank: 4,
     };
     let head = common::random_head(config.clone(), 32, 11);
     let path = dir.path().join("streams.safetensors");
     head.save(&path, &HashMap::new()).unwrap();
-    let loaded = StreamHead::load(&path, DType::F32, &Device::Cpu).unwrap();
+    let loaded = LookaheadHead::load(&path, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(loaded.config(), &config);
     for (a, b) in head.tensors().iter().zip(loaded.tensors()) {
         assert_eq!(common::max_abs_diff(a, b), 0.0);
     }
     // Missing, truncated, and the wrong model.
-    let missing = StreamHead::load(&dir.path().join("nope"), DType::F32, &Device::Cpu);
+    let missing = LookaheadHead::load(&dir.path().join("nope"), DType::F32, &Device::Cpu);
     assert!(
         matches!(missing, Err(Error::MissingFile { .. })),
         "{missing:?}"
@@ -224,17 +227,17 @@ fn stream_checkpoints_round_trip_and_bad_ones_are_typed_errors() {
     let bytes = std::fs::read(&path).unwrap();
     let torn = dir.path().join("torn.safetensors");
     std::fs::write(&torn, &bytes[..bytes.len() / 2]).unwrap();
-    let torn = StreamHead::load(&torn, DType::F32, &Device::Cpu);
+    let torn = LookaheadHead::load(&torn, DType::F32, &Device::Cpu);
     assert!(matches!(torn, Err(Error::CorruptFile { .. })), "{torn:?}");
     let wide = common::load_fixture("llama"); // hidden 32, 3 layers: fits
-    assert!(wide.with_streams(Arc::new(loaded.clone())).is_ok());
+    assert!(wide.with_lookahead(Arc::new(loaded.clone())).is_ok());
     let narrow_head = common::random_head(config, 16, 1);
-    let err = wide.with_streams(Arc::new(narrow_head));
+    let err = wide.with_lookahead(Arc::new(narrow_head));
     assert!(matches!(err, Err(Error::InvalidArgument(_))), "{err:?}");
 }
 
 /// Sequences that follow a fixed random permutation of the vocabulary: the token two places
-/// ahead is a function of the current one, so a working stream 1 can learn it exactly.
+/// ahead is a function of the current one, so a working lookahead token 1 can learn it exactly.
 fn permutation_corpus(vocab: u32, count: usize, len: usize, seed: u64) -> Vec<Vec<u32>> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut next: Vec<u32> = (0..vocab).collect();
@@ -260,24 +263,24 @@ fn training_learns_a_pattern_and_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let vocab = 24;
     let model = common::random_model(dir.path(), "llama", vocab, 3, 5);
-    let config = StreamConfig {
-        num_streams: 2,
-        stream_layers: 2,
+    let config = LookaheadConfig {
+        tokens: 2,
+        layers: 2,
         rank: 16,
     };
     let corpus = permutation_corpus(vocab as u32, 40, 16, 1);
     let frozen: Vec<FrozenSequence> = corpus
         .iter()
-        .map(|t| freeze(&model, config.stream_layers, t).unwrap())
+        .map(|t| freeze(&model, config.layers, t).unwrap())
         .collect();
     let (train, held_out) = frozen.split_at(32);
     let mut settings = TrainSettings::new(2, 42);
     settings.learning_rate = 2e-2;
     settings.anchors_per_step = 8;
-    let mut trainer = StreamTrainer::new(&model, config.clone(), settings.clone()).unwrap();
+    let mut trainer = LookaheadTrainer::new(&model, config.clone(), settings.clone()).unwrap();
     let before = trainer.evaluate(held_out).unwrap();
     let batches: Vec<Vec<&FrozenSequence>> = train.chunks(8).map(|c| c.iter().collect()).collect();
-    let run = |trainer: &mut StreamTrainer, from: usize, to: usize| {
+    let run = |trainer: &mut LookaheadTrainer, from: usize, to: usize| {
         for step in from..to {
             trainer.step(&batches[step % batches.len()]).unwrap();
         }
@@ -294,13 +297,13 @@ fn training_learns_a_pattern_and_resumes_exactly() {
         after.loss
     );
     assert!(
-        after.stream_accuracy[0] >= 0.9,
-        "stream 1 held-out accuracy {} (before {})",
-        after.stream_accuracy[0],
-        before.stream_accuracy[0]
+        after.lookahead_accuracy[0] >= 0.9,
+        "lookahead 1 held-out accuracy {} (before {})",
+        after.lookahead_accuracy[0],
+        before.lookahead_accuracy[0]
     );
     // Resuming from the checkpoint replays the same steps bit for bit.
-    let mut resumed = StreamTrainer::resume(&model, &checkpoint).unwrap();
+    let mut resumed = LookaheadTrainer::resume(&model, &checkpoint).unwrap();
     assert_eq!(resumed.step_count(), 150);
     run(&mut resumed, 150, 300);
     for (a, b) in trainer
@@ -315,16 +318,16 @@ fn training_learns_a_pattern_and_resumes_exactly() {
 }
 
 #[test]
-fn a_config_that_declares_streams_loads_them_from_the_directory() {
+fn a_config_that_declares_lookahead_loads_it_from_the_directory() {
     let dir = tempfile::tempdir().unwrap();
     let source = common::fixture_dir("qwen2");
     for entry in std::fs::read_dir(&source).unwrap() {
         let path = entry.unwrap().path();
         std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
     }
-    let config = StreamConfig {
-        num_streams: 2,
-        stream_layers: 1,
+    let config = LookaheadConfig {
+        tokens: 2,
+        layers: 1,
         rank: 4,
     };
     let mut json: serde_json::Value =
@@ -341,20 +344,20 @@ fn a_config_that_declares_streams_loads_them_from_the_directory() {
         "{missing:?}"
     );
     let head = common::random_head(config.clone(), 32, 5);
-    let streams = dir.path().join("streams.safetensors");
-    head.save(&streams, &HashMap::new()).unwrap();
+    let weights = dir.path().join("streams.safetensors");
+    head.save(&weights, &HashMap::new()).unwrap();
     let model = mirror_sd::mirror_core::load_model_dir(&files, &options).unwrap();
-    assert_eq!(model.streams().map(|h| h.config()), Some(&config));
+    assert_eq!(model.lookahead().map(|h| h.config()), Some(&config));
     // Weights of another shape than declared: refused.
     common::random_head(
-        StreamConfig {
-            num_streams: 3,
+        LookaheadConfig {
+            tokens: 3,
             ..config
         },
         32,
         5,
     )
-    .save(&streams, &HashMap::new())
+    .save(&weights, &HashMap::new())
     .unwrap();
     let wrong = mirror_sd::mirror_core::load_model_dir(&files, &options);
     assert!(matches!(wrong, Err(Error::InvalidArgument(_))), "{wrong:?}");

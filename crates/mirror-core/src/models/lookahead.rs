@@ -1,19 +1,20 @@
-//! Speculative streams (Bhendawade et al., "Speculative Streaming: Fast LLM Inference without
-//! Auxiliary Models", arXiv 2402.11131): lookahead streams in the top layers of a draft, so that
-//! one forward proposes `1 + streams` tokens.
+//! Lookahead tokens (Bhendawade et al., "Speculative Streaming: Fast LLM Inference without
+//! Auxiliary Models", arXiv 2402.11131): `S` extra rows (the paper's *streams*) in the top layers
+//! of a draft, so that one forward proposes `1 + S` tokens. mirror-sd says "lookahead" for them,
+//! keeping "stream" for output streaming; their checkpoint format keeps the paper's names.
 //!
-//! Stream `j` (1-based) of an anchor row at position `p` enters layer `N - stream_layers` as
-//! `h + up(down(h)) + e_j`, where `h` is the main stream's state there, `down`/`up` a rank-`r`
-//! residual projection and `e_j` a learned stream embedding. In the top layers it attends to
-//! everything the anchor sees (the verified prefix and the anchor itself) and to streams
+//! Lookahead `j` (1-based) of an anchor row at position `p` enters layer `N - lookahead_layers` as
+//! `h + up(down(h)) + e_j`, where `h` is the main row's state there, `down`/`up` a rank-`r`
+//! residual projection and `e_j` a learned lookahead embedding. In the top layers it attends to
+//! everything the anchor sees (the verified prefix and the anchor itself) and to lookahead rows
 //! `1..=j` of the same anchor, at position `p + j`, and predicts the token at `p + j + 1` through
-//! the model's shared final norm and LM head. Stream keys and values are never cached, and the
-//! main stream never attends to streams, so a draft with streams predicts exactly what the base
-//! draft predicts on its main stream.
+//! the model's shared final norm and LM head. Lookahead keys and values are never cached, and the
+//! main row never attends to lookahead rows, so a draft with lookahead predicts exactly what the base
+//! draft predicts on its main row.
 //!
 //! Checkpoints are safetensors files holding `streams.down_proj.weight` `(rank, hidden)`,
-//! `streams.up_proj.weight` `(hidden, rank)` and `streams.embeddings` `(streams, hidden)`, with the
-//! [`StreamConfig`] as JSON in the metadata key `mirror_sd.streams`.
+//! `streams.up_proj.weight` `(hidden, rank)` and `streams.embeddings` `(S, hidden)`, with the
+//! [`LookaheadConfig`] as JSON in the metadata key `mirror_sd.streams`.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -26,51 +27,53 @@ use crate::checkpoint::{self, Checkpoint};
 use crate::error::{Error, Result};
 use crate::mask::AttentionInput;
 
-/// Metadata key of a stream checkpoint's config.
-pub const STREAM_CONFIG_KEY: &str = "mirror_sd.streams";
+/// Metadata key of a lookahead checkpoint's config.
+pub const LOOKAHEAD_CONFIG_KEY: &str = "mirror_sd.streams";
 const DOWN: &str = "streams.down_proj.weight";
 const UP: &str = "streams.up_proj.weight";
 const EMBEDDINGS: &str = "streams.embeddings";
 
-/// Shape of a draft's speculative streams (a plain serde struct, as in `config.json`).
+/// Shape of a draft's lookahead tokens (a plain serde struct, as in `config.json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StreamConfig {
-    /// Lookahead streams: the draft proposes up to `1 + num_streams` tokens per forward.
-    pub num_streams: usize,
-    /// Top layers the streams run through (`N_s`).
-    pub stream_layers: usize,
-    /// Rank of the projection from the main stream's state.
+pub struct LookaheadConfig {
+    /// Lookahead tokens `S`: the draft proposes up to `1 + tokens` tokens per forward.
+    #[serde(rename = "num_streams")]
+    pub tokens: usize,
+    /// Top layers the lookahead rows run through (`N_s`).
+    #[serde(rename = "stream_layers")]
+    pub layers: usize,
+    /// Rank of the projection from the main row's state.
     pub rank: usize,
 }
 
-impl StreamConfig {
+impl LookaheadConfig {
     fn validate(&self) -> Result<()> {
-        if self.num_streams == 0 || self.stream_layers == 0 || self.rank == 0 {
+        if self.tokens == 0 || self.layers == 0 || self.rank == 0 {
             return Err(Error::invalid(format!(
-                "a stream config needs num_streams, stream_layers and rank >= 1, got {self:?}"
+                "a lookahead config needs lookahead_tokens, lookahead_layers and rank >= 1, got {self:?}"
             )));
         }
         Ok(())
     }
 }
 
-/// The stream parameters of a draft; attach them with
-/// [`Model::with_streams`](crate::Model::with_streams).
+/// The lookahead parameters of a draft; attach them with
+/// [`Model::with_lookahead`](crate::Model::with_lookahead).
 #[derive(Debug, Clone)]
-pub struct StreamHead {
-    config: StreamConfig,
+pub struct LookaheadHead {
+    config: LookaheadConfig,
     hidden_size: usize,
     down: Linear,
     up: Linear,
     embeddings: Tensor,
 }
 
-impl StreamHead {
+impl LookaheadHead {
     /// Builds a head from its tensors: `down` `(rank, hidden)`, `up` `(hidden, rank)`,
-    /// `embeddings` `(num_streams, hidden)`. Tensors that are [`candle_core::Var`]s stay
+    /// `embeddings` `(lookahead_tokens, hidden)`. Tensors that are [`candle_core::Var`]s stay
     /// trainable through the head.
     pub fn from_tensors(
-        config: StreamConfig,
+        config: LookaheadConfig,
         down: Tensor,
         up: Tensor,
         embeddings: Tensor,
@@ -81,7 +84,7 @@ impl StreamHead {
             name: name.to_string(),
             expected,
             actual: actual.to_vec(),
-            path: "stream parameters".into(),
+            path: "lookahead parameters".into(),
         };
         if rank != config.rank {
             return Err(shape_error(
@@ -93,10 +96,10 @@ impl StreamHead {
         if up.dims() != [hidden_size, rank] {
             return Err(shape_error(UP, vec![hidden_size, rank], up.dims()));
         }
-        if embeddings.dims() != [config.num_streams, hidden_size] {
+        if embeddings.dims() != [config.tokens, hidden_size] {
             return Err(shape_error(
                 EMBEDDINGS,
-                vec![config.num_streams, hidden_size],
+                vec![config.tokens, hidden_size],
                 embeddings.dims(),
             ));
         }
@@ -109,14 +112,14 @@ impl StreamHead {
         })
     }
 
-    /// A head whose parameters are all zero: every stream starts as a copy of its anchor.
+    /// A head whose parameters are all zero: every lookahead row starts as a copy of its anchor.
     pub fn zeros(
-        config: StreamConfig,
+        config: LookaheadConfig,
         hidden_size: usize,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let (s, r, h) = (config.num_streams, config.rank, hidden_size);
+        let (s, r, h) = (config.tokens, config.rank, hidden_size);
         Self::from_tensors(
             config,
             Tensor::zeros((r, h), dtype, device)?,
@@ -125,18 +128,18 @@ impl StreamHead {
         )
     }
 
-    /// Reads a stream checkpoint (see the module docs).
+    /// Reads a lookahead checkpoint (see the module docs).
     pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let checkpoint = Checkpoint::read(path, device, "speculative-stream checkpoint")?;
-        let config: StreamConfig = checkpoint.meta(STREAM_CONFIG_KEY)?;
+        let checkpoint = Checkpoint::read(path, device, "lookahead checkpoint")?;
+        let config: LookaheadConfig = checkpoint.meta(LOOKAHEAD_CONFIG_KEY)?;
         let get = |name: &str| -> Result<Tensor> { Ok(checkpoint.tensor(name)?.to_dtype(dtype)?) };
         Self::from_tensors(config, get(DOWN)?, get(UP)?, get(EMBEDDINGS)?)
     }
 
-    /// Writes the head as a stream checkpoint (f32), with `extra` metadata entries.
+    /// Writes the head as a lookahead checkpoint (f32), with `extra` metadata entries.
     pub fn save(&self, path: &Path, extra: &HashMap<String, String>) -> Result<()> {
         let mut metadata = extra.clone();
-        metadata.insert(STREAM_CONFIG_KEY.into(), checkpoint::json(&self.config)?);
+        metadata.insert(LOOKAHEAD_CONFIG_KEY.into(), checkpoint::json(&self.config)?);
         let tensors = vec![
             (DOWN.to_string(), self.down.weight().to_dtype(DType::F32)?),
             (UP.to_string(), self.up.weight().to_dtype(DType::F32)?),
@@ -149,7 +152,7 @@ impl StreamHead {
     }
 
     /// The head's shape.
-    pub fn config(&self) -> &StreamConfig {
+    pub fn config(&self) -> &LookaheadConfig {
         &self.config
     }
 
@@ -158,60 +161,60 @@ impl StreamHead {
         self.hidden_size
     }
 
-    /// `down`, `up` and the stream embeddings, in that order.
+    /// `down`, `up` and the lookahead embeddings, in that order.
     pub fn tensors(&self) -> [&Tensor; 3] {
         [self.down.weight(), self.up.weight(), &self.embeddings]
     }
 
     pub(crate) fn check_fits(&self, hidden_size: usize, num_layers: usize) -> Result<()> {
-        if self.hidden_size != hidden_size || self.config.stream_layers > num_layers {
+        if self.hidden_size != hidden_size || self.config.layers > num_layers {
             return Err(Error::invalid(format!(
-                "streams for hidden size {} over {} layers do not fit a model of hidden size \
+                "lookahead rows for hidden size {} over {} layers do not fit a model of hidden size \
                  {hidden_size} with {num_layers} layers",
-                self.hidden_size, self.config.stream_layers
+                self.hidden_size, self.config.layers
             )));
         }
         Ok(())
     }
 
-    /// Initial stream states `(batch, anchors * streams, hidden)` (anchor-major) from the
-    /// anchors' main-stream states `(batch, anchors, hidden)`.
+    /// Initial lookahead states `(batch, anchors * S, hidden)` (anchor-major) from the
+    /// anchors' main-row states `(batch, anchors, hidden)`.
     pub fn initial_states(&self, anchors: &Tensor) -> Result<Tensor> {
         let (batch, rows, hidden) = anchors.dims3()?;
-        let streams = self.config.num_streams;
+        let count = self.config.tokens;
         let projected = (anchors + self.up.forward(&self.down.forward(anchors)?)?)?;
         let embeddings = self
             .embeddings
             .to_dtype(anchors.dtype())?
-            .reshape((1, 1, streams, hidden))?;
+            .reshape((1, 1, count, hidden))?;
         let states = projected
             .unsqueeze(2)?
             .broadcast_add(&embeddings)?
-            .reshape((batch, rows * streams, hidden))?;
+            .reshape((batch, rows * count, hidden))?;
         Ok(states)
     }
 }
 
-/// Positions and mask of the stream rows of `anchor_positions.len()` anchors: stream `j` of the
+/// Positions and mask of the lookahead rows of `anchor_positions.len()` anchors: lookahead `j` of the
 /// anchor at `p` sits at `p + j`, sees the keys its anchor sees (`anchor_mask` rows `(anchors,
-/// kv_len)`, additive; `None`: all `kv_len` keys) and streams `1..=j` of its own anchor.
-pub fn stream_attention(
+/// kv_len)`, additive; `None`: all `kv_len` keys) and lookahead rows `1..=j` of its own anchor.
+pub fn lookahead_attention(
     anchor_positions: &[u32],
     anchor_mask: Option<&Tensor>,
     kv_len: usize,
-    num_streams: usize,
+    lookahead_tokens: usize,
     device: &Device,
 ) -> Result<AttentionInput> {
     let anchors = anchor_positions.len();
-    let rows = anchors * num_streams;
+    let rows = anchors * lookahead_tokens;
     if rows == 0 {
         return Err(Error::invalid(
-            "streams need at least one anchor and one stream",
+            "lookahead needs at least one anchor and one token",
         ));
     }
     let positions: Vec<u32> = anchor_positions
         .iter()
-        .flat_map(|&p| (1..=num_streams as u32).map(move |j| p + j))
+        .flat_map(|&p| (1..=lookahead_tokens as u32).map(move |j| p + j))
         .collect();
     let seen = match anchor_mask {
         Some(mask) => {
@@ -221,7 +224,7 @@ pub fn stream_attention(
                     mask.dims()
                 )));
             }
-            let repeat: Vec<u32> = (0..rows).map(|r| (r / num_streams) as u32).collect();
+            let repeat: Vec<u32> = (0..rows).map(|r| (r / lookahead_tokens) as u32).collect();
             let repeat = Tensor::from_vec(repeat, rows, device)?;
             mask.to_dtype(DType::F32)?.index_select(&repeat, 0)?
         }
@@ -229,8 +232,8 @@ pub fn stream_attention(
     };
     let mut own = vec![f32::NEG_INFINITY; rows * rows];
     for row in 0..rows {
-        let anchor = row / num_streams;
-        let first = anchor * num_streams;
+        let anchor = row / lookahead_tokens;
+        let first = anchor * lookahead_tokens;
         own[row * rows + first..=row * rows + row].fill(0.0);
     }
     let own = Tensor::from_vec(own, (rows, rows), device)?;
