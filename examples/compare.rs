@@ -263,15 +263,12 @@ fn run(args: Args) -> Result<(), String> {
     let mut results: BTreeMap<String, BTreeMap<String, Totals>> = BTreeMap::new();
     let mut mismatches = Vec::new();
     for (id, category, messages) in &prompts {
-        let prompt = engines[0]
-            .1
-            .encode_chat(messages)
-            .map_err(|e| e.to_string())?;
+        let prompt = engines[0].1.encode(messages).map_err(|e| e.to_string())?;
         let mut reference: Option<Vec<u32>> = None;
         // Round-robin per prompt: every method sees the same machine state in turn.
         for (name, engine) in engines.iter_mut() {
             let g = engine
-                .generate_tokens_stream(&prompt, &config, |_| {
+                .generate_with(&prompt, &config, |_| {
                     mirror_sd::mirror_scheduler::StreamControl::Continue
                 })
                 .map_err(|e| format!("{name} on {id}: {e}"))?;

@@ -233,19 +233,16 @@ fn run(args: Args) -> Result<(), String> {
         seed: args.seed,
         ..GenerationConfig::default()
     };
+    let messages = [ChatMessage::new("user", args.prompt.clone())];
     let prompt = if args.no_chat_template || engine.tokenizer().chat_template().is_none() {
-        engine
-            .tokenizer()
-            .encode(&args.prompt, true)
-            .map_err(|e| e.to_string())?
+        engine.encode(&args.prompt)
     } else {
-        engine
-            .encode_chat(&[ChatMessage::new("user", args.prompt.clone())])
-            .map_err(|e| e.to_string())?
-    };
+        engine.encode(&messages[..])
+    }
+    .map_err(|e| e.to_string())?;
     let quiet = args.json;
     let generation = engine
-        .generate_tokens_stream(&prompt, &config, |piece| {
+        .generate_with(&prompt, &config, |piece| {
             if !quiet {
                 print!("{piece}");
                 let _ = std::io::stdout().flush();

@@ -166,7 +166,7 @@ fn cancelling_a_stream_stops_and_leaves_the_decoder_usable() {
         for decoder in [&mut mirror as &mut dyn Decoder, &mut sd] {
             let mut seen = Vec::new();
             let out = decoder
-                .generate_stream(&PROMPT, &config(), &mut |new| {
+                .generate_with(&PROMPT, &config(), &mut |new| {
                     seen.extend_from_slice(new);
                     if seen.len() >= 5 {
                         StreamControl::Stop
@@ -215,7 +215,7 @@ fn engine_streams_text_with_the_tokenizer() {
         );
         let mut streamed = String::new();
         let out = engine
-            .generate_stream("hello world", &config(), |piece| {
+            .generate_with("hello world", &config(), |piece| {
                 streamed.push_str(piece);
                 StreamControl::Continue
             })
@@ -224,7 +224,10 @@ fn engine_streams_text_with_the_tokenizer() {
         assert_eq!(out.text, want.text);
         assert_eq!(Some(streamed), out.text, "the stream adds up to the text");
         let chat = engine
-            .chat(&[mirror_core::ChatMessage::new("user", "hello")], &config())
+            .generate(
+                &[mirror_core::ChatMessage::new("user", "hello")][..],
+                &config(),
+            )
             .unwrap();
         assert!(!chat.tokens.is_empty());
     });
@@ -273,9 +276,7 @@ fn dropping_a_text_stream_midway_cancels_and_returns_the_decoder() {
             stop_at_eos: false,
             ..GenerationConfig::greedy(200)
         };
-        let want = reference
-            .generate_tokens_stream(&prompt, &long, |_| StreamControl::Continue)
-            .unwrap();
+        let want = reference.generate(&prompt, &long).unwrap();
         let mut engine = Engine::new(
             Box::new(
                 Mirror::builder(Arc::clone(&target), draft)
@@ -296,9 +297,7 @@ fn dropping_a_text_stream_midway_cancels_and_returns_the_decoder() {
         assert!(stream.next().is_some() && stream.next().is_some());
         drop(stream);
         assert!(engine.decoder().is_some());
-        let again = engine
-            .generate_tokens_stream(&prompt, &long, |_| StreamControl::Continue)
-            .unwrap();
+        let again = engine.generate(&prompt, &long).unwrap();
         assert_eq!(again.tokens, want.tokens);
     });
 }

@@ -34,7 +34,7 @@ impl Decoder for Autoregressive {
         &self.target
     }
 
-    fn generate_stream(
+    fn generate_with(
         &mut self,
         prompt: &[u32],
         config: &GenerationConfig,

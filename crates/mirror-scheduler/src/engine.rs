@@ -12,7 +12,56 @@ use crate::error::{Error, Result};
 use crate::Decoder;
 use mirror_core::{ChatMessage, Tokenizer};
 
-/// A strategy plus a tokenizer, serving repeated generations.
+/// What to generate from.
+#[derive(Debug, Clone, Copy)]
+pub enum Prompt<'a> {
+    /// Raw text; the tokenizer adds its special tokens (such as BOS) as the model expects.
+    Text(&'a str),
+    /// Messages rendered with the model's chat template, ending where the assistant speaks.
+    Chat(&'a [ChatMessage]),
+    /// Token ids, used as they are.
+    Tokens(&'a [u32]),
+}
+
+impl<'a> From<&'a str> for Prompt<'a> {
+    fn from(text: &'a str) -> Self {
+        Prompt::Text(text)
+    }
+}
+
+impl<'a> From<&'a String> for Prompt<'a> {
+    fn from(text: &'a String) -> Self {
+        Prompt::Text(text)
+    }
+}
+
+impl<'a> From<&'a [ChatMessage]> for Prompt<'a> {
+    fn from(messages: &'a [ChatMessage]) -> Self {
+        Prompt::Chat(messages)
+    }
+}
+
+impl<'a> From<&'a Vec<ChatMessage>> for Prompt<'a> {
+    fn from(messages: &'a Vec<ChatMessage>) -> Self {
+        Prompt::Chat(messages)
+    }
+}
+
+impl<'a> From<&'a [u32]> for Prompt<'a> {
+    fn from(tokens: &'a [u32]) -> Self {
+        Prompt::Tokens(tokens)
+    }
+}
+
+impl<'a> From<&'a Vec<u32>> for Prompt<'a> {
+    fn from(tokens: &'a Vec<u32>) -> Self {
+        Prompt::Tokens(tokens)
+    }
+}
+
+/// A strategy plus a tokenizer, serving repeated generations: [`Engine::generate`],
+/// [`Engine::generate_with`] (text pieces to a callback as they are committed, which can
+/// cancel) and [`Engine::stream`] (the same as an iterator, on a thread of its own).
 pub struct Engine {
     /// `None` only while a [`TextStream`] has it on its generation thread.
     decoder: Option<Box<dyn Decoder>>,
@@ -41,12 +90,26 @@ impl Engine {
         }
     }
 
-    fn take_decoder(&mut self) -> Result<Box<dyn Decoder>> {
-        self.decoder.take().ok_or_else(|| {
+    /// The token ids of `prompt`.
+    pub fn encode<'a>(&self, prompt: impl Into<Prompt<'a>>) -> Result<Vec<u32>> {
+        Ok(match prompt.into() {
+            Prompt::Text(text) => self.tokenizer.encode(text, true)?,
+            Prompt::Chat(messages) => {
+                let text = self.tokenizer.apply_chat_template(messages, true)?;
+                self.tokenizer.encode(&text, false)?
+            }
+            Prompt::Tokens(tokens) => tokens.to_vec(),
+        })
+    }
+
+    fn decoder_mut(&mut self) -> Result<&mut Box<dyn Decoder>> {
+        self.decoder.as_mut().ok_or_else(|| {
             Error::InvalidConfig("the engine's decoder is held by a leaked stream".into())
         })
     }
 
+    /// The config with the tokenizer's end-of-sequence ids among the stop tokens (the model's
+    /// own are added by the decoder, see [`GenerationConfig::stop_ids`]).
     fn with_eos(&self, config: &GenerationConfig) -> GenerationConfig {
         let mut config = config.clone();
         if config.stop_at_eos {
@@ -57,73 +120,53 @@ impl Engine {
         config
     }
 
-    /// Generates from raw text (special tokens such as BOS added as the model expects).
-    pub fn generate(&mut self, prompt: &str, config: &GenerationConfig) -> Result<Generation> {
-        self.generate_stream(prompt, config, |_| StreamControl::Continue)
-    }
-
-    /// Renders `messages` with the model's chat template and generates the assistant's reply.
-    pub fn chat(
+    /// Generates after `prompt`.
+    pub fn generate<'a>(
         &mut self,
-        messages: &[ChatMessage],
+        prompt: impl Into<Prompt<'a>>,
         config: &GenerationConfig,
     ) -> Result<Generation> {
-        let prompt = self.tokenizer.apply_chat_template(messages, true)?;
-        self.generate_tokens_stream(&self.tokenizer.encode(&prompt, false)?, config, |_| {
-            StreamControl::Continue
-        })
+        self.generate_with(prompt, config, |_| StreamControl::Continue)
     }
 
-    /// Encodes a chat prompt (template rendered, no extra BOS).
-    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
-        let prompt = self.tokenizer.apply_chat_template(messages, true)?;
-        Ok(self.tokenizer.encode(&prompt, false)?)
-    }
-
-    /// Generates from text, calling `on_text` with each piece of text as it is committed;
+    /// Generates after `prompt`, calling `on_text` with each piece of text as it is committed;
     /// returning [`StreamControl::Stop`] cancels.
-    pub fn generate_stream(
+    pub fn generate_with<'a>(
         &mut self,
-        prompt: &str,
-        config: &GenerationConfig,
-        on_text: impl FnMut(&str) -> StreamControl,
-    ) -> Result<Generation> {
-        let tokens = self.tokenizer.encode(prompt, true)?;
-        self.generate_tokens_stream(&tokens, config, on_text)
-    }
-
-    /// Generates from token ids, streaming text pieces to `on_text`.
-    pub fn generate_tokens_stream(
-        &mut self,
-        prompt: &[u32],
+        prompt: impl Into<Prompt<'a>>,
         config: &GenerationConfig,
         mut on_text: impl FnMut(&str) -> StreamControl,
     ) -> Result<Generation> {
+        let prompt = self.encode(prompt)?;
         let config = self.with_eos(config);
         let mut text = IncrementalText::new(self.tokenizer.clone());
         let mut on_tokens = |new: &[u32]| match text.push(new) {
             Some(piece) => on_text(&piece),
             None => StreamControl::Continue,
         };
-        let decoder = self.decoder.as_mut().ok_or_else(|| {
-            Error::InvalidConfig("the engine's decoder is held by a leaked stream".into())
-        })?;
-        let mut generation = decoder.generate_stream(prompt, &config, &mut on_tokens)?;
+        let decoder = self.decoder_mut()?;
+        let mut generation = decoder.generate_with(&prompt, &config, &mut on_tokens)?;
         generation.text = Some(self.tokenizer.decode(&generation.tokens, true)?);
         Ok(generation)
     }
 
-    /// Starts generating from token ids on a background thread and returns an iterator over the
+    /// Starts generating after `prompt` on a background thread and returns an iterator over the
     /// text as it is committed. Dropping the stream cancels the generation, waits for its thread
     /// (and so for the draft worker to go idle) and hands the decoder back to the engine.
-    pub fn stream(&mut self, prompt: &[u32], config: &GenerationConfig) -> Result<TextStream<'_>> {
-        let decoder = self.take_decoder()?;
+    pub fn stream<'a>(
+        &mut self,
+        prompt: impl Into<Prompt<'a>>,
+        config: &GenerationConfig,
+    ) -> Result<TextStream<'_>> {
+        let prompt = self.encode(prompt)?;
+        let config = self.with_eos(config);
+        let decoder = self.decoder.take().ok_or_else(|| {
+            Error::InvalidConfig("the engine's decoder is held by a leaked stream".into())
+        })?;
         let (tx, rx) = unbounded();
         let cancel = Arc::new(AtomicBool::new(false));
         let stop = Arc::clone(&cancel);
         let tokenizer = self.tokenizer.clone();
-        let config = self.with_eos(config);
-        let prompt = prompt.to_vec();
         let spawned = std::thread::Builder::new()
             .name("mirror-generation".into())
             .spawn(move || {
@@ -142,7 +185,7 @@ impl Engine {
                     }
                 };
                 let result = decoder
-                    .generate_stream(&prompt, &config, &mut on_tokens)
+                    .generate_with(&prompt, &config, &mut on_tokens)
                     .and_then(|mut generation| {
                         generation.text = Some(tokenizer.decode(&generation.tokens, true)?);
                         Ok(generation)
@@ -163,12 +206,18 @@ impl Engine {
     }
 }
 
-/// Turns committed tokens into new text: decodes the whole output and returns what is new,
-/// holding back an incomplete UTF-8 sequence (decoded as U+FFFD) until its bytes arrive.
+/// Turns committed tokens into new text without decoding the whole output each time: only the
+/// tokens since the last emitted piece are decoded, with a few tokens before them as context
+/// (tokenizers merge spaces and byte pieces across token boundaries). An incomplete UTF-8
+/// sequence (decoded as U+FFFD) is held back until its bytes arrive. The same scheme as
+/// Hugging Face's text-generation-inference `decode_token`.
 struct IncrementalText {
     tokenizer: Tokenizer,
     tokens: Vec<u32>,
-    emitted: usize,
+    /// Start of the context decoded together with the new tokens.
+    prefix_offset: usize,
+    /// Tokens up to here have been emitted as text.
+    read_offset: usize,
 }
 
 impl IncrementalText {
@@ -176,21 +225,30 @@ impl IncrementalText {
         Self {
             tokenizer,
             tokens: Vec::new(),
-            emitted: 0,
+            prefix_offset: 0,
+            read_offset: 0,
         }
     }
 
     fn push(&mut self, new: &[u32]) -> Option<String> {
         self.tokens.extend_from_slice(new);
-        let text = self.tokenizer.decode(&self.tokens, true).ok()?;
+        let prefix = self
+            .tokenizer
+            .decode(&self.tokens[self.prefix_offset..self.read_offset], true)
+            .ok()?;
+        let text = self
+            .tokenizer
+            .decode(&self.tokens[self.prefix_offset..], true)
+            .ok()?;
         if text.ends_with('\u{FFFD}')
-            || text.len() <= self.emitted
-            || !text.is_char_boundary(self.emitted)
+            || text.len() <= prefix.len()
+            || !text.is_char_boundary(prefix.len())
         {
             return None;
         }
-        let piece = text[self.emitted..].to_string();
-        self.emitted = text.len();
+        let piece = text[prefix.len()..].to_string();
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.tokens.len();
         Some(piece)
     }
 }
@@ -243,6 +301,51 @@ impl Drop for TextStream<'_> {
             self.cancel.store(true, Ordering::Release);
             self.pieces = None;
             let _ = self.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fixture's byte-level BPE tokenizer (the repository's `tests/fixtures`).
+    fn tokenizer() -> Tokenizer {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf");
+        Tokenizer::from_files(&root.join("qwen2/tokenizer.json"), None).unwrap()
+    }
+
+    #[test]
+    fn incremental_pieces_add_up_to_the_whole_decode_whatever_the_chunks() {
+        let tokenizer = tokenizer();
+        let text = "Hello, wörld! 日本語のテキスト 🦀🦀 and   spaces\n\ttabs; naïve café — done.";
+        let tokens = tokenizer.encode(text, false).unwrap();
+        let whole = tokenizer.decode(&tokens, true).unwrap();
+        for chunk in [1usize, 2, 3, 7] {
+            let mut incremental = IncrementalText::new(tokenizer.clone());
+            let mut pieces = String::new();
+            for part in tokens.chunks(chunk) {
+                if let Some(piece) = incremental.push(part) {
+                    assert!(
+                        !piece.contains('\u{FFFD}'),
+                        "a half character escaped: {piece:?}"
+                    );
+                    pieces.push_str(&piece);
+                }
+            }
+            assert_eq!(pieces, whole, "chunks of {chunk}");
+        }
+    }
+
+    #[test]
+    fn each_push_decodes_a_bounded_window_not_the_whole_output() {
+        let tokenizer = tokenizer();
+        let tokens = tokenizer.encode(&"word ".repeat(400), false).unwrap();
+        let mut incremental = IncrementalText::new(tokenizer);
+        for &token in &tokens {
+            incremental.push(&[token]);
+            // Whatever the output's length, the decoded context stays a few tokens.
+            assert!(incremental.tokens.len() - incremental.prefix_offset <= 4);
         }
     }
 }

@@ -31,7 +31,7 @@ use mirror_core::Model;
 pub use autoregressive::Autoregressive;
 pub use config::{FinishReason, Generation, GenerationConfig, StreamControl};
 pub use draft::Resolution;
-pub use engine::{Engine, TextStream};
+pub use engine::{Engine, Prompt, TextStream};
 pub use error::{Error, Result};
 pub use mirror::{DraftSchedule, EarlyExit, Mirror, MirrorBuilder};
 pub use speculative::{
@@ -49,7 +49,7 @@ pub trait Decoder: Send {
 
     /// Generates after `prompt`, calling `on_tokens` with each batch of newly committed tokens;
     /// returning [`StreamControl::Stop`] cancels the generation.
-    fn generate_stream(
+    fn generate_with(
         &mut self,
         prompt: &[u32],
         config: &GenerationConfig,
@@ -58,6 +58,6 @@ pub trait Decoder: Send {
 
     /// Generates after `prompt`.
     fn generate(&mut self, prompt: &[u32], config: &GenerationConfig) -> Result<Generation> {
-        self.generate_stream(prompt, config, &mut |_| StreamControl::Continue)
+        self.generate_with(prompt, config, &mut |_| StreamControl::Continue)
     }
 }

@@ -531,7 +531,7 @@ impl Decoder for Mirror {
         &self.target
     }
 
-    fn generate_stream(
+    fn generate_with(
         &mut self,
         prompt: &[u32],
         config: &GenerationConfig,

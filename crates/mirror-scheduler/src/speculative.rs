@@ -159,7 +159,7 @@ impl Decoder for SpeculativeDecoding {
         &self.target
     }
 
-    fn generate_stream(
+    fn generate_with(
         &mut self,
         prompt: &[u32],
         config: &GenerationConfig,
