@@ -1,16 +1,15 @@
 //! Target-only decoding: the reference every speculative strategy must reproduce.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use mirror_core::sampling;
 use mirror_core::Model;
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand::Rng;
 
-use crate::config::{FinishReason, Generation, GenerationConfig, StreamControl};
+use crate::config::{Generation, GenerationConfig, StreamControl};
 use crate::error::Result;
-use crate::progress::{capacity_for, Progress};
-use crate::stats::Stats;
+use crate::progress::Run;
+use crate::stats::timed;
 use crate::Decoder;
 
 /// One token per target forward.
@@ -40,32 +39,24 @@ impl Decoder for Autoregressive {
         config: &GenerationConfig,
         on_tokens: &mut dyn FnMut(&[u32]) -> StreamControl,
     ) -> Result<Generation> {
-        let started = Instant::now();
-        let capacity = capacity_for(&self.target, prompt, config, 0)?;
-        let mut stats = Stats::new(0);
-        let mut progress = Progress::new(config, &self.target, on_tokens);
-        let mut rng = StdRng::seed_from_u64(config.seed);
-        let mut cache = self.target.new_cache(1, capacity)?;
-        let mut logits = self.target.next_token_logits(prompt, &mut cache)?;
-        stats.time.prefill = started.elapsed();
-        while !progress.done() {
+        let mut run = Run::begin(&self.target, prompt, config, 0, config.seed, on_tokens)?;
+        let mut logits = self.target.next_token_logits(prompt, &mut run.cache)?;
+        run.stats.time.prefill = run.started.elapsed();
+        loop {
             let token = if config.sampling.is_greedy() {
                 sampling::argmax(&logits)
             } else {
-                sampling::sample(&sampling::warp(&logits, &config.sampling), rng.random())
+                let u = run.rng.random();
+                sampling::sample(&sampling::warp(&logits, &config.sampling), u)
             };
-            if !progress.commit(&[token]) {
+            if !run.progress.commit(&[token]) || !run.has_room() {
                 break;
             }
-            if cache.len() + 1 > cache.capacity() {
-                progress.finish = Some(FinishReason::ContextLimit);
-                break;
-            }
-            let pass = Instant::now();
-            logits = self.target.next_token_logits(&[token], &mut cache)?;
-            stats.time.target_prefix += pass.elapsed();
-            stats.target_passes += 1;
+            logits = timed(&mut run.stats.time.target_prefix, || {
+                self.target.next_token_logits(&[token], &mut run.cache)
+            })?;
+            run.stats.target_passes += 1;
         }
-        Ok(progress.finish(stats, started))
+        Ok(run.finish())
     }
 }

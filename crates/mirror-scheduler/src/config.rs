@@ -1,6 +1,7 @@
 //! Generation settings and results.
 
 use mirror_core::sampling::SamplingParams;
+use mirror_core::Model;
 use serde::Serialize;
 
 use crate::stats::Stats;
@@ -39,6 +40,35 @@ impl GenerationConfig {
             max_new_tokens,
             ..Self::default()
         }
+    }
+}
+
+/// The tokens that end a generation: the config's own, and the target's end-of-sequence ids
+/// when `stop_at_eos` (an [`crate::Engine`] adds its tokenizer's too). Decided here, once per
+/// generation, and handed to whatever needs it (the committed output, the draft, the tree).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StopSet(Vec<u32>);
+
+impl StopSet {
+    /// The stop tokens of a generation with `config` on `target`.
+    pub fn new(config: &GenerationConfig, target: &Model) -> Self {
+        let mut ids = config.stop_tokens.clone();
+        if config.stop_at_eos {
+            ids.extend(target.config().eos_token_ids());
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        Self(ids)
+    }
+
+    /// Whether `token` ends the generation.
+    pub fn contains(&self, token: u32) -> bool {
+        self.0.binary_search(&token).is_ok()
+    }
+
+    /// Whether a window or branch ending in `tokens` has ended.
+    pub fn ends(&self, tokens: &[u32]) -> bool {
+        tokens.last().is_some_and(|&t| self.contains(t))
     }
 }
 

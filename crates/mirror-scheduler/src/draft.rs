@@ -17,26 +17,11 @@ use mirror_core::sampling::{self, SamplingParams};
 use mirror_core::{AttentionInput, KvCache, Model, RowVisibility};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+use crate::config::StopSet;
 use crate::error::{Error, Result};
+use crate::seed::{branch_seed, mix};
 use crate::tree::BranchPlan;
 use crate::verify::{DraftChoice, DraftWindow};
-
-/// Mixes seeds into one (splitmix64 finaliser), so every branch has its own random sequence and
-/// sampled output does not depend on how many branches were drafted in time.
-pub(crate) fn mix(a: u64, b: u64) -> u64 {
-    let mut z = a ^ b
-        .wrapping_add(0x9E37_79B9_7F4A_7C15)
-        .wrapping_add(a << 6)
-        .wrapping_add(a >> 2);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// Logits rows of a forward, as host vectors.
-pub(crate) fn host_rows(logits: &candle_core::Tensor) -> Result<Vec<Vec<f32>>> {
-    Ok(logits.squeeze(0)?.to_vec2::<f32>()?)
-}
 
 /// What one draft step leaves a chain: the main distribution after its newest fed token and the
 /// lookahead distributions anchored there (empty without lookahead).
@@ -91,12 +76,45 @@ impl Branch {
             seed: branch_seed(step_seed, plan.row, plan.token),
         }
     }
+
+    /// Tokens the branch may hold: `gamma`, or fewer near the position limit (the branch's
+    /// tokens start at position `window_start + row + 2`).
+    pub fn capacity(&self, tree: &TreeRequest, position_limit: usize) -> usize {
+        let start = tree.window_start + self.plan.row + 2;
+        tree.gamma.min(position_limit.saturating_sub(start))
+    }
+
+    /// The one rule for "this branch is drafted": full, or ended by a stop token.
+    pub fn is_complete(&self, tree: &TreeRequest, position_limit: usize, stop: &StopSet) -> bool {
+        self.window.len() >= self.capacity(tree, position_limit) || stop.ends(&self.window.tokens)
+    }
 }
 
-/// Seed of the branch after `row` rooted at `token`; a fresh rollout of the same outcome uses it
-/// too, so a sampled window is the same whether it was drafted in the tree or afterwards.
-fn branch_seed(step_seed: u64, row: usize, token: u32) -> u64 {
-    mix(step_seed, ((row as u64) << 32) | token as u64)
+/// One hypothesis tree to draft: after the linear `context` (`...committed, c, w_1..w_gamma`,
+/// with `c` at `window_start`), the branches of `plan`, each up to `gamma` tokens.
+#[derive(Debug, Clone)]
+pub(crate) struct TreeRequest {
+    pub context: Vec<u32>,
+    pub window_start: usize,
+    pub plan: Vec<BranchPlan>,
+    pub gamma: usize,
+    pub step_seed: u64,
+}
+
+/// One tree-masked draft pass: what was fed and the logits it returned.
+struct TreePass {
+    /// Cache rows before the pass.
+    base: usize,
+    /// The linear tail fed first (rows `0..tail`).
+    tail: usize,
+    /// Per active branch, its first fed row (relative to `base`) and the tokens fed.
+    fed: Vec<(usize, Vec<u32>)>,
+    /// Rows whose logits came back, in order.
+    wanted: Vec<usize>,
+    /// Main logits of the wanted rows.
+    main: Vec<Vec<f32>>,
+    /// Lookahead logits of the anchor rows (the wanted rows after the tail's), if any.
+    lookahead: Vec<Vec<Vec<f32>>>,
 }
 
 /// How the next window was obtained at the final rendezvous.
@@ -117,7 +135,7 @@ pub(crate) struct DraftState {
     /// Tokens whose keys/values occupy the cache's first rows (the linear sequence).
     cached: Vec<u32>,
     pub params: SamplingParams,
-    pub stop_ids: Vec<u32>,
+    pub stop: StopSet,
     /// Drafted tokens stay below this position: past it the target could not verify them.
     position_limit: usize,
     /// Work since the last `take_counters`.
@@ -139,7 +157,7 @@ impl DraftState {
             cache: None,
             cached: Vec::new(),
             params: SamplingParams::greedy(),
-            stop_ids: Vec::new(),
+            stop: StopSet::default(),
             position_limit: usize::MAX,
             counters: DraftCounters::default(),
             intervals: Vec::new(),
@@ -156,7 +174,7 @@ impl DraftState {
         capacity: usize,
         position_limit: usize,
         params: SamplingParams,
-        stop_ids: Vec<u32>,
+        stop: StopSet,
     ) -> Result<()> {
         self.position_limit = position_limit.min(self.model.context_limit());
         let reuse = self
@@ -172,7 +190,7 @@ impl DraftState {
         }
         self.cached.clear();
         self.params = params;
-        self.stop_ids = stop_ids;
+        self.stop = stop;
         Ok(())
     }
 
@@ -342,7 +360,12 @@ impl DraftState {
     }
 
     fn is_stop(&self, token: u32) -> bool {
-        self.stop_ids.contains(&token)
+        self.stop.contains(token)
+    }
+
+    /// Whether `branch` of `tree` is drafted (see [`Branch::is_complete`]).
+    pub fn is_complete(&self, branch: &Branch, tree: &TreeRequest) -> bool {
+        branch.is_complete(tree, self.position_limit, &self.stop)
     }
 
     /// Drafts up to `count` tokens after `context` (a stop token ends the window early). The
@@ -411,204 +434,229 @@ impl DraftState {
         Ok(())
     }
 
-    /// Drafts the branches of `plan` (most likely first) after the linear `context`
-    /// (`...committed, c, w_1..w_gamma`, with `c` at `window_start`), `branches_per_pass` at a
-    /// time; with `stop` (anytime drafting) it ends between passes once the flag is raised.
-    #[allow(clippy::too_many_arguments)]
+    /// Drafts the branches of `tree.plan` (most likely first), `branches_per_pass` at a time;
+    /// with `stop` (anytime drafting) it ends between passes once the flag is raised.
     pub fn build_tree(
         &mut self,
-        context: &[u32],
-        window_start: usize,
-        plan: &[BranchPlan],
-        gamma: usize,
-        step_seed: u64,
+        tree: &TreeRequest,
         branches_per_pass: usize,
         stop: Option<&AtomicBool>,
     ) -> Result<Vec<Branch>> {
         self.intervals.clear();
-        // The linear tail the cache lacks (usually the window's last token) rides along with the
-        // first tree pass instead of costing a forward of its own.
-        let common = self.cached_prefix(context);
+        // The linear tail the cache lacks (usually the window's last token) rides along with
+        // the first tree pass instead of costing a forward of its own.
+        let common = self.cached_prefix(&tree.context);
         self.truncate(common)?;
-        let mut tail: Vec<u32> = context[common..].to_vec();
-        let mut branches: Vec<Branch> = Vec::with_capacity(plan.len());
-        let device = self.model.device().clone();
+        let mut tail: Vec<u32> = tree.context[common..].to_vec();
+        let mut branches: Vec<Branch> = Vec::with_capacity(tree.plan.len());
         let stopped = || stop.is_some_and(|s| s.load(Ordering::Acquire));
-        for wave in plan.chunks(branches_per_pass.max(1)) {
+        for wave in tree.plan.chunks(branches_per_pass.max(1)) {
             if stopped() {
                 break;
             }
             let first = branches.len();
-            // A branch after row d holds tokens at positions window_start + d + 2 onwards.
-            let fits = |p: &&BranchPlan| window_start + p.row + 2 < self.position_limit;
-            for p in wave.iter().filter(fits) {
-                branches.push(Branch::new(*p, step_seed));
-            }
+            self.plant(&mut branches, wave, tree);
             loop {
-                // Every unfinished branch of the wave feeds its newest token (the root first).
                 let active: Vec<usize> = (first..branches.len())
-                    .filter(|&i| {
-                        let b = &branches[i];
-                        let room = self.position_limit - (window_start + b.plan.row + 2);
-                        b.window.len() < gamma.min(room)
-                            && b.window.tokens.last().is_none_or(|&t| !self.is_stop(t))
-                    })
+                    .filter(|&i| !self.is_complete(&branches[i], tree))
                     .collect();
                 if active.is_empty() || stopped() {
                     break;
                 }
-                let base = self.cache()?.len();
-                let mut rows = Vec::with_capacity(tail.len() + active.len());
-                let mut tokens = Vec::with_capacity(tail.len() + active.len());
-                for (i, &t) in tail.iter().enumerate() {
-                    rows.push(RowVisibility {
-                        position: base + i,
-                        prefix_len: base + i + 1,
-                        extra: Vec::new(),
-                    });
-                    tokens.push(t);
-                }
-                // Every active branch feeds its unfed tokens: the root first, then what its last
-                // step proposed (one token, or one per lookahead row too).
-                let mut fed: Vec<(usize, Vec<u32>)> = Vec::with_capacity(active.len());
-                for &i in &active {
-                    let b = &branches[i];
-                    let unfed = if b.nodes.is_empty() {
-                        vec![b.plan.token]
-                    } else {
-                        b.window.tokens[b.nodes.len() - 1..].to_vec()
-                    };
-                    let prefix_len = window_start + b.plan.row + 1;
-                    let first_row = base + rows.len();
-                    for (k, &t) in unfed.iter().enumerate() {
-                        let mut extra = b.nodes.clone();
-                        extra.extend(first_row..=first_row + k);
-                        rows.push(RowVisibility {
-                            position: prefix_len + b.nodes.len() + k,
-                            prefix_len,
-                            extra,
-                        });
-                        tokens.push(t);
-                    }
-                    fed.push((first_row - base, unfed));
-                }
-                // Logit (and lookahead) rows: the tail's last (the bonus guess), then each branch's
-                // last fed row, or all of its fed rows when lookahead tokens are checked.
-                let check = self.self_verifying();
-                let skip = tail.len();
-                let mut wanted: Vec<usize> = Vec::new();
-                if skip > 0 {
-                    wanted.push(skip - 1);
-                }
-                let mut anchors: Vec<usize> = Vec::new();
-                for (first, unfed) in &fed {
-                    let from = if check {
-                        *first
-                    } else {
-                        first + unfed.len() - 1
-                    };
-                    anchors.extend(from..first + unfed.len());
-                }
-                wanted.extend(&anchors);
-                let deepest = rows.iter().map(|r| r.position).max().unwrap_or(0);
-                let lookahead_rows = if self.lookahead_tokens() > 0 && self.lookahead_fits(deepest)
-                {
-                    anchors.clone()
-                } else {
-                    Vec::new()
-                };
-                let input = AttentionInput::from_rows(&rows, base + rows.len(), &device)?;
-                let out = self.timed(|m, c| {
-                    m.forward_with_lookahead(&tokens, &input, c, &wanted, &lookahead_rows)
-                })?;
-                let main = out.main.to_vec2::<f32>()?;
-                let mut lookahead = if lookahead_rows.is_empty() {
-                    Vec::new()
-                } else {
-                    out.lookahead.to_vec3::<f32>()?
-                };
-                let row_of = |r: usize| wanted.iter().position(|&w| w == r);
-                // The tail's last row is the draft's own prediction after w_gamma: its guess for
-                // the bonus token. Root a branch there too (the draft continuing its own chain),
-                // unless the plan already has it; it is fed with the next pass.
-                if skip > 0 && self.cached.len() + skip == context.len() {
-                    let bonus_row = context.len() - 1 - window_start;
-                    let guess = sampling::argmax(&main[0]);
-                    let planned = plan.iter().any(|p| p.row == bonus_row && p.token == guess);
-                    if !planned && window_start + bonus_row + 2 < self.position_limit {
-                        let p = BranchPlan {
-                            row: bonus_row,
-                            token: guess,
-                            priority: 1.0,
-                        };
-                        branches.push(Branch::new(p, step_seed));
-                    }
-                }
+                let pass = self.tree_pass(&tail, &branches, &active, tree)?;
+                self.plant_bonus_branch(&pass, &mut branches, tree);
                 self.cached.append(&mut tail);
-                for (&i, (first, unfed)) in active.iter().zip(&fed) {
-                    // Rows of this branch's fed tokens among the wanted ones.
-                    let own: Vec<usize> =
-                        (0..unfed.len()).filter_map(|k| row_of(first + k)).collect();
-                    let kept = if check {
-                        let own_main: Vec<Vec<f32>> =
-                            own.iter().map(|&w| main[w].clone()).collect();
-                        agreed_prefix(unfed, &own_main)
-                    } else {
-                        unfed.len()
-                    };
-                    let anchor = own[if check { kept - 1 } else { 0 }];
-                    let step = StepLogits {
-                        main: main[anchor].clone(),
-                        lookahead: if lookahead.is_empty() {
-                            Vec::new()
-                        } else {
-                            // Lookahead rows follow the wanted rows after the tail's.
-                            std::mem::take(&mut lookahead[anchor - usize::from(skip > 0)])
-                        },
-                    };
-                    let b = &mut branches[i];
-                    let room = self.position_limit - (window_start + b.plan.row + 2);
-                    let count = gamma.min(room);
-                    b.nodes.extend((0..kept).map(|k| base + first + k));
-                    if !b.nodes.is_empty() && b.nodes.len() - 1 < b.window.len() {
-                        // Lookahead tokens the main row disagreed with leave the window.
-                        b.window.truncate(b.nodes.len() - 1);
-                    }
-                    let mut window = std::mem::take(&mut b.window);
-                    self.propose(&mut window, &step, count, b.seed);
-                    self.counters.steps += 1;
-                    branches[i].window = window;
-                }
+                self.advance(&pass, &mut branches, &active, tree);
             }
         }
         self.counters.tokens += branches.iter().map(|b| b.window.len()).sum::<usize>();
         Ok(branches)
     }
 
+    /// Adds the branches of `wave` whose first token still fits below the position limit.
+    fn plant(&self, branches: &mut Vec<Branch>, wave: &[BranchPlan], tree: &TreeRequest) {
+        for plan in wave {
+            if tree.window_start + plan.row + 2 < self.position_limit {
+                branches.push(Branch::new(*plan, tree.step_seed));
+            }
+        }
+    }
+
+    /// One tree-masked forward: the linear `tail`, then every active branch's unfed tokens
+    /// (the root first, then what its last step proposed: one token, or one per lookahead
+    /// row too). Each branch row sees the committed prefix up to its root's row, its own
+    /// earlier nodes and itself.
+    fn tree_pass(
+        &mut self,
+        tail: &[u32],
+        branches: &[Branch],
+        active: &[usize],
+        tree: &TreeRequest,
+    ) -> Result<TreePass> {
+        let base = self.cache()?.len();
+        let mut rows = Vec::with_capacity(tail.len() + active.len());
+        let mut tokens = Vec::with_capacity(tail.len() + active.len());
+        for (i, &t) in tail.iter().enumerate() {
+            rows.push(RowVisibility {
+                position: base + i,
+                prefix_len: base + i + 1,
+                extra: Vec::new(),
+            });
+            tokens.push(t);
+        }
+        let mut fed: Vec<(usize, Vec<u32>)> = Vec::with_capacity(active.len());
+        for &i in active {
+            let b = &branches[i];
+            let unfed = if b.nodes.is_empty() {
+                vec![b.plan.token]
+            } else {
+                b.window.tokens[b.nodes.len() - 1..].to_vec()
+            };
+            let prefix_len = tree.window_start + b.plan.row + 1;
+            let first_row = base + rows.len();
+            for (k, &t) in unfed.iter().enumerate() {
+                let mut extra = b.nodes.clone();
+                extra.extend(first_row..=first_row + k);
+                rows.push(RowVisibility {
+                    position: prefix_len + b.nodes.len() + k,
+                    prefix_len,
+                    extra,
+                });
+                tokens.push(t);
+            }
+            fed.push((first_row - base, unfed));
+        }
+        // Logit (and lookahead) rows: the tail's last (the bonus guess), then each branch's
+        // last fed row, or all of its fed rows when lookahead tokens are checked.
+        let check = self.self_verifying();
+        let mut wanted: Vec<usize> = Vec::new();
+        if !tail.is_empty() {
+            wanted.push(tail.len() - 1);
+        }
+        let mut anchors: Vec<usize> = Vec::new();
+        for (first, unfed) in &fed {
+            let from = if check {
+                *first
+            } else {
+                first + unfed.len() - 1
+            };
+            anchors.extend(from..first + unfed.len());
+        }
+        wanted.extend(&anchors);
+        let deepest = rows.iter().map(|r| r.position).max().unwrap_or(0);
+        let lookahead_rows = if self.lookahead_tokens() > 0 && self.lookahead_fits(deepest) {
+            anchors
+        } else {
+            Vec::new()
+        };
+        let input = AttentionInput::from_rows(&rows, base + rows.len(), self.model.device())?;
+        let out = self
+            .timed(|m, c| m.forward_with_lookahead(&tokens, &input, c, &wanted, &lookahead_rows))?;
+        let lookahead = if lookahead_rows.is_empty() {
+            Vec::new()
+        } else {
+            out.lookahead.to_vec3::<f32>()?
+        };
+        Ok(TreePass {
+            base,
+            tail: tail.len(),
+            fed,
+            wanted,
+            main: out.main.to_vec2::<f32>()?,
+            lookahead,
+        })
+    }
+
+    /// The tail's last row is the draft's own prediction after `w_gamma`: its guess for the
+    /// bonus token. Roots a branch there too (the draft continuing its own chain), unless the
+    /// plan already has it; it is fed with the next pass.
+    fn plant_bonus_branch(&self, pass: &TreePass, branches: &mut Vec<Branch>, tree: &TreeRequest) {
+        if pass.tail == 0 || self.cached.len() + pass.tail != tree.context.len() {
+            return;
+        }
+        let bonus_row = tree.context.len() - 1 - tree.window_start;
+        let guess = sampling::argmax(&pass.main[0]);
+        let planned = tree
+            .plan
+            .iter()
+            .any(|p| p.row == bonus_row && p.token == guess);
+        if !planned && tree.window_start + bonus_row + 2 < self.position_limit {
+            let plan = BranchPlan {
+                row: bonus_row,
+                token: guess,
+                priority: 1.0,
+            };
+            branches.push(Branch::new(plan, tree.step_seed));
+        }
+    }
+
+    /// After a pass: each active branch keeps the fed tokens its main row agrees with (all of
+    /// them without a check), records their cache rows, and proposes its next step.
+    fn advance(
+        &mut self,
+        pass: &TreePass,
+        branches: &mut [Branch],
+        active: &[usize],
+        tree: &TreeRequest,
+    ) {
+        let check = self.self_verifying();
+        let row_of = |r: usize| pass.wanted.iter().position(|&w| w == r);
+        for (&i, (first, unfed)) in active.iter().zip(&pass.fed) {
+            // Rows of this branch's fed tokens among the wanted ones.
+            let own: Vec<usize> = (0..unfed.len()).filter_map(|k| row_of(first + k)).collect();
+            let kept = if check {
+                let own_main: Vec<Vec<f32>> = own.iter().map(|&w| pass.main[w].clone()).collect();
+                agreed_prefix(unfed, &own_main)
+            } else {
+                unfed.len()
+            };
+            let anchor = own[if check { kept - 1 } else { 0 }];
+            let step = StepLogits {
+                main: pass.main[anchor].clone(),
+                // Lookahead rows follow the wanted rows after the tail's.
+                lookahead: pass
+                    .lookahead
+                    .get(anchor - usize::from(pass.tail > 0))
+                    .cloned()
+                    .unwrap_or_default(),
+            };
+            let count = branches[i].capacity(tree, self.position_limit);
+            let b = &mut branches[i];
+            b.nodes.extend((0..kept).map(|k| pass.base + first + k));
+            if !b.nodes.is_empty() && b.nodes.len() - 1 < b.window.len() {
+                // Lookahead tokens the main row disagreed with leave the window.
+                b.window.truncate(b.nodes.len() - 1);
+            }
+            let mut window = std::mem::take(&mut b.window);
+            self.propose(&mut window, &step, count, b.seed);
+            self.counters.steps += 1;
+            branches[i].window = window;
+        }
+    }
+
     /// The final rendezvous on the draft side: the target accepted `accepted` window tokens and
     /// emitted `token`. Keeps the matching branch (compacting its rows onto the committed
     /// prefix) and completes it, or rolls out afresh. Returns the next window.
-    #[allow(clippy::too_many_arguments)]
     pub fn resolve(
         &mut self,
-        context: &[u32],
-        window_start: usize,
+        tree: &TreeRequest,
         branches: &[Branch],
         accepted: usize,
         token: u32,
-        gamma: usize,
-        step_seed: u64,
     ) -> Result<(DraftWindow, Resolution)> {
-        let keep = window_start + accepted + 1;
-        let mut committed = context[..keep].to_vec();
+        let keep = tree.window_start + accepted + 1;
+        let mut committed = tree.context[..keep].to_vec();
         committed.push(token);
         let found = branches
             .iter()
             .find(|b| b.plan.row == accepted && b.plan.token == token && !b.window.is_empty());
-        let seed = branch_seed(step_seed, accepted, token);
+        let seed = branch_seed(tree.step_seed, accepted, token);
         let Some(branch) = found else {
             self.truncate(keep)?;
-            return Ok((self.rollout(&committed, gamma, seed)?, Resolution::Miss));
+            return Ok((
+                self.rollout(&committed, tree.gamma, seed)?,
+                Resolution::Miss,
+            ));
         };
         self.cache()?.compact(keep, &branch.nodes)?;
         self.cached.truncate(keep);
@@ -617,18 +665,16 @@ impl DraftState {
         self.cached
             .extend_from_slice(&drafted[..branch.nodes.len() - 1]);
         let mut window = branch.window.clone();
-        let room = self.position_limit.saturating_sub(keep + 1);
-        let complete =
-            window.len() >= gamma.min(room) || drafted.last().is_some_and(|&t| self.is_stop(t));
-        if complete {
-            window.truncate(gamma);
+        if self.is_complete(branch, tree) {
+            window.truncate(tree.gamma);
             return Ok((window, Resolution::Hit));
         }
         // The branch's last step is not fed yet: feed it (checking lookahead tokens), then go on.
         let fed = branch.nodes.len() - 1;
         let (kept, step) = self.feed_chain(&drafted[fed..], true)?;
         window.truncate(fed + kept);
-        self.extend(&mut window, step, gamma.min(room), branch.seed)?;
+        let count = branch.capacity(tree, self.position_limit);
+        self.extend(&mut window, step, count, branch.seed)?;
         Ok((window, Resolution::Partial))
     }
 

@@ -16,27 +16,30 @@ pub mod config;
 mod draft;
 pub mod engine;
 pub mod error;
+mod host;
 pub mod latency;
 pub mod mirror;
+pub mod pair;
 mod progress;
+mod seed;
 pub mod speculative;
 pub mod stats;
 pub mod tree;
 pub mod verify;
+mod worker;
 
 use std::sync::Arc;
 
 use mirror_core::Model;
 
 pub use autoregressive::Autoregressive;
-pub use config::{FinishReason, Generation, GenerationConfig, StreamControl};
+pub use config::{FinishReason, Generation, GenerationConfig, StopSet, StreamControl};
 pub use draft::Resolution;
 pub use engine::{Engine, Prompt, TextStream};
 pub use error::{Error, Result};
 pub use mirror::{DraftSchedule, EarlyExit, Mirror, MirrorBuilder};
-pub use speculative::{
-    check_tokenizers, SpeculativeBuilder, SpeculativeDecoding, DEFAULT_LOOKAHEAD_CONFIDENCE,
-};
+pub use pair::{check_tokenizers, DraftOptions, DEFAULT_LOOKAHEAD_CONFIDENCE};
+pub use speculative::{SpeculativeBuilder, SpeculativeDecoding};
 pub use stats::{Stats, TimeSplit};
 
 /// A decoding strategy over a target model.

@@ -14,27 +14,25 @@
 //! is drafted by then is reused, a partial branch is completed. [`DraftSchedule::FullGrid`] is the
 //! paper's mode: every branch, then the rendezvous.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use crossbeam_channel::{unbounded, Receiver, Sender};
-use mirror_core::sampling::{self, SamplingParams};
-use mirror_core::{AttentionInput, Model};
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use candle_core::Tensor;
+use mirror_core::sampling;
+use mirror_core::{AttentionInput, KvCache, Model};
+use rand::Rng;
 
-use crate::config::{FinishReason, Generation, GenerationConfig, StreamControl};
-use crate::draft::{host_rows, mix, DraftCounters, DraftState, Resolution};
+use crate::config::{Generation, GenerationConfig, StreamControl};
+use crate::draft::{DraftState, Resolution, TreeRequest};
 use crate::error::{Error, Result};
-use crate::progress::{capacity_for, Progress};
-use crate::speculative::{
-    check_lookahead_confidence, check_pair, draft_params, DEFAULT_LOOKAHEAD_CONFIDENCE,
-};
-use crate::stats::Stats;
-use crate::tree::{overlap_mass, plan_branches, BranchPlan};
-use crate::verify::{verify_window, DraftWindow};
+use crate::host::host_rows;
+use crate::pair::{check_pair, draft_option_setters, DraftOptions};
+use crate::progress::Run;
+use crate::seed::mix;
+use crate::stats::timed;
+use crate::tree::{overlap_mass, plan_branches, AcceptanceEstimate, BranchPlan};
+use crate::verify::{verify_window, DraftWindow, Verdict};
+use crate::worker::{DraftReport, DraftWorker, Request};
 use crate::Decoder;
 
 /// Where the target taps its early exit.
@@ -90,232 +88,20 @@ pub enum DraftSchedule {
     FullGrid,
 }
 
-enum ToDraft {
-    Reset {
-        capacity: usize,
-        position_limit: usize,
-        params: SamplingParams,
-        stop_ids: Vec<u32>,
-    },
-    Prefill {
-        tokens: Vec<u32>,
-    },
-    Rollout {
-        context: Vec<u32>,
-        count: usize,
-        seed: u64,
-    },
-    Tree {
-        context: Vec<u32>,
-        window_start: usize,
-        plan: Vec<BranchPlan>,
-        gamma: usize,
-        step_seed: u64,
-    },
-    Resolve {
-        accepted: usize,
-        token: u32,
-        target_done: Instant,
-    },
-    Shutdown,
-}
-
-#[derive(Debug, Default)]
-struct DraftReport {
-    window: DraftWindow,
-    resolution: Option<Resolution>,
-    counters: DraftCounters,
-    hidden: Duration,
-    completed: usize,
-}
-
-enum FromDraft {
-    Done(DraftReport),
-    Failed(String),
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
-}
-
-struct Worker {
-    state: DraftState,
-    rx: Receiver<ToDraft>,
-    tx: Sender<FromDraft>,
-    stop: Arc<AtomicBool>,
-    schedule: DraftSchedule,
-}
-
-impl Worker {
-    fn run(mut self) {
-        let mut pending: Option<ToDraft> = None;
-        loop {
-            let command = match pending.take() {
-                Some(c) => c,
-                None => match self.rx.recv() {
-                    Ok(c) => c,
-                    Err(_) => return,
-                },
-            };
-            if matches!(command, ToDraft::Shutdown) {
-                return;
-            }
-            let outcome = catch_unwind(AssertUnwindSafe(|| self.handle(command)));
-            let reply = match outcome {
-                Ok(Ok((reply, next))) => {
-                    pending = next;
-                    reply
-                }
-                Ok(Err(e)) => Some(FromDraft::Failed(e.to_string())),
-                Err(panic) => Some(FromDraft::Failed(format!(
-                    "panic: {}",
-                    panic_message(&*panic)
-                ))),
-            };
-            if let Some(reply) = reply {
-                if self.tx.send(reply).is_err() {
-                    return;
-                }
-            }
-        }
-    }
-
-    fn report(&mut self, window: DraftWindow, resolution: Option<Resolution>) -> DraftReport {
-        DraftReport {
-            window,
-            resolution,
-            counters: self.state.take_counters(),
-            ..DraftReport::default()
-        }
-    }
-
-    /// Runs one command; a tree is followed by its resolution (or abandoned when another command
-    /// arrives instead, which is then returned to run next).
-    fn handle(&mut self, command: ToDraft) -> Result<(Option<FromDraft>, Option<ToDraft>)> {
-        match command {
-            ToDraft::Reset {
-                capacity,
-                position_limit,
-                params,
-                stop_ids,
-            } => {
-                self.state
-                    .reset(capacity, position_limit, params, stop_ids)?;
-                Ok((Some(FromDraft::Done(DraftReport::default())), None))
-            }
-            ToDraft::Prefill { tokens } => {
-                self.state.sync(&tokens)?;
-                let report = self.report(DraftWindow::default(), None);
-                Ok((Some(FromDraft::Done(report)), None))
-            }
-            ToDraft::Rollout {
-                context,
-                count,
-                seed,
-            } => {
-                let window = self.state.rollout(&context, count, seed)?;
-                let report = self.report(window, None);
-                Ok((Some(FromDraft::Done(report)), None))
-            }
-            ToDraft::Tree {
-                context,
-                window_start,
-                plan,
-                gamma,
-                step_seed,
-            } => {
-                let (per_pass, stop) = match self.schedule {
-                    DraftSchedule::Anytime { branches_per_pass } => {
-                        (branches_per_pass, Some(&*self.stop))
-                    }
-                    DraftSchedule::FullGrid => (plan.len(), None),
-                };
-                // A tree and its resolution get exactly one reply, to the resolution: a failure
-                // while drafting (error or panic) is held until then, so no stray reply is left
-                // for a later request.
-                let built = catch_unwind(AssertUnwindSafe(|| {
-                    self.state.build_tree(
-                        &context,
-                        window_start,
-                        &plan,
-                        gamma,
-                        step_seed,
-                        per_pass,
-                        stop,
-                    )
-                }))
-                .unwrap_or_else(|panic| {
-                    Err(Error::WorkerFailed(format!(
-                        "panic: {}",
-                        panic_message(&*panic)
-                    )))
-                });
-                let next = self.rx.recv().unwrap_or(ToDraft::Shutdown);
-                let ToDraft::Resolve {
-                    accepted,
-                    token,
-                    target_done,
-                } = next
-                else {
-                    // The generation was abandoned: run the next command instead.
-                    return Ok((None, Some(next)));
-                };
-                let branches = built?;
-                let completed = branches
-                    .iter()
-                    .filter(|b| {
-                        b.window.len() >= gamma
-                            || b.window
-                                .tokens
-                                .last()
-                                .is_some_and(|t| self.state.stop_ids.contains(t))
-                    })
-                    .count();
-                let hidden = self.state.hidden_time(target_done);
-                let (window, resolution) = self.state.resolve(
-                    &context,
-                    window_start,
-                    &branches,
-                    accepted,
-                    token,
-                    gamma,
-                    step_seed,
-                )?;
-                let mut report = self.report(window, Some(resolution));
-                report.hidden = hidden;
-                report.completed = completed;
-                Ok((Some(FromDraft::Done(report)), None))
-            }
-            ToDraft::Resolve { .. } => Err(Error::WorkerFailed("resolve without a tree".into())),
-            ToDraft::Shutdown => Ok((None, None)),
-        }
-    }
-}
-
 /// Builder of [`Mirror`].
 pub struct MirrorBuilder {
     target: Arc<Model>,
     draft: Arc<Model>,
-    gamma: usize,
+    options: DraftOptions,
     kappa: usize,
     early_exit: EarlyExit,
     schedule: DraftSchedule,
-    greedy_draft: bool,
     draft_threads: Option<usize>,
     fault: Option<(usize, bool)>,
-    lookahead_confidence: f32,
 }
 
 impl MirrorBuilder {
-    /// Window length gamma (default 4; the paper uses 7).
-    pub fn gamma(mut self, gamma: usize) -> Self {
-        self.gamma = gamma;
-        self
-    }
+    draft_option_setters!();
 
     /// Early-exit candidates per row kappa (default 4; the paper uses 8).
     pub fn kappa(mut self, kappa: usize) -> Self {
@@ -335,24 +121,11 @@ impl MirrorBuilder {
         self
     }
 
-    /// Under sampling, let the draft propose its argmax (point-mass rule) instead of sampling.
-    pub fn greedy_draft(mut self, yes: bool) -> Self {
-        self.greedy_draft = yes;
-        self
-    }
-
     /// Runs the draft on a pool of its own of `threads` threads (CPU; the draft model is
     /// cloned with its weights shared, see [`Model::with_threads`]), so the two models do not
     /// compete for one pool. A draft loaded with its own pool or cores needs none.
     pub fn draft_threads(mut self, threads: usize) -> Self {
         self.draft_threads = Some(threads);
-        self
-    }
-
-    /// With a draft that has lookahead tokens: propose a lookahead token only when its top
-    /// probability reaches `threshold` (default [`DEFAULT_LOOKAHEAD_CONFIDENCE`]; 0 proposes all).
-    pub fn lookahead_confidence(mut self, threshold: f32) -> Self {
-        self.lookahead_confidence = threshold;
         self
     }
 
@@ -366,10 +139,9 @@ impl MirrorBuilder {
 
     /// Checks the configuration, spawns the draft worker and builds the decoder.
     pub fn build(mut self) -> Result<Mirror> {
-        if self.gamma == 0 || self.kappa == 0 {
-            return Err(Error::InvalidConfig(
-                "gamma and kappa must be at least 1".into(),
-            ));
+        self.options.check()?;
+        if self.kappa == 0 {
+            return Err(Error::InvalidConfig("kappa must be at least 1".into()));
         }
         if let DraftSchedule::Anytime {
             branches_per_pass: 0,
@@ -380,70 +152,59 @@ impl MirrorBuilder {
             ));
         }
         check_pair(&self.target, &self.draft)?;
-        check_lookahead_confidence(self.lookahead_confidence)?;
         if let Some(threads) = self.draft_threads {
             self.draft = Arc::new(Model::clone(&self.draft).with_threads(threads)?);
         }
         let early_exit_layer = self.early_exit.resolve(self.target.num_layers())?;
-        let (to_worker, worker_rx) = unbounded();
-        let (worker_tx, from_worker) = unbounded();
-        let stop = Arc::new(AtomicBool::new(false));
         let mut state = DraftState::new(Arc::clone(&self.draft));
         state.fault = self.fault;
-        state.lookahead_confidence = self.lookahead_confidence;
-        let worker = Worker {
-            state,
-            rx: worker_rx,
-            tx: worker_tx,
-            stop: Arc::clone(&stop),
-            schedule: self.schedule,
-        };
-        let handle = std::thread::Builder::new()
-            .name("mirror-draft-worker".into())
-            .spawn(move || worker.run())
-            .map_err(|e| Error::WorkerFailed(format!("cannot spawn the draft worker: {e}")))?;
+        state.lookahead_confidence = self.options.lookahead_confidence;
         let draft_lookahead = self
             .draft
             .lookahead()
             .map_or(0, |head| head.config().tokens);
         Ok(Mirror {
-            target: self.target,
-            draft_lookahead,
-            gamma: self.gamma,
-            kappa: self.kappa,
-            early_exit_layer,
-            schedule: self.schedule,
-            greedy_draft: self.greedy_draft,
-            to_worker,
-            from_worker,
-            stop,
-            handle: Some(handle),
-            acceptance: vec![(1.0, 2.0); self.gamma],
-            outstanding: 0,
+            worker: DraftWorker::spawn(state, self.schedule)?,
+            side: TargetSide {
+                target: self.target,
+                options: self.options,
+                kappa: self.kappa,
+                early_exit_layer,
+                schedule: self.schedule,
+                draft_lookahead,
+            },
         })
     }
 }
 
 /// Mirror speculative decoding: target and draft in parallel, with a hypothesis tree.
 pub struct Mirror {
+    side: TargetSide,
+    worker: DraftWorker,
+}
+
+/// The target's half of Mirror, and the settings of a run.
+struct TargetSide {
     target: Arc<Model>,
-    /// Lookahead tokens of the draft (a step feeds up to `1 + draft_lookahead` rows a branch).
-    draft_lookahead: usize,
-    gamma: usize,
+    options: DraftOptions,
     kappa: usize,
     early_exit_layer: usize,
     schedule: DraftSchedule,
-    greedy_draft: bool,
-    to_worker: Sender<ToDraft>,
-    from_worker: Receiver<FromDraft>,
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
-    /// Verified windows so far: per position, (accepted, proposed) given the earlier positions
-    /// were accepted; the tree's branch priorities come from these rates.
-    acceptance: Vec<(f64, f64)>,
-    /// Replies owed by the worker to requests whose generation ended in an error: drained before
-    /// the next generation so that no stale reply is taken for a new one.
-    outstanding: usize,
+    /// Lookahead tokens of the draft (a step feeds up to `1 + draft_lookahead` rows a branch).
+    draft_lookahead: usize,
+}
+
+/// The target's prefix `[0, l_e)` over a window, and what its early-exit tap says.
+struct Tapped {
+    /// Cache rows before the window.
+    base: usize,
+    input: AttentionInput,
+    /// States after layer `l_e`.
+    hidden: Tensor,
+    /// Early-exit top-kappa of every window row.
+    top_k: Vec<Vec<(u32, f32)>>,
+    /// Branches to draft, most likely first.
+    plan: Vec<BranchPlan>,
 }
 
 impl Mirror {
@@ -452,74 +213,98 @@ impl Mirror {
         MirrorBuilder {
             target,
             draft,
-            gamma: 4,
+            options: DraftOptions::default(),
             kappa: 4,
             early_exit: EarlyExit::Fraction(0.5),
             schedule: DraftSchedule::Anytime {
                 branches_per_pass: 4,
             },
-            greedy_draft: false,
             draft_threads: None,
             fault: None,
-            lookahead_confidence: DEFAULT_LOOKAHEAD_CONFIDENCE,
         }
     }
 
     /// The early-exit layer l_e.
     pub fn early_exit_layer(&self) -> usize {
-        self.early_exit_layer
+        self.side.early_exit_layer
     }
 
     /// The drafting schedule.
     pub fn schedule(&self) -> DraftSchedule {
-        self.schedule
-    }
-
-    fn send(&mut self, command: ToDraft) -> Result<()> {
-        // Every command but a tree (answered after its resolution) gets exactly one reply.
-        let replies = !matches!(command, ToDraft::Tree { .. } | ToDraft::Shutdown);
-        self.to_worker
-            .send(command)
-            .map_err(|_| Error::WorkerFailed("the draft worker has exited".into()))?;
-        self.outstanding += usize::from(replies);
-        Ok(())
-    }
-
-    fn receive(&mut self) -> Result<DraftReport> {
-        let reply = self.from_worker.recv();
-        self.outstanding = self.outstanding.saturating_sub(1);
-        match reply {
-            Ok(FromDraft::Done(report)) => Ok(report),
-            Ok(FromDraft::Failed(msg)) => Err(Error::WorkerFailed(msg)),
-            Err(_) => Err(Error::WorkerFailed("the draft worker has exited".into())),
-        }
-    }
-
-    fn request(&mut self, command: ToDraft) -> Result<DraftReport> {
-        self.send(command)?;
-        self.receive()
-    }
-
-    /// Discards replies left over from a generation that ended in an error.
-    fn drain(&mut self) -> Result<()> {
-        while self.outstanding > 0 {
-            // A failure reported now belonged to the abandoned generation.
-            let _ = self.receive();
-            if self.handle.as_ref().is_some_and(|h| h.is_finished()) {
-                return Err(Error::WorkerFailed("the draft worker has exited".into()));
-            }
-        }
-        Ok(())
+        self.side.schedule
     }
 }
 
-impl Drop for Mirror {
-    fn drop(&mut self) {
-        let _ = self.to_worker.send(ToDraft::Shutdown);
-        if let Some(handle) = self.handle.take() {
-            let _ = handle.join();
-        }
+impl TargetSide {
+    /// Rows of the draft's cache a tree may take beyond the sequence: planned branches plus
+    /// the bonus guess, each fed at most gamma times; a step of a draft with lookahead feeds
+    /// up to `1 + lookahead` rows (lookahead tokens the main row rejects keep their rows until
+    /// the tree is resolved).
+    fn tree_rows(&self) -> usize {
+        let gamma = self.options.gamma;
+        let branches = self.kappa * (gamma + 1) + 1;
+        branches * gamma * (1 + self.draft_lookahead) + gamma + 2
     }
+
+    /// Prefix and tap: the target runs its first `l_e` layers over the window, applies its
+    /// final norm and LM head there, and plans the branches from the top-kappa of every row.
+    fn prefix_and_tap(
+        &self,
+        cache: &mut KvCache,
+        seq: &[u32],
+        window: &DraftWindow,
+        acceptance: &AcceptanceEstimate,
+    ) -> Result<Tapped> {
+        let base = cache.len();
+        let mut fed = vec![seq[seq.len() - 1]];
+        fed.extend_from_slice(&window.tokens);
+        let input = AttentionInput::causal(1, fed.len(), base, self.target.device())?;
+        let hidden = self.target.embed(&[&fed])?;
+        let hidden =
+            self.target
+                .forward_layers(&hidden, 0..self.early_exit_layer, &input, cache)?;
+        let top_k: Vec<Vec<(u32, f32)>> = host_rows(&self.target.logits(&hidden)?)?
+            .iter()
+            .map(|row| sampling::top_k_log_probs(row, self.kappa))
+            .collect();
+        let plan = plan_branches(&top_k, &window.tokens, acceptance);
+        Ok(Tapped {
+            base,
+            input,
+            hidden,
+            top_k,
+            plan,
+        })
+    }
+
+    /// Suffix: the target's layers `[l_e, N)` and its final distributions, while the draft
+    /// drafts the tree.
+    fn suffix(&self, cache: &mut KvCache, tapped: &Tapped) -> Result<Vec<Vec<f32>>> {
+        let layers = self.early_exit_layer..self.target.num_layers();
+        let hidden = self
+            .target
+            .forward_layers(&tapped.hidden, layers, &tapped.input, cache)?;
+        host_rows(&self.target.logits(&hidden)?)
+    }
+}
+
+/// The target's verdict on the window, and the overlap mass Omega of its distribution at the
+/// deciding row on the early-exit candidates there.
+fn verify(
+    config: &GenerationConfig,
+    rows: &[Vec<f32>],
+    window: &DraftWindow,
+    tapped: &Tapped,
+    rng: &mut rand::rngs::StdRng,
+) -> (Verdict, f64) {
+    let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
+    let verdict = verify_window(&refs, window, &config.sampling, &mut || rng.random());
+    let final_probs: Vec<f32> = sampling::log_softmax(&rows[verdict.accepted])
+        .into_iter()
+        .map(f32::exp)
+        .collect();
+    let omega = overlap_mass(&final_probs, &tapped.top_k[verdict.accepted]);
+    (verdict, omega)
 }
 
 impl Decoder for Mirror {
@@ -528,7 +313,7 @@ impl Decoder for Mirror {
     }
 
     fn target(&self) -> &Arc<Model> {
-        &self.target
+        &self.side.target
     }
 
     fn generate_with(
@@ -537,150 +322,111 @@ impl Decoder for Mirror {
         config: &GenerationConfig,
         on_tokens: &mut dyn FnMut(&[u32]) -> StreamControl,
     ) -> Result<Generation> {
-        let started = Instant::now();
-        let (gamma, kappa) = (self.gamma, self.kappa);
-        let capacity = capacity_for(&self.target, prompt, config, gamma)?;
-        let mut stats = Stats::new(gamma);
-        let mut progress = Progress::new(config, &self.target, on_tokens);
-        let mut rng = StdRng::seed_from_u64(mix(config.seed, 1));
-        // Planned branches plus the bonus guess, each fed at most gamma times; a step of a
-        // draft with lookahead feeds up to 1 + S rows (lookahead tokens the main row
-        // rejects keep their rows until the tree is resolved).
-        let branches = kappa * (gamma + 1) + 1;
-        let tree_rows = branches * gamma * (1 + self.draft_lookahead) + gamma + 2;
-        self.drain()?;
-        self.request(ToDraft::Reset {
-            capacity: capacity + tree_rows,
-            position_limit: capacity,
-            params: draft_params(config, self.greedy_draft),
-            stop_ids: progress.stop_ids().to_vec(),
-        })?;
-
-        // Prefill both models at once: the draft on its worker, the target here.
-        let mut seq = prompt.to_vec();
-        let n = seq.len();
-        let mut cache = self.target.new_cache(1, capacity)?;
-        if n > 1 {
-            self.send(ToDraft::Prefill {
-                tokens: seq[..n - 1].to_vec(),
-            })?;
-            self.target.next_token_logits(&seq[..n - 1], &mut cache)?;
-            self.receive()?;
-        }
-        stats.time.prefill = started.elapsed();
-        let first = self.request(ToDraft::Rollout {
-            context: seq.clone(),
-            count: gamma,
-            seed: mix(config.seed, u64::MAX),
-        })?;
-        stats.record_draft(first.counters);
-        stats.time.wait_final += first.counters.busy;
-        let mut window = first.window;
-        let layers = self.target.num_layers();
-        let device = self.target.device().clone();
+        let (side, worker) = (&self.side, &mut self.worker);
+        let gamma = side.options.gamma;
+        let mut run = Run::begin(
+            &side.target,
+            prompt,
+            config,
+            gamma,
+            mix(config.seed, 1),
+            on_tokens,
+        )?;
+        let mut acceptance = AcceptanceEstimate::new(gamma);
+        let mut window = start(side, worker, &mut run, config)?;
         let mut step = 0u64;
-        while !progress.done() {
-            if cache.len() + 1 > cache.capacity() {
-                progress.finish = Some(FinishReason::ContextLimit);
-                break;
-            }
-            window.truncate(cache.capacity() - cache.len() - 1);
-            let base = cache.len();
-            let mut fed = vec![seq[seq.len() - 1]];
-            fed.extend_from_slice(&window.tokens);
+        while !run.progress.done() && run.has_room() {
+            window.truncate(run.window_room());
 
-            // Target prefix and the early-exit tap.
-            let t0 = Instant::now();
-            let input = AttentionInput::causal(1, fed.len(), base, &device)?;
-            let hidden = self.target.embed(&[&fed])?;
-            let hidden = self.target.forward_layers(
-                &hidden,
-                0..self.early_exit_layer,
-                &input,
-                &mut cache,
-            )?;
-            let tap = host_rows(&self.target.logits(&hidden)?)?;
-            let top_k: Vec<Vec<(u32, f32)>> = tap
-                .iter()
-                .map(|row| sampling::top_k_log_probs(row, kappa))
-                .collect();
-            let rates: Vec<f64> = self.acceptance.iter().map(|(a, p)| a / p).collect();
-            let plan = plan_branches(&top_k, &window.tokens, &rates);
-            stats.branches_planned += plan.len();
-            stats.time.target_prefix += t0.elapsed();
-
-            // First rendezvous: hand the candidates to the draft.
-            let t1 = Instant::now();
-            let step_seed = mix(config.seed, step);
-            let mut context = seq.clone();
-            context.extend_from_slice(&window.tokens);
-            self.stop.store(false, Ordering::Release);
-            self.send(ToDraft::Tree {
-                context,
-                window_start: seq.len() - 1,
-                plan,
-                gamma,
-                step_seed,
+            let tapped = timed(&mut run.stats.time.target_prefix, || {
+                side.prefix_and_tap(&mut run.cache, &run.seq, &window, &acceptance)
             })?;
-            stats.time.wait_early_exit += t1.elapsed();
+            run.stats.branches_planned += tapped.plan.len();
 
-            // Target suffix while the draft drafts.
-            let t2 = Instant::now();
-            let hidden = self.target.forward_layers(
-                &hidden,
-                self.early_exit_layer..layers,
-                &input,
-                &mut cache,
-            )?;
-            let rows = host_rows(&self.target.logits(&hidden)?)?;
+            // First rendezvous: the candidates go to the draft, which drafts the tree...
+            let mut context = run.seq.clone();
+            context.extend_from_slice(&window.tokens);
+            let request = TreeRequest {
+                context,
+                window_start: run.seq.len() - 1,
+                plan: tapped.plan.clone(),
+                gamma,
+                step_seed: mix(config.seed, step),
+            };
+            let tree = timed(&mut run.stats.time.wait_early_exit, || worker.tree(request))?;
+
+            // ...while the target runs its suffix.
+            let rows = timed(&mut run.stats.time.target_suffix, || {
+                side.suffix(&mut run.cache, &tapped)
+            })?;
             let target_done = Instant::now();
-            self.stop.store(true, Ordering::Release);
-            stats.time.target_suffix += target_done - t2;
-            stats.target_passes += 1;
+            tree.target_done();
+            run.stats.target_passes += 1;
 
-            let t3 = Instant::now();
-            let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
-            let verdict = verify_window(&refs, &window, &config.sampling, &mut || rng.random());
-            stats.record_window(window.len(), verdict.accepted);
-            for (j, rate) in self.acceptance.iter_mut().enumerate().take(window.len()) {
-                if j > verdict.accepted {
-                    break;
-                }
-                rate.1 += 1.0;
-                rate.0 += f64::from(u8::from(j < verdict.accepted));
-            }
-            let final_probs: Vec<f32> = sampling::log_softmax(&rows[verdict.accepted])
-                .into_iter()
-                .map(f32::exp)
-                .collect();
-            stats.omega_sum += overlap_mass(&final_probs, &top_k[verdict.accepted]);
-            stats.time.verify += t3.elapsed();
+            // Verify and learn.
+            let (verdict, omega) = timed(&mut run.stats.time.verify, || {
+                verify(config, &rows, &window, &tapped, &mut run.rng)
+            });
+            run.stats.record_window(window.len(), verdict.accepted);
+            run.stats.omega_sum += omega;
+            acceptance.record(window.len(), verdict.accepted);
 
             // Final rendezvous: the draft hands over the next window.
-            let t4 = Instant::now();
-            let report = self.request(ToDraft::Resolve {
-                accepted: verdict.accepted,
-                token: verdict.token,
-                target_done,
+            let report = timed(&mut run.stats.time.wait_final, || {
+                tree.resolve(verdict.accepted, verdict.token, target_done)
             })?;
-            stats.time.wait_final += t4.elapsed();
-            stats.record_draft(report.counters);
-            stats.time.draft_hidden += report.hidden;
-            stats.branches_completed += report.completed;
-            match report.resolution {
-                Some(Resolution::Hit) => stats.reuse_hits += 1,
-                Some(Resolution::Partial) => stats.reuse_partial += 1,
-                Some(Resolution::Miss) | None => stats.fallbacks += 1,
-            }
-
-            cache.truncate(base + 1 + verdict.accepted);
-            let mut new = window.tokens[..verdict.accepted].to_vec();
-            new.push(verdict.token);
-            seq.extend_from_slice(&new);
+            record_resolution(&mut run, &report);
+            run.commit(tapped.base, &window, verdict);
             window = report.window;
-            progress.commit(&new);
             step += 1;
         }
-        Ok(progress.finish(stats, started))
+        Ok(run.finish())
+    }
+}
+
+/// The start of a generation: the draft reset, both models prefilled at once (the draft on
+/// its worker, the target here), and the first window rolled out.
+fn start(
+    side: &TargetSide,
+    worker: &mut DraftWorker,
+    run: &mut Run,
+    config: &GenerationConfig,
+) -> Result<DraftWindow> {
+    let capacity = run.cache.capacity();
+    worker.call(Request::Reset {
+        capacity: capacity + side.tree_rows(),
+        position_limit: capacity,
+        params: side.options.sampling(config),
+        stop: run.progress.stop().clone(),
+    })?;
+    let n = run.seq.len();
+    if n > 1 {
+        let prefix = run.seq[..n - 1].to_vec();
+        let pending = worker.start(Request::Prefill {
+            tokens: prefix.clone(),
+        })?;
+        side.target.next_token_logits(&prefix, &mut run.cache)?;
+        pending.wait()?;
+    }
+    run.stats.time.prefill = run.started.elapsed();
+    let first = worker.call(Request::Rollout {
+        context: run.seq.clone(),
+        count: side.options.gamma,
+        seed: mix(config.seed, u64::MAX),
+    })?;
+    run.stats.record_draft(first.counters);
+    run.stats.time.wait_final += first.counters.busy;
+    Ok(first.window)
+}
+
+fn record_resolution(run: &mut Run, report: &DraftReport) {
+    let stats = &mut run.stats;
+    stats.record_draft(report.counters);
+    stats.time.draft_hidden += report.hidden;
+    stats.branches_completed += report.completed;
+    match report.resolution {
+        Some(Resolution::Hit) => stats.reuse_hits += 1,
+        Some(Resolution::Partial) => stats.reuse_partial += 1,
+        Some(Resolution::Miss) | None => stats.fallbacks += 1,
     }
 }

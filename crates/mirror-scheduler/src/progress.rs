@@ -1,17 +1,90 @@
-//! Bookkeeping shared by every strategy: committing tokens, stop conditions, streaming, context.
+//! Bookkeeping shared by every strategy: the start of a generation, committing tokens, stop
+//! conditions, streaming, context.
 
 use std::sync::Arc;
+use std::time::Instant;
 
-use mirror_core::Model;
+use mirror_core::{KvCache, Model};
+use rand::{rngs::StdRng, SeedableRng};
 
-use crate::config::{FinishReason, Generation, GenerationConfig, StreamControl};
+use crate::config::{FinishReason, Generation, GenerationConfig, StopSet, StreamControl};
 use crate::error::{Error, Result};
 use crate::stats::Stats;
+use crate::verify::{DraftWindow, Verdict};
+
+/// One generation in progress, as every strategy starts it: the prompt checked, the target's
+/// cache sized, statistics, the committed output and the random generator of verification.
+pub(crate) struct Run<'a> {
+    pub started: Instant,
+    pub stats: Stats,
+    pub progress: Progress<'a>,
+    pub rng: StdRng,
+    /// The target's cache (`capacity` rows: prompt, output and one window of slack).
+    pub cache: KvCache,
+    /// Prompt and committed tokens.
+    pub seq: Vec<u32>,
+}
+
+impl<'a> Run<'a> {
+    /// Checks `prompt` and prepares a generation of windows of up to `gamma` draft tokens
+    /// (0 for plain decoding); `rng_seed` seeds verification's random generator.
+    pub fn begin(
+        target: &Arc<Model>,
+        prompt: &[u32],
+        config: &GenerationConfig,
+        gamma: usize,
+        rng_seed: u64,
+        on_tokens: &'a mut dyn FnMut(&[u32]) -> StreamControl,
+    ) -> Result<Self> {
+        let started = Instant::now();
+        let capacity = capacity_for(target, prompt, config, gamma)?;
+        Ok(Self {
+            started,
+            stats: Stats::new(gamma),
+            progress: Progress::new(config, target, on_tokens),
+            rng: StdRng::seed_from_u64(rng_seed),
+            cache: target.new_cache(1, capacity)?,
+            seq: prompt.to_vec(),
+        })
+    }
+
+    /// Whether the cache has room for one more token; ends the generation at the context
+    /// limit when not.
+    pub fn has_room(&mut self) -> bool {
+        if self.cache.len() + 1 > self.cache.capacity() {
+            self.progress.finish = Some(FinishReason::ContextLimit);
+            return false;
+        }
+        true
+    }
+
+    /// Draft tokens the next window may hold: the cache keeps one row for the token before
+    /// the window.
+    pub fn window_room(&self) -> usize {
+        self.cache.capacity() - self.cache.len() - 1
+    }
+
+    /// After a verified window fed at cache row `base`: keeps the accepted rows, commits the
+    /// accepted tokens and the target's correction (or bonus). Returns what was committed.
+    pub fn commit(&mut self, base: usize, window: &DraftWindow, verdict: Verdict) -> Vec<u32> {
+        self.cache.truncate(base + 1 + verdict.accepted);
+        let mut new = window.tokens[..verdict.accepted].to_vec();
+        new.push(verdict.token);
+        self.seq.extend_from_slice(&new);
+        self.progress.commit(&new);
+        new
+    }
+
+    /// Closes the generation.
+    pub fn finish(self) -> Generation {
+        self.progress.finish(self.stats, self.started)
+    }
+}
 
 /// The committed output of one generation.
 pub(crate) struct Progress<'a> {
     pub tokens: Vec<u32>,
-    stop_ids: Vec<u32>,
+    stop: StopSet,
     max_new_tokens: usize,
     pub finish: Option<FinishReason>,
     on_tokens: &'a mut dyn FnMut(&[u32]) -> StreamControl,
@@ -25,15 +98,15 @@ impl<'a> Progress<'a> {
     ) -> Self {
         Self {
             tokens: Vec::new(),
-            stop_ids: stop_ids(config, target),
+            stop: StopSet::new(config, target),
             max_new_tokens: config.max_new_tokens,
             finish: (config.max_new_tokens == 0).then_some(FinishReason::Length),
             on_tokens,
         }
     }
 
-    pub fn stop_ids(&self) -> &[u32] {
-        &self.stop_ids
+    pub fn stop(&self) -> &StopSet {
+        &self.stop
     }
 
     /// Commits `new` tokens in order, stopping at a stop token or the length limit, and streams
@@ -45,7 +118,7 @@ impl<'a> Progress<'a> {
                 break;
             }
             self.tokens.push(token);
-            if self.stop_ids.contains(&token) {
+            if self.stop.contains(token) {
                 self.finish = Some(FinishReason::Stop);
             } else if self.tokens.len() >= self.max_new_tokens {
                 self.finish = Some(FinishReason::Length);
@@ -65,7 +138,7 @@ impl<'a> Progress<'a> {
     }
 
     /// Closes the generation: final counters and the result.
-    pub fn finish(self, mut stats: Stats, started: std::time::Instant) -> Generation {
+    pub fn finish(self, mut stats: Stats, started: Instant) -> Generation {
         stats.generated_tokens = self.tokens.len();
         stats.time.total = started.elapsed();
         Generation {
@@ -75,15 +148,6 @@ impl<'a> Progress<'a> {
             stats,
         }
     }
-}
-
-/// Stop ids of a generation: the config's own, plus the target's end-of-sequence ids.
-pub(crate) fn stop_ids(config: &GenerationConfig, target: &Model) -> Vec<u32> {
-    let mut ids = config.stop_tokens.clone();
-    if config.stop_at_eos {
-        ids.extend(target.config().eos_token_ids());
-    }
-    ids
 }
 
 /// Cache capacity for a generation: prompt, output and one window of slack, within the limit.

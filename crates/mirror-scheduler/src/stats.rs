@@ -1,8 +1,16 @@
 //! Statistics of one generation: acceptance, reuse, the overlap mass and where time went.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
+
+/// Runs `phase` and adds its wall time to `slot`: the one clock of every timed phase.
+pub(crate) fn timed<T>(slot: &mut Duration, phase: impl FnOnce() -> T) -> T {
+    let start = Instant::now();
+    let out = phase();
+    *slot += start.elapsed();
+    out
+}
 
 /// Wall time spent in each part of decoding.
 #[derive(Debug, Clone, Default, Serialize)]

@@ -1,0 +1,134 @@
+//! A target and its draft: the checks that make them a pair, and the draft options both
+//! speculative strategies share.
+
+use mirror_core::sampling::SamplingParams;
+use mirror_core::Model;
+
+use crate::config::GenerationConfig;
+use crate::error::{Error, Result};
+
+/// Checks that draft and target share a vocabulary (same LM head size).
+pub(crate) fn check_pair(target: &Model, draft: &Model) -> Result<()> {
+    if target.vocab_size() != draft.vocab_size() {
+        return Err(Error::VocabularyMismatch {
+            draft: draft.vocab_size(),
+            target: target.vocab_size(),
+            detail: String::new(),
+        });
+    }
+    Ok(())
+}
+
+/// Checks that two tokenizers map every id to the same token, so that ids proposed by the draft
+/// mean the same text to the target. Equal sizes are not enough: a reordered or extended
+/// vocabulary silently turns proposals into garbage that the target rejects.
+pub fn check_tokenizers(
+    target: &mirror_core::Tokenizer,
+    draft: &mirror_core::Tokenizer,
+) -> Result<()> {
+    let (t, d) = (target.vocab_size(), draft.vocab_size());
+    let first_difference =
+        (0..t.min(d) as u32).find(|&id| target.id_to_token(id) != draft.id_to_token(id));
+    if t != d || first_difference.is_some() {
+        let detail = match first_difference {
+            Some(id) => format!(
+                " (first difference at id {id}: target {:?}, draft {:?})",
+                target.id_to_token(id),
+                draft.id_to_token(id)
+            ),
+            None => String::new(),
+        };
+        return Err(Error::VocabularyMismatch {
+            draft: d,
+            target: t,
+            detail,
+        });
+    }
+    Ok(())
+}
+
+/// Default of [`DraftOptions::lookahead_confidence`]: a lookahead token is proposed when its
+/// row puts at least this probability on it (measured on the Qwen2.5-Coder pair,
+/// BENCHMARKS.md).
+pub const DEFAULT_LOOKAHEAD_CONFIDENCE: f32 = 0.5;
+
+/// How the draft proposes, shared by [`crate::SpeculativeDecoding`] and [`crate::Mirror`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DraftOptions {
+    /// Draft tokens per window (default 4).
+    pub gamma: usize,
+    /// Under sampling, propose the draft's argmax (a point mass) instead of sampling.
+    pub greedy_draft: bool,
+    /// With a draft that has lookahead tokens: propose one only when its top probability
+    /// reaches this (0 proposes all).
+    pub lookahead_confidence: f32,
+}
+
+impl Default for DraftOptions {
+    fn default() -> Self {
+        Self {
+            gamma: 4,
+            greedy_draft: false,
+            lookahead_confidence: DEFAULT_LOOKAHEAD_CONFIDENCE,
+        }
+    }
+}
+
+impl DraftOptions {
+    pub(crate) fn check(&self) -> Result<()> {
+        if self.gamma == 0 {
+            return Err(Error::InvalidConfig("gamma must be at least 1".into()));
+        }
+        if !(0.0..=1.0).contains(&self.lookahead_confidence) {
+            return Err(Error::InvalidConfig(format!(
+                "lookahead_confidence must be within [0, 1], got {}",
+                self.lookahead_confidence
+            )));
+        }
+        Ok(())
+    }
+
+    /// The draft's sampling: a point mass when greedy, else the target's own warp.
+    pub(crate) fn sampling(&self, config: &GenerationConfig) -> SamplingParams {
+        if self.greedy_draft {
+            SamplingParams::greedy()
+        } else {
+            config.sampling
+        }
+    }
+}
+
+/// The builder methods for [`DraftOptions`], generated into both speculative builders (each
+/// has an `options: DraftOptions` field) from this one definition.
+macro_rules! draft_option_setters {
+    () => {
+        /// Draft tokens per window (default 4).
+        pub fn gamma(mut self, gamma: usize) -> Self {
+            self.options.gamma = gamma;
+            self
+        }
+
+        /// Under sampling, let the draft propose its argmax (a point mass) instead of sampling.
+        pub fn greedy_draft(mut self, yes: bool) -> Self {
+            self.options.greedy_draft = yes;
+            self
+        }
+
+        /// With a draft that has lookahead tokens: propose one only when its top probability
+        /// reaches `threshold` (default
+        /// [`DEFAULT_LOOKAHEAD_CONFIDENCE`](crate::DEFAULT_LOOKAHEAD_CONFIDENCE); 0 proposes
+        /// all).
+        pub fn lookahead_confidence(mut self, threshold: f32) -> Self {
+            self.options.lookahead_confidence = threshold;
+            self
+        }
+
+        /// All draft options at once.
+        pub fn draft_options(mut self, options: $crate::DraftOptions) -> Self {
+            self.options = options;
+            self
+        }
+    };
+}
+
+pub(crate) use draft_option_setters;
