@@ -34,6 +34,7 @@
 pub(crate) mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod gguf;
 pub mod hub;
 pub mod kernels;
 pub mod kv_cache;

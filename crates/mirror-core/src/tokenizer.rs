@@ -3,17 +3,8 @@
 
 use std::path::Path;
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::Content;
 use serde::Serialize;
-use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
-use tokenizers::models::bpe::BPE;
-use tokenizers::normalizers::unicode::NFC;
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::digits::Digits;
-use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::pre_tokenizers::PreTokenizerWrapper;
-use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use crate::error::{Error, Result};
 
@@ -74,7 +65,54 @@ fn token_string(value: Option<&serde_json::Value>) -> Option<String> {
     }
 }
 
+/// What a tokenizer is built from, wherever it is read.
+pub(crate) struct TokenizerParts {
+    pub inner: tokenizers::Tokenizer,
+    pub source_name: String,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub add_bos: bool,
+    pub chat_template: Option<String>,
+}
+
+/// The chat template of `tokenizer_config.json`: a string, or a list of named templates (the
+/// default one is taken).
+fn chat_template(config: &serde_json::Value) -> Option<String> {
+    match config.get("chat_template") {
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(serde_json::Value::Array(list)) => list
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .or_else(|| list.first())
+            .and_then(|t| t.get("template"))
+            .and_then(|t| t.as_str())
+            .map(str::to_string),
+        _ => None,
+    }
+}
+
 impl Tokenizer {
+    /// Assembles a tokenizer; its eos token, if the vocabulary has it, ends generation.
+    pub(crate) fn from_parts(parts: TokenizerParts) -> Self {
+        let mut tokenizer = Self {
+            inner: parts.inner,
+            source_name: parts.source_name,
+            bos_token: parts.bos_token,
+            eos_token: parts.eos_token,
+            add_bos: parts.add_bos,
+            eos_ids: Vec::new(),
+            chat_template: parts.chat_template,
+        };
+        if let Some(id) = tokenizer
+            .eos_token
+            .as_deref()
+            .and_then(|t| tokenizer.token_to_id(t))
+        {
+            tokenizer.eos_ids.push(id);
+        }
+        tokenizer
+    }
+
     /// Loads `tokenizer.json`, and `tokenizer_config.json` beside it when given.
     pub fn from_files(tokenizer_json: &Path, tokenizer_config: Option<&Path>) -> Result<Self> {
         let source_name = tokenizer_json.display().to_string();
@@ -86,180 +124,32 @@ impl Tokenizer {
         }
         let inner = tokenizers::Tokenizer::from_file(tokenizer_json)
             .map_err(|e| tok_err(&source_name, e))?;
-        let mut tokenizer = Self {
-            inner,
-            source_name,
-            bos_token: None,
-            eos_token: None,
-            add_bos: false,
-            eos_ids: Vec::new(),
-            chat_template: None,
-        };
-        if let Some(path) = tokenizer_config {
-            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-            let config: serde_json::Value =
+        let config = match tokenizer_config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
                 serde_json::from_str(&text).map_err(|e| Error::CorruptFile {
                     path: path.to_path_buf(),
                     reason: e.to_string(),
-                })?;
-            tokenizer.bos_token = token_string(config.get("bos_token"));
-            tokenizer.eos_token = token_string(config.get("eos_token"));
-            tokenizer.add_bos = config
+                })?
+            }
+            None => serde_json::Value::Null,
+        };
+        Ok(Self::from_parts(TokenizerParts {
+            inner,
+            source_name,
+            bos_token: token_string(config.get("bos_token")),
+            eos_token: token_string(config.get("eos_token")),
+            add_bos: config
                 .get("add_bos_token")
                 .and_then(serde_json::Value::as_bool)
-                .unwrap_or(false);
-            tokenizer.chat_template = match config.get("chat_template") {
-                Some(serde_json::Value::String(s)) => Some(s.clone()),
-                // A list of named templates: take the default one.
-                Some(serde_json::Value::Array(list)) => list
-                    .iter()
-                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
-                    .or_else(|| list.first())
-                    .and_then(|t| t.get("template"))
-                    .and_then(|t| t.as_str())
-                    .map(str::to_string),
-                _ => None,
-            };
-            if let Some(id) = tokenizer
-                .eos_token
-                .as_deref()
-                .and_then(|t| tokenizer.token_to_id(t))
-            {
-                tokenizer.eos_ids.push(id);
-            }
-        }
-        Ok(tokenizer)
+                .unwrap_or(false),
+            chat_template: chat_template(&config),
+        }))
     }
 
     /// Rebuilds the tokenizer stored in GGUF metadata (`tokenizer.ggml.*`, byte-level BPE).
     pub fn from_gguf(content: &Content, path: &Path) -> Result<Self> {
-        let source_name = path.display().to_string();
-        let err = |reason: String| tok_err(&source_name, reason);
-        let meta = |key: &str| content.metadata.get(key);
-        let strings = |key: &str| -> Result<Vec<String>> {
-            let values = meta(key)
-                .and_then(|v| v.to_vec().ok())
-                .ok_or_else(|| err(format!("GGUF metadata `{key}` is missing or not an array")))?;
-            values
-                .iter()
-                .map(|v| {
-                    v.to_string()
-                        .cloned()
-                        .map_err(|_| err(format!("`{key}` holds a non-string")))
-                })
-                .collect()
-        };
-        let model = meta("tokenizer.ggml.model")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_default();
-        if model != "gpt2" {
-            return Err(err(format!(
-                "tokenizer model `{model}` is not supported (byte-level BPE `gpt2` only)"
-            )));
-        }
-        let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges: Vec<(String, String)> = strings("tokenizer.ggml.merges")?
-            .into_iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| err(format!("merge `{m}` has no space")))
-            })
-            .collect::<Result<_>>()?;
-        let vocab: tokenizers::models::bpe::Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| err(e.to_string()))?;
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-        let pre = meta("tokenizer.ggml.pre")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_else(|| "gpt2".into());
-        let split = |pattern: &str| -> Result<PreTokenizerWrapper> {
-            Ok(Split::new(
-                SplitPattern::Regex(pattern.into()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map_err(|e| err(e.to_string()))?
-            .into())
-        };
-        // Each `pre` name is llama.cpp's label for a Hugging Face pre-tokenizer; rebuild that one.
-        let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
-            "qwen2" => {
-                inner
-                    .with_normalizer(Some(NFC))
-                    .map_err(|e| err(e.to_string()))?;
-                Sequence::new(vec![
-                    split(QWEN2_PATTERN)?,
-                    ByteLevel::new(false, false, false).into(),
-                ])
-                .into()
-            }
-            "llama3" | "llama-bpe" | "smaug-bpe" => Sequence::new(vec![
-                split(LLAMA3_PATTERN)?,
-                ByteLevel::new(false, true, false).into(),
-            ])
-            .into(),
-            // SmolLM2 (cosmo2 tokenizer): single digits, then GPT-2's byte-level split without a
-            // prefix space, so "The" stays "The".
-            "smollm" => Sequence::new(vec![
-                Digits::new(true).into(),
-                ByteLevel::new(false, true, true).into(),
-            ])
-            .into(),
-            _ => ByteLevel::new(false, true, true).into(),
-        };
-        inner.with_pre_tokenizer(Some(pre_tokenizer));
-        inner.with_decoder(Some(ByteLevelDecoder::default()));
-        // Control (3) and user-defined (4) tokens are matched whole before BPE.
-        if let Some(types) = meta("tokenizer.ggml.token_type").and_then(|v| v.to_vec().ok()) {
-            let added: Vec<AddedToken> = types
-                .iter()
-                .zip(&tokens)
-                .filter_map(|(kind, token)| match kind {
-                    Value::I32(3) | Value::U32(3) => Some(AddedToken::from(token.clone(), true)),
-                    Value::I32(4) | Value::U32(4) => Some(AddedToken::from(token.clone(), false)),
-                    _ => None,
-                })
-                .collect();
-            inner
-                .add_special_tokens(added)
-                .map_err(|e| err(e.to_string()))?;
-        }
-        let token_at = |key: &str| {
-            meta(key)
-                .and_then(|v| v.to_u32().ok())
-                .and_then(|id| tokens.get(id as usize).cloned())
-        };
-        let eos_token = token_at("tokenizer.ggml.eos_token_id");
-        let mut tokenizer = Self {
-            inner,
-            bos_token: token_at("tokenizer.ggml.bos_token_id"),
-            add_bos: meta("tokenizer.ggml.add_bos_token")
-                .and_then(|v| v.to_bool().ok())
-                .unwrap_or(false),
-            eos_ids: Vec::new(),
-            chat_template: meta("tokenizer.chat_template")
-                .and_then(|v| v.to_string().ok())
-                .cloned(),
-            eos_token,
-            source_name,
-        };
-        if let Some(id) = tokenizer
-            .eos_token
-            .as_deref()
-            .and_then(|t| tokenizer.token_to_id(t))
-        {
-            tokenizer.eos_ids.push(id);
-        }
-        Ok(tokenizer)
+        crate::gguf::tokenizer_from_gguf(content, path)
     }
 
     /// The file the tokenizer came from.
@@ -381,6 +271,3 @@ pub fn render_chat_template(
         .and_then(|t| t.render(ctx))
         .map_err(|e| Error::ChatTemplate(e.to_string()))
 }
-
-const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";

@@ -1,0 +1,279 @@
+//! GGUF files (llama.cpp's single-file format): the model config and the tokenizer rebuilt
+//! from their metadata, under llama.cpp's key names. The tensors are read by
+//! [`GgufWeights`](crate::weights::GgufWeights).
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::unicode::NFC;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, SplitDelimiterBehavior};
+
+use crate::config::{Architecture, ModelConfig, TokenIds};
+use crate::error::{Error, Result};
+use crate::tokenizer::{Tokenizer, TokenizerParts};
+
+fn value_as_u64(value: &Value) -> Option<u64> {
+    match value {
+        Value::U8(v) => Some(u64::from(*v)),
+        Value::U16(v) => Some(u64::from(*v)),
+        Value::U32(v) => Some(u64::from(*v)),
+        Value::U64(v) => Some(*v),
+        Value::I8(v) => u64::try_from(*v).ok(),
+        Value::I16(v) => u64::try_from(*v).ok(),
+        Value::I32(v) => u64::try_from(*v).ok(),
+        Value::I64(v) => u64::try_from(*v).ok(),
+        _ => None,
+    }
+}
+
+fn value_as_f64(value: &Value) -> Option<f64> {
+    match value {
+        Value::F32(v) => Some(f64::from(*v)),
+        Value::F64(v) => Some(*v),
+        other => value_as_u64(other).map(|v| v as f64),
+    }
+}
+
+/// Typed reads of a GGUF file's metadata.
+struct Metadata<'a> {
+    content: &'a Content,
+}
+
+impl Metadata<'_> {
+    fn u64(&self, key: &str) -> Option<u64> {
+        self.content.metadata.get(key).and_then(value_as_u64)
+    }
+
+    fn f64(&self, key: &str) -> Option<f64> {
+        self.content.metadata.get(key).and_then(value_as_f64)
+    }
+
+    fn string(&self, key: &str) -> Option<String> {
+        self.content
+            .metadata
+            .get(key)
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+    }
+
+    fn bool(&self, key: &str) -> Option<bool> {
+        self.content
+            .metadata
+            .get(key)
+            .and_then(|v| v.to_bool().ok())
+    }
+
+    /// An array of strings; `None` when absent or not an array, `Err` on a non-string item.
+    fn strings(&self, key: &str) -> std::result::Result<Option<Vec<String>>, String> {
+        let Some(values) = self.content.metadata.get(key).and_then(|v| v.to_vec().ok()) else {
+            return Ok(None);
+        };
+        values
+            .iter()
+            .map(|v| {
+                v.to_string()
+                    .cloned()
+                    .map_err(|_| format!("`{key}` holds a non-string"))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map(Some)
+    }
+}
+
+/// Reads a model config from GGUF metadata (llama.cpp key names).
+pub fn config_from_gguf(content: &Content, path: &Path) -> Result<ModelConfig> {
+    let source_name = format!("GGUF metadata of {}", path.display());
+    let missing = |key: &str| Error::InvalidConfig {
+        source_name: source_name.clone(),
+        reason: format!("missing or non-numeric key `{key}`"),
+    };
+    let meta = Metadata { content };
+    let arch_name = match content.metadata.get("general.architecture") {
+        Some(Value::String(s)) => s.clone(),
+        _ => return Err(missing("general.architecture")),
+    };
+    let architecture = Architecture::parse(&arch_name, &source_name)?;
+    let opt_int = |key: &str| meta.u64(&format!("{arch_name}.{key}")).map(|v| v as usize);
+    let int = |key: &str| opt_int(key).ok_or_else(|| missing(&format!("{arch_name}.{key}")));
+    let float = |key: &str| meta.f64(&format!("{arch_name}.{key}"));
+    let token_id = |key: &str| meta.u64(key).map(|v| TokenIds::One(v as u32));
+    if content.tensor_infos.contains_key("rope_freqs.weight") {
+        return Err(Error::InvalidConfig {
+            source_name,
+            reason: "GGUF files with baked RoPE frequency factors (rope_freqs.weight, Llama 3.1+) are not supported; load the Hugging Face safetensors checkpoint instead".into(),
+        });
+    }
+    let embedding = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .ok_or_else(|| Error::MissingTensor {
+            name: "token_embd.weight".into(),
+            path: path.to_path_buf(),
+        })?;
+    let vocab_size = embedding.shape.dims()[0];
+    let hidden_size = int("embedding_length")?;
+    let num_attention_heads = int("attention.head_count")?;
+    let config = ModelConfig {
+        model_type: architecture.as_str().to_string(),
+        vocab_size,
+        hidden_size,
+        intermediate_size: int("feed_forward_length")?,
+        num_hidden_layers: int("block_count")?,
+        num_attention_heads,
+        num_key_value_heads: Some(
+            opt_int("attention.head_count_kv").unwrap_or(num_attention_heads),
+        ),
+        head_dim: opt_int("attention.key_length"),
+        rms_norm_eps: float("attention.layer_norm_rms_epsilon")
+            .ok_or_else(|| missing(&format!("{arch_name}.attention.layer_norm_rms_epsilon")))?,
+        rope_theta: float("rope.freq_base").unwrap_or(10_000.0),
+        rope_scaling: None,
+        max_position_embeddings: int("context_length")?,
+        tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+        attention_bias: Some(content.tensor_infos.contains_key("blk.0.attn_q.bias")),
+        sliding_window: opt_int("attention.sliding_window"),
+        use_sliding_window: None,
+        bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
+        eos_token_id: token_id("tokenizer.ggml.eos_token_id"),
+        hidden_act: "silu".into(),
+        rope_interleaved: architecture.spec().gguf_rope_interleaved,
+        lookahead: None,
+    };
+    config.validate(&source_name)?;
+    Ok(config)
+}
+
+/// Rebuilds the tokenizer stored in GGUF metadata (`tokenizer.ggml.*`, byte-level BPE), with
+/// the pre-tokenizer that `tokenizer.ggml.pre` names.
+pub(crate) fn tokenizer_from_gguf(content: &Content, path: &Path) -> Result<Tokenizer> {
+    let source_name = path.display().to_string();
+    let err = |reason: String| Error::Tokenizer {
+        source_name: source_name.clone(),
+        reason,
+    };
+    let meta = Metadata { content };
+    let model = meta.string("tokenizer.ggml.model").unwrap_or_default();
+    if model != "gpt2" {
+        return Err(err(format!(
+            "tokenizer model `{model}` is not supported (byte-level BPE `gpt2` only)"
+        )));
+    }
+    let strings = |key: &str| {
+        meta.strings(key)
+            .map_err(&err)?
+            .ok_or_else(|| err(format!("GGUF metadata `{key}` is missing or not an array")))
+    };
+    let tokens = strings("tokenizer.ggml.tokens")?;
+    let mut inner =
+        tokenizers::Tokenizer::new(bpe(&tokens, strings("tokenizer.ggml.merges")?).map_err(&err)?);
+    let pre = meta
+        .string("tokenizer.ggml.pre")
+        .unwrap_or_else(|| "gpt2".into());
+    if pre == "qwen2" {
+        inner
+            .with_normalizer(Some(NFC))
+            .map_err(|e| err(e.to_string()))?;
+    }
+    inner.with_pre_tokenizer(Some(pre_tokenizer(&pre).map_err(&err)?));
+    inner.with_decoder(Some(ByteLevelDecoder::default()));
+    inner
+        .add_special_tokens(special_tokens(content, &tokens))
+        .map_err(|e| err(e.to_string()))?;
+    let token_at = |key: &str| {
+        meta.u64(key)
+            .and_then(|id| tokens.get(id as usize).cloned())
+    };
+    Ok(Tokenizer::from_parts(TokenizerParts {
+        inner,
+        source_name,
+        bos_token: token_at("tokenizer.ggml.bos_token_id"),
+        eos_token: token_at("tokenizer.ggml.eos_token_id"),
+        add_bos: meta.bool("tokenizer.ggml.add_bos_token").unwrap_or(false),
+        chat_template: meta.string("tokenizer.chat_template"),
+    }))
+}
+
+/// A byte-level BPE over `tokens` (ids in order) and `merges` (`"a b"` strings).
+fn bpe(tokens: &[String], merges: Vec<String>) -> std::result::Result<BPE, String> {
+    let merges: Vec<(String, String)> = merges
+        .into_iter()
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| format!("merge `{m}` has no space"))
+        })
+        .collect::<std::result::Result<_, _>>()?;
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// The Hugging Face pre-tokenizer that llama.cpp labels `pre` (GPT-2's byte-level split for
+/// names it does not know).
+fn pre_tokenizer(pre: &str) -> std::result::Result<PreTokenizerWrapper, String> {
+    let split = |pattern: &str| -> std::result::Result<PreTokenizerWrapper, String> {
+        Ok(Split::new(
+            SplitPattern::Regex(pattern.into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| e.to_string())?
+        .into())
+    };
+    Ok(match pre {
+        "qwen2" => Sequence::new(vec![
+            split(QWEN2_PATTERN)?,
+            ByteLevel::new(false, false, false).into(),
+        ])
+        .into(),
+        "llama3" | "llama-bpe" | "smaug-bpe" => Sequence::new(vec![
+            split(LLAMA3_PATTERN)?,
+            ByteLevel::new(false, true, false).into(),
+        ])
+        .into(),
+        // SmolLM2 (cosmo2 tokenizer): single digits, then GPT-2's byte-level split without a
+        // prefix space, so "The" stays "The".
+        "smollm" => Sequence::new(vec![
+            Digits::new(true).into(),
+            ByteLevel::new(false, true, true).into(),
+        ])
+        .into(),
+        _ => ByteLevel::new(false, true, true).into(),
+    })
+}
+
+/// Control (type 3) and user-defined (type 4) tokens, matched whole before BPE.
+fn special_tokens(content: &Content, tokens: &[String]) -> Vec<AddedToken> {
+    let Some(types) = content
+        .metadata
+        .get("tokenizer.ggml.token_type")
+        .and_then(|v| v.to_vec().ok())
+    else {
+        return Vec::new();
+    };
+    types
+        .iter()
+        .zip(tokens)
+        .filter_map(|(kind, token)| match kind {
+            Value::I32(3) | Value::U32(3) => Some(AddedToken::from(token.clone(), true)),
+            Value::I32(4) | Value::U32(4) => Some(AddedToken::from(token.clone(), false)),
+            _ => None,
+        })
+        .collect()
+}
+
+const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
