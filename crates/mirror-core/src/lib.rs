@@ -57,8 +57,9 @@ pub use loading::{
     ModelSource,
 };
 pub use mask::{AttentionInput, RowVisibility, TokenTree};
-pub use models::lookahead::{lookahead_attention, LookaheadConfig, LookaheadHead};
-pub use models::transformer::{Kernels, LookaheadLogits, Model};
+pub use models::layers::Kernels;
+pub use models::lookahead::{lookahead_attention, LookaheadConfig, LookaheadHead, LookaheadLogits};
+pub use models::transformer::Model;
 pub use tokenizer::{ChatMessage, Tokenizer};
 pub use weights::{WeightFormat, WeightReport};
 

@@ -21,8 +21,9 @@ use rand::{rngs::StdRng, seq::index::sample, Rng, SeedableRng};
 use crate::checkpoint::{self, Checkpoint};
 use crate::error::{Error, Result};
 use crate::mask::AttentionInput;
+use crate::models::layers::Kernels;
 use crate::models::lookahead::{lookahead_attention, LookaheadConfig, LookaheadHead};
-use crate::models::transformer::{Kernels, Model};
+use crate::models::transformer::Model;
 
 /// AdamW with decoupled weight decay (Loshchilov & Hutter, arXiv 1711.05101), the update of
 /// `candle_nn::AdamW`, with its step count and moments readable for checkpoints.

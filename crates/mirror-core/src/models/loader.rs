@@ -97,6 +97,14 @@ impl<'a> WeightLoader<'a> {
         ))
     }
 
+    /// This loader under the name prefix `prefix` (`model.layers.3`).
+    pub(crate) fn scope(&self, prefix: &str) -> Scope<'_, 'a> {
+        Scope {
+            loader: self,
+            prefix: prefix.to_string(),
+        }
+    }
+
     pub(crate) fn into_report(self) -> WeightReport {
         self.report.into_inner()
     }
@@ -183,6 +191,43 @@ impl<'a> WeightLoader<'a> {
             self.record(name, stored, used, q.storage_size_in_bytes());
             Ok(Matrix::Quantized(Arc::new(q)))
         }
+    }
+}
+
+/// A [`WeightLoader`] under a Hugging Face name prefix: in scope `model.layers.3.self_attn`,
+/// `linear("q_proj", ..)` reads `model.layers.3.self_attn.q_proj.weight` (and `.bias`).
+pub(crate) struct Scope<'l, 'a> {
+    loader: &'l WeightLoader<'a>,
+    prefix: String,
+}
+
+impl Scope<'_, '_> {
+    fn name(&self, name: &str) -> String {
+        format!("{}.{name}", self.prefix)
+    }
+
+    /// The scope one level down.
+    pub(crate) fn push(&self, name: &str) -> Self {
+        Self {
+            loader: self.loader,
+            prefix: self.name(name),
+        }
+    }
+
+    pub(crate) fn linear(
+        &self,
+        name: &str,
+        out_dim: usize,
+        in_dim: usize,
+        bias: bool,
+    ) -> Result<Linear> {
+        self.loader.linear(&self.name(name), out_dim, in_dim, bias)
+    }
+
+    /// The RMSNorm `name` (its `.weight`).
+    pub(crate) fn norm(&self, name: &str, dim: usize, eps: f64) -> Result<RmsNorm> {
+        self.loader
+            .norm(&format!("{}.weight", self.name(name)), dim, eps)
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub(crate) mod attention;
 pub(crate) mod cpu_ops;
+pub mod layers;
 pub(crate) mod linear;
 pub mod llama;
 pub(crate) mod loader;

@@ -9,14 +9,13 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::RmsNorm;
 
-use super::attention;
-use super::cpu_ops;
+use super::layers::{DecoderLayer, Kernels};
 use super::linear::{Embedding, Linear};
 use super::loader::WeightLoader;
-use super::lookahead::{lookahead_attention, LookaheadHead};
+use super::lookahead::LookaheadHead;
 use super::rope::Rope;
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{Error, Result};
@@ -26,83 +25,6 @@ use crate::mask::AttentionInput;
 use crate::threads;
 use crate::weights::{WeightReport, WeightSource};
 
-#[derive(Clone)]
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    q_norm: Option<RmsNorm>,
-    k_norm: Option<RmsNorm>,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-}
-
-#[derive(Clone)]
-struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
-}
-
-impl Mlp {
-    /// `down(silu(gate(h)) * up(h))`; on the CPU with packed weights, gate and up run as one
-    /// kernel call and the gate is applied in place of candle's element-wise ops.
-    fn forward(&self, h: &Tensor, kernels: Kernels, width: usize) -> Result<Tensor> {
-        let projections = [&self.gate_proj, &self.up_proj];
-        if kernels == Kernels::Fused {
-            if let Some(joint) = Linear::forward_joint(&projections, h)? {
-                if let Some(gated) = cpu_ops::swiglu(&joint, width)? {
-                    return self.down_proj.forward(&gated);
-                }
-            }
-        }
-        let [gate, up]: [Tensor; 2] = Linear::forward_many(&projections, h)?
-            .try_into()
-            .map_err(|_| Error::invalid("the MLP projections returned the wrong count"))?;
-        self.down_proj
-            .forward(&(candle_nn::ops::silu(&gate)? * up)?)
-    }
-}
-
-#[derive(Clone)]
-struct DecoderLayer {
-    input_layernorm: RmsNorm,
-    self_attn: Attention,
-    post_attention_layernorm: RmsNorm,
-    mlp: Mlp,
-}
-
-/// Which implementation of the normalisation, RoPE and softmax kernels a pass uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Kernels {
-    /// candle's fused kernels: fastest, but gradients do not flow through them.
-    #[default]
-    Fused,
-    /// The same functions from differentiable tensor ops, for training (lookahead parameters).
-    Autograd,
-}
-
-impl Kernels {
-    fn norm(self, norm: &RmsNorm, x: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Kernels::Fused => norm.forward(x)?,
-            Kernels::Autograd => norm.forward_diff(x)?,
-        })
-    }
-}
-
-/// Logits of one forward with lookahead tokens (batch 1).
-#[derive(Debug, Clone)]
-pub struct LookaheadLogits {
-    /// Main-lookahead logits of the requested rows, `(rows, vocab)` f32.
-    pub main: Tensor,
-    /// Lookahead logits `(anchors, S, vocab)` f32: lookahead `j` (1-based) of an anchor at
-    /// position `p` predicts the token at `p + j + 1`.
-    pub lookahead: Tensor,
-}
-
 /// A decoder-only language model with weights behind `&self` (share it across threads with an
 /// `Arc`) and all mutable state in a [`KvCache`] passed as `&mut`. Cloning shares the weights.
 #[derive(Clone)]
@@ -110,14 +32,14 @@ pub struct Model {
     config: ModelConfig,
     architecture: Architecture,
     embed_tokens: Embedding,
-    layers: Vec<DecoderLayer>,
+    pub(crate) layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
-    rope: Rope,
+    pub(crate) rope: Rope,
     dtype: DType,
-    device: Device,
+    pub(crate) device: Device,
     pool: Option<Arc<rayon::ThreadPool>>,
-    lookahead: Option<Arc<LookaheadHead>>,
+    pub(crate) lookahead: Option<Arc<LookaheadHead>>,
     weights: Arc<WeightReport>,
 }
 
@@ -151,89 +73,14 @@ impl Model {
         let (dtype, device) = (options.dtype, &options.device);
         let loader = WeightLoader::new(source, options.weights, dtype, device)?;
         let hidden = config.hidden_size;
-        let heads = config.num_attention_heads;
-        let kv_heads = config.num_kv_heads();
-        let head_dim = config.head_dim();
-        let eps = config.rms_norm_eps;
         let embed_tokens =
             loader.embedding("model.embed_tokens.weight", config.vocab_size, hidden)?;
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
-        for i in 0..config.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let (q_norm, k_norm) = if config.qk_norm() {
-                (
-                    Some(loader.norm(&format!("{p}.self_attn.q_norm.weight"), head_dim, eps)?),
-                    Some(loader.norm(&format!("{p}.self_attn.k_norm.weight"), head_dim, eps)?),
-                )
-            } else {
-                (None, None)
-            };
-            let qkv_bias = config.qkv_bias();
-            layers.push(DecoderLayer {
-                input_layernorm: loader.norm(
-                    &format!("{p}.input_layernorm.weight"),
-                    hidden,
-                    eps,
-                )?,
-                self_attn: Attention {
-                    q_proj: loader.linear(
-                        &format!("{p}.self_attn.q_proj"),
-                        heads * head_dim,
-                        hidden,
-                        qkv_bias,
-                    )?,
-                    k_proj: loader.linear(
-                        &format!("{p}.self_attn.k_proj"),
-                        kv_heads * head_dim,
-                        hidden,
-                        qkv_bias,
-                    )?,
-                    v_proj: loader.linear(
-                        &format!("{p}.self_attn.v_proj"),
-                        kv_heads * head_dim,
-                        hidden,
-                        qkv_bias,
-                    )?,
-                    o_proj: loader.linear(
-                        &format!("{p}.self_attn.o_proj"),
-                        hidden,
-                        heads * head_dim,
-                        config.o_bias(),
-                    )?,
-                    q_norm,
-                    k_norm,
-                    num_heads: heads,
-                    num_kv_heads: kv_heads,
-                    head_dim,
-                },
-                post_attention_layernorm: loader.norm(
-                    &format!("{p}.post_attention_layernorm.weight"),
-                    hidden,
-                    eps,
-                )?,
-                mlp: Mlp {
-                    gate_proj: loader.linear(
-                        &format!("{p}.mlp.gate_proj"),
-                        config.intermediate_size,
-                        hidden,
-                        false,
-                    )?,
-                    up_proj: loader.linear(
-                        &format!("{p}.mlp.up_proj"),
-                        config.intermediate_size,
-                        hidden,
-                        false,
-                    )?,
-                    down_proj: loader.linear(
-                        &format!("{p}.mlp.down_proj"),
-                        hidden,
-                        config.intermediate_size,
-                        false,
-                    )?,
-                },
-            });
-        }
-        let norm = loader.norm("model.norm.weight", hidden, eps)?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| DecoderLayer::load(&loader.scope(&format!("model.layers.{i}")), &config))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = loader
+            .scope("model")
+            .norm("norm", hidden, config.rms_norm_eps)?;
         let lm_head = if config.tie_word_embeddings {
             Linear::new(embed_tokens.table().clone(), None)
         } else {
@@ -363,7 +210,7 @@ impl Model {
         self.pool.as_ref().map(|p| p.current_num_threads())
     }
 
-    fn run<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    pub(crate) fn run<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
         match &self.pool {
             Some(pool) => pool.install(f),
             None => f(),
@@ -492,10 +339,10 @@ impl Model {
             let (cos, sin) = self.rope.tables(&positions)?;
             let mut x = hidden.clone();
             for index in layers {
-                x = self.layer_forward(index, &x, Kernels::Fused, |attn, h| {
-                    let (q, k, v) = self.project_qkv(attn, h, &cos, &sin, Kernels::Fused)?;
+                x = self.layers[index].forward(&x, Kernels::Fused, |attn, h| {
+                    let (q, k, v) = attn.project_qkv(h, &self.rope, &cos, &sin, Kernels::Fused)?;
                     let (keys, values) = cache.append(index, &k, &v)?;
-                    self.attend(attn, &q, &keys, &values, mask.as_ref(), Kernels::Fused)
+                    attn.attend(&q, &keys, &values, mask.as_ref(), Kernels::Fused)
                 })?;
             }
             Ok(x)
@@ -504,7 +351,7 @@ impl Model {
 
     /// Checks `input` against `batch x tokens` new rows over `kv_len` keys and returns positions
     /// `(batch, tokens)` and the mask shaped `(b or 1, 1, 1, tokens, kv_len)` in the model's dtype.
-    fn prepare_input(
+    pub(crate) fn prepare_input(
         &self,
         input: &AttentionInput,
         batch: usize,
@@ -559,244 +406,6 @@ impl Model {
             });
         }
         Ok((positions, mask))
-    }
-
-    /// One decoder block over `x`, with `attention` mapping the normed states to the attention
-    /// output (so the cached main rows and the uncached lookahead rows share everything else).
-    fn layer_forward(
-        &self,
-        index: usize,
-        x: &Tensor,
-        kernels: Kernels,
-        attention: impl FnOnce(&Attention, &Tensor) -> Result<Tensor>,
-    ) -> Result<Tensor> {
-        let layer = &self.layers[index];
-        let h = kernels.norm(&layer.input_layernorm, x)?;
-        let h = attention(&layer.self_attn, &h)?;
-        let x = (x + h)?;
-        let h = kernels.norm(&layer.post_attention_layernorm, &x)?;
-        let h = layer
-            .mlp
-            .forward(&h, kernels, self.config.intermediate_size)?;
-        Ok((x + h)?)
-    }
-
-    /// Queries `(b, heads, t, d)`, keys and values `(b, kv_heads, t, d)`, rotated.
-    fn project_qkv(
-        &self,
-        attn: &Attention,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        kernels: Kernels,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (batch, tokens, _) = x.dims3()?;
-        let (heads, kv_heads, head_dim) = (attn.num_heads, attn.num_kv_heads, attn.head_dim);
-        let [q, k, v]: [Tensor; 3] =
-            Linear::forward_many(&[&attn.q_proj, &attn.k_proj, &attn.v_proj], x)?
-                .try_into()
-                .map_err(|_| {
-                    Error::invalid("the attention projections returned the wrong count")
-                })?;
-        let q = q.reshape((batch, tokens, heads, head_dim))?;
-        let k = k.reshape((batch, tokens, kv_heads, head_dim))?;
-        let v = v.reshape((batch, tokens, kv_heads, head_dim))?;
-        let (q, k) = match (&attn.q_norm, &attn.k_norm) {
-            (Some(qn), Some(kn)) => (
-                kernels.norm(qn, &q.contiguous()?)?,
-                kernels.norm(kn, &k.contiguous()?)?,
-            ),
-            _ => (q, k),
-        };
-        let rotate = |t: Tensor| -> Result<Tensor> {
-            let t = t.transpose(1, 2)?.contiguous()?;
-            match kernels {
-                Kernels::Fused => self.rope.apply(&t, cos, sin),
-                Kernels::Autograd => self.rope.apply_differentiable(&t, cos, sin),
-            }
-        };
-        let q = rotate(q)?;
-        let k = rotate(k)?;
-        let v = v.transpose(1, 2)?.contiguous()?;
-        Ok((q, k, v))
-    }
-
-    /// Attention of queries `q` over `keys`/`values` `(b, kv_heads, kv_len, d)` with an additive
-    /// mask shaped `(b or 1, 1, 1, queries, kv_len)`, through the output projection.
-    fn attend(
-        &self,
-        attn: &Attention,
-        q: &Tensor,
-        keys: &Tensor,
-        values: &Tensor,
-        mask: Option<&Tensor>,
-        kernels: Kernels,
-    ) -> Result<Tensor> {
-        let (batch, heads, tokens, head_dim) = q.dims4()?;
-        if kernels == Kernels::Fused {
-            let scale = 1.0 / (head_dim as f32).sqrt();
-            if let Some(out) = attention::attention(q, keys, values, mask, scale)? {
-                return attn.o_proj.forward(&out);
-            }
-        }
-        let kv_heads = attn.num_kv_heads;
-        let kv_len = keys.dim(2)?;
-        // Grouped-query attention without copying K/V: fold the query heads that share a kv head
-        // into the row dimension, (b, kv_heads, group * tokens, head_dim).
-        let group = heads / kv_heads;
-        let q = q.reshape((batch, kv_heads, group * tokens, head_dim))?;
-        let scale = 1.0 / (head_dim as f64).sqrt();
-        let scores = (q.matmul(&keys.t()?)? * scale)?;
-        let scores = match mask {
-            Some(mask) => scores
-                .reshape((batch, kv_heads, group, tokens, kv_len))?
-                .broadcast_add(mask)?
-                .reshape((batch, kv_heads, group * tokens, kv_len))?,
-            None => scores,
-        };
-        let probs = match kernels {
-            Kernels::Fused => candle_nn::ops::softmax_last_dim(&scores)?,
-            Kernels::Autograd => candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?,
-        };
-        let out = probs
-            .matmul(values)?
-            .reshape((batch, heads, tokens, head_dim))?
-            .transpose(1, 2)?
-            .reshape((batch, tokens, heads * head_dim))?;
-        attn.o_proj.forward(&out)
-    }
-
-    /// Runs lookahead tokens through the top `lookahead_layers` layers.
-    ///
-    /// `anchors` `(batch, anchors, hidden)` are the main row's states entering layer
-    /// `N - lookahead_layers` at the anchor rows; `input` comes from
-    /// [`lookahead_attention`] (lookahead rows anchor-major, their
-    /// mask over the cache's keys then over the lookahead rows). The cache must already hold the
-    /// main rows of the top layers; lookahead keys and values are never written to it.
-    /// Returns the lookahead rows' states after the last layer, `(batch, anchors * S, hidden)`.
-    pub fn lookahead_hidden(
-        &self,
-        head: &LookaheadHead,
-        anchors: &Tensor,
-        input: &AttentionInput,
-        cache: &KvCache,
-        kernels: Kernels,
-    ) -> Result<Tensor> {
-        head.check_fits(self.hidden_size(), self.num_layers())?;
-        let (batch, anchor_rows, _) = anchors.dims3()?;
-        let rows = anchor_rows * head.config().tokens;
-        let split = self.num_layers() - head.config().layers;
-        if cache.batch() != batch || cache.num_layers() != self.num_layers() {
-            return Err(Error::invalid("the cache does not belong to these anchors"));
-        }
-        let cached = cache.layer_len(split);
-        if (split..self.num_layers()).any(|l| cache.layer_len(l) != cached) {
-            return Err(Error::invalid(
-                "the lookahead layers hold different cached lengths",
-            ));
-        }
-        let (positions, mask) = self.prepare_input(input, batch, rows, cached + rows)?;
-        let positions = match kernels {
-            // Differentiable RoPE takes one table for the whole batch.
-            Kernels::Autograd => positions.i(0..1)?,
-            Kernels::Fused => positions,
-        };
-        self.run(|| {
-            let (cos, sin) = self.rope.tables(&positions)?;
-            let mut x = head.initial_states(anchors)?;
-            for index in split..self.num_layers() {
-                x = self.layer_forward(index, &x, kernels, |attn, h| {
-                    let (q, k, v) = self.project_qkv(attn, h, &cos, &sin, kernels)?;
-                    let (cached_keys, cached_values) = cache.view(index)?;
-                    let keys = Tensor::cat(&[&cached_keys, &k], 2)?;
-                    let values = Tensor::cat(&[&cached_values, &v], 2)?;
-                    self.attend(attn, &q, &keys, &values, mask.as_ref(), kernels)
-                })?;
-            }
-            Ok(x)
-        })
-    }
-
-    /// One draft step with the attached lookahead (batch 1): feeds `tokens` after the cache under
-    /// `input`, returns the main logits of `logit_rows` and the lookahead logits anchored at
-    /// `lookahead_rows` (indices into `tokens`). Without lookahead, `lookahead_rows` must be empty.
-    pub fn forward_with_lookahead(
-        &self,
-        tokens: &[u32],
-        input: &AttentionInput,
-        cache: &mut KvCache,
-        logit_rows: &[usize],
-        lookahead_rows: &[usize],
-    ) -> Result<LookaheadLogits> {
-        let head = match (&self.lookahead, lookahead_rows.is_empty()) {
-            (Some(head), false) => Arc::clone(head),
-            (None, false) => {
-                return Err(Error::invalid(
-                    "lookahead rows requested from a model without lookahead",
-                ))
-            }
-            (_, true) => {
-                let hidden = self.embed(&[tokens])?;
-                let hidden = self.forward_layers(&hidden, 0..self.num_layers(), input, cache)?;
-                let main = self.logits_at(&hidden, logit_rows)?.squeeze(0)?;
-                let vocab = self.vocab_size();
-                let lookahead = Tensor::zeros((0, 0, vocab), DType::F32, &self.device)?;
-                return Ok(LookaheadLogits { main, lookahead });
-            }
-        };
-        if lookahead_rows.iter().any(|&r| r >= tokens.len()) {
-            return Err(Error::invalid(format!(
-                "lookahead rows {lookahead_rows:?} must index the {} fed tokens",
-                tokens.len()
-            )));
-        }
-        let split = self.num_layers() - head.config().layers;
-        let kv_before = cache.len();
-        let hidden = self.embed(&[tokens])?;
-        let middle = self.forward_layers(&hidden, 0..split, input, cache)?;
-        let hidden = self.forward_layers(&middle, split..self.num_layers(), input, cache)?;
-        if logit_rows.is_empty() || logit_rows.iter().any(|&r| r >= tokens.len()) {
-            return Err(Error::invalid(format!(
-                "rows {logit_rows:?} must be a non-empty subset of 0..{}",
-                tokens.len()
-            )));
-        }
-        let main_rows: Vec<u32> = logit_rows.iter().map(|&r| r as u32).collect();
-        let main_rows = Tensor::from_vec(main_rows, logit_rows.len(), &self.device)?;
-        let main_hidden = hidden.index_select(&main_rows, 1)?;
-        let index: Vec<u32> = lookahead_rows.iter().map(|&r| r as u32).collect();
-        let index = Tensor::from_vec(index, lookahead_rows.len(), &self.device)?;
-        let anchors = middle.index_select(&index, 1)?;
-        let all_positions = input.positions.i(0)?.to_vec1::<u32>()?;
-        let anchor_positions: Vec<u32> = lookahead_rows.iter().map(|&r| all_positions[r]).collect();
-        let anchor_mask = match &input.mask {
-            Some(mask) => Some(mask.flatten_to(mask.rank() - 2)?.index_select(&index, 0)?),
-            None => None,
-        };
-        let stream_input = lookahead_attention(
-            &anchor_positions,
-            anchor_mask.as_ref(),
-            kv_before + tokens.len(),
-            head.config().tokens,
-            &self.device,
-        )?;
-        let states =
-            self.lookahead_hidden(&head, &anchors, &stream_input, cache, Kernels::Fused)?;
-        // One LM-head pass for main and lookahead rows: on a small draft the head's weights are
-        // a large share of a step, and streaming them once instead of twice is most of the
-        // difference between a lookahead step and a plain one.
-        let logits = self
-            .logits(&Tensor::cat(&[&main_hidden, &states], 1)?)?
-            .squeeze(0)?;
-        let main = logits.narrow(0, 0, logit_rows.len())?;
-        let lookahead = logits
-            .narrow(0, logit_rows.len(), states.dim(1)?)?
-            .reshape((
-                lookahead_rows.len(),
-                head.config().tokens,
-                self.vocab_size(),
-            ))?;
-        Ok(LookaheadLogits { main, lookahead })
     }
 
     /// Final norm and LM head over every row of `hidden` `(batch, tokens, hidden)`, from any
