@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use mirror_sd::mirror_core::{
-    load, AttentionInput, LoadOptions, LookaheadConfig, LookaheadHead, ModelSource, TokenTree,
+    load, AttentionInput, LoadOptions, LookaheadConfig, LookaheadHead, ModelSource, RowVisibility,
 };
 use mirror_sd::mirror_scheduler::{
     Autoregressive, Decoder, GenerationConfig, Mirror, SpeculativeDecoding,
@@ -48,22 +48,23 @@ fn bench(c: &mut Criterion) {
     target.forward_causal(&context, &mut cache).unwrap();
     for rows in [4usize, 8, 20, 40] {
         // `rows` branch roots hanging from the last context token (depth 0 each).
-        let mut tree = TokenTree::new();
-        for r in 0..rows {
-            tree.push(200 + r as u32, None).unwrap();
-        }
-        let input = AttentionInput::tree(&tree, context.len(), &device).unwrap();
+        let tokens: Vec<u32> = (0..rows as u32).map(|r| 200 + r).collect();
+        let visibility: Vec<RowVisibility> = (0..rows)
+            .map(|r| RowVisibility {
+                position: context.len(),
+                prefix_len: context.len(),
+                extra: vec![context.len() + r],
+            })
+            .collect();
+        let input = AttentionInput::from_rows(&visibility, context.len() + rows, &device).unwrap();
         group.bench_function(format!("tree/rows_{rows}"), |b| {
             b.iter(|| {
-                let out = target
-                    .forward(&[tree.tokens()], &input, &mut cache)
-                    .unwrap();
+                let out = target.forward(&[&tokens], &input, &mut cache).unwrap();
                 device.synchronize().unwrap();
                 cache.truncate(context.len());
                 out
             })
         });
-        let tokens: Vec<u32> = tree.tokens().to_vec();
         group.bench_function(format!("causal/rows_{rows}"), |b| {
             b.iter(|| {
                 let out = target.forward_causal(&tokens, &mut cache).unwrap();

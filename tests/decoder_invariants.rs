@@ -3,8 +3,9 @@
 
 mod common;
 
+use common::TokenTree;
 use common::{load_fixture, max_abs_diff, HF_FIXTURES};
-use mirror_core::{AttentionInput, KvCache, Model, RowVisibility, Tensor, TokenTree};
+use mirror_core::{AttentionInput, KvCache, Model, RowVisibility, Tensor};
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -84,7 +85,7 @@ fn sample_tree() -> TokenTree {
 fn tree_pass(model: &Model, tree: &TokenTree) -> (Tensor, KvCache) {
     let mut cache = model.new_cache(1, 64).unwrap();
     model.forward_causal(&PREFIX, &mut cache).unwrap();
-    let input = AttentionInput::tree(tree, PREFIX.len(), model.device()).unwrap();
+    let input = tree.attention_input(PREFIX.len(), model.device()).unwrap();
     let logits = model
         .forward(&[tree.tokens()], &input, &mut cache)
         .unwrap()

@@ -10,9 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use mirror_core::{
-    load, AttentionInput, GgmlDType, LoadOptions, LoadedModel, Model, ModelSource, WeightFormat,
-};
+use mirror_core::{load, GgmlDType, LoadOptions, LoadedModel, Model, ModelSource, WeightFormat};
 
 fn qwen_opt_in(file: &str) -> Option<PathBuf> {
     if std::env::var("MIRROR_SD_QWEN_TESTS").map_or(true, |v| v != "1") {
@@ -187,12 +185,12 @@ fn assert_batch_invariant(model: &Model, context: &[u32], window: &[u32]) {
     // A tree pass too: siblings that share a parent see the same prefix, so each equals the
     // same token decoded alone after that parent.
     cache.truncate(context.len());
-    let mut tree = mirror_core::TokenTree::new();
+    let mut tree = common::TokenTree::new();
     let root = tree.push(window[0], None).unwrap();
     for &token in &window[1..4] {
         tree.push(token, Some(root)).unwrap();
     }
-    let input = AttentionInput::tree(&tree, context.len(), model.device()).unwrap();
+    let input = tree.attention_input(context.len(), model.device()).unwrap();
     let logits = model
         .forward(&[tree.tokens()], &input, &mut cache)
         .unwrap()

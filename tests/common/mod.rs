@@ -215,3 +215,117 @@ pub fn random_head_scaled(
     )
     .unwrap()
 }
+
+/// A tree of tokens for tests, in topological order: every node's parent comes before it; roots attach to
+/// the end of the cached prefix.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenTree {
+    tokens: Vec<u32>,
+    parents: Vec<Option<usize>>,
+    depths: Vec<usize>,
+}
+
+impl TokenTree {
+    /// An empty tree.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a node and returns its index. `parent` must be an existing node.
+    pub fn push(&mut self, token: u32, parent: Option<usize>) -> Result<usize, String> {
+        let depth = match parent {
+            None => 0,
+            Some(p) if p < self.tokens.len() => self.depths[p] + 1,
+            Some(p) => {
+                return Err(format!(
+                    "parent {p} does not exist in a tree of {} nodes",
+                    self.tokens.len()
+                ))
+            }
+        };
+        self.tokens.push(token);
+        self.parents.push(parent);
+        self.depths.push(depth);
+        Ok(self.tokens.len() - 1)
+    }
+
+    /// Adds a chain of tokens under `parent`, returning the index of its last node.
+    pub fn push_path(
+        &mut self,
+        tokens: &[u32],
+        mut parent: Option<usize>,
+    ) -> Result<Option<usize>, String> {
+        for &t in tokens {
+            parent = Some(self.push(t, parent)?);
+        }
+        Ok(parent)
+    }
+
+    /// Number of nodes.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// True for a tree without nodes.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// Node tokens in order.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Parent of a node.
+    pub fn parent(&self, node: usize) -> Option<usize> {
+        self.parents[node]
+    }
+
+    /// Depth of a node (roots are 0).
+    pub fn depth(&self, node: usize) -> usize {
+        self.depths[node]
+    }
+
+    /// Node indices from the root down to `node`, inclusive.
+    pub fn path_to(&self, node: usize) -> Vec<usize> {
+        let mut path = vec![node];
+        let mut current = node;
+        while let Some(p) = self.parents[current] {
+            path.push(p);
+            current = p;
+        }
+        path.reverse();
+        path
+    }
+
+    /// The attention input of a pass over the tree after `prefix_len` cached positions: node
+    /// `i` sees the prefix, its ancestors and itself, never its siblings; its position is
+    /// `prefix_len + depth` (an independent construction of what the draft builds row by row).
+    pub fn attention_input(
+        &self,
+        prefix_len: usize,
+        device: &mirror_core::Device,
+    ) -> mirror_core::Result<mirror_core::AttentionInput> {
+        let rows: Vec<mirror_core::RowVisibility> = (0..self.len())
+            .map(|i| mirror_core::RowVisibility {
+                position: prefix_len + self.depth(i),
+                prefix_len,
+                extra: self
+                    .path_to(i)
+                    .into_iter()
+                    .map(|n| prefix_len + n)
+                    .collect(),
+            })
+            .collect();
+        mirror_core::AttentionInput::from_rows(&rows, prefix_len + self.len(), device)
+    }
+
+    /// Nodes without children.
+    pub fn leaves(&self) -> Vec<usize> {
+        let mut has_child = vec![false; self.len()];
+        for p in self.parents.iter().flatten() {
+            has_child[*p] = true;
+        }
+        (0..self.len()).filter(|&i| !has_child[i]).collect()
+    }
+}

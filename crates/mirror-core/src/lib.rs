@@ -56,7 +56,7 @@ pub use loading::{
     load, load_dir, load_gguf, load_hub, load_model_dir, DirFiles, LoadOptions, LoadedModel,
     ModelSource,
 };
-pub use mask::{AttentionInput, RowVisibility, TokenTree};
+pub use mask::{AttentionInput, RowVisibility};
 pub use models::layers::Kernels;
 pub use models::lookahead::{lookahead_attention, LookaheadConfig, LookaheadHead, LookaheadLogits};
 pub use models::transformer::Model;

@@ -1,5 +1,5 @@
-//! Attention masks and position ids: causal with an offset, token trees, and arbitrary per-row
-//! visibility over the cache (what a draft needs to grow many branches in one pass).
+//! Attention masks and position ids: causal with an offset, and arbitrary per-row visibility
+//! over the cache (token trees, and what a draft needs to grow many branches in one pass).
 //!
 //! Masks are additive: `0.0` where a query may attend, `-inf` elsewhere, shaped
 //! `(queries, keys)` for one row or `(batch, queries, keys)` for a batch.
@@ -38,23 +38,6 @@ impl AttentionInput {
             Some(Tensor::from_vec(data, (seq_len, kv_len), device)?)
         };
         Ok(Self { positions, mask })
-    }
-
-    /// A token tree after `prefix_len` cached positions: node `i` sees the prefix, its ancestors
-    /// and itself, never its siblings; its position is `prefix_len + depth`.
-    pub fn tree(tree: &TokenTree, prefix_len: usize, device: &Device) -> Result<Self> {
-        let rows: Vec<RowVisibility> = (0..tree.len())
-            .map(|i| RowVisibility {
-                position: prefix_len + tree.depth(i),
-                prefix_len,
-                extra: tree
-                    .path_to(i)
-                    .into_iter()
-                    .map(|n| prefix_len + n)
-                    .collect(),
-            })
-            .collect();
-        Self::from_rows(&rows, prefix_len + tree.len(), device)
     }
 
     /// One row per new token, each with its own view of the keys (batch 1). `kv_len` is the
@@ -106,97 +89,5 @@ fn visible(yes: bool) -> f32 {
         0.0
     } else {
         f32::NEG_INFINITY
-    }
-}
-
-/// A tree of tokens in topological order: every node's parent comes before it; roots attach to
-/// the end of the cached prefix.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TokenTree {
-    tokens: Vec<u32>,
-    parents: Vec<Option<usize>>,
-    depths: Vec<usize>,
-}
-
-impl TokenTree {
-    /// An empty tree.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Adds a node and returns its index. `parent` must be an existing node.
-    pub fn push(&mut self, token: u32, parent: Option<usize>) -> Result<usize> {
-        let depth = match parent {
-            None => 0,
-            Some(p) if p < self.tokens.len() => self.depths[p] + 1,
-            Some(p) => {
-                return Err(Error::invalid(format!(
-                    "parent {p} does not exist in a tree of {} nodes",
-                    self.tokens.len()
-                )))
-            }
-        };
-        self.tokens.push(token);
-        self.parents.push(parent);
-        self.depths.push(depth);
-        Ok(self.tokens.len() - 1)
-    }
-
-    /// Adds a chain of tokens under `parent`, returning the index of its last node.
-    pub fn push_path(
-        &mut self,
-        tokens: &[u32],
-        mut parent: Option<usize>,
-    ) -> Result<Option<usize>> {
-        for &t in tokens {
-            parent = Some(self.push(t, parent)?);
-        }
-        Ok(parent)
-    }
-
-    /// Number of nodes.
-    pub fn len(&self) -> usize {
-        self.tokens.len()
-    }
-
-    /// True for a tree without nodes.
-    pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty()
-    }
-
-    /// Node tokens in order.
-    pub fn tokens(&self) -> &[u32] {
-        &self.tokens
-    }
-
-    /// Parent of a node.
-    pub fn parent(&self, node: usize) -> Option<usize> {
-        self.parents[node]
-    }
-
-    /// Depth of a node (roots are 0).
-    pub fn depth(&self, node: usize) -> usize {
-        self.depths[node]
-    }
-
-    /// Node indices from the root down to `node`, inclusive.
-    pub fn path_to(&self, node: usize) -> Vec<usize> {
-        let mut path = vec![node];
-        let mut current = node;
-        while let Some(p) = self.parents[current] {
-            path.push(p);
-            current = p;
-        }
-        path.reverse();
-        path
-    }
-
-    /// Nodes without children.
-    pub fn leaves(&self) -> Vec<usize> {
-        let mut has_child = vec![false; self.len()];
-        for p in self.parents.iter().flatten() {
-            has_child[*p] = true;
-        }
-        (0..self.len()).filter(|&i| !has_child[i]).collect()
     }
 }
