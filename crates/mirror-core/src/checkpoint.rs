@@ -64,6 +64,7 @@ impl Checkpoint {
     }
 }
 
+#[cfg(feature = "train")]
 /// Writes `tensors` and `metadata` to `path` through a temporary file, so an interrupted write
 /// never leaves a torn checkpoint.
 pub(crate) fn write(
@@ -81,6 +82,7 @@ pub(crate) fn write(
     std::fs::rename(&partial, path).map_err(|e| io(e.to_string()))
 }
 
+#[cfg(feature = "train")]
 /// A JSON value for a metadata entry.
 pub(crate) fn json<T: serde::Serialize>(value: &T) -> Result<String> {
     serde_json::to_string(value).map_err(|e| Error::invalid(e.to_string()))

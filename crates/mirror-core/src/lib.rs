@@ -44,6 +44,7 @@ pub mod models;
 pub mod sampling;
 pub mod threads;
 pub mod tokenizer;
+#[cfg(feature = "train")]
 pub mod training;
 pub mod weights;
 

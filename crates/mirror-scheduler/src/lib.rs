@@ -17,6 +17,7 @@ mod draft;
 pub mod engine;
 pub mod error;
 mod host;
+#[cfg(feature = "analysis")]
 pub mod latency;
 pub mod mirror;
 pub mod pair;

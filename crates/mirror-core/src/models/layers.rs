@@ -22,6 +22,7 @@ pub enum Kernels {
     #[default]
     Fused,
     /// The same functions from differentiable tensor ops, for training (lookahead parameters).
+    #[cfg(feature = "train")]
     Autograd,
 }
 
@@ -29,6 +30,7 @@ impl Kernels {
     pub(crate) fn norm(self, norm: &RmsNorm, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Kernels::Fused => norm.forward(x)?,
+            #[cfg(feature = "train")]
             Kernels::Autograd => norm.forward_diff(x)?,
         })
     }
@@ -108,6 +110,7 @@ impl Attention {
             let t = t.transpose(1, 2)?.contiguous()?;
             match kernels {
                 Kernels::Fused => rope.apply(&t, cos, sin),
+                #[cfg(feature = "train")]
                 Kernels::Autograd => rope.apply_differentiable(&t, cos, sin),
             }
         };
@@ -151,6 +154,7 @@ impl Attention {
         };
         let probs = match kernels {
             Kernels::Fused => candle_nn::ops::softmax_last_dim(&scores)?,
+            #[cfg(feature = "train")]
             Kernels::Autograd => candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?,
         };
         let out = probs

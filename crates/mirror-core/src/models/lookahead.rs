@@ -16,7 +16,6 @@
 //! `streams.up_proj.weight` `(hidden, rank)` and `streams.embeddings` `(S, hidden)`, with the
 //! [`LookaheadConfig`] as JSON in the metadata key `mirror_sd.streams`.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use std::sync::Arc;
@@ -27,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use super::layers::Kernels;
 use super::transformer::Model;
-use crate::checkpoint::{self, Checkpoint};
+use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::mask::AttentionInput;
@@ -141,10 +140,18 @@ impl LookaheadHead {
         Self::from_tensors(config, get(DOWN)?, get(UP)?, get(EMBEDDINGS)?)
     }
 
+    #[cfg(feature = "train")]
     /// Writes the head as a lookahead checkpoint (f32), with `extra` metadata entries.
-    pub fn save(&self, path: &Path, extra: &HashMap<String, String>) -> Result<()> {
+    pub fn save(
+        &self,
+        path: &Path,
+        extra: &std::collections::HashMap<String, String>,
+    ) -> Result<()> {
         let mut metadata = extra.clone();
-        metadata.insert(LOOKAHEAD_CONFIG_KEY.into(), checkpoint::json(&self.config)?);
+        metadata.insert(
+            LOOKAHEAD_CONFIG_KEY.into(),
+            crate::checkpoint::json(&self.config)?,
+        );
         let tensors = vec![
             (DOWN.to_string(), self.down.weight().to_dtype(DType::F32)?),
             (UP.to_string(), self.up.weight().to_dtype(DType::F32)?),
@@ -153,7 +160,7 @@ impl LookaheadHead {
                 self.embeddings.to_dtype(DType::F32)?,
             ),
         ];
-        checkpoint::write(path, tensors, metadata)
+        crate::checkpoint::write(path, tensors, metadata)
     }
 
     /// The head's shape.
@@ -292,6 +299,7 @@ impl Model {
         let (positions, mask) = self.prepare_input(input, batch, rows, cached + rows)?;
         let positions = match kernels {
             // Differentiable RoPE takes one table for the whole batch.
+            #[cfg(feature = "train")]
             Kernels::Autograd => positions.i(0..1)?,
             Kernels::Fused => positions,
         };

@@ -66,6 +66,7 @@ impl Rope {
         })
     }
 
+    #[cfg(feature = "train")]
     /// [`Rope::apply`] built from differentiable tensor ops (the fused kernels have no backward),
     /// for tables of one batch row `(tokens, head_dim / 2)`.
     pub(crate) fn apply_differentiable(
