@@ -1,10 +1,13 @@
-//! One decode step and k-token verification forwards on SmolLM2-135M in f32, ours beside
-//! candle-transformers' `quantized_llama` with dequantized weights (`CANDLE_DEQUANTIZE_ALL=1`),
-//! in the same run. Context: 64 tokens already cached.
+//! One decode step and k-token verification forwards on SmolLM2-135M with its weights as
+//! stored (Q4_1, Q8_0 embeddings), ours beside candle-transformers' `quantized_llama` on the
+//! same file, in the same run. Context: 64 tokens already cached. (The whole-model costs of
+//! the default pair are in `cargo run --release --example bench -- --candle`.)
 //!
 //! `python3 scripts/fetch_models.py smollm2 && cargo bench --bench forward`
 
-use std::path::PathBuf;
+#[path = "common.rs"]
+mod common;
+
 use std::time::Duration;
 
 use candle_core::{Device, Tensor};
@@ -13,23 +16,12 @@ use mirror_sd::mirror_core::{load, LoadOptions, ModelSource};
 
 const CONTEXT: usize = 64;
 
-fn model_path() -> PathBuf {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.is_file(),
-        "run `python3 scripts/fetch_models.py smollm2` first"
-    );
-    path
-}
-
 fn context_tokens(n: usize) -> Vec<u32> {
     (0..n as u32).map(|i| 100 + (i * 37) % 4000).collect()
 }
 
 fn bench_forward(c: &mut Criterion) {
-    std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
-    let path = model_path();
+    let path = common::smollm2_path();
     let loaded = load(&ModelSource::Gguf(path.clone()), &LoadOptions::default()).unwrap();
     let model = &loaded.model;
     let device = Device::Cpu;
@@ -50,7 +42,7 @@ fn bench_forward(c: &mut Criterion) {
     let mut cache = model.new_cache(1, CONTEXT + 32).unwrap();
     model.forward_causal(&prefix, &mut cache).unwrap();
 
-    let mut group = c.benchmark_group("smollm2_f32_after_64");
+    let mut group = c.benchmark_group("smollm2_as_stored_after_64");
     group
         .sample_size(20)
         .measurement_time(Duration::from_secs(6))

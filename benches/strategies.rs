@@ -11,7 +11,9 @@
 //!
 //! `python3 scripts/fetch_models.py smollm2 && cargo bench --bench strategies`
 
-use std::path::PathBuf;
+#[path = "common.rs"]
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,18 +25,12 @@ use mirror_sd::mirror_scheduler::{
     Autoregressive, Decoder, GenerationConfig, Mirror, SpeculativeDecoding,
 };
 
-fn model_path() -> PathBuf {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.is_file(),
-        "run `python3 scripts/fetch_models.py smollm2` first"
-    );
-    path
-}
-
 fn bench(c: &mut Criterion) {
-    let loaded = load(&ModelSource::Gguf(model_path()), &LoadOptions::default()).unwrap();
+    let loaded = load(
+        &ModelSource::Gguf(common::smollm2_path()),
+        &LoadOptions::default(),
+    )
+    .unwrap();
     let target = Arc::new(loaded.model);
     let device = target.device().clone();
     let context: Vec<u32> = (0..64u32).map(|i| 100 + (i * 37) % 4000).collect();

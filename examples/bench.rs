@@ -25,16 +25,8 @@ use serde_json::{json, Value};
 #[derive(Parser, Debug)]
 #[command(about = "Prompt-processing and decode speed, and forward cost per window size")]
 struct Args {
-    #[arg(long, default_value = common::DEFAULT_TARGET)]
-    target: String,
-    #[arg(long, default_value = common::DEFAULT_DRAFT)]
-    draft: String,
-    /// Weight format: as-stored, float, or a GGML type to quantize to at load.
-    #[arg(long, default_value = "as-stored")]
-    weights: String,
-    /// Weight format of the draft (default: --weights).
-    #[arg(long)]
-    draft_weights: Option<String>,
+    #[command(flatten)]
+    pair: common::PairArgs,
     /// Threads of each model's pool (default: every core).
     #[arg(long)]
     threads: Option<usize>,
@@ -257,19 +249,11 @@ fn run(args: Args) -> Result<(), String> {
         .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()));
     let mut out = serde_json::Map::new();
     let roles: Vec<(&str, &str, &str)> = match args.only.as_str() {
-        "target" => vec![("target", &args.target, &args.weights)],
-        "draft" => vec![(
-            "draft",
-            &args.draft,
-            args.draft_weights.as_deref().unwrap_or(&args.weights),
-        )],
+        "target" => vec![("target", &args.pair.target, &args.pair.weights)],
+        "draft" => vec![("draft", &args.pair.draft, args.pair.draft_weights())],
         "both" => vec![
-            ("target", &args.target, &args.weights),
-            (
-                "draft",
-                &args.draft,
-                args.draft_weights.as_deref().unwrap_or(&args.weights),
-            ),
+            ("target", &args.pair.target, &args.pair.weights),
+            ("draft", &args.pair.draft, args.pair.draft_weights()),
         ],
         other => return Err(format!("--only {other}: expected target, draft or both")),
     };

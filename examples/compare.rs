@@ -32,17 +32,8 @@ use serde::Serialize;
 #[derive(Parser, Debug)]
 #[command(about = "Compare autoregressive, vanilla SD and Mirror-SD side by side")]
 struct Args {
-    #[arg(long, default_value = common::DEFAULT_TARGET)]
-    target: String,
-    #[arg(long, default_value = common::DEFAULT_DRAFT)]
-    draft: String,
-    /// Weight format: as-stored (GGUF stays quantized), float, or a GGML type to quantize to
-    /// at load (q8_0, q4_k, ...).
-    #[arg(long, default_value = "as-stored")]
-    weights: String,
-    /// Weight format of the draft (default: --weights).
-    #[arg(long)]
-    draft_weights: Option<String>,
+    #[command(flatten)]
+    pair: common::PairArgs,
     /// Use the target's own first N layers as the draft.
     #[arg(long)]
     self_draft_layers: Option<usize>,
@@ -224,17 +215,16 @@ fn run(args: Args) -> Result<(), String> {
         });
     }
     let device = mirror_sd::mirror_core::Device::Cpu;
-    let (target_options, draft_options) =
-        common::pair_options(&args.weights, args.draft_weights.as_deref(), &device)?;
+    let (target_options, draft_options) = args.pair.options(&device)?;
     let loaded = common::load_with_spinner(
         "target",
-        &common::resolve_source(&args.target)?,
+        &common::resolve_source(&args.pair.target)?,
         &target_options,
     )?;
     let target = Arc::new(loaded.model);
     let draft = if methods.iter().any(|m| m != "ar") {
         Some(common::draft_model(
-            &args.draft,
+            &args.pair.draft,
             args.self_draft_layers,
             &target,
             Some(&loaded.tokenizer),
@@ -310,7 +300,7 @@ fn run(args: Args) -> Result<(), String> {
         .collect();
     let json = serde_json::json!({
         "fallback_bound": bounds,
-        "target": args.target, "draft": args.self_draft_layers.map(|l| format!("target's first {l} layers")).unwrap_or(args.draft.clone()),
+        "target": args.pair.target, "draft": args.self_draft_layers.map(|l| format!("target's first {l} layers")).unwrap_or(args.pair.draft.clone()),
         "draft_lookahead": args.draft_lookahead, "lookahead_confidence": args.lookahead_confidence,
         "gamma": args.gamma, "kappa": args.kappa, "exit_fraction": args.exit_fraction,
         "max_new_tokens": args.max_new_tokens, "prompts": prompts.len(), "results": results,

@@ -44,19 +44,8 @@ enum Schedule {
 #[derive(Parser, Debug)]
 #[command(about = "Generate with Mirror speculative decoding")]
 struct Args {
-    /// Target: a model directory, a .gguf file, or a hub id (org/name or org/name:file.gguf).
-    #[arg(long, default_value = common::DEFAULT_TARGET)]
-    target: String,
-    /// Draft, in the same forms as the target.
-    #[arg(long, default_value = common::DEFAULT_DRAFT)]
-    draft: String,
-    /// Weight format: as-stored (GGUF stays quantized), float, or a GGML type to quantize to
-    /// at load (q8_0, q4_k, ...).
-    #[arg(long, default_value = "as-stored")]
-    weights: String,
-    /// Weight format of the draft (default: --weights).
-    #[arg(long)]
-    draft_weights: Option<String>,
+    #[command(flatten)]
+    pair: common::PairArgs,
     /// Speculative-lookahead checkpoint for the draft: it then proposes 1 + S tokens a step.
     #[arg(long)]
     draft_lookahead: Option<std::path::PathBuf>,
@@ -137,7 +126,7 @@ fn main() {
 fn run(args: Args) -> Result<(), String> {
     let target_device = common::parse_device(&args.target_device)?;
     let draft_device = common::parse_device(&args.draft_device)?;
-    let target_source = common::resolve_source(&args.target)?;
+    let target_source = common::resolve_source(&args.pair.target)?;
     // Thread policy (mirror_core::threads): one model at a time (ar, sd) uses every core;
     // Mirror runs target and draft side by side on disjoint, pinned cores, unless threads
     // are given explicitly or --no-pin.
@@ -152,13 +141,13 @@ fn run(args: Args) -> Result<(), String> {
         (None, None)
     };
     let target_options = common::load_options(
-        &args.weights,
+        &args.pair.weights,
         &target_device,
         args.target_threads,
         target_cores,
     )?;
     let draft_options = common::load_options(
-        args.draft_weights.as_deref().unwrap_or(&args.weights),
+        args.pair.draft_weights(),
         &draft_device,
         args.draft_threads,
         draft_cores,
@@ -167,7 +156,7 @@ fn run(args: Args) -> Result<(), String> {
     let target = Arc::new(loaded.model);
     let draft = || {
         let draft = common::draft_model(
-            &args.draft,
+            &args.pair.draft,
             args.self_draft_layers,
             &target,
             Some(&loaded.tokenizer),

@@ -29,17 +29,8 @@ struct Args {
     /// A `compare` results.json to validate the model against (loads the models it names).
     #[arg(long)]
     calibrate: Option<String>,
-    #[arg(long, default_value = common::DEFAULT_TARGET)]
-    target: String,
-    #[arg(long, default_value = common::DEFAULT_DRAFT)]
-    draft: String,
-    /// Weight format: as-stored (GGUF stays quantized), float, or a GGML type to quantize to
-    /// at load (q8_0, q4_k, ...).
-    #[arg(long, default_value = "as-stored")]
-    weights: String,
-    /// Weight format of the draft (default: --weights).
-    #[arg(long)]
-    draft_weights: Option<String>,
+    #[command(flatten)]
+    pair: common::PairArgs,
 }
 
 fn main() {
@@ -91,17 +82,16 @@ fn calibrate(args: &Args, path: &str) -> Result<(), String> {
     let kappa = run["kappa"].as_u64().unwrap_or(4) as usize;
     let exit_fraction = run["exit_fraction"].as_f64().unwrap_or(0.5);
     let device = Device::Cpu;
-    let (target_options, draft_options) =
-        common::pair_options(&args.weights, args.draft_weights.as_deref(), &device)?;
+    let (target_options, draft_options) = args.pair.options(&device)?;
     let target = common::load_with_spinner(
         "target",
-        &common::resolve_source(&args.target)?,
+        &common::resolve_source(&args.pair.target)?,
         &target_options,
     )?
     .model;
     let draft = common::load_with_spinner(
         "draft",
-        &common::resolve_source(&args.draft)?,
+        &common::resolve_source(&args.pair.draft)?,
         &draft_options,
     )?
     .model;

@@ -83,17 +83,37 @@ pub fn load_options(
     })
 }
 
-/// Target and draft options from `--weights` / `--draft-weights` (the draft defaults to the
-/// target's format), unpinned, on `device`.
-pub fn pair_options(
-    weights: &str,
-    draft_weights: Option<&str>,
-    device: &Device,
-) -> Result<(LoadOptions, LoadOptions), String> {
-    Ok((
-        load_options(weights, device, None, None)?,
-        load_options(draft_weights.unwrap_or(weights), device, None, None)?,
-    ))
+/// The model flags every example shares.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PairArgs {
+    /// Target: a model directory, a .gguf file, or a hub id (org/name or org/name:file.gguf).
+    #[arg(long, default_value = DEFAULT_TARGET)]
+    pub target: String,
+    /// Draft, in the same forms as the target.
+    #[arg(long, default_value = DEFAULT_DRAFT)]
+    pub draft: String,
+    /// Weight format: as-stored (GGUF stays quantized), float, or a GGML type to quantize to
+    /// at load (q8_0, q4_k, ...).
+    #[arg(long, default_value = "as-stored")]
+    pub weights: String,
+    /// Weight format of the draft (default: --weights).
+    #[arg(long)]
+    pub draft_weights: Option<String>,
+}
+
+impl PairArgs {
+    /// The draft's weight format.
+    pub fn draft_weights(&self) -> &str {
+        self.draft_weights.as_deref().unwrap_or(&self.weights)
+    }
+
+    /// Target and draft options, unpinned, on `device`.
+    pub fn options(&self, device: &Device) -> Result<(LoadOptions, LoadOptions), String> {
+        Ok((
+            load_options(&self.weights, device, None, None)?,
+            load_options(self.draft_weights(), device, None, None)?,
+        ))
+    }
 }
 
 /// Loads a model with a spinner on stderr.

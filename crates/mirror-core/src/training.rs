@@ -152,6 +152,14 @@ impl TrainSettings {
     }
 }
 
+/// The labels of one training step's rows.
+struct Labels {
+    labels: Vec<u32>,
+    weights: Vec<f32>,
+    /// Which lookahead token (0-based) a row trains, `None` past the sequence's end.
+    lookahead_of_row: Vec<Option<usize>>,
+}
+
 /// Loss and top-1 accuracy of each lookahead token over some anchors.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LookaheadReport {
@@ -163,6 +171,17 @@ pub struct LookaheadReport {
     pub lookahead_accuracy: Vec<f64>,
     /// Labelled anchors per lookahead token.
     pub counts: Vec<usize>,
+}
+
+impl LookaheadReport {
+    /// Sums over labelled anchors become means.
+    fn normalise(&mut self) {
+        for j in 0..self.counts.len() {
+            let n = self.counts[j].max(1) as f64;
+            self.lookahead_loss[j] /= n;
+            self.lookahead_accuracy[j] /= n;
+        }
+    }
 }
 
 /// Trains a [`LookaheadHead`] on a frozen draft.
@@ -329,25 +348,11 @@ impl<'m> LookaheadTrainer<'m> {
         let logits = model.logits_with(&states, Kernels::Autograd)?;
         let rows = batch.len() * anchors.len() * count;
         let logits = logits.reshape((rows, model.vocab_size()))?;
-        // Labels and weights, row-major over (sequence, anchor, lookahead token).
-        let mut labels = Vec::with_capacity(rows);
-        let mut weights = Vec::with_capacity(rows);
-        let mut lookahead_of_row = Vec::with_capacity(rows);
-        for sequence in batch {
-            for &a in anchors {
-                for j in 1..=count {
-                    let target = a + 1 + j;
-                    let valid = target < len;
-                    labels.push(if valid { sequence.tokens[target] } else { 0 });
-                    weights.push(if valid {
-                        self.settings.lookahead_weights[j - 1] as f32
-                    } else {
-                        0.0
-                    });
-                    lookahead_of_row.push(valid.then_some(j - 1));
-                }
-            }
-        }
+        let Labels {
+            labels,
+            weights,
+            lookahead_of_row,
+        } = self.labels(batch, anchors);
         let total_weight: f32 = weights.iter().sum();
         if total_weight <= 0.0 {
             return Err(Error::invalid("no anchor has a label"));
@@ -378,12 +383,38 @@ impl<'m> LookaheadTrainer<'m> {
                 }
             }
         }
-        for j in 0..count {
-            let n = report.counts[j].max(1) as f64;
-            report.lookahead_loss[j] /= n;
-            report.lookahead_accuracy[j] /= n;
-        }
+        report.normalise();
         Ok((loss, report))
+    }
+
+    /// Labels and loss weights, row-major over (sequence, anchor, lookahead token): token `j`
+    /// of the anchor at `a` is labelled with the token at `a + 1 + j` (weight 0 past the end).
+    fn labels(&self, batch: &[&FrozenSequence], anchors: &[usize]) -> Labels {
+        let count = self.config.tokens;
+        let rows = batch.len() * anchors.len() * count;
+        let mut out = Labels {
+            labels: Vec::with_capacity(rows),
+            weights: Vec::with_capacity(rows),
+            lookahead_of_row: Vec::with_capacity(rows),
+        };
+        for sequence in batch {
+            let len = sequence.tokens.len();
+            for &a in anchors {
+                for j in 1..=count {
+                    let target = a + 1 + j;
+                    let valid = target < len;
+                    out.labels
+                        .push(if valid { sequence.tokens[target] } else { 0 });
+                    out.weights.push(if valid {
+                        self.settings.lookahead_weights[j - 1] as f32
+                    } else {
+                        0.0
+                    });
+                    out.lookahead_of_row.push(valid.then_some(j - 1));
+                }
+            }
+        }
+        out
     }
 
     /// One optimiser step on `batch` over freshly drawn anchors; returns the report before the

@@ -23,40 +23,24 @@ pub enum Prompt<'a> {
     Tokens(&'a [u32]),
 }
 
-impl<'a> From<&'a str> for Prompt<'a> {
-    fn from(text: &'a str) -> Self {
-        Prompt::Text(text)
-    }
+/// `From` for each way to hold a prompt.
+macro_rules! prompt_from {
+    ($($source:ty => $variant:ident),* $(,)?) => {
+        $(impl<'a> From<&'a $source> for Prompt<'a> {
+            fn from(prompt: &'a $source) -> Self {
+                Prompt::$variant(prompt)
+            }
+        })*
+    };
 }
 
-impl<'a> From<&'a String> for Prompt<'a> {
-    fn from(text: &'a String) -> Self {
-        Prompt::Text(text)
-    }
-}
-
-impl<'a> From<&'a [ChatMessage]> for Prompt<'a> {
-    fn from(messages: &'a [ChatMessage]) -> Self {
-        Prompt::Chat(messages)
-    }
-}
-
-impl<'a> From<&'a Vec<ChatMessage>> for Prompt<'a> {
-    fn from(messages: &'a Vec<ChatMessage>) -> Self {
-        Prompt::Chat(messages)
-    }
-}
-
-impl<'a> From<&'a [u32]> for Prompt<'a> {
-    fn from(tokens: &'a [u32]) -> Self {
-        Prompt::Tokens(tokens)
-    }
-}
-
-impl<'a> From<&'a Vec<u32>> for Prompt<'a> {
-    fn from(tokens: &'a Vec<u32>) -> Self {
-        Prompt::Tokens(tokens)
-    }
+prompt_from! {
+    str => Text,
+    String => Text,
+    [ChatMessage] => Chat,
+    Vec<ChatMessage> => Chat,
+    [u32] => Tokens,
+    Vec<u32> => Tokens,
 }
 
 /// A strategy plus a tokenizer, serving repeated generations: [`Engine::generate`],

@@ -55,41 +55,10 @@ fn scale_min_k4(j: usize, packed: &[u8]) -> (u8, u8) {
 pub(crate) fn decode_block(ty: WeightType, bytes: &[u8], out: &mut DecodedBlock) {
     debug_assert_eq!(bytes.len(), ty.block_bytes());
     match ty {
-        WeightType::Q4_0 | WeightType::Q4_1 => {
-            let (qs_at, has_min) = if ty == WeightType::Q4_1 {
-                (4, true)
-            } else {
-                (2, false)
-            };
-            out.d = f16_bits(bytes, 0);
-            out.m = if has_min { f16_bits(bytes, 2) } else { 0 };
-            for j in 0..16 {
-                let byte = bytes[qs_at + j];
-                out.q[j] = byte & 0x0f;
-                out.q[j + 16] = byte >> 4;
-            }
-        }
-        WeightType::Q5_0 | WeightType::Q5_1 => {
-            let (qh_at, has_min) = if ty == WeightType::Q5_1 {
-                (4, true)
-            } else {
-                (2, false)
-            };
-            out.d = f16_bits(bytes, 0);
-            out.m = if has_min { f16_bits(bytes, 2) } else { 0 };
-            let qh = u32::from_le_bytes([
-                bytes[qh_at],
-                bytes[qh_at + 1],
-                bytes[qh_at + 2],
-                bytes[qh_at + 3],
-            ]);
-            for (j, &byte) in bytes[qh_at + 4..qh_at + 20].iter().enumerate() {
-                let high_lo = (((qh >> j) & 1) as u8) << 4;
-                let high_hi = (((qh >> (j + 16)) & 1) as u8) << 4;
-                out.q[j] = (byte & 0x0f) | high_lo;
-                out.q[j + 16] = (byte >> 4) | high_hi;
-            }
-        }
+        WeightType::Q4_0 => decode_32(bytes, None, false, out),
+        WeightType::Q4_1 => decode_32(bytes, None, true, out),
+        WeightType::Q5_0 => decode_32(bytes, Some(2), false, out),
+        WeightType::Q5_1 => decode_32(bytes, Some(4), true, out),
         WeightType::Q8_0 => {
             out.d = f16_bits(bytes, 0);
             out.m = 0;
@@ -97,53 +66,75 @@ pub(crate) fn decode_block(ty: WeightType, bytes: &[u8], out: &mut DecodedBlock)
                 out.q[j] = (bytes[2 + j] as i8 as i16 + 128) as u8;
             }
         }
-        WeightType::Q4K | WeightType::Q5K => {
-            out.d = f16_bits(bytes, 0);
-            out.m = f16_bits(bytes, 2);
-            let packed = &bytes[4..16];
-            for j in 0..8 {
-                let (scale, min) = scale_min_k4(j, packed);
-                out.scales[j] = scale as i8;
-                out.mins[j] = min;
+        WeightType::Q4K => decode_k4(bytes, None, &bytes[16..144], out),
+        WeightType::Q5K => decode_k4(bytes, Some(&bytes[16..48]), &bytes[48..176], out),
+        WeightType::Q6K => decode_k6(bytes, out),
+    }
+}
+
+/// Q4_0/Q4_1/Q5_0/Q5_1: `d`, then `m` when `has_min`, then the 32 fifth bits at `high_at`
+/// (five-bit types), then 16 bytes of nibbles: weight `j` low, weight `j + 16` high.
+fn decode_32(bytes: &[u8], high_at: Option<usize>, has_min: bool, out: &mut DecodedBlock) {
+    out.d = f16_bits(bytes, 0);
+    out.m = if has_min { f16_bits(bytes, 2) } else { 0 };
+    let after_scales = if has_min { 4 } else { 2 };
+    let (qh, qs_at) = match high_at {
+        Some(at) => (
+            u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]),
+            at + 4,
+        ),
+        None => (0, after_scales),
+    };
+    for (j, &byte) in bytes[qs_at..qs_at + 16].iter().enumerate() {
+        let high_lo = (((qh >> j) & 1) as u8) << 4;
+        let high_hi = (((qh >> (j + 16)) & 1) as u8) << 4;
+        out.q[j] = (byte & 0x0f) | high_lo;
+        out.q[j + 16] = (byte >> 4) | high_hi;
+    }
+}
+
+/// Q4_K and Q5_K: `d`, `dmin`, 12 bytes of six-bit scales and mins, the fifth bits `qh` (Q5_K),
+/// then `qs`: 64 weights per 32 bytes, the low nibbles then the high nibbles.
+fn decode_k4(bytes: &[u8], qh: Option<&[u8]>, qs: &[u8], out: &mut DecodedBlock) {
+    out.d = f16_bits(bytes, 0);
+    out.m = f16_bits(bytes, 2);
+    for j in 0..8 {
+        let (scale, min) = scale_min_k4(j, &bytes[4..16]);
+        out.scales[j] = scale as i8;
+        out.mins[j] = min;
+    }
+    for chunk in 0..4 {
+        let qs = &qs[chunk * 32..chunk * 32 + 32];
+        for l in 0..32 {
+            let (mut lo, mut hi) = (qs[l] & 0x0f, qs[l] >> 4);
+            if let Some(qh) = qh {
+                lo |= ((qh[l] >> (2 * chunk)) & 1) << 4;
+                hi |= ((qh[l] >> (2 * chunk + 1)) & 1) << 4;
             }
-            let (qh, qs) = if ty == WeightType::Q5K {
-                (Some(&bytes[16..48]), &bytes[48..176])
-            } else {
-                (None, &bytes[16..144])
-            };
-            // 64 weights per 32 bytes of qs: the low nibbles, then the high nibbles.
-            for chunk in 0..4 {
-                let qs = &qs[chunk * 32..chunk * 32 + 32];
-                for l in 0..32 {
-                    let (mut lo, mut hi) = (qs[l] & 0x0f, qs[l] >> 4);
-                    if let Some(qh) = qh {
-                        lo |= ((qh[l] >> (2 * chunk)) & 1) << 4;
-                        hi |= ((qh[l] >> (2 * chunk + 1)) & 1) << 4;
-                    }
-                    out.q[chunk * 64 + l] = lo;
-                    out.q[chunk * 64 + 32 + l] = hi;
-                }
-            }
+            out.q[chunk * 64 + l] = lo;
+            out.q[chunk * 64 + 32 + l] = hi;
         }
-        WeightType::Q6K => {
-            let ql = &bytes[0..128];
-            let qh = &bytes[128..192];
-            for j in 0..16 {
-                out.scales[j] = bytes[192 + j] as i8;
-            }
-            out.d = f16_bits(bytes, 208);
-            out.m = 0;
-            for half in 0..2 {
-                let ql = &ql[half * 64..half * 64 + 64];
-                let qh = &qh[half * 32..half * 32 + 32];
-                let q = &mut out.q[half * 128..half * 128 + 128];
-                for l in 0..32 {
-                    q[l] = (ql[l] & 0x0f) | ((qh[l] & 3) << 4);
-                    q[l + 32] = (ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4);
-                    q[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
-                    q[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
-                }
-            }
+    }
+}
+
+/// Q6_K: low nibbles `ql`, two high bits each in `qh`, 16 signed scales, then `d`.
+fn decode_k6(bytes: &[u8], out: &mut DecodedBlock) {
+    let ql = &bytes[0..128];
+    let qh = &bytes[128..192];
+    for j in 0..16 {
+        out.scales[j] = bytes[192 + j] as i8;
+    }
+    out.d = f16_bits(bytes, 208);
+    out.m = 0;
+    for half in 0..2 {
+        let ql = &ql[half * 64..half * 64 + 64];
+        let qh = &qh[half * 32..half * 32 + 32];
+        let q = &mut out.q[half * 128..half * 128 + 128];
+        for l in 0..32 {
+            q[l] = (ql[l] & 0x0f) | ((qh[l] & 3) << 4);
+            q[l + 32] = (ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4);
+            q[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+            q[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
         }
     }
 }

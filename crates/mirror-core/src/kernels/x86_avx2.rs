@@ -150,6 +150,16 @@ impl Row<'_> {
         }
     }
 
+    /// Block `b`'s meta, quants and high bits.
+    unsafe fn block(&self, b: usize) -> (*const u8, *const u8, *const u8) {
+        let layout = self.layout;
+        (
+            self.group.add(layout.meta_at(b)),
+            self.group.add(layout.quants_at(b)),
+            self.group.add(layout.planes_at(b)),
+        )
+    }
+
     fn q(&self) -> *const i8 {
         self.acts.q[self.row * self.acts.k..].as_ptr()
     }
@@ -237,9 +247,7 @@ impl Row<'_> {
         let a_row = self.q();
         let mut acc = [_mm256_setzero_ps(); 2];
         for b in 0..layout.blocks {
-            let meta = self.group.add(layout.meta_at(b));
-            let quants = self.group.add(layout.quants_at(b));
-            let planes = self.group.add(layout.planes_at(b));
+            let (meta, quants, planes) = self.block(b);
             let mut big_a = [_mm256_setzero_si256(); 2];
             let mut big_b = [_mm256_setzero_si256(); 2];
             for s in 0..8 {
@@ -298,9 +306,7 @@ impl Row<'_> {
         let a_row = self.q();
         let mut acc = [_mm256_setzero_ps(); 2];
         for b in 0..layout.blocks {
-            let meta = self.group.add(layout.meta_at(b));
-            let quants = self.group.add(layout.quants_at(b));
-            let planes = self.group.add(layout.planes_at(b));
+            let (meta, quants, planes) = self.block(b);
             let mut big_a = [_mm256_setzero_si256(); 2];
             for s in 0..8 {
                 let high_lo = load2(planes.add(128 * s));
