@@ -3,6 +3,7 @@
 //! Both use all cores of the machine (rayon's global pool and candle's own pool).
 //!
 //! `python3 scripts/fetch_models.py qwen && cargo bench --bench kernels`
+//! (`-- ggml_types` alone times every GGML type on one matrix, candle beside ours.)
 //! (`MIRROR_SD_KERNEL=avx2|portable` times the other code paths; `-- q4k` filters.)
 
 use std::path::PathBuf;
@@ -78,5 +79,56 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+/// Which GGML types have a fast kernel: every type on one 8192 x 4096 matrix (larger than the
+/// L3 cache, so each call streams it from memory) at m = 1, candle's `QMatMul` beside ours. A
+/// type ours does not read (Q2_K, Q3_K) is timed as the Q8_0 it is requantized to at load.
+fn bench_types(c: &mut Criterion) {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let (rows, cols) = (8192usize, 4096usize);
+    let weights: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i as u64 * 2_654_435_761) % 2000) as f32 / 1000.0 - 1.0)
+        .collect();
+    let tensor = Tensor::from_vec(weights, (rows, cols), &Device::Cpu).unwrap();
+    let x: Vec<f32> = (0..cols).map(|i| (i % 17) as f32 / 8.0 - 1.0).collect();
+    let xt = Tensor::from_vec(x.clone(), (1, cols), &Device::Cpu).unwrap();
+    let mut group = c.benchmark_group("ggml_types_8192x4096_m_1");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(500));
+    for dtype in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q2K,
+        GgmlDType::Q3K,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ] {
+        let q = QTensor::quantize(&tensor, dtype).unwrap();
+        let ours_type = WeightType::from_ggml(dtype).unwrap_or(WeightType::Q8_0);
+        let packed = if ours_type.ggml() == dtype {
+            PackedMatrix::from_ggml_bytes(ours_type, &q.data().unwrap(), rows, cols).unwrap()
+        } else {
+            let dequantized = q.dequantize(&Device::Cpu).unwrap();
+            let values = dequantized.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            PackedMatrix::quantize(ours_type, &values, rows, cols).unwrap()
+        };
+        let candle = QMatMul::from_qtensor(q).unwrap();
+        let name = format!("{dtype:?}");
+        group.bench_function(format!("candle_qmatmul/{name}"), |b| {
+            b.iter(|| candle.forward(&xt).unwrap())
+        });
+        let mut out = vec![0f32; rows];
+        group.bench_function(format!("mirror_core/{name}_as_{ours_type:?}"), |b| {
+            b.iter(|| matmul(KernelPath::selected(), &[&packed], &x, 1, &mut out).unwrap())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, bench_types);
 criterion_main!(benches);

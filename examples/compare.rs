@@ -252,6 +252,8 @@ fn run(args: Args) -> Result<(), String> {
     // per method -> per category totals
     let mut results: BTreeMap<String, BTreeMap<String, Totals>> = BTreeMap::new();
     let mut mismatches = Vec::new();
+    // The reference (autoregressive) tokens of every prompt, for auditing runs against each other.
+    let mut outputs: BTreeMap<String, Vec<u32>> = BTreeMap::new();
     for (id, category, messages) in &prompts {
         let prompt = engines[0].1.encode(messages).map_err(|e| e.to_string())?;
         let mut reference: Option<Vec<u32>> = None;
@@ -270,6 +272,7 @@ fn run(args: Args) -> Result<(), String> {
                 g.stats.eta(),
                 g.stats.reuse_rate()
             );
+            outputs.insert(id.clone(), g.tokens.clone());
             match &reference {
                 None => reference = Some(g.tokens.clone()),
                 Some(want) if *want != g.tokens => {
@@ -305,6 +308,7 @@ fn run(args: Args) -> Result<(), String> {
         "gamma": args.gamma, "kappa": args.kappa, "exit_fraction": args.exit_fraction,
         "max_new_tokens": args.max_new_tokens, "prompts": prompts.len(), "results": results,
         "identical_to_autoregressive": mismatches.is_empty(),
+        "outputs": outputs,
     });
     std::fs::write(
         args.out_dir.join("results.json"),
