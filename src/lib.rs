@@ -14,3 +14,6 @@
 
 pub use mirror_core;
 pub use mirror_scheduler;
+
+#[cfg(feature = "server")]
+pub mod serve;

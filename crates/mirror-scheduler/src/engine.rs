@@ -34,6 +34,22 @@ macro_rules! prompt_from {
     };
 }
 
+impl Prompt<'_> {
+    /// The token ids of the prompt under `tokenizer`: text gets the special tokens the model
+    /// expects (such as BOS), chat messages are rendered with the chat template up to where the
+    /// assistant speaks, token ids are used as they are.
+    pub fn encode(self, tokenizer: &Tokenizer) -> Result<Vec<u32>> {
+        Ok(match self {
+            Prompt::Text(text) => tokenizer.encode(text, true)?,
+            Prompt::Chat(messages) => {
+                let text = tokenizer.apply_chat_template(messages, true)?;
+                tokenizer.encode(&text, false)?
+            }
+            Prompt::Tokens(tokens) => tokens.to_vec(),
+        })
+    }
+}
+
 prompt_from! {
     str => Text,
     String => Text,
@@ -76,14 +92,7 @@ impl Engine {
 
     /// The token ids of `prompt`.
     pub fn encode<'a>(&self, prompt: impl Into<Prompt<'a>>) -> Result<Vec<u32>> {
-        Ok(match prompt.into() {
-            Prompt::Text(text) => self.tokenizer.encode(text, true)?,
-            Prompt::Chat(messages) => {
-                let text = self.tokenizer.apply_chat_template(messages, true)?;
-                self.tokenizer.encode(&text, false)?
-            }
-            Prompt::Tokens(tokens) => tokens.to_vec(),
-        })
+        prompt.into().encode(&self.tokenizer)
     }
 
     fn decoder_mut(&mut self) -> Result<&mut Box<dyn Decoder>> {

@@ -1,0 +1,275 @@
+//! An OpenAI-compatible HTTP server (`mirror_sd::serve`) over Mirror-SD, vanilla SD or the
+//! target alone, chosen per request.
+//!
+//! With no arguments it serves the default pair (Qwen2.5-Coder 1.5B target, 0.5B draft; fetched
+//! when missing) with Mirror on http://127.0.0.1:8080:
+//!
+//! ```text
+//! cargo run --release --example serve
+//! cargo run --release --example serve -- --target models/SmolLM2-135M-Instruct.Q4_1.gguf --self-draft-layers 10 --port 8000
+//! curl -s localhost:8080/v1/chat/completions -H 'content-type: application/json' \
+//!   -d '{"model": "qwen2.5-coder-1.5b-instruct-q4_k_m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32, "temperature": 0}'
+//! ```
+//!
+//! SIGINT or SIGTERM stops accepting, lets accepted requests finish within `--shutdown-grace-s`,
+//! then exits 0; a second signal cancels what is left at once.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use mirror_sd::mirror_core::threads;
+use mirror_sd::mirror_scheduler::{DraftSchedule, EarlyExit};
+use mirror_sd::serve::{Backend, Method, Server, ServerConfig, SpeculationSettings};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum MethodArg {
+    /// The target alone.
+    Ar,
+    /// Vanilla speculative decoding.
+    Sd,
+    /// Mirror speculative decoding.
+    Mirror,
+}
+
+impl MethodArg {
+    fn method(self) -> Method {
+        match self {
+            MethodArg::Ar => Method::Autoregressive,
+            MethodArg::Sd => Method::Speculative,
+            MethodArg::Mirror => Method::Mirror,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Schedule {
+    /// Branches by likelihood until the target is done (default).
+    Anytime,
+    /// The paper's full kappa x (gamma+1) grid.
+    Full,
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "Serve Mirror speculative decoding over an OpenAI-compatible HTTP API")]
+struct Args {
+    #[command(flatten)]
+    pair: common::PairArgs,
+    /// Speculative-lookahead checkpoint for the draft: it then proposes 1 + S tokens a step.
+    #[arg(long)]
+    draft_lookahead: Option<std::path::PathBuf>,
+    /// With --draft-lookahead: propose a lookahead token only when its top probability reaches this.
+    #[arg(long, default_value_t = mirror_sd::mirror_scheduler::DEFAULT_LOOKAHEAD_CONFIDENCE)]
+    lookahead_confidence: f32,
+    /// Use the target's own first N layers as the draft instead of --draft.
+    #[arg(long)]
+    self_draft_layers: Option<usize>,
+    /// Method of requests that do not name one (`"mirror_sd": {"method": ...}`).
+    #[arg(long, value_enum, default_value_t = MethodArg::Mirror)]
+    method: MethodArg,
+    /// Methods requests may ask for (comma-separated); the draft loads only if sd or mirror is.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "ar,sd,mirror"
+    )]
+    methods: Vec<MethodArg>,
+    /// Draft tokens per window.
+    #[arg(long, default_value_t = 4)]
+    gamma: usize,
+    /// Early-exit candidates per row (Mirror).
+    #[arg(long, default_value_t = 4)]
+    kappa: usize,
+    /// Early-exit layer index (Mirror); default: --exit-fraction.
+    #[arg(long)]
+    exit_layer: Option<usize>,
+    /// Early-exit layer as a fraction of the target's depth.
+    #[arg(long, default_value_t = 0.5)]
+    exit_fraction: f64,
+    #[arg(long, value_enum, default_value_t = Schedule::Anytime)]
+    schedule: Schedule,
+    /// Branches advanced per draft pass in anytime mode.
+    #[arg(long, default_value_t = 2)]
+    branches_per_pass: usize,
+    /// Target device: cpu, cuda:N, metal:N.
+    #[arg(long, default_value = "cpu")]
+    target_device: String,
+    /// Draft device (a second handle: another GPU, another CUDA stream, or the CPU).
+    #[arg(long, default_value = "cpu")]
+    draft_device: String,
+    /// CPU threads of the target's own pool.
+    #[arg(long)]
+    target_threads: Option<usize>,
+    /// CPU threads of the draft's own pool.
+    #[arg(long)]
+    draft_threads: Option<usize>,
+    /// Do not pin target and draft to disjoint cores (pinned by default when --method mirror).
+    #[arg(long)]
+    no_pin: bool,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Model id clients name (default: the target's file or directory name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Requests that may wait while one generates; more get 429.
+    #[arg(long, default_value_t = 32)]
+    queue_capacity: usize,
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long, default_value_t = 2 << 20)]
+    max_body_bytes: usize,
+    /// Deadline of every request in seconds (504 beyond); requests may ask for less.
+    #[arg(long, default_value_t = 600.0)]
+    request_timeout_s: f64,
+    /// max_tokens of requests that give none.
+    #[arg(long, default_value_t = 256)]
+    default_max_tokens: usize,
+    /// On SIGINT/SIGTERM, seconds accepted requests may take to finish before cancellation.
+    #[arg(long, default_value_t = 30.0)]
+    shutdown_grace_s: f64,
+}
+
+fn main() {
+    // Before any model or pool exists: see mirror_core::threads.
+    mirror_sd::mirror_core::threads::limit_candle_threads(1);
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn seconds(name: &str, value: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("--{name} must be a positive number of seconds, got {value}"))
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let methods: Vec<Method> = args.methods.iter().map(|m| m.method()).collect();
+    let default_method = args.method.method();
+    if !methods.contains(&default_method) {
+        return Err(format!("--method {default_method} is not among --methods"));
+    }
+    let request_timeout = seconds("request-timeout-s", args.request_timeout_s)?;
+    let shutdown_grace = Duration::try_from_secs_f64(args.shutdown_grace_s).map_err(|_| {
+        format!(
+            "--shutdown-grace-s {} is not a duration",
+            args.shutdown_grace_s
+        )
+    })?;
+    let target_device = common::parse_device(&args.target_device)?;
+    let draft_device = common::parse_device(&args.draft_device)?;
+    let target_source = common::resolve_source(&args.pair.target)?;
+    // Thread policy as in `generate`: Mirror runs target and draft side by side on disjoint,
+    // pinned cores; the other methods use every core. Pools are fixed at load time, so the
+    // default method decides; requests for another method run on the same pools.
+    let (target_cores, draft_cores) = if default_method == Method::Mirror && !args.no_pin {
+        let (t, d) = threads::split_cores(&threads::available_cores());
+        (
+            args.target_threads.is_none().then_some(t),
+            args.draft_threads.is_none().then_some(d),
+        )
+    } else {
+        (None, None)
+    };
+    let target_options = common::load_options(
+        &args.pair.weights,
+        &target_device,
+        args.target_threads,
+        target_cores,
+    )?;
+    let draft_options = common::load_options(
+        args.pair.draft_weights(),
+        &draft_device,
+        args.draft_threads,
+        draft_cores,
+    )?;
+    let loaded = common::load_with_spinner("target", &target_source, &target_options)?;
+    let target = Arc::new(loaded.model);
+    let draft = if methods.iter().any(|&m| m != Method::Autoregressive) {
+        let draft = common::draft_model(
+            &args.pair.draft,
+            args.self_draft_layers,
+            &target,
+            Some(&loaded.tokenizer),
+            &draft_options,
+        )?;
+        Some(common::with_optional_lookahead(
+            draft,
+            args.draft_lookahead.as_deref(),
+        )?)
+    } else {
+        None
+    };
+    let settings = SpeculationSettings {
+        gamma: args.gamma,
+        kappa: args.kappa,
+        early_exit: match args.exit_layer {
+            Some(layer) => EarlyExit::Layer(layer),
+            None => EarlyExit::Fraction(args.exit_fraction),
+        },
+        schedule: match args.schedule {
+            Schedule::Anytime => DraftSchedule::Anytime {
+                branches_per_pass: args.branches_per_pass,
+            },
+            Schedule::Full => DraftSchedule::FullGrid,
+        },
+        lookahead_confidence: args.lookahead_confidence,
+    };
+    let backend = Backend::new(
+        target,
+        draft,
+        loaded.tokenizer,
+        &methods,
+        default_method,
+        &settings,
+    )
+    .map_err(|e| e.to_string())?;
+    let model_name = match args.served_model_name {
+        Some(name) => name,
+        None => model_name_of(&args.pair.target),
+    };
+    let config = ServerConfig {
+        model_name: model_name.clone(),
+        queue_capacity: args.queue_capacity,
+        max_body_bytes: args.max_body_bytes,
+        request_timeout,
+        default_max_tokens: args.default_max_tokens,
+        shutdown_grace,
+        handle_signals: true,
+    };
+    let server = Server::start(SocketAddr::new(args.host, args.port), backend, config)
+        .map_err(|e| e.to_string())?;
+    let served: Vec<&str> = methods.iter().map(|m| m.as_str()).collect();
+    // The load generator and scripts wait for this line.
+    println!(
+        "listening on http://{} (model `{model_name}`, methods {}, default {default_method})",
+        server.local_addr(),
+        served.join(",")
+    );
+    server.wait().map_err(|e| e.to_string())?;
+    eprintln!("shut down cleanly");
+    Ok(())
+}
+
+/// The model id: the target's file or directory name without `.gguf`, or a hub id as given.
+fn model_name_of(target: &str) -> String {
+    let path = std::path::Path::new(target);
+    if path.exists() || target.ends_with(".gguf") {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| target.to_string());
+        name.trim_end_matches(".gguf").to_string()
+    } else {
+        target.to_string()
+    }
+}

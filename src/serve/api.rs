@@ -1,0 +1,527 @@
+//! The OpenAI request bodies the server accepts, their validation, and the response bodies.
+//!
+//! Requests are checked strictly: an unknown field, a wrong type or an out-of-range value is a
+//! 400 naming the field, so that a client never silently gets something it did not ask for.
+
+use std::time::Duration;
+
+use mirror_core::sampling::SamplingParams;
+use mirror_core::ChatMessage;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use super::backend::Method;
+use super::error::ApiError;
+
+/// The request extension field: `"mirror_sd": {"method": "sd", "ignore_eos": true, "timeout_s": 30}`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpeculationOptions {
+    /// `ar` (the target alone), `sd` (vanilla speculative decoding) or `mirror`.
+    pub method: Option<String>,
+    /// Generate past end-of-sequence tokens (fixed-length outputs for load tests).
+    #[serde(default)]
+    pub ignore_eos: bool,
+    /// This request's deadline in seconds, at most the server's `--request-timeout-s`.
+    pub timeout_s: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// Fields shared by chat and text completions (the prompt or messages are taken out first).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SharedFields {
+    model: String,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<u64>,
+    seed: Option<u64>,
+    stop: Option<Value>,
+    n: Option<u64>,
+    /// OpenAI's end-user tag: accepted and ignored.
+    #[allow(dead_code)]
+    user: Option<String>,
+    mirror_sd: Option<SpeculationOptions>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InputMessage {
+    role: String,
+    content: Value,
+}
+
+/// What to generate from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptInput {
+    /// Chat messages, rendered with the model's chat template.
+    Chat(Vec<ChatMessage>),
+    /// Raw text (BOS added where the model expects one).
+    Text(String),
+    /// Token ids, used as they are.
+    Tokens(Vec<u32>),
+}
+
+/// Which endpoint a request came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/v1/chat/completions`.
+    Chat,
+    /// `/v1/completions`.
+    Completions,
+}
+
+impl Endpoint {
+    /// The route.
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "/v1/chat/completions",
+            Endpoint::Completions => "/v1/completions",
+        }
+    }
+}
+
+/// A request that passed every check that does not need the tokenizer.
+#[derive(Debug, Clone)]
+pub struct ParsedRequest {
+    /// The model the client named.
+    pub model: String,
+    /// Messages, text or token ids.
+    pub prompt: PromptInput,
+    /// Stream server-sent events.
+    pub stream: bool,
+    /// Streaming: send a last chunk with `usage` (OpenAI's `stream_options.include_usage`).
+    pub include_usage: bool,
+    /// Most tokens to generate, when given (checked against the context after tokenizing).
+    pub max_tokens: Option<u64>,
+    /// Temperature, top-k, top-p.
+    pub sampling: SamplingParams,
+    /// Seed of the sampling stream.
+    pub seed: u64,
+    /// Stop strings (at most four, none empty).
+    pub stop: Vec<String>,
+    /// The method the request asked for, if any.
+    pub method: Option<Method>,
+    /// Keep generating past end-of-sequence.
+    pub ignore_eos: bool,
+    /// This request's own deadline, if any.
+    pub timeout: Option<Duration>,
+}
+
+/// Most stop strings per request, as OpenAI allows.
+pub const MAX_STOP_STRINGS: usize = 4;
+
+/// Parses a chat or text completion body. `max_timeout` bounds `mirror_sd.timeout_s`.
+pub fn parse_request(
+    endpoint: Endpoint,
+    body: &[u8],
+    max_timeout: Duration,
+) -> Result<ParsedRequest, ApiError> {
+    let text = std::str::from_utf8(body).map_err(|e| {
+        ApiError::invalid(format!(
+            "the request body is not valid UTF-8 (invalid byte at offset {})",
+            e.valid_up_to()
+        ))
+        .with_code("invalid_utf8")
+    })?;
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        ApiError::invalid(format!("the request body is not valid JSON: {e}"))
+            .with_code("invalid_json")
+    })?;
+    let Value::Object(mut fields) = value else {
+        return Err(ApiError::invalid("the request body must be a JSON object"));
+    };
+    let prompt = match endpoint {
+        Endpoint::Chat => {
+            PromptInput::Chat(parse_messages(take_required(&mut fields, "messages")?)?)
+        }
+        Endpoint::Completions => parse_prompt(take_required(&mut fields, "prompt")?)?,
+    };
+    let shared: SharedFields = deserialize_field_checked(Value::Object(fields))?;
+    let options = shared.mirror_sd.unwrap_or_default();
+    if let Some(n) = shared.n {
+        if n != 1 {
+            return Err(ApiError::invalid_param(
+                "n",
+                format!("n = {n}: only one choice per request is supported"),
+            ));
+        }
+    }
+    let max_tokens = match (shared.max_tokens, shared.max_completion_tokens) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(ApiError::invalid_param(
+                "max_tokens",
+                format!("max_tokens ({a}) and max_completion_tokens ({b}) disagree"),
+            ))
+        }
+        (a, b) => a.or(b),
+    };
+    if max_tokens == Some(0) {
+        return Err(ApiError::invalid_param(
+            "max_tokens",
+            "max_tokens must be at least 1",
+        ));
+    }
+    let temperature = shared.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid_param(
+            "temperature",
+            format!("temperature {temperature} is not in [0, 2]"),
+        ));
+    }
+    let top_p = shared.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid_param(
+            "top_p",
+            format!("top_p {top_p} is not in (0, 1]"),
+        ));
+    }
+    let top_k = usize::try_from(shared.top_k.unwrap_or(0)).map_err(|_| {
+        ApiError::invalid_param("top_k", "top_k does not fit this machine's integers")
+    })?;
+    let method = options
+        .method
+        .as_deref()
+        .map(|name| {
+            Method::parse(name).ok_or_else(|| {
+                ApiError::invalid_param(
+                    "mirror_sd.method",
+                    format!("unknown method `{name}` (expected ar, sd or mirror)"),
+                )
+            })
+        })
+        .transpose()?;
+    let timeout = options
+        .timeout_s
+        .map(|seconds| {
+            if seconds > 0.0 && seconds <= max_timeout.as_secs_f64() {
+                Ok(Duration::from_secs_f64(seconds))
+            } else {
+                Err(ApiError::invalid_param(
+                    "mirror_sd.timeout_s",
+                    format!(
+                        "timeout_s {seconds} is not in (0, {}] (the server's limit)",
+                        max_timeout.as_secs_f64()
+                    ),
+                ))
+            }
+        })
+        .transpose()?;
+    Ok(ParsedRequest {
+        model: shared.model,
+        prompt,
+        stream: shared.stream,
+        include_usage: shared.stream_options.is_some_and(|o| o.include_usage),
+        max_tokens,
+        sampling: SamplingParams {
+            temperature: temperature as f32,
+            top_k,
+            top_p: top_p as f32,
+        },
+        seed: shared.seed.unwrap_or(0),
+        stop: parse_stop(shared.stop)?,
+        method,
+        ignore_eos: options.ignore_eos,
+        timeout,
+    })
+}
+
+fn take_required(fields: &mut Map<String, Value>, name: &str) -> Result<Value, ApiError> {
+    fields
+        .remove(name)
+        .ok_or_else(|| ApiError::invalid_param(name, format!("missing field `{name}`")))
+}
+
+/// Deserializes with the path of the failing field in the message and `param`.
+fn deserialize_field_checked<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." || path.is_empty() {
+            ApiError::invalid(inner.to_string())
+        } else {
+            ApiError::invalid_param(path.clone(), format!("{path}: {inner}"))
+        }
+    })
+}
+
+fn parse_messages(value: Value) -> Result<Vec<ChatMessage>, ApiError> {
+    let messages: Vec<InputMessage> = serde_path_to_error::deserialize(value).map_err(|e| {
+        // The path inside the array starts with its index: `[0].content`.
+        let inner = e.path().to_string();
+        let path = if inner == "." {
+            "messages".to_string()
+        } else {
+            format!("messages{inner}")
+        };
+        ApiError::invalid_param(path.clone(), format!("{path}: {}", e.into_inner()))
+    })?;
+    if messages.is_empty() {
+        return Err(ApiError::invalid_param(
+            "messages",
+            "messages must contain at least one message",
+        ));
+    }
+    messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, message)| {
+            if !matches!(message.role.as_str(), "system" | "user" | "assistant") {
+                return Err(ApiError::invalid_param(
+                    format!("messages[{i}].role"),
+                    format!(
+                        "messages[{i}].role `{}` is not supported (system, user or assistant)",
+                        message.role
+                    ),
+                ));
+            }
+            let content = message_text(&message.content).ok_or_else(|| {
+                ApiError::invalid_param(
+                    format!("messages[{i}].content"),
+                    format!("messages[{i}].content must be a string or an array of text parts"),
+                )
+            })?;
+            Ok(ChatMessage::new(message.role, content))
+        })
+        .collect()
+}
+
+/// A message's text: a string, or text parts (`{"type": "text", "text": ...}`) joined by newlines.
+fn message_text(content: &Value) -> Option<String> {
+    match content {
+        Value::String(text) => Some(text.clone()),
+        Value::Array(parts) => {
+            let texts: Option<Vec<&str>> = parts
+                .iter()
+                .map(|part| {
+                    let object = part.as_object()?;
+                    if object.len() != 2 || object.get("type")?.as_str()? != "text" {
+                        return None;
+                    }
+                    object.get("text")?.as_str()
+                })
+                .collect();
+            texts.map(|t| t.join("\n"))
+        }
+        _ => None,
+    }
+}
+
+fn parse_prompt(value: Value) -> Result<PromptInput, ApiError> {
+    let bad = || {
+        ApiError::invalid_param(
+            "prompt",
+            "prompt must be a non-empty string, an array of one string, or an array of token ids",
+        )
+    };
+    match value {
+        Value::String(text) if !text.is_empty() => Ok(PromptInput::Text(text)),
+        Value::Array(items) if items.len() == 1 && items[0].is_string() => {
+            parse_prompt(items.into_iter().next().unwrap_or(Value::Null))
+        }
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_string) => {
+            Err(ApiError::invalid_param(
+                "prompt",
+                "batched prompts are not supported: send one prompt per request",
+            ))
+        }
+        Value::Array(items) if !items.is_empty() => items
+            .iter()
+            .map(|item| {
+                item.as_u64()
+                    .and_then(|id| u32::try_from(id).ok())
+                    .ok_or_else(bad)
+            })
+            .collect::<Result<Vec<u32>, _>>()
+            .map(PromptInput::Tokens),
+        _ => Err(bad()),
+    }
+}
+
+fn parse_stop(value: Option<Value>) -> Result<Vec<String>, ApiError> {
+    let bad = |why: &str| ApiError::invalid_param("stop", format!("stop: {why}"));
+    let stops = match value {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::String(s)) => vec![s],
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::String(s) => Ok(s),
+                _ => Err(bad("every stop sequence must be a string")),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(bad("must be a string or an array of strings")),
+    };
+    if stops.len() > MAX_STOP_STRINGS {
+        return Err(bad(&format!(
+            "at most {MAX_STOP_STRINGS} stop sequences are allowed, got {}",
+            stops.len()
+        )));
+    }
+    if stops.iter().any(String::is_empty) {
+        return Err(bad("stop sequences must not be empty"));
+    }
+    Ok(stops)
+}
+
+/// Token counts of a response.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Usage {
+    /// Tokens of the prompt (chat template included).
+    pub prompt_tokens: usize,
+    /// Tokens generated.
+    pub completion_tokens: usize,
+    /// Their sum.
+    pub total_tokens: usize,
+}
+
+/// The response extension field `mirror_sd`: how the generation went.
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerationReport {
+    /// `ar`, `sd` or `mirror`.
+    pub method: &'static str,
+    /// The generated token ids (all committed tokens, a stop sequence's included).
+    pub token_ids: Vec<u32>,
+    /// Time the request waited in the queue, in milliseconds.
+    pub queue_ms: f64,
+    /// From arrival to the first committed text, in milliseconds.
+    pub time_to_first_token_ms: Option<f64>,
+    /// The generation itself (prefill included), in milliseconds.
+    pub generation_ms: f64,
+    /// Generated tokens per second of generation time.
+    pub tokens_per_second: f64,
+    /// Window length (0 for `ar`).
+    pub gamma: usize,
+    /// Windows verified.
+    pub windows: usize,
+    /// Mean accepted draft tokens per window, E[A].
+    pub mean_accepted: f64,
+    /// Tokens committed per target forward pass.
+    pub tokens_per_target_pass: f64,
+    /// Acceptance rate of each window position.
+    pub acceptance_by_position: Vec<f64>,
+    /// Mirror: share of next windows served from the hypothesis tree.
+    pub reuse_rate: f64,
+    /// Share of the draft's compute hidden behind the target.
+    pub draft_hidden_fraction: f64,
+}
+
+/// OpenAI's `created`: seconds since the Unix epoch.
+pub fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Identity of one response: its id, creation time and model.
+#[derive(Debug, Clone)]
+pub struct ResponseIdentity {
+    /// `chatcmpl-...` or `cmpl-...`.
+    pub id: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// The served model's name.
+    pub model: String,
+    /// Which endpoint.
+    pub endpoint: Endpoint,
+}
+
+impl ResponseIdentity {
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.endpoint, chunk) {
+            (Endpoint::Chat, false) => "chat.completion",
+            (Endpoint::Chat, true) => "chat.completion.chunk",
+            (Endpoint::Completions, _) => "text_completion",
+        }
+    }
+
+    fn envelope(&self, chunk: bool, choices: Value) -> Map<String, Value> {
+        let mut body = Map::new();
+        body.insert("id".into(), json!(self.id));
+        body.insert("object".into(), json!(self.object(chunk)));
+        body.insert("created".into(), json!(self.created));
+        body.insert("model".into(), json!(self.model));
+        body.insert("choices".into(), choices);
+        body
+    }
+
+    /// The whole (non-streaming) response.
+    pub fn complete(
+        &self,
+        text: &str,
+        finish_reason: &str,
+        usage: Usage,
+        report: &GenerationReport,
+    ) -> Value {
+        let choice = match self.endpoint {
+            Endpoint::Chat => json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": null,
+                "finish_reason": finish_reason,
+            }),
+            Endpoint::Completions => json!({
+                "index": 0,
+                "text": text,
+                "logprobs": null,
+                "finish_reason": finish_reason,
+            }),
+        };
+        let mut body = self.envelope(false, json!([choice]));
+        body.insert("usage".into(), json!(usage));
+        body.insert("mirror_sd".into(), json!(report));
+        Value::Object(body)
+    }
+
+    /// A streamed chunk carrying `text` (the first chat chunk also carries the role).
+    pub fn text_chunk(&self, text: &str, first: bool) -> Value {
+        let choice = match self.endpoint {
+            Endpoint::Chat if first => json!({
+                "index": 0,
+                "delta": {"role": "assistant", "content": text},
+                "logprobs": null,
+                "finish_reason": null,
+            }),
+            Endpoint::Chat => json!({
+                "index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null,
+            }),
+            Endpoint::Completions => json!({
+                "index": 0, "text": text, "logprobs": null, "finish_reason": null,
+            }),
+        };
+        Value::Object(self.envelope(true, json!([choice])))
+    }
+
+    /// The last content chunk: the finish reason and the `mirror_sd` report.
+    pub fn finish_chunk(&self, finish_reason: &str, report: &GenerationReport) -> Value {
+        let choice = match self.endpoint {
+            Endpoint::Chat => json!({
+                "index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_reason,
+            }),
+            Endpoint::Completions => json!({
+                "index": 0, "text": "", "logprobs": null, "finish_reason": finish_reason,
+            }),
+        };
+        let mut body = self.envelope(true, json!([choice]));
+        body.insert("mirror_sd".into(), json!(report));
+        Value::Object(body)
+    }
+
+    /// The usage chunk of `stream_options.include_usage` (no choices).
+    pub fn usage_chunk(&self, usage: Usage) -> Value {
+        let mut body = self.envelope(true, json!([]));
+        body.insert("usage".into(), json!(usage));
+        Value::Object(body)
+    }
+}

@@ -1,0 +1,478 @@
+//! HTTP routes: the OpenAI endpoints, models, health and metrics, with JSON errors everywhere.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use futures_util::{Stream, StreamExt};
+use mirror_scheduler::GenerationConfig;
+use serde_json::{json, Value};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use super::api::{
+    parse_request, unix_seconds, Endpoint, ParsedRequest, PromptInput, ResponseIdentity, Usage,
+};
+use super::backend::{Method, PromptEncoder};
+use super::error::ApiError;
+use super::metrics::Metrics;
+use super::queue::{CancelOnDrop, Completed, Job, JobEvent, RequestQueue};
+
+/// What the handlers share.
+pub(crate) struct App {
+    pub queue: RequestQueue,
+    pub metrics: Arc<Metrics>,
+    pub encoder: PromptEncoder,
+    pub model_name: String,
+    pub created: u64,
+    pub methods: Vec<Method>,
+    pub default_method: Method,
+    pub context_limit: usize,
+    pub vocab_size: usize,
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+    pub default_max_tokens: usize,
+    pub next_id: AtomicU64,
+}
+
+pub(crate) fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{id}", get(get_model))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        // Bodies are read with the server's own limit, which answers 413 in OpenAI's shape.
+        .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&app),
+            count_requests,
+        ))
+        .with_state(app)
+}
+
+async fn count_requests(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let path = request.uri().path().to_string();
+    let response = next.run(request).await;
+    app.metrics
+        .record_request(&path, response.status().as_u16());
+    response
+}
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError::not_found(
+        "route_not_found",
+        format!("no route for {} {}", request.method(), request.uri().path()),
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::method_not_allowed()
+}
+
+fn model_object(app: &App) -> Value {
+    json!({
+        "id": app.model_name,
+        "object": "model",
+        "created": app.created,
+        "owned_by": "mirror-sd",
+        "mirror_sd": {
+            "methods": app.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
+            "default_method": app.default_method.as_str(),
+            "context_limit": app.context_limit,
+        },
+    })
+}
+
+async fn list_models(State(app): State<Arc<App>>) -> Response {
+    axum::Json(json!({"object": "list", "data": [model_object(&app)]})).into_response()
+}
+
+async fn get_model(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
+    if id == app.model_name {
+        axum::Json(model_object(&app)).into_response()
+    } else {
+        unknown_model(&app, &id).into_response()
+    }
+}
+
+fn unknown_model(app: &App, name: &str) -> ApiError {
+    ApiError::not_found(
+        "model_not_found",
+        format!(
+            "the model `{name}` does not exist; this server serves `{}`",
+            app.model_name
+        ),
+    )
+    .with_param("model")
+}
+
+async fn health(State(app): State<Arc<App>>) -> Response {
+    let gauges = app.queue.gauges();
+    let status = if gauges.draining {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    let body = json!({
+        "status": if gauges.draining { "draining" } else { "ok" },
+        "queue_depth": gauges.depth,
+        "queue_capacity": gauges.capacity,
+        "engine_busy": gauges.engine_busy,
+    });
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.metrics.render(app.queue.gauges()),
+    )
+        .into_response()
+}
+
+async fn chat_completions(State(app): State<Arc<App>>, request: Request) -> Response {
+    complete(app, Endpoint::Chat, request)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn completions(State(app): State<Arc<App>>, request: Request) -> Response {
+    complete(app, Endpoint::Completions, request)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Reads the body up to `limit` bytes (413 beyond it).
+async fn read_body(body: Body, declared: Option<u64>, limit: usize) -> Result<Vec<u8>, ApiError> {
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::too_large(limit));
+    }
+    let mut stream = body.into_data_stream();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk
+            .map_err(|e| ApiError::invalid(format!("reading the request body failed: {e}")))?;
+        if bytes.len() + chunk.len() > limit {
+            return Err(ApiError::too_large(limit));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
+}
+
+async fn complete(
+    app: Arc<App>,
+    endpoint: Endpoint,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let received = Instant::now();
+    if app.queue.draining() {
+        return Err(ApiError::shutting_down());
+    }
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let body = read_body(request.into_body(), declared, app.max_body_bytes).await?;
+    let parsed = parse_request(endpoint, &body, app.request_timeout)?;
+    if parsed.model != app.model_name {
+        return Err(unknown_model(&app, &parsed.model));
+    }
+    let method = parsed.method.unwrap_or(app.default_method);
+    if !app.methods.contains(&method) {
+        let served: Vec<&str> = app.methods.iter().map(|m| m.as_str()).collect();
+        return Err(ApiError::invalid_param(
+            "mirror_sd.method",
+            format!(
+                "method `{method}` is not served here (served: {})",
+                served.join(", ")
+            ),
+        ));
+    }
+    if endpoint == Endpoint::Chat && !app.encoder.has_chat_template() {
+        return Err(ApiError::invalid(
+            "this model has no chat template: use /v1/completions",
+        ));
+    }
+    // Tokenizing a long prompt takes a while: keep it off the async threads.
+    let encoder = app.encoder.clone();
+    let input = parsed.prompt.clone();
+    let prompt = tokio::task::spawn_blocking(move || encode(&encoder, input))
+        .await
+        .map_err(|_| ApiError::internal("the tokenizer task failed"))??;
+    let max_new_tokens = check_lengths(&app, &parsed, &prompt)?;
+    let timeout = parsed.timeout.unwrap_or(app.request_timeout);
+    let deadline = received + timeout;
+    let (events, receiver) = unbounded_channel();
+    let (guard, cancel) = CancelOnDrop::new();
+    let prompt_tokens = prompt.len();
+    app.queue.submit(Job {
+        method,
+        prompt,
+        config: GenerationConfig {
+            max_new_tokens,
+            sampling: parsed.sampling,
+            seed: parsed.seed,
+            stop_at_eos: !parsed.ignore_eos,
+            stop_tokens: Vec::new(),
+        },
+        stop: parsed.stop.clone(),
+        received,
+        deadline,
+        timeout,
+        cancel,
+        events,
+    })?;
+    let id = app.next_id.fetch_add(1, Ordering::Relaxed);
+    let identity = ResponseIdentity {
+        id: match endpoint {
+            Endpoint::Chat => format!("chatcmpl-{:x}-{id}", app.created),
+            Endpoint::Completions => format!("cmpl-{:x}-{id}", app.created),
+        },
+        created: unix_seconds(),
+        model: app.model_name.clone(),
+        endpoint,
+    };
+    let waiting = Waiting {
+        receiver,
+        _guard: guard,
+        deadline,
+        timeout,
+    };
+    if parsed.stream {
+        stream_response(waiting, identity, prompt_tokens, parsed.include_usage).await
+    } else {
+        whole_response(waiting, identity, prompt_tokens).await
+    }
+}
+
+fn encode(encoder: &PromptEncoder, input: PromptInput) -> Result<Vec<u32>, ApiError> {
+    let tokens = match input {
+        PromptInput::Chat(messages) => encoder.chat(&messages),
+        PromptInput::Text(text) => encoder.text(&text),
+        PromptInput::Tokens(tokens) => Ok(tokens),
+    };
+    tokens.map_err(|e| ApiError::invalid(format!("the prompt cannot be encoded: {e}")))
+}
+
+/// Checks the prompt against the vocabulary and context; returns the tokens to generate.
+fn check_lengths(app: &App, parsed: &ParsedRequest, prompt: &[u32]) -> Result<usize, ApiError> {
+    if prompt.is_empty() {
+        return Err(ApiError::invalid_param(
+            "prompt",
+            "the prompt encodes to no tokens",
+        ));
+    }
+    let vocab = app.vocab_size.min(app.encoder.vocab_size());
+    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ApiError::invalid_param(
+            "prompt",
+            format!("token id {bad} is outside the vocabulary of {vocab} tokens"),
+        ));
+    }
+    let limit = app.context_limit;
+    if prompt.len() >= limit {
+        let param = match parsed.prompt {
+            PromptInput::Chat(_) => "messages",
+            _ => "prompt",
+        };
+        return Err(ApiError::invalid_param(
+            param,
+            format!(
+                "the prompt has {} tokens but the model's context limit is {limit}",
+                prompt.len()
+            ),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    let room = limit - prompt.len();
+    match parsed.max_tokens {
+        Some(asked) if asked > room as u64 => Err(ApiError::invalid_param(
+            "max_tokens",
+            format!(
+                "max_tokens {asked} plus the prompt's {} tokens exceed the model's context limit of {limit}",
+                prompt.len()
+            ),
+        )
+        .with_code("context_length_exceeded")),
+        Some(asked) => Ok(asked as usize),
+        None => Ok(app.default_max_tokens.min(room)),
+    }
+}
+
+/// A queued job seen from its handler.
+struct Waiting {
+    receiver: UnboundedReceiver<JobEvent>,
+    /// Cancels the job if this handler or stream is dropped (the client went away).
+    _guard: CancelOnDrop,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+impl Waiting {
+    fn timed_out(&self) -> ApiError {
+        ApiError::deadline(self.timeout.as_secs_f64(), None)
+    }
+}
+
+async fn whole_response(
+    mut waiting: Waiting,
+    identity: ResponseIdentity,
+    prompt_tokens: usize,
+) -> Result<Response, ApiError> {
+    let finished = tokio::time::timeout_at(waiting.deadline.into(), async {
+        while let Some(event) = waiting.receiver.recv().await {
+            if let JobEvent::Finished(result) = event {
+                return Some(result);
+            }
+        }
+        None
+    })
+    .await;
+    let completed = match finished {
+        Err(_) => return Err(waiting.timed_out()),
+        Ok(None) => return Err(ApiError::internal("the engine worker stopped")),
+        Ok(Some(result)) => result?,
+    };
+    let usage = usage(prompt_tokens, &completed);
+    let body = identity.complete(
+        &completed.text,
+        completed.finish_reason,
+        usage,
+        &completed.report,
+    );
+    Ok(axum::Json(body).into_response())
+}
+
+fn usage(prompt_tokens: usize, completed: &Completed) -> Usage {
+    let completion_tokens = completed.report.token_ids.len();
+    Usage {
+        prompt_tokens,
+        completion_tokens,
+        total_tokens: prompt_tokens + completion_tokens,
+    }
+}
+
+/// Waits until the engine takes the job (errors before that get their own status), then
+/// streams server-sent events.
+async fn stream_response(
+    mut waiting: Waiting,
+    identity: ResponseIdentity,
+    prompt_tokens: usize,
+    include_usage: bool,
+) -> Result<Response, ApiError> {
+    let first = tokio::time::timeout_at(waiting.deadline.into(), waiting.receiver.recv()).await;
+    let mut pending = VecDeque::new();
+    match first {
+        Err(_) => return Err(waiting.timed_out()),
+        Ok(None) => return Err(ApiError::internal("the engine worker stopped")),
+        Ok(Some(JobEvent::Finished(Err(error)))) => return Err(error),
+        Ok(Some(event)) => pending.push_back(event),
+    }
+    let stream = EventStream {
+        waiting,
+        identity,
+        prompt_tokens,
+        include_usage,
+        sent_text: false,
+        pending_events: pending,
+        out: VecDeque::new(),
+        done: false,
+    };
+    Ok(Sse::new(stream.into_stream()).into_response())
+}
+
+/// Turns a job's events into OpenAI's stream of chunks, ending with `data: [DONE]`.
+struct EventStream {
+    waiting: Waiting,
+    identity: ResponseIdentity,
+    prompt_tokens: usize,
+    include_usage: bool,
+    /// Whether a text chunk went out (the first chat chunk carries the role).
+    sent_text: bool,
+    /// Events received before the stream started.
+    pending_events: VecDeque<JobEvent>,
+    /// Events ready to send.
+    out: VecDeque<Event>,
+    done: bool,
+}
+
+impl EventStream {
+    fn into_stream(self) -> impl Stream<Item = Result<Event, Infallible>> + Send {
+        futures_util::stream::unfold(self, |mut state| async move {
+            loop {
+                if let Some(event) = state.out.pop_front() {
+                    return Some((Ok(event), state));
+                }
+                if state.done {
+                    return None;
+                }
+                let next = match state.pending_events.pop_front() {
+                    Some(event) => Some(event),
+                    None => state.waiting.receiver.recv().await,
+                };
+                state.handle(next);
+            }
+        })
+    }
+
+    fn push_json(&mut self, value: &Value) {
+        self.out.push_back(Event::default().data(value.to_string()));
+    }
+
+    fn end(&mut self) {
+        self.out.push_back(Event::default().data("[DONE]"));
+        self.done = true;
+    }
+
+    fn handle(&mut self, event: Option<JobEvent>) {
+        match event {
+            Some(JobEvent::Started) => {}
+            Some(JobEvent::Text(text)) => {
+                let chunk = self.identity.text_chunk(&text, !self.sent_text);
+                self.sent_text = true;
+                self.push_json(&chunk);
+            }
+            Some(JobEvent::Finished(Ok(completed))) => {
+                if !self.sent_text && self.identity.endpoint == Endpoint::Chat {
+                    let chunk = self.identity.text_chunk("", true);
+                    self.push_json(&chunk);
+                }
+                let finish = self
+                    .identity
+                    .finish_chunk(completed.finish_reason, &completed.report);
+                self.push_json(&finish);
+                if self.include_usage {
+                    let chunk = self
+                        .identity
+                        .usage_chunk(usage(self.prompt_tokens, &completed));
+                    self.push_json(&chunk);
+                }
+                self.end();
+            }
+            Some(JobEvent::Finished(Err(error))) => {
+                self.out.push_back(Event::default().data(error.body_json()));
+                self.end();
+            }
+            None => {
+                let error = ApiError::internal("the engine worker stopped");
+                self.out.push_back(Event::default().data(error.body_json()));
+                self.end();
+            }
+        }
+    }
+}

@@ -1,0 +1,66 @@
+"""The official `openai` client against the mirror-sd server (run by tests/serve.rs).
+
+Usage: openai_client.py BASE_URL MODEL QUESTION TEXT_PROMPT. Prints one JSON object with what
+the client received, greedy, 16 tokens each, whole and streamed.
+"""
+
+import json
+import sys
+
+import openai
+
+base_url, model, question, text_prompt = sys.argv[1:5]
+client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+messages = [{"role": "user", "content": question}]
+report = {"models": [m.id for m in client.models.list().data]}
+
+chat = client.chat.completions.create(
+    model=model,
+    messages=messages,
+    max_tokens=16,
+    temperature=0,
+    extra_body={"mirror_sd": {"method": "sd"}},
+)
+report["chat"] = chat.choices[0].message.content
+report["chat_usage_completion_tokens"] = chat.usage.completion_tokens
+# Extension fields arrive as extra attributes of the pydantic model.
+report["chat_method"] = chat.model_extra["mirror_sd"]["method"]
+
+stream = client.chat.completions.create(
+    model=model,
+    messages=messages,
+    max_tokens=16,
+    temperature=0,
+    stream=True,
+    stream_options={"include_usage": True},
+)
+pieces, usage = [], None
+for chunk in stream:
+    if chunk.usage is not None:
+        usage = chunk.usage
+    if chunk.choices and chunk.choices[0].delta.content:
+        pieces.append(chunk.choices[0].delta.content)
+report["chat_stream"] = "".join(pieces)
+report["chat_stream_usage_completion_tokens"] = usage.completion_tokens if usage else None
+
+completion = client.completions.create(model=model, prompt=text_prompt, max_tokens=16, temperature=0)
+report["completion"] = completion.choices[0].text
+
+stream = client.completions.create(
+    model=model, prompt=text_prompt, max_tokens=16, temperature=0, stream=True
+)
+report["completion_stream"] = "".join(c.choices[0].text for c in stream if c.choices)
+
+try:
+    client.chat.completions.create(model="gpt-9", messages=messages, max_tokens=4)
+    report["unknown_model_status"] = None
+except openai.NotFoundError as error:
+    report["unknown_model_status"] = error.status_code
+
+try:
+    client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=7)
+    report["bad_temperature_status"] = None
+except openai.BadRequestError as error:
+    report["bad_temperature_status"] = error.status_code
+
+print(json.dumps(report))

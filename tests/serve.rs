@@ -1,0 +1,1133 @@
+//! The HTTP server on SmolLM2-135M (self-speculative draft: its own first 10 layers), started
+//! in-process on 127.0.0.1 with an ephemeral port. The reference for every greedy output is an
+//! `Engine` running the target alone on the same request.
+//!
+//! Tests run one at a time (a lock): several assert on the engine being free or busy, and this
+//! machine has two cores. Without the model they skip, except under `CI=true`.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use mirror_sd::mirror_core::sampling::SamplingParams;
+use mirror_sd::mirror_core::{load, ChatMessage, LoadOptions, Model, ModelSource, Tokenizer};
+use mirror_sd::mirror_scheduler::{Autoregressive, Engine, GenerationConfig};
+use mirror_sd::serve::client::{self, Connection, HttpResponse};
+use mirror_sd::serve::{Backend, Method, RunningServer, Server, ServerConfig, SpeculationSettings};
+use serde_json::{json, Value};
+
+const MODEL_NAME: &str = "smollm2-135m";
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+struct Smollm2 {
+    target: Arc<Model>,
+    draft: Arc<Model>,
+    tokenizer: Tokenizer,
+}
+
+fn smollm2() -> Option<&'static Smollm2> {
+    static MODEL: OnceLock<Option<Smollm2>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let path = common::smollm2_path()?;
+            let loaded = load(&ModelSource::Gguf(path), &LoadOptions::default()).expect("load");
+            let target = Arc::new(loaded.model);
+            let draft = Arc::new(target.truncated(10).expect("self-draft"));
+            Some(Smollm2 {
+                target,
+                draft,
+                tokenizer: loaded.tokenizer,
+            })
+        })
+        .as_ref()
+}
+
+/// One server test at a time (a failed test must not block the others).
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn test_config() -> ServerConfig {
+    ServerConfig {
+        model_name: MODEL_NAME.into(),
+        queue_capacity: 16,
+        max_body_bytes: 256 << 10,
+        request_timeout: Duration::from_secs(120),
+        default_max_tokens: 16,
+        shutdown_grace: Duration::from_secs(60),
+        handle_signals: false,
+    }
+}
+
+fn start(model: &Smollm2, config: ServerConfig) -> RunningServer {
+    let backend = Backend::new(
+        Arc::clone(&model.target),
+        Some(Arc::clone(&model.draft)),
+        model.tokenizer.clone(),
+        &Method::ALL,
+        Method::Mirror,
+        &SpeculationSettings::default(),
+    )
+    .expect("backend");
+    Server::start("127.0.0.1:0".parse().unwrap(), backend, config).expect("start")
+}
+
+/// The independent reference: the target alone through the `Engine`.
+struct Reference {
+    engine: Engine,
+}
+
+impl Reference {
+    fn new(model: &Smollm2) -> Self {
+        Self {
+            engine: Engine::new(
+                Box::new(Autoregressive::new(Arc::clone(&model.target))),
+                model.tokenizer.clone(),
+            ),
+        }
+    }
+
+    /// (token ids, text) for a chat request.
+    fn chat(&mut self, user: &str, config: &GenerationConfig) -> (Vec<u32>, String) {
+        let generation = self
+            .engine
+            .generate(&[ChatMessage::new("user", user)][..], config)
+            .unwrap();
+        (generation.tokens, generation.text.unwrap())
+    }
+
+    /// (token ids, text) for a text completion.
+    fn text(&mut self, prompt: &str, config: &GenerationConfig) -> (Vec<u32>, String) {
+        let generation = self.engine.generate(prompt, config).unwrap();
+        (generation.tokens, generation.text.unwrap())
+    }
+}
+
+fn chat_body(user: &str, max_tokens: usize, method: &str, stream: bool) -> Value {
+    json!({
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": user}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+        "mirror_sd": {"method": method},
+    })
+}
+
+fn completion_body(prompt: &str, max_tokens: usize, method: &str, stream: bool) -> Value {
+    json!({
+        "model": MODEL_NAME,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+        "mirror_sd": {"method": method},
+    })
+}
+
+fn post(addr: SocketAddr, path: &str, body: &Value) -> HttpResponse {
+    client::post_json(addr, path, body, TIMEOUT).expect("request")
+}
+
+/// Text of a whole response (chat or completion).
+fn response_text(body: &Value) -> String {
+    let choice = &body["choices"][0];
+    choice["message"]["content"]
+        .as_str()
+        .or_else(|| choice["text"].as_str())
+        .unwrap_or_else(|| panic!("no text in {body}"))
+        .to_string()
+}
+
+fn token_ids(report: &Value) -> Vec<u32> {
+    report["token_ids"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no token_ids in {report}"))
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// A finished stream: its text, finish reason, last `mirror_sd` report and the raw events.
+struct Streamed {
+    text: String,
+    finish_reason: String,
+    report: Value,
+    usage: Option<Value>,
+    events: Vec<String>,
+}
+
+fn open_stream(addr: SocketAddr, path: &str, body: &Value) -> Connection {
+    let connection = Connection::open(addr, "POST", path, body.to_string().as_bytes(), TIMEOUT)
+        .expect("open stream");
+    assert_eq!(connection.status, 200, "stream status");
+    assert!(
+        connection
+            .header("content-type")
+            .is_some_and(|v| v.starts_with("text/event-stream")),
+        "content type {:?}",
+        connection.header("content-type")
+    );
+    connection
+}
+
+fn read_stream(mut connection: Connection) -> Streamed {
+    let mut streamed = Streamed {
+        text: String::new(),
+        finish_reason: String::new(),
+        report: Value::Null,
+        usage: None,
+        events: Vec::new(),
+    };
+    while let Some(data) = connection.next_event_data().expect("event") {
+        streamed.events.push(data.clone());
+        if data == "[DONE]" {
+            continue;
+        }
+        let chunk: Value = serde_json::from_str(&data).expect("chunk JSON");
+        assert!(chunk.get("error").is_none(), "error event {chunk}");
+        if let Some(usage) = chunk.get("usage") {
+            streamed.usage = Some(usage.clone());
+        }
+        let Some(choice) = chunk["choices"].get(0) else {
+            continue;
+        };
+        let piece = choice["delta"]["content"]
+            .as_str()
+            .or_else(|| choice["text"].as_str())
+            .unwrap_or("");
+        streamed.text += piece;
+        if let Some(reason) = choice["finish_reason"].as_str() {
+            streamed.finish_reason = reason.to_string();
+            streamed.report = chunk["mirror_sd"].clone();
+        }
+    }
+    assert_eq!(
+        streamed.events.last().map(String::as_str),
+        Some("[DONE]"),
+        "the stream must end with [DONE]"
+    );
+    streamed
+}
+
+/// A metric's value from the Prometheus text (0 when absent).
+fn metric(addr: SocketAddr, name_and_labels: &str) -> f64 {
+    let text = client::get(addr, "/metrics", TIMEOUT).unwrap().text();
+    text.lines()
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == name_and_labels).then(|| value.parse::<f64>().unwrap())
+        })
+        .unwrap_or(0.0)
+}
+
+fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !condition() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "timed out waiting until {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+const QUESTION: &str = "What is the capital of France?";
+const TEXT_PROMPT: &str = "def fibonacci(n):";
+
+#[test]
+fn greedy_responses_equal_the_engine_token_for_token() {
+    let _serial = serial();
+    let Some(model) = smollm2() else { return };
+    let mut reference = Reference::new(model);
+    let config = GenerationConfig::greedy(16);
+    let (chat_tokens, chat_text) = reference.chat(QUESTION, &config);
+    let (text_tokens, text_text) = reference.text(TEXT_PROMPT, &config);
+    let server = start(model, test_config());
+    let addr = server.local_addr();
+    for method in ["ar", "sd", "mirror"] {
+        for (path, body, tokens, text) in [
+            (
+                "/v1/chat/completions",
+                chat_body(QUESTION, 16, method, false),
+                &chat_tokens,
+                &chat_text,
+            ),
+            (
+                "/v1/completions",
+                completion_body(TEXT_PROMPT, 16, method, false),
+                &text_tokens,
+                &text_text,
+            ),
+        ] {
+            let response = post(addr, path, &body);
+            assert_eq!(response.status, 200, "{path} {method}: {}", response.text());
+            let json = response.json().unwrap();
+            assert_eq!(&token_ids(&json["mirror_sd"]), tokens, "{path} {method}");
+            assert_eq!(&response_text(&json), text, "{path} {method}");
+            assert_eq!(json["mirror_sd"]["method"], method);
+            assert_eq!(json["usage"]["completion_tokens"], tokens.len());
+            assert_eq!(json["model"], MODEL_NAME);
+            let expected_object = if path.contains("chat") {
+                "chat.completion"
+            } else {
+                "text_completion"
+            };
+            assert_eq!(json["object"], expected_object);
+
+            let mut stream_body = body.clone();
+            stream_body["stream"] = json!(true);
+            stream_body["stream_options"] = json!({"include_usage": true});
+            let streamed = read_stream(open_stream(addr, path, &stream_body));
+            assert_eq!(&streamed.text, text, "{path} {method} streamed");
+            assert_eq!(
+                &token_ids(&streamed.report),
+                tokens,
+                "{path} {method} streamed"
+            );
+            let usage = streamed.usage.expect("usage chunk");
+            assert_eq!(usage["completion_tokens"], tokens.len());
+            assert!(
+                streamed.events.len() >= 4,
+                "a stream of {} events for {} tokens",
+                streamed.events.len(),
+                tokens.len()
+            );
+            if method != "ar" {
+                assert!(
+                    json["mirror_sd"]["mean_accepted"].as_f64().unwrap() > 0.0,
+                    "{method}: the self-draft never agreed"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn sampled_requests_follow_seed_temperature_top_k_and_top_p() {
+    let _serial = serial();
+    let Some(model) = smollm2() else { return };
+    let config = GenerationConfig {
+        max_new_tokens: 16,
+        sampling: SamplingParams {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.9,
+        },
+        seed: 7,
+        ..GenerationConfig::default()
+    };
+    let (tokens, _) = Reference::new(model).chat(QUESTION, &config);
+    let server = start(model, test_config());
+    let mut body = chat_body(QUESTION, 16, "ar", false);
+    body["temperature"] = json!(0.8);
+    body["top_k"] = json!(40);
+    body["top_p"] = json!(0.9);
+    body["seed"] = json!(7);
+    let response = post(server.local_addr(), "/v1/chat/completions", &body);
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(token_ids(&response.json().unwrap()["mirror_sd"]), tokens);
+    body["seed"] = json!(8);
+    let other = post(server.local_addr(), "/v1/chat/completions", &body);
+    assert_ne!(
+        token_ids(&other.json().unwrap()["mirror_sd"]),
+        tokens,
+        "another seed gave the same sample"
+    );
+}
+
+#[test]
+fn stop_strings_cut_the_text_in_both_modes() {
+    let _serial = serial();
+    let Some(model) = smollm2() else { return };
+    let (_, full) = Reference::new(model).text(TEXT_PROMPT, &GenerationConfig::greedy(24));
+    // A stop string from the middle of the reference output (on character boundaries).
+    let chars: Vec<(usize, char)> = full.char_indices().collect();
+    assert!(chars.len() > 12, "reference output too short: {full:?}");
+    let (from, to) = (chars[chars.len() / 2].0, chars[chars.len() / 2 + 3].0);
+    let stop = full[from..to].to_string();
+    let expected = &full[..full.find(&stop).unwrap()];
+    let server = start(model, test_config());
+    for method in ["ar", "mirror"] {
+        let mut body = completion_body(TEXT_PROMPT, 24, method, false);
+        body["stop"] = json!(["\u{1}never", stop]);
+        let json = post(server.local_addr(), "/v1/completions", &body)
+            .json()
+            .unwrap();
+        assert_eq!(
+            response_text(&json),
+            expected,
+            "{method} with stop {stop:?}"
+        );
+        assert_eq!(json["choices"][0]["finish_reason"], "stop");
+        body["stream"] = json!(true);
+        let streamed = read_stream(open_stream(server.local_addr(), "/v1/completions", &body));
+        assert_eq!(streamed.text, expected, "{method} streamed, stop {stop:?}");
+        assert_eq!(streamed.finish_reason, "stop");
+    }
+}
+
+#[test]
+fn sixteen_concurrent_clients_complete_with_correct_outputs() {
+    let _serial = serial();
+    let Some(model) = smollm2() else { return };
+    let questions = [
+        QUESTION,
+        "Name three primary colors.",
+        "Write a haiku about rain.",
+        "What is 12 times 12?",
+    ];
+    let mut reference = Reference::new(model);
+    let config = GenerationConfig::greedy(12);
+    let expected: Vec<(Vec<u32>, String)> = questions
+        .iter()
+        .map(|q| reference.chat(q, &config))
+        .collect();
+    let server = start(model, test_config());
+    let addr = server.local_addr();
+    let methods = ["ar", "sd", "mirror"];
+    let clients: Vec<_> = (0..16)
+        .map(|i| {
+            let question = questions[i % questions.len()];
+            let body = chat_body(question, 12, methods[i % methods.len()], i % 2 == 1);
+            std::thread::spawn(move || {
+                if i % 2 == 1 {
+                    let streamed = read_stream(open_stream(addr, "/v1/chat/completions", &body));
+                    (i, streamed.text, token_ids(&streamed.report))
+                } else {
+                    let response = post(addr, "/v1/chat/completions", &body);
+                    assert_eq!(response.status, 200, "client {i}: {}", response.text());
+                    let json = response.json().unwrap();
+                    (i, response_text(&json), token_ids(&json["mirror_sd"]))
+                }
+            })
+        })
+        .collect();
+    for handle in clients {
+        let (i, text, tokens) = handle.join().expect("client thread");
+        let (want_tokens, want_text) = &expected[i % questions.len()];
+        assert_eq!(&tokens, want_tokens, "client {i}");
+        assert_eq!(&text, want_text, "client {i}");
+    }
+    assert_eq!(
+        metric(
+            addr,
+            "mirror_sd_requests_total{route=\"/v1/chat/completions\",status=\"200\"}"
+        ),
+        16.0
+    );
+    assert_eq!(metric(addr, "mirror_sd_queue_depth"), 0.0);
+}
+
+/// A long generation that only stops when cancelled (end-of-sequence ignored).
+fn endless(method: &str) -> Value {
+    let mut body = completion_body("Count from one to one thousand:", 4000, method, true);
+    body["mirror_sd"]["ignore_eos"] = json!(true);
+    body
+}
+
+#[test]
+fn a_full_queue_answers_429_with_retry_after() {
+    let _serial = serial();
+    let Some(model) = smollm2() else { return };
+    let server = start(
+        model,
+        ServerConfig {
+            queue_capacity: 1,
+            ..test_config()
+        },
+    );
+    let addr = server.local_addr();
+    // A runs; B waits in the one place of the queue; C finds it full.
+    let mut running = open_stream(addr, "/v1/completions", &endless("ar"));
+    running.next_event_data().unwrap().expect("a first chunk");
+    let waiting = std::thread::spawn(move || {
+        post(
+            addr,
+            "/v1/chat/completions",
+            &chat_body(QUESTION, 8, "ar", false),
+        )
+    });
+    wait_until("B is queued", || {
+        metric(addr, "mirror_sd_queue_depth") == 1.0
+    });
+    let refused = post(
+        addr,
+        "/v1/chat/completions",
+        &chat_body(QUESTION, 8, "ar", false),
+    );
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    let retry_after: u64 = refused
+        .header("retry-after")
+        .expect("Retry-After header")
+        .parse()
+        .expect("Retry-After in seconds");
+    assert!(retry_after >= 1);
+    let error = refused.json().unwrap();
+    assert_eq!(error["error"]["type"], "rate_limit_error");
+    assert_eq!(error["error"]["code"], "queue_full");
+    // Once A goes away, B runs and the queue accepts again.
+    running.disconnect();
+    let queued = waiting.join().unwrap();
+    assert_eq!(queued.status, 200, "{}", queued.text());
+    let after = post(
+        addr,
+        "/v1/chat/completions",
+        &chat_body(QUESTION, 4, "ar", false),
+    );
+    assert_eq!(after.status, 200);
+}
+
+#[test]
+fn a_client_that_disconnects_mid_stream_frees_the_engine() {
+    let _serial = serial();
+    let Some(model) = smollm2() else { return };
+    let server = start(model, test_config());
+    let addr = server.local_addr();
+    // The engine's speed on this machine now, to size "a full generation".
+    let probe = post(addr, "/v1/completions", &{
+        let mut body = endless("mirror");
+        body["stream"] = json!(false);
+        body["max_tokens"] = json!(64);
+        body
+    });
+    let probe = probe.json().unwrap();
+    let tokens_per_second = probe["mirror_sd"]["tokens_per_second"].as_f64().unwrap();
+    let full_generation = Duration::from_secs_f64(4000.0 / tokens_per_second);
+    let mirror_tokens_before = metric(addr, "mirror_sd_generated_tokens_total{method=\"mirror\"}");
+
+    let mut abandoned = open_stream(addr, "/v1/completions", &endless("mirror"));
+    for _ in 0..3 {
+        abandoned.next_event_data().unwrap().expect("a chunk");
+    }
+    abandoned.disconnect();
+    let started = Instant::now();
+    let next = post(
+        addr,
+        "/v1/chat/completions",
+        &chat_body(QUESTION, 8, "ar", false),
+    );
+    let next_latency = started.elapsed();
+    assert_eq!(next.status, 200, "{}", next.text());
+
+    // The engine's own counters: the abandoned generation ended as cancelled, after a few tokens.
+    assert_eq!(
+        metric(
+            addr,
+            "mirror_sd_generations_total{method=\"mirror\",outcome=\"cancelled\"}"
+        ),
+        1.0
+    );
+    let abandoned_tokens =
+        metric(addr, "mirror_sd_generated_tokens_total{method=\"mirror\"}") - mirror_tokens_before;
+    assert!(
+        abandoned_tokens < 400.0,
+        "the abandoned generation ran on for {abandoned_tokens} of 4000 tokens"
+    );
+    assert!(
+        next_latency < full_generation / 10,
+        "the next request took {next_latency:?}; a full abandoned generation takes {full_generation:?}"
+    );
+
+    // The same for a client of a whole (non-streamed) response that leaves while it generates.
+    let mut whole = endless("sd");
+    whole["stream"] = json!(false);
+    let leaving = client::send_request(
+        addr,
+        "POST",
+        "/v1/completions",
+        whole.to_string().as_bytes(),
+        TIMEOUT,
+    )
+    .unwrap();
+    wait_until("the whole request runs", || {
+        metric(addr, "mirror_sd_engine_busy") == 1.0
+    });
+    drop(leaving);
+    let started = Instant::now();
+    let next = post(
+        addr,
+        "/v1/chat/completions",
+        &chat_body(QUESTION, 8, "ar", false),
+    );
+    assert_eq!(next.status, 200, "{}", next.text());
+    assert_eq!(
+        metric(
+            addr,
+            "mirror_sd_generations_total{method=\"sd\",outcome=\"cancelled\"}"
+        ),
+        1.0
+    );
+    assert!(
+        started.elapsed() < full_generation / 10,
+        "after a whole request was abandoned the next took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn bad_inputs_get_their_status_and_error_body_and_harm_no_other_request() {
+    let _serial = serial();
+    let Some(model) = smollm2() else { return };
+    let (tokens, text) = Reference::new(model).text(TEXT_PROMPT, &GenerationConfig::greedy(48));
+    let server = start(model, test_config());
+    let addr = server.local_addr();
+    // A good request streams while the bad ones arrive.
+    let good = open_stream(
+        addr,
+        "/v1/completions",
+        &completion_body(TEXT_PROMPT, 48, "mirror", true),
+    );
+    let chat = |extra: Value| {
+        let mut body = chat_body(QUESTION, 8, "ar", false);
+        for (key, value) in extra.as_object().unwrap() {
+            body[key] = value.clone();
+        }
+        body.to_string().into_bytes()
+    };
+    let completion = |extra: Value| {
+        let mut body = completion_body(TEXT_PROMPT, 8, "ar", false);
+        for (key, value) in extra.as_object().unwrap() {
+            body[key] = value.clone();
+        }
+        body.to_string().into_bytes()
+    };
+    let context_limit = model.target.context_limit();
+    let chat_path = "/v1/chat/completions";
+    let completions_path = "/v1/completions";
+    // (what, path, body, status, error code or param it must name)
+    let cases: Vec<(&str, &str, Vec<u8>, u16, &str)> = vec![
+        (
+            "malformed JSON",
+            chat_path,
+            b"{\"model\": ".to_vec(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "non-UTF-8 body",
+            chat_path,
+            b"{\"model\": \"\xff\xfe\"}".to_vec(),
+            400,
+            "invalid_utf8",
+        ),
+        (
+            "not an object",
+            chat_path,
+            b"[1, 2]".to_vec(),
+            400,
+            "JSON object",
+        ),
+        (
+            "unknown field",
+            chat_path,
+            chat(json!({"frobnicate": 1})),
+            400,
+            "frobnicate",
+        ),
+        (
+            "wrong type",
+            chat_path,
+            chat(json!({"temperature": "hot"})),
+            400,
+            "temperature",
+        ),
+        (
+            "messages not a list",
+            chat_path,
+            chat(json!({"messages": "hi"})),
+            400,
+            "messages",
+        ),
+        (
+            "message without content",
+            chat_path,
+            chat(json!({"messages": [{"role": "user"}]})),
+            400,
+            "content",
+        ),
+        (
+            "unknown role",
+            chat_path,
+            chat(json!({"messages": [{"role": "wizard", "content": "x"}]})),
+            400,
+            "role",
+        ),
+        (
+            "missing messages",
+            chat_path,
+            br#"{"model": "smollm2-135m"}"#.to_vec(),
+            400,
+            "messages",
+        ),
+        (
+            "missing model",
+            chat_path,
+            br#"{"messages": [{"role": "user", "content": "x"}]}"#.to_vec(),
+            400,
+            "model",
+        ),
+        (
+            "unknown model",
+            chat_path,
+            chat(json!({"model": "gpt-9"})),
+            404,
+            "model_not_found",
+        ),
+        (
+            "empty message list",
+            chat_path,
+            chat(json!({"messages": []})),
+            400,
+            "messages",
+        ),
+        (
+            "prompt over the context",
+            chat_path,
+            chat(
+                json!({"messages": [{"role": "user", "content": "hello ".repeat(context_limit)}]}),
+            ),
+            400,
+            "context_length_exceeded",
+        ),
+        (
+            "token prompt over the context",
+            completions_path,
+            completion(json!({"prompt": vec![1u32; context_limit]})),
+            400,
+            "context_length_exceeded",
+        ),
+        (
+            "token outside the vocabulary",
+            completions_path,
+            completion(json!({"prompt": [1, 10_000_000]})),
+            400,
+            "vocabulary",
+        ),
+        (
+            "empty prompt",
+            completions_path,
+            completion(json!({"prompt": ""})),
+            400,
+            "prompt",
+        ),
+        (
+            "batched prompts",
+            completions_path,
+            completion(json!({"prompt": ["a", "b"]})),
+            400,
+            "batched",
+        ),
+        (
+            "max_tokens 0",
+            chat_path,
+            chat(json!({"max_tokens": 0})),
+            400,
+            "max_tokens",
+        ),
+        (
+            "max_tokens huge",
+            chat_path,
+            chat(json!({"max_tokens": 1_000_000_000_000u64})),
+            400,
+            "context_length_exceeded",
+        ),
+        (
+            "max_tokens negative",
+            chat_path,
+            chat(json!({"max_tokens": -1})),
+            400,
+            "max_tokens",
+        ),
+        (
+            "temperature above 2",
+            chat_path,
+            chat(json!({"temperature": 3.0})),
+            400,
+            "temperature",
+        ),
+        (
+            "temperature negative",
+            chat_path,
+            chat(json!({"temperature": -0.5})),
+            400,
+            "temperature",
+        ),
+        (
+            "top_p 0",
+            chat_path,
+            chat(json!({"top_p": 0.0})),
+            400,
+            "top_p",
+        ),
+        (
+            "top_p above 1",
+            chat_path,
+            chat(json!({"top_p": 1.5})),
+            400,
+            "top_p",
+        ),
+        (
+            "top_k negative",
+            chat_path,
+            chat(json!({"top_k": -1})),
+            400,
+            "top_k",
+        ),
+        (
+            "seed negative",
+            chat_path,
+            chat(json!({"seed": -1})),
+            400,
+            "seed",
+        ),
+        ("n = 2", chat_path, chat(json!({"n": 2})), 400, "n"),
+        (
+            "five stop strings",
+            chat_path,
+            chat(json!({"stop": ["a", "b", "c", "d", "e"]})),
+            400,
+            "stop",
+        ),
+        (
+            "empty stop string",
+            chat_path,
+            chat(json!({"stop": ""})),
+            400,
+            "stop",
+        ),
+        (
+            "stop not a string",
+            chat_path,
+            chat(json!({"stop": 3})),
+            400,
+            "stop",
+        ),
+        (
+            "unknown method",
+            chat_path,
+            chat(json!({"mirror_sd": {"method": "turbo"}})),
+            400,
+            "mirror_sd.method",
+        ),
+        (
+            "unknown extension field",
+            chat_path,
+            chat(json!({"mirror_sd": {"gamma": 9}})),
+            400,
+            "gamma",
+        ),
+        (
+            "timeout 0",
+            chat_path,
+            chat(json!({"mirror_sd": {"timeout_s": 0}})),
+            400,
+            "mirror_sd.timeout_s",
+        ),
+        (
+            "oversized body",
+            chat_path,
+            vec![b' '; 300 << 10],
+            413,
+            "request_too_large",
+        ),
+        (
+            "unknown route",
+            "/v1/nothing",
+            chat(json!({})),
+            404,
+            "route_not_found",
+        ),
+    ];
+    for (what, path, body, status, needle) in cases {
+        let response = client::send(addr, "POST", path, &body, TIMEOUT)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(response.status, status, "{what}: {}", response.text());
+        let json = response
+            .json()
+            .unwrap_or_else(|e| panic!("{what}: the error body is not JSON: {e}"));
+        let error = &json["error"];
+        let message = error["message"].as_str().unwrap_or("");
+        assert!(!message.is_empty(), "{what}: no message in {json}");
+        assert!(error["type"].is_string(), "{what}: no type in {json}");
+        let named = [&error["code"], &error["param"]]
+            .iter()
+            .any(|v| v.as_str().is_some_and(|s| s.contains(needle)))
+            || message.contains(needle);
+        assert!(named, "{what}: the error does not name {needle:?}: {json}");
+    }
+    let wrong_method = client::get(addr, chat_path, TIMEOUT).unwrap();
+    assert_eq!(wrong_method.status, 405);
+    assert_eq!(
+        wrong_method.json().unwrap()["error"]["code"],
+        "method_not_allowed"
+    );
+
+    let streamed = read_stream(good);
+    assert_eq!(streamed.text, text, "the concurrent good request");
+    assert_eq!(token_ids(&streamed.report), tokens);
+    let after = post(
+        addr,
+        "/v1/chat/completions",
+        &chat_body(QUESTION, 4, "sd", false),
+    );
+    assert_eq!(after.status, 200, "{}", after.text());
+    let health = client::get(addr, "/health", TIMEOUT).unwrap();
+    assert_eq!(health.status, 200);
+    assert_eq!(health.json().unwrap()["status"], "ok");
+}
+
+#[test]
+fn deadlines_end_requests_with_504() {
+    let _serial = serial();
+    let Some(model) = smollm2() else { return };
+    let server = start(model, test_config());
+    let addr = server.local_addr();
+    let mut whole = endless("mirror");
+    whole["stream"] = json!(false);
+    whole["mirror_sd"]["timeout_s"] = json!(0.5);
+    let started = Instant::now();
+    let response = post(addr, "/v1/completions", &whole);
+    assert_eq!(response.status, 504, "{}", response.text());
+    assert_eq!(
+        response.json().unwrap()["error"]["code"],
+        "deadline_exceeded"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    let mut streamed = endless("sd");
+    streamed["mirror_sd"]["timeout_s"] = json!(0.5);
+    let mut connection = open_stream(addr, "/v1/completions", &streamed);
+    let mut last_json = Value::Null;
+    while let Some(data) = connection.next_event_data().unwrap() {
+        if data != "[DONE]" {
+            last_json = serde_json::from_str(&data).unwrap();
+        }
+    }
+    assert_eq!(
+        last_json["error"]["code"], "deadline_exceeded",
+        "{last_json}"
+    );
+    // The engine is free again.
+    let after = post(
+        addr,
+        "/v1/chat/completions",
+        &chat_body(QUESTION, 4, "ar", false),
+    );
+    assert_eq!(after.status, 200);
+    assert_eq!(
+        metric(
+            addr,
+            "mirror_sd_generations_total{method=\"mirror\",outcome=\"deadline\"}"
+        ) + metric(
+            addr,
+            "mirror_sd_generations_total{method=\"sd\",outcome=\"deadline\"}"
+        ),
+        2.0
+    );
+}
+
+#[test]
+fn shutdown_drains_accepted_requests_then_refuses_connections() {
+    let _serial = serial();
+    let Some(model) = smollm2() else { return };
+    let mut reference = Reference::new(model);
+    let (running_tokens, running_text) = reference.text(TEXT_PROMPT, &GenerationConfig::greedy(32));
+    let (_, queued_text) = reference.chat(QUESTION, &GenerationConfig::greedy(8));
+    let mut server = start(model, test_config());
+    let addr = server.local_addr();
+    let mut running = open_stream(
+        addr,
+        "/v1/completions",
+        &completion_body(TEXT_PROMPT, 32, "mirror", true),
+    );
+    let first = running.next_event_data().unwrap().expect("a first chunk");
+    let queued = std::thread::spawn(move || {
+        post(
+            addr,
+            "/v1/chat/completions",
+            &chat_body(QUESTION, 8, "sd", false),
+        )
+    });
+    wait_until("the second request is queued", || {
+        metric(addr, "mirror_sd_queue_depth") == 1.0
+    });
+    server.shutdown();
+    // Both accepted requests finish with their full, correct output.
+    let mut rest = read_stream(running);
+    let first: Value = serde_json::from_str(&first).unwrap();
+    rest.text = first["choices"][0]["text"].as_str().unwrap().to_string() + &rest.text;
+    assert_eq!(rest.text, running_text);
+    assert_eq!(token_ids(&rest.report), running_tokens);
+    let queued = queued.join().unwrap();
+    assert_eq!(queued.status, 200, "{}", queued.text());
+    assert_eq!(response_text(&queued.json().unwrap()), queued_text);
+    server.wait().expect("a clean exit");
+    assert!(
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err(),
+        "the server still accepts connections after shutdown"
+    );
+}
+
+#[test]
+fn shutdown_cancels_what_outlives_the_grace_period() {
+    let _serial = serial();
+    let Some(model) = smollm2() else { return };
+    let mut server = start(
+        model,
+        ServerConfig {
+            shutdown_grace: Duration::from_millis(300),
+            ..test_config()
+        },
+    );
+    let addr = server.local_addr();
+    let mut running = open_stream(addr, "/v1/completions", &endless("mirror"));
+    running.next_event_data().unwrap().expect("a first chunk");
+    let started = Instant::now();
+    server.shutdown();
+    let mut last = Value::Null;
+    let mut done = false;
+    while let Some(data) = running.next_event_data().unwrap() {
+        if data == "[DONE]" {
+            done = true;
+        } else {
+            last = serde_json::from_str(&data).unwrap();
+        }
+    }
+    assert!(done, "the stream must end with [DONE]");
+    assert_eq!(last["error"]["code"], "shutting_down", "{last}");
+    server.wait().expect("a clean exit");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn models_health_and_metrics_describe_the_server() {
+    let _serial = serial();
+    let Some(model) = smollm2() else { return };
+    let server = start(model, test_config());
+    let addr = server.local_addr();
+    let models = client::get(addr, "/v1/models", TIMEOUT)
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], MODEL_NAME);
+    assert_eq!(models["data"][0]["mirror_sd"]["default_method"], "mirror");
+    assert_eq!(
+        client::get(addr, "/v1/models/gpt-9", TIMEOUT)
+            .unwrap()
+            .status,
+        404
+    );
+    for method in ["sd", "mirror"] {
+        let response = post(
+            addr,
+            "/v1/chat/completions",
+            &chat_body(QUESTION, 16, method, false),
+        );
+        assert_eq!(response.status, 200);
+    }
+    let text = client::get(addr, "/metrics", TIMEOUT).unwrap().text();
+    for family in [
+        "mirror_sd_requests_total",
+        "mirror_sd_queue_depth",
+        "mirror_sd_tokens_per_second",
+        "mirror_sd_time_to_first_token_seconds",
+        "mirror_sd_mean_accepted_tokens",
+        "mirror_sd_reuse_rate",
+        "mirror_sd_draft_hidden_fraction",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {family} ")),
+            "/metrics lacks {family}:\n{text}"
+        );
+    }
+    for method in ["sd", "mirror"] {
+        assert!(
+            metric(
+                addr,
+                &format!("mirror_sd_mean_accepted_tokens{{method=\"{method}\"}}")
+            ) > 0.0
+        );
+        assert!(
+            metric(
+                addr,
+                &format!("mirror_sd_tokens_per_second{{method=\"{method}\"}}")
+            ) > 0.0
+        );
+    }
+    assert_eq!(
+        metric(addr, "mirror_sd_time_to_first_token_seconds_count"),
+        2.0
+    );
+    assert!(
+        metric(
+            addr,
+            "mirror_sd_reuse_total{method=\"mirror\",kind=\"whole\"}"
+        ) + metric(
+            addr,
+            "mirror_sd_reuse_total{method=\"mirror\",kind=\"partial\"}"
+        ) + metric(
+            addr,
+            "mirror_sd_reuse_total{method=\"mirror\",kind=\"fallback\"}"
+        ) > 0.0
+    );
+}
+
+/// The official `openai` Python package (installed into `.venv` by `.ci/run`) as the client.
+#[test]
+fn the_openai_python_client_talks_to_the_server() {
+    let _serial = serial();
+    let Some(model) = smollm2() else { return };
+    let python = common::repo_root().join(".venv/bin/python");
+    let has_openai = python.is_file()
+        && std::process::Command::new(&python)
+            .args(["-c", "import openai"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !has_openai {
+        let message = "the openai package is not installed in .venv (run .ci/run, or \
+                       python3 -m venv .venv && .venv/bin/pip install openai)";
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{message}");
+        }
+        eprintln!("skipping: {message}");
+        return;
+    }
+    let mut reference = Reference::new(model);
+    let (_, chat_text) = reference.chat(QUESTION, &GenerationConfig::greedy(16));
+    let (_, completion_text) = reference.text(TEXT_PROMPT, &GenerationConfig::greedy(16));
+    let server = start(model, test_config());
+    let output = std::process::Command::new(&python)
+        .arg(common::repo_root().join("tests/openai_client.py"))
+        .arg(format!("http://{}/v1", server.local_addr()))
+        .arg(MODEL_NAME)
+        .arg(QUESTION)
+        .arg(TEXT_PROMPT)
+        .output()
+        .expect("run python");
+    assert!(
+        output.status.success(),
+        "the Python client failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).expect("the script prints JSON");
+    assert_eq!(report["models"], json!([MODEL_NAME]));
+    assert_eq!(report["chat"], chat_text);
+    assert_eq!(report["chat_stream"], chat_text);
+    assert_eq!(
+        report["chat_usage_completion_tokens"],
+        report["chat_stream_usage_completion_tokens"]
+    );
+    assert_eq!(report["completion"], completion_text);
+    assert_eq!(report["completion_stream"], completion_text);
+    assert_eq!(report["chat_method"], "sd");
+    assert_eq!(report["unknown_model_status"], 404);
+    assert_eq!(report["bad_temperature_status"], 400);
+}
