@@ -19,9 +19,11 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use crate::config::StopSet;
 use crate::error::{Error, Result};
+use crate::lookup::LookupConfig;
 use crate::seed::{branch_seed, mix};
 use crate::tree::BranchPlan;
 use crate::verify::{DraftChoice, DraftWindow};
+use crate::window::Source;
 
 /// What one draft step leaves a chain: the main distribution after its newest fed token and the
 /// lookahead distributions anchored there (empty without lookahead).
@@ -64,6 +66,8 @@ pub(crate) struct Branch {
     /// Drafted tokens.
     pub window: DraftWindow,
     pub seed: u64,
+    /// Filled by prompt lookup: complete as it is, with no rows in the cache.
+    pub looked_up: bool,
 }
 
 impl Branch {
@@ -74,6 +78,7 @@ impl Branch {
             nodes: Vec::new(),
             window: DraftWindow::default(),
             seed: branch_seed(step_seed, plan.row, plan.token),
+            looked_up: false,
         }
     }
 
@@ -86,7 +91,9 @@ impl Branch {
 
     /// The one rule for "this branch is drafted": full, or ended by a stop token.
     pub fn is_complete(&self, tree: &TreeRequest, position_limit: usize, stop: &StopSet) -> bool {
-        self.window.len() >= self.capacity(tree, position_limit) || stop.ends(&self.window.tokens)
+        self.looked_up
+            || self.window.len() >= self.capacity(tree, position_limit)
+            || stop.ends(&self.window.tokens)
     }
 }
 
@@ -147,6 +154,8 @@ pub(crate) struct DraftState {
     /// A lookahead token is proposed only while its lookahead row's top probability reaches this (0:
     /// always); a step then ends early rather than propose a likely miss.
     pub lookahead_confidence: f32,
+    /// Prompt lookup tried before the model, for windows and tree branches alike.
+    pub lookup: Option<LookupConfig>,
     pub total_forwards: usize,
 }
 
@@ -163,6 +172,7 @@ impl DraftState {
             intervals: Vec::new(),
             fault: None,
             lookahead_confidence: 0.0,
+            lookup: None,
             total_forwards: 0,
         }
     }
@@ -381,6 +391,24 @@ impl DraftState {
         Ok(window)
     }
 
+    /// Up to `count` tokens after `context`: looked up when lookup is on and finds any, rolled
+    /// out by the model otherwise.
+    pub fn window(
+        &mut self,
+        context: &[u32],
+        count: usize,
+        seed: u64,
+    ) -> Result<(DraftWindow, Source)> {
+        let count = count.min(self.position_limit.saturating_sub(context.len()));
+        if let Some(lookup) = &self.lookup {
+            let window = lookup.window(context, count, &self.stop);
+            if !window.is_empty() {
+                return Ok((window, Source::Lookup));
+            }
+        }
+        Ok((self.rollout(context, count, seed)?, Source::Model))
+    }
+
     /// Appends one step's proposals to `window`: the main token, then one per lookahead row while
     /// they are confident enough, up to `count` tokens or a stop token. Returns whether the
     /// window is finished. (Where a step stops depends on the draft's own logits only, so the
@@ -469,16 +497,30 @@ impl DraftState {
                 self.advance(&pass, &mut branches, &active, tree);
             }
         }
-        self.counters.tokens += branches.iter().map(|b| b.window.len()).sum::<usize>();
+        self.counters.tokens += branches
+            .iter()
+            .filter(|b| !b.looked_up)
+            .map(|b| b.window.len())
+            .sum::<usize>();
         Ok(branches)
     }
 
-    /// Adds the branches of `wave` whose first token still fits below the position limit.
+    /// Adds the branches of `wave` whose first token still fits below the position limit;
+    /// with lookup on, a branch whose continuation is found in the text is complete at once.
     fn plant(&self, branches: &mut Vec<Branch>, wave: &[BranchPlan], tree: &TreeRequest) {
         for plan in wave {
-            if tree.window_start + plan.row + 2 < self.position_limit {
-                branches.push(Branch::new(*plan, tree.step_seed));
+            if tree.window_start + plan.row + 2 >= self.position_limit {
+                continue;
             }
+            let mut branch = Branch::new(*plan, tree.step_seed);
+            if let Some(lookup) = &self.lookup {
+                let mut context = tree.context[..tree.window_start + plan.row + 1].to_vec();
+                context.push(plan.token);
+                let count = branch.capacity(tree, self.position_limit);
+                branch.window = lookup.window(&context, count, &self.stop);
+                branch.looked_up = !branch.window.is_empty();
+            }
+            branches.push(branch);
         }
     }
 
@@ -636,14 +678,14 @@ impl DraftState {
 
     /// The final rendezvous on the draft side: the target accepted `accepted` window tokens and
     /// emitted `token`. Keeps the matching branch (compacting its rows onto the committed
-    /// prefix) and completes it, or rolls out afresh. Returns the next window.
+    /// prefix) and completes it, or drafts afresh. Returns the next window and its source.
     pub fn resolve(
         &mut self,
         tree: &TreeRequest,
         branches: &[Branch],
         accepted: usize,
         token: u32,
-    ) -> Result<(DraftWindow, Resolution)> {
+    ) -> Result<(DraftWindow, Resolution, Source)> {
         let keep = tree.window_start + accepted + 1;
         let mut committed = tree.context[..keep].to_vec();
         committed.push(token);
@@ -653,11 +695,14 @@ impl DraftState {
         let seed = branch_seed(tree.step_seed, accepted, token);
         let Some(branch) = found else {
             self.truncate(keep)?;
-            return Ok((
-                self.rollout(&committed, tree.gamma, seed)?,
-                Resolution::Miss,
-            ));
+            let (window, source) = self.window(&committed, tree.gamma, seed)?;
+            return Ok((window, Resolution::Miss, source));
         };
+        if branch.looked_up {
+            // Nothing of it is cached: the next tree feeds it with its linear tail.
+            self.truncate(keep)?;
+            return Ok((branch.window.clone(), Resolution::Hit, Source::Lookup));
+        }
         self.cache()?.compact(keep, &branch.nodes)?;
         self.cached.truncate(keep);
         self.cached.push(token);
@@ -667,7 +712,7 @@ impl DraftState {
         let mut window = branch.window.clone();
         if self.is_complete(branch, tree) {
             window.truncate(tree.gamma);
-            return Ok((window, Resolution::Hit));
+            return Ok((window, Resolution::Hit, Source::Model));
         }
         // The branch's last step is not fed yet: feed it (checking lookahead tokens), then go on.
         let fed = branch.nodes.len() - 1;
@@ -675,7 +720,7 @@ impl DraftState {
         window.truncate(fed + kept);
         let count = branch.capacity(tree, self.position_limit);
         self.extend(&mut window, step, count, branch.seed)?;
-        Ok((window, Resolution::Partial))
+        Ok((window, Resolution::Partial, Source::Model))
     }
 
     /// Draft compute that overlapped `[from, until]` (the target's suffix).

@@ -3,10 +3,13 @@
 //! Decoding strategies over [`mirror_core`] models, behind one [`Decoder`] trait:
 //!
 //! - [`Autoregressive`]: the target alone, the reference for every other strategy;
-//! - [`SpeculativeDecoding`]: vanilla SD, draft then verify, serially;
+//! - [`SpeculativeDecoding`]: vanilla SD, draft then verify, serially, with a draft model,
+//!   prompt lookup ([`lookup`]) or both;
 //! - [`Mirror`]: Mirror speculative decoding (arXiv 2510.13161): the draft runs on its own worker
 //!   thread and device handle, drafting a hypothesis tree from the target's early-exit tap while
 //!   the target finishes its layers.
+//!
+//! Window lengths adapt to measured costs and acceptance by default ([`window`]).
 //!
 //! All three are lossless: greedy output is token-identical to the target alone, and sampled
 //! output follows the target's distribution (see [`verify`]).
@@ -19,6 +22,7 @@ pub mod error;
 mod host;
 #[cfg(feature = "analysis")]
 pub mod latency;
+pub mod lookup;
 pub mod mirror;
 pub mod pair;
 mod progress;
@@ -27,6 +31,7 @@ pub mod speculative;
 pub mod stats;
 pub mod tree;
 pub mod verify;
+pub mod window;
 mod worker;
 
 use std::sync::Arc;
@@ -38,10 +43,12 @@ pub use config::{FinishReason, Generation, GenerationConfig, StopSet, StreamCont
 pub use draft::Resolution;
 pub use engine::{Engine, Prompt, TextStream};
 pub use error::{Error, Result};
+pub use lookup::LookupConfig;
 pub use mirror::{DraftSchedule, EarlyExit, Mirror, MirrorBuilder};
 pub use pair::{check_tokenizers, DraftOptions, DEFAULT_LOOKAHEAD_CONFIDENCE};
 pub use speculative::{SpeculativeBuilder, SpeculativeDecoding};
 pub use stats::{Stats, TimeSplit};
+pub use window::WindowPolicy;
 
 /// A decoding strategy over a target model.
 pub trait Decoder: Send {

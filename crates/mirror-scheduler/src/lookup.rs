@@ -4,6 +4,10 @@
 //! so far. It costs no model at all, and it is lossless like any draft: a looked-up token is a
 //! point mass, accepted with the target's own probability of it.
 
+use crate::config::StopSet;
+use crate::error::{Error, Result};
+use crate::verify::{DraftChoice, DraftWindow};
+
 /// How lookup searches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LookupConfig {
@@ -15,8 +19,8 @@ pub struct LookupConfig {
 
 impl Default for LookupConfig {
     fn default() -> Self {
-        // llama.cpp's lookup decoding tries 1..4-grams; matches of 2 and more carry most of
-        // the accepted tokens on code and retrieval prompts (BENCHMARKS.md).
+        // vLLM's n-gram proposer defaults to matches of 1 to 4 tokens; one-token matches
+        // are mostly coincidences in a vocabulary of 150k, so they are not tried.
         Self {
             max_ngram: 4,
             min_ngram: 2,
@@ -25,9 +29,22 @@ impl Default for LookupConfig {
 }
 
 impl LookupConfig {
+    /// Checks the n-gram range.
+    pub fn check(&self) -> Result<()> {
+        if self.min_ngram == 0 || self.min_ngram > self.max_ngram {
+            return Err(Error::InvalidConfig(format!(
+                "lookup n-grams must satisfy 1 <= min_ngram <= max_ngram, got {}..={}",
+                self.min_ngram, self.max_ngram
+            )));
+        }
+        Ok(())
+    }
+
     /// Up to `count` tokens that followed the most recent earlier occurrence of the longest
     /// suffix of `context` (from `max_ngram` tokens down to `min_ngram`) that occurs earlier.
-    /// Empty when no suffix recurs. The continuation is cut where the context ends.
+    /// Empty when no suffix recurs. The continuation is copied as an overlapping LZ77 match
+    /// is: where it reaches the end of the context it goes on with the tokens it has just
+    /// proposed, so repeated text proposes more of the same repetition.
     pub fn propose(&self, context: &[u32], count: usize) -> Vec<u32> {
         let len = context.len();
         if count == 0 || self.min_ngram == 0 {
@@ -42,13 +59,30 @@ impl LookupConfig {
                 .rev()
                 .find(|&start| &context[start..start + n] == pattern);
             if let Some(start) = found {
-                let from = start + n;
-                let to = (from + count).min(len);
-                return context[from..to].to_vec();
+                return copy_overlapping(context, start + n, count);
             }
         }
         Vec::new()
     }
+
+    /// [`LookupConfig::propose`] as a draft window of point masses, ending after a stop token.
+    pub(crate) fn window(&self, context: &[u32], count: usize, stop: &StopSet) -> DraftWindow {
+        let mut tokens = self.propose(context, count);
+        if let Some(end) = tokens.iter().position(|&t| stop.contains(t)) {
+            tokens.truncate(end + 1);
+        }
+        DraftWindow {
+            choices: vec![DraftChoice::PointMass; tokens.len()],
+            tokens,
+        }
+    }
+}
+
+/// `count` tokens from `context[from..]`, continuing with the copied tokens themselves past
+/// the end of `context` (`from < context.len()`).
+fn copy_overlapping(context: &[u32], from: usize, count: usize) -> Vec<u32> {
+    let period = context.len() - from;
+    (0..count).map(|i| context[from + i % period]).collect()
 }
 
 #[cfg(test)]
@@ -71,7 +105,13 @@ mod tests {
                 }
             }
             if let Some(start) = best {
-                return context[start + n..(start + n + count).min(len)].to_vec();
+                // Token by token, reading back what was just proposed past the end.
+                let mut extended = context.to_vec();
+                for i in 0..count {
+                    let token = extended[start + n + i];
+                    extended.push(token);
+                }
+                return extended[len..].to_vec();
             }
         }
         Vec::new()
@@ -86,8 +126,8 @@ mod tests {
         // A longer match wins over a more recent shorter one.
         let context = [5, 6, 7, 1, 9, 9, 6, 7, 2, 5, 6, 7];
         assert_eq!(config.propose(&context, 2), vec![1, 9]);
-        // Cut at the end of the context.
-        assert_eq!(config.propose(&[4, 5, 4, 5], 10), vec![4, 5]);
+        // Past the end of the context the copy goes on with what it proposed.
+        assert_eq!(config.propose(&[4, 5, 4, 5], 5), vec![4, 5, 4, 5, 4]);
     }
 
     #[test]
@@ -98,14 +138,16 @@ mod tests {
         assert!(config.propose(&[1, 2, 3, 4, 5], 4).is_empty());
         assert!(config.propose(&[1, 2, 1, 2], 0).is_empty());
         // Repeated text: one token repeated matches itself and proposes more of it.
-        assert_eq!(config.propose(&[3, 3, 3, 3, 3], 3), vec![3, 3]);
+        assert_eq!(config.propose(&[3, 3, 3, 3, 3], 3), vec![3, 3, 3]);
     }
 
     #[test]
     fn agrees_with_an_obvious_search_on_random_sequences() {
         let mut state = 12345u64;
         let mut next = || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (state >> 60) as u32
         };
         for config in [

@@ -32,6 +32,7 @@ use crate::seed::mix;
 use crate::stats::timed;
 use crate::tree::{overlap_mass, plan_branches, AcceptanceEstimate, BranchPlan};
 use crate::verify::{verify_window, DraftWindow, Verdict};
+use crate::window::{Offer, Source, WindowChooser};
 use crate::worker::{DraftReport, DraftWorker, Request};
 use crate::Decoder;
 
@@ -159,6 +160,7 @@ impl MirrorBuilder {
         let mut state = DraftState::new(Arc::clone(&self.draft));
         state.fault = self.fault;
         state.lookahead_confidence = self.options.lookahead_confidence;
+        state.lookup = self.options.lookup;
         let draft_lookahead = self
             .draft
             .lookahead()
@@ -333,10 +335,23 @@ impl Decoder for Mirror {
             on_tokens,
         )?;
         let mut acceptance = AcceptanceEstimate::new(gamma);
-        let mut window = start(side, worker, &mut run, config)?;
+        let mut chooser = WindowChooser::new(side.options.window, gamma);
+        let (mut window, mut source) = start(side, worker, &mut run, config)?;
         let mut step = 0u64;
         while !run.progress.done() && run.has_room() {
+            let step_started = Instant::now();
             window.truncate(run.window_room());
+            // The window is drafted already (its cost is behind us, mostly hidden): what its
+            // length still decides is the target's pass, and the tree planned from it.
+            let offer = Offer {
+                source,
+                tokens: window.len(),
+            };
+            let length = chooser.choose(&[offer]).map_or(0, |(_, k)| k);
+            window.truncate(length);
+            if source == Source::Lookup && !window.is_empty() {
+                run.stats.lookup_windows += 1;
+            }
 
             let tapped = timed(&mut run.stats.time.target_prefix, || {
                 side.prefix_and_tap(&mut run.cache, &run.seq, &window, &acceptance)
@@ -370,13 +385,19 @@ impl Decoder for Mirror {
             run.stats.record_window(window.len(), verdict.accepted);
             run.stats.omega_sum += omega;
             acceptance.record(window.len(), verdict.accepted);
+            chooser.record_verdict(source, window.len(), verdict.accepted);
 
             // Final rendezvous: the draft hands over the next window.
             let report = timed(&mut run.stats.time.wait_final, || {
                 tree.resolve(verdict.accepted, verdict.token, target_done)
             })?;
             record_resolution(&mut run, &report);
+            // A step's whole time, exposed draft waits included, against the rows it verified;
+            // the draft's own work runs beside the target, so it adds no cost per token.
+            chooser.record_pass(window.len() + 1, step_started.elapsed());
+            chooser.record_draft(source, window.len(), std::time::Duration::ZERO);
             run.commit(tapped.base, &window, verdict);
+            source = report.source.unwrap_or(Source::Model);
             window = report.window;
             step += 1;
         }
@@ -385,13 +406,13 @@ impl Decoder for Mirror {
 }
 
 /// The start of a generation: the draft reset, both models prefilled at once (the draft on
-/// its worker, the target here), and the first window rolled out.
+/// its worker, the target here), and the first window drafted.
 fn start(
     side: &TargetSide,
     worker: &mut DraftWorker,
     run: &mut Run,
     config: &GenerationConfig,
-) -> Result<DraftWindow> {
+) -> Result<(DraftWindow, Source)> {
     let capacity = run.cache.capacity();
     worker.call(Request::Reset {
         capacity: capacity + side.tree_rows(),
@@ -416,7 +437,7 @@ fn start(
     })?;
     run.stats.record_draft(first.counters);
     run.stats.time.wait_final += first.counters.busy;
-    Ok(first.window)
+    Ok((first.window, first.source.unwrap_or(Source::Model)))
 }
 
 fn record_resolution(run: &mut Run, report: &DraftReport) {

@@ -6,6 +6,8 @@ use mirror_core::Model;
 
 use crate::config::GenerationConfig;
 use crate::error::{Error, Result};
+use crate::lookup::LookupConfig;
+use crate::window::WindowPolicy;
 
 /// Checks that draft and target share a vocabulary (same LM head size).
 pub(crate) fn check_pair(target: &Model, draft: &Model) -> Result<()> {
@@ -62,6 +64,11 @@ pub struct DraftOptions {
     /// With a draft that has lookahead tokens: propose one only when its top probability
     /// reaches this (0 proposes all).
     pub lookahead_confidence: f32,
+    /// Prompt lookup tried before the draft model (`None`: the model alone). A strategy
+    /// without a draft model drafts by lookup alone.
+    pub lookup: Option<LookupConfig>,
+    /// How each window's length is chosen (default: adaptive).
+    pub window: WindowPolicy,
 }
 
 impl Default for DraftOptions {
@@ -70,6 +77,8 @@ impl Default for DraftOptions {
             gamma: 4,
             greedy_draft: false,
             lookahead_confidence: DEFAULT_LOOKAHEAD_CONFIDENCE,
+            lookup: None,
+            window: WindowPolicy::Adaptive,
         }
     }
 }
@@ -84,6 +93,9 @@ impl DraftOptions {
                 "lookahead_confidence must be within [0, 1], got {}",
                 self.lookahead_confidence
             )));
+        }
+        if let Some(lookup) = &self.lookup {
+            lookup.check()?;
         }
         Ok(())
     }
@@ -120,6 +132,21 @@ macro_rules! draft_option_setters {
         /// all).
         pub fn lookahead_confidence(mut self, threshold: f32) -> Self {
             self.options.lookahead_confidence = threshold;
+            self
+        }
+
+        /// Tries prompt lookup ([`LookupConfig`](crate::LookupConfig)) before the draft model
+        /// for every window: a window is looked up when the text so far repeats, drafted by
+        /// the model otherwise.
+        pub fn prompt_lookup(mut self, lookup: $crate::LookupConfig) -> Self {
+            self.options.lookup = Some(lookup);
+            self
+        }
+
+        /// How each window's length is chosen (default
+        /// [`WindowPolicy::Adaptive`](crate::WindowPolicy::Adaptive)).
+        pub fn window(mut self, policy: $crate::WindowPolicy) -> Self {
+            self.options.window = policy;
             self
         }
 

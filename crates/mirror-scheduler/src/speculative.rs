@@ -4,25 +4,28 @@
 //! draft's time is never hidden. The baseline Mirror-SD is measured against.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use mirror_core::Model;
 use rand::Rng;
 
 use crate::config::{Generation, GenerationConfig, StreamControl};
 use crate::draft::DraftState;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::host::host_rows;
+use crate::lookup::LookupConfig;
 use crate::pair::{check_pair, draft_option_setters, DraftOptions};
 use crate::progress::Run;
 use crate::seed::mix;
 use crate::stats::timed;
-use crate::verify::verify_window;
+use crate::verify::{verify_window, DraftWindow};
+use crate::window::{Offer, Source, WindowChooser};
 use crate::Decoder;
 
 /// Builder of [`SpeculativeDecoding`].
 pub struct SpeculativeBuilder {
     target: Arc<Model>,
-    draft: Arc<Model>,
+    draft: Option<Arc<Model>>,
     options: DraftOptions,
 }
 
@@ -32,9 +35,20 @@ impl SpeculativeBuilder {
     /// Checks the pair and builds the decoder.
     pub fn build(self) -> Result<SpeculativeDecoding> {
         self.options.check()?;
-        check_pair(&self.target, &self.draft)?;
-        let mut draft = DraftState::new(Arc::clone(&self.draft));
-        draft.lookahead_confidence = self.options.lookahead_confidence;
+        let draft = match self.draft {
+            Some(model) => {
+                check_pair(&self.target, &model)?;
+                let mut draft = DraftState::new(model);
+                draft.lookahead_confidence = self.options.lookahead_confidence;
+                Some(draft)
+            }
+            None if self.options.lookup.is_some() => None,
+            None => {
+                return Err(Error::InvalidConfig(
+                    "speculative decoding without a draft model needs prompt lookup".into(),
+                ))
+            }
+        };
         Ok(SpeculativeDecoding {
             draft,
             target: self.target,
@@ -43,10 +57,11 @@ impl SpeculativeBuilder {
     }
 }
 
-/// Vanilla speculative decoding.
+/// Vanilla speculative decoding, with windows drafted by a draft model, by prompt lookup, or
+/// by lookup first and the model where lookup finds nothing.
 pub struct SpeculativeDecoding {
     target: Arc<Model>,
-    draft: DraftState,
+    draft: Option<DraftState>,
     options: DraftOptions,
 }
 
@@ -55,8 +70,64 @@ impl SpeculativeDecoding {
     pub fn builder(target: Arc<Model>, draft: Arc<Model>) -> SpeculativeBuilder {
         SpeculativeBuilder {
             target,
-            draft,
+            draft: Some(draft),
             options: DraftOptions::default(),
+        }
+    }
+
+    /// A builder for prompt-lookup decoding: `target` verifies windows looked up in the prompt
+    /// and the text generated so far, with no draft model at all.
+    pub fn prompt_lookup(target: Arc<Model>) -> SpeculativeBuilder {
+        SpeculativeBuilder {
+            target,
+            draft: None,
+            options: DraftOptions {
+                lookup: Some(LookupConfig::default()),
+                ..DraftOptions::default()
+            },
+        }
+    }
+
+    /// The next window: looked up, drafted by the model, or empty (a plain step), as
+    /// `chooser` decides from what each source offers.
+    fn draft_window(
+        &mut self,
+        run: &mut Run,
+        chooser: &mut WindowChooser,
+        room: usize,
+        seed: u64,
+    ) -> Result<(DraftWindow, Option<Source>)> {
+        let started = Instant::now();
+        let mut looked_up = match &self.options.lookup {
+            Some(lookup) => lookup.window(&run.seq, room, run.progress.stop()),
+            None => DraftWindow::default(),
+        };
+        let lookup_time = started.elapsed();
+        let mut offers = vec![Offer {
+            source: Source::Lookup,
+            tokens: looked_up.len(),
+        }];
+        if self.draft.is_some() {
+            offers.push(Offer {
+                source: Source::Model,
+                tokens: room,
+            });
+        }
+        match (chooser.choose(&offers), self.draft.as_mut()) {
+            (Some((Source::Lookup, k)), _) => {
+                chooser.record_draft(Source::Lookup, looked_up.len(), lookup_time);
+                looked_up.truncate(k);
+                run.stats.lookup_windows += 1;
+                Ok((looked_up, Some(Source::Lookup)))
+            }
+            (Some((Source::Model, k)), Some(draft)) => {
+                let window = draft.rollout(&run.seq, k, seed)?;
+                let counters = draft.take_counters();
+                run.stats.record_draft(counters);
+                chooser.record_draft(Source::Model, window.len(), counters.busy);
+                Ok((window, Some(Source::Model)))
+            }
+            _ => Ok((DraftWindow::default(), None)),
         }
     }
 }
@@ -87,24 +158,26 @@ impl Decoder for SpeculativeDecoding {
         }
         let capacity = run.cache.capacity();
         let stop = run.progress.stop().clone();
-        self.draft
-            .reset(capacity, capacity, self.options.sampling(config), stop)?;
-        if n > 1 {
-            self.draft.sync(&run.seq[..n - 1])?;
+        let sampling = self.options.sampling(config);
+        if let Some(draft) = self.draft.as_mut() {
+            draft.reset(capacity, capacity, sampling, stop)?;
+            if n > 1 {
+                draft.sync(&run.seq[..n - 1])?;
+            }
+            draft.take_counters();
         }
-        self.draft.take_counters();
         run.stats.time.prefill = run.started.elapsed();
+        let mut chooser = WindowChooser::new(self.options.window, gamma);
         let mut step = 0u64;
         while !run.progress.done() && run.has_room() {
-            let count = gamma.min(run.window_room());
-            let window = self
-                .draft
-                .rollout(&run.seq, count, mix(config.seed, step))?;
-            run.stats.record_draft(self.draft.take_counters());
+            let room = gamma.min(run.window_room());
+            let (window, source) =
+                self.draft_window(&mut run, &mut chooser, room, mix(config.seed, step))?;
 
             let base = run.cache.len();
             let mut fed = vec![run.seq[run.seq.len() - 1]];
             fed.extend_from_slice(&window.tokens);
+            let pass_started = Instant::now();
             let rows = timed(&mut run.stats.time.target_prefix, || {
                 host_rows(
                     &self
@@ -113,6 +186,7 @@ impl Decoder for SpeculativeDecoding {
                         .unsqueeze(0)?,
                 )
             })?;
+            chooser.record_pass(fed.len(), pass_started.elapsed());
             run.stats.target_passes += 1;
 
             let rng = &mut run.rng;
@@ -121,6 +195,9 @@ impl Decoder for SpeculativeDecoding {
                 verify_window(&refs, &window, &config.sampling, &mut || rng.random())
             });
             run.stats.record_window(window.len(), verdict.accepted);
+            if let Some(source) = source {
+                chooser.record_verdict(source, window.len(), verdict.accepted);
+            }
             run.commit(base, &window, verdict);
             step += 1;
         }

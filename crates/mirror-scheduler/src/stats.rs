@@ -53,6 +53,11 @@ pub struct Stats {
     pub draft_tokens: usize,
     /// Windows verified.
     pub windows: usize,
+    /// Windows drafted by prompt lookup (a part of `windows`).
+    pub lookup_windows: usize,
+    /// Target passes that verified no draft token: plain decoding steps an adaptive window
+    /// chose (not part of `windows`).
+    pub plain_steps: usize,
     /// `accepted_histogram[a]`: windows with `a` draft tokens accepted.
     pub accepted_histogram: Vec<usize>,
     /// `position_proposed[j]`: windows whose draft token `j+1` was checked.
@@ -87,8 +92,13 @@ impl Stats {
         }
     }
 
-    /// Records a verified window of `proposed` draft tokens, `accepted` of which were accepted.
+    /// Records a verified window of `proposed` draft tokens, `accepted` of which were accepted
+    /// (a plain step when nothing was proposed).
     pub(crate) fn record_window(&mut self, proposed: usize, accepted: usize) {
+        if proposed == 0 {
+            self.plain_steps += 1;
+            return;
+        }
         self.windows += 1;
         if accepted < self.accepted_histogram.len() {
             self.accepted_histogram[accepted] += 1;
@@ -198,9 +208,11 @@ impl Stats {
         );
         if self.gamma > 0 {
             out += &format!(
-                "gamma {}  windows {}  mean accepted {:.2}  tokens/target pass {:.2}\n",
+                "gamma {}  windows {} ({} by lookup)  plain steps {}  mean accepted {:.2}  tokens/target pass {:.2}\n",
                 self.gamma,
                 self.windows,
+                self.lookup_windows,
+                self.plain_steps,
                 self.mean_accepted(),
                 self.tokens_per_target_pass()
             );

@@ -22,6 +22,7 @@ use crate::draft::{DraftCounters, DraftState, Resolution, TreeRequest};
 use crate::error::{Error, Result};
 use crate::mirror::DraftSchedule;
 use crate::verify::DraftWindow;
+use crate::window::Source;
 
 /// A request to the worker.
 pub(crate) enum Request {
@@ -36,7 +37,7 @@ pub(crate) enum Request {
     Prefill {
         tokens: Vec<u32>,
     },
-    /// Draft a window after `context`.
+    /// Draft a window after `context` (looked up first when lookup is on).
     Rollout {
         context: Vec<u32>,
         count: usize,
@@ -62,6 +63,8 @@ enum Outcome {
 #[derive(Debug, Default)]
 pub(crate) struct DraftReport {
     pub window: DraftWindow,
+    /// Where `window` came from.
+    pub source: Option<Source>,
     pub resolution: Option<Resolution>,
     pub counters: DraftCounters,
     /// Draft compute that overlapped the target's suffix.
@@ -264,9 +267,10 @@ impl Worker {
         }
     }
 
-    fn report(&mut self, window: DraftWindow) -> DraftReport {
+    fn report(&mut self, window: DraftWindow, source: Option<Source>) -> DraftReport {
         DraftReport {
             window,
+            source,
             counters: self.state.take_counters(),
             ..DraftReport::default()
         }
@@ -285,15 +289,15 @@ impl Worker {
             }
             Request::Prefill { tokens } => {
                 self.state.sync(&tokens)?;
-                Ok(self.report(DraftWindow::default()))
+                Ok(self.report(DraftWindow::default(), None))
             }
             Request::Rollout {
                 context,
                 count,
                 seed,
             } => {
-                let window = self.state.rollout(&context, count, seed)?;
-                Ok(self.report(window))
+                let (window, source) = self.state.window(&context, count, seed)?;
+                Ok(self.report(window, Some(source)))
             }
             Request::Tree(tree) => self.tree(tree),
             Request::Shutdown => Ok(DraftReport::default()),
@@ -332,12 +336,12 @@ impl Worker {
             .filter(|b| self.state.is_complete(b, &tree))
             .count();
         let hidden = self.state.hidden_time(target_done);
-        let (window, resolution) = self.state.resolve(&tree, &branches, accepted, token)?;
+        let (window, resolution, source) = self.state.resolve(&tree, &branches, accepted, token)?;
         Ok(DraftReport {
             resolution: Some(resolution),
             hidden,
             completed,
-            ..self.report(window)
+            ..self.report(window, Some(source))
         })
     }
 }
