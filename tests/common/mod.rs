@@ -3,6 +3,22 @@
 
 use std::path::PathBuf;
 
+/// Runs candle's matmuls single-threaded in this test binary (`RAYON_NUM_THREADS=1` unless the
+/// caller set it), for tests of tiny models: candle 0.11 reads the variable on every f32
+/// matmul and, when it is unset, counts physical cores by parsing `/proc/cpuinfo` each time,
+/// then splits a 6x32 product across threads. That costs ~10x the work itself (measured: 8.7
+/// against 0.8 ms per 4-token SD generation on the 6-token pair). Call it first thing in every
+/// test of the binary: the variable is set once, while the other tests wait on the `Once`, and
+/// `std::env` serialises it with candle's reads.
+pub fn tiny_model_threads() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            std::env::set_var("RAYON_NUM_THREADS", "1");
+        }
+    });
+}
+
 /// The repository root (where `models/` lives).
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

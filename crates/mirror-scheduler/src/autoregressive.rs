@@ -52,7 +52,7 @@ impl Decoder for Autoregressive {
             let token = if config.sampling.is_greedy() {
                 sampling::argmax(&logits)
             } else {
-                sampling::sample(&sampling::warp(&logits, &config.sampling), rng.random())
+                sampling::warp_probs(&logits, &config.sampling).sample(rng.random())
             };
             if !progress.commit(&[token]) {
                 break;

@@ -336,9 +336,9 @@ impl DraftState {
         if self.params.is_greedy() {
             return (sampling::argmax(logits), DraftChoice::PointMass);
         }
-        let q = sampling::warp(logits, &self.params);
+        let q = sampling::warp_probs(logits, &self.params);
         let u = StdRng::seed_from_u64(mix(seed, index as u64)).random::<f64>();
-        (sampling::sample(&q, u), DraftChoice::Sampled(q))
+        (q.sample(u), DraftChoice::Sampled(q))
     }
 
     fn is_stop(&self, token: u32) -> bool {

@@ -640,7 +640,7 @@ impl Decoder for Mirror {
 
             let t3 = Instant::now();
             let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
-            let verdict = verify_window(&refs, &window, &config.sampling, &mut || rng.random());
+            let verdict = verify_window(&refs, &window, &config.sampling, &mut || rng.random())?;
             stats.record_window(window.len(), verdict.accepted);
             for (j, rate) in self.acceptance.iter_mut().enumerate().take(window.len()) {
                 if j > verdict.accepted {

@@ -210,7 +210,7 @@ impl Decoder for SpeculativeDecoding {
 
             let verify = Instant::now();
             let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
-            let verdict = verify_window(&refs, &window, &config.sampling, &mut || rng.random());
+            let verdict = verify_window(&refs, &window, &config.sampling, &mut || rng.random())?;
             stats.record_window(window.len(), verdict.accepted);
             cache.truncate(base + 1 + verdict.accepted);
             let mut new = window.tokens[..verdict.accepted].to_vec();
