@@ -89,19 +89,33 @@ pub fn reference_tokens(reference: &HashMap<String, Tensor>, i: usize) -> Vec<u3
         .collect()
 }
 
-/// Largest absolute elementwise difference of two tensors of equal shape.
+/// Largest absolute elementwise difference of two tensors of equal shape; infinite when either
+/// holds a NaN (a reduction with `max` would skip it and report agreement).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    let flat = |t: &Tensor| {
+        t.to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    max_abs_diff_slices(&flat(a), &flat(b))
+}
+
+/// Largest `|a_i - b_i|` of two slices of equal length; infinite when either holds a NaN or the
+/// two hold infinities that do not match.
+pub fn max_abs_diff_slices(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter().zip(b).fold(0.0f32, |worst, (x, y)| {
+        let d = if x == y { 0.0 } else { (x - y).abs() };
+        if d.is_nan() {
+            f32::INFINITY
+        } else {
+            worst.max(d)
+        }
+    })
 }
 
 /// Writes a random llama/qwen2/qwen3 checkpoint (config.json + model.safetensors) into `dir` and
