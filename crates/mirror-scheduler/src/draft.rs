@@ -48,7 +48,7 @@ struct StepLogits {
 
 /// Draft work since the last [`DraftState::take_counters`].
 #[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct DraftCounters {
+pub struct DraftCounters {
     /// Forward passes.
     pub forwards: usize,
     /// Compute time.
@@ -72,7 +72,7 @@ fn agreed_prefix(fed: &[u32], main_rows: &[Vec<f32>]) -> usize {
 
 /// A branch of the hypothesis tree as drafted so far.
 #[derive(Debug, Clone)]
-pub(crate) struct Branch {
+pub struct Branch {
     pub plan: BranchPlan,
     /// Cache rows of the fed nodes: the root, then each drafted token but the last.
     pub nodes: Vec<usize>,
@@ -111,7 +111,7 @@ pub enum Resolution {
 }
 
 /// The draft model with its cache and the tokens that cache holds.
-pub(crate) struct DraftState {
+pub struct DraftState {
     pub model: Arc<Model>,
     cache: Option<KvCache>,
     /// Tokens whose keys/values occupy the cache's first rows (the linear sequence).

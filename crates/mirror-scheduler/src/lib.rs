@@ -24,6 +24,13 @@ pub mod stats;
 pub mod tree;
 pub mod verify;
 
+/// The draft side's internals, for the integration tests that check its bookkeeping against
+/// fresh rollouts (`tests/draft_tree.rs`). Not part of the API: it may change at any time.
+#[doc(hidden)]
+pub mod testing {
+    pub use crate::draft::{Branch, DraftCounters, DraftState};
+}
+
 use std::sync::Arc;
 
 use mirror_core::Model;
