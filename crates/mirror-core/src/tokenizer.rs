@@ -65,6 +65,25 @@ fn tok_err(source_name: &str, reason: impl std::fmt::Display) -> Error {
     }
 }
 
+/// Runs a call into the tokenizers library, turning a panic inside it into
+/// [`Error::Tokenizer`]. tokenizers 0.23 panics on some malformed input instead of returning
+/// an error (found by `tests/fuzz.rs`): a `decoder` that is not valid JSON in tokenizer.json
+/// (`expect("Helper")` in its deserializer), and a BPE merge whose parts are shorter than the
+/// continuing-subword prefix (a slice out of range in `BPE::build`).
+fn guard_tokenizers<T>(source_name: &str, call: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(tok_err(
+            source_name,
+            format!("the tokenizers library panicked on this input: {message}"),
+        ))
+    })
+}
+
 /// `bos_token`/`eos_token` in `tokenizer_config.json` are a string or `{ "content": ... }`.
 fn token_string(value: Option<&serde_json::Value>) -> Option<String> {
     match value? {
@@ -84,8 +103,9 @@ impl Tokenizer {
                 what: "the tokenizer (tokenizer.json)".into(),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(tokenizer_json)
-            .map_err(|e| tok_err(&source_name, e))?;
+        let inner = guard_tokenizers(&source_name, || {
+            tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| tok_err(&source_name, e))
+        })?;
         let mut tokenizer = Self {
             inner,
             source_name,
@@ -133,6 +153,11 @@ impl Tokenizer {
 
     /// Rebuilds the tokenizer stored in GGUF metadata (`tokenizer.ggml.*`, byte-level BPE).
     pub fn from_gguf(content: &Content, path: &Path) -> Result<Self> {
+        let source_name = path.display().to_string();
+        guard_tokenizers(&source_name, || Self::build_from_gguf(content, path))
+    }
+
+    fn build_from_gguf(content: &Content, path: &Path) -> Result<Self> {
         let source_name = path.display().to_string();
         let err = |reason: String| tok_err(&source_name, reason);
         let meta = |key: &str| content.metadata.get(key);

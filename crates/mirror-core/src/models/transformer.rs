@@ -157,7 +157,9 @@ impl Model {
         let eps = config.rms_norm_eps;
         let embed_tokens =
             loader.embedding("model.embed_tokens.weight", config.vocab_size, hidden)?;
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        // Not `with_capacity(num_hidden_layers)`: a corrupt config's count must fail on the
+        // first missing layer, not on an allocation for 2^40 layers.
+        let mut layers = Vec::new();
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let (q_norm, k_norm) = if config.qk_norm() {
