@@ -77,6 +77,19 @@ struct Args {
     methods: String,
     #[arg(long, default_value = "target/compare")]
     out_dir: PathBuf,
+    /// Also run every method sampled at this temperature, right after its greedy run on each
+    /// prompt (rows `<method>/sampled`; 0: greedy only).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Top-k of the sampled runs (0: off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Top-p of the sampled runs (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Seed of the sampled runs.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -247,6 +260,15 @@ fn run(args: Args) -> Result<(), String> {
         _ => None,
     };
     let config = GenerationConfig::greedy(args.max_new_tokens);
+    let sampled = (args.temperature > 0.0).then(|| GenerationConfig {
+        sampling: mirror_sd::mirror_core::sampling::SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+        },
+        seed: args.seed,
+        ..GenerationConfig::greedy(args.max_new_tokens)
+    });
     let tokenizer = loaded.tokenizer;
     let mut engines: Vec<(String, Engine)> = Vec::new();
     for m in &methods {
@@ -292,8 +314,65 @@ fn run(args: Args) -> Result<(), String> {
             let per = results.entry(name.clone()).or_default();
             per.entry(category.clone()).or_default().add(&g);
             per.entry("overall".into()).or_default().add(&g);
+            if let Some(sampled) = &sampled {
+                let g = engine
+                    .generate_tokens_stream(&prompt, sampled, |_| {
+                        mirror_sd::mirror_scheduler::StreamControl::Continue
+                    })
+                    .map_err(|e| format!("{name} sampled on {id}: {e}"))?;
+                eprintln!(
+                    "{id:<14} {:<14} {:>4} tokens {:>6.2} tok/s  E[A] {:.2}",
+                    format!("{name}/sampled"),
+                    g.tokens.len(),
+                    g.stats.tokens_per_second(),
+                    g.stats.mean_accepted(),
+                );
+                let per = results.entry(format!("{name}/sampled")).or_default();
+                per.entry(category.clone()).or_default().add(&g);
+                per.entry("overall".into()).or_default().add(&g);
+            }
         }
     }
+    // Sampled against greedy: decode time per token (prefill excluded) and per target pass.
+    let mut sampling_overhead = BTreeMap::new();
+    if sampled.is_some() {
+        for m in &methods {
+            let (g, s) = (
+                &results[m]["overall"],
+                &results[&format!("{m}/sampled")]["overall"],
+            );
+            let per_token =
+                |t: &Totals| 1e3 * (t.seconds - t.prefill_seconds) / t.tokens.max(1) as f64;
+            let per_pass =
+                |t: &Totals| 1e3 * (t.seconds - t.prefill_seconds) / t.target_passes.max(1) as f64;
+            eprintln!(
+                "{m}: greedy {:.1} ms/token, sampled {:.1} ms/token ({:.2}x); per target pass {:.1} -> {:.1} ms ({:.2}x); E[A] {:.2} -> {:.2}",
+                per_token(g),
+                per_token(s),
+                per_token(s) / per_token(g),
+                per_pass(g),
+                per_pass(s),
+                per_pass(s) / per_pass(g),
+                g.mean_accepted(),
+                s.mean_accepted()
+            );
+            sampling_overhead.insert(
+                m.clone(),
+                serde_json::json!({
+                    "greedy_ms_per_token": per_token(g), "sampled_ms_per_token": per_token(s),
+                    "greedy_ms_per_target_pass": per_pass(g), "sampled_ms_per_target_pass": per_pass(s),
+                    "greedy_mean_accepted": g.mean_accepted(), "sampled_mean_accepted": s.mean_accepted(),
+                }),
+            );
+        }
+    }
+    let methods: Vec<String> = methods
+        .iter()
+        .flat_map(|m| {
+            let sampled_row = sampled.as_ref().map(|_| format!("{m}/sampled"));
+            std::iter::once(m.clone()).chain(sampled_row)
+        })
+        .collect();
     std::fs::create_dir_all(&args.out_dir).map_err(|e| e.to_string())?;
     let table = markdown(&methods, &results);
     println!("{table}");
@@ -319,6 +398,11 @@ fn run(args: Args) -> Result<(), String> {
         .collect();
     let json = serde_json::json!({
         "fallback_vs_omega": bounds,
+        "sampling": sampled.as_ref().map(|c| serde_json::json!({
+            "temperature": c.sampling.temperature, "top_k": c.sampling.top_k,
+            "top_p": c.sampling.top_p, "seed": c.seed,
+        })),
+        "sampling_overhead": sampling_overhead,
         "target": args.target, "draft": args.self_draft_layers.map(|l| format!("target's first {l} layers")).unwrap_or(args.draft.clone()),
         "draft_streams": args.draft_streams, "stream_confidence": args.stream_confidence,
         "gamma": args.gamma, "kappa": args.kappa, "exit_fraction": args.exit_fraction,
@@ -359,16 +443,24 @@ fn categories(results: &BTreeMap<String, BTreeMap<String, Totals>>) -> Vec<Strin
 fn markdown(methods: &[String], results: &BTreeMap<String, BTreeMap<String, Totals>>) -> String {
     let mut out = String::from("| category | method | tok/s | speedup vs ar | vs sd | E[A] | tokens/target pass | eta | draft ms/window | reuse | draft hidden |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     for cat in categories(results) {
-        let ar = results["ar"][&cat].tokens_per_second();
-        let sd = results.get("sd").map(|r| r[&cat].tokens_per_second());
         for m in methods {
+            // Sampled rows are compared with the sampled baselines.
+            let suffix = if m.ends_with("/sampled") {
+                "/sampled"
+            } else {
+                ""
+            };
+            let ar = results[&format!("ar{suffix}")][&cat].tokens_per_second();
+            let sd = results
+                .get(&format!("sd{suffix}"))
+                .map(|r| r[&cat].tokens_per_second());
             let t = &results[m][&cat];
             let tps = t.tokens_per_second();
-            let vs_sd = match (m.starts_with("mirror") || m == "sd+ss", sd) {
+            let vs_sd = match (m.starts_with("mirror") || m.starts_with("sd+ss"), sd) {
                 (true, Some(sd)) => format!("{:.2}x", tps / sd),
                 _ => "".into(),
             };
-            let spec = m != "ar";
+            let spec = !m.starts_with("ar");
             out += &format!(
                 "| {cat} | {m} | {tps:.2} | {:.2}x | {vs_sd} | {} | {:.2} | {} | {} | {} | {} |\n",
                 tps / ar,
@@ -407,7 +499,11 @@ fn markdown(methods: &[String], results: &BTreeMap<String, BTreeMap<String, Tota
 /// A grouped bar chart of speedup over autoregressive decoding, by category.
 fn svg(methods: &[String], results: &BTreeMap<String, BTreeMap<String, Totals>>) -> String {
     let cats = categories(results);
-    let shown: Vec<&String> = methods.iter().filter(|m| m.as_str() != "ar").collect();
+    // Greedy runs only (the chart's baseline is greedy autoregressive decoding).
+    let shown: Vec<&String> = methods
+        .iter()
+        .filter(|m| m.as_str() != "ar" && !m.ends_with("/sampled"))
+        .collect();
     let colors = [
         "#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860",
     ];

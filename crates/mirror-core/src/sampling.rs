@@ -264,9 +264,22 @@ pub fn top_k_log_probs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
         .collect()
 }
 
+/// `f32::total_cmp` as an unsigned key: `a.total_cmp(&b) == key(a).cmp(&key(b))`.
+fn total_order_key(v: f32) -> u32 {
+    let bits = v.to_bits();
+    if bits >> 31 == 1 {
+        !bits
+    } else {
+        bits | 0x8000_0000
+    }
+}
+
 /// Indices of the `k` largest `values` (descending by `total_cmp`, ties: lower index first), in
-/// ascending index order. Selection, not a sort: linear in `values.len()`.
+/// ascending index order. Linear in `values.len()`: one pass with a heap of `k` entries for a
+/// small `k` (most values lose one comparison with the heap's weakest), a selection otherwise.
 fn top_k_indices(values: &[f32], k: usize) -> Vec<u32> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
     let n = values.len();
     if k >= n {
         return (0..n as u32).collect();
@@ -274,25 +287,47 @@ fn top_k_indices(values: &[f32], k: usize) -> Vec<u32> {
     if k == 0 {
         return Vec::new();
     }
-    let mut copy = values.to_vec();
-    let (_, kth, _) = copy.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-    let kth = *kth;
-    let above = values
-        .iter()
-        .filter(|v| v.total_cmp(&kth) == Ordering::Greater)
-        .count();
-    let mut ties_left = k - above;
-    let mut out = Vec::with_capacity(k);
-    for (i, v) in values.iter().enumerate() {
-        match v.total_cmp(&kth) {
-            Ordering::Greater => out.push(i as u32),
-            Ordering::Equal if ties_left > 0 => {
-                ties_left -= 1;
-                out.push(i as u32);
-            }
-            _ => {}
+    let mut out = if k <= 4096 {
+        // A min-heap of (key, Reverse(index)): its top is the weakest kept value. Values come
+        // in index order, so an equal key never displaces a kept (lower) index.
+        let mut heap: BinaryHeap<Reverse<(u32, Reverse<u32>)>> = BinaryHeap::with_capacity(k + 1);
+        for (i, &v) in values.iter().take(k).enumerate() {
+            heap.push(Reverse((total_order_key(v), Reverse(i as u32))));
         }
-    }
+        let mut weakest = heap.peek().map_or(0, |e| (e.0).0);
+        for (i, &v) in values.iter().enumerate().skip(k) {
+            let key = total_order_key(v);
+            if key > weakest {
+                if let Some(mut top) = heap.peek_mut() {
+                    *top = Reverse((key, Reverse(i as u32)));
+                }
+                weakest = heap.peek().map_or(0, |e| (e.0).0);
+            }
+        }
+        heap.into_iter().map(|Reverse((_, Reverse(i)))| i).collect()
+    } else {
+        let mut copy = values.to_vec();
+        let (_, kth, _) = copy.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+        let kth = *kth;
+        let above = values
+            .iter()
+            .filter(|v| v.total_cmp(&kth) == Ordering::Greater)
+            .count();
+        let mut ties_left = k - above;
+        let mut out = Vec::with_capacity(k);
+        for (i, v) in values.iter().enumerate() {
+            match v.total_cmp(&kth) {
+                Ordering::Greater => out.push(i as u32),
+                Ordering::Equal if ties_left > 0 => {
+                    ties_left -= 1;
+                    out.push(i as u32);
+                }
+                _ => {}
+            }
+        }
+        out
+    };
+    out.sort_unstable();
     out
 }
 
@@ -302,15 +337,16 @@ const SPARSE_FRACTION: usize = 8;
 /// The distribution `params` samples from: temperature, then top-k, then top-p, renormalised.
 /// For greedy params this is the point mass on the argmax.
 ///
-/// Top-k is a linear-time selection; top-p sorts only the most likely tokens, in growing chunks,
-/// until their mass reaches `top_p`; with neither, nothing is sorted. The result is sparse when
-/// at most an eighth of the vocabulary survives.
+/// Definition, which the result equals exactly: tokens are ranked by logit (descending, ties:
+/// lower index first); weights are `w_i = exp(l_i / T - max_j l_j / T)` in f64; top-k keeps the
+/// `k` first-ranked tokens; top-p keeps the shortest run of the survivors, in rank order, whose
+/// cumulative share of the survivors' total weight (summed in index order) reaches `top_p`; the
+/// kept weights are divided by their sum (in index order) and rounded to f32.
 ///
-/// Definition, which the result equals exactly: weights `w_i = exp(l_i / T - max_j l_j / T)`
-/// (f64); top-k keeps the `k` largest logits (ties: lower index); top-p orders the survivors by
-/// weight (ties: lower index) and keeps the shortest prefix whose cumulative share (of the
-/// survivors' total, summed in index order) reaches `top_p`; the kept weights are divided by
-/// their sum in index order and rounded to f32.
+/// Nothing is sorted: top-k is one pass with a heap of `k` entries, top-p ranks the first 64
+/// survivors, then 512, ... until their share reaches `top_p`, and without either cut the
+/// weights are only normalised. The result is sparse when at most an eighth of the vocabulary
+/// survives.
 pub fn warp_probs(logits: &[f32], params: &SamplingParams) -> Probs {
     let n = logits.len();
     if n == 0 {
@@ -328,47 +364,60 @@ pub fn warp_probs(logits: &[f32], params: &SamplingParams) -> Probs {
         n
     };
     if k == n && params.top_p >= 1.0 {
-        // Nothing is cut: no selection, no sort.
+        // Nothing is cut.
         let weights: Vec<f64> = logits.iter().map(|&l| weight(l)).collect();
         let total: f64 = weights.iter().sum();
         return Probs::dense(weights.iter().map(|w| (w / total) as f32).collect());
     }
-    // Survivors of top-k, ascending index, with their weights.
-    let mut kept: Vec<(u32, f64)> = top_k_indices(logits, k)
+    // Survivors of top-k in ascending index order (all tokens when k == n).
+    let survivors: Vec<u32> = if k < n {
+        top_k_indices(logits, k)
+    } else {
+        (0..n as u32).collect()
+    };
+    let kept: Vec<u32> = if params.top_p < 1.0 {
+        let pool: Vec<f32> = if k < n {
+            survivors.iter().map(|&i| logits[i as usize]).collect()
+        } else {
+            logits.to_vec()
+        };
+        let total: f64 = pool.iter().map(|&l| weight(l)).sum();
+        let top_p = params.top_p as f64;
+        let mut chunk = 64;
+        loop {
+            let m = chunk.min(pool.len());
+            // Positions in the pool follow token order, so position ties are index ties.
+            let mut ranked = top_k_indices(&pool, m);
+            ranked.sort_unstable_by(|&a, &b| {
+                pool[b as usize]
+                    .total_cmp(&pool[a as usize])
+                    .then(a.cmp(&b))
+            });
+            let mut cumulative = 0.0;
+            let cut = ranked.iter().position(|&r| {
+                cumulative += weight(pool[r as usize]) / total;
+                cumulative >= top_p
+            });
+            if let Some(cut) = cut {
+                ranked.truncate(cut + 1);
+            } else if m < pool.len() {
+                chunk *= 8;
+                continue;
+            }
+            let mut kept: Vec<u32> = ranked.iter().map(|&r| survivors[r as usize]).collect();
+            kept.sort_unstable();
+            break kept;
+        }
+    } else {
+        survivors
+    };
+    let weights: Vec<(u32, f64)> = kept
         .into_iter()
         .map(|i| (i, weight(logits[i as usize])))
         .collect();
-    if params.top_p < 1.0 {
-        let total: f64 = kept.iter().map(|e| e.1).sum();
-        let by_weight_desc =
-            |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        let top_p = params.top_p as f64;
-        let mut cumulative = 0.0;
-        let mut cut = kept.len();
-        let (mut start, mut chunk) = (0, 64);
-        'chunks: while start < kept.len() {
-            let rest = &mut kept[start..];
-            let m = chunk.min(rest.len());
-            if m < rest.len() {
-                rest.select_nth_unstable_by(m - 1, by_weight_desc);
-            }
-            rest[..m].sort_unstable_by(by_weight_desc);
-            for (r, e) in rest[..m].iter().enumerate() {
-                cumulative += e.1 / total;
-                if cumulative >= top_p {
-                    cut = start + r + 1;
-                    break 'chunks;
-                }
-            }
-            start += m;
-            chunk *= 8;
-        }
-        kept.truncate(cut);
-        kept.sort_unstable_by_key(|e| e.0);
-    }
-    let total: f64 = kept.iter().map(|e| e.1).sum();
-    let dense = kept.len() > n / SPARSE_FRACTION;
-    Probs::scaled(n, kept, total, dense)
+    let total: f64 = weights.iter().map(|e| e.1).sum();
+    let dense = weights.len() > n / SPARSE_FRACTION;
+    Probs::scaled(n, weights, total, dense)
 }
 
 /// [`warp_probs`] as a vocabulary-sized vector.
@@ -463,7 +512,7 @@ mod tests {
         if params.top_p < 1.0 {
             let total: f64 = (0..n).filter(|&i| alive[i]).map(|i| weights[i]).sum();
             let mut order: Vec<usize> = (0..n).filter(|&i| alive[i]).collect();
-            order.sort_by(|&a, &b| weights[b].total_cmp(&weights[a]).then(a.cmp(&b)));
+            order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
             let mut cumulative = 0.0;
             let mut cut = order.len();
             for (r, &i) in order.iter().enumerate() {
@@ -566,6 +615,15 @@ mod tests {
                 assert!((g - w).abs() < 1e-6, "{p:?}: {got:?} vs {want:?}");
             }
         }
+        // Mass that reaches top_p exactly stops there; equal logits rank by index.
+        assert_eq!(
+            warp(&[0.0; 4], &params(1.0, 0, 0.5)),
+            vec![0.5, 0.5, 0.0, 0.0]
+        );
+        assert_eq!(
+            warp(&[0.0; 4], &params(1.0, 3, 1.0)),
+            vec![1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 0.0]
+        );
     }
 
     /// The selection-based warp equals the full-sort definition bit for bit, on vocabularies
@@ -574,8 +632,8 @@ mod tests {
     fn warp_equals_the_full_sort_definition() {
         let mut rng = Lcg(0x9e37_79b9_7f4a_7c15);
         let mut sparse_seen = (false, false);
-        for case in 0..300 {
-            let n = [1usize, 2, 7, 64, 1000, 5000][case % 6];
+        for case in 0..400 {
+            let n = [1usize, 2, 7, 64, 1000, 5000, 12000][case % 7];
             // Coarse logits make ties common.
             let coarse = case % 3 == 0;
             let logits: Vec<f32> = (0..n)
@@ -589,7 +647,7 @@ mod tests {
                 })
                 .collect();
             let temperature = [0.3f32, 0.7, 1.0, 2.5][case % 4];
-            let top_k = [0usize, 1, 3, 20, 700, 6000][(case / 4) % 6];
+            let top_k = [0usize, 1, 3, 20, 700, 6000, 5000][(case / 4) % 7];
             let top_p = [1.0f32, 0.95, 0.8, 0.5, 0.0][(case / 7) % 5];
             let p = params(temperature, top_k, top_p);
             let fast = warp_probs(&logits, &p);
