@@ -1,5 +1,5 @@
-//! Runs autoregressive decoding, vanilla SD and Mirror-SD (anytime and full grid) on the same
-//! models over a prompt suite, in one process so that speed ratios are measured side by side.
+//! Runs autoregressive decoding, vanilla SD, prompt lookup and Mirror-SD on the same models over
+//! a prompt suite, in one process so that speed ratios are measured side by side.
 //! Greedy outputs must be token-identical to autoregressive decoding: the run fails loudly if not.
 //! Writes `results.json`, `results.md` and `speedup.svg` to `--out-dir`.
 //!
@@ -12,8 +12,15 @@
 //!     --methods ar,sd,sd+lookahead,mirror,mirror+lookahead
 //! ```
 //!
-//! A method with the suffix `+lookahead` uses the draft with the lookahead weights of
-//! `--draft-lookahead` attached.
+//! Method names: `ar`, `sd`, `lookup` (prompt lookup, no draft model), `mirror` (anytime),
+//! `mirror-full`; `+lookup` tries lookup before the draft model, `+lookahead` uses the draft
+//! with the lookahead weights of `--draft-lookahead`, and `@fixed` / `@adaptive` overrides
+//! `--window`. The per-category table of BENCHMARKS.md ("Speculation that pays on a CPU"):
+//!
+//! ```text
+//! cargo run --release --example compare -- --max-new-tokens 64 \
+//!     --methods ar,sd@fixed,sd+lookup@fixed,lookup@fixed,mirror@fixed,sd+lookup,mirror+lookup
+//! ```
 
 #[path = "common/mod.rs"]
 mod common;
@@ -23,9 +30,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Parser;
+use mirror_sd::mirror_core::{threads, Model};
 use mirror_sd::mirror_scheduler::{
     Autoregressive, Decoder, DraftSchedule, EarlyExit, Engine, Generation, GenerationConfig,
-    Mirror, SpeculativeDecoding,
+    LookupConfig, Mirror, SpeculativeDecoding,
 };
 use serde::Serialize;
 
@@ -45,8 +53,10 @@ struct Args {
     per_category: Option<usize>,
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
-    #[arg(long, default_value_t = 4)]
-    gamma: usize,
+    /// gamma, and the defaults of the window policy and lookup (a method's name can override
+    /// both).
+    #[command(flatten)]
+    drafting: common::DraftArgs,
     #[arg(long, default_value_t = 4)]
     kappa: usize,
     #[arg(long, default_value_t = 0.5)]
@@ -54,21 +64,81 @@ struct Args {
     /// Branches per draft pass for anytime Mirror.
     #[arg(long, default_value_t = 2)]
     branches_per_pass: usize,
-    /// Threads of the Mirror draft worker's own pool (default: the global pool).
+    /// Threads of the Mirror draft worker's own pool, with --mirror-cores shared.
     #[arg(long)]
     draft_threads: Option<usize>,
+    /// Mirror's cores: `split` pins target and draft to disjoint cores (as `generate` does),
+    /// `shared` lets both use every core.
+    #[arg(long, value_enum, default_value_t = MirrorCores::Split)]
+    mirror_cores: MirrorCores,
     /// Lookahead checkpoint for the draft (enables the `+lookahead` methods).
     #[arg(long)]
     draft_lookahead: Option<PathBuf>,
-    /// Propose a lookahead token only when its top probability reaches this.
-    #[arg(long, default_value_t = mirror_sd::mirror_scheduler::DEFAULT_LOOKAHEAD_CONFIDENCE)]
-    lookahead_confidence: f32,
-    /// Strategies to run, comma-separated: ar, sd, mirror, mirror-full; sd, mirror and
-    /// mirror-full with `+lookahead` use the draft with lookahead.
-    #[arg(long, default_value = "ar,sd,mirror,mirror-full")]
+    /// Strategies to run, comma-separated: ar, sd, lookup (no draft model), mirror,
+    /// mirror-full; `+lookup` tries lookup before the draft model, `+lookahead` uses the draft
+    /// with lookahead, and `@fixed` or `@adaptive` overrides --window (e.g. `sd+lookup@fixed`).
+    #[arg(long, default_value = "ar,sd,sd+lookup,lookup,mirror,mirror+lookup")]
     methods: String,
     #[arg(long, default_value = "target/compare")]
     out_dir: PathBuf,
+    /// Also run every method sampled at this temperature, right after its greedy run on each
+    /// prompt (rows `<method>/sampled`; 0: greedy only).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Top-k of the sampled runs (0: off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Top-p of the sampled runs (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Seed of the sampled runs.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum MirrorCores {
+    Split,
+    Shared,
+}
+
+/// A method's name taken apart: `base[+lookup][+lookahead][@fixed|@adaptive]`.
+struct MethodSpec<'a> {
+    base: &'a str,
+    lookup: bool,
+    lookahead: bool,
+    window: Option<common::WindowArg>,
+}
+
+impl<'a> MethodSpec<'a> {
+    fn parse(name: &'a str) -> Result<Self, String> {
+        let (rest, window) = match name.split_once('@') {
+            Some((rest, "fixed")) => (rest, Some(common::WindowArg::Fixed)),
+            Some((rest, "adaptive")) => (rest, Some(common::WindowArg::Adaptive)),
+            Some((_, other)) => return Err(format!("`{name}`: unknown window `@{other}`")),
+            None => (name, None),
+        };
+        let mut parts = rest.split('+');
+        let base = parts.next().unwrap_or_default();
+        let mut spec = Self {
+            base,
+            lookup: false,
+            lookahead: false,
+            window,
+        };
+        for part in parts {
+            match part {
+                "lookup" => spec.lookup = true,
+                "lookahead" => spec.lookahead = true,
+                other => return Err(format!("`{name}`: unknown modifier `+{other}`")),
+            }
+        }
+        Ok(spec)
+    }
+
+    fn needs_draft(&self) -> bool {
+        !matches!(self.base, "ar" | "lookup")
+    }
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -143,46 +213,85 @@ fn main() {
     }
 }
 
-fn build(
-    method: &str,
-    args: &Args,
-    target: &Arc<mirror_sd::mirror_core::Model>,
-    draft: &Option<Arc<mirror_sd::mirror_core::Model>>,
-    draft_lookahead: &Option<Arc<mirror_sd::mirror_core::Model>>,
-) -> Result<Box<dyn Decoder>, String> {
-    let (method, draft) = match method.strip_suffix("+lookahead") {
-        Some(base) => (
-            base,
-            draft_lookahead
-                .clone()
-                .ok_or_else(|| format!("`{method}` needs --draft-lookahead"))?,
-        ),
-        None => (
-            method,
-            draft
-                .clone()
-                .ok_or_else(|| "a draft is needed".to_string())?,
-        ),
+/// The models a method runs on: Mirror's pinned to disjoint cores unless `--mirror-cores
+/// shared`.
+struct Models {
+    target: Arc<Model>,
+    draft: Option<Arc<Model>>,
+    draft_lookahead: Option<Arc<Model>>,
+    /// (target, draft, draft with lookahead) for Mirror, each on its own share of the cores.
+    mirror: Option<(Arc<Model>, Option<Arc<Model>>, Option<Arc<Model>>)>,
+}
+
+impl Models {
+    fn pin_for_mirror(&mut self) -> Result<(), String> {
+        let (target_cores, draft_cores) = threads::split_cores(&threads::available_cores());
+        let pin = |model: &Arc<Model>, cores: &[usize]| -> Result<Arc<Model>, String> {
+            Model::clone(model)
+                .with_cores(cores)
+                .map(Arc::new)
+                .map_err(|e| e.to_string())
+        };
+        let draft = self
+            .draft
+            .as_ref()
+            .map(|d| pin(d, &draft_cores))
+            .transpose()?;
+        let lookahead = (self.draft_lookahead.as_ref())
+            .map(|d| pin(d, &draft_cores))
+            .transpose()?;
+        self.mirror = Some((pin(&self.target, &target_cores)?, draft, lookahead));
+        Ok(())
+    }
+}
+
+fn build(method: &str, args: &Args, models: &Models) -> Result<Box<dyn Decoder>, String> {
+    let spec = MethodSpec::parse(method)?;
+    let mut options = args.drafting.options();
+    if let Some(window) = spec.window {
+        options.window = window.policy();
+    }
+    if spec.lookup {
+        options.lookup = Some(LookupConfig::default());
+    }
+    let is_mirror = spec.base.starts_with("mirror");
+    let (target, draft, lookahead) = match (&models.mirror, is_mirror) {
+        (Some((t, d, l)), true) => (t, d, l),
+        _ => (&models.target, &models.draft, &models.draft_lookahead),
     };
-    let draft = || -> Result<_, String> { Ok(Arc::clone(&draft)) };
+    let draft = || -> Result<Arc<Model>, String> {
+        let chosen = if spec.lookahead { lookahead } else { draft };
+        chosen.clone().ok_or_else(|| {
+            if spec.lookahead {
+                format!("`{method}` needs --draft-lookahead")
+            } else {
+                format!("`{method}` needs a draft model")
+            }
+        })
+    };
     let mirror = |schedule| -> Result<Box<dyn Decoder>, String> {
         let mut b = Mirror::builder(Arc::clone(target), draft()?)
-            .gamma(args.gamma)
+            .draft_options(options)
             .kappa(args.kappa)
             .early_exit(EarlyExit::Fraction(args.exit_fraction))
-            .lookahead_confidence(args.lookahead_confidence)
             .schedule(schedule);
-        if let Some(t) = args.draft_threads {
+        if let (Some(t), MirrorCores::Shared) = (args.draft_threads, args.mirror_cores) {
             b = b.draft_threads(t);
         }
         Ok(Box::new(b.build().map_err(|e| e.to_string())?))
     };
-    match method {
+    match spec.base {
         "ar" => Ok(Box::new(Autoregressive::new(Arc::clone(target)))),
         "sd" => Ok(Box::new(
             SpeculativeDecoding::builder(Arc::clone(target), draft()?)
-                .gamma(args.gamma)
-                .lookahead_confidence(args.lookahead_confidence)
+                .draft_options(options)
+                .build()
+                .map_err(|e| e.to_string())?,
+        )),
+        "lookup" => Ok(Box::new(
+            SpeculativeDecoding::prompt_lookup(Arc::clone(target))
+                .draft_options(options)
+                .prompt_lookup(LookupConfig::default())
                 .build()
                 .map_err(|e| e.to_string())?,
         )),
@@ -222,7 +331,11 @@ fn run(args: Args) -> Result<(), String> {
         &target_options,
     )?;
     let target = Arc::new(loaded.model);
-    let draft = if methods.iter().any(|m| m != "ar") {
+    let specs = methods
+        .iter()
+        .map(|m| MethodSpec::parse(m))
+        .collect::<Result<Vec<_>, _>>()?;
+    let draft = if specs.iter().any(MethodSpec::needs_draft) {
         Some(common::draft_model(
             &args.pair.draft,
             args.self_draft_layers,
@@ -238,15 +351,31 @@ fn run(args: Args) -> Result<(), String> {
         _ => None,
     };
     let config = GenerationConfig::greedy(args.max_new_tokens);
+    let sampled = (args.temperature > 0.0).then(|| GenerationConfig {
+        sampling: mirror_sd::mirror_core::sampling::SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+        },
+        seed: args.seed,
+        ..GenerationConfig::greedy(args.max_new_tokens)
+    });
     let tokenizer = loaded.tokenizer;
     let mut engines: Vec<(String, Engine)> = Vec::new();
+    let mut models = Models {
+        target,
+        draft,
+        draft_lookahead,
+        mirror: None,
+    };
+    if args.mirror_cores == MirrorCores::Split && specs.iter().any(|s| s.base.starts_with("mirror"))
+    {
+        models.pin_for_mirror()?;
+    }
     for m in &methods {
         engines.push((
             m.clone(),
-            Engine::new(
-                build(m, &args, &target, &draft, &draft_lookahead)?,
-                tokenizer.clone(),
-            ),
+            Engine::new(build(m, &args, &models)?, tokenizer.clone()),
         ));
     }
     // per method -> per category totals
@@ -260,9 +389,7 @@ fn run(args: Args) -> Result<(), String> {
         // Round-robin per prompt: every method sees the same machine state in turn.
         for (name, engine) in engines.iter_mut() {
             let g = engine
-                .generate_with(&prompt, &config, |_| {
-                    mirror_sd::mirror_scheduler::StreamControl::Continue
-                })
+                .generate(&prompt, &config)
                 .map_err(|e| format!("{name} on {id}: {e}"))?;
             eprintln!(
                 "{id:<14} {name:<14} {:>4} tokens {:>6.2} tok/s  E[A] {:.2}  eta {:.2}  reuse {:.2}",
@@ -272,9 +399,11 @@ fn run(args: Args) -> Result<(), String> {
                 g.stats.eta(),
                 g.stats.reuse_rate()
             );
-            outputs.insert(id.clone(), g.tokens.clone());
             match &reference {
-                None => reference = Some(g.tokens.clone()),
+                None => {
+                    outputs.insert(id.clone(), g.tokens.clone());
+                    reference = Some(g.tokens.clone());
+                }
                 Some(want) if *want != g.tokens => {
                     mismatches.push(format!("{name} differs from ar on {id}"))
                 }
@@ -283,13 +412,69 @@ fn run(args: Args) -> Result<(), String> {
             let per = results.entry(name.clone()).or_default();
             per.entry(category.clone()).or_default().add(&g);
             per.entry("overall".into()).or_default().add(&g);
+            if let Some(sampled) = &sampled {
+                let g = engine
+                    .generate(&prompt, sampled)
+                    .map_err(|e| format!("{name} sampled on {id}: {e}"))?;
+                eprintln!(
+                    "{id:<14} {:<14} {:>4} tokens {:>6.2} tok/s  E[A] {:.2}",
+                    format!("{name}/sampled"),
+                    g.tokens.len(),
+                    g.stats.tokens_per_second(),
+                    g.stats.mean_accepted(),
+                );
+                let per = results.entry(format!("{name}/sampled")).or_default();
+                per.entry(category.clone()).or_default().add(&g);
+                per.entry("overall".into()).or_default().add(&g);
+            }
         }
     }
+    // Sampled against greedy: decode time per token (prefill excluded) and per target pass.
+    let mut sampling_overhead = BTreeMap::new();
+    if sampled.is_some() {
+        for m in &methods {
+            let (g, s) = (
+                &results[m]["overall"],
+                &results[&format!("{m}/sampled")]["overall"],
+            );
+            let per_token =
+                |t: &Totals| 1e3 * (t.seconds - t.prefill_seconds) / t.tokens.max(1) as f64;
+            let per_pass =
+                |t: &Totals| 1e3 * (t.seconds - t.prefill_seconds) / t.target_passes.max(1) as f64;
+            eprintln!(
+                "{m}: greedy {:.1} ms/token, sampled {:.1} ms/token ({:.2}x); per target pass {:.1} -> {:.1} ms ({:.2}x); E[A] {:.2} -> {:.2}",
+                per_token(g),
+                per_token(s),
+                per_token(s) / per_token(g),
+                per_pass(g),
+                per_pass(s),
+                per_pass(s) / per_pass(g),
+                g.mean_accepted(),
+                s.mean_accepted()
+            );
+            sampling_overhead.insert(
+                m.clone(),
+                serde_json::json!({
+                    "greedy_ms_per_token": per_token(g), "sampled_ms_per_token": per_token(s),
+                    "greedy_ms_per_target_pass": per_pass(g), "sampled_ms_per_target_pass": per_pass(s),
+                    "greedy_mean_accepted": g.mean_accepted(), "sampled_mean_accepted": s.mean_accepted(),
+                }),
+            );
+        }
+    }
+    let methods: Vec<String> = methods
+        .iter()
+        .flat_map(|m| {
+            let sampled_row = sampled.as_ref().map(|_| format!("{m}/sampled"));
+            std::iter::once(m.clone()).chain(sampled_row)
+        })
+        .collect();
     std::fs::create_dir_all(&args.out_dir).map_err(|e| e.to_string())?;
     let table = markdown(&methods, &results);
     println!("{table}");
     std::fs::write(args.out_dir.join("results.md"), &table).map_err(|e| e.to_string())?;
-    // The paper's bound FF <= 1 - Omega (for a full tree), checked on this run.
+    // FF beside the paper's 1 - Omega, as observed on this run (1 - Omega is not a bound on
+    // FF: see Stats::omega).
     let bounds: BTreeMap<&String, serde_json::Value> = methods
         .iter()
         .filter(|m| m.starts_with("mirror"))
@@ -297,15 +482,26 @@ fn run(args: Args) -> Result<(), String> {
             let t = &results[m]["overall"];
             let ff = 1.0 - t.reuse_rate();
             let omega = t.omega_sum / t.resolved.max(1) as f64;
-            eprintln!("{m}: FF {ff:.2}, 1 - Omega {:.2} (Omega {omega:.2})", 1.0 - omega);
-            (m, serde_json::json!({ "fallback_frequency": ff, "omega": omega, "ff_le_1_minus_omega": ff <= 1.0 - omega }))
+            eprintln!(
+                "{m}: FF {ff:.2}, 1 - Omega {:.2} (Omega {omega:.2})",
+                1.0 - omega
+            );
+            (
+                m,
+                serde_json::json!({ "fallback_frequency": ff, "omega": omega }),
+            )
         })
         .collect();
     let json = serde_json::json!({
-        "fallback_bound": bounds,
+        "fallback_vs_omega": bounds,
+        "sampling": sampled.as_ref().map(|c| serde_json::json!({
+            "temperature": c.sampling.temperature, "top_k": c.sampling.top_k,
+            "top_p": c.sampling.top_p, "seed": c.seed,
+        })),
+        "sampling_overhead": sampling_overhead,
         "target": args.pair.target, "draft": args.self_draft_layers.map(|l| format!("target's first {l} layers")).unwrap_or(args.pair.draft.clone()),
-        "draft_lookahead": args.draft_lookahead, "lookahead_confidence": args.lookahead_confidence,
-        "gamma": args.gamma, "kappa": args.kappa, "exit_fraction": args.exit_fraction,
+        "draft_lookahead": args.draft_lookahead, "lookahead_confidence": args.drafting.lookahead_confidence, "window": format!("{:?}", args.drafting.window), "mirror_cores": format!("{:?}", args.mirror_cores),
+        "gamma": args.drafting.gamma, "kappa": args.kappa, "exit_fraction": args.exit_fraction,
         "max_new_tokens": args.max_new_tokens, "prompts": prompts.len(), "results": results,
         "identical_to_autoregressive": mismatches.is_empty(),
         "outputs": outputs,
@@ -344,16 +540,25 @@ fn categories(results: &BTreeMap<String, BTreeMap<String, Totals>>) -> Vec<Strin
 fn markdown(methods: &[String], results: &BTreeMap<String, BTreeMap<String, Totals>>) -> String {
     let mut out = String::from("| category | method | tok/s | speedup vs ar | vs sd | E[A] | tokens/target pass | eta | draft ms/window | reuse | draft hidden |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     for cat in categories(results) {
-        let ar = results["ar"][&cat].tokens_per_second();
-        let sd = results.get("sd").map(|r| r[&cat].tokens_per_second());
         for m in methods {
+            // Sampled rows are compared with the sampled baselines.
+            let suffix = if m.ends_with("/sampled") {
+                "/sampled"
+            } else {
+                ""
+            };
+            let ar = results[&format!("ar{suffix}")][&cat].tokens_per_second();
+            let sd = results
+                .get(&format!("sd{suffix}"))
+                .map(|r| r[&cat].tokens_per_second());
             let t = &results[m][&cat];
             let tps = t.tokens_per_second();
-            let vs_sd = match (m.starts_with("mirror") || m == "sd+lookahead", sd) {
+            let base = m.trim_end_matches("/sampled");
+            let vs_sd = match (base != "ar" && base != "sd", sd) {
                 (true, Some(sd)) => format!("{:.2}x", tps / sd),
                 _ => "".into(),
             };
-            let spec = m != "ar";
+            let spec = !m.starts_with("ar");
             out += &format!(
                 "| {cat} | {m} | {tps:.2} | {:.2}x | {vs_sd} | {} | {:.2} | {} | {} | {} | {} |\n",
                 tps / ar,
@@ -392,7 +597,11 @@ fn markdown(methods: &[String], results: &BTreeMap<String, BTreeMap<String, Tota
 /// A grouped bar chart of speedup over autoregressive decoding, by category.
 fn svg(methods: &[String], results: &BTreeMap<String, BTreeMap<String, Totals>>) -> String {
     let cats = categories(results);
-    let shown: Vec<&String> = methods.iter().filter(|m| m.as_str() != "ar").collect();
+    // Greedy runs only (the chart's baseline is greedy autoregressive decoding).
+    let shown: Vec<&String> = methods
+        .iter()
+        .filter(|m| m.as_str() != "ar" && !m.ends_with("/sampled"))
+        .collect();
     let colors = [
         "#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860",
     ];

@@ -6,6 +6,8 @@
 //! ```text
 //! cargo run --release --example generate
 //! cargo run --release --example generate -- --method sd --gamma 5 --prompt "Write quicksort in Rust"
+//! cargo run --release --example generate -- --method sd --lookup      # lookup first, then the draft
+//! cargo run --release --example generate -- --method lookup           # no draft model at all
 //! cargo run --release --example generate -- --target models/SmolLM2-135M-Instruct.Q4_1.gguf --self-draft-layers 10
 //! ```
 
@@ -27,8 +29,10 @@ use mirror_sd::mirror_scheduler::{
 enum Method {
     /// The target alone.
     Ar,
-    /// Vanilla speculative decoding.
+    /// Vanilla speculative decoding (with --lookup: lookup first, then the draft model).
     Sd,
+    /// Prompt-lookup decoding: no draft model.
+    Lookup,
     /// Mirror speculative decoding.
     Mirror,
 }
@@ -49,9 +53,8 @@ struct Args {
     /// Speculative-lookahead checkpoint for the draft: it then proposes 1 + S tokens a step.
     #[arg(long)]
     draft_lookahead: Option<std::path::PathBuf>,
-    /// With --draft-lookahead: propose a lookahead token only when its top probability reaches this.
-    #[arg(long, default_value_t = mirror_sd::mirror_scheduler::DEFAULT_LOOKAHEAD_CONFIDENCE)]
-    lookahead_confidence: f32,
+    #[command(flatten)]
+    drafting: common::DraftArgs,
     /// Use the target's own first N layers as the draft instead of --draft.
     #[arg(long)]
     self_draft_layers: Option<usize>,
@@ -63,9 +66,6 @@ struct Args {
         default_value = "Write a Python function that checks whether a string is a palindrome, ignoring case and punctuation."
     )]
     prompt: String,
-    /// Draft tokens per window.
-    #[arg(long, default_value_t = 4)]
-    gamma: usize,
     /// Early-exit candidates per row (Mirror).
     #[arg(long, default_value_t = 4)]
     kappa: usize,
@@ -165,7 +165,7 @@ fn run(args: Args) -> Result<(), String> {
         common::with_optional_lookahead(draft, args.draft_lookahead.as_deref())
     };
     let draft = match args.method {
-        Method::Ar => None,
+        Method::Ar | Method::Lookup => None,
         _ => Some(draft()?),
     };
     let weight_report = |model: &mirror_sd::mirror_core::Model| {
@@ -181,12 +181,19 @@ fn run(args: Args) -> Result<(), String> {
         "target": weight_report(&target),
         "draft": draft.as_ref().map(|d| weight_report(d)),
     });
+    let options = args.drafting.options();
     let decoder: Box<dyn Decoder> = match (args.method, draft) {
+        (Method::Lookup, _) => Box::new(
+            SpeculativeDecoding::prompt_lookup(Arc::clone(&target))
+                .draft_options(options)
+                .prompt_lookup(Default::default())
+                .build()
+                .map_err(|e| e.to_string())?,
+        ),
         (Method::Ar, _) | (_, None) => Box::new(Autoregressive::new(Arc::clone(&target))),
         (Method::Sd, Some(draft)) => Box::new(
             SpeculativeDecoding::builder(Arc::clone(&target), draft)
-                .gamma(args.gamma)
-                .lookahead_confidence(args.lookahead_confidence)
+                .draft_options(options)
                 .build()
                 .map_err(|e| e.to_string())?,
         ),
@@ -202,10 +209,9 @@ fn run(args: Args) -> Result<(), String> {
                 Schedule::Full => DraftSchedule::FullGrid,
             };
             let builder = Mirror::builder(Arc::clone(&target), draft)
-                .gamma(args.gamma)
+                .draft_options(options)
                 .kappa(args.kappa)
                 .early_exit(early_exit)
-                .lookahead_confidence(args.lookahead_confidence)
                 .schedule(schedule);
             Box::new(builder.build().map_err(|e| e.to_string())?)
         }

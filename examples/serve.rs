@@ -62,9 +62,8 @@ struct Args {
     /// Speculative-lookahead checkpoint for the draft: it then proposes 1 + S tokens a step.
     #[arg(long)]
     draft_lookahead: Option<std::path::PathBuf>,
-    /// With --draft-lookahead: propose a lookahead token only when its top probability reaches this.
-    #[arg(long, default_value_t = mirror_sd::mirror_scheduler::DEFAULT_LOOKAHEAD_CONFIDENCE)]
-    lookahead_confidence: f32,
+    #[command(flatten)]
+    drafting: common::DraftArgs,
     /// Use the target's own first N layers as the draft instead of --draft.
     #[arg(long)]
     self_draft_layers: Option<usize>,
@@ -79,9 +78,6 @@ struct Args {
         default_value = "ar,sd,mirror"
     )]
     methods: Vec<MethodArg>,
-    /// Draft tokens per window.
-    #[arg(long, default_value_t = 4)]
-    gamma: usize,
     /// Early-exit candidates per row (Mirror).
     #[arg(long, default_value_t = 4)]
     kappa: usize,
@@ -209,8 +205,9 @@ fn run(args: Args) -> Result<(), String> {
     } else {
         None
     };
+    let drafting = args.drafting.options();
     let settings = SpeculationSettings {
-        gamma: args.gamma,
+        gamma: drafting.gamma,
         kappa: args.kappa,
         early_exit: match args.exit_layer {
             Some(layer) => EarlyExit::Layer(layer),
@@ -222,7 +219,9 @@ fn run(args: Args) -> Result<(), String> {
             },
             Schedule::Full => DraftSchedule::FullGrid,
         },
-        lookahead_confidence: args.lookahead_confidence,
+        lookahead_confidence: drafting.lookahead_confidence,
+        lookup: drafting.lookup,
+        window: drafting.window,
     };
     let backend = Backend::new(
         target,

@@ -289,3 +289,23 @@ fn runtime_misuse_is_an_error_not_a_panic() {
     let err = cache.compact(0, &[3, 2]).unwrap_err();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
 }
+
+/// Sizes in a config are not allocation sizes: found by `tests/fuzz.rs`, where a
+/// `max_position_embeddings` of 2^40 aborted the process (RoPE tables for every position).
+#[test]
+fn huge_config_sizes_are_not_allocated() {
+    let (_tmp, dir) = copy_fixture("qwen2");
+    edit_config(&dir, |c| c["max_position_embeddings"] = (1u64 << 40).into());
+    let model = load_model(&dir).unwrap();
+    assert_eq!(model.context_limit(), 1 << 20);
+    let mut cache = model.new_cache(1, 4).unwrap();
+    model.forward_causal(&[1, 2], &mut cache).unwrap();
+
+    let (_tmp, dir) = copy_fixture("qwen2");
+    edit_config(&dir, |c| c["num_hidden_layers"] = (1u64 << 40).into());
+    let err = load_model(&dir).unwrap_err();
+    assert!(
+        matches!(&err, Error::MissingTensor { name, .. } if name.starts_with("model.layers.3.")),
+        "{err}"
+    );
+}

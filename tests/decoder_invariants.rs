@@ -218,3 +218,24 @@ fn deep_copy_is_independent() {
     tokens.push(2);
     assert!(max_abs_diff(&got, &last_row(&fresh(&model, &tokens))) < TOLERANCE);
 }
+
+#[test]
+fn logit_comparisons_see_nan() {
+    let device = candle_core::Device::Cpu;
+    let a = Tensor::new(&[[1.0f32, 2.0, 3.0], [4.0, 5.0, 6.0]], &device).unwrap();
+    let mut values = vec![1.0f32, 2.0, 3.0, 4.0, f32::NAN, 6.0];
+    let b = Tensor::from_vec(values.clone(), (2, 3), &device).unwrap();
+    assert_eq!(max_abs_diff(&a, &b), f32::INFINITY);
+    assert_eq!(max_abs_diff(&b, &a), f32::INFINITY);
+    // A NaN first, where a fold starting from it would keep it.
+    values[0] = f32::NAN;
+    values[4] = 5.0;
+    let c = Tensor::from_vec(values, (2, 3), &device).unwrap();
+    assert_eq!(max_abs_diff(&a, &c), f32::INFINITY);
+    // Matching infinities agree; mismatched ones do not.
+    let inf = Tensor::new(&[f32::INFINITY, 1.0], &device).unwrap();
+    let neg = Tensor::new(&[f32::NEG_INFINITY, 1.0], &device).unwrap();
+    assert_eq!(max_abs_diff(&inf, &inf), 0.0);
+    assert_eq!(max_abs_diff(&inf, &neg), f32::INFINITY);
+    assert_eq!(max_abs_diff(&a, &a), 0.0);
+}

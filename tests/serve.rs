@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use mirror_sd::mirror_core::sampling::SamplingParams;
 use mirror_sd::mirror_core::{load, ChatMessage, LoadOptions, Model, ModelSource, Tokenizer};
-use mirror_sd::mirror_scheduler::{Autoregressive, Engine, GenerationConfig};
+use mirror_sd::mirror_scheduler::{Autoregressive, Engine, GenerationConfig, WindowPolicy};
 use mirror_sd::serve::client::{self, Connection, HttpResponse};
 use mirror_sd::serve::{Backend, Method, RunningServer, Server, ServerConfig, SpeculationSettings};
 use serde_json::{json, Value};
@@ -69,7 +69,12 @@ fn start(model: &Smollm2, config: ServerConfig) -> RunningServer {
         model.tokenizer.clone(),
         &Method::ALL,
         Method::Mirror,
-        &SpeculationSettings::default(),
+        // Fixed windows: the tests check that the self-draft's tokens are accepted, and an
+        // adaptive window may rightly prefer plain steps with this draft.
+        &SpeculationSettings {
+            window: WindowPolicy::Fixed,
+            ..SpeculationSettings::default()
+        },
     )
     .expect("backend");
     Server::start("127.0.0.1:0".parse().unwrap(), backend, config).expect("start")

@@ -46,7 +46,8 @@ fn greedy_continuation_names_paris() {
 #[test]
 fn speculative_and_mirror_greedy_equal_autoregressive_on_smollm2() {
     use mirror_sd::mirror_scheduler::{
-        Autoregressive, Decoder, DraftSchedule, GenerationConfig, Mirror, SpeculativeDecoding,
+        Autoregressive, Decoder, DraftSchedule, GenerationConfig, LookupConfig, Mirror,
+        SpeculativeDecoding, WindowPolicy,
     };
     use std::sync::Arc;
     let Some(path) = common::smollm2_path() else {
@@ -61,6 +62,7 @@ fn speculative_and_mirror_greedy_equal_autoregressive_on_smollm2() {
         Box::new(
             SpeculativeDecoding::builder(Arc::clone(&target), Arc::clone(&draft))
                 .gamma(4)
+                .window(WindowPolicy::Fixed)
                 .build()
                 .unwrap(),
         ),
@@ -76,24 +78,56 @@ fn speculative_and_mirror_greedy_equal_autoregressive_on_smollm2() {
                 .gamma(3)
                 .kappa(2)
                 .schedule(DraftSchedule::FullGrid)
+                .window(WindowPolicy::Fixed)
+                .build()
+                .unwrap(),
+        ),
+        // Prompt lookup: alone, before the model, and in Mirror's tree.
+        Box::new(
+            SpeculativeDecoding::prompt_lookup(Arc::clone(&target))
+                .build()
+                .unwrap(),
+        ),
+        Box::new(
+            SpeculativeDecoding::builder(Arc::clone(&target), Arc::clone(&draft))
+                .prompt_lookup(LookupConfig::default())
+                .window(WindowPolicy::Fixed)
+                .build()
+                .unwrap(),
+        ),
+        Box::new(
+            Mirror::builder(Arc::clone(&target), Arc::clone(&draft))
+                .prompt_lookup(LookupConfig::default())
+                .build()
+                .unwrap(),
+        ),
+        // Adaptive windows over the model draft (they may well choose plain steps here).
+        Box::new(
+            SpeculativeDecoding::builder(Arc::clone(&target), Arc::clone(&draft))
                 .build()
                 .unwrap(),
         ),
     ];
     let mut ar = Autoregressive::new(Arc::clone(&target));
-    for prompt in &PROMPTS[..2] {
+    // The third prompt repeats itself, so that lookup finds windows.
+    let repeating = "def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return a + b\n\ndef";
+    let mut looked_up = 0;
+    for prompt in [PROMPTS[0], PROMPTS[1], repeating] {
         let tokens = loaded.tokenizer.encode(prompt, true).unwrap();
         let want = ar.generate(&tokens, &config).unwrap();
-        for decoder in decoders.iter_mut() {
+        for (i, decoder) in decoders.iter_mut().enumerate() {
             let got = decoder.generate(&tokens, &config).unwrap();
             assert_eq!(got.tokens, want.tokens, "{} on {prompt:?}", decoder.name());
+            looked_up += got.stats.lookup_windows;
+            // The first three draft with the model alone, in windows of gamma or from the tree.
             assert!(
-                got.stats.mean_accepted() > 0.0,
+                i >= 3 || got.stats.mean_accepted() > 0.0,
                 "{}: the self-draft never agreed",
                 decoder.name()
             );
         }
     }
+    assert!(looked_up > 0, "lookup never proposed a window");
 }
 
 /// SmolLM2 drafting for itself with the lookahead weights trained by `examples/train_lookahead.rs`

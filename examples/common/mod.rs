@@ -9,6 +9,7 @@ use std::time::Duration;
 use mirror_sd::mirror_core::{
     load, DType, Device, LoadOptions, LoadedModel, Model, ModelSource, WeightFormat,
 };
+use mirror_sd::mirror_scheduler::{DraftOptions, LookupConfig, WindowPolicy};
 
 /// The default target and draft (Qwen2.5-Coder 1.5B and 0.5B, GGUF, run as stored).
 pub const DEFAULT_TARGET: &str = "models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf";
@@ -113,6 +114,55 @@ impl PairArgs {
             load_options(&self.weights, device, None, None)?,
             load_options(self.draft_weights(), device, None, None)?,
         ))
+    }
+}
+
+/// How windows are sized.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowArg {
+    /// Each window's length (0 = a plain step) from measured costs and acceptance.
+    Adaptive,
+    /// Always gamma draft tokens.
+    Fixed,
+}
+
+impl WindowArg {
+    pub fn policy(self) -> WindowPolicy {
+        match self {
+            WindowArg::Adaptive => WindowPolicy::Adaptive,
+            WindowArg::Fixed => WindowPolicy::Fixed,
+        }
+    }
+}
+
+/// The drafting flags the speculative examples share.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DraftArgs {
+    /// Draft tokens per window (the most an adaptive window proposes).
+    #[arg(long, default_value_t = 4)]
+    pub gamma: usize,
+    /// Window lengths: adaptive, or fixed at gamma.
+    #[arg(long, value_enum, default_value_t = WindowArg::Adaptive)]
+    pub window: WindowArg,
+    /// Try prompt lookup (matches in the prompt and the output so far) before the draft model.
+    #[arg(long)]
+    pub lookup: bool,
+    /// With --draft-lookahead: propose a lookahead token only when its top probability reaches
+    /// this.
+    #[arg(long, default_value_t = mirror_sd::mirror_scheduler::DEFAULT_LOOKAHEAD_CONFIDENCE)]
+    pub lookahead_confidence: f32,
+}
+
+impl DraftArgs {
+    /// The options these flags describe.
+    pub fn options(&self) -> DraftOptions {
+        DraftOptions {
+            gamma: self.gamma,
+            lookahead_confidence: self.lookahead_confidence,
+            lookup: self.lookup.then(LookupConfig::default),
+            window: self.window.policy(),
+            ..DraftOptions::default()
+        }
     }
 }
 

@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use mirror_core::{ChatMessage, Model, Tokenizer};
 use mirror_scheduler::{
-    Autoregressive, Decoder, DraftSchedule, EarlyExit, Engine, Generation, GenerationConfig,
-    Mirror, Prompt, SpeculativeDecoding, StreamControl, DEFAULT_LOOKAHEAD_CONFIDENCE,
+    Autoregressive, Decoder, DraftOptions, DraftSchedule, EarlyExit, Engine, Generation,
+    GenerationConfig, LookupConfig, Mirror, Prompt, SpeculativeDecoding, StreamControl,
+    WindowPolicy, DEFAULT_LOOKAHEAD_CONFIDENCE,
 };
 
 use super::ServeError;
@@ -61,6 +62,23 @@ pub struct SpeculationSettings {
     pub schedule: DraftSchedule,
     /// Confidence gate of lookahead tokens (drafts with lookahead only).
     pub lookahead_confidence: f32,
+    /// Prompt lookup before the draft model (`None`: the model alone).
+    pub lookup: Option<LookupConfig>,
+    /// How each window's length is chosen.
+    pub window: WindowPolicy,
+}
+
+impl SpeculationSettings {
+    /// The options both speculative methods share.
+    fn draft_options(&self) -> DraftOptions {
+        DraftOptions {
+            gamma: self.gamma,
+            lookahead_confidence: self.lookahead_confidence,
+            lookup: self.lookup,
+            window: self.window,
+            ..DraftOptions::default()
+        }
+    }
 }
 
 impl Default for SpeculationSettings {
@@ -73,6 +91,8 @@ impl Default for SpeculationSettings {
                 branches_per_pass: 2,
             },
             lookahead_confidence: DEFAULT_LOOKAHEAD_CONFIDENCE,
+            lookup: None,
+            window: WindowPolicy::default(),
         }
     }
 }
@@ -212,18 +232,16 @@ fn speculative_decoder(
     Ok(if method == Method::Mirror {
         Box::new(
             Mirror::builder(Arc::clone(target), Arc::clone(draft))
-                .gamma(settings.gamma)
+                .draft_options(settings.draft_options())
                 .kappa(settings.kappa)
                 .early_exit(settings.early_exit)
                 .schedule(settings.schedule)
-                .lookahead_confidence(settings.lookahead_confidence)
                 .build()?,
         )
     } else {
         Box::new(
             SpeculativeDecoding::builder(Arc::clone(target), Arc::clone(draft))
-                .gamma(settings.gamma)
-                .lookahead_confidence(settings.lookahead_confidence)
+                .draft_options(settings.draft_options())
                 .build()?,
         )
     })

@@ -3,6 +3,22 @@
 
 use std::path::PathBuf;
 
+/// Runs candle's matmuls single-threaded in this test binary (`RAYON_NUM_THREADS=1` unless the
+/// caller set it), for tests of tiny models: candle 0.11 reads the variable on every f32
+/// matmul and, when it is unset, counts physical cores by parsing `/proc/cpuinfo` each time,
+/// then splits a 6x32 product across threads. That costs ~10x the work itself (measured: 8.7
+/// against 0.8 ms per 4-token SD generation on the 6-token pair). Call it first thing in every
+/// test of the binary: the variable is set once, while the other tests wait on the `Once`, and
+/// `std::env` serialises it with candle's reads.
+pub fn tiny_model_threads() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            std::env::set_var("RAYON_NUM_THREADS", "1");
+        }
+    });
+}
+
 /// The repository root (where `models/` lives).
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -73,19 +89,33 @@ pub fn reference_tokens(reference: &HashMap<String, Tensor>, i: usize) -> Vec<u3
         .collect()
 }
 
-/// Largest absolute elementwise difference of two tensors of equal shape.
+/// Largest absolute elementwise difference of two tensors of equal shape; infinite when either
+/// holds a NaN (a reduction with `max` would skip it and report agreement).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    let flat = |t: &Tensor| {
+        t.to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    max_abs_diff_slices(&flat(a), &flat(b))
+}
+
+/// Largest `|a_i - b_i|` of two slices of equal length; infinite when either holds a NaN or the
+/// two hold infinities that do not match.
+pub fn max_abs_diff_slices(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter().zip(b).fold(0.0f32, |worst, (x, y)| {
+        let d = if x == y { 0.0 } else { (x - y).abs() };
+        if d.is_nan() {
+            f32::INFINITY
+        } else {
+            worst.max(d)
+        }
+    })
 }
 
 /// Writes a random llama/qwen2/qwen3 checkpoint (config.json + model.safetensors) into `dir` and

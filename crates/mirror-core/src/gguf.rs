@@ -117,7 +117,15 @@ pub fn config_from_gguf(content: &Content, path: &Path) -> Result<ModelConfig> {
             name: "token_embd.weight".into(),
             path: path.to_path_buf(),
         })?;
-    let vocab_size = embedding.shape.dims()[0];
+    let vocab_size = match embedding.shape.dims() {
+        &[vocab, _] => vocab,
+        dims => {
+            return Err(Error::InvalidConfig {
+                source_name,
+                reason: format!("token_embd.weight has shape {dims:?}, not (vocab, hidden)"),
+            })
+        }
+    };
     let hidden_size = int("embedding_length")?;
     let num_attention_heads = int("attention.head_count")?;
     let config = ModelConfig {

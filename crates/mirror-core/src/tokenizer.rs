@@ -56,6 +56,25 @@ fn tok_err(source_name: &str, reason: impl std::fmt::Display) -> Error {
     }
 }
 
+/// Runs a call into the tokenizers library, turning a panic inside it into
+/// [`Error::Tokenizer`]. tokenizers 0.23 panics on some malformed input instead of returning
+/// an error (found by `tests/fuzz.rs`): a `decoder` that is not valid JSON in tokenizer.json
+/// (`expect("Helper")` in its deserializer), and a BPE merge whose parts are shorter than the
+/// continuing-subword prefix (a slice out of range in `BPE::build`).
+fn guard_tokenizers<T>(source_name: &str, call: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(tok_err(
+            source_name,
+            format!("the tokenizers library panicked on this input: {message}"),
+        ))
+    })
+}
+
 /// `bos_token`/`eos_token` in `tokenizer_config.json` are a string or `{ "content": ... }`.
 fn token_string(value: Option<&serde_json::Value>) -> Option<String> {
     match value? {
@@ -122,8 +141,9 @@ impl Tokenizer {
                 what: "the tokenizer (tokenizer.json)".into(),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(tokenizer_json)
-            .map_err(|e| tok_err(&source_name, e))?;
+        let inner = guard_tokenizers(&source_name, || {
+            tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| tok_err(&source_name, e))
+        })?;
         let config = match tokenizer_config {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -149,7 +169,9 @@ impl Tokenizer {
 
     /// Rebuilds the tokenizer stored in GGUF metadata (`tokenizer.ggml.*`, byte-level BPE).
     pub fn from_gguf(content: &Content, path: &Path) -> Result<Self> {
-        crate::gguf::tokenizer_from_gguf(content, path)
+        guard_tokenizers(&path.display().to_string(), || {
+            crate::gguf::tokenizer_from_gguf(content, path)
+        })
     }
 
     /// The file the tokenizer came from.

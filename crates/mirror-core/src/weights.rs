@@ -119,6 +119,31 @@ impl WeightSource for SafetensorsWeights {
     }
 }
 
+/// Runs one of candle's GGUF readers. Its errors, and any panic inside it (candle's reader is
+/// not ours to fix; a panic on some malformed input must not unwind through a loader), become
+/// [`Error::CorruptFile`] naming the file.
+fn guard_gguf<T>(
+    path: &Path,
+    what: &str,
+    read: impl FnOnce() -> candle_core::Result<T>,
+) -> Result<T> {
+    let corrupt = |reason: String| Error::CorruptFile {
+        path: path.to_path_buf(),
+        reason: format!("{what}{reason}"),
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)) {
+        Ok(result) => result.map_err(|e| corrupt(e.to_string())),
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(corrupt(format!("the GGUF reader panicked: {message}")))
+        }
+    }
+}
+
 /// A GGUF file; quantized tensors are dequantized on load to the requested dtype.
 pub struct GgufWeights {
     path: PathBuf,
@@ -130,24 +155,34 @@ impl GgufWeights {
     /// Opens `path` and reads its header and metadata. A truncated file fails here.
     pub fn open(path: &Path) -> Result<Self> {
         let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let content = gguf_file::Content::read(&mut file).map_err(|e| Error::CorruptFile {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let content = guard_gguf(path, "", || gguf_file::Content::read(&mut file))?;
         let file_size = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        // Check every tensor's extent now, so a truncated download is reported before any work.
+        // Check every tensor's extent now, so a truncated download is reported before any work;
+        // in checked arithmetic, since a corrupt header can declare any dimensions.
         for (name, info) in &content.tensor_infos {
-            let block = info.ggml_dtype.block_size();
-            let bytes =
-                (info.shape.elem_count() / block.max(1) * info.ggml_dtype.type_size()) as u64;
-            let end = content.tensor_data_offset + info.offset + bytes;
-            if end > file_size {
-                return Err(Error::CorruptFile {
-                    path: path.to_path_buf(),
-                    reason: format!(
-                        "tensor `{name}` ends at byte {end} but the file has {file_size} bytes (truncated download?)"
-                    ),
-                });
+            let block = info.ggml_dtype.block_size().max(1) as u64;
+            let end = info
+                .shape
+                .dims()
+                .iter()
+                .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+                .and_then(|elements| {
+                    (elements / block).checked_mul(info.ggml_dtype.type_size() as u64)
+                })
+                .and_then(|bytes| bytes.checked_add(info.offset))
+                .and_then(|end| end.checked_add(content.tensor_data_offset));
+            match end {
+                Some(end) if end <= file_size => {}
+                _ => {
+                    return Err(Error::CorruptFile {
+                        path: path.to_path_buf(),
+                        reason: format!(
+                            "tensor `{name}` of shape {:?} at offset {} ends past the file's {file_size} bytes (truncated download?)",
+                            info.shape.dims(),
+                            info.offset
+                        ),
+                    })
+                }
             }
         }
         Ok(Self {
@@ -212,11 +247,9 @@ impl GgufWeights {
             .file
             .lock()
             .map_err(|_| Error::invalid("GGUF reader lock poisoned"))?;
-        info.read(&mut *file, self.content.tensor_data_offset, &Device::Cpu)
-            .map_err(|e| Error::CorruptFile {
-                path: self.path.clone(),
-                reason: format!("tensor `{gguf_name}`: {e}"),
-            })
+        guard_gguf(&self.path, &format!("tensor `{gguf_name}`: "), || {
+            info.read(&mut *file, self.content.tensor_data_offset, &Device::Cpu)
+        })
     }
 }
 

@@ -46,8 +46,7 @@ impl Decoder for Autoregressive {
             let token = if config.sampling.is_greedy() {
                 sampling::argmax(&logits)
             } else {
-                let u = run.rng.random();
-                sampling::sample(&sampling::warp(&logits, &config.sampling), u)
+                sampling::warp_probs(&logits, &config.sampling).sample(run.rng.random())
             };
             if !run.progress.commit(&[token]) || !run.has_room() {
                 break;

@@ -56,6 +56,12 @@ impl StopSet {
         if config.stop_at_eos {
             ids.extend(target.config().eos_token_ids());
         }
+        Self::from_tokens(&ids)
+    }
+
+    /// Exactly these stop tokens.
+    pub fn from_tokens(tokens: &[u32]) -> Self {
+        let mut ids = tokens.to_vec();
         ids.sort_unstable();
         ids.dedup();
         Self(ids)

@@ -35,7 +35,7 @@ struct StepLogits {
 
 /// Draft work since the last [`DraftState::take_counters`].
 #[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct DraftCounters {
+pub struct DraftCounters {
     /// Forward passes.
     pub forwards: usize,
     /// Compute time.
@@ -59,7 +59,7 @@ fn agreed_prefix(fed: &[u32], main_rows: &[Vec<f32>]) -> usize {
 
 /// A branch of the hypothesis tree as drafted so far.
 #[derive(Debug, Clone)]
-pub(crate) struct Branch {
+pub struct Branch {
     pub plan: BranchPlan,
     /// Cache rows of the fed nodes: the root, then each drafted token but the last.
     pub nodes: Vec<usize>,
@@ -100,7 +100,7 @@ impl Branch {
 /// One hypothesis tree to draft: after the linear `context` (`...committed, c, w_1..w_gamma`,
 /// with `c` at `window_start`), the branches of `plan`, each up to `gamma` tokens.
 #[derive(Debug, Clone)]
-pub(crate) struct TreeRequest {
+pub struct TreeRequest {
     pub context: Vec<u32>,
     pub window_start: usize,
     pub plan: Vec<BranchPlan>,
@@ -136,7 +136,7 @@ pub enum Resolution {
 }
 
 /// The draft model with its cache and the tokens that cache holds.
-pub(crate) struct DraftState {
+pub struct DraftState {
     pub model: Arc<Model>,
     cache: Option<KvCache>,
     /// Tokens whose keys/values occupy the cache's first rows (the linear sequence).
@@ -364,9 +364,9 @@ impl DraftState {
         if self.params.is_greedy() {
             return (sampling::argmax(logits), DraftChoice::PointMass);
         }
-        let q = sampling::warp(logits, &self.params);
+        let q = sampling::warp_probs(logits, &self.params);
         let u = StdRng::seed_from_u64(mix(seed, index as u64)).random::<f64>();
-        (sampling::sample(&q, u), DraftChoice::Sampled(q))
+        (q.sample(u), DraftChoice::Sampled(q))
     }
 
     fn is_stop(&self, token: u32) -> bool {

@@ -33,6 +33,11 @@ pub enum Error {
     #[error("invalid prompt: {0}")]
     InvalidPrompt(String),
 
+    /// A drafted window cannot be verified: tokens and choices of different lengths, target rows
+    /// that do not match it, or tokens and draft distributions outside the vocabulary.
+    #[error("invalid draft window: {0}")]
+    InvalidWindow(String),
+
     /// The draft worker thread failed (returned an error or panicked); generation was stopped.
     #[error("draft worker failed: {0}")]
     WorkerFailed(String),

@@ -109,7 +109,8 @@ pub struct Scenario {
     /// Latency of one rendezvous (message between the devices), seconds.
     pub rendezvous: f64,
     /// Probability that the corrected prefix is not in the tree when the needed branch had time
-    /// to be drafted (at most 1 - Omega for a full tree).
+    /// to be drafted (with a full tree: the probability that the correction lies outside the
+    /// early-exit top-kappa; `1 - Omega` is an estimate of it, not a bound).
     pub fallback_frequency: f64,
     /// Tree scheduling.
     pub schedule: TreeSchedule,

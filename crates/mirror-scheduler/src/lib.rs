@@ -34,6 +34,13 @@ pub mod verify;
 pub mod window;
 mod worker;
 
+/// The draft side's internals, for the integration tests that check its bookkeeping against
+/// fresh rollouts (`tests/draft_tree.rs`). Not part of the API: it may change at any time.
+#[doc(hidden)]
+pub mod testing {
+    pub use crate::draft::{Branch, DraftCounters, DraftState, TreeRequest};
+}
+
 use std::sync::Arc;
 
 use mirror_core::Model;

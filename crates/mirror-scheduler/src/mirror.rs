@@ -298,15 +298,15 @@ fn verify(
     window: &DraftWindow,
     tapped: &Tapped,
     rng: &mut rand::rngs::StdRng,
-) -> (Verdict, f64) {
+) -> Result<(Verdict, f64)> {
     let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
-    let verdict = verify_window(&refs, window, &config.sampling, &mut || rng.random());
+    let verdict = verify_window(&refs, window, &config.sampling, &mut || rng.random())?;
     let final_probs: Vec<f32> = sampling::log_softmax(&rows[verdict.accepted])
         .into_iter()
         .map(f32::exp)
         .collect();
     let omega = overlap_mass(&final_probs, &tapped.top_k[verdict.accepted]);
-    (verdict, omega)
+    Ok((verdict, omega))
 }
 
 impl Decoder for Mirror {
@@ -381,7 +381,7 @@ impl Decoder for Mirror {
             // Verify and learn.
             let (verdict, omega) = timed(&mut run.stats.time.verify, || {
                 verify(config, &rows, &window, &tapped, &mut run.rng)
-            });
+            })?;
             run.stats.record_window(window.len(), verdict.accepted);
             run.stats.omega_sum += omega;
             acceptance.record(window.len(), verdict.accepted);

@@ -193,7 +193,7 @@ impl Decoder for SpeculativeDecoding {
             let verdict = timed(&mut run.stats.time.verify, || {
                 let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
                 verify_window(&refs, &window, &config.sampling, &mut || rng.random())
-            });
+            })?;
             run.stats.record_window(window.len(), verdict.accepted);
             if let Some(source) = source {
                 chooser.record_verdict(source, window.len(), verdict.accepted);

@@ -8,15 +8,18 @@
 //! has a point-mass `q`, so it is accepted with probability `p(x)` and the correction is drawn
 //! from `p` without `x`. Both keep the target's distribution exactly.
 
-use mirror_core::sampling::{self, SamplingParams};
+use mirror_core::sampling::{self, Probs, SamplingParams};
+
+use crate::error::{Error, Result};
 
 /// How the draft chose a proposed token.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DraftChoice {
     /// Deterministically (argmax): a point mass.
     PointMass,
-    /// Sampled from this distribution (after the same warp as the target's).
-    Sampled(Vec<f32>),
+    /// Sampled from this distribution (after the same warp as the target's; sparse when the
+    /// warp left few tokens).
+    Sampled(Probs),
 }
 
 /// A drafted window: tokens and how each was chosen.
@@ -24,7 +27,8 @@ pub enum DraftChoice {
 pub struct DraftWindow {
     /// Proposed tokens `w_1..w_gamma`.
     pub tokens: Vec<u32>,
-    /// How each token was chosen (same length as `tokens`).
+    /// How each token was chosen (same length as `tokens`; [`verify_window`] rejects a window
+    /// where they differ).
     pub choices: Vec<DraftChoice>,
 }
 
@@ -55,57 +59,96 @@ pub struct Verdict {
     pub token: u32,
 }
 
+/// Checks that `window` can be verified against `target_logits`: one choice per token, one row
+/// more than tokens, rows of one vocabulary, tokens and draft distributions within it.
+fn check_window(target_logits: &[&[f32]], window: &DraftWindow) -> Result<()> {
+    let bad = |reason: String| Err(Error::InvalidWindow(reason));
+    if window.tokens.len() != window.choices.len() {
+        return bad(format!(
+            "{} tokens but {} choices",
+            window.tokens.len(),
+            window.choices.len()
+        ));
+    }
+    if target_logits.len() != window.len() + 1 {
+        return bad(format!(
+            "{} target rows for {} tokens (one more row than tokens is needed)",
+            target_logits.len(),
+            window.len()
+        ));
+    }
+    let vocab = target_logits[0].len();
+    if vocab == 0 || target_logits.iter().any(|row| row.len() != vocab) {
+        return bad("target rows are empty or of different lengths".into());
+    }
+    for (j, (&token, choice)) in window.tokens.iter().zip(&window.choices).enumerate() {
+        if token as usize >= vocab {
+            return bad(format!(
+                "token {token} at position {j} is outside the vocabulary of {vocab}"
+            ));
+        }
+        if let DraftChoice::Sampled(q) = choice {
+            if q.len() != vocab {
+                return bad(format!(
+                    "the draft distribution at position {j} covers {} tokens, the target {vocab}",
+                    q.len()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Verifies `window` against target logits `target_logits[j]` (the distribution after the
 /// window's first `j` tokens; `window.len() + 1` rows). `uniform` yields numbers in `[0, 1)`.
+/// An inconsistent window (see [`Error::InvalidWindow`]) is an error.
 pub fn verify_window(
     target_logits: &[&[f32]],
     window: &DraftWindow,
     params: &SamplingParams,
     uniform: &mut dyn FnMut() -> f64,
-) -> Verdict {
-    debug_assert_eq!(target_logits.len(), window.len() + 1);
+) -> Result<Verdict> {
+    check_window(target_logits, window)?;
     if params.is_greedy() {
         for (j, &w) in window.tokens.iter().enumerate() {
             let best = sampling::argmax(target_logits[j]);
             if best != w {
-                return Verdict {
+                return Ok(Verdict {
                     accepted: j,
                     token: best,
-                };
+                });
             }
         }
         let last = window.len();
-        return Verdict {
+        return Ok(Verdict {
             accepted: last,
             token: sampling::argmax(target_logits[last]),
-        };
+        });
     }
     for (j, (&w, choice)) in window.tokens.iter().zip(&window.choices).enumerate() {
-        let p = sampling::warp(target_logits[j], params);
+        let p = sampling::warp_probs(target_logits[j], params);
         let u = uniform();
-        let (accept, rest) = match choice {
-            DraftChoice::PointMass => (
-                sampling::accept_deterministic(&p, w, u),
-                sampling::without_token(&p, w),
-            ),
-            DraftChoice::Sampled(q) => (
-                sampling::accept_sampled(&p, q, w, u),
-                sampling::residual(&p, q),
-            ),
+        let accept = match choice {
+            DraftChoice::PointMass => sampling::accept_deterministic(&p, w, u),
+            DraftChoice::Sampled(q) => sampling::accept_sampled(&p, q, w, u),
         };
         if !accept {
-            return Verdict {
-                accepted: j,
-                token: sampling::sample(&rest, uniform()),
+            let rest = match choice {
+                DraftChoice::PointMass => sampling::without_token(&p, w),
+                DraftChoice::Sampled(q) => sampling::residual(&p, q),
             };
+            return Ok(Verdict {
+                accepted: j,
+                token: rest.sample(uniform()),
+            });
         }
     }
     let last = window.len();
-    let p = sampling::warp(target_logits[last], params);
-    Verdict {
+    let p = sampling::warp_probs(target_logits[last], params);
+    Ok(Verdict {
         accepted: last,
-        token: sampling::sample(&p, uniform()),
-    }
+        token: p.sample(uniform()),
+    })
 }
 
 #[cfg(test)]
@@ -130,7 +173,7 @@ mod tests {
             choices: vec![DraftChoice::PointMass; 2],
         };
         let mut u = || 0.5;
-        let v = verify_window(&refs, &window, &SamplingParams::greedy(), &mut u);
+        let v = verify_window(&refs, &window, &SamplingParams::greedy(), &mut u).unwrap();
         assert_eq!(
             v,
             Verdict {
@@ -142,7 +185,7 @@ mod tests {
             tokens: vec![1, 0],
             choices: vec![DraftChoice::PointMass; 2],
         };
-        let v = verify_window(&refs, &window, &SamplingParams::greedy(), &mut u);
+        let v = verify_window(&refs, &window, &SamplingParams::greedy(), &mut u).unwrap();
         assert_eq!(
             v,
             Verdict {
@@ -174,14 +217,14 @@ mod tests {
                     (1, DraftChoice::PointMass)
                 } else {
                     let x = mirror_core::sampling::sample(&q, rng.random());
-                    (x, DraftChoice::Sampled(q.to_vec()))
+                    (x, DraftChoice::Sampled(q.to_vec().into()))
                 };
                 let window = DraftWindow {
                     tokens: vec![w],
                     choices: vec![choice],
                 };
                 let mut u = || rng.random::<f64>();
-                let v = verify_window(&refs, &window, &params, &mut u);
+                let v = verify_window(&refs, &window, &params, &mut u).unwrap();
                 let first = if v.accepted == 1 { w } else { v.token };
                 counts[first as usize] += 1;
             }
@@ -193,6 +236,44 @@ mod tests {
                     (freq - p[i] as f64).abs() < 5.0 * sd,
                     "deterministic={deterministic} token {i}: {freq} vs {}",
                     p[i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn inconsistent_windows_are_typed_errors() {
+        let rows = [vec![0.0f32, 1.0, 2.0], vec![2.0, 1.0, 0.0], vec![1.0; 3]];
+        let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        };
+        let q = || DraftChoice::Sampled(vec![0.2f32, 0.3, 0.5].into());
+        let cases = [
+            // Tokens and choices of different lengths (zipping would drop a token).
+            (refs.as_slice(), vec![1, 2], vec![q()], "choices"),
+            (refs.as_slice(), vec![1], vec![q(), q()], "choices"),
+            // Rows that do not match the window.
+            (&refs[..2], vec![1, 2], vec![q(), q()], "rows"),
+            // A token outside the vocabulary.
+            (refs.as_slice(), vec![1, 3], vec![q(), q()], "vocabulary"),
+            // A draft distribution over another vocabulary.
+            (
+                refs.as_slice(),
+                vec![1, 2],
+                vec![q(), DraftChoice::Sampled(vec![0.5f32, 0.5].into())],
+                "covers",
+            ),
+        ];
+        for (rows, tokens, choices, what) in cases {
+            let window = DraftWindow { tokens, choices };
+            for params in [params, SamplingParams::greedy()] {
+                let err = verify_window(rows, &window, &params, &mut || 0.5).unwrap_err();
+                assert!(
+                    matches!(&err, Error::InvalidWindow(m) if m.contains(what)),
+                    "{what}: {err}"
                 );
             }
         }

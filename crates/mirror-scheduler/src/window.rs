@@ -32,7 +32,7 @@ pub enum WindowPolicy {
 
 /// Where a window's tokens come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Source {
+pub enum Source {
     /// The draft model.
     Model,
     /// Prompt lookup (point masses).

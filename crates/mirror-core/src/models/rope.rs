@@ -15,10 +15,15 @@ pub(crate) struct Rope {
     interleaved: bool,
 }
 
+/// The tables cover at most this many positions (a million), whatever the config declares: a
+/// model's context limit is capped there. Tables for a config's `max_position_embeddings` of
+/// 2^40 (a corrupt or hostile config.json) would otherwise be allocated at load.
+pub(crate) const MAX_TABLE_POSITIONS: usize = 1 << 20;
+
 impl Rope {
     pub(crate) fn new(config: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
         let head_dim = config.head_dim();
-        let max_positions = config.max_position_embeddings;
+        let max_positions = config.max_position_embeddings.min(MAX_TABLE_POSITIONS);
         let inv_freq = inverse_frequencies(config);
         let half = head_dim / 2;
         let mut cos = Vec::with_capacity(max_positions * half);

@@ -75,6 +75,8 @@ impl Model {
         let hidden = config.hidden_size;
         let embed_tokens =
             loader.embedding("model.embed_tokens.weight", config.vocab_size, hidden)?;
+        // Collected through `Result`, the layers allocate as they load: a corrupt config's
+        // count fails on the first missing layer, not on an allocation for 2^40 layers.
         let layers = (0..config.num_hidden_layers)
             .map(|i| DecoderLayer::load(&loader.scope(&format!("model.layers.{i}")), &config))
             .collect::<Result<Vec<_>>>()?;
