@@ -213,18 +213,17 @@ fn main() {
     }
 }
 
-/// The models a method runs on: Mirror's pinned to disjoint cores unless `--mirror-cores
-/// shared`.
-struct Models {
+/// A target and its drafts.
+#[derive(Clone)]
+struct ModelSet {
     target: Arc<Model>,
     draft: Option<Arc<Model>>,
     draft_lookahead: Option<Arc<Model>>,
-    /// (target, draft, draft with lookahead) for Mirror, each on its own share of the cores.
-    mirror: Option<(Arc<Model>, Option<Arc<Model>>, Option<Arc<Model>>)>,
 }
 
-impl Models {
-    fn pin_for_mirror(&mut self) -> Result<(), String> {
+impl ModelSet {
+    /// The same models (weights shared), target and drafts pinned to disjoint cores.
+    fn pinned_apart(&self) -> Result<Self, String> {
         let (target_cores, draft_cores) = threads::split_cores(&threads::available_cores());
         let pin = |model: &Arc<Model>, cores: &[usize]| -> Result<Arc<Model>, String> {
             Model::clone(model)
@@ -232,17 +231,21 @@ impl Models {
                 .map(Arc::new)
                 .map_err(|e| e.to_string())
         };
-        let draft = self
-            .draft
-            .as_ref()
-            .map(|d| pin(d, &draft_cores))
-            .transpose()?;
-        let lookahead = (self.draft_lookahead.as_ref())
-            .map(|d| pin(d, &draft_cores))
-            .transpose()?;
-        self.mirror = Some((pin(&self.target, &target_cores)?, draft, lookahead));
-        Ok(())
+        let pin_draft =
+            |draft: &Option<Arc<Model>>| draft.as_ref().map(|d| pin(d, &draft_cores)).transpose();
+        Ok(Self {
+            target: pin(&self.target, &target_cores)?,
+            draft: pin_draft(&self.draft)?,
+            draft_lookahead: pin_draft(&self.draft_lookahead)?,
+        })
     }
+}
+
+/// The models each method runs on: Mirror's pinned to disjoint cores unless `--mirror-cores
+/// shared`.
+struct Models {
+    shared: ModelSet,
+    mirror: ModelSet,
 }
 
 fn build(method: &str, args: &Args, models: &Models) -> Result<Box<dyn Decoder>, String> {
@@ -254,11 +257,12 @@ fn build(method: &str, args: &Args, models: &Models) -> Result<Box<dyn Decoder>,
     if spec.lookup {
         options.lookup = Some(LookupConfig::default());
     }
-    let is_mirror = spec.base.starts_with("mirror");
-    let (target, draft, lookahead) = match (&models.mirror, is_mirror) {
-        (Some((t, d, l)), true) => (t, d, l),
-        _ => (&models.target, &models.draft, &models.draft_lookahead),
+    let set = if spec.base.starts_with("mirror") {
+        &models.mirror
+    } else {
+        &models.shared
     };
+    let (target, draft, lookahead) = (&set.target, &set.draft, &set.draft_lookahead);
     let draft = || -> Result<Arc<Model>, String> {
         let chosen = if spec.lookahead { lookahead } else { draft };
         chosen.clone().ok_or_else(|| {
@@ -362,16 +366,18 @@ fn run(args: Args) -> Result<(), String> {
     });
     let tokenizer = loaded.tokenizer;
     let mut engines: Vec<(String, Engine)> = Vec::new();
-    let mut models = Models {
+    let shared = ModelSet {
         target,
         draft,
         draft_lookahead,
-        mirror: None,
     };
-    if args.mirror_cores == MirrorCores::Split && specs.iter().any(|s| s.base.starts_with("mirror"))
-    {
-        models.pin_for_mirror()?;
-    }
+    let any_mirror = specs.iter().any(|s| s.base.starts_with("mirror"));
+    let mirror = if args.mirror_cores == MirrorCores::Split && any_mirror {
+        shared.pinned_apart()?
+    } else {
+        shared.clone()
+    };
+    let models = Models { shared, mirror };
     for m in &methods {
         engines.push((
             m.clone(),
