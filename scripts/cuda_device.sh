@@ -42,6 +42,11 @@ export LD_LIBRARY_PATH="${lib_dirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 if [[ $DRY_RUN == 1 ]]; then
   # No driver here: the stub from scripts/cuda_build.sh (every call returns an error).
   export LD_LIBRARY_PATH="$PWD/.cuda/stub-runtime:$LD_LIBRARY_PATH"
+elif ldd "$BIN" | grep -q 'libcuda.so.1 => not found'; then
+  # The driver's library off the loader's default path (e.g. a mounted driver folder).
+  driver="$(find /usr/local/nvidia /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/lib /usr/local/cuda* \
+    -name 'libcuda.so.1' -print -quit 2>/dev/null)"
+  [[ -n "$driver" ]] && export LD_LIBRARY_PATH="$(dirname "$driver"):$LD_LIBRARY_PATH"
 fi
 
 {
