@@ -55,8 +55,13 @@ pub fn parse_device(name: &str) -> Result<Device, String> {
     };
     match kind {
         "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda_with_stream(ordinal)
-            .map_err(|e| format!("{name}: {e} (build with --features cuda)")),
+        "cuda" => Device::new_cuda_with_stream(ordinal).map_err(|e| {
+            if cfg!(feature = "cuda") {
+                format!("{name}: {e}")
+            } else {
+                format!("{name}: {e} (build with --features cuda)")
+            }
+        }),
         "metal" => Device::new_metal(ordinal)
             .map_err(|e| format!("{name}: {e} (build with --features metal)")),
         other => Err(format!("unknown device `{other}` (cpu, cuda:N, metal:N)")),

@@ -139,7 +139,16 @@ impl Linear {
         let y = match &self.weight {
             Matrix::Float(w) => candle_nn::Linear::new(w.clone(), None).forward(x)?,
             Matrix::Packed(p) => packed_forward(std::slice::from_ref(p), x)?,
-            Matrix::Quantized(q) => QMatMul::from_arc(Arc::clone(q))?.forward(x)?,
+            Matrix::Quantized(q) => {
+                // candle's quantized matmul on a device reads a contiguous input, and its
+                // general kernels (past its fast paths for a few rows) read f32 only: give it
+                // that, and return the model's dtype (both steps are no-ops for f32 rows).
+                let dtype = x.dtype();
+                let input = x.to_dtype(DType::F32)?.contiguous()?;
+                QMatMul::from_arc(Arc::clone(q))?
+                    .forward(&input)?
+                    .to_dtype(dtype)?
+            }
         };
         self.add_bias(y)
     }
