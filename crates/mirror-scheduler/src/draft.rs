@@ -44,6 +44,21 @@ pub struct DraftCounters {
     pub steps: usize,
     /// Tokens those steps added to their windows (eta = tokens / steps).
     pub tokens: usize,
+    /// Forwards that fed one chain step (at most two rows), and their compute time: the cost
+    /// of a step, without the catch-up forwards that feed many committed tokens at once.
+    pub step_forwards: usize,
+    pub step_busy: Duration,
+}
+
+impl DraftCounters {
+    /// Compute time of these forwards had each cost a typical step: what drafting costs
+    /// once the draft is caught up with the text.
+    pub fn steady_busy(&self) -> Duration {
+        if self.step_forwards == 0 {
+            return self.busy;
+        }
+        self.step_busy / self.step_forwards as u32 * self.forwards as u32
+    }
 }
 
 /// How many of `fed` (a chain's newest tokens, the first already trusted) the main row
@@ -232,8 +247,10 @@ impl DraftState {
         self.lookahead_tokens() > 0 && self.params.is_greedy()
     }
 
+    /// Runs one forward over `rows` fed rows, with the fault injection and the counters.
     fn timed<T>(
         &mut self,
+        rows: usize,
         f: impl FnOnce(&Model, &mut KvCache) -> mirror_core::Result<T>,
     ) -> Result<T> {
         if let Some((after, panic)) = self.fault {
@@ -254,13 +271,17 @@ impl DraftState {
         self.counters.forwards += 1;
         self.total_forwards += 1;
         self.counters.busy += end - start;
+        if rows <= 2 {
+            self.counters.step_forwards += 1;
+            self.counters.step_busy += end - start;
+        }
         self.intervals.push((start, end));
         Ok(out)
     }
 
     /// Feeds `tokens` causally after the cache, returning the last row's logits.
     fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let logits = self.timed(|m, c| m.next_token_logits(tokens, c))?;
+        let logits = self.timed(tokens.len(), |m, c| m.next_token_logits(tokens, c))?;
         self.cached.extend_from_slice(tokens);
         Ok(logits)
     }
@@ -298,8 +319,9 @@ impl DraftState {
         } else {
             Vec::new()
         };
-        let out =
-            self.timed(|m, c| m.forward_with_lookahead(tokens, &input, c, &rows, &lookahead_rows))?;
+        let out = self.timed(tokens.len(), |m, c| {
+            m.forward_with_lookahead(tokens, &input, c, &rows, &lookahead_rows)
+        })?;
         let main = out.main.to_vec2::<f32>()?;
         let mut lookahead = if lookahead_rows.is_empty() {
             vec![Vec::new(); rows.len()]
@@ -592,8 +614,9 @@ impl DraftState {
             Vec::new()
         };
         let input = AttentionInput::from_rows(&rows, base + rows.len(), self.model.device())?;
-        let out = self
-            .timed(|m, c| m.forward_with_lookahead(&tokens, &input, c, &wanted, &lookahead_rows))?;
+        let out = self.timed(tokens.len(), |m, c| {
+            m.forward_with_lookahead(&tokens, &input, c, &wanted, &lookahead_rows)
+        })?;
         let lookahead = if lookahead_rows.is_empty() {
             Vec::new()
         } else {

@@ -335,7 +335,8 @@ impl Decoder for Mirror {
             on_tokens,
         )?;
         let mut acceptance = AcceptanceEstimate::new(gamma);
-        let mut chooser = WindowChooser::new(side.options.window, gamma);
+        // The draft's work runs beside the target: a window's tokens cost nothing more.
+        let mut chooser = WindowChooser::new(side.options.window, 0.0);
         let (mut window, mut source) = start(side, worker, &mut run, config)?;
         let mut step = 0u64;
         while !run.progress.done() && run.has_room() {
@@ -392,10 +393,9 @@ impl Decoder for Mirror {
                 tree.resolve(verdict.accepted, verdict.token, target_done)
             })?;
             record_resolution(&mut run, &report);
-            // A step's whole time, exposed draft waits included, against the rows it verified;
-            // the draft's own work runs beside the target, so it adds no cost per token.
-            chooser.record_pass(window.len() + 1, step_started.elapsed());
-            chooser.record_draft(source, window.len(), std::time::Duration::ZERO);
+            // A step's whole time, exposed draft waits included, against its window length.
+            let drafted = (!window.is_empty()).then_some(source);
+            chooser.record_step(drafted, window.len(), step_started.elapsed());
             run.commit(tapped.base, &window, verdict);
             source = report.source.unwrap_or(Source::Model);
             window = report.window;

@@ -4,7 +4,7 @@
 //! draft's time is never hidden. The baseline Mirror-SD is measured against.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mirror_core::Model;
 use rand::Rng;
@@ -88,21 +88,30 @@ impl SpeculativeDecoding {
         }
     }
 
+    /// A draft token's cost relative to a plain step, before it is measured: the ratio of the
+    /// weights each reads per step (both are bound by memory bandwidth on a CPU).
+    fn draft_cost_prior(&self) -> f64 {
+        let bytes = |model: &Model| model.weight_report().total_bytes().max(1) as f64;
+        self.draft
+            .as_ref()
+            .map_or(0.0, |draft| bytes(&draft.model) / bytes(&self.target))
+    }
+
     /// The next window: looked up, drafted by the model, or empty (a plain step), as
-    /// `chooser` decides from what each source offers.
+    /// `chooser` decides from what each source offers. Also returns the draft's one-off
+    /// catch-up time (feeding the tokens committed while it was not used), which is no price
+    /// of this window's length.
     fn draft_window(
         &mut self,
         run: &mut Run,
         chooser: &mut WindowChooser,
         room: usize,
         seed: u64,
-    ) -> Result<(DraftWindow, Option<Source>)> {
-        let started = Instant::now();
+    ) -> Result<(DraftWindow, Option<Source>, Duration)> {
         let mut looked_up = match &self.options.lookup {
             Some(lookup) => lookup.window(&run.seq, room, run.progress.stop()),
             None => DraftWindow::default(),
         };
-        let lookup_time = started.elapsed();
         let mut offers = vec![Offer {
             source: Source::Lookup,
             tokens: looked_up.len(),
@@ -115,19 +124,18 @@ impl SpeculativeDecoding {
         }
         match (chooser.choose(&offers), self.draft.as_mut()) {
             (Some((Source::Lookup, k)), _) => {
-                chooser.record_draft(Source::Lookup, looked_up.len(), lookup_time);
                 looked_up.truncate(k);
                 run.stats.lookup_windows += 1;
-                Ok((looked_up, Some(Source::Lookup)))
+                Ok((looked_up, Some(Source::Lookup), Duration::ZERO))
             }
             (Some((Source::Model, k)), Some(draft)) => {
                 let window = draft.rollout(&run.seq, k, seed)?;
                 let counters = draft.take_counters();
                 run.stats.record_draft(counters);
-                chooser.record_draft(Source::Model, window.len(), counters.busy);
-                Ok((window, Some(Source::Model)))
+                let catch_up = counters.busy.saturating_sub(counters.steady_busy());
+                Ok((window, Some(Source::Model), catch_up))
             }
-            _ => Ok((DraftWindow::default(), None)),
+            _ => Ok((DraftWindow::default(), None, Duration::ZERO)),
         }
     }
 }
@@ -167,17 +175,17 @@ impl Decoder for SpeculativeDecoding {
             draft.take_counters();
         }
         run.stats.time.prefill = run.started.elapsed();
-        let mut chooser = WindowChooser::new(self.options.window, gamma);
+        let mut chooser = WindowChooser::new(self.options.window, self.draft_cost_prior());
         let mut step = 0u64;
         while !run.progress.done() && run.has_room() {
+            let step_started = Instant::now();
             let room = gamma.min(run.window_room());
-            let (window, source) =
+            let (window, source, catch_up) =
                 self.draft_window(&mut run, &mut chooser, room, mix(config.seed, step))?;
 
             let base = run.cache.len();
             let mut fed = vec![run.seq[run.seq.len() - 1]];
             fed.extend_from_slice(&window.tokens);
-            let pass_started = Instant::now();
             let rows = timed(&mut run.stats.time.target_prefix, || {
                 host_rows(
                     &self
@@ -186,7 +194,6 @@ impl Decoder for SpeculativeDecoding {
                         .unsqueeze(0)?,
                 )
             })?;
-            chooser.record_pass(fed.len(), pass_started.elapsed());
             run.stats.target_passes += 1;
 
             let rng = &mut run.rng;
@@ -198,6 +205,8 @@ impl Decoder for SpeculativeDecoding {
             if let Some(source) = source {
                 chooser.record_verdict(source, window.len(), verdict.accepted);
             }
+            let step_time = step_started.elapsed().saturating_sub(catch_up);
+            chooser.record_step(source, window.len(), step_time);
             run.commit(base, &window, verdict);
             step += 1;
         }

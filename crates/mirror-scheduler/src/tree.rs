@@ -12,28 +12,15 @@
 /// acceptance in two proposals. The tree planner orders branches by it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AcceptanceEstimate {
-    /// Per position: (accepted, proposed), the prior included.
+    /// Per position: (accepted, proposed).
     counts: Vec<(f64, f64)>,
-    /// The prior's share of `counts`, which never fades.
-    prior: (f64, f64),
-    /// Weight each recorded window keeps when the next one is recorded (1: plain counts).
-    decay: f64,
 }
 
 impl AcceptanceEstimate {
     /// The prior for windows of `gamma` tokens.
     pub fn new(gamma: usize) -> Self {
-        Self::with_decay(gamma, 1.0)
-    }
-
-    /// The prior for windows of `gamma` tokens, with older windows weighing `decay` times
-    /// less at each new one (a memory of about `1 / (1 - decay)` windows).
-    pub fn with_decay(gamma: usize, decay: f64) -> Self {
-        let prior = (1.0, 2.0);
         Self {
-            counts: vec![prior; gamma],
-            prior,
-            decay: decay.clamp(0.0, 1.0),
+            counts: vec![(1.0, 2.0); gamma],
         }
     }
 
@@ -41,8 +28,6 @@ impl AcceptanceEstimate {
     pub fn from_rates(rates: &[f64]) -> Self {
         Self {
             counts: rates.iter().map(|&r| (r, 1.0)).collect(),
-            prior: (0.0, 0.0),
-            decay: 1.0,
         }
     }
 
@@ -54,9 +39,6 @@ impl AcceptanceEstimate {
             if j > accepted {
                 break;
             }
-            let (prior_accepted, prior_proposed) = self.prior;
-            count.0 = prior_accepted + (count.0 - prior_accepted) * self.decay;
-            count.1 = prior_proposed + (count.1 - prior_proposed) * self.decay;
             count.1 += 1.0;
             count.0 += f64::from(u8::from(j < accepted));
         }
@@ -196,21 +178,6 @@ mod tests {
         // A shorter window judges only what it proposed.
         estimate.record(1, 1);
         assert_eq!(estimate.rate(1), 2.0 / 4.0);
-    }
-
-    #[test]
-    fn a_decaying_estimate_forgets_old_windows() {
-        let mut estimate = AcceptanceEstimate::with_decay(1, 0.5);
-        estimate.record(1, 1);
-        assert_eq!(estimate.rate(0), 2.0 / 3.0);
-        // The accepted window now weighs 1/2: (1 + 0.5) / (2 + 0.5 + 1).
-        estimate.record(1, 0);
-        assert!((estimate.rate(0) - 1.5 / 3.5).abs() < 1e-12);
-        // Long runs of rejections pull it towards zero, past what plain counts would allow.
-        for _ in 0..50 {
-            estimate.record(1, 0);
-        }
-        assert!(estimate.rate(0) < 0.26, "{}", estimate.rate(0));
     }
 
     #[test]

@@ -12,8 +12,6 @@
 
 use std::time::Duration;
 
-use crate::tree::AcceptanceEstimate;
-
 /// How the length of each window is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WindowPolicy {
@@ -59,21 +57,25 @@ pub(crate) struct Offer {
 /// machine's load, smooth enough to ride out one slow pass.
 const SMOOTHING: f64 = 0.25;
 
-/// Before two window lengths have been timed, a target pass is assumed to grow by this
-/// fraction of a one-row pass per extra row (about what the quantized kernels measure here:
-/// BENCHMARKS.md, "Kernels").
+/// Before a source's steps are timed, a target pass is assumed to grow by this fraction of a
+/// one-row pass per extra row (about what the quantized kernels measure here: BENCHMARKS.md,
+/// "Kernels").
 const PRIOR_ROW_SLOPE: f64 = 0.1;
 
 /// Acceptance memory: each verified window weighs this much less than the next one, so the
-/// rates follow the text (code, then prose) within a few dozen windows.
-const ACCEPTANCE_DECAY: f64 = 0.95;
+/// rate follows the text (code, then prose) within a few dozen windows.
+const ACCEPTANCE_DECAY: f64 = 0.9;
+
+/// The acceptance rate before any window: one acceptance in two judged tokens, worth this
+/// many judged tokens of evidence.
+const ACCEPTANCE_PRIOR: (f64, f64) = (1.0, 2.0);
 
 /// After this many plain steps in a row, one short window is tried anyway: acceptance rates
 /// learn only from windows, and the text may have become predictable.
 const PROBE_AFTER: usize = 16;
 
-/// Length of such a probing window.
-const PROBE_TOKENS: usize = 2;
+/// Length of such a probing window: one token, the cheapest question to ask.
+const PROBE_TOKENS: usize = 1;
 
 /// An exponentially weighted running average.
 #[derive(Debug, Clone, Copy, Default)]
@@ -88,75 +90,155 @@ impl Average {
     }
 }
 
-/// Seconds of a target pass as a function of the rows it verifies.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct PassCosts {
-    /// Running average per row count (index: rows).
-    by_rows: Vec<Average>,
+/// The probability that the target accepts a draft token, pooled over window positions (a
+/// geometric model: every token stands with the same probability once the ones before it
+/// did). Pooling learns from every judged token at once, where a rate per position would wait
+/// for windows that reach it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TokenAcceptance {
+    /// Decayed (accepted, judged) counts, the prior's excluded.
+    accepted: f64,
+    judged: f64,
 }
 
-impl PassCosts {
-    pub fn record(&mut self, rows: usize, time: Duration) {
-        if self.by_rows.len() <= rows {
-            self.by_rows.resize(rows + 1, Average::default());
+impl Default for TokenAcceptance {
+    fn default() -> Self {
+        Self {
+            accepted: 0.0,
+            judged: 0.0,
         }
-        self.by_rows[rows].record(time.as_secs_f64());
+    }
+}
+
+impl TokenAcceptance {
+    /// A verified window of `proposed` tokens of which the first `accepted` stood: the
+    /// accepted ones and the first rejected one (if any) were judged.
+    pub fn record(&mut self, proposed: usize, accepted: usize) {
+        let judged = proposed.min(accepted + 1);
+        self.accepted = self.accepted * ACCEPTANCE_DECAY + accepted as f64;
+        self.judged = self.judged * ACCEPTANCE_DECAY + judged as f64;
     }
 
-    /// The estimated seconds of a pass over `rows` rows: a least-squares line through the
-    /// averages measured so far (never decreasing with rows), or the nearest measurement with
-    /// the prior slope while only one length has been timed. `None` before any pass.
-    pub fn estimate(&self, rows: usize) -> Option<f64> {
-        let points: Vec<(f64, f64)> = self
-            .by_rows
-            .iter()
-            .enumerate()
-            .filter_map(|(r, a)| a.0.map(|t| (r as f64, t)))
-            .collect();
-        let rows = rows as f64;
-        match points.as_slice() {
-            [] => None,
-            [(r0, t0)] => Some(t0 + PRIOR_ROW_SLOPE * t0 / r0.max(1.0) * (rows - r0)),
-            _ => {
-                let n = points.len() as f64;
-                let mean_r = points.iter().map(|p| p.0).sum::<f64>() / n;
-                let mean_t = points.iter().map(|p| p.1).sum::<f64>() / n;
-                let covariance: f64 = points
-                    .iter()
-                    .map(|(r, t)| (r - mean_r) * (t - mean_t))
-                    .sum();
-                let variance: f64 = points.iter().map(|(r, _)| (r - mean_r).powi(2)).sum();
-                let slope = (covariance / variance).max(0.0);
-                Some((mean_t + slope * (rows - mean_r)).max(f64::EPSILON))
-            }
+    pub fn rate(&self) -> f64 {
+        (self.accepted + ACCEPTANCE_PRIOR.0) / (self.judged + ACCEPTANCE_PRIOR.1)
+    }
+
+    /// `1 + a + a^2 + ... + a^k`: tokens a window of `k` commits in expectation, the
+    /// target's own token included.
+    pub fn expected_tokens(&self, k: usize) -> f64 {
+        let rate = self.rate();
+        let mut reach = 1.0;
+        let mut total = 1.0;
+        for _ in 0..k {
+            reach *= rate;
+            total += reach;
+        }
+        total
+    }
+}
+
+/// Seconds of a step as a function of its window length, for one source: running averages
+/// by length, through which a least-squares line is fitted.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CostLine {
+    /// Running average per window length (index: length).
+    by_length: Vec<Average>,
+}
+
+impl CostLine {
+    pub fn record(&mut self, length: usize, time: Duration) {
+        if self.by_length.len() <= length {
+            self.by_length.resize(length + 1, Average::default());
+        }
+        self.by_length[length].record(time.as_secs_f64());
+    }
+
+    fn points(&self) -> impl Iterator<Item = (f64, f64)> + '_ {
+        (self.by_length.iter().enumerate()).filter_map(|(k, a)| a.0.map(|t| (k as f64, t)))
+    }
+}
+
+/// The estimated seconds at `length` from measured `(length, seconds)` points: a
+/// least-squares line (never decreasing with length), or through a single point with
+/// `prior_slope` (seconds per token, given that point). `None` without points.
+fn fit(points: &[(f64, f64)], length: usize, prior_slope: impl Fn(f64, f64) -> f64) -> Option<f64> {
+    let x = length as f64;
+    match points {
+        [] => None,
+        [(k0, t0)] => Some(t0 + prior_slope(*k0, *t0) * (x - k0)),
+        _ => {
+            let n = points.len() as f64;
+            let mean_k = points.iter().map(|p| p.0).sum::<f64>() / n;
+            let mean_t = points.iter().map(|p| p.1).sum::<f64>() / n;
+            let covariance: f64 = points
+                .iter()
+                .map(|(k, t)| (k - mean_k) * (t - mean_t))
+                .sum();
+            let variance: f64 = points.iter().map(|(k, _)| (k - mean_k).powi(2)).sum();
+            let slope = (covariance / variance).max(0.0);
+            Some((mean_t + slope * (x - mean_k)).max(f64::EPSILON))
         }
     }
 }
 
 /// Picks each window's source and length (see the module documentation).
+///
+/// Costs are whole steps: drafting, the target's pass and verification, timed together, so
+/// that what a window costs beyond its tokens (launching the draft, moving logits, the
+/// verifier) is counted too. Each source gets a line through its step times by window
+/// length, anchored at length 0 by plain steps.
 #[derive(Debug, Clone)]
 pub(crate) struct WindowChooser {
     policy: WindowPolicy,
-    passes: PassCosts,
-    /// Seconds per proposed token, per source.
-    draft_cost: [Average; 2],
-    /// Per source, acceptance by window position.
-    acceptance: [AcceptanceEstimate; 2],
+    /// Plain steps (no window).
+    plain: Average,
+    /// Per source, step time by window length.
+    steps: [CostLine; 2],
+    /// Before a source's steps are timed: what a token adds to a step, as a fraction of a
+    /// plain step (its drafting, plus one more row in the target's pass).
+    token_cost_prior: [f64; 2],
+    /// Per source, the chance that a proposed token is accepted.
+    acceptance: [TokenAcceptance; 2],
     /// Plain steps since the last window.
     plain_streak: usize,
 }
 
 impl WindowChooser {
-    /// A chooser for windows of up to `gamma` tokens.
-    pub fn new(policy: WindowPolicy, gamma: usize) -> Self {
-        let estimate = AcceptanceEstimate::with_decay(gamma, ACCEPTANCE_DECAY);
+    /// A chooser with a model draft whose token costs about `model_cost_prior` of a plain
+    /// step until measured (its weight bytes over the target's are a fair guess on a CPU,
+    /// where both are bound by memory bandwidth); lookup is taken to cost nothing.
+    pub fn new(policy: WindowPolicy, model_cost_prior: f64) -> Self {
         Self {
             policy,
-            passes: PassCosts::default(),
-            draft_cost: [Average::default(); 2],
-            acceptance: [estimate.clone(), estimate],
+            plain: Average::default(),
+            steps: [CostLine::default(), CostLine::default()],
+            token_cost_prior: [model_cost_prior + PRIOR_ROW_SLOPE, PRIOR_ROW_SLOPE],
+            acceptance: [TokenAcceptance::default(); 2],
             plain_streak: 0,
         }
+    }
+
+    /// The estimated seconds of a step with a window of `length` tokens from `source`.
+    fn step_time(&self, source: Source, length: usize) -> Option<f64> {
+        let mut points: Vec<(f64, f64)> = self.steps[source.index()].points().collect();
+        if let Some(plain) = self.plain.0 {
+            points.push((0.0, plain));
+        }
+        let relative = self.token_cost_prior[source.index()];
+        // Through one point (k0, t0): t0 is a plain step plus k0 tokens at the prior cost.
+        fit(&points, length, |k0, t0| {
+            t0 * relative / (1.0 + k0 * relative)
+        })
+    }
+
+    /// The estimated seconds of a plain step.
+    fn plain_time(&self) -> Option<f64> {
+        self.plain.0.or_else(|| {
+            [Source::Model, Source::Lookup]
+                .into_iter()
+                .filter_map(|s| self.step_time(s, 0))
+                .min_by(f64::total_cmp)
+        })
     }
 
     /// The source and length of the next window among `offers` (in order of preference),
@@ -167,18 +249,11 @@ impl WindowChooser {
         if self.policy == WindowPolicy::Fixed {
             return Some((first.source, first.tokens));
         }
-        // Until a pass has been timed there is nothing to compare: speculate as a fixed
-        // window would, which times the pass and the draft at once.
-        let Some(plain_cost) = self.passes.estimate(1) else {
+        // Until a step has been timed there is nothing to compare: speculate as a fixed
+        // window would, which times a step.
+        let Some(plain_cost) = self.plain_time() else {
             return Some((first.source, first.tokens));
         };
-        // A source never timed is tried once at full length: that measures it.
-        let untried = offers
-            .iter()
-            .find(|o| self.draft_cost[o.source.index()].0.is_none());
-        if let Some(offer) = untried {
-            return Some((offer.source, offer.tokens));
-        }
         let mut best = (None, 1.0 / plain_cost);
         for offer in &offers {
             for k in 1..=offer.tokens {
@@ -203,21 +278,15 @@ impl WindowChooser {
 
     /// Expected committed tokens per second of a window of `k` tokens from `source`.
     fn rate(&self, source: Source, k: usize) -> Option<f64> {
-        let expected = expected_tokens(&self.acceptance[source.index()], k);
-        let draft = self.draft_cost[source.index()].0?;
-        let pass = self.passes.estimate(k + 1)?;
-        Some(expected / (draft * k as f64 + pass))
+        let expected = self.acceptance[source.index()].expected_tokens(k);
+        Some(expected / self.step_time(source, k)?)
     }
 
-    /// A target pass over `rows` rows took `time`.
-    pub fn record_pass(&mut self, rows: usize, time: Duration) {
-        self.passes.record(rows, time);
-    }
-
-    /// `source` proposed `tokens` tokens in `time`.
-    pub fn record_draft(&mut self, source: Source, tokens: usize, time: Duration) {
-        if tokens > 0 {
-            self.draft_cost[source.index()].record(time.as_secs_f64() / tokens as f64);
+    /// A step took `time`: a plain one (`source` `None`), or a window of `length` tokens.
+    pub fn record_step(&mut self, source: Option<Source>, length: usize, time: Duration) {
+        match source {
+            Some(source) if length > 0 => self.steps[source.index()].record(length, time),
+            _ => self.plain.record(time.as_secs_f64()),
         }
     }
 
@@ -225,18 +294,6 @@ impl WindowChooser {
     pub fn record_verdict(&mut self, source: Source, proposed: usize, accepted: usize) {
         self.acceptance[source.index()].record(proposed, accepted);
     }
-}
-
-/// `1 + a_1 + a_1 a_2 + ... + a_1...a_k`: tokens a window of `k` commits in expectation,
-/// the target's own token included.
-pub(crate) fn expected_tokens(acceptance: &AcceptanceEstimate, k: usize) -> f64 {
-    let mut reach = 1.0;
-    let mut total = 1.0;
-    for j in 0..k {
-        reach *= acceptance.rate(j);
-        total += reach;
-    }
-    total
 }
 
 #[cfg(test)]
@@ -247,91 +304,104 @@ mod tests {
         Duration::from_secs_f64(value / 1e3)
     }
 
-    #[test]
-    fn expected_tokens_is_the_sum_of_reach_probabilities() {
-        let a = AcceptanceEstimate::from_rates(&[0.5, 0.5, 1.0]);
-        assert_eq!(expected_tokens(&a, 0), 1.0);
-        assert_eq!(expected_tokens(&a, 1), 1.5);
-        assert_eq!(expected_tokens(&a, 3), 1.0 + 0.5 + 0.25 + 0.25);
+    /// An acceptance rate known exactly (the prior drowned in evidence).
+    fn known(rate: f64) -> TokenAcceptance {
+        TokenAcceptance {
+            accepted: rate * 1e12,
+            judged: 1e12,
+        }
     }
 
     #[test]
-    fn pass_costs_fit_a_line_and_use_the_prior_slope_from_one_point() {
-        let mut costs = PassCosts::default();
-        assert_eq!(costs.estimate(3), None);
-        costs.record(1, ms(30.0));
-        let prior = costs.estimate(3).unwrap();
-        assert!((prior - 0.030 * 1.2).abs() < 1e-9, "{prior}");
-        costs.record(3, ms(40.0));
-        costs.record(5, ms(50.0));
-        // Exactly on the line t = 25 ms + 5 ms per row.
-        assert!((costs.estimate(9).unwrap() - 0.070).abs() < 1e-9);
-        // A noisy point never makes longer windows look cheaper.
-        let mut noisy = PassCosts::default();
-        noisy.record(1, ms(50.0));
-        noisy.record(2, ms(40.0));
-        assert!(noisy.estimate(4).unwrap() >= 0.045 - 1e-9);
+    fn acceptance_pools_judged_tokens_and_forgets_old_windows() {
+        let mut a = TokenAcceptance::default();
+        assert_eq!(a.rate(), 0.5);
+        // 3 proposed, 1 accepted: two tokens judged (the accepted one and the rejected one).
+        a.record(3, 1);
+        assert_eq!(a.rate(), 2.0 / 4.0);
+        // A full window: every token judged and accepted; the old window weighs 0.9.
+        a.record(2, 2);
+        let want = (1.0 + 0.9 * 1.0 + 2.0) / (2.0 + 0.9 * 2.0 + 2.0);
+        assert!((a.rate() - want).abs() < 1e-12);
+        // Long runs of rejections pull the rate towards zero.
+        for _ in 0..200 {
+            a.record(1, 0);
+        }
+        assert!(a.rate() < 0.1, "{}", a.rate());
+        assert_eq!(known(0.5).expected_tokens(0), 1.0);
+        assert!((known(0.5).expected_tokens(3) - 1.875).abs() < 1e-9);
     }
+
+    #[test]
+    fn step_costs_fit_a_line_and_use_the_prior_through_one_point() {
+        assert_eq!(fit(&[], 3, |_, _| 1.0), None);
+        // One point: the prior slope through it.
+        let one = fit(&[(2.0, 0.050)], 4, |_, _| 0.005).unwrap();
+        assert!((one - 0.060).abs() < 1e-12, "{one}");
+        // Exactly on the line t = 25 ms + 5 ms per token.
+        let points = [(0.0, 0.025), (2.0, 0.035), (4.0, 0.045)];
+        assert!((fit(&points, 8, |_, _| 1.0).unwrap() - 0.065).abs() < 1e-12);
+        // A noisy point never makes longer windows look cheaper.
+        let noisy = fit(&[(1.0, 0.050), (2.0, 0.040)], 4, |_, _| 1.0).unwrap();
+        assert!(noisy >= 0.045 - 1e-12);
+        // The chooser's prior: a plain step plus the prior cost per token, anchored at plain.
+        let mut chooser = WindowChooser::new(WindowPolicy::Adaptive, 0.4);
+        chooser.record_step(None, 0, ms(30.0));
+        let prior = chooser.step_time(Source::Model, 2).unwrap();
+        assert!((prior - 0.030 * (1.0 + 2.0 * 0.5)).abs() < 1e-9, "{prior}");
+    }
+
+    /// (source, seconds per drafted token, acceptance rate, tokens offered)
+    type Case = (Source, f64, f64, usize);
 
     /// A brute-force reference: every (source, k), plain included, rated directly.
-    fn best_by_enumeration(
-        plain: f64,
-        slope: f64,
-        sources: &[(Source, f64, Vec<f64>, usize)],
-    ) -> Option<(Source, usize)> {
+    fn best_by_enumeration(plain: f64, slope: f64, sources: &[Case]) -> Option<(Source, usize)> {
         let mut best = (None, 1.0 / plain);
-        for (source, draft, rates, max) in sources {
-            for k in 1..=*max {
-                let mut reach = 1.0;
-                let mut expected = 1.0;
-                for rate in rates.iter().take(k) {
-                    reach *= rate;
-                    expected += reach;
-                }
+        for &(source, draft, rate, max) in sources {
+            for k in 1..=max {
+                let expected: f64 = (0..=k).map(|i| rate.powi(i as i32)).sum();
                 let rate = expected / (draft * k as f64 + plain + slope * k as f64);
                 if rate > best.1 {
-                    best = (Some((*source, k)), rate);
+                    best = (Some((source, k)), rate);
                 }
             }
         }
         best.0
     }
 
-    fn chooser_with(
-        plain: f64,
-        slope: f64,
-        sources: &[(Source, f64, Vec<f64>, usize)],
-    ) -> WindowChooser {
-        let mut chooser = WindowChooser::new(WindowPolicy::Adaptive, 8);
-        for rows in 1..=9 {
-            chooser.record_pass(
-                rows,
-                Duration::from_secs_f64(plain + slope * (rows - 1) as f64),
-            );
-        }
-        for (source, draft, rates, _) in sources {
-            chooser.record_draft(*source, 1, Duration::from_secs_f64(*draft));
-            chooser.acceptance[source.index()] = AcceptanceEstimate::from_rates(rates);
+    /// A chooser that has timed plain steps and windows of 1 and 4 tokens from each source,
+    /// on the lines `plain + (draft + slope) k`.
+    fn chooser_with(plain: f64, slope: f64, sources: &[Case]) -> WindowChooser {
+        let mut chooser = WindowChooser::new(WindowPolicy::Adaptive, 0.5);
+        chooser.record_step(None, 0, Duration::from_secs_f64(plain));
+        for &(source, draft, rate, _) in sources {
+            for k in [1, 4] {
+                let time = plain + (draft + slope) * k as f64;
+                chooser.record_step(Some(source), k, Duration::from_secs_f64(time));
+            }
+            chooser.acceptance[source.index()] = known(rate);
         }
         chooser
     }
 
     #[test]
     fn the_choice_matches_an_enumeration_of_every_window() {
-        let cases = [
+        let cases: [Vec<Case>; 5] = [
             // A cheap, accurate lookup beats an expensive model draft.
             vec![
-                (Source::Lookup, 0.0, vec![0.9, 0.8, 0.7, 0.6], 4),
-                (Source::Model, 0.018, vec![0.8, 0.7, 0.6, 0.5], 4),
+                (Source::Lookup, 0.0, 0.8, 4),
+                (Source::Model, 0.018, 0.7, 4),
             ],
             // An expensive draft with poor acceptance: plain decoding wins.
-            vec![(Source::Model, 0.02, vec![0.3, 0.2, 0.1, 0.1], 4)],
-            // A good draft at moderate cost: a short window.
-            vec![(Source::Model, 0.008, vec![0.8, 0.5, 0.3, 0.2], 4)],
+            vec![(Source::Model, 0.02, 0.3, 4)],
+            // A good draft at moderate cost: a window of some length.
+            vec![(Source::Model, 0.008, 0.7, 4)],
+            // A very good, cheap draft: the whole window.
+            vec![(Source::Model, 0.002, 0.95, 4)],
             // Lookup offers only two tokens: the model may still win at more.
             vec![
-                (Source::Lookup, 0.0, vec![0.5, 0.5], 2),
-                (Source::Model, 0.002, vec![0.95, 0.95, 0.95, 0.95], 4),
+                (Source::Lookup, 0.0, 0.5, 2),
+                (Source::Model, 0.002, 0.95, 4),
             ],
         ];
         for sources in cases {
@@ -351,7 +421,7 @@ mod tests {
 
     #[test]
     fn plain_steps_are_broken_by_a_short_probe() {
-        let sources = [(Source::Model, 0.05, vec![0.1; 4], 4)];
+        let sources = [(Source::Model, 0.05, 0.1, 4)];
         let mut chooser = chooser_with(0.035, 0.0035, &sources);
         let offers = [Offer {
             source: Source::Model,
@@ -366,7 +436,7 @@ mod tests {
 
     #[test]
     fn fixed_windows_take_the_first_offer_whole() {
-        let mut chooser = WindowChooser::new(WindowPolicy::Fixed, 4);
+        let mut chooser = WindowChooser::new(WindowPolicy::Fixed, 0.5);
         let offers = [
             Offer {
                 source: Source::Lookup,
@@ -382,15 +452,20 @@ mod tests {
     }
 
     #[test]
-    fn untried_sources_and_untimed_passes_speculate() {
-        let mut chooser = WindowChooser::new(WindowPolicy::Adaptive, 4);
+    fn untimed_steps_speculate_and_unmeasured_drafts_use_the_prior() {
         let offers = [Offer {
             source: Source::Model,
             tokens: 3,
         }];
-        assert_eq!(chooser.choose(&offers), Some((Source::Model, 3)));
-        chooser.record_pass(1, ms(30.0));
-        // Timed target, untried draft: tried at full length.
-        assert_eq!(chooser.choose(&offers), Some((Source::Model, 3)));
+        // Nothing timed yet: a full window, which times a step.
+        let mut cheap = WindowChooser::new(WindowPolicy::Adaptive, 0.01);
+        assert_eq!(cheap.choose(&offers), Some((Source::Model, 3)));
+        // A timed plain step and a draft priced by its prior only: a nearly free draft at the
+        // prior acceptance (0.5) is worth a window, a draft as costly as the target is not.
+        cheap.record_step(None, 0, ms(30.0));
+        assert!(cheap.choose(&offers).is_some());
+        let mut costly = WindowChooser::new(WindowPolicy::Adaptive, 1.0);
+        costly.record_step(None, 0, ms(30.0));
+        assert_eq!(costly.choose(&offers), None);
     }
 }
