@@ -79,6 +79,10 @@ struct Args {
     /// with lookahead, and `@fixed` or `@adaptive` overrides --window (e.g. `sd+lookup@fixed`).
     #[arg(long, default_value = "ar,sd,sd+lookup,lookup,mirror,mirror+lookup")]
     methods: String,
+    /// Also run llama.cpp's plain decoding of the target file on every prompt, in turn with
+    /// the other methods (`scripts/llama-cpp/suite.mjs`; needs `cd scripts/llama-cpp && npm i -E`).
+    #[arg(long)]
+    llama_cpp: bool,
     #[arg(long, default_value = "target/compare")]
     out_dir: PathBuf,
     /// Also run every method sampled at this temperature, right after its greedy run on each
@@ -100,6 +104,82 @@ struct Args {
 enum MirrorCores {
     Split,
     Shared,
+}
+
+/// llama.cpp on the target's GGUF file, in a process of its own (`scripts/llama-cpp/suite.mjs`)
+/// that answers one generation request per line.
+struct LlamaCpp {
+    child: std::process::Child,
+    requests: std::process::ChildStdin,
+    replies: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl LlamaCpp {
+    fn start(model: &str) -> Result<Self, String> {
+        use std::process::{Command, Stdio};
+        let script = common::repo_root().join("scripts/llama-cpp/suite.mjs");
+        let mut child = Command::new("node")
+            .arg(&script)
+            .args(["--model", model])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start node {}: {e}", script.display()))?;
+        let requests = child.stdin.take().ok_or("llama.cpp: no stdin")?;
+        let replies = std::io::BufReader::new(child.stdout.take().ok_or("llama.cpp: no stdout")?);
+        let mut llama = Self {
+            child,
+            requests,
+            replies,
+        };
+        let ready = llama.reply()?;
+        eprintln!("llama.cpp ready: {ready}");
+        Ok(llama)
+    }
+
+    fn reply(&mut self) -> Result<serde_json::Value, String> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.replies
+            .read_line(&mut line)
+            .map_err(|e| format!("llama.cpp: {e}"))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| format!("llama.cpp replied {line:?}: {e}"))?;
+        match value.get("error") {
+            Some(error) => Err(format!("llama.cpp: {error}")),
+            None => Ok(value),
+        }
+    }
+
+    /// Greedy decoding of `prompt`: (tokens, seconds, prefill seconds).
+    fn generate(
+        &mut self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        stop: &[u32],
+    ) -> Result<(Vec<u32>, f64, f64), String> {
+        use std::io::Write;
+        let request = serde_json::json!({
+            "tokens": prompt, "max_new_tokens": max_new_tokens, "stop": stop,
+        });
+        writeln!(self.requests, "{request}").map_err(|e| format!("llama.cpp: {e}"))?;
+        let reply = self.reply()?;
+        let tokens = serde_json::from_value(reply["tokens"].clone())
+            .map_err(|e| format!("llama.cpp tokens: {e}"))?;
+        let seconds = reply["seconds"].as_f64().unwrap_or(0.0);
+        Ok((
+            tokens,
+            seconds,
+            reply["prefill_seconds"].as_f64().unwrap_or(0.0),
+        ))
+    }
+}
+
+impl Drop for LlamaCpp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// A method's name taken apart: `base[+lookup][+lookahead][@fixed|@adaptive]`.
@@ -147,6 +227,10 @@ struct Totals {
     seconds: f64,
     prefill_seconds: f64,
     windows: usize,
+    /// Windows drafted by prompt lookup (part of `windows`).
+    lookup_windows: usize,
+    /// Target passes with no window (adaptive plain steps).
+    plain_steps: usize,
     accepted: usize,
     target_passes: usize,
     reuse: usize,
@@ -170,6 +254,8 @@ impl Totals {
         self.seconds += s.time.total.as_secs_f64();
         self.prefill_seconds += s.time.prefill.as_secs_f64();
         self.windows += s.windows;
+        self.lookup_windows += s.lookup_windows;
+        self.plain_steps += s.plain_steps;
         self.accepted += (s.mean_accepted() * s.windows as f64).round() as usize;
         self.target_passes += s.target_passes;
         self.reuse += s.reuse_hits + s.reuse_partial;
@@ -183,6 +269,17 @@ impl Totals {
         self.target_prefix += s.time.target_prefix.as_secs_f64();
         self.target_suffix += s.time.target_suffix.as_secs_f64();
         self.wait_final += s.time.wait_final.as_secs_f64();
+    }
+    /// Tokens per second after prefill.
+    fn decode_tokens_per_second(&self) -> f64 {
+        self.tokens as f64 / (self.seconds - self.prefill_seconds).max(1e-9)
+    }
+    /// A generation that reports only its tokens and times (llama.cpp).
+    fn add_plain(&mut self, tokens: usize, seconds: f64, prefill_seconds: f64) {
+        self.tokens += tokens;
+        self.seconds += seconds;
+        self.prefill_seconds += prefill_seconds;
+        self.target_passes += tokens;
     }
     fn tokens_per_second(&self) -> f64 {
         self.tokens as f64 / self.seconds.max(1e-9)
@@ -389,8 +486,37 @@ fn run(args: Args) -> Result<(), String> {
     let mut mismatches = Vec::new();
     // The reference (autoregressive) tokens of every prompt, for auditing runs against each other.
     let mut outputs: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    let mut llama = if args.llama_cpp {
+        Some(LlamaCpp::start(&args.pair.target)?)
+    } else {
+        None
+    };
+    let mut stop_ids: Vec<u32> = tokenizer.eos_ids().to_vec();
+    stop_ids.extend(models.shared.target.config().eos_token_ids());
+    // llama.cpp's greedy tokens, compared with ours (its arithmetic differs: not required to
+    // agree, reported).
+    let mut pending_llama: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    let mut llama_identical = 0usize;
     for (id, category, messages) in &prompts {
         let prompt = engines[0].1.encode(messages).map_err(|e| e.to_string())?;
+        if let Some(llama) = llama.as_mut() {
+            let (tokens, seconds, prefill) =
+                llama.generate(&prompt, args.max_new_tokens, &stop_ids)?;
+            eprintln!(
+                "{id:<14} {:<14} {:>4} tokens {:>6.2} tok/s",
+                "llama.cpp",
+                tokens.len(),
+                tokens.len() as f64 / seconds
+            );
+            let per = results.entry("llama.cpp".into()).or_default();
+            per.entry(category.clone())
+                .or_default()
+                .add_plain(tokens.len(), seconds, prefill);
+            per.entry("overall".into())
+                .or_default()
+                .add_plain(tokens.len(), seconds, prefill);
+            pending_llama.insert(id.clone(), tokens);
+        }
         let mut reference: Option<Vec<u32>> = None;
         // Round-robin per prompt: every method sees the same machine state in turn.
         for (name, engine) in engines.iter_mut() {
@@ -408,6 +534,9 @@ fn run(args: Args) -> Result<(), String> {
             match &reference {
                 None => {
                     outputs.insert(id.clone(), g.tokens.clone());
+                    if pending_llama.get(id) == Some(&g.tokens) {
+                        llama_identical += 1;
+                    }
                     reference = Some(g.tokens.clone());
                 }
                 Some(want) if *want != g.tokens => {
@@ -476,7 +605,16 @@ fn run(args: Args) -> Result<(), String> {
         })
         .collect();
     std::fs::create_dir_all(&args.out_dir).map_err(|e| e.to_string())?;
-    let table = markdown(&methods, &results);
+    // llama.cpp joins the table and chart as one more method.
+    let mut shown = methods.clone();
+    if llama.is_some() {
+        shown.push("llama.cpp".into());
+        eprintln!(
+            "llama.cpp's greedy output equals ours on {llama_identical} of {} prompts",
+            prompts.len()
+        );
+    }
+    let table = markdown(&shown, &results);
     println!("{table}");
     std::fs::write(args.out_dir.join("results.md"), &table).map_err(|e| e.to_string())?;
     // FF beside the paper's 1 - Omega, as observed on this run (1 - Omega is not a bound on
@@ -510,6 +648,7 @@ fn run(args: Args) -> Result<(), String> {
         "gamma": args.drafting.gamma, "kappa": args.kappa, "exit_fraction": args.exit_fraction,
         "max_new_tokens": args.max_new_tokens, "prompts": prompts.len(), "results": results,
         "identical_to_autoregressive": mismatches.is_empty(),
+        "llama_cpp_identical_prompts": llama.as_ref().map(|_| llama_identical),
         "outputs": outputs,
     });
     std::fs::write(
@@ -517,7 +656,7 @@ fn run(args: Args) -> Result<(), String> {
         serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?,
     )
     .map_err(|e| e.to_string())?;
-    std::fs::write(args.out_dir.join("speedup.svg"), svg(&methods, &results))
+    std::fs::write(args.out_dir.join("speedup.svg"), svg(&shown, &results))
         .map_err(|e| e.to_string())?;
     eprintln!(
         "wrote {}/results.{{md,json}} and speedup.svg",
@@ -544,7 +683,7 @@ fn categories(results: &BTreeMap<String, BTreeMap<String, Totals>>) -> Vec<Strin
 }
 
 fn markdown(methods: &[String], results: &BTreeMap<String, BTreeMap<String, Totals>>) -> String {
-    let mut out = String::from("| category | method | tok/s | speedup vs ar | vs sd | E[A] | tokens/target pass | eta | draft ms/window | reuse | draft hidden |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+    let mut out = String::from("| category | method | tok/s | decode tok/s | speedup vs ar | vs sd | E[A] | windows looked up / all / plain steps | tokens/target pass | eta | draft ms/window | reuse | draft hidden |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for cat in categories(results) {
         for m in methods {
             // Sampled rows are compared with the sampled baselines.
@@ -554,22 +693,29 @@ fn markdown(methods: &[String], results: &BTreeMap<String, BTreeMap<String, Tota
                 ""
             };
             let ar = results[&format!("ar{suffix}")][&cat].tokens_per_second();
-            let sd = results
-                .get(&format!("sd{suffix}"))
+            // The vanilla-SD baseline: `sd`, or `sd@fixed` when that is what ran.
+            let sd = (results.get(&format!("sd{suffix}")))
+                .or_else(|| results.get(&format!("sd@fixed{suffix}")))
                 .map(|r| r[&cat].tokens_per_second());
             let t = &results[m][&cat];
             let tps = t.tokens_per_second();
             let base = m.trim_end_matches("/sampled");
-            let vs_sd = match (base != "ar" && base != "sd", sd) {
+            let vs_sd = match (!matches!(base, "ar" | "sd" | "sd@fixed"), sd) {
                 (true, Some(sd)) => format!("{:.2}x", tps / sd),
                 _ => "".into(),
             };
-            let spec = !m.starts_with("ar");
+            let spec = !m.starts_with("ar") && m != "llama.cpp";
             out += &format!(
-                "| {cat} | {m} | {tps:.2} | {:.2}x | {vs_sd} | {} | {:.2} | {} | {} | {} | {} |\n",
+                "| {cat} | {m} | {tps:.2} | {:.2} | {:.2}x | {vs_sd} | {} | {} | {:.2} | {} | {} | {} | {} |\n",
+                t.decode_tokens_per_second(),
                 tps / ar,
                 if spec {
                     format!("{:.2}", t.mean_accepted())
+                } else {
+                    "".into()
+                },
+                if spec {
+                    format!("{} / {} / {}", t.lookup_windows, t.windows, t.plain_steps)
                 } else {
                     "".into()
                 },

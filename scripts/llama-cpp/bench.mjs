@@ -14,10 +14,9 @@
 import {getLlama, LlamaLogLevel} from "node-llama-cpp";
 import os from "node:os";
 import path from "node:path";
-import {fileURLToPath} from "node:url";
+import {parseOptions, root} from "./options.mjs";
 
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
-const options = {
+const options = parseOptions({
     target: "models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
     draft: "models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
     only: "both",
@@ -27,16 +26,7 @@ const options = {
     context: 128,
     ks: "1,2,4,8,16",
     repeats: 7,
-};
-const argv = process.argv.slice(2);
-for (let i = 0; i < argv.length; i += 2) {
-    const key = argv[i].replace(/^--/, "");
-    if (!(key in options) || argv[i + 1] === undefined) {
-        console.error(`unknown or incomplete option ${argv[i]}`);
-        process.exit(2);
-    }
-    options[key] = typeof options[key] === "number" ? Number(argv[i + 1]) : argv[i + 1];
-}
+});
 const ks = String(options.ks).split(",").map(Number);
 
 const median = (values) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)];
