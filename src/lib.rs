@@ -17,3 +17,9 @@ pub use mirror_scheduler;
 
 #[cfg(feature = "server")]
 pub mod serve;
+
+/// The README's Rust snippets, compiled as doctests (`cargo test --doc`) so that they keep up
+/// with the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
