@@ -48,6 +48,10 @@ pub struct DraftCounters {
     /// of a step, without the catch-up forwards that feed many committed tokens at once.
     pub step_forwards: usize,
     pub step_busy: Duration,
+    /// The drafter's running average of a step forward's time, from earlier work: what
+    /// [`DraftCounters::steady_busy`] charges per forward when none of these was a step (a
+    /// one-token window drafted by the very forward that caught up).
+    pub typical_step: Option<Duration>,
 }
 
 impl DraftCounters {
@@ -55,7 +59,10 @@ impl DraftCounters {
     /// once the draft is caught up with the text.
     pub fn steady_busy(&self) -> Duration {
         if self.step_forwards == 0 {
-            return self.busy;
+            return match self.typical_step {
+                Some(step) => (step * self.forwards as u32).min(self.busy),
+                None => self.busy,
+            };
         }
         self.step_busy / self.step_forwards as u32 * self.forwards as u32
     }
@@ -162,6 +169,8 @@ pub struct DraftState {
     position_limit: usize,
     /// Work since the last `take_counters`.
     counters: DraftCounters,
+    /// Running average of a step forward's time (see [`DraftCounters::typical_step`]).
+    step_cost: Option<Duration>,
     /// Busy intervals of the current tree, for the hidden-time split.
     pub intervals: Vec<(Instant, Instant)>,
     /// Fault injection for tests: after this many forwards, fail once (panic or error).
@@ -184,6 +193,7 @@ impl DraftState {
             stop: StopSet::default(),
             position_limit: usize::MAX,
             counters: DraftCounters::default(),
+            step_cost: None,
             intervals: Vec::new(),
             fault: None,
             lookahead_confidence: 0.0,
@@ -226,6 +236,7 @@ impl DraftState {
     }
 
     pub fn take_counters(&mut self) -> DraftCounters {
+        self.counters.typical_step = self.step_cost;
         std::mem::take(&mut self.counters)
     }
 
@@ -274,6 +285,11 @@ impl DraftState {
         if rows <= 2 {
             self.counters.step_forwards += 1;
             self.counters.step_busy += end - start;
+            // A slow average (weight 1/8 for the newest): one preempted pass barely moves it.
+            self.step_cost = Some(match self.step_cost {
+                Some(old) => (old * 7 + (end - start)) / 8,
+                None => end - start,
+            });
         }
         self.intervals.push((start, end));
         Ok(out)
@@ -558,38 +574,7 @@ impl DraftState {
         tree: &TreeRequest,
     ) -> Result<TreePass> {
         let base = self.cache()?.len();
-        let mut rows = Vec::with_capacity(tail.len() + active.len());
-        let mut tokens = Vec::with_capacity(tail.len() + active.len());
-        for (i, &t) in tail.iter().enumerate() {
-            rows.push(RowVisibility {
-                position: base + i,
-                prefix_len: base + i + 1,
-                extra: Vec::new(),
-            });
-            tokens.push(t);
-        }
-        let mut fed: Vec<(usize, Vec<u32>)> = Vec::with_capacity(active.len());
-        for &i in active {
-            let b = &branches[i];
-            let unfed = if b.nodes.is_empty() {
-                vec![b.plan.token]
-            } else {
-                b.window.tokens[b.nodes.len() - 1..].to_vec()
-            };
-            let prefix_len = tree.window_start + b.plan.row + 1;
-            let first_row = base + rows.len();
-            for (k, &t) in unfed.iter().enumerate() {
-                let mut extra = b.nodes.clone();
-                extra.extend(first_row..=first_row + k);
-                rows.push(RowVisibility {
-                    position: prefix_len + b.nodes.len() + k,
-                    prefix_len,
-                    extra,
-                });
-                tokens.push(t);
-            }
-            fed.push((first_row - base, unfed));
-        }
+        let TreeRows { rows, tokens, fed } = tree_rows(base, tail, branches, active, tree);
         // Logit (and lookahead) rows: the tail's last (the bonus guess), then each branch's
         // last fed row, or all of its fed rows when lookahead tokens are checked.
         let check = self.self_verifying();
@@ -753,4 +738,58 @@ impl DraftState {
             .map(|&(s, e)| e.min(until).saturating_duration_since(s))
             .sum()
     }
+}
+
+/// The input rows of one tree pass.
+struct TreeRows {
+    /// What each row may see.
+    rows: Vec<RowVisibility>,
+    /// The token fed at each row.
+    tokens: Vec<u32>,
+    /// Per active branch: its first fed row (counted from the pass's base) and its fed tokens.
+    fed: Vec<(usize, Vec<u32>)>,
+}
+
+/// The rows of one tree pass at cache length `base`: the linear `tail`, then each active
+/// branch's unfed tokens.
+fn tree_rows(
+    base: usize,
+    tail: &[u32],
+    branches: &[Branch],
+    active: &[usize],
+    tree: &TreeRequest,
+) -> TreeRows {
+    let mut rows = Vec::with_capacity(tail.len() + active.len());
+    let mut tokens = Vec::with_capacity(tail.len() + active.len());
+    for (i, &t) in tail.iter().enumerate() {
+        rows.push(RowVisibility {
+            position: base + i,
+            prefix_len: base + i + 1,
+            extra: Vec::new(),
+        });
+        tokens.push(t);
+    }
+    let mut fed: Vec<(usize, Vec<u32>)> = Vec::with_capacity(active.len());
+    for &i in active {
+        let b = &branches[i];
+        let unfed = if b.nodes.is_empty() {
+            vec![b.plan.token]
+        } else {
+            b.window.tokens[b.nodes.len() - 1..].to_vec()
+        };
+        let prefix_len = tree.window_start + b.plan.row + 1;
+        let first_row = base + rows.len();
+        for (k, &t) in unfed.iter().enumerate() {
+            let mut extra = b.nodes.clone();
+            extra.extend(first_row..=first_row + k);
+            rows.push(RowVisibility {
+                position: prefix_len + b.nodes.len() + k,
+                prefix_len,
+                extra,
+            });
+            tokens.push(t);
+        }
+        fed.push((first_row - base, unfed));
+    }
+    TreeRows { rows, tokens, fed }
 }

@@ -341,18 +341,7 @@ impl Decoder for Mirror {
         let mut step = 0u64;
         while !run.progress.done() && run.has_room() {
             let step_started = Instant::now();
-            window.truncate(run.window_room());
-            // The window is drafted already (its cost is behind us, mostly hidden): what its
-            // length still decides is the target's pass, and the tree planned from it.
-            let offer = Offer {
-                source,
-                tokens: window.len(),
-            };
-            let length = chooser.choose(&[offer]).map_or(0, |(_, k)| k);
-            window.truncate(length);
-            if source == Source::Lookup && !window.is_empty() {
-                run.stats.lookup_windows += 1;
-            }
+            trim_window(&mut window, source, &mut chooser, &mut run);
 
             let tapped = timed(&mut run.stats.time.target_prefix, || {
                 side.prefix_and_tap(&mut run.cache, &run.seq, &window, &acceptance)
@@ -402,6 +391,27 @@ impl Decoder for Mirror {
             step += 1;
         }
         Ok(run.finish())
+    }
+}
+
+/// Cuts the next window to the room left and to the length the chooser picks. The window is
+/// drafted already (its cost is behind us, mostly hidden): what its length still decides is
+/// the target's pass, and the tree planned from it.
+fn trim_window(
+    window: &mut DraftWindow,
+    source: Source,
+    chooser: &mut WindowChooser,
+    run: &mut Run,
+) {
+    window.truncate(run.window_room());
+    let offer = Offer {
+        source,
+        tokens: window.len(),
+    };
+    let length = chooser.choose(&[offer]).map_or(0, |(_, k)| k);
+    window.truncate(length);
+    if source == Source::Lookup && !window.is_empty() {
+        run.stats.lookup_windows += 1;
     }
 }
 

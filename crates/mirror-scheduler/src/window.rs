@@ -44,6 +44,13 @@ impl Source {
             Source::Lookup => 1,
         }
     }
+
+    fn other(self) -> Source {
+        match self {
+            Source::Model => Source::Lookup,
+            Source::Lookup => Source::Model,
+        }
+    }
 }
 
 /// What a source can propose for the next window: at most `tokens` tokens.
@@ -117,6 +124,12 @@ impl TokenAcceptance {
         let judged = proposed.min(accepted + 1);
         self.accepted = self.accepted * ACCEPTANCE_DECAY + accepted as f64;
         self.judged = self.judged * ACCEPTANCE_DECAY + judged as f64;
+    }
+
+    /// Old evidence weighs a window's decay less, with no new window.
+    pub fn fade(&mut self) {
+        self.accepted *= ACCEPTANCE_DECAY;
+        self.judged *= ACCEPTANCE_DECAY;
     }
 
     pub fn rate(&self) -> f64 {
@@ -220,10 +233,22 @@ impl WindowChooser {
 
     /// The estimated seconds of a step with a window of `length` tokens from `source`.
     fn step_time(&self, source: Source, length: usize) -> Option<f64> {
+        let own_points = self.steps[source.index()].points().next().is_some();
+        let plain = match self.plain.0 {
+            Some(plain) => Some(plain),
+            // Neither plain steps nor this source's were timed: a plain step is what the
+            // other source's line says at length 0.
+            None if !own_points => self.line(source.other(), None, 0),
+            None => None,
+        };
+        self.line(source, plain, length)
+    }
+
+    /// `source`'s line through its timed steps and a plain step's `plain` seconds at length 0,
+    /// at `length`.
+    fn line(&self, source: Source, plain: Option<f64>, length: usize) -> Option<f64> {
         let mut points: Vec<(f64, f64)> = self.steps[source.index()].points().collect();
-        if let Some(plain) = self.plain.0 {
-            points.push((0.0, plain));
-        }
+        points.extend(plain.map(|t| (0.0, t)));
         let relative = self.token_cost_prior[source.index()];
         // Through one point (k0, t0): t0 is a plain step plus k0 tokens at the prior cost.
         fit(&points, length, |k0, t0| {
@@ -267,6 +292,12 @@ impl WindowChooser {
         if best.0.is_some() {
             self.plain_streak = 0;
             return best.0;
+        }
+        // Nothing is learned about acceptance during plain steps, and the text moves on: what
+        // was learned fades towards the prior, so a source is tried again once its evidence
+        // is old enough to be doubted.
+        for source in &offers {
+            self.acceptance[source.source.index()].fade();
         }
         self.plain_streak += 1;
         if self.plain_streak >= PROBE_AFTER {
@@ -432,6 +463,58 @@ mod tests {
         }
         assert_eq!(chooser.choose(&offers), Some((Source::Model, PROBE_TOKENS)));
         assert_eq!(chooser.choose(&offers), None);
+    }
+
+    #[test]
+    fn old_evidence_fades_during_plain_steps_until_a_window_is_tried() {
+        let (plain, slope, draft) = (0.035, 0.0035, 0.010);
+        let mut chooser = chooser_with(plain, slope, &[(Source::Model, draft, 0.5, 4)]);
+        chooser.acceptance[0] = TokenAcceptance::default();
+        // One window rejected at its first token: 1 judged, 0 accepted.
+        chooser.record_verdict(Source::Model, 4, 0);
+        let offers = [Offer {
+            source: Source::Model,
+            tokens: 4,
+        }];
+        // Reference: after n plain steps the evidence weighs 0.9^n, over the prior (1, 2).
+        let first_window = (0..PROBE_AFTER)
+            .map(|n| {
+                let rate = 1.0 / (2.0 + ACCEPTANCE_DECAY.powi(n as i32));
+                best_by_enumeration(plain, slope, &[(Source::Model, draft, rate, 4)])
+            })
+            .position(|choice| choice.is_some())
+            .expect("the prior's rate is worth a window");
+        assert!(
+            (1..PROBE_AFTER - 1).contains(&first_window),
+            "{first_window}"
+        );
+        for _ in 0..first_window {
+            assert_eq!(chooser.choose(&offers), None);
+        }
+        assert!(chooser.choose(&offers).is_some());
+    }
+
+    #[test]
+    fn a_source_without_timed_steps_is_priced_from_the_other_sources_line() {
+        // Model windows timed, never a plain step nor a lookup window: lookup's steps are
+        // priced from the model's line at length 0, and an accurate lookup is chosen.
+        let mut chooser = WindowChooser::new(WindowPolicy::Adaptive, 0.5);
+        for k in [2, 4] {
+            chooser.record_step(Some(Source::Model), k, ms(35.0 + 15.0 * k as f64));
+        }
+        chooser.acceptance[0] = known(0.6);
+        chooser.acceptance[1] = known(0.9);
+        let offers = [
+            Offer {
+                source: Source::Lookup,
+                tokens: 4,
+            },
+            Offer {
+                source: Source::Model,
+                tokens: 4,
+            },
+        ];
+        assert_eq!(chooser.choose(&offers), Some((Source::Lookup, 4)));
     }
 
     #[test]
