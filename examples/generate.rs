@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use clap::{Parser, ValueEnum};
 use mirror_sd::mirror_core::sampling::SamplingParams;
-use mirror_sd::mirror_core::{threads, ChatMessage};
+use mirror_sd::mirror_core::ChatMessage;
 use mirror_sd::mirror_scheduler::{
     Autoregressive, Decoder, DraftSchedule, EarlyExit, Engine, GenerationConfig, Mirror,
     SpeculativeDecoding, StreamControl,
@@ -91,21 +91,8 @@ struct Args {
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Target device: cpu, cuda:N, metal:N.
-    #[arg(long, default_value = "cpu")]
-    target_device: String,
-    /// Draft device (a second handle: another GPU, another CUDA stream, or the CPU).
-    #[arg(long, default_value = "cpu")]
-    draft_device: String,
-    /// CPU threads of the target's own pool (default: every core, or Mirror's share of them).
-    #[arg(long)]
-    target_threads: Option<usize>,
-    /// CPU threads of the draft's own pool (default: as the target, or Mirror's share).
-    #[arg(long)]
-    draft_threads: Option<usize>,
-    /// Mirror: do not pin target and draft to disjoint cores.
-    #[arg(long)]
-    no_pin: bool,
+    #[command(flatten)]
+    placement: common::PlacementArgs,
     /// Send the prompt as raw text instead of rendering the chat template.
     #[arg(long)]
     no_chat_template: bool,
@@ -124,34 +111,10 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<(), String> {
-    let target_device = common::parse_device(&args.target_device)?;
-    let draft_device = common::parse_device(&args.draft_device)?;
     let target_source = common::resolve_source(&args.pair.target)?;
-    // Thread policy (mirror_core::threads): one model at a time (ar, sd) uses every core;
-    // Mirror runs target and draft side by side on disjoint, pinned cores, unless threads
-    // are given explicitly or --no-pin.
-    let concurrent = matches!(args.method, Method::Mirror);
-    let (target_cores, draft_cores) = if concurrent && !args.no_pin {
-        let (t, d) = threads::split_cores(&threads::available_cores());
-        (
-            args.target_threads.is_none().then_some(t),
-            args.draft_threads.is_none().then_some(d),
-        )
-    } else {
-        (None, None)
-    };
-    let target_options = common::load_options(
-        &args.pair.weights,
-        &target_device,
-        args.target_threads,
-        target_cores,
-    )?;
-    let draft_options = common::load_options(
-        args.pair.draft_weights(),
-        &draft_device,
-        args.draft_threads,
-        draft_cores,
-    )?;
+    let (target_options, draft_options) = args
+        .placement
+        .load_options(&args.pair, matches!(args.method, Method::Mirror))?;
     let loaded = common::load_with_spinner("target", &target_source, &target_options)?;
     let target = Arc::new(loaded.model);
     let draft = || {

@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use mirror_sd::mirror_core::threads;
 use mirror_sd::mirror_scheduler::{DraftSchedule, EarlyExit};
 use mirror_sd::serve::{Backend, Method, Server, ServerConfig, SpeculationSettings};
 
@@ -92,21 +91,8 @@ struct Args {
     /// Branches advanced per draft pass in anytime mode.
     #[arg(long, default_value_t = 2)]
     branches_per_pass: usize,
-    /// Target device: cpu, cuda:N, metal:N.
-    #[arg(long, default_value = "cpu")]
-    target_device: String,
-    /// Draft device (a second handle: another GPU, another CUDA stream, or the CPU).
-    #[arg(long, default_value = "cpu")]
-    draft_device: String,
-    /// CPU threads of the target's own pool.
-    #[arg(long)]
-    target_threads: Option<usize>,
-    /// CPU threads of the draft's own pool.
-    #[arg(long)]
-    draft_threads: Option<usize>,
-    /// Do not pin target and draft to disjoint cores (pinned by default when --method mirror).
-    #[arg(long)]
-    no_pin: bool,
+    #[command(flatten)]
+    placement: common::PlacementArgs,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     host: IpAddr,
@@ -161,33 +147,12 @@ fn run(args: Args) -> Result<(), String> {
             args.shutdown_grace_s
         )
     })?;
-    let target_device = common::parse_device(&args.target_device)?;
-    let draft_device = common::parse_device(&args.draft_device)?;
     let target_source = common::resolve_source(&args.pair.target)?;
-    // Thread policy as in `generate`: Mirror runs target and draft side by side on disjoint,
-    // pinned cores; the other methods use every core. Pools are fixed at load time, so the
-    // default method decides; requests for another method run on the same pools.
-    let (target_cores, draft_cores) = if default_method == Method::Mirror && !args.no_pin {
-        let (t, d) = threads::split_cores(&threads::available_cores());
-        (
-            args.target_threads.is_none().then_some(t),
-            args.draft_threads.is_none().then_some(d),
-        )
-    } else {
-        (None, None)
-    };
-    let target_options = common::load_options(
-        &args.pair.weights,
-        &target_device,
-        args.target_threads,
-        target_cores,
-    )?;
-    let draft_options = common::load_options(
-        args.pair.draft_weights(),
-        &draft_device,
-        args.draft_threads,
-        draft_cores,
-    )?;
+    // Pools are fixed at load time, so the default method decides the placement; requests
+    // for another method run on the same pools.
+    let (target_options, draft_options) = args
+        .placement
+        .load_options(&args.pair, default_method == Method::Mirror)?;
     let loaded = common::load_with_spinner("target", &target_source, &target_options)?;
     let target = Arc::new(loaded.model);
     let draft = if methods.iter().any(|&m| m != Method::Autoregressive) {

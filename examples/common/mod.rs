@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mirror_sd::mirror_core::{
-    load, DType, Device, LoadOptions, LoadedModel, Model, ModelSource, WeightFormat,
+    load, threads, DType, Device, LoadOptions, LoadedModel, Model, ModelSource, WeightFormat,
 };
 use mirror_sd::mirror_scheduler::{DraftOptions, LookupConfig, WindowPolicy};
 
@@ -105,6 +105,61 @@ pub struct PairArgs {
     /// Weight format of the draft (default: --weights).
     #[arg(long)]
     pub draft_weights: Option<String>,
+}
+
+/// Where each model runs: devices, CPU threads and core pinning (`generate`, `serve`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct PlacementArgs {
+    /// Target device: cpu, cuda:N, metal:N.
+    #[arg(long, default_value = "cpu")]
+    pub target_device: String,
+    /// Draft device (a second handle: another GPU, another CUDA stream, or the CPU).
+    #[arg(long, default_value = "cpu")]
+    pub draft_device: String,
+    /// CPU threads of the target's own pool (default: every core, or Mirror's share of them).
+    #[arg(long)]
+    pub target_threads: Option<usize>,
+    /// CPU threads of the draft's own pool (default: as the target, or Mirror's share).
+    #[arg(long)]
+    pub draft_threads: Option<usize>,
+    /// Do not pin target and draft to disjoint cores (pinned by default when Mirror runs).
+    #[arg(long)]
+    pub no_pin: bool,
+}
+
+impl PlacementArgs {
+    /// Target and draft load options. Thread policy (`mirror_core::threads`): one model at a
+    /// time (ar, sd) uses every core; models that run `side_by_side` (Mirror) get disjoint,
+    /// pinned cores, unless their threads are given or `--no-pin`.
+    pub fn load_options(
+        &self,
+        pair: &PairArgs,
+        side_by_side: bool,
+    ) -> Result<(LoadOptions, LoadOptions), String> {
+        let (target_cores, draft_cores) = if side_by_side && !self.no_pin {
+            let (t, d) = threads::split_cores(&threads::available_cores());
+            (
+                self.target_threads.is_none().then_some(t),
+                self.draft_threads.is_none().then_some(d),
+            )
+        } else {
+            (None, None)
+        };
+        Ok((
+            load_options(
+                &pair.weights,
+                &parse_device(&self.target_device)?,
+                self.target_threads,
+                target_cores,
+            )?,
+            load_options(
+                pair.draft_weights(),
+                &parse_device(&self.draft_device)?,
+                self.draft_threads,
+                draft_cores,
+            )?,
+        ))
+    }
 }
 
 impl PairArgs {
