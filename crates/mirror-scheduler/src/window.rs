@@ -101,20 +101,11 @@ impl Average {
 /// geometric model: every token stands with the same probability once the ones before it
 /// did). Pooling learns from every judged token at once, where a rate per position would wait
 /// for windows that reach it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct TokenAcceptance {
     /// Decayed (accepted, judged) counts, the prior's excluded.
     accepted: f64,
     judged: f64,
-}
-
-impl Default for TokenAcceptance {
-    fn default() -> Self {
-        Self {
-            accepted: 0.0,
-            judged: 0.0,
-        }
-    }
 }
 
 impl TokenAcceptance {
@@ -126,7 +117,8 @@ impl TokenAcceptance {
         self.judged = self.judged * ACCEPTANCE_DECAY + judged as f64;
     }
 
-    /// Old evidence weighs a window's decay less, with no new window.
+    /// Discounts the evidence by one window's decay without adding a window (a plain step
+    /// passed).
     pub fn fade(&mut self) {
         self.accepted *= ACCEPTANCE_DECAY;
         self.judged *= ACCEPTANCE_DECAY;
