@@ -103,7 +103,7 @@ fn products_match_an_f64_reference_within_the_activation_rounding_bound() {
         for ty in WeightType::ALL {
             for (rows, cols) in shapes(ty) {
                 let (packed, weights) = fixture(ty, rows, cols, 11);
-                for m in [1, 3, 8] {
+                for m in [1, 3, 8, 33, 64] {
                     let x = random(m * cols, 100 + m as u64);
                     let ours = run(path, &packed, &x, m);
                     for r in 0..m {
