@@ -39,15 +39,7 @@ fn draft_after_rollout(
     stop_ids: &[u32],
     gamma: usize,
 ) -> (DraftState, DraftWindow) {
-    let mut state = DraftState::new(Arc::clone(model));
-    state
-        .reset(
-            CAPACITY,
-            position_limit,
-            params,
-            StopSet::from_tokens(stop_ids),
-        )
-        .unwrap();
+    let mut state = fresh_draft(model, params, position_limit, stop_ids);
     state.sync(&PROMPT[..PROMPT.len() - 1]).unwrap();
     let window = state.rollout(&PROMPT, gamma, 99).unwrap();
     (state, window)

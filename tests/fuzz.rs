@@ -382,13 +382,7 @@ fn run_case(load: Load, dir: PathBuf) -> Outcome {
         let _ = tx.send(match outcome {
             Ok(Ok(())) => Outcome::Loaded,
             Ok(Err(_)) => Outcome::Refused,
-            Err(panic) => Outcome::Panicked(
-                panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default(),
-            ),
+            Err(panic) => Outcome::Panicked(mirror_core::panic_message(&*panic)),
         });
     });
     rx.recv_timeout(CASE_LIMIT).unwrap_or(Outcome::Hung)

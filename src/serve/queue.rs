@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use mirror_core::panic_message;
 use mirror_scheduler::{FinishReason, Generation, GenerationConfig, StreamControl};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -379,12 +380,4 @@ fn engine_error(error: ServeError) -> ApiError {
         }
         _ => ApiError::internal(error.to_string()),
     }
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
 }

@@ -162,3 +162,14 @@ impl Error {
         Error::InvalidArgument(msg.into())
     }
 }
+
+/// The message of a caught panic (`std::panic::catch_unwind`'s payload): the text given to
+/// `panic!`, or "unknown panic" for a payload that is not a string. Used wherever a panic in
+/// a library or a worker thread is turned into a typed error.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}

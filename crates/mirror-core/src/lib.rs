@@ -50,7 +50,7 @@ pub mod weights;
 
 pub use candle_core::quantized::GgmlDType;
 pub use config::{Architecture, ModelConfig};
-pub use error::{Error, Result};
+pub use error::{panic_message, Error, Result};
 pub use hub::HubRepo;
 pub use kv_cache::KvCache;
 pub use loading::{

@@ -63,14 +63,12 @@ fn tok_err(source_name: &str, reason: impl std::fmt::Display) -> Error {
 /// continuing-subword prefix (a slice out of range in `BPE::build`).
 fn guard_tokenizers<T>(source_name: &str, call: impl FnOnce() -> Result<T>) -> Result<T> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).unwrap_or_else(|panic| {
-        let message = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
         Err(tok_err(
             source_name,
-            format!("the tokenizers library panicked on this input: {message}"),
+            format!(
+                "the tokenizers library panicked on this input: {}",
+                crate::panic_message(&*panic)
+            ),
         ))
     })
 }

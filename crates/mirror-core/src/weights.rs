@@ -133,14 +133,10 @@ fn guard_gguf<T>(
     };
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)) {
         Ok(result) => result.map_err(|e| corrupt(e.to_string())),
-        Err(panic) => {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            Err(corrupt(format!("the GGUF reader panicked: {message}")))
-        }
+        Err(panic) => Err(corrupt(format!(
+            "the GGUF reader panicked: {}",
+            crate::panic_message(&*panic)
+        ))),
     }
 }
 

@@ -15,6 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
+use mirror_core::panic_message;
 use mirror_core::sampling::SamplingParams;
 
 use crate::config::StopSet;
@@ -76,14 +77,6 @@ pub(crate) struct DraftReport {
 enum Reply {
     Done(DraftReport),
     Failed(String),
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// The handle: requests out, replies in.
