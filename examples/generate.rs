@@ -21,8 +21,7 @@ use clap::{Parser, ValueEnum};
 use mirror_sd::mirror_core::sampling::SamplingParams;
 use mirror_sd::mirror_core::ChatMessage;
 use mirror_sd::mirror_scheduler::{
-    Autoregressive, Decoder, DraftSchedule, EarlyExit, Engine, GenerationConfig, Mirror,
-    SpeculativeDecoding, StreamControl,
+    Autoregressive, Decoder, Engine, GenerationConfig, Mirror, SpeculativeDecoding, StreamControl,
 };
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -37,27 +36,15 @@ enum Method {
     Mirror,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Schedule {
-    /// Branches by likelihood until the target is done (default).
-    Anytime,
-    /// The paper's full kappa x (gamma+1) grid.
-    Full,
-}
-
 #[derive(Parser, Debug)]
 #[command(about = "Generate with Mirror speculative decoding")]
 struct Args {
     #[command(flatten)]
     pair: common::PairArgs,
-    /// Speculative-lookahead checkpoint for the draft: it then proposes 1 + S tokens a step.
-    #[arg(long)]
-    draft_lookahead: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    draft_model: common::DraftModelArgs,
     #[command(flatten)]
     drafting: common::DraftArgs,
-    /// Use the target's own first N layers as the draft instead of --draft.
-    #[arg(long)]
-    self_draft_layers: Option<usize>,
     #[arg(long, value_enum, default_value_t = Method::Mirror)]
     method: Method,
     /// The prompt (a user message when the chat template is on).
@@ -66,20 +53,8 @@ struct Args {
         default_value = "Write a Python function that checks whether a string is a palindrome, ignoring case and punctuation."
     )]
     prompt: String,
-    /// Early-exit candidates per row (Mirror).
-    #[arg(long, default_value_t = 4)]
-    kappa: usize,
-    /// Early-exit layer index (Mirror); default: --exit-fraction.
-    #[arg(long)]
-    exit_layer: Option<usize>,
-    /// Early-exit layer as a fraction of the target's depth.
-    #[arg(long, default_value_t = 0.5)]
-    exit_fraction: f64,
-    #[arg(long, value_enum, default_value_t = Schedule::Anytime)]
-    schedule: Schedule,
-    /// Branches advanced per draft pass in anytime mode.
-    #[arg(long, default_value_t = 2)]
-    branches_per_pass: usize,
+    #[command(flatten)]
+    mirror: common::MirrorArgs,
     #[arg(long, default_value_t = 128)]
     max_new_tokens: usize,
     /// 0 means greedy.
@@ -118,14 +93,8 @@ fn run(args: Args) -> Result<(), String> {
     let loaded = common::load_with_spinner("target", &target_source, &target_options)?;
     let target = Arc::new(loaded.model);
     let draft = || {
-        let draft = common::draft_model(
-            &args.pair.draft,
-            args.self_draft_layers,
-            &target,
-            Some(&loaded.tokenizer),
-            &draft_options,
-        )?;
-        common::with_optional_lookahead(draft, args.draft_lookahead.as_deref())
+        args.draft_model
+            .load(&args.pair, &target, &loaded.tokenizer, &draft_options)
     };
     let draft = match args.method {
         Method::Ar | Method::Lookup => None,
@@ -161,21 +130,11 @@ fn run(args: Args) -> Result<(), String> {
                 .map_err(|e| e.to_string())?,
         ),
         (Method::Mirror, Some(draft)) => {
-            let early_exit = match args.exit_layer {
-                Some(l) => EarlyExit::Layer(l),
-                None => EarlyExit::Fraction(args.exit_fraction),
-            };
-            let schedule = match args.schedule {
-                Schedule::Anytime => DraftSchedule::Anytime {
-                    branches_per_pass: args.branches_per_pass,
-                },
-                Schedule::Full => DraftSchedule::FullGrid,
-            };
             let builder = Mirror::builder(Arc::clone(&target), draft)
                 .draft_options(options)
-                .kappa(args.kappa)
-                .early_exit(early_exit)
-                .schedule(schedule);
+                .kappa(args.mirror.kappa)
+                .early_exit(args.mirror.early_exit())
+                .schedule(args.mirror.schedule());
             Box::new(builder.build().map_err(|e| e.to_string())?)
         }
     };

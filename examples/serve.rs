@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use mirror_sd::mirror_scheduler::{DraftSchedule, EarlyExit};
 use mirror_sd::serve::{Backend, Method, Server, ServerConfig, SpeculationSettings};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -45,27 +44,15 @@ impl MethodArg {
     }
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Schedule {
-    /// Branches by likelihood until the target is done (default).
-    Anytime,
-    /// The paper's full kappa x (gamma+1) grid.
-    Full,
-}
-
 #[derive(Parser, Debug)]
 #[command(about = "Serve Mirror speculative decoding over an OpenAI-compatible HTTP API")]
 struct Args {
     #[command(flatten)]
     pair: common::PairArgs,
-    /// Speculative-lookahead checkpoint for the draft: it then proposes 1 + S tokens a step.
-    #[arg(long)]
-    draft_lookahead: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    draft_model: common::DraftModelArgs,
     #[command(flatten)]
     drafting: common::DraftArgs,
-    /// Use the target's own first N layers as the draft instead of --draft.
-    #[arg(long)]
-    self_draft_layers: Option<usize>,
     /// Method of requests that do not name one (`"mirror_sd": {"method": ...}`).
     #[arg(long, value_enum, default_value_t = MethodArg::Mirror)]
     method: MethodArg,
@@ -77,20 +64,8 @@ struct Args {
         default_value = "ar,sd,mirror"
     )]
     methods: Vec<MethodArg>,
-    /// Early-exit candidates per row (Mirror).
-    #[arg(long, default_value_t = 4)]
-    kappa: usize,
-    /// Early-exit layer index (Mirror); default: --exit-fraction.
-    #[arg(long)]
-    exit_layer: Option<usize>,
-    /// Early-exit layer as a fraction of the target's depth.
-    #[arg(long, default_value_t = 0.5)]
-    exit_fraction: f64,
-    #[arg(long, value_enum, default_value_t = Schedule::Anytime)]
-    schedule: Schedule,
-    /// Branches advanced per draft pass in anytime mode.
-    #[arg(long, default_value_t = 2)]
-    branches_per_pass: usize,
+    #[command(flatten)]
+    mirror: common::MirrorArgs,
     #[command(flatten)]
     placement: common::PlacementArgs,
     /// Address to listen on.
@@ -156,34 +131,19 @@ fn run(args: Args) -> Result<(), String> {
     let loaded = common::load_with_spinner("target", &target_source, &target_options)?;
     let target = Arc::new(loaded.model);
     let draft = if methods.iter().any(|&m| m != Method::Autoregressive) {
-        let draft = common::draft_model(
-            &args.pair.draft,
-            args.self_draft_layers,
-            &target,
-            Some(&loaded.tokenizer),
-            &draft_options,
-        )?;
-        Some(common::with_optional_lookahead(
-            draft,
-            args.draft_lookahead.as_deref(),
-        )?)
+        Some(
+            args.draft_model
+                .load(&args.pair, &target, &loaded.tokenizer, &draft_options)?,
+        )
     } else {
         None
     };
     let drafting = args.drafting.options();
     let settings = SpeculationSettings {
         gamma: drafting.gamma,
-        kappa: args.kappa,
-        early_exit: match args.exit_layer {
-            Some(layer) => EarlyExit::Layer(layer),
-            None => EarlyExit::Fraction(args.exit_fraction),
-        },
-        schedule: match args.schedule {
-            Schedule::Anytime => DraftSchedule::Anytime {
-                branches_per_pass: args.branches_per_pass,
-            },
-            Schedule::Full => DraftSchedule::FullGrid,
-        },
+        kappa: args.mirror.kappa,
+        early_exit: args.mirror.early_exit(),
+        schedule: args.mirror.schedule(),
         lookahead_confidence: drafting.lookahead_confidence,
         lookup: drafting.lookup,
         window: drafting.window,

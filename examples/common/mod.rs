@@ -9,7 +9,9 @@ use std::time::Duration;
 use mirror_sd::mirror_core::{
     load, threads, DType, Device, LoadOptions, LoadedModel, Model, ModelSource, WeightFormat,
 };
-use mirror_sd::mirror_scheduler::{DraftOptions, LookupConfig, WindowPolicy};
+use mirror_sd::mirror_scheduler::{
+    DraftOptions, DraftSchedule, EarlyExit, LookupConfig, WindowPolicy,
+};
 
 /// The default target and draft (Qwen2.5-Coder 1.5B and 0.5B, GGUF, run as stored).
 pub const DEFAULT_TARGET: &str = "models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf";
@@ -195,6 +197,54 @@ impl WindowArg {
     }
 }
 
+/// How Mirror's draft covers its hypothesis tree.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// Branches by likelihood until the target is done (default).
+    Anytime,
+    /// The paper's full kappa x (gamma+1) grid.
+    Full,
+}
+
+/// Mirror's flags (`generate`, `serve`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct MirrorArgs {
+    /// Early-exit candidates per row (Mirror).
+    #[arg(long, default_value_t = 4)]
+    pub kappa: usize,
+    /// Early-exit layer index (Mirror); default: --exit-fraction.
+    #[arg(long)]
+    pub exit_layer: Option<usize>,
+    /// Early-exit layer as a fraction of the target's depth.
+    #[arg(long, default_value_t = 0.5)]
+    pub exit_fraction: f64,
+    #[arg(long, value_enum, default_value_t = Schedule::Anytime)]
+    pub schedule: Schedule,
+    /// Branches advanced per draft pass in anytime mode.
+    #[arg(long, default_value_t = 2)]
+    pub branches_per_pass: usize,
+}
+
+impl MirrorArgs {
+    /// The early-exit layer: `--exit-layer`, else `--exit-fraction`.
+    pub fn early_exit(&self) -> EarlyExit {
+        match self.exit_layer {
+            Some(layer) => EarlyExit::Layer(layer),
+            None => EarlyExit::Fraction(self.exit_fraction),
+        }
+    }
+
+    /// The draft's schedule over the tree.
+    pub fn schedule(&self) -> DraftSchedule {
+        match self.schedule {
+            Schedule::Anytime => DraftSchedule::Anytime {
+                branches_per_pass: self.branches_per_pass,
+            },
+            Schedule::Full => DraftSchedule::FullGrid,
+        }
+    }
+}
+
 /// The drafting flags the speculative examples share.
 #[derive(clap::Args, Debug, Clone)]
 pub struct DraftArgs {
@@ -287,14 +337,39 @@ pub fn attach_lookahead(draft: &Arc<Model>, path: &Path) -> Result<Arc<Model>, S
         .map_err(|e| format!("draft lookahead: {e}"))
 }
 
-/// `draft` as it is, or with lookahead when a checkpoint is given.
-pub fn with_optional_lookahead(
-    draft: Arc<Model>,
-    path: Option<&Path>,
-) -> Result<Arc<Model>, String> {
-    match path {
-        Some(path) => attach_lookahead(&draft, path),
-        None => Ok(draft),
+/// Which draft model `generate` and `serve` run: `--draft` (from [`PairArgs`]) or the
+/// target's own first layers, with lookahead tokens or without.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DraftModelArgs {
+    /// Use the target's own first N layers as the draft instead of --draft.
+    #[arg(long)]
+    pub self_draft_layers: Option<usize>,
+    /// Speculative-lookahead checkpoint for the draft: it then proposes 1 + S tokens a step.
+    #[arg(long)]
+    pub draft_lookahead: Option<PathBuf>,
+}
+
+impl DraftModelArgs {
+    /// Loads the draft these flags and `pair` name (see [`draft_model`]) and attaches the
+    /// lookahead checkpoint, if any.
+    pub fn load(
+        &self,
+        pair: &PairArgs,
+        target: &Arc<Model>,
+        target_tokenizer: &mirror_sd::mirror_core::Tokenizer,
+        options: &LoadOptions,
+    ) -> Result<Arc<Model>, String> {
+        let draft = draft_model(
+            &pair.draft,
+            self.self_draft_layers,
+            target,
+            Some(target_tokenizer),
+            options,
+        )?;
+        match &self.draft_lookahead {
+            Some(path) => attach_lookahead(&draft, path),
+            None => Ok(draft),
+        }
     }
 }
 
