@@ -32,8 +32,8 @@ use std::sync::Arc;
 use clap::Parser;
 use mirror_sd::mirror_core::{threads, Model};
 use mirror_sd::mirror_scheduler::{
-    Autoregressive, Decoder, DraftSchedule, EarlyExit, Engine, Generation, GenerationConfig,
-    LookupConfig, Mirror, SpeculativeDecoding,
+    Autoregressive, Decoder, DraftSchedule, Engine, Generation, GenerationConfig, LookupConfig,
+    Mirror, MirrorSettings, SpeculativeDecoding,
 };
 use serde::Serialize;
 
@@ -57,13 +57,9 @@ struct Args {
     /// both).
     #[command(flatten)]
     drafting: common::DraftArgs,
-    #[arg(long, default_value_t = 4)]
-    kappa: usize,
-    #[arg(long, default_value_t = 0.5)]
-    exit_fraction: f64,
-    /// Branches per draft pass for anytime Mirror.
-    #[arg(long, default_value_t = 2)]
-    branches_per_pass: usize,
+    /// Mirror's flags (`mirror` runs `--schedule`, `mirror-full` the full grid).
+    #[command(flatten)]
+    mirror: common::MirrorArgs,
     /// Threads of the Mirror draft worker's own pool, with --mirror-cores shared.
     #[arg(long)]
     draft_threads: Option<usize>,
@@ -258,8 +254,8 @@ impl Totals {
         self.plain_steps += s.plain_steps;
         self.accepted += (s.mean_accepted() * s.windows as f64).round() as usize;
         self.target_passes += s.target_passes;
-        self.reuse += s.reuse_hits + s.reuse_partial;
-        self.resolved += s.reuse_hits + s.reuse_partial + s.fallbacks;
+        self.reuse += s.reuse_hits + s.reuse_partials;
+        self.resolved += s.reuse_resolved();
         self.omega_sum += s.omega_sum;
         self.draft_passes += s.draft_passes;
         self.draft_steps += s.draft_steps;
@@ -347,12 +343,12 @@ struct Models {
 
 fn build(method: &str, args: &Args, models: &Models) -> Result<Box<dyn Decoder>, String> {
     let spec = MethodSpec::parse(method)?;
-    let mut options = args.drafting.options();
+    let mut settings = args.drafting.settings();
     if let Some(window) = spec.window {
-        options.window = window.policy();
+        settings.window = window.policy();
     }
     if spec.lookup {
-        options.lookup = Some(LookupConfig::default());
+        settings.lookup = Some(LookupConfig::default());
     }
     let set = if spec.base.starts_with("mirror") {
         &models.mirror
@@ -371,34 +367,35 @@ fn build(method: &str, args: &Args, models: &Models) -> Result<Box<dyn Decoder>,
         })
     };
     let mirror = |schedule| -> Result<Box<dyn Decoder>, String> {
-        let mut b = Mirror::builder(Arc::clone(target), draft()?)
-            .draft_options(options)
-            .kappa(args.kappa)
-            .early_exit(EarlyExit::Fraction(args.exit_fraction))
-            .schedule(schedule);
-        if let (Some(t), MirrorCores::Shared) = (args.draft_threads, args.mirror_cores) {
-            b = b.draft_threads(t);
+        let mut mirror_settings = MirrorSettings {
+            schedule,
+            ..args.mirror.settings(settings)
+        };
+        if let MirrorCores::Shared = args.mirror_cores {
+            mirror_settings.draft_threads = args.draft_threads;
         }
-        Ok(Box::new(b.build().map_err(|e| e.to_string())?))
+        let decoder = Mirror::builder(Arc::clone(target), draft()?)
+            .settings(mirror_settings)
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Box::new(decoder))
     };
     match spec.base {
         "ar" => Ok(Box::new(Autoregressive::new(Arc::clone(target)))),
         "sd" => Ok(Box::new(
             SpeculativeDecoding::builder(Arc::clone(target), draft()?)
-                .draft_options(options)
+                .speculative_settings(settings)
                 .build()
                 .map_err(|e| e.to_string())?,
         )),
         "lookup" => Ok(Box::new(
             SpeculativeDecoding::prompt_lookup(Arc::clone(target))
-                .draft_options(options)
+                .speculative_settings(settings)
                 .prompt_lookup(LookupConfig::default())
                 .build()
                 .map_err(|e| e.to_string())?,
         )),
-        "mirror" => mirror(DraftSchedule::Anytime {
-            branches_per_pass: args.branches_per_pass,
-        }),
+        "mirror" => mirror(args.mirror.schedule()),
         "mirror-full" => mirror(DraftSchedule::FullGrid),
         other => Err(format!("unknown method `{other}`")),
     }
@@ -630,10 +627,7 @@ fn run(args: Args) -> Result<(), String> {
                 "{m}: FF {ff:.2}, 1 - Omega {:.2} (Omega {omega:.2})",
                 1.0 - omega
             );
-            (
-                m,
-                serde_json::json!({ "fallback_frequency": ff, "omega": omega }),
-            )
+            (m, serde_json::json!({ "miss_rate": ff, "omega": omega }))
         })
         .collect();
     let json = serde_json::json!({
@@ -645,7 +639,7 @@ fn run(args: Args) -> Result<(), String> {
         "sampling_overhead": sampling_overhead,
         "target": args.pair.target, "draft": args.self_draft_layers.map(|l| format!("target's first {l} layers")).unwrap_or(args.pair.draft.clone()),
         "draft_lookahead": args.draft_lookahead, "lookahead_confidence": args.drafting.lookahead_confidence, "window": format!("{:?}", args.drafting.window), "mirror_cores": format!("{:?}", args.mirror_cores),
-        "gamma": args.drafting.gamma, "kappa": args.kappa, "exit_fraction": args.exit_fraction,
+        "gamma": args.drafting.gamma, "kappa": args.mirror.kappa, "exit_fraction": args.mirror.exit_fraction,
         "max_new_tokens": args.max_new_tokens, "prompts": prompts.len(), "results": results,
         "identical_to_autoregressive": mismatches.is_empty(),
         "llama_cpp_identical_prompts": llama.as_ref().map(|_| llama_identical),

@@ -1,7 +1,10 @@
 //! One generation with Mirror-SD (or vanilla SD, or the target alone), streamed, with statistics.
 //!
 //! With no arguments it runs the default pair (Qwen2.5-Coder 1.5B target, 0.5B draft; fetched
-//! when missing) on a sample prompt:
+//! when missing) on a sample prompt, with the method `--method auto` picks: Mirror when target
+//! and draft run on different devices (or on a GPU, the draft on a second stream), and prompt
+//! lookup when both share the CPU, where it was the fastest method `compare` measured
+//! (BENCHMARKS.md, "Speculation on a CPU"). The first line on stderr says which and why.
 //!
 //! ```text
 //! cargo run --release --example generate
@@ -24,8 +27,10 @@ use mirror_sd::mirror_scheduler::{
     Autoregressive, Decoder, Engine, GenerationConfig, Mirror, SpeculativeDecoding, StreamControl,
 };
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Method {
+    /// Mirror on two devices, prompt lookup on one CPU (see the module docs).
+    Auto,
     /// The target alone.
     Ar,
     /// Vanilla speculative decoding (with --lookup: lookup first, then the draft model).
@@ -45,7 +50,7 @@ struct Args {
     draft_model: common::DraftModelArgs,
     #[command(flatten)]
     drafting: common::DraftArgs,
-    #[arg(long, value_enum, default_value_t = Method::Mirror)]
+    #[arg(long, value_enum, default_value_t = Method::Auto)]
     method: Method,
     /// The prompt (a user message when the chat template is on).
     #[arg(
@@ -85,7 +90,33 @@ fn main() {
     }
 }
 
-fn run(args: Args) -> Result<(), String> {
+/// The method `--method auto` stands for on this placement, and why.
+fn auto_method(placement: &common::PlacementArgs) -> (Method, String) {
+    let (target, draft) = (
+        placement.target_device.trim().to_lowercase(),
+        placement.draft_device.trim().to_lowercase(),
+    );
+    if target != "cpu" || draft != target {
+        let why = format!(
+            "target on {target}, draft on {draft}: the draft's tree work runs beside the target"
+        );
+        return (Method::Mirror, why);
+    }
+    let why = "target and draft share the CPU, where prompt lookup was the fastest method \
+               measured (Mirror needs a second device; BENCHMARKS.md, \"Speculation on a CPU\"); \
+               --method mirror forces Mirror"
+        .to_string();
+    (Method::Lookup, why)
+}
+
+fn run(mut args: Args) -> Result<(), String> {
+    if args.method == Method::Auto {
+        let (method, why) = auto_method(&args.placement);
+        eprintln!("method: {method:?} (auto: {why})");
+        args.method = method;
+    } else {
+        eprintln!("method: {:?} (as asked)", args.method);
+    }
     let target_source = common::resolve_source(&args.pair.target)?;
     let (target_options, draft_options) = args
         .placement
@@ -97,7 +128,7 @@ fn run(args: Args) -> Result<(), String> {
             .load(&args.pair, &target, &loaded.tokenizer, &draft_options)
     };
     let draft = match args.method {
-        Method::Ar | Method::Lookup => None,
+        Method::Ar | Method::Lookup | Method::Auto => None,
         _ => Some(draft()?),
     };
     let weight_report = |model: &mirror_sd::mirror_core::Model| {
@@ -113,30 +144,30 @@ fn run(args: Args) -> Result<(), String> {
         "target": weight_report(&target),
         "draft": draft.as_ref().map(|d| weight_report(d)),
     });
-    let options = args.drafting.options();
+    let settings = args.drafting.settings();
     let decoder: Box<dyn Decoder> = match (args.method, draft) {
         (Method::Lookup, _) => Box::new(
             SpeculativeDecoding::prompt_lookup(Arc::clone(&target))
-                .draft_options(options)
+                .speculative_settings(settings)
                 .prompt_lookup(Default::default())
                 .build()
                 .map_err(|e| e.to_string())?,
         ),
-        (Method::Ar, _) | (_, None) => Box::new(Autoregressive::new(Arc::clone(&target))),
+        (Method::Ar | Method::Auto, _) | (_, None) => {
+            Box::new(Autoregressive::new(Arc::clone(&target)))
+        }
         (Method::Sd, Some(draft)) => Box::new(
             SpeculativeDecoding::builder(Arc::clone(&target), draft)
-                .draft_options(options)
+                .speculative_settings(settings)
                 .build()
                 .map_err(|e| e.to_string())?,
         ),
-        (Method::Mirror, Some(draft)) => {
-            let builder = Mirror::builder(Arc::clone(&target), draft)
-                .draft_options(options)
-                .kappa(args.mirror.kappa)
-                .early_exit(args.mirror.early_exit())
-                .schedule(args.mirror.schedule());
-            Box::new(builder.build().map_err(|e| e.to_string())?)
-        }
+        (Method::Mirror, Some(draft)) => Box::new(
+            Mirror::builder(Arc::clone(&target), draft)
+                .settings(args.mirror.settings(settings))
+                .build()
+                .map_err(|e| e.to_string())?,
+        ),
     };
     let method = decoder.name();
     let mut engine = Engine::new(decoder, loaded.tokenizer);

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use mirror_sd::serve::{Backend, Method, Server, ServerConfig, SpeculationSettings};
+use mirror_sd::serve::{Backend, Method, Server, ServerConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum MethodArg {
@@ -138,16 +138,7 @@ fn run(args: Args) -> Result<(), String> {
     } else {
         None
     };
-    let drafting = args.drafting.options();
-    let settings = SpeculationSettings {
-        gamma: drafting.gamma,
-        kappa: args.mirror.kappa,
-        early_exit: args.mirror.early_exit(),
-        schedule: args.mirror.schedule(),
-        lookahead_confidence: drafting.lookahead_confidence,
-        lookup: drafting.lookup,
-        window: drafting.window,
-    };
+    let settings = args.mirror.settings(args.drafting.settings());
     let backend = Backend::new(
         target,
         draft,

@@ -13,10 +13,10 @@ use std::sync::Arc;
 
 use mirror_core::sampling::SamplingParams;
 use mirror_core::{LookaheadConfig, Model};
-use mirror_sd::mirror_scheduler::testing::{DraftState, TreeRequest};
-use mirror_sd::mirror_scheduler::tree::BranchPlan;
-use mirror_sd::mirror_scheduler::verify::{DraftChoice, DraftWindow};
-use mirror_sd::mirror_scheduler::{Resolution, StopSet};
+use mirror_sd::mirror_scheduler::strategy::mirror::plan::BranchPlan;
+use mirror_sd::mirror_scheduler::testing::{Drafter, TreeRequest};
+use mirror_sd::mirror_scheduler::window::{DraftChoice, DraftWindow};
+use mirror_sd::mirror_scheduler::{Reuse, StopSet};
 
 const PROMPT: [u32; 6] = [5, 17, 101, 3, 250, 44];
 const CAPACITY: usize = 256;
@@ -38,7 +38,7 @@ fn draft_after_rollout(
     position_limit: usize,
     stop_ids: &[u32],
     gamma: usize,
-) -> (DraftState, DraftWindow) {
+) -> (Drafter, DraftWindow) {
     let mut state = fresh_draft(model, params, position_limit, stop_ids);
     state.sync(&PROMPT[..PROMPT.len() - 1]).unwrap();
     let window = state.rollout(&PROMPT, gamma, 99).unwrap();
@@ -51,8 +51,8 @@ fn fresh_draft(
     params: SamplingParams,
     position_limit: usize,
     stop_ids: &[u32],
-) -> DraftState {
-    let mut state = DraftState::new(Arc::clone(model));
+) -> Drafter {
+    let mut state = Drafter::new(Arc::clone(model));
     state
         .reset(
             CAPACITY,
@@ -125,7 +125,7 @@ struct Case {
     position_limit: usize,
     stop_ids: Vec<u32>,
     /// The resolution every planned branch must get.
-    expected: Resolution,
+    expected: Reuse,
 }
 
 fn check(case: &Case) {
@@ -135,17 +135,17 @@ fn check(case: &Case) {
     let draft = || draft_after_rollout(model, case.params, limit, stops, gamma);
     // The tree is drafted to `tree_gamma` tokens a branch and resolved to `gamma`: the same
     // request but for the window length, so that `tree_gamma < gamma` leaves partial branches.
-    let request = |context: &[u32], plan: &[BranchPlan], gamma: usize| TreeRequest {
-        context: context.to_vec(),
+    let request = |plan: &[BranchPlan], gamma: usize| TreeRequest {
         window_start: PROMPT.len() - 1,
         plan: plan.to_vec(),
         gamma,
         step_seed: STEP_SEED,
     };
-    let build = |state: &mut DraftState, context: &[u32], plan: &[BranchPlan]| {
+    let build = |state: &mut Drafter, context: &[u32], plan: &[BranchPlan]| {
         state
             .build_tree(
-                &request(context, plan, case.tree_gamma),
+                context,
+                &request(plan, case.tree_gamma),
                 case.branches_per_pass,
                 None,
             )
@@ -175,23 +175,23 @@ fn check(case: &Case) {
         let mut state = draft().0;
         let branches = build(&mut state, &context, &plan);
         let (next, resolution, _) = state
-            .resolve(&request(&context, &plan, gamma), &branches, row, token)
+            .resolve(&context, &request(&plan, gamma), &branches, row, token)
             .unwrap();
         // The reference: no tree at all, a rollout from the committed prefix.
         let mut fresh = fresh_draft(model, case.params, limit, stops);
         let (want_next, fresh_resolution, _) = fresh
-            .resolve(&request(&context, &plan, gamma), &[], row, token)
+            .resolve(&context, &request(&plan, gamma), &[], row, token)
             .unwrap();
-        assert_eq!(fresh_resolution, Resolution::Miss);
+        assert_eq!(fresh_resolution, Reuse::Miss);
         assert_same_window(&next, &want_next, &what);
         let branch = branches
             .iter()
             .find(|b| b.plan.row == row && b.plan.token == token);
         let want = match branch {
-            None => Resolution::Miss,
-            Some(b) if b.window.is_empty() => Resolution::Miss,
+            None => Reuse::Miss,
+            Some(b) if b.window.is_empty() => Reuse::Miss,
             // A branch the position limit cut short, or a stop token ended, is complete.
-            Some(b) if b.window.len() < case.tree_gamma => Resolution::Hit,
+            Some(b) if b.window.len() < case.tree_gamma => Reuse::Hit,
             Some(_) => case.expected,
         };
         assert_eq!(resolution, want, "{what}");
@@ -212,7 +212,7 @@ fn check(case: &Case) {
         "{name}: no {:?} at all",
         case.expected
     );
-    assert!(seen.contains(&Resolution::Miss), "{name}: no miss");
+    assert!(seen.contains(&Reuse::Miss), "{name}: no miss");
     eprintln!("{name}: {} outcomes, {seen:?}", seen.len());
 }
 
@@ -234,7 +234,7 @@ fn resolved_trees_equal_fresh_rollouts() {
         branches_per_pass: 4,
         position_limit: CAPACITY,
         stop_ids: Vec::new(),
-        expected: Resolution::Hit,
+        expected: Reuse::Hit,
     };
     let cases = [
         // Complete branches, every row: compaction below the last row and at the bonus row.
@@ -247,13 +247,13 @@ fn resolved_trees_equal_fresh_rollouts() {
         // Branches of one or two tokens, completed at resolution.
         Case {
             tree_gamma: 1,
-            expected: Resolution::Partial,
+            expected: Reuse::Partial,
             ..base("greedy, partial", &llama, SamplingParams::greedy())
         },
         Case {
             tree_gamma: 2,
             branches_per_pass: 3,
-            expected: Resolution::Partial,
+            expected: Reuse::Partial,
             ..base("sampled, partial", &qwen3, sampled())
         },
         // The position limit cuts the deeper rows' branches short (and some away).
@@ -281,7 +281,7 @@ fn resolved_trees_equal_fresh_rollouts_with_stop_tokens() {
         branches_per_pass: 4,
         position_limit: CAPACITY,
         stop_ids: vec![window.tokens[1]],
-        expected: Resolution::Hit,
+        expected: Reuse::Hit,
     };
     check(&case);
 }
@@ -298,12 +298,12 @@ fn resolved_trees_equal_fresh_rollouts_with_rejected_lookahead_tokens() {
     let head = common::random_head(config, base.hidden_size(), 5);
     // Random lookahead rows propose mostly wrong tokens: a greedy draft checks each step's
     // lookahead tokens against its main row and drops them, so branches hold rows of rejected tokens
-    // until the tree is resolved. (DraftState proposes every lookahead token: confidence 0.)
+    // until the tree is resolved. (Drafter proposes every lookahead token: confidence 0.)
     let model = Arc::new(base.with_lookahead(Arc::new(head)).unwrap());
     for (params, tree_gamma, expected) in [
-        (SamplingParams::greedy(), 4, Resolution::Hit),
-        (SamplingParams::greedy(), 2, Resolution::Partial),
-        (sampled(), 4, Resolution::Hit),
+        (SamplingParams::greedy(), 4, Reuse::Hit),
+        (SamplingParams::greedy(), 2, Reuse::Partial),
+        (sampled(), 4, Reuse::Hit),
     ] {
         let case = Case {
             name: "lookahead",

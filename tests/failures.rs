@@ -11,7 +11,7 @@ use std::time::Duration;
 use mirror_core::{load_dir, DirFiles, LoadOptions, Model};
 use mirror_sd::mirror_scheduler::{
     Autoregressive, Decoder, DraftSchedule, Engine, Error, FinishReason, GenerationConfig, Mirror,
-    SpeculativeDecoding, StreamControl,
+    SpeculativeDecoding, StreamControl, WorkerFault,
 };
 
 const PROMPT: [u32; 4] = [3, 14, 15, 92];
@@ -64,9 +64,15 @@ fn a_failing_draft_is_an_error_and_the_decoder_recovers() {
                         .unwrap();
                     let what = format!("{schedule:?} fault after {after} forwards, panic={panic}");
                     match mirror.generate(&PROMPT, &config()) {
-                        Err(Error::WorkerFailed(msg)) => {
-                            assert!(msg.contains("injected draft"), "{what}: {msg}");
-                            assert_eq!(msg.contains("panic"), panic, "{what}: {msg}");
+                        // The worker's failure arrives typed: a caller can tell an injected
+                        // error from a panic without reading the message.
+                        Err(Error::WorkerFailed {
+                            source: WorkerFault::Injected { forwards },
+                        }) if !panic => assert_eq!(forwards, after, "{what}"),
+                        Err(Error::WorkerFailed {
+                            source: WorkerFault::Panicked(msg),
+                        }) if panic => {
+                            assert!(msg.contains("injected draft panic"), "{what}: {msg}")
                         }
                         other => panic!(
                             "{what}: expected WorkerFailed, got {:?}",

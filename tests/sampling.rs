@@ -15,7 +15,8 @@ use std::sync::Arc;
 
 use mirror_core::sampling::{self, Probs, SamplingParams};
 use mirror_core::Model;
-use mirror_sd::mirror_scheduler::verify::{verify_window, DraftChoice, DraftWindow};
+use mirror_sd::mirror_scheduler::verify::verify_window;
+use mirror_sd::mirror_scheduler::window::{DraftChoice, DraftWindow};
 use mirror_sd::mirror_scheduler::{
     Decoder, DraftSchedule, GenerationConfig, LookupConfig, Mirror, SpeculativeDecoding,
     WindowPolicy,

@@ -13,9 +13,11 @@ use std::time::{Duration, Instant};
 
 use mirror_sd::mirror_core::sampling::SamplingParams;
 use mirror_sd::mirror_core::{load, ChatMessage, LoadOptions, Model, ModelSource, Tokenizer};
-use mirror_sd::mirror_scheduler::{Autoregressive, Engine, GenerationConfig, WindowPolicy};
+use mirror_sd::mirror_scheduler::{
+    Autoregressive, Engine, GenerationConfig, MirrorSettings, SpeculativeSettings, WindowPolicy,
+};
 use mirror_sd::serve::client::{self, Connection, HttpResponse};
-use mirror_sd::serve::{Backend, Method, RunningServer, Server, ServerConfig, SpeculationSettings};
+use mirror_sd::serve::{Backend, Method, RunningServer, Server, ServerConfig};
 use serde_json::{json, Value};
 
 const MODEL_NAME: &str = "smollm2-135m";
@@ -71,9 +73,12 @@ fn start(model: &Smollm2, config: ServerConfig) -> RunningServer {
         Method::Mirror,
         // Fixed windows: the tests check that the self-draft's tokens are accepted, and an
         // adaptive window may rightly prefer plain steps with this draft.
-        &SpeculationSettings {
-            window: WindowPolicy::Fixed,
-            ..SpeculationSettings::default()
+        &MirrorSettings {
+            speculative: SpeculativeSettings {
+                window: WindowPolicy::Fixed,
+                ..SpeculativeSettings::default()
+            },
+            ..MirrorSettings::default()
         },
     )
     .expect("backend");

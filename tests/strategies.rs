@@ -188,11 +188,11 @@ fn tap_and_final(target: &Model, tokens: &[u32], exit: usize) -> (Vec<f32>, Vec<
     (last(&early), last(&late))
 }
 
-/// The fallback claim, made exact and checked: with a full tree, the next window is rolled out
+/// The miss claim, made exact and checked: with a full tree, the next window is rolled out
 /// afresh only when the target's token at the deciding row (the correction, or the bonus) lies
 /// outside that row's early-exit top-kappa. Recomputed here, window by window, from the
 /// committed tokens alone (each streamed batch is one window's `w_1..w_A, c`) with plain passes
-/// through the target: the windows counted must match, fallbacks may not exceed those
+/// through the target: the windows counted must match, misses may not exceed those
 /// corrections, and Omega (the final distribution's mass on the candidates at the deciding row)
 /// must match the decoder's own.
 ///
@@ -200,7 +200,7 @@ fn tap_and_final(target: &Model, tokens: &[u32], exit: usize) -> (Vec<f32>, Vec<
 /// correction is the argmax, and a sampled one after a rejection comes from a residual, not
 /// from the final distribution, so a miss can be likelier than `1 - Omega`.
 #[test]
-fn full_tree_fallbacks_need_a_correction_outside_the_early_exit_candidates() {
+fn full_tree_misses_need_a_correction_outside_the_early_exit_candidates() {
     let pair = pair();
     let target = &pair.target;
     // Plus a draft good enough to have whole windows accepted without guessing every bonus.
@@ -216,7 +216,7 @@ fn full_tree_fallbacks_need_a_correction_outside_the_early_exit_candidates() {
                 .window(WindowPolicy::Fixed)
                 .build()
                 .unwrap();
-            let (mut windows, mut fallbacks, mut outside_total, mut omega_total) = (0, 0, 0, 0.0);
+            let (mut windows, mut misses, mut outside_total, mut omega_total) = (0, 0, 0, 0.0);
             for prompt in PROMPTS {
                 let mut run = |max_new_tokens| {
                     let mut batches: Vec<Vec<u32>> = Vec::new();
@@ -261,9 +261,9 @@ fn full_tree_fallbacks_need_a_correction_outside_the_early_exit_candidates() {
                     seq.push(c);
                 }
                 assert!(
-                    s.fallbacks <= outside,
-                    "{what}: {} fallbacks but only {outside} corrections outside the candidates",
-                    s.fallbacks
+                    s.reuse_misses <= outside,
+                    "{what}: {} misses but only {outside} corrections outside the candidates",
+                    s.reuse_misses
                 );
                 assert!(
                     (s.omega_sum - omega).abs() <= 1e-4 * s.windows as f64,
@@ -271,13 +271,13 @@ fn full_tree_fallbacks_need_a_correction_outside_the_early_exit_candidates() {
                     s.omega_sum
                 );
                 windows += s.windows;
-                fallbacks += s.fallbacks;
+                misses += s.reuse_misses;
                 outside_total += outside;
                 omega_total += s.omega_sum;
             }
             eprintln!(
                 "{name} kappa={kappa} exit={exit}: FF {:.2}, corrections outside {:.2}, 1 - Omega {:.2}",
-                fallbacks as f64 / windows as f64,
+                misses as f64 / windows as f64,
                 outside_total as f64 / windows as f64,
                 1.0 - omega_total / windows as f64
             );
@@ -480,8 +480,8 @@ fn lookup_at_the_context_end_on_an_empty_prompt_and_in_repeated_text() {
         assert!(matches!(err, Error::InvalidPrompt(_)), "{err}");
     }
     // Without a draft model there must be lookup, and its n-grams must make sense.
-    let nothing =
-        SpeculativeDecoding::prompt_lookup(Arc::clone(target)).draft_options(Default::default());
+    let nothing = SpeculativeDecoding::prompt_lookup(Arc::clone(target))
+        .speculative_settings(Default::default());
     assert!(matches!(nothing.build(), Err(Error::InvalidConfig(_))));
     let bad = SpeculativeDecoding::prompt_lookup(Arc::clone(target)).prompt_lookup(LookupConfig {
         max_ngram: 2,

@@ -10,7 +10,8 @@ use mirror_sd::mirror_core::{
     load, threads, DType, Device, LoadOptions, LoadedModel, Model, ModelSource, WeightFormat,
 };
 use mirror_sd::mirror_scheduler::{
-    DraftOptions, DraftSchedule, EarlyExit, LookupConfig, WindowPolicy,
+    DraftSchedule, EarlyExit, LookupConfig, MirrorSettings, SpeculativeSettings, WindowPolicy,
+    DEFAULT_BRANCHES_PER_PASS,
 };
 
 /// The default target and draft (Qwen2.5-Coder 1.5B and 0.5B, GGUF, run as stored).
@@ -206,11 +207,11 @@ pub enum Schedule {
     Full,
 }
 
-/// Mirror's flags (`generate`, `serve`).
+/// Mirror's flags (`generate`, `serve`); their defaults are [`MirrorSettings::default`]'s.
 #[derive(clap::Args, Debug, Clone)]
 pub struct MirrorArgs {
     /// Early-exit candidates per row (Mirror).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = MirrorSettings::default().kappa)]
     pub kappa: usize,
     /// Early-exit layer index (Mirror); default: --exit-fraction.
     #[arg(long)]
@@ -221,7 +222,7 @@ pub struct MirrorArgs {
     #[arg(long, value_enum, default_value_t = Schedule::Anytime)]
     pub schedule: Schedule,
     /// Branches advanced per draft pass in anytime mode.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = DEFAULT_BRANCHES_PER_PASS)]
     pub branches_per_pass: usize,
 }
 
@@ -243,13 +244,25 @@ impl MirrorArgs {
             Schedule::Full => DraftSchedule::FullGrid,
         }
     }
+
+    /// Mirror's settings: these flags over `speculative`.
+    pub fn settings(&self, speculative: SpeculativeSettings) -> MirrorSettings {
+        MirrorSettings {
+            speculative,
+            kappa: self.kappa,
+            early_exit: self.early_exit(),
+            schedule: self.schedule(),
+            ..MirrorSettings::default()
+        }
+    }
 }
 
-/// The drafting flags the speculative examples share.
+/// The drafting flags the speculative examples share; their defaults are
+/// [`SpeculativeSettings::default`]'s.
 #[derive(clap::Args, Debug, Clone)]
 pub struct DraftArgs {
     /// Draft tokens per window (the most an adaptive window proposes).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = SpeculativeSettings::default().gamma)]
     pub gamma: usize,
     /// Window lengths: adaptive, or fixed at gamma.
     #[arg(long, value_enum, default_value_t = WindowArg::Adaptive)]
@@ -257,21 +270,24 @@ pub struct DraftArgs {
     /// Try prompt lookup (matches in the prompt and the output so far) before the draft model.
     #[arg(long)]
     pub lookup: bool,
+    /// Under sampling, let the draft propose its argmax instead of sampling.
+    #[arg(long)]
+    pub greedy_draft: bool,
     /// With --draft-lookahead: propose a lookahead token only when its top probability reaches
     /// this.
-    #[arg(long, default_value_t = mirror_sd::mirror_scheduler::DEFAULT_LOOKAHEAD_CONFIDENCE)]
+    #[arg(long, default_value_t = SpeculativeSettings::default().lookahead_confidence)]
     pub lookahead_confidence: f32,
 }
 
 impl DraftArgs {
-    /// The options these flags describe.
-    pub fn options(&self) -> DraftOptions {
-        DraftOptions {
+    /// The settings these flags describe.
+    pub fn settings(&self) -> SpeculativeSettings {
+        SpeculativeSettings {
             gamma: self.gamma,
+            greedy_draft: self.greedy_draft,
             lookahead_confidence: self.lookahead_confidence,
             lookup: self.lookup.then(LookupConfig::default),
             window: self.window.policy(),
-            ..DraftOptions::default()
         }
     }
 }

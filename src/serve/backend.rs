@@ -6,9 +6,8 @@ use std::sync::Arc;
 
 use mirror_core::{ChatMessage, Model, Tokenizer};
 use mirror_scheduler::{
-    Autoregressive, Decoder, DraftOptions, DraftSchedule, EarlyExit, Engine, Generation,
-    GenerationConfig, LookupConfig, Mirror, Prompt, SpeculativeDecoding, StreamControl,
-    WindowPolicy, DEFAULT_LOOKAHEAD_CONFIDENCE,
+    Autoregressive, Decoder, Engine, Generation, GenerationConfig, Mirror, MirrorSettings, Prompt,
+    SpeculativeDecoding, StreamControl,
 };
 
 use super::ServeError;
@@ -46,54 +45,6 @@ impl Method {
 impl std::fmt::Display for Method {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
-    }
-}
-
-/// Settings of the speculative methods (the same knobs as `examples/generate.rs`).
-#[derive(Debug, Clone)]
-pub struct SpeculationSettings {
-    /// Draft tokens per window.
-    pub gamma: usize,
-    /// Early-exit candidates per row (Mirror).
-    pub kappa: usize,
-    /// Where the target taps its early exit (Mirror).
-    pub early_exit: EarlyExit,
-    /// How much of the hypothesis tree the draft computes (Mirror).
-    pub schedule: DraftSchedule,
-    /// Confidence gate of lookahead tokens (drafts with lookahead only).
-    pub lookahead_confidence: f32,
-    /// Prompt lookup before the draft model (`None`: the model alone).
-    pub lookup: Option<LookupConfig>,
-    /// How each window's length is chosen.
-    pub window: WindowPolicy,
-}
-
-impl SpeculationSettings {
-    /// The options both speculative methods share.
-    fn draft_options(&self) -> DraftOptions {
-        DraftOptions {
-            gamma: self.gamma,
-            lookahead_confidence: self.lookahead_confidence,
-            lookup: self.lookup,
-            window: self.window,
-            ..DraftOptions::default()
-        }
-    }
-}
-
-impl Default for SpeculationSettings {
-    fn default() -> Self {
-        Self {
-            gamma: 4,
-            kappa: 4,
-            early_exit: EarlyExit::Fraction(0.5),
-            schedule: DraftSchedule::Anytime {
-                branches_per_pass: 2,
-            },
-            lookahead_confidence: DEFAULT_LOOKAHEAD_CONFIDENCE,
-            lookup: None,
-            window: WindowPolicy::default(),
-        }
     }
 }
 
@@ -138,14 +89,15 @@ pub struct Backend {
 
 impl Backend {
     /// Builds an engine for each of `methods` (deduplicated) over `target` and, for the
-    /// speculative methods, `draft`. `default_method` serves requests that name none.
+    /// speculative methods, `draft`. `default_method` serves requests that name none. Mirror
+    /// runs with `settings`, vanilla SD with their `speculative` part.
     pub fn new(
         target: Arc<Model>,
         draft: Option<Arc<Model>>,
         tokenizer: Tokenizer,
         methods: &[Method],
         default_method: Method,
-        settings: &SpeculationSettings,
+        settings: &MirrorSettings,
     ) -> Result<Self, ServeError> {
         let mut served: Vec<Method> = methods.to_vec();
         served.sort();
@@ -227,21 +179,18 @@ fn speculative_decoder(
     method: Method,
     target: &Arc<Model>,
     draft: &Arc<Model>,
-    settings: &SpeculationSettings,
+    settings: &MirrorSettings,
 ) -> Result<Box<dyn Decoder>, ServeError> {
     Ok(if method == Method::Mirror {
         Box::new(
             Mirror::builder(Arc::clone(target), Arc::clone(draft))
-                .draft_options(settings.draft_options())
-                .kappa(settings.kappa)
-                .early_exit(settings.early_exit)
-                .schedule(settings.schedule)
+                .settings(*settings)
                 .build()?,
         )
     } else {
         Box::new(
             SpeculativeDecoding::builder(Arc::clone(target), Arc::clone(draft))
-                .draft_options(settings.draft_options())
+                .speculative_settings(settings.speculative)
                 .build()?,
         )
     })

@@ -106,9 +106,9 @@ struct MethodTotals {
     generation_seconds: f64,
     windows: u64,
     accepted_draft_tokens: u64,
-    reuse_whole: u64,
-    reuse_partial: u64,
-    fallbacks: u64,
+    reuse_hits: u64,
+    reuse_partials: u64,
+    reuse_misses: u64,
     draft_busy_seconds: f64,
     draft_hidden_seconds: f64,
 }
@@ -201,9 +201,9 @@ impl Metrics {
             entry.generation_seconds += stats.time.total.as_secs_f64();
             entry.windows += stats.windows as u64;
             entry.accepted_draft_tokens += accepted_draft_tokens(stats);
-            entry.reuse_whole += stats.reuse_hits as u64;
-            entry.reuse_partial += stats.reuse_partial as u64;
-            entry.fallbacks += stats.fallbacks as u64;
+            entry.reuse_hits += stats.reuse_hits as u64;
+            entry.reuse_partials += stats.reuse_partials as u64;
+            entry.reuse_misses += stats.reuse_misses as u64;
             entry.draft_busy_seconds += stats.time.draft_busy.as_secs_f64();
             entry.draft_hidden_seconds += stats.time.draft_hidden.as_secs_f64();
         }
@@ -352,15 +352,15 @@ impl Metrics {
         family(
             "mirror_sd_reuse_total",
             "counter",
-            "Mirror's next windows: whole or partial from the hypothesis tree, or fallback.",
+            "Mirror's next windows from the hypothesis tree: hit (whole), partial, or miss (rolled out afresh).",
             totals
                 .methods
                 .iter()
                 .flat_map(|(m, t)| {
                     [
-                        ("whole", t.reuse_whole),
-                        ("partial", t.reuse_partial),
-                        ("fallback", t.fallbacks),
+                        ("hit", t.reuse_hits),
+                        ("partial", t.reuse_partials),
+                        ("miss", t.reuse_misses),
                     ]
                     .into_iter()
                     .map(move |(kind, n)| {
@@ -374,8 +374,8 @@ impl Metrics {
             "gauge",
             "Share of Mirror's next windows served from the hypothesis tree, by method.",
             per_method(&|t| {
-                let hits = (t.reuse_whole + t.reuse_partial) as f64;
-                ratio(hits, hits + t.fallbacks as f64).to_string()
+                let served = (t.reuse_hits + t.reuse_partials) as f64;
+                ratio(served, served + t.reuse_misses as f64).to_string()
             }),
         );
         family(

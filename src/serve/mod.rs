@@ -18,13 +18,14 @@
 //! ```no_run
 //! use std::sync::Arc;
 //! use mirror_sd::mirror_core::{load, LoadOptions, ModelSource};
-//! use mirror_sd::serve::{Backend, Method, Server, ServerConfig, SpeculationSettings};
+//! use mirror_sd::mirror_scheduler::MirrorSettings;
+//! use mirror_sd::serve::{Backend, Method, Server, ServerConfig};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let loaded = load(&ModelSource::parse("models/SmolLM2-135M-Instruct.Q4_1.gguf"), &LoadOptions::default())?;
 //! let target = Arc::new(loaded.model);
 //! let draft = Arc::new(target.truncated(10)?); // self-speculation
 //! let backend = Backend::new(target, Some(draft), loaded.tokenizer, &Method::ALL, Method::Mirror,
-//!                            &SpeculationSettings::default())?;
+//!                            &MirrorSettings::default())?;
 //! let server = Server::start("127.0.0.1:0".parse()?, backend, ServerConfig::default())?;
 //! println!("listening on http://{}", server.local_addr());
 //! server.wait()?; // until shutdown() or, with `handle_signals`, SIGINT/SIGTERM
@@ -46,7 +47,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-pub use backend::{Backend, Method, PromptEncoder, SpeculationSettings};
+pub use backend::{Backend, Method, PromptEncoder};
 pub use error::{ApiError, ServeError};
 
 use metrics::Metrics;

@@ -7,9 +7,9 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{unbounded, Receiver};
 
-use crate::config::{Generation, GenerationConfig, StreamControl};
 use crate::error::{Error, Result};
-use crate::Decoder;
+use crate::generation::{Generation, GenerationConfig, StreamControl};
+use crate::strategy::Decoder;
 use mirror_core::{ChatMessage, Tokenizer};
 
 /// What to generate from.
@@ -192,9 +192,7 @@ impl Engine {
                 cancel,
                 handle: Some(handle),
             }),
-            Err(e) => Err(Error::WorkerFailed(format!(
-                "cannot spawn the generation thread: {e}"
-            ))),
+            Err(e) => Err(Error::SpawnFailed(e)),
         }
     }
 }
@@ -259,14 +257,14 @@ pub struct TextStream<'a> {
 impl TextStream<'_> {
     /// Waits for the end and returns the whole generation (the pieces not yet read included).
     pub fn finish(mut self) -> Result<Generation> {
-        self.join()
+        match self.handle.take() {
+            Some(handle) => self.join(handle),
+            // Only `Drop` takes the handle otherwise, and it runs after this.
+            None => unreachable!("a TextStream's thread is joined once"),
+        }
     }
 
-    fn join(&mut self) -> Result<Generation> {
-        let handle = self
-            .handle
-            .take()
-            .ok_or_else(|| Error::WorkerFailed("the stream was already finished".into()))?;
+    fn join(&mut self, handle: JoinHandle<StreamResult>) -> Result<Generation> {
         let joined = handle.join();
         self.pieces = None;
         match joined {
@@ -274,7 +272,9 @@ impl TextStream<'_> {
                 self.engine.decoder = decoder;
                 result
             }
-            Err(_) => Err(Error::WorkerFailed("the generation thread panicked".into())),
+            Err(panic) => Err(Error::GenerationPanicked(mirror_core::panic_message(
+                &*panic,
+            ))),
         }
     }
 }
@@ -289,11 +289,11 @@ impl Iterator for TextStream<'_> {
 
 impl Drop for TextStream<'_> {
     fn drop(&mut self) {
-        if self.handle.is_some() {
+        if let Some(handle) = self.handle.take() {
             // The generation stops at its next commit: the cancel flag, or the receiver gone.
             self.cancel.store(true, Ordering::Release);
             self.pieces = None;
-            let _ = self.join();
+            let _ = self.join(handle);
         }
     }
 }

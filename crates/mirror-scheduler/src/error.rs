@@ -1,4 +1,4 @@
-//! The one error type of `mirror-scheduler`.
+//! The one error type of `mirror-scheduler`, and how a draft worker's failure is told.
 
 /// What can go wrong while decoding.
 #[derive(Debug, thiserror::Error)]
@@ -38,9 +38,72 @@ pub enum Error {
     #[error("invalid draft window: {0}")]
     InvalidWindow(String),
 
-    /// The draft worker thread failed (returned an error or panicked); generation was stopped.
-    #[error("draft worker failed: {0}")]
-    WorkerFailed(String),
+    /// Mirror's draft worker failed; the generation was stopped.
+    #[error("draft worker failed: {source}")]
+    WorkerFailed {
+        /// What failed on the worker's side.
+        #[source]
+        source: WorkerFault,
+    },
+
+    /// The thread of a streamed generation ([`crate::Engine::stream`]) could not be started.
+    #[error("cannot spawn the generation thread: {0}")]
+    SpawnFailed(#[source] std::io::Error),
+
+    /// The thread of a streamed generation panicked; the message is the panic's.
+    #[error("the generation thread panicked: {0}")]
+    GenerationPanicked(String),
+}
+
+/// Why Mirror's draft worker failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerFault {
+    /// The draft model raised this error (a forward, its cache, its tensors).
+    #[error(transparent)]
+    Model(mirror_core::Error),
+
+    /// The draft's own bookkeeping raised this error.
+    #[error(transparent)]
+    Drafting(Box<Error>),
+
+    /// The draft panicked; the message is the panic's.
+    #[error("panicked: {0}")]
+    Panicked(String),
+
+    /// The worker thread is gone (it panicked earlier, or was never started).
+    #[error("the worker thread has exited")]
+    Exited,
+
+    /// The worker thread could not be started.
+    #[error("cannot spawn the worker thread: {0}")]
+    Spawn(#[source] std::io::Error),
+
+    /// A fault injected by a test ([`crate::MirrorBuilder::inject_draft_fault`]).
+    #[error("injected fault after {forwards} forward passes")]
+    Injected {
+        /// Draft forwards before the fault.
+        forwards: usize,
+    },
+}
+
+impl From<Error> for WorkerFault {
+    /// Sorts an error the draft raised: the model's own errors stay matchable as
+    /// [`WorkerFault::Model`].
+    fn from(error: Error) -> Self {
+        match error {
+            Error::Core(e) => WorkerFault::Model(e),
+            Error::Candle(e) => WorkerFault::Model(mirror_core::Error::Candle(e)),
+            Error::WorkerFailed { source } => source,
+            other => WorkerFault::Drafting(Box::new(other)),
+        }
+    }
+}
+
+impl From<WorkerFault> for Error {
+    fn from(source: WorkerFault) -> Self {
+        Error::WorkerFailed { source }
+    }
 }
 
 /// Result alias for `mirror-scheduler`.

@@ -4,78 +4,62 @@
 //!
 //! - [`Autoregressive`]: the target alone, the reference for every other strategy;
 //! - [`SpeculativeDecoding`]: vanilla SD, draft then verify, serially, with a draft model,
-//!   prompt lookup ([`lookup`]) or both;
+//!   prompt lookup ([`draft::lookup`]) or both;
 //! - [`Mirror`]: Mirror speculative decoding (arXiv 2510.13161): the draft runs on its own worker
 //!   thread and device handle, drafting a hypothesis tree from the target's early-exit tap while
 //!   the target finishes its layers.
 //!
-//! Window lengths adapt to measured costs and acceptance by default ([`window`]).
+//! Window lengths adapt to measured costs and acceptance by default ([`adaptive`]).
 //!
 //! All three are lossless: greedy output is token-identical to the target alone, and sampled
 //! output follows the target's distribution (see [`verify`]).
+//!
+//! ## Layout, bottom-up
+//! Each module imports only those above it in this list (`scripts/check_modules.py` checks
+//! that no two import each other, directly or in a circle):
+//!
+//! 1. data: [`error`], [`stats`], [`generation`] (settings and results of one generation),
+//!    [`window`] (a drafted window and its verdict), and the helpers `seed` and `host`;
+//! 2. [`verify`] (judging a window) and [`adaptive`] (sizing the next one);
+//! 3. `run` (one generation's bookkeeping, shared by every strategy);
+//! 4. [`draft`]: the draft side (linear drafting, lookahead tokens, prompt lookup);
+//! 5. [`strategy`]: the decoders, and Mirror's tree drafting, worker and target side;
+//! 6. [`engine`]: text in, text out, streaming.
 
-pub mod autoregressive;
-pub mod config;
-mod draft;
+pub mod adaptive;
+pub mod draft;
 pub mod engine;
 pub mod error;
+pub mod generation;
 mod host;
 #[cfg(feature = "analysis")]
 pub mod latency;
-pub mod lookup;
-pub mod mirror;
-pub mod pair;
-mod progress;
+mod run;
 mod seed;
-pub mod speculative;
 pub mod stats;
-pub mod tree;
+pub mod strategy;
 pub mod verify;
 pub mod window;
-mod worker;
 
 /// The draft side's internals, for the integration tests that check its bookkeeping against
 /// fresh rollouts (`tests/draft_tree.rs`). Not part of the API: it may change at any time.
 #[doc(hidden)]
 pub mod testing {
-    pub use crate::draft::{Branch, DraftCounters, DraftState, TreeRequest};
+    pub use crate::draft::Drafter;
+    pub use crate::stats::DraftCounters;
+    pub use crate::strategy::mirror::{Branch, TreeRequest};
 }
 
-use std::sync::Arc;
-
-use mirror_core::Model;
-
-pub use autoregressive::Autoregressive;
-pub use config::{FinishReason, Generation, GenerationConfig, StopSet, StreamControl};
-pub use draft::Resolution;
+pub use adaptive::WindowPolicy;
+pub use draft::lookup::LookupConfig;
 pub use engine::{Engine, Prompt, TextStream};
-pub use error::{Error, Result};
-pub use lookup::LookupConfig;
-pub use mirror::{DraftSchedule, EarlyExit, Mirror, MirrorBuilder};
-pub use pair::{check_tokenizers, DraftOptions, DEFAULT_LOOKAHEAD_CONFIDENCE};
-pub use speculative::{SpeculativeBuilder, SpeculativeDecoding};
-pub use stats::{Stats, TimeSplit};
-pub use window::WindowPolicy;
-
-/// A decoding strategy over a target model.
-pub trait Decoder: Send {
-    /// Short name for reports (`autoregressive`, `speculative`, `mirror`).
-    fn name(&self) -> &'static str;
-
-    /// The model whose output this strategy reproduces.
-    fn target(&self) -> &Arc<Model>;
-
-    /// Generates after `prompt`, calling `on_tokens` with each batch of newly committed tokens;
-    /// returning [`StreamControl::Stop`] cancels the generation.
-    fn generate_with(
-        &mut self,
-        prompt: &[u32],
-        config: &GenerationConfig,
-        on_tokens: &mut dyn FnMut(&[u32]) -> StreamControl,
-    ) -> Result<Generation>;
-
-    /// Generates after `prompt`.
-    fn generate(&mut self, prompt: &[u32], config: &GenerationConfig) -> Result<Generation> {
-        self.generate_with(prompt, config, &mut |_| StreamControl::Continue)
-    }
-}
+pub use error::{Error, Result, WorkerFault};
+pub use generation::{FinishReason, Generation, GenerationConfig, StopSet, StreamControl};
+pub use stats::{Reuse, Stats, TimeSplit};
+pub use strategy::autoregressive::Autoregressive;
+pub use strategy::mirror::{
+    DraftSchedule, EarlyExit, Mirror, MirrorBuilder, MirrorSettings, DEFAULT_BRANCHES_PER_PASS,
+};
+pub use strategy::settings::{check_tokenizers, SpeculativeSettings, DEFAULT_LOOKAHEAD_CONFIDENCE};
+pub use strategy::speculative::{SpeculativeBuilder, SpeculativeDecoding};
+pub use strategy::Decoder;

@@ -5,11 +5,59 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 /// Runs `phase` and adds its wall time to `slot`: the one clock of every timed phase.
-pub(crate) fn timed<T>(slot: &mut Duration, phase: impl FnOnce() -> T) -> T {
+pub(crate) fn time_phase<T>(slot: &mut Duration, phase: impl FnOnce() -> T) -> T {
     let start = Instant::now();
     let out = phase();
     *slot += start.elapsed();
     out
+}
+
+/// How the next window was obtained from the hypothesis tree at Mirror's final rendezvous.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reuse {
+    /// Taken whole from the tree.
+    Hit,
+    /// Taken partly from the tree (an incomplete branch), then extended.
+    Partial,
+    /// Rolled out afresh: the target's correction was not in the tree.
+    Miss,
+}
+
+/// Draft work since the drafter's counters were last taken.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DraftCounters {
+    /// Forward passes.
+    pub forwards: usize,
+    /// Compute time.
+    pub busy: Duration,
+    /// Draft steps: one chain (a rollout or one branch) advanced by one forward.
+    pub steps: usize,
+    /// Tokens those steps added to their windows (eta = tokens / steps).
+    pub tokens: usize,
+    /// Forwards that fed one chain step (at most two rows): the cost of a step, without the
+    /// catch-up forwards that feed many committed tokens at once.
+    pub step_forwards: usize,
+    /// Compute time of those forwards.
+    pub step_busy: Duration,
+    /// The drafter's running average of a step forward's time, from earlier work: what
+    /// [`DraftCounters::steady_busy`] charges per forward when none of these was a step (a
+    /// one-token window drafted by the very forward that caught up).
+    pub typical_step: Option<Duration>,
+}
+
+impl DraftCounters {
+    /// Compute time of these forwards had each cost a typical step: what drafting costs
+    /// once the draft is caught up with the text.
+    pub fn steady_busy(&self) -> Duration {
+        if self.step_forwards == 0 {
+            return match self.typical_step {
+                Some(step) => (step * self.forwards as u32).min(self.busy),
+                None => self.busy,
+            };
+        }
+        self.step_busy / self.step_forwards as u32 * self.forwards as u32
+    }
 }
 
 /// Wall time spent in each part of decoding.
@@ -64,12 +112,14 @@ pub struct Stats {
     pub position_proposed: Vec<usize>,
     /// `position_accepted[j]`: windows whose draft token `j+1` was accepted.
     pub position_accepted: Vec<usize>,
-    /// Mirror: next windows taken whole from the hypothesis tree.
+    /// Mirror: next windows taken whole from the hypothesis tree ([`Reuse::Hit`]).
     pub reuse_hits: usize,
-    /// Mirror: next windows taken partly from the tree (an incomplete branch), then extended.
-    pub reuse_partial: usize,
-    /// Mirror: next windows rolled out afresh (the correction was not in the tree).
-    pub fallbacks: usize,
+    /// Mirror: next windows taken partly from the tree (an incomplete branch), then extended
+    /// ([`Reuse::Partial`]).
+    pub reuse_partials: usize,
+    /// Mirror: next windows rolled out afresh, the correction not being in the tree
+    /// ([`Reuse::Miss`]; the paper's fallbacks).
+    pub reuse_misses: usize,
     /// Mirror: branches the draft completed, over all windows.
     pub branches_completed: usize,
     /// Mirror: branches the draft planned, over all windows.
@@ -111,7 +161,21 @@ impl Stats {
         }
     }
 
-    pub(crate) fn record_draft(&mut self, counters: crate::draft::DraftCounters) {
+    /// Records how the next window was obtained from the hypothesis tree.
+    pub(crate) fn record_reuse(&mut self, reuse: Reuse) {
+        match reuse {
+            Reuse::Hit => self.reuse_hits += 1,
+            Reuse::Partial => self.reuse_partials += 1,
+            Reuse::Miss => self.reuse_misses += 1,
+        }
+    }
+
+    /// Windows resolved against a hypothesis tree (hits, partials and misses).
+    pub fn reuse_resolved(&self) -> usize {
+        self.reuse_hits + self.reuse_partials + self.reuse_misses
+    }
+
+    pub(crate) fn record_draft(&mut self, counters: DraftCounters) {
         self.draft_passes += counters.forwards;
         self.draft_steps += counters.steps;
         self.draft_tokens += counters.tokens;
@@ -158,16 +222,16 @@ impl Stats {
         ratio(self.generated_tokens as f64, self.target_passes as f64)
     }
 
-    /// Share of next windows served from the hypothesis tree (whole or partly).
+    /// Share of next windows served from the hypothesis tree (hits and partials).
     pub fn reuse_rate(&self) -> f64 {
-        let hits = (self.reuse_hits + self.reuse_partial) as f64;
-        ratio(hits, hits + self.fallbacks as f64)
+        let served = (self.reuse_hits + self.reuse_partials) as f64;
+        ratio(served, self.reuse_resolved() as f64)
     }
 
-    /// Share of next windows that needed a fresh rollout (FF).
-    pub fn fallback_frequency(&self) -> f64 {
-        let all = (self.reuse_hits + self.reuse_partial + self.fallbacks) as f64;
-        ratio(self.fallbacks as f64, all)
+    /// Share of next windows that needed a fresh rollout: misses (the paper's fallback
+    /// frequency FF).
+    pub fn miss_rate(&self) -> f64 {
+        ratio(self.reuse_misses as f64, self.reuse_resolved() as f64)
     }
 
     /// Mean overlap mass Omega. With a full tree a fallback needs the correction outside the
@@ -176,8 +240,7 @@ impl Stats {
     /// final distribution, which greedy corrections (the argmax) and sampled ones after a
     /// rejection (a residual) are not. Measured on the test fixtures, FF exceeds `1 - Omega`.
     pub fn omega(&self) -> f64 {
-        let resolved = (self.reuse_hits + self.reuse_partial + self.fallbacks) as f64;
-        ratio(self.omega_sum, resolved)
+        ratio(self.omega_sum, self.reuse_resolved() as f64)
     }
 
     /// Share of the draft's compute hidden behind the target.
@@ -234,13 +297,13 @@ impl Stats {
                 .collect();
             out += &format!("acceptance by position [{}]\n", by_pos.join(", "));
         }
-        if self.reuse_hits + self.reuse_partial + self.fallbacks > 0 {
+        if self.reuse_resolved() > 0 {
             out += &format!(
-                "reuse {} whole + {} partial, fallbacks {} (FF {:.2}), Omega {:.2}, branches {}/{} completed\n",
+                "reuse: {} hit, {} partial, {} miss (miss rate {:.2}), Omega {:.2}, branches {}/{} completed\n",
                 self.reuse_hits,
-                self.reuse_partial,
-                self.fallbacks,
-                self.fallback_frequency(),
+                self.reuse_partials,
+                self.reuse_misses,
+                self.miss_rate(),
                 self.omega(),
                 self.branches_completed,
                 self.branches_planned

@@ -8,56 +8,10 @@
 //! has a point-mass `q`, so it is accepted with probability `p(x)` and the correction is drawn
 //! from `p` without `x`. Both keep the target's distribution exactly.
 
-use mirror_core::sampling::{self, Probs, SamplingParams};
+use mirror_core::sampling::{self, SamplingParams};
 
 use crate::error::{Error, Result};
-
-/// How the draft chose a proposed token.
-#[derive(Debug, Clone, PartialEq)]
-pub enum DraftChoice {
-    /// Deterministically (argmax): a point mass.
-    PointMass,
-    /// Sampled from this distribution (after the same warp as the target's; sparse when the
-    /// warp left few tokens).
-    Sampled(Probs),
-}
-
-/// A drafted window: tokens and how each was chosen.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct DraftWindow {
-    /// Proposed tokens `w_1..w_gamma`.
-    pub tokens: Vec<u32>,
-    /// How each token was chosen (same length as `tokens`; [`verify_window`] rejects a window
-    /// where they differ).
-    pub choices: Vec<DraftChoice>,
-}
-
-impl DraftWindow {
-    /// Number of proposed tokens.
-    pub fn len(&self) -> usize {
-        self.tokens.len()
-    }
-
-    /// True when nothing is proposed.
-    pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty()
-    }
-
-    /// Keeps the first `len` proposals.
-    pub fn truncate(&mut self, len: usize) {
-        self.tokens.truncate(len);
-        self.choices.truncate(len);
-    }
-}
-
-/// The outcome of verifying one window.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Verdict {
-    /// Number of draft tokens accepted (A).
-    pub accepted: usize,
-    /// The target's token after them: the correction, or the bonus when all were accepted.
-    pub token: u32,
-}
+use crate::window::{DraftChoice, DraftWindow, Verdict};
 
 /// Checks that `window` can be verified against `target_logits`: one choice per token, one row
 /// more than tokens, rows of one vocabulary, tokens and draft distributions within it.

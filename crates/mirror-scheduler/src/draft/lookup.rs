@@ -4,12 +4,15 @@
 //! so far. It costs no model at all, and it is lossless like any draft: a looked-up token is a
 //! point mass, accepted with the target's own probability of it.
 
-use crate::config::StopSet;
+use serde::{Deserialize, Serialize};
+
 use crate::error::{Error, Result};
-use crate::verify::{DraftChoice, DraftWindow};
+use crate::generation::StopSet;
+use crate::window::{DraftChoice, DraftWindow};
 
 /// How lookup searches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LookupConfig {
     /// Longest suffix to match (tried first).
     pub max_ngram: usize,

@@ -9,40 +9,41 @@ use std::time::{Duration, Instant};
 use mirror_core::Model;
 use rand::Rng;
 
-use crate::config::{Generation, GenerationConfig, StreamControl};
-use crate::draft::DraftState;
+use super::settings::{check_pair, speculative_setters, SpeculativeSettings};
+use super::Decoder;
+use crate::adaptive::{Offer, WindowChooser};
+use crate::draft::lookup::LookupConfig;
+use crate::draft::Drafter;
 use crate::error::{Error, Result};
+use crate::generation::{Generation, GenerationConfig, StreamControl};
 use crate::host::host_rows;
-use crate::lookup::LookupConfig;
-use crate::pair::{check_pair, draft_option_setters, DraftOptions};
-use crate::progress::Run;
+use crate::run::Run;
 use crate::seed::mix;
-use crate::stats::timed;
-use crate::verify::{verify_window, DraftWindow};
-use crate::window::{Offer, Source, WindowChooser};
-use crate::Decoder;
+use crate::stats::time_phase;
+use crate::verify::verify_window;
+use crate::window::{DraftWindow, Source};
 
 /// Builder of [`SpeculativeDecoding`].
 pub struct SpeculativeBuilder {
     target: Arc<Model>,
     draft: Option<Arc<Model>>,
-    options: DraftOptions,
+    settings: SpeculativeSettings,
 }
 
 impl SpeculativeBuilder {
-    draft_option_setters!();
+    speculative_setters!(settings);
 
     /// Checks the pair and builds the decoder.
     pub fn build(self) -> Result<SpeculativeDecoding> {
-        self.options.check()?;
+        self.settings.check()?;
         let draft = match self.draft {
             Some(model) => {
                 check_pair(&self.target, &model)?;
-                let mut draft = DraftState::new(model);
-                draft.lookahead_confidence = self.options.lookahead_confidence;
+                let mut draft = Drafter::new(model);
+                draft.lookahead_confidence = self.settings.lookahead_confidence;
                 Some(draft)
             }
-            None if self.options.lookup.is_some() => None,
+            None if self.settings.lookup.is_some() => None,
             None => {
                 return Err(Error::InvalidConfig(
                     "speculative decoding without a draft model needs prompt lookup".into(),
@@ -52,7 +53,7 @@ impl SpeculativeBuilder {
         Ok(SpeculativeDecoding {
             draft,
             target: self.target,
-            options: self.options,
+            settings: self.settings,
         })
     }
 }
@@ -61,8 +62,8 @@ impl SpeculativeBuilder {
 /// by lookup first and the model where lookup finds nothing.
 pub struct SpeculativeDecoding {
     target: Arc<Model>,
-    draft: Option<DraftState>,
-    options: DraftOptions,
+    draft: Option<Drafter>,
+    settings: SpeculativeSettings,
 }
 
 impl SpeculativeDecoding {
@@ -71,7 +72,7 @@ impl SpeculativeDecoding {
         SpeculativeBuilder {
             target,
             draft: Some(draft),
-            options: DraftOptions::default(),
+            settings: SpeculativeSettings::default(),
         }
     }
 
@@ -81,9 +82,9 @@ impl SpeculativeDecoding {
         SpeculativeBuilder {
             target,
             draft: None,
-            options: DraftOptions {
+            settings: SpeculativeSettings {
                 lookup: Some(LookupConfig::default()),
-                ..DraftOptions::default()
+                ..SpeculativeSettings::default()
             },
         }
     }
@@ -92,9 +93,9 @@ impl SpeculativeDecoding {
     /// weights each reads per step (both are bound by memory bandwidth on a CPU).
     fn draft_cost_prior(&self) -> f64 {
         let bytes = |model: &Model| model.weight_report().total_bytes().max(1) as f64;
-        self.draft
-            .as_ref()
-            .map_or(0.0, |draft| bytes(&draft.model) / bytes(&self.target))
+        self.draft.as_ref().map_or(0.0, |draft| {
+            bytes(draft.draft_model()) / bytes(&self.target)
+        })
     }
 
     /// The next window: looked up, drafted by the model, or empty (a plain step), as
@@ -108,7 +109,7 @@ impl SpeculativeDecoding {
         room: usize,
         seed: u64,
     ) -> Result<(DraftWindow, Option<Source>, Duration)> {
-        let mut looked_up = match &self.options.lookup {
+        let mut looked_up = match &self.settings.lookup {
             Some(lookup) => lookup.window(&run.seq, room, run.progress.stop()),
             None => DraftWindow::default(),
         };
@@ -155,7 +156,7 @@ impl Decoder for SpeculativeDecoding {
         config: &GenerationConfig,
         on_tokens: &mut dyn FnMut(&[u32]) -> StreamControl,
     ) -> Result<Generation> {
-        let gamma = self.options.gamma;
+        let gamma = self.settings.gamma;
         let seed = mix(config.seed, 1);
         let mut run = Run::begin(&self.target, prompt, config, gamma, seed, on_tokens)?;
         // Prefill: the target and the draft cache everything but the prompt's last token.
@@ -166,7 +167,7 @@ impl Decoder for SpeculativeDecoding {
         }
         let capacity = run.cache.capacity();
         let stop = run.progress.stop().clone();
-        let sampling = self.options.sampling(config);
+        let sampling = self.settings.sampling(config);
         if let Some(draft) = self.draft.as_mut() {
             draft.reset(capacity, capacity, sampling, stop)?;
             if n > 1 {
@@ -175,7 +176,7 @@ impl Decoder for SpeculativeDecoding {
             draft.take_counters();
         }
         run.stats.time.prefill = run.started.elapsed();
-        let mut chooser = WindowChooser::new(self.options.window, self.draft_cost_prior());
+        let mut chooser = WindowChooser::new(self.settings.window, self.draft_cost_prior());
         let mut step = 0u64;
         while !run.progress.done() && run.has_room() {
             let step_started = Instant::now();
@@ -186,7 +187,7 @@ impl Decoder for SpeculativeDecoding {
             let base = run.cache.len();
             let mut fed = vec![run.seq[run.seq.len() - 1]];
             fed.extend_from_slice(&window.tokens);
-            let rows = timed(&mut run.stats.time.target_prefix, || {
+            let rows = time_phase(&mut run.stats.time.target_prefix, || {
                 host_rows(
                     &self
                         .target
@@ -197,7 +198,7 @@ impl Decoder for SpeculativeDecoding {
             run.stats.target_passes += 1;
 
             let rng = &mut run.rng;
-            let verdict = timed(&mut run.stats.time.verify, || {
+            let verdict = time_phase(&mut run.stats.time.verify, || {
                 let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
                 verify_window(&refs, &window, &config.sampling, &mut || rng.random())
             })?;

@@ -1,13 +1,14 @@
-//! A target and its draft: the checks that make them a pair, and the draft options both
-//! speculative strategies share.
+//! A target and its draft: the checks that make them a pair, and [`SpeculativeSettings`], the
+//! settings of vanilla SD, which Mirror's settings include.
 
 use mirror_core::sampling::SamplingParams;
 use mirror_core::Model;
+use serde::{Deserialize, Serialize};
 
-use crate::config::GenerationConfig;
+use crate::adaptive::WindowPolicy;
+use crate::draft::lookup::LookupConfig;
 use crate::error::{Error, Result};
-use crate::lookup::LookupConfig;
-use crate::window::WindowPolicy;
+use crate::generation::GenerationConfig;
 
 /// Checks that draft and target share a vocabulary (same LM head size).
 pub(crate) fn check_pair(target: &Model, draft: &Model) -> Result<()> {
@@ -49,14 +50,17 @@ pub fn check_tokenizers(
     Ok(())
 }
 
-/// Default of [`DraftOptions::lookahead_confidence`]: a lookahead token is proposed when its
+/// Default of [`SpeculativeSettings::lookahead_confidence`]: a lookahead token is proposed when its
 /// row puts at least this probability on it (measured on the Qwen2.5-Coder pair,
 /// BENCHMARKS.md).
 pub const DEFAULT_LOOKAHEAD_CONFIDENCE: f32 = 0.5;
 
-/// How the draft proposes, shared by [`crate::SpeculativeDecoding`] and [`crate::Mirror`].
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct DraftOptions {
+/// The settings of [`crate::SpeculativeDecoding`]: how the draft proposes and how windows are
+/// sized. [`crate::MirrorSettings`] holds one too. The builders, the server and the examples'
+/// flags are all made from this struct and its `Default`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpeculativeSettings {
     /// Draft tokens per window (default 4).
     pub gamma: usize,
     /// Under sampling, propose the draft's argmax (a point mass) instead of sampling.
@@ -71,7 +75,7 @@ pub struct DraftOptions {
     pub window: WindowPolicy,
 }
 
-impl Default for DraftOptions {
+impl Default for SpeculativeSettings {
     fn default() -> Self {
         Self {
             gamma: 4,
@@ -83,7 +87,7 @@ impl Default for DraftOptions {
     }
 }
 
-impl DraftOptions {
+impl SpeculativeSettings {
     pub(crate) fn check(&self) -> Result<()> {
         if self.gamma == 0 {
             return Err(Error::InvalidConfig("gamma must be at least 1".into()));
@@ -110,19 +114,19 @@ impl DraftOptions {
     }
 }
 
-/// The builder methods for [`DraftOptions`], generated into both speculative builders (each
-/// has an `options: DraftOptions` field) from this one definition.
-macro_rules! draft_option_setters {
-    () => {
+/// The builder methods for [`SpeculativeSettings`], generated into both speculative builders
+/// from this one definition; `$($field).+` is the builder's path to its `SpeculativeSettings`.
+macro_rules! speculative_setters {
+    ($($field:ident).+) => {
         /// Draft tokens per window (default 4).
         pub fn gamma(mut self, gamma: usize) -> Self {
-            self.options.gamma = gamma;
+            self.$($field).+.gamma = gamma;
             self
         }
 
         /// Under sampling, let the draft propose its argmax (a point mass) instead of sampling.
         pub fn greedy_draft(mut self, yes: bool) -> Self {
-            self.options.greedy_draft = yes;
+            self.$($field).+.greedy_draft = yes;
             self
         }
 
@@ -131,7 +135,7 @@ macro_rules! draft_option_setters {
         /// [`DEFAULT_LOOKAHEAD_CONFIDENCE`](crate::DEFAULT_LOOKAHEAD_CONFIDENCE); 0 proposes
         /// all).
         pub fn lookahead_confidence(mut self, threshold: f32) -> Self {
-            self.options.lookahead_confidence = threshold;
+            self.$($field).+.lookahead_confidence = threshold;
             self
         }
 
@@ -139,23 +143,23 @@ macro_rules! draft_option_setters {
         /// for every window: a window is looked up when the text so far repeats, drafted by
         /// the model otherwise.
         pub fn prompt_lookup(mut self, lookup: $crate::LookupConfig) -> Self {
-            self.options.lookup = Some(lookup);
+            self.$($field).+.lookup = Some(lookup);
             self
         }
 
         /// How each window's length is chosen (default
         /// [`WindowPolicy::Adaptive`](crate::WindowPolicy::Adaptive)).
         pub fn window(mut self, policy: $crate::WindowPolicy) -> Self {
-            self.options.window = policy;
+            self.$($field).+.window = policy;
             self
         }
 
-        /// All draft options at once.
-        pub fn draft_options(mut self, options: $crate::DraftOptions) -> Self {
-            self.options = options;
+        /// All the speculative settings at once.
+        pub fn speculative_settings(mut self, settings: $crate::SpeculativeSettings) -> Self {
+            self.$($field).+ = settings;
             self
         }
     };
 }
 
-pub(crate) use draft_option_setters;
+pub(crate) use speculative_setters;

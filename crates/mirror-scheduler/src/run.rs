@@ -7,10 +7,10 @@ use std::time::Instant;
 use mirror_core::{KvCache, Model};
 use rand::{rngs::StdRng, SeedableRng};
 
-use crate::config::{FinishReason, Generation, GenerationConfig, StopSet, StreamControl};
 use crate::error::{Error, Result};
+use crate::generation::{FinishReason, Generation, GenerationConfig, StopSet, StreamControl};
 use crate::stats::Stats;
-use crate::verify::{DraftWindow, Verdict};
+use crate::window::{DraftWindow, Verdict};
 
 /// One generation in progress, as every strategy starts it: the prompt checked, the target's
 /// cache sized, statistics, the committed output and the random generator of verification.
@@ -68,8 +68,7 @@ impl<'a> Run<'a> {
     /// accepted tokens and the target's correction (or bonus). Returns what was committed.
     pub fn commit(&mut self, base: usize, window: &DraftWindow, verdict: Verdict) -> Vec<u32> {
         self.cache.truncate(base + 1 + verdict.accepted);
-        let mut new = window.tokens[..verdict.accepted].to_vec();
-        new.push(verdict.token);
+        let new = verdict.committed(&window.tokens);
         self.seq.extend_from_slice(&new);
         self.progress.commit(&new);
         new

@@ -1,4 +1,5 @@
-//! Generation settings and results.
+//! What a generation is asked and what it gives: settings, stop tokens, the result. Data
+//! only (with [`crate::stats`]).
 
 use mirror_core::sampling::SamplingParams;
 use mirror_core::Model;

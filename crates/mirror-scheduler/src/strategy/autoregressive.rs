@@ -6,11 +6,11 @@ use mirror_core::sampling;
 use mirror_core::Model;
 use rand::Rng;
 
-use crate::config::{Generation, GenerationConfig, StreamControl};
+use super::Decoder;
 use crate::error::Result;
-use crate::progress::Run;
-use crate::stats::timed;
-use crate::Decoder;
+use crate::generation::{Generation, GenerationConfig, StreamControl};
+use crate::run::Run;
+use crate::stats::time_phase;
 
 /// One token per target forward.
 pub struct Autoregressive {
@@ -51,7 +51,7 @@ impl Decoder for Autoregressive {
             if !run.progress.commit(&[token]) || !run.has_room() {
                 break;
             }
-            logits = timed(&mut run.stats.time.target_prefix, || {
+            logits = time_phase(&mut run.stats.time.target_prefix, || {
                 self.target.next_token_logits(&[token], &mut run.cache)
             })?;
             run.stats.target_passes += 1;

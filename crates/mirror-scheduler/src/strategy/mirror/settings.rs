@@ -1,0 +1,123 @@
+//! The settings of Mirror: where the target taps its early exit, how many candidates a row
+//! sends, and how much of the hypothesis tree the draft computes. Data only.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::strategy::settings::SpeculativeSettings;
+
+/// Default of [`DraftSchedule::Anytime`]'s `branches_per_pass` (BENCHMARKS.md, "Branches per
+/// pass": 2 against 4 on the Qwen2.5-Coder pair).
+pub const DEFAULT_BRANCHES_PER_PASS: usize = 2;
+
+/// Where the target taps its early exit.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EarlyExit {
+    /// After this many layers.
+    Layer(usize),
+    /// After this fraction of the layers (0.5 is the paper's N/2).
+    Fraction(f64),
+}
+
+impl EarlyExit {
+    /// The layer index for a model of `layers` layers.
+    pub fn resolve(self, layers: usize) -> Result<usize> {
+        let layer = match self {
+            EarlyExit::Layer(l) => l,
+            EarlyExit::Fraction(f) if (0.0..=1.0).contains(&f) => {
+                (f * layers as f64).round() as usize
+            }
+            EarlyExit::Fraction(f) => {
+                return Err(Error::InvalidConfig(format!(
+                    "early-exit fraction {f} is not in [0, 1]"
+                )))
+            }
+        };
+        if layer == 0 || layer >= layers {
+            return Err(Error::InvalidConfig(format!(
+                "early-exit layer {layer} must be in 1..{layers} (the target has {layers} layers)"
+            )));
+        }
+        Ok(layer)
+    }
+}
+
+/// How much of the hypothesis tree the draft computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DraftSchedule {
+    /// Branches in order of need, `branches_per_pass` per draft forward, until the target's final
+    /// distributions are ready (default).
+    ///
+    /// Greedy output is identical in every run. Under sampling, every branch draws from its own
+    /// seeded random sequence, so a window is the same whether it was drafted in the tree or
+    /// rolled out later; the logits of a tree pass and of a linear pass can still differ in the
+    /// last bits, so a draw on a boundary may differ between runs that drafted different amounts.
+    /// The output distribution is exact either way. Use [`DraftSchedule::FullGrid`] for
+    /// bit-reproducible sampled runs.
+    Anytime {
+        /// Branches advanced together in one tree-masked draft pass.
+        branches_per_pass: usize,
+    },
+    /// Every branch of the kappa x (gamma + 1) grid, all at once, before the final rendezvous
+    /// (the paper's mode).
+    FullGrid,
+}
+
+impl Default for DraftSchedule {
+    fn default() -> Self {
+        DraftSchedule::Anytime {
+            branches_per_pass: DEFAULT_BRANCHES_PER_PASS,
+        }
+    }
+}
+
+/// The settings of [`crate::Mirror`]: vanilla SD's, and Mirror's own. The builder, the server
+/// and the examples' flags are all made from this struct and its `Default`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MirrorSettings {
+    /// Window length, lookup, lookahead confidence and window policy, as for vanilla SD.
+    pub speculative: SpeculativeSettings,
+    /// Early-exit candidates per row, kappa (default 4; the paper uses 8).
+    pub kappa: usize,
+    /// Where the target taps its early exit (default N/2).
+    pub early_exit: EarlyExit,
+    /// Anytime (default) or full-grid drafting.
+    pub schedule: DraftSchedule,
+    /// Runs the draft on a thread pool of its own of this many threads (CPU), so that the two
+    /// models do not compete for one pool; `None` keeps the draft's own pool.
+    pub draft_threads: Option<usize>,
+}
+
+impl Default for MirrorSettings {
+    fn default() -> Self {
+        Self {
+            speculative: SpeculativeSettings::default(),
+            kappa: 4,
+            early_exit: EarlyExit::Fraction(0.5),
+            schedule: DraftSchedule::default(),
+            draft_threads: None,
+        }
+    }
+}
+
+impl MirrorSettings {
+    /// Checks every knob but the early exit (which needs the target's depth).
+    pub(crate) fn check(&self) -> Result<()> {
+        self.speculative.check()?;
+        if self.kappa == 0 {
+            return Err(Error::InvalidConfig("kappa must be at least 1".into()));
+        }
+        if let DraftSchedule::Anytime {
+            branches_per_pass: 0,
+        } = self.schedule
+        {
+            return Err(Error::InvalidConfig(
+                "branches_per_pass must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
