@@ -41,6 +41,19 @@ enum Method {
     Mirror,
 }
 
+impl Method {
+    /// The name `--method` takes.
+    fn name(self) -> &'static str {
+        match self {
+            Method::Auto => "auto",
+            Method::Ar => "ar",
+            Method::Sd => "sd",
+            Method::Lookup => "lookup",
+            Method::Mirror => "mirror",
+        }
+    }
+}
+
 #[derive(Parser, Debug)]
 #[command(about = "Generate with Mirror speculative decoding")]
 struct Args {
@@ -103,8 +116,8 @@ fn auto_method(placement: &common::PlacementArgs) -> (Method, String) {
         return (Method::Mirror, why);
     }
     let why = "target and draft share the CPU, where prompt lookup was the fastest method \
-               measured (Mirror needs a second device; BENCHMARKS.md, \"Speculation on a CPU\"); \
-               --method mirror forces Mirror"
+               measured and Mirror, which needs a second device, the slowest (BENCHMARKS.md, \
+               \"Speculation that pays on a CPU\"); --method mirror forces Mirror"
         .to_string();
     (Method::Lookup, why)
 }
@@ -112,10 +125,10 @@ fn auto_method(placement: &common::PlacementArgs) -> (Method, String) {
 fn run(mut args: Args) -> Result<(), String> {
     if args.method == Method::Auto {
         let (method, why) = auto_method(&args.placement);
-        eprintln!("method: {method:?} (auto: {why})");
+        eprintln!("method: {} (auto: {why})", method.name());
         args.method = method;
     } else {
-        eprintln!("method: {:?} (as asked)", args.method);
+        eprintln!("method: {} (as asked)", args.method.name());
     }
     let target_source = common::resolve_source(&args.pair.target)?;
     let (target_options, draft_options) = args

@@ -17,7 +17,7 @@ fn qwen_opt_in(file: &str) -> Option<PathBuf> {
         eprintln!("skipping: set MIRROR_SD_QWEN_TESTS=1 to run the Qwen2.5-Coder tests");
         return None;
     }
-    common::model_path(file, "python3 scripts/fetch_models.py qwen")
+    common::model_path(file, "qwen", false)
 }
 
 fn load_as(path: &Path, weights: WeightFormat) -> LoadedModel {

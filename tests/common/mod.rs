@@ -24,32 +24,68 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Path of a pinned model file in `models/`, or `None` (with a message) when it is absent.
-/// Under `CI=true` a missing model is a failure, not a skip.
-pub fn model_path(file: &str, fetch_hint: &str) -> Option<PathBuf> {
+/// Where a skipped real-model test leaves a line, so that `scripts/test.sh` can say in its
+/// summary what did not run and why (the test runner's own summary counts a skip as a pass).
+pub fn skip_log() -> PathBuf {
+    repo_root().join("target").join("test-skips.log")
+}
+
+/// Fetches the pinned model `name` with `scripts/fetch_models.py`, once per test binary (the
+/// other tests wait for the first); true when the script succeeded.
+fn fetch_model(name: &str) -> bool {
+    static FETCHED: std::sync::Mutex<Vec<(String, bool)>> = std::sync::Mutex::new(Vec::new());
+    let mut fetched = FETCHED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((_, ok)) = fetched.iter().find(|(n, _)| n == name) {
+        return *ok;
+    }
+    eprintln!("fetching {name}: python3 scripts/fetch_models.py {name}");
+    let ok = std::process::Command::new("python3")
+        .arg(repo_root().join("scripts").join("fetch_models.py"))
+        .arg(name)
+        .current_dir(repo_root())
+        .status()
+        .is_ok_and(|status| status.success());
+    fetched.push((name.to_string(), ok));
+    ok
+}
+
+/// Path of a pinned model file in `models/`. When it is absent and `auto_fetch` names it
+/// (small models only), it is fetched first; when it is still absent, `None`, with a message
+/// and a line in [`skip_log`]. Under `CI=true` a missing model is a failure, not a skip.
+pub fn model_path(file: &str, fetch_name: &str, auto_fetch: bool) -> Option<PathBuf> {
     let path = repo_root().join("models").join(file);
-    if path.is_file() {
+    if path.is_file() || (auto_fetch && fetch_model(fetch_name) && path.is_file()) {
         return Some(path);
     }
+    let hint = format!("python3 scripts/fetch_models.py {fetch_name}");
     if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!(
-            "{} is missing under CI=true; run `{fetch_hint}`",
-            path.display()
-        );
+        panic!("{} is missing under CI=true; run `{hint}`", path.display());
     }
-    eprintln!(
-        "skipping: {} is missing; run `{fetch_hint}`",
-        path.display()
-    );
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a test")
+        .to_string();
+    eprintln!("skipping: {} is missing; run `{hint}`", path.display());
+    let line = format!("{test}: {file} is missing (`{hint}`)\n");
+    if let Some(dir) = skip_log().parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    if let Ok(mut log) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(skip_log())
+    {
+        use std::io::Write;
+        let _ = log.write_all(line.as_bytes());
+    }
     None
 }
 
-/// SmolLM2-135M-Instruct Q4_1.
+/// SmolLM2-135M-Instruct Q4_1 (98 MB), fetched when missing.
 pub fn smollm2_path() -> Option<PathBuf> {
-    model_path(
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "python3 scripts/fetch_models.py smollm2",
-    )
+    model_path("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2", true)
 }
 
 use std::collections::HashMap;
