@@ -49,7 +49,7 @@ pub mod training;
 pub mod weights;
 
 pub use candle_core::quantized::GgmlDType;
-pub use config::{Architecture, ModelConfig};
+pub use config::{Architecture, LookaheadConfig, ModelConfig};
 pub use error::{panic_message, Error, Result};
 pub use hub::HubRepo;
 pub use kv_cache::KvCache;
@@ -59,7 +59,7 @@ pub use loading::{
 };
 pub use mask::{AttentionInput, RowVisibility};
 pub use models::layers::Kernels;
-pub use models::lookahead::{lookahead_attention, LookaheadConfig, LookaheadHead, LookaheadLogits};
+pub use models::lookahead::{lookahead_attention, LookaheadHead, LookaheadLogits};
 pub use models::transformer::Model;
 pub use tokenizer::{ChatMessage, Tokenizer};
 pub use weights::{WeightFormat, WeightReport};

@@ -22,11 +22,11 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::Linear;
-use serde::{Deserialize, Serialize};
 
 use super::layers::Kernels;
 use super::transformer::Model;
 use crate::checkpoint::Checkpoint;
+pub use crate::config::LookaheadConfig;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::mask::AttentionInput;
@@ -36,30 +36,6 @@ pub const LOOKAHEAD_CONFIG_KEY: &str = "mirror_sd.streams";
 const DOWN: &str = "streams.down_proj.weight";
 const UP: &str = "streams.up_proj.weight";
 const EMBEDDINGS: &str = "streams.embeddings";
-
-/// Shape of a draft's lookahead tokens (a plain serde struct, as in `config.json`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LookaheadConfig {
-    /// Lookahead tokens `S`: the draft proposes up to `1 + tokens` tokens per forward.
-    #[serde(rename = "num_streams")]
-    pub tokens: usize,
-    /// Top layers the lookahead rows run through (`N_s`).
-    #[serde(rename = "stream_layers")]
-    pub layers: usize,
-    /// Rank of the projection from the main row's state.
-    pub rank: usize,
-}
-
-impl LookaheadConfig {
-    fn validate(&self) -> Result<()> {
-        if self.tokens == 0 || self.layers == 0 || self.rank == 0 {
-            return Err(Error::invalid(format!(
-                "a lookahead config needs lookahead_tokens, lookahead_layers and rank >= 1, got {self:?}"
-            )));
-        }
-        Ok(())
-    }
-}
 
 /// The lookahead parameters of a draft; attach them with
 /// [`Model::with_lookahead`](crate::Model::with_lookahead).
