@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// The decoder architectures this crate implements: pre-norm blocks of grouped-query attention
-/// with RoPE and a SwiGLU MLP, and what each one changes in them ([`ArchSpec`]).
+/// with RoPE and a SwiGLU MLP, and what each one changes in them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Architecture {
     /// Llama (Touvron et al., "LLaMA", arXiv 2302.13971; "Llama 2", arXiv 2307.09288; "The

@@ -1,6 +1,10 @@
 //! Quantized matrix multiplication on the CPU for a few activation rows: `y = x W^T` with `W`
 //! in a GGML type as stored and `x` of 1 to 64 rows (one decoded token, a verification window,
-//! a hypothesis-tree pass).
+//! a hypothesis-tree pass). Bottom up: `types` (weight types, code paths), `formats` (GGML
+//! blocks and the packed layout), `operands` (what a kernel reads and writes), `packing`
+//! ([`PackedMatrix`]), `activations` (input quantization), the code paths `portable`,
+//! `x86_avx2` and `x86_avx512`, and `dispatch` ([`matmul`]) on top; each imports only modules
+//! below it, and nothing here imports the rest of the crate but its error type.
 //!
 //! The design follows llama.cpp's CPU path (ggml `vec_dot_*` and its repacked "x8/x16" weights):
 //!
@@ -18,13 +22,6 @@
 //! multiply-add) whatever the number of rows, the row tile, the thread split or the code path.
 //! A row's result is therefore bit-identical whether it is computed alone or among 64 others,
 //! and the AVX-512, AVX2 and portable paths agree bit for bit (tested).
-
-//!
-//! Layout, bottom up: `types` (weight types, code paths), `formats` (GGML blocks and the
-//! packed layout), `operands` (what a kernel reads and writes), `packing` ([`PackedMatrix`]),
-//! `activations` (input quantization), the code
-//! paths `portable`, `x86_avx2` and `x86_avx512`, and `dispatch` ([`matmul`]) on top. Nothing
-//! here imports the rest of the crate but its error type.
 
 mod activations;
 mod dispatch;

@@ -1,4 +1,10 @@
-//! Decoder architectures: the shared transformer and what each architecture changes.
+//! The decoder shared by every architecture ([`transformer`]), its blocks (`layers`,
+//! `attention`, `linear`, `rope`, `cpu_ops`), the weight loader that builds them from a
+//! [`WeightSource`](crate::weights::WeightSource) (`loader`), and lookahead tokens
+//! ([`lookahead`]). Models import the data types and kernels below them (config, weights'
+//! interface, kernels, kv_cache, mask, threads, error), never `formats` or `loading`: a model
+//! does not know how its weights are stored or loaded. What each architecture changes is data,
+//! in [`config`](crate::config).
 
 pub(crate) mod attention;
 pub(crate) mod cpu_ops;
@@ -8,5 +14,3 @@ pub(crate) mod loader;
 pub mod lookahead;
 pub(crate) mod rope;
 pub mod transformer;
-
-pub use crate::gguf::config_from_gguf;

@@ -1,5 +1,7 @@
 //! Sampling and verification rules: pure functions over logits (`&[f32]`) and distributions
-//! ([`Probs`]), no tensors.
+//! ([`Probs`]), no tensors. [`Probs`] is at the bottom (`probs`); `logits` (argmax,
+//! log-softmax, top-k) and `warp` ([`SamplingParams`], [`warp_probs`]) make distributions from
+//! logits, and `verify` holds the acceptance rules. Nothing here imports the rest of the crate.
 //!
 //! The same [`warp_probs`] turns target logits into `p` and draft logits into `q`, so the ratio
 //! rule of speculative sampling (Leviathan et al., arXiv 2211.17192; Chen et al.,
@@ -12,10 +14,6 @@
 //! ([`accept_sampled`], [`residual`]), a deterministic one (a greedy draft's argmax) by the
 //! point-mass rule ([`accept_deterministic`], [`without_token`]); the bonus token after a fully
 //! accepted window is drawn from `p` itself.
-//!
-//! [`Probs`] (the distributions) is at the bottom; `logits` (argmax, log-softmax, top-k) and
-//! `warp` ([`SamplingParams`], [`warp_probs`]) make them from logits, `verify` holds the
-//! acceptance rules. Nothing here imports the rest of the crate.
 
 mod logits;
 mod probs;
