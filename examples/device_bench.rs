@@ -36,7 +36,7 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand};
 use mirror_sd::mirror_core::{
     load, load_model_dir, threads, DType, Device, DirFiles, LoadOptions, Model, ModelConfig,
-    ModelSource, Tensor, WeightFormat,
+    ModelSource, Tensor, ThreadPlacement, WeightFormat,
 };
 use mirror_sd::mirror_scheduler::latency::{ForwardCost, Scenario, TreeSchedule};
 use serde_json::{json, Value};
@@ -631,7 +631,9 @@ fn random_model(shape: &str, options: &LoadOptions) -> Res<Model> {
     let source = RandomWeights {
         path: PathBuf::from(format!("random:{shape}")),
     };
-    let model = Model::load(config, &source, options).map_err(|e| format!("{shape}: {e}"))?;
+    let model = options
+        .build_model(config, &source)
+        .map_err(|e| format!("{shape}: {e}"))?;
     model.device().synchronize().map_err(err)?;
     eprintln!(
         "built random {shape} on {:?} in {:.1} s: {}",
@@ -803,8 +805,7 @@ fn costs(args: &CostsArgs) -> Res<Value> {
         weights: WeightFormat::Float,
         dtype,
         device: device.clone(),
-        threads: None,
-        cores: None,
+        placement: ThreadPlacement::default(),
     };
     // The draft beside the target on the device: a second handle with its own stream.
     let device_draft = if args.draft_device == "cpu" {
@@ -826,8 +827,10 @@ fn costs(args: &CostsArgs) -> Res<Value> {
             weights,
             dtype: DType::F32,
             device: Device::Cpu,
-            threads: Some(cores.len()),
-            cores: Some(cores.clone()),
+            placement: ThreadPlacement {
+                threads: Some(cores.len()),
+                cores: Some(cores.clone()),
+            },
         };
         let model = Arc::new(random_model(&args.draft, &options)?);
         Some((cores, model))

@@ -11,9 +11,9 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use common::{fixture_dir, max_abs_diff, reference, reference_tokens};
-use mirror_core::models::config_from_gguf;
-use mirror_core::weights::{GgufWeights, WeightSource};
-use mirror_core::{Model, ModelConfig};
+use mirror_core::formats::gguf::{config_from_gguf, GgufWeights};
+use mirror_core::weights::WeightSource;
+use mirror_core::{LoadOptions, Model, ModelConfig};
 
 /// llama.cpp's permutation of q/k rows: half-split (NeoX) pairs become adjacent pairs.
 fn permute_for_interleaved(w: &Tensor, heads: usize) -> Tensor {
@@ -112,12 +112,9 @@ pub fn write_fixture_gguf(name: &str, arch: &str, out: &Path) -> ModelConfig {
 fn load_gguf_model(path: &Path) -> Model {
     let weights = GgufWeights::open(path).unwrap();
     let config = config_from_gguf(weights.content(), path).unwrap();
-    Model::load(
-        config,
-        &weights as &dyn WeightSource,
-        &mirror_core::LoadOptions::default(),
-    )
-    .unwrap()
+    LoadOptions::default()
+        .build_model(config, &weights)
+        .unwrap()
 }
 
 /// Every architecture, as llama.cpp exports it: Mistral as `llama`, qwen3 with its head width
@@ -151,9 +148,12 @@ fn gguf_exports_reproduce_transformers_logits() {
 
 #[test]
 fn every_loader_honours_the_thread_option() {
-    use mirror_core::{load_dir, load_gguf, DirFiles, LoadOptions};
+    use mirror_core::{load_dir, load_gguf, DirFiles};
     let options = LoadOptions {
-        threads: Some(1),
+        placement: mirror_core::ThreadPlacement {
+            threads: Some(1),
+            cores: None,
+        },
         ..LoadOptions::default()
     };
     let files = DirFiles::local(&fixture_dir("qwen2")).unwrap();
@@ -402,9 +402,9 @@ fn quantized_gguf_exports_load_as_stored() {
 fn load_gguf_model_with(path: &Path, weights: mirror_core::WeightFormat) -> Model {
     let source = GgufWeights::open(path).unwrap();
     let config = config_from_gguf(source.content(), path).unwrap();
-    let options = mirror_core::LoadOptions {
+    let options = LoadOptions {
         weights,
-        ..mirror_core::LoadOptions::default()
+        ..LoadOptions::default()
     };
-    Model::load(config, &source as &dyn WeightSource, &options).unwrap()
+    options.build_model(config, &source).unwrap()
 }

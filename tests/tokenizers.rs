@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use mirror_core::weights::GgufWeights;
+use mirror_core::formats::gguf::GgufWeights;
 use mirror_core::{load_dir, ChatMessage, DirFiles, LoadOptions, Tokenizer};
 use serde_json::Value;
 

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mirror_sd::mirror_core::{
-    load, threads, DType, Device, LoadOptions, LoadedModel, Model, ModelSource, WeightFormat,
+    load, threads, DType, Device, LoadOptions, LoadedModel, Model, ModelSource, ThreadPlacement,
+    WeightFormat,
 };
 use mirror_sd::mirror_scheduler::{
     DraftSchedule, EarlyExit, LookupConfig, MirrorSettings, SpeculativeSettings, WindowPolicy,
@@ -87,8 +88,7 @@ pub fn load_options(
         weights: parse_weights(weights)?,
         dtype: DType::F32,
         device: device.clone(),
-        threads,
-        cores,
+        placement: ThreadPlacement { threads, cores },
     })
 }
 

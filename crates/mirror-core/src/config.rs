@@ -1,20 +1,45 @@
-//! Model configuration: a plain serde mirror of Hugging Face `config.json`.
+//! Model configuration: a plain serde mirror of Hugging Face `config.json`, the architectures
+//! and what each changes in the shared decoder, and the shape of lookahead tokens. Data types
+//! only: this module imports nothing of the crate but its error type.
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// The decoder architectures this crate implements.
+/// The decoder architectures this crate implements: pre-norm blocks of grouped-query attention
+/// with RoPE and a SwiGLU MLP, and what each one changes in them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Architecture {
-    /// Llama 2/3 and derivatives (SmolLM2): no attention bias, optional llama3 RoPE scaling.
+    /// Llama (Touvron et al., "LLaMA", arXiv 2302.13971; "Llama 2", arXiv 2307.09288; "The
+    /// Llama 3 Herd of Models", arXiv 2407.21783) and models of its layout, such as SmolLM2
+    /// (Allal et al., arXiv 2502.02737): no attention bias, optional llama3 RoPE scaling, tied
+    /// or separate LM head. llama.cpp's GGUF export permutes the q/k weights for interleaved
+    /// RoPE, so GGUF `llama` checkpoints rotate adjacent pairs.
     Llama,
-    /// Qwen2 / Qwen2.5: bias on the q, k and v projections.
+    /// Qwen2 and Qwen2.5 (Qwen Team, arXiv 2407.10671 and 2412.15115), including Qwen2.5-Coder
+    /// (arXiv 2409.12186): a bias on the q, k and v projections (none on the output). GGUF
+    /// `qwen2` checkpoints keep the half-split (NeoX) RoPE layout of the Hugging Face weights.
     Qwen2,
-    /// Qwen3: RMSNorm on queries and keys per head, explicit head dimension.
+    /// Qwen3 (Qwen Team, arXiv 2505.09388): no projection bias, an explicit `head_dim`, and an
+    /// RMSNorm on every query and key head before RoPE (which keeps attention logits bounded).
     Qwen3,
-    /// Mistral: Llama layout with a sliding attention window.
+    /// Mistral (Jiang et al., "Mistral 7B", arXiv 2310.06825): Llama layout with a sliding
+    /// attention window. We run full attention and cap the context at the window, which is
+    /// exactly equivalent for every context that fits in it.
     Mistral,
+}
+
+/// What distinguishes one architecture from the shared decoder.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ArchSpec {
+    /// q/k/v projections always carry a bias, whatever `attention_bias` says.
+    pub forced_qkv_bias: bool,
+    /// Per-head RMSNorm on queries and keys.
+    pub qk_norm: bool,
+    /// `attention_bias` also puts a bias on the output projection.
+    pub attention_bias_covers_output: bool,
+    /// GGUF exports of this architecture use interleaved RoPE.
+    pub gguf_rope_interleaved: bool,
 }
 
 impl Architecture {
@@ -29,6 +54,30 @@ impl Architecture {
                 architecture: other.to_string(),
                 source_name: source_name.to_string(),
             }),
+        }
+    }
+
+    pub(crate) fn spec(self) -> ArchSpec {
+        let llama = ArchSpec {
+            forced_qkv_bias: false,
+            qk_norm: false,
+            attention_bias_covers_output: true,
+            gguf_rope_interleaved: true,
+        };
+        match self {
+            Self::Llama | Self::Mistral => llama,
+            Self::Qwen2 => ArchSpec {
+                forced_qkv_bias: true,
+                attention_bias_covers_output: false,
+                gguf_rope_interleaved: false,
+                ..llama
+            },
+            Self::Qwen3 => ArchSpec {
+                qk_norm: true,
+                attention_bias_covers_output: false,
+                gguf_rope_interleaved: false,
+                ..llama
+            },
         }
     }
 
@@ -147,7 +196,31 @@ pub struct ModelConfig {
     /// weights come from a lookahead checkpoint (see [`crate::models::lookahead`]).
     #[serde(rename = "speculative_streams")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lookahead: Option<crate::models::lookahead::LookaheadConfig>,
+    pub lookahead: Option<LookaheadConfig>,
+}
+
+/// Shape of a draft's lookahead tokens (a plain serde struct, as in `config.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LookaheadConfig {
+    /// Lookahead tokens `S`: the draft proposes up to `1 + tokens` tokens per forward.
+    #[serde(rename = "num_streams")]
+    pub tokens: usize,
+    /// Top layers the lookahead rows run through (`N_s`).
+    #[serde(rename = "stream_layers")]
+    pub layers: usize,
+    /// Rank of the projection from the main row's state.
+    pub rank: usize,
+}
+
+impl LookaheadConfig {
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.tokens == 0 || self.layers == 0 || self.rank == 0 {
+            return Err(Error::invalid(format!(
+                "a lookahead config needs lookahead_tokens, lookahead_layers and rank >= 1, got {self:?}"
+            )));
+        }
+        Ok(())
+    }
 }
 
 fn default_rope_theta() -> f64 {
@@ -223,7 +296,7 @@ impl ModelConfig {
         self.spec().is_some_and(|s| s.qk_norm)
     }
 
-    fn spec(&self) -> Option<crate::models::ArchSpec> {
+    fn spec(&self) -> Option<ArchSpec> {
         Architecture::parse(&self.model_type, "config")
             .ok()
             .map(Architecture::spec)

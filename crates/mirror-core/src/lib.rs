@@ -31,11 +31,9 @@
 //! # Ok(()) }
 //! ```
 
-pub(crate) mod checkpoint;
 pub mod config;
 pub mod error;
-pub mod gguf;
-pub mod hub;
+pub mod formats;
 pub mod kernels;
 pub mod kv_cache;
 pub mod loading;
@@ -49,9 +47,9 @@ pub mod training;
 pub mod weights;
 
 pub use candle_core::quantized::GgmlDType;
-pub use config::{Architecture, ModelConfig};
+pub use config::{Architecture, LookaheadConfig, ModelConfig};
 pub use error::{panic_message, Error, Result};
-pub use hub::HubRepo;
+pub use formats::hub::HubRepo;
 pub use kv_cache::KvCache;
 pub use loading::{
     load, load_dir, load_gguf, load_hub, load_model_dir, DirFiles, LoadOptions, LoadedModel,
@@ -59,8 +57,9 @@ pub use loading::{
 };
 pub use mask::{AttentionInput, RowVisibility};
 pub use models::layers::Kernels;
-pub use models::lookahead::{lookahead_attention, LookaheadConfig, LookaheadHead, LookaheadLogits};
+pub use models::lookahead::{lookahead_attention, LookaheadHead, LookaheadLogits};
 pub use models::transformer::Model;
+pub use threads::ThreadPlacement;
 pub use tokenizer::{ChatMessage, Tokenizer};
 pub use weights::{WeightFormat, WeightReport};
 

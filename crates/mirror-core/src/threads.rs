@@ -1,11 +1,12 @@
 //! CPU threads: one policy for every pool a model's work can run on.
 //!
-//! - **Each model runs on its own rayon pool** ([`LoadOptions::threads`](crate::LoadOptions),
-//!   [`Model::with_threads`](crate::Model::with_threads)). mirror-core's matmul and attention
+//! - **Each model runs on its own rayon pool** ([`ThreadPlacement::threads`], given to
+//!   [`Model::with_placement`](crate::Model::with_placement) or in
+//!   [`LoadOptions::placement`](crate::LoadOptions)). mirror-core's matmul and attention
 //!   kernels, and candle's rayon-parallel ops (RMSNorm, RoPE, f32 matmul), run in the pool of
 //!   the model whose forward calls them. A pool can be pinned to a set of cores
-//!   ([`LoadOptions::cores`](crate::LoadOptions)), so that two models that run at the same time
-//!   (Mirror's target and draft) never share a core.
+//!   ([`ThreadPlacement::cores`]), so that two models that run at the same time (Mirror's target
+//!   and draft) never share a core.
 //! - **The draft worker** of Mirror runs the draft on the draft model's pool; the scheduler
 //!   builds no pool of its own.
 //! - **candle's element-wise pool** is process-wide (`CANDLE_NUM_THREADS` threads; candle uses
@@ -111,6 +112,29 @@ pub fn build_pool(
         .build()
         .map(Arc::new)
         .map_err(|e| Error::ThreadPool(e.to_string()))
+}
+
+/// Where a model's CPU work runs: in the caller's rayon pool (the default), or in a pool of its
+/// own of `threads` threads, pinned to `cores` when given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ThreadPlacement {
+    /// Give the model its own rayon pool of this many threads.
+    pub threads: Option<usize>,
+    /// Pin the model's pool to these cores (one thread each unless `threads` says otherwise).
+    pub cores: Option<Vec<usize>>,
+}
+
+impl ThreadPlacement {
+    /// The pool this placement asks for, its threads named `name-i`; `None` for the caller's.
+    pub fn build_pool(&self, name: &str) -> Result<Option<Arc<rayon::ThreadPool>>> {
+        match (&self.cores, self.threads) {
+            (Some(cores), threads) => {
+                build_pool(name, threads.unwrap_or(cores.len()), Some(cores)).map(Some)
+            }
+            (None, Some(threads)) => build_pool(name, threads, None).map(Some),
+            (None, None) => Ok(None),
+        }
+    }
 }
 
 /// How to split `cores` between a target and a draft that run at the same time (Mirror):

@@ -1,9 +1,9 @@
-//! Tokenizers from `tokenizer.json` or rebuilt from GGUF metadata, and chat templates rendered
-//! with a real Jinja engine (minijinja), as Hugging Face `apply_chat_template` does.
+//! Tokenizers from `tokenizer.json` (or rebuilt from GGUF metadata by
+//! [`Tokenizer::from_gguf`], in [`formats::gguf`](crate::formats::gguf)), and chat templates
+//! rendered with a real Jinja engine (minijinja), as Hugging Face `apply_chat_template` does.
 
 use std::path::Path;
 
-use candle_core::quantized::gguf_file::Content;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -61,13 +61,16 @@ fn tok_err(source_name: &str, reason: impl std::fmt::Display) -> Error {
 /// an error (found by `tests/fuzz.rs`): a `decoder` that is not valid JSON in tokenizer.json
 /// (`expect("Helper")` in its deserializer), and a BPE merge whose parts are shorter than the
 /// continuing-subword prefix (a slice out of range in `BPE::build`).
-fn guard_tokenizers<T>(source_name: &str, call: impl FnOnce() -> Result<T>) -> Result<T> {
+pub(crate) fn guard_tokenizers<T>(
+    source_name: &str,
+    call: impl FnOnce() -> Result<T>,
+) -> Result<T> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).unwrap_or_else(|panic| {
         Err(tok_err(
             source_name,
             format!(
                 "the tokenizers library panicked on this input: {}",
-                crate::panic_message(&*panic)
+                crate::error::panic_message(&*panic)
             ),
         ))
     })
@@ -163,13 +166,6 @@ impl Tokenizer {
                 .unwrap_or(false),
             chat_template: chat_template(&config),
         }))
-    }
-
-    /// Rebuilds the tokenizer stored in GGUF metadata (`tokenizer.ggml.*`, byte-level BPE).
-    pub fn from_gguf(content: &Content, path: &Path) -> Result<Self> {
-        guard_tokenizers(&path.display().to_string(), || {
-            crate::gguf::tokenizer_from_gguf(content, path)
-        })
     }
 
     /// The file the tokenizer came from.

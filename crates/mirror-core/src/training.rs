@@ -18,11 +18,12 @@ use candle_core::{DType, Tensor, Var, D};
 use candle_nn::{Optimizer, ParamsAdamW};
 use rand::{rngs::StdRng, seq::index::sample, Rng, SeedableRng};
 
-use crate::checkpoint::{self, Checkpoint};
+use crate::config::LookaheadConfig;
 use crate::error::{Error, Result};
+use crate::formats::checkpoint::{self, Checkpoint};
 use crate::mask::AttentionInput;
 use crate::models::layers::Kernels;
-use crate::models::lookahead::{lookahead_attention, LookaheadConfig, LookaheadHead};
+use crate::models::lookahead::{lookahead_attention, LookaheadHead};
 use crate::models::transformer::Model;
 
 /// AdamW with decoupled weight decay (Loshchilov & Hutter, arXiv 1711.05101), the update of

@@ -7,7 +7,7 @@
 
 use half::f16;
 
-use super::WeightType;
+use super::types::WeightType;
 
 /// One GGML block of one weight row, decoded.
 #[derive(Clone)]

@@ -18,8 +18,10 @@ use std::ops::Range;
 
 use half::f16;
 
+use super::activations::Activations;
 use super::formats::{self, DecodedBlock, GROUP};
-use super::{Activations, Output, WeightType, Weights};
+use super::operands::{Output, Weights};
+use super::types::WeightType;
 
 /// The zero point subtracted from the unsigned quants of a 32-weight type.
 pub(crate) const fn zero_point(ty: WeightType) -> i32 {

@@ -5,6 +5,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 
+use super::activations::Activations;
 use super::*;
 
 fn random(len: usize, seed: u64) -> Vec<f32> {

@@ -9,9 +9,11 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
+use super::activations::Activations;
 use super::formats::GroupLayout;
+use super::operands::{Output, Weights};
 use super::portable::zero_point;
-use super::{Activations, Output, WeightType, Weights};
+use super::types::WeightType;
 
 /// # Safety
 /// The CPU must support AVX2 and F16C; `out` must be valid for the writes.

@@ -13,9 +13,11 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
+use super::activations::Activations;
 use super::formats::GroupLayout;
+use super::operands::{Output, Weights};
 use super::portable::zero_point;
-use super::{Activations, Output, WeightType, Weights};
+use super::types::WeightType;
 
 /// Activation rows per tile: four rows keep every accumulator of the widest kernel in the 32
 /// vector registers.

@@ -1,7 +1,7 @@
 //! The blocks of the shared decoder: grouped-query attention with RoPE (Ainslie et al., "GQA",
 //! arXiv 2305.13245) and a SwiGLU MLP (Shazeer, "GLU Variants Improve Transformer",
 //! arXiv 2002.05202) in pre-norm residual layers. Each block loads itself from a scoped
-//! [`WeightLoader`] and owns its forward.
+//! `WeightLoader` and owns its forward.
 
 use candle_core::{Module, Tensor};
 use candle_nn::RmsNorm;

@@ -1,42 +1,16 @@
-//! Decoder architectures: the shared transformer and what each architecture changes.
+//! The decoder shared by every architecture ([`transformer`]), its blocks (`layers`,
+//! `attention`, `linear`, `rope`, `cpu_ops`), the weight loader that builds them from a
+//! [`WeightSource`](crate::weights::WeightSource) (`loader`), and lookahead tokens
+//! ([`lookahead`]). Models import the data types and kernels below them (config, weights'
+//! interface, kernels, kv_cache, mask, threads, error), never `formats` or `loading`: a model
+//! does not know how its weights are stored or loaded. What each architecture changes is data,
+//! in [`config`](crate::config).
 
 pub(crate) mod attention;
 pub(crate) mod cpu_ops;
 pub mod layers;
 pub(crate) mod linear;
-pub mod llama;
 pub(crate) mod loader;
 pub mod lookahead;
-pub mod mistral;
-pub mod qwen2;
-pub mod qwen3;
 pub(crate) mod rope;
 pub mod transformer;
-
-pub use crate::gguf::config_from_gguf;
-
-use crate::config::Architecture;
-
-/// What distinguishes one architecture from the shared decoder.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ArchSpec {
-    /// q/k/v projections always carry a bias, whatever `attention_bias` says.
-    pub forced_qkv_bias: bool,
-    /// Per-head RMSNorm on queries and keys.
-    pub qk_norm: bool,
-    /// `attention_bias` also puts a bias on the output projection.
-    pub attention_bias_covers_output: bool,
-    /// GGUF exports of this architecture use interleaved RoPE.
-    pub gguf_rope_interleaved: bool,
-}
-
-impl Architecture {
-    pub(crate) fn spec(self) -> ArchSpec {
-        match self {
-            Architecture::Llama => llama::SPEC,
-            Architecture::Qwen2 => qwen2::SPEC,
-            Architecture::Qwen3 => qwen3::SPEC,
-            Architecture::Mistral => mistral::SPEC,
-        }
-    }
-}

@@ -20,10 +20,9 @@ use super::rope::Rope;
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
-use crate::loading::LoadOptions;
 use crate::mask::AttentionInput;
-use crate::threads;
-use crate::weights::{WeightReport, WeightSource};
+use crate::threads::ThreadPlacement;
+use crate::weights::{WeightFormat, WeightReport, WeightSource};
 
 /// A decoder-only language model with weights behind `&self` (share it across threads with an
 /// `Arc`) and all mutable state in a [`KvCache`] passed as `&mut`. Cloning shares the weights.
@@ -58,20 +57,22 @@ impl std::fmt::Debug for Model {
 }
 
 impl Model {
-    /// Builds the model from a weight source with `options` (weight format, activation dtype,
-    /// device, threads). Every tensor's shape is checked against `config` and a mismatch names
-    /// the tensor and the file. What happened to each weight matrix is in
+    /// Builds the model from a weight source: weight matrices kept in `format`, activations and
+    /// float weights in `dtype`, on `device`; it runs in the caller's rayon pool (see
+    /// [`Model::with_placement`]). Every tensor's shape is checked against `config` and a
+    /// mismatch names the tensor and the file. What happened to each weight matrix is in
     /// [`Model::weight_report`].
     pub fn load(
         config: ModelConfig,
         source: &dyn WeightSource,
-        options: &LoadOptions,
+        format: WeightFormat,
+        dtype: DType,
+        device: &Device,
     ) -> Result<Self> {
         let source_name = source.path().display().to_string();
         config.validate(&source_name)?;
         let architecture = Architecture::parse(&config.model_type, &source_name)?;
-        let (dtype, device) = (options.dtype, &options.device);
-        let loader = WeightLoader::new(source, options.weights, dtype, device)?;
+        let loader = WeightLoader::new(source, format, dtype, device)?;
         let hidden = config.hidden_size;
         let embed_tokens =
             loader.embedding("model.embed_tokens.weight", config.vocab_size, hidden)?;
@@ -93,7 +94,7 @@ impl Model {
         if !weights.converted().is_empty() {
             log::info!("{}: {}", source_name, weights.summary());
         }
-        let model = Self {
+        Ok(Self {
             embed_tokens,
             architecture,
             layers,
@@ -106,19 +107,7 @@ impl Model {
             lookahead: None,
             weights,
             config,
-        };
-        match (&options.cores, options.threads) {
-            (Some(cores), threads) => {
-                let pool = threads::build_pool(
-                    "mirror-model",
-                    threads.unwrap_or(cores.len()),
-                    Some(cores),
-                )?;
-                Ok(model.with_thread_pool(pool))
-            }
-            (None, Some(threads)) => model.with_threads(threads),
-            (None, None) => Ok(model),
-        }
+        })
     }
 
     /// What loading did with every weight matrix: stored and used types, bytes.
@@ -195,16 +184,30 @@ impl Model {
         self
     }
 
+    /// Runs this model where `placement` says: in a new pool of its own (see
+    /// [`Model::with_thread_pool`]), or unchanged for the default placement.
+    pub fn with_placement(self, placement: &ThreadPlacement) -> Result<Self> {
+        Ok(match placement.build_pool("mirror-model")? {
+            Some(pool) => self.with_thread_pool(pool),
+            None => self,
+        })
+    }
+
     /// Confines this model to a new pool of `threads` threads (see [`Model::with_thread_pool`]).
     pub fn with_threads(self, threads: usize) -> Result<Self> {
-        Ok(self.with_thread_pool(threads::build_pool("mirror-model", threads, None)?))
+        self.with_placement(&ThreadPlacement {
+            threads: Some(threads),
+            cores: None,
+        })
     }
 
     /// Confines this model to a new pool with one thread per core of `cores`, each pinned to
     /// those cores (Linux), so that models pinned to disjoint cores never compete for one.
     pub fn with_cores(self, cores: &[usize]) -> Result<Self> {
-        let pool = threads::build_pool("mirror-model", cores.len(), Some(cores))?;
-        Ok(self.with_thread_pool(pool))
+        self.with_placement(&ThreadPlacement {
+            threads: None,
+            cores: Some(cores.to_vec()),
+        })
     }
 
     /// Threads of the model's own pool, or `None` when it runs in the caller's rayon pool.

@@ -1,10 +1,14 @@
-//! GGUF files (llama.cpp's single-file format): the model config and the tokenizer rebuilt
-//! from their metadata, under llama.cpp's key names. The tensors are read by
-//! [`GgufWeights`](crate::weights::GgufWeights).
+//! GGUF files (llama.cpp's single-file format): the tensors ([`GgufWeights`], by Hugging Face
+//! names), and the model config and the tokenizer rebuilt from their metadata, under llama.cpp's
+//! key names.
 
-use std::path::Path;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::{self, Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
 use tokenizers::normalizers::unicode::NFC;
@@ -16,8 +20,170 @@ use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use crate::config::{Architecture, ModelConfig, TokenIds};
-use crate::error::{Error, Result};
-use crate::tokenizer::{Tokenizer, TokenizerParts};
+use crate::error::{panic_message, Error, Result};
+use crate::tokenizer::{guard_tokenizers, Tokenizer, TokenizerParts};
+use crate::weights::{check_shape, ggml_type_name, WeightSource};
+
+/// Runs one of candle's GGUF readers. Its errors, and any panic inside it (candle's reader is
+/// not ours to fix; a panic on some malformed input must not unwind through a loader), become
+/// [`Error::CorruptFile`] naming the file.
+fn guard_gguf<T>(
+    path: &Path,
+    what: &str,
+    read: impl FnOnce() -> candle_core::Result<T>,
+) -> Result<T> {
+    let corrupt = |reason: String| Error::CorruptFile {
+        path: path.to_path_buf(),
+        reason: format!("{what}{reason}"),
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)) {
+        Ok(result) => result.map_err(|e| corrupt(e.to_string())),
+        Err(panic) => Err(corrupt(format!(
+            "the GGUF reader panicked: {}",
+            panic_message(&*panic)
+        ))),
+    }
+}
+
+/// A GGUF file; quantized tensors are dequantized on load to the requested dtype.
+pub struct GgufWeights {
+    path: PathBuf,
+    content: gguf_file::Content,
+    file: Mutex<File>,
+}
+
+impl GgufWeights {
+    /// Opens `path` and reads its header and metadata. A truncated file fails here.
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let content = guard_gguf(path, "", || gguf_file::Content::read(&mut file))?;
+        let file_size = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        // Check every tensor's extent now, so a truncated download is reported before any work;
+        // in checked arithmetic, since a corrupt header can declare any dimensions.
+        for (name, info) in &content.tensor_infos {
+            let block = info.ggml_dtype.block_size().max(1) as u64;
+            let end = info
+                .shape
+                .dims()
+                .iter()
+                .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+                .and_then(|elements| {
+                    (elements / block).checked_mul(info.ggml_dtype.type_size() as u64)
+                })
+                .and_then(|bytes| bytes.checked_add(info.offset))
+                .and_then(|end| end.checked_add(content.tensor_data_offset));
+            match end {
+                Some(end) if end <= file_size => {}
+                _ => {
+                    return Err(Error::CorruptFile {
+                        path: path.to_path_buf(),
+                        reason: format!(
+                            "tensor `{name}` of shape {:?} at offset {} ends past the file's {file_size} bytes (truncated download?)",
+                            info.shape.dims(),
+                            info.offset
+                        ),
+                    })
+                }
+            }
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            content,
+            file: Mutex::new(file),
+        })
+    }
+
+    /// The parsed header: metadata and tensor infos.
+    pub fn content(&self) -> &gguf_file::Content {
+        &self.content
+    }
+
+    /// The GGUF tensor name for a Hugging Face tensor name.
+    pub fn gguf_name(hf_name: &str) -> Option<String> {
+        let direct = match hf_name {
+            "model.embed_tokens.weight" => Some("token_embd.weight"),
+            "model.norm.weight" => Some("output_norm.weight"),
+            "lm_head.weight" => Some("output.weight"),
+            _ => None,
+        };
+        if let Some(name) = direct {
+            return Some(name.to_string());
+        }
+        let rest = hf_name.strip_prefix("model.layers.")?;
+        let (layer, field) = rest.split_once('.')?;
+        let (module, kind) = field.rsplit_once('.')?;
+        let gguf_module = match module {
+            "input_layernorm" => "attn_norm",
+            "post_attention_layernorm" => "ffn_norm",
+            "self_attn.q_proj" => "attn_q",
+            "self_attn.k_proj" => "attn_k",
+            "self_attn.v_proj" => "attn_v",
+            "self_attn.o_proj" => "attn_output",
+            "self_attn.q_norm" => "attn_q_norm",
+            "self_attn.k_norm" => "attn_k_norm",
+            "mlp.gate_proj" => "ffn_gate",
+            "mlp.up_proj" => "ffn_up",
+            "mlp.down_proj" => "ffn_down",
+            _ => return None,
+        };
+        Some(format!("blk.{layer}.{gguf_module}.{kind}"))
+    }
+}
+
+impl GgufWeights {
+    /// Reads `name` (a Hugging Face name) as stored, checking its shape.
+    fn read(&self, name: &str, shape: &[usize]) -> Result<QTensor> {
+        let missing = || Error::MissingTensor {
+            name: name.to_string(),
+            path: self.path.clone(),
+        };
+        let gguf_name = Self::gguf_name(name).ok_or_else(missing)?;
+        let info = self
+            .content
+            .tensor_infos
+            .get(&gguf_name)
+            .ok_or_else(missing)?;
+        check_shape(&gguf_name, &self.path, shape, info.shape.dims())?;
+        let mut file = self
+            .file
+            .lock()
+            .map_err(|_| Error::invalid("GGUF reader lock poisoned"))?;
+        guard_gguf(&self.path, &format!("tensor `{gguf_name}`: "), || {
+            info.read(&mut *file, self.content.tensor_data_offset, &Device::Cpu)
+        })
+    }
+}
+
+impl WeightSource for GgufWeights {
+    fn load(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let tensor = self
+            .read(name, shape)?
+            .dequantize(&Device::Cpu)?
+            .to_dtype(dtype)?;
+        Ok(tensor.to_device(device)?)
+    }
+
+    fn load_quantized(&self, name: &str, shape: &[usize]) -> Result<Option<QTensor>> {
+        let tensor = self.read(name, shape)?;
+        Ok(match tensor.dtype() {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => None,
+            _ => Some(tensor),
+        })
+    }
+
+    fn stored_type(&self, name: &str) -> Option<String> {
+        let info = self.content.tensor_infos.get(&Self::gguf_name(name)?)?;
+        Some(ggml_type_name(info.ggml_dtype))
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        Self::gguf_name(name).is_some_and(|n| self.content.tensor_infos.contains_key(&n))
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
 
 fn value_as_u64(value: &Value) -> Option<u64> {
     match value {
@@ -158,9 +324,18 @@ pub fn config_from_gguf(content: &Content, path: &Path) -> Result<ModelConfig> {
     Ok(config)
 }
 
+impl Tokenizer {
+    /// Rebuilds the tokenizer stored in GGUF metadata (`tokenizer.ggml.*`, byte-level BPE).
+    pub fn from_gguf(content: &Content, path: &Path) -> Result<Self> {
+        guard_tokenizers(&path.display().to_string(), || {
+            tokenizer_from_gguf(content, path)
+        })
+    }
+}
+
 /// Rebuilds the tokenizer stored in GGUF metadata (`tokenizer.ggml.*`, byte-level BPE), with
 /// the pre-tokenizer that `tokenizer.ggml.pre` names.
-pub(crate) fn tokenizer_from_gguf(content: &Content, path: &Path) -> Result<Tokenizer> {
+fn tokenizer_from_gguf(content: &Content, path: &Path) -> Result<Tokenizer> {
     let source_name = path.display().to_string();
     let err = |reason: String| Error::Tokenizer {
         source_name: source_name.clone(),
