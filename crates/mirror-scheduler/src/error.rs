@@ -38,6 +38,32 @@ pub enum Error {
     #[error("invalid draft window: {0}")]
     InvalidWindow(String),
 
+    /// A sequence's KV cache is larger than the batched engine's whole memory budget: it could
+    /// never be admitted.
+    #[error(
+        "the sequence needs {needed} bytes of KV cache but the engine's budget is {budget} bytes \
+         (raise BatchSettings::kv_budget_bytes or shorten the prompt or max_new_tokens)"
+    )]
+    MemoryBudget {
+        /// Bytes of the sequence's cache.
+        needed: u64,
+        /// The pool's budget.
+        budget: u64,
+    },
+
+    /// The batched engine's step failed in the target's forward; every sequence of that step
+    /// ends with this error, sharing its source.
+    #[error("the batched step failed: {source}")]
+    StepFailed {
+        /// The forward's error.
+        #[source]
+        source: std::sync::Arc<Error>,
+    },
+
+    /// The batched engine has stopped (its thread ended), so it takes no more sequences.
+    #[error("the batched engine has stopped")]
+    EngineStopped,
+
     /// Mirror's draft worker failed; the generation was stopped.
     #[error("draft worker failed: {source}")]
     WorkerFailed {

@@ -90,6 +90,8 @@ pub enum FinishReason {
     ContextLimit,
     /// The caller cancelled a streaming generation.
     Cancelled,
+    /// The sequence's deadline passed (batched engine); output so far is returned.
+    Deadline,
 }
 
 /// The result of a generation.

@@ -24,7 +24,7 @@
 //! 3. `run` (one generation's bookkeeping, shared by every strategy);
 //! 4. [`draft`]: the draft side (linear drafting, lookahead tokens, prompt lookup);
 //! 5. [`strategy`]: the decoders, and Mirror's tree drafting, worker and target side;
-//! 6. [`engine`]: text in, text out, streaming.
+//! 6. [`engine`]: text in, text out, streaming; the batched engine ([`EngineHandle`]).
 
 pub mod adaptive;
 pub mod draft;
@@ -52,7 +52,10 @@ pub mod testing {
 
 pub use adaptive::WindowPolicy;
 pub use draft::lookup::LookupConfig;
-pub use engine::{Engine, Prompt, TextStream};
+pub use engine::{
+    BatchSettings, Engine, EngineHandle, EngineLoad, Event, Prompt, SequenceRequest,
+    SequenceStream, Speculation, StepReport, TextStream,
+};
 pub use error::{Error, Result, WorkerFault};
 pub use generation::{FinishReason, Generation, GenerationConfig, StopSet, StreamControl};
 pub use stats::{Reuse, Stats, TimeSplit};

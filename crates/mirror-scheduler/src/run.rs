@@ -52,7 +52,7 @@ impl<'a> Run<'a> {
     /// limit when not.
     pub fn has_room(&mut self) -> bool {
         if self.cache.len() + 1 > self.cache.capacity() {
-            self.progress.finish = Some(FinishReason::ContextLimit);
+            self.progress.output.finish = Some(FinishReason::ContextLimit);
             return false;
         }
         true
@@ -80,27 +80,22 @@ impl<'a> Run<'a> {
     }
 }
 
-/// The committed output of one generation.
-pub(crate) struct Progress<'a> {
+/// The committed output of one generation: its tokens, the stop and length rules, and why it
+/// ended. Shared by the one-sequence strategies ([`Progress`]) and the batched engine.
+pub(crate) struct Output {
     pub tokens: Vec<u32>,
     stop: StopSet,
     max_new_tokens: usize,
     pub finish: Option<FinishReason>,
-    on_tokens: &'a mut dyn FnMut(&[u32]) -> StreamControl,
 }
 
-impl<'a> Progress<'a> {
-    pub fn new(
-        config: &GenerationConfig,
-        target: &Model,
-        on_tokens: &'a mut dyn FnMut(&[u32]) -> StreamControl,
-    ) -> Self {
+impl Output {
+    pub fn new(config: &GenerationConfig, target: &Model) -> Self {
         Self {
             tokens: Vec::new(),
             stop: StopSet::new(config, target),
             max_new_tokens: config.max_new_tokens,
             finish: (config.max_new_tokens == 0).then_some(FinishReason::Length),
-            on_tokens,
         }
     }
 
@@ -108,9 +103,9 @@ impl<'a> Progress<'a> {
         &self.stop
     }
 
-    /// Commits `new` tokens in order, stopping at a stop token or the length limit, and streams
-    /// them. Returns true while generation should go on.
-    pub fn commit(&mut self, new: &[u32]) -> bool {
+    /// Commits `new` tokens in order, stopping at a stop token or the length limit. Returns
+    /// the tokens that were committed (a prefix of `new`).
+    pub fn push(&mut self, new: &[u32]) -> &[u32] {
         let start = self.tokens.len();
         for &token in new {
             if self.finish.is_some() {
@@ -123,13 +118,7 @@ impl<'a> Progress<'a> {
                 self.finish = Some(FinishReason::Length);
             }
         }
-        if self.tokens.len() > start
-            && (self.on_tokens)(&self.tokens[start..]) == StreamControl::Stop
-            && self.finish.is_none()
-        {
-            self.finish = Some(FinishReason::Cancelled);
-        }
-        self.finish.is_none()
+        &self.tokens[start..]
     }
 
     pub fn done(&self) -> bool {
@@ -146,6 +135,51 @@ impl<'a> Progress<'a> {
             text: None,
             stats,
         }
+    }
+}
+
+/// The committed output of one generation, streamed to a callback as it grows.
+pub(crate) struct Progress<'a> {
+    pub output: Output,
+    on_tokens: &'a mut dyn FnMut(&[u32]) -> StreamControl,
+}
+
+impl<'a> Progress<'a> {
+    pub fn new(
+        config: &GenerationConfig,
+        target: &Model,
+        on_tokens: &'a mut dyn FnMut(&[u32]) -> StreamControl,
+    ) -> Self {
+        Self {
+            output: Output::new(config, target),
+            on_tokens,
+        }
+    }
+
+    pub fn stop(&self) -> &StopSet {
+        self.output.stop()
+    }
+
+    /// Commits `new` tokens in order, stopping at a stop token or the length limit, and streams
+    /// them. Returns true while generation should go on.
+    pub fn commit(&mut self, new: &[u32]) -> bool {
+        let committed = self.output.push(new);
+        if !committed.is_empty()
+            && (self.on_tokens)(committed) == StreamControl::Stop
+            && self.output.finish.is_none()
+        {
+            self.output.finish = Some(FinishReason::Cancelled);
+        }
+        self.output.finish.is_none()
+    }
+
+    pub fn done(&self) -> bool {
+        self.output.done()
+    }
+
+    /// Closes the generation: final counters and the result.
+    pub fn finish(self, stats: Stats, started: Instant) -> Generation {
+        self.output.finish(stats, started)
     }
 }
 

@@ -130,11 +130,30 @@ impl Attention {
         mask: Option<&Tensor>,
         kernels: Kernels,
     ) -> Result<Tensor> {
+        let heads = self.attend_heads(q, keys, values, mask, kernels)?;
+        self.project_output(&heads)
+    }
+
+    /// The output projection over attended heads `(b, tokens, heads * d)`.
+    pub(crate) fn project_output(&self, heads: &Tensor) -> Result<Tensor> {
+        self.o_proj.forward(heads)
+    }
+
+    /// [`Attention::attend`] before the output projection: `(b, tokens, heads * d)`. A ragged
+    /// batch attends each sequence on its own and projects all of them at once.
+    pub(crate) fn attend_heads(
+        &self,
+        q: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+        mask: Option<&Tensor>,
+        kernels: Kernels,
+    ) -> Result<Tensor> {
         let (batch, heads, tokens, head_dim) = q.dims4()?;
         if kernels == Kernels::Fused {
             let scale = 1.0 / (head_dim as f32).sqrt();
             if let Some(out) = attention::attention(q, keys, values, mask, scale)? {
-                return self.o_proj.forward(&out);
+                return Ok(out);
             }
         }
         let kv_heads = self.num_kv_heads;
@@ -162,7 +181,7 @@ impl Attention {
             .reshape((batch, heads, tokens, head_dim))?
             .transpose(1, 2)?
             .reshape((batch, tokens, heads * head_dim))?;
-        self.o_proj.forward(&out)
+        Ok(out)
     }
 }
 

@@ -12,5 +12,6 @@ pub mod layers;
 pub(crate) mod linear;
 pub(crate) mod loader;
 pub mod lookahead;
+pub mod ragged;
 pub(crate) mod rope;
 pub mod transformer;

@@ -1,5 +1,21 @@
-//! An engine: a decoding strategy with its tokenizer, for text in and text out, chat, and
-//! streaming with cancellation.
+//! Engines: text in, text out, chat and streaming over the strategies.
+//!
+//! [`Engine`] runs one sequence at a time with any [`Decoder`]. [`EngineHandle`] runs many at
+//! once: a batched core (`batch`) steps every running sequence through one ragged target forward,
+//! with KV caches from a byte-budgeted pool (`pool`), on a thread of its own; the handle is
+//! `Clone + Send + Sync` and returns a stream of events per sequence.
+//!
+//! May import everything below it; only the server sits above.
+
+mod batch;
+mod handle;
+mod pool;
+mod text;
+
+pub use batch::StepReport;
+pub use batch::{BatchSettings, SequenceRequest, Speculation};
+pub use handle::{EngineHandle, EngineLoad, Event, SequenceStream};
+use text::IncrementalText;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -197,53 +213,6 @@ impl Engine {
     }
 }
 
-/// Turns committed tokens into new text without decoding the whole output each time: only the
-/// tokens since the last emitted piece are decoded, with a few tokens before them as context
-/// (tokenizers merge spaces and byte pieces across token boundaries). An incomplete UTF-8
-/// sequence (decoded as U+FFFD) is held back until its bytes arrive. The same scheme as
-/// Hugging Face's text-generation-inference `decode_token`.
-struct IncrementalText {
-    tokenizer: Tokenizer,
-    tokens: Vec<u32>,
-    /// Start of the context decoded together with the new tokens.
-    prefix_offset: usize,
-    /// Tokens up to here have been emitted as text.
-    read_offset: usize,
-}
-
-impl IncrementalText {
-    fn new(tokenizer: Tokenizer) -> Self {
-        Self {
-            tokenizer,
-            tokens: Vec::new(),
-            prefix_offset: 0,
-            read_offset: 0,
-        }
-    }
-
-    fn push(&mut self, new: &[u32]) -> Option<String> {
-        self.tokens.extend_from_slice(new);
-        let prefix = self
-            .tokenizer
-            .decode(&self.tokens[self.prefix_offset..self.read_offset], true)
-            .ok()?;
-        let text = self
-            .tokenizer
-            .decode(&self.tokens[self.prefix_offset..], true)
-            .ok()?;
-        if text.ends_with('\u{FFFD}')
-            || text.len() <= prefix.len()
-            || !text.is_char_boundary(prefix.len())
-        {
-            return None;
-        }
-        let piece = text[prefix.len()..].to_string();
-        self.prefix_offset = self.read_offset;
-        self.read_offset = self.tokens.len();
-        Some(piece)
-    }
-}
-
 type StreamResult = (Option<Box<dyn Decoder>>, Result<Generation>);
 
 /// Text committed by a generation running on its own thread; see [`Engine::stream`].
@@ -294,51 +263,6 @@ impl Drop for TextStream<'_> {
             self.cancel.store(true, Ordering::Release);
             self.pieces = None;
             let _ = self.join(handle);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The fixture's byte-level BPE tokenizer (the repository's `tests/fixtures`).
-    fn tokenizer() -> Tokenizer {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf");
-        Tokenizer::from_files(&root.join("qwen2/tokenizer.json"), None).unwrap()
-    }
-
-    #[test]
-    fn incremental_pieces_add_up_to_the_whole_decode_whatever_the_chunks() {
-        let tokenizer = tokenizer();
-        let text = "Hello, wörld! 日本語のテキスト 🦀🦀 and   spaces\n\ttabs; naïve café — done.";
-        let tokens = tokenizer.encode(text, false).unwrap();
-        let whole = tokenizer.decode(&tokens, true).unwrap();
-        for chunk in [1usize, 2, 3, 7] {
-            let mut incremental = IncrementalText::new(tokenizer.clone());
-            let mut pieces = String::new();
-            for part in tokens.chunks(chunk) {
-                if let Some(piece) = incremental.push(part) {
-                    assert!(
-                        !piece.contains('\u{FFFD}'),
-                        "a half character escaped: {piece:?}"
-                    );
-                    pieces.push_str(&piece);
-                }
-            }
-            assert_eq!(pieces, whole, "chunks of {chunk}");
-        }
-    }
-
-    #[test]
-    fn each_push_decodes_a_bounded_window_not_the_whole_output() {
-        let tokenizer = tokenizer();
-        let tokens = tokenizer.encode(&"word ".repeat(400), false).unwrap();
-        let mut incremental = IncrementalText::new(tokenizer);
-        for &token in &tokens {
-            incremental.push(&[token]);
-            // Whatever the output's length, the decoded context stays a few tokens.
-            assert!(incremental.tokens.len() - incremental.prefix_offset <= 4);
         }
     }
 }

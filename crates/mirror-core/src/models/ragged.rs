@@ -1,0 +1,144 @@
+//! Ragged batches: one forward over the rows of many sequences, each with its own KV cache.
+//!
+//! The linear layers (the projections, the MLP, the LM head) run once over every row of every
+//! sequence, which is where a CPU forward's time goes (each weight is read once per forward,
+//! however many rows); rotary embeddings use each row's own position; attention runs per
+//! sequence, over its own cache, with its own causal mask. The kernels give each row the same
+//! bits whatever rows share its call, so every sequence gets exactly the logits it would get
+//! alone ([`Model::forward_causal`]).
+
+use candle_core::Tensor;
+
+use super::layers::Kernels;
+use super::transformer::Model;
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCache;
+use crate::mask::AttentionInput;
+
+/// One sequence's share of a ragged forward: `tokens` fed causally after what `cache` holds
+/// (a cache of batch 1), and whether the logits of its rows are wanted.
+pub struct RaggedSequence<'a> {
+    /// Tokens to feed (at least one).
+    pub tokens: &'a [u32],
+    /// Whether to return the logits of every fed row (a decode step or a verification window)
+    /// or none (a prompt chunk).
+    pub logits: bool,
+    /// The sequence's own cache; the fed rows are appended to it.
+    pub cache: &'a mut KvCache,
+}
+
+/// Where one sequence's rows sit in the ragged batch, and its attention input.
+struct Span {
+    offset: usize,
+    len: usize,
+    mask: Option<Tensor>,
+}
+
+impl Model {
+    /// One forward over the rows of every sequence in `sequences`. Returns, per sequence, the
+    /// logits of its fed rows (as host vectors) when it asked for them, else nothing.
+    pub fn forward_ragged(
+        &self,
+        sequences: &mut [RaggedSequence<'_>],
+    ) -> Result<Vec<Vec<Vec<f32>>>> {
+        if sequences.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        let mut spans = Vec::with_capacity(sequences.len());
+        for sequence in sequences.iter() {
+            self.check_ragged(sequence)?;
+            let base = sequence.cache.len();
+            let len = sequence.tokens.len();
+            let input = AttentionInput::causal(1, len, base, self.device())?;
+            let (_, mask) = self.prepare_input(&input, 1, len, base + len)?;
+            spans.push(Span {
+                offset: tokens.len(),
+                len,
+                mask,
+            });
+            tokens.extend_from_slice(sequence.tokens);
+            positions.extend((base..base + len).map(|p| p as u32));
+        }
+        let rows = tokens.len();
+        let hidden = self.embed(&[&tokens])?;
+        let positions = Tensor::from_vec(positions, (1, rows), self.device())?;
+        let hidden = self.run(|| {
+            let (cos, sin) = self.rope.tables(&positions)?;
+            let mut x = hidden;
+            for (index, layer) in self.layers.iter().enumerate() {
+                x = layer.forward(&x, Kernels::Fused, |attn, h| {
+                    let (q, k, v) = attn.project_qkv(h, &self.rope, &cos, &sin, Kernels::Fused)?;
+                    let mut heads = Vec::with_capacity(spans.len());
+                    for (sequence, span) in sequences.iter_mut().zip(&spans) {
+                        let rows_of = |t: &Tensor| -> Result<Tensor> {
+                            Ok(t.narrow(2, span.offset, span.len)?.contiguous()?)
+                        };
+                        let (keys, values) =
+                            sequence.cache.append(index, &rows_of(&k)?, &rows_of(&v)?)?;
+                        heads.push(attn.attend_heads(
+                            &rows_of(&q)?,
+                            &keys,
+                            &values,
+                            span.mask.as_ref(),
+                            Kernels::Fused,
+                        )?);
+                    }
+                    attn.project_output(&Tensor::cat(&heads, 1)?)
+                })?;
+            }
+            Ok(x)
+        })?;
+        let wanted: Vec<usize> = sequences
+            .iter()
+            .zip(&spans)
+            .filter(|(sequence, _)| sequence.logits)
+            .flat_map(|(_, span)| span.offset..span.offset + span.len)
+            .collect();
+        let mut logits = if wanted.is_empty() {
+            Vec::new()
+        } else {
+            self.logits_at(&hidden, &wanted)?
+                .squeeze(0)?
+                .to_vec2::<f32>()?
+        }
+        .into_iter();
+        Ok(sequences
+            .iter()
+            .zip(&spans)
+            .map(|(sequence, span)| {
+                if sequence.logits {
+                    logits.by_ref().take(span.len).collect()
+                } else {
+                    Vec::new()
+                }
+            })
+            .collect())
+    }
+
+    /// A sequence's share must be non-empty, fit its cache, and match this model.
+    fn check_ragged(&self, sequence: &RaggedSequence<'_>) -> Result<()> {
+        let cache = &sequence.cache;
+        if sequence.tokens.is_empty() {
+            return Err(Error::invalid("a ragged sequence needs at least one token"));
+        }
+        if cache.batch() != 1 || cache.num_layers() != self.num_layers() {
+            return Err(Error::invalid(format!(
+                "a ragged sequence needs a cache of batch 1 and {} layers, got batch {} and {} layers",
+                self.num_layers(),
+                cache.batch(),
+                cache.num_layers()
+            )));
+        }
+        if cache.len() + sequence.tokens.len() > cache.capacity() {
+            return Err(Error::invalid(format!(
+                "{} tokens do not fit after {} cached rows (capacity {})",
+                sequence.tokens.len(),
+                cache.len(),
+                cache.capacity()
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,233 @@
+//! [`EngineHandle`]: the batched engine on a thread of its own, behind a `Clone + Send + Sync`
+//! handle. `submit` returns a [`SequenceStream`] of [`Event`]s: text pieces with their token
+//! ids, then the final [`Generation`]. Dropping the stream cancels the sequence at the next
+//! step. The stream is read with `.await` from async code ([`SequenceStream::next_event`]),
+//! without blocking the runtime, or blocking from a plain thread (it is an `Iterator`).
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex};
+
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use mirror_core::{Model, Tokenizer};
+use tokio::sync::mpsc;
+
+use super::batch::{BatchCore, BatchSettings, SequenceRequest, Sink, Waiting};
+use super::text::IncrementalText;
+use crate::error::{Error, Result};
+use crate::generation::{Generation, StreamControl};
+
+/// What a batched sequence tells its stream.
+#[derive(Debug)]
+pub enum Event {
+    /// Newly committed tokens, and the text they complete (empty without a tokenizer, or while
+    /// a character's bytes are incomplete).
+    Text {
+        /// The token ids.
+        tokens: Vec<u32>,
+        /// Their text.
+        text: String,
+    },
+    /// The end: the whole generation with its statistics, or why it failed.
+    Finished(Box<Result<Generation>>),
+}
+
+/// A running engine's load.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineLoad {
+    /// Sequences running.
+    pub running: usize,
+    /// Sequences waiting for admission.
+    pub waiting: usize,
+    /// KV pool bytes in use.
+    pub pool_used: u64,
+    /// KV pool bytes free.
+    pub pool_free: u64,
+}
+
+/// What every clone of a handle shares. When the last clone is gone the commands' channel
+/// closes, and the engine's thread ends once the sequences it holds have ended.
+struct Shared {
+    commands: Sender<Waiting>,
+    tokenizer: Option<Tokenizer>,
+    target: Arc<Model>,
+    load: Arc<Mutex<EngineLoad>>,
+}
+
+/// The batched engine (see the [module](self) docs). Cheap to clone; every clone submits to the
+/// same engine.
+#[derive(Clone)]
+pub struct EngineHandle {
+    shared: Arc<Shared>,
+}
+
+impl EngineHandle {
+    /// Starts the engine over `target`, with `tokenizer` for text pieces (optional).
+    pub fn spawn(
+        target: Arc<Model>,
+        tokenizer: Option<Tokenizer>,
+        settings: BatchSettings,
+    ) -> Result<Self> {
+        let core = BatchCore::new(Arc::clone(&target), settings)?;
+        let (commands, command_rx) = unbounded();
+        let load = Arc::new(Mutex::new(EngineLoad::default()));
+        let thread_load = Arc::clone(&load);
+        std::thread::Builder::new()
+            .name("mirror-batch-engine".into())
+            .spawn(move || run(core, command_rx, &thread_load))
+            .map_err(Error::SpawnFailed)?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                commands,
+                tokenizer,
+                target,
+                load,
+            }),
+        })
+    }
+
+    /// The target every sequence runs on.
+    pub fn target(&self) -> &Arc<Model> {
+        &self.shared.target
+    }
+
+    /// The engine's load after its last step.
+    pub fn load(&self) -> EngineLoad {
+        self.shared.load.lock().map(|l| *l).unwrap_or_default()
+    }
+
+    /// Queues `request`; its events arrive on the returned stream.
+    pub fn submit(&self, request: SequenceRequest) -> Result<SequenceStream> {
+        let (events, event_rx) = mpsc::unbounded_channel();
+        let sink = StreamSink {
+            events,
+            text: self.shared.tokenizer.clone().map(IncrementalText::new),
+            tokenizer: self.shared.tokenizer.clone(),
+        };
+        let waiting = Waiting {
+            request,
+            sink: Box::new(sink),
+            submitted: std::time::Instant::now(),
+        };
+        self.shared
+            .commands
+            .send(waiting)
+            .map_err(|_| Error::EngineStopped)?;
+        Ok(SequenceStream { events: event_rx })
+    }
+
+    /// Generates `request` and waits for its end (blocking; not for async code).
+    pub fn generate(&self, request: SequenceRequest) -> Result<Generation> {
+        self.submit(request)?.wait()
+    }
+}
+
+/// The engine thread: takes submissions, steps while there is work, sleeps when idle.
+fn run(mut core: BatchCore, commands: Receiver<Waiting>, load: &Mutex<EngineLoad>) {
+    let mut open = true;
+    loop {
+        if core.is_idle() {
+            if !open {
+                return;
+            }
+            match commands.recv() {
+                Ok(waiting) => core.submit(waiting),
+                Err(_) => return,
+            }
+        }
+        loop {
+            match commands.try_recv() {
+                Ok(waiting) => core.submit(waiting),
+                Err(crossbeam_channel::TryRecvError::Empty) => break,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        if catch_unwind(AssertUnwindSafe(|| core.step())).is_err() {
+            // A bug in the engine, not in one sequence: none of them can be trusted to go on.
+            core.abandon(|| Error::GenerationPanicked("the batched engine's step panicked".into()));
+        }
+        let (running, waiting, pool_used, pool_free) = core.load();
+        if let Ok(mut l) = load.lock() {
+            *l = EngineLoad {
+                running,
+                waiting,
+                pool_used,
+                pool_free,
+            };
+        }
+    }
+}
+
+/// Sends a sequence's events to its stream.
+struct StreamSink {
+    events: mpsc::UnboundedSender<Event>,
+    text: Option<IncrementalText>,
+    tokenizer: Option<Tokenizer>,
+}
+
+impl Sink for StreamSink {
+    fn tokens(&mut self, tokens: &[u32]) -> StreamControl {
+        let text = self
+            .text
+            .as_mut()
+            .and_then(|t| t.push(tokens))
+            .unwrap_or_default();
+        let event = Event::Text {
+            tokens: tokens.to_vec(),
+            text,
+        };
+        match self.events.send(event) {
+            Ok(()) => StreamControl::Continue,
+            // The stream was dropped: the sequence is cancelled.
+            Err(_) => StreamControl::Stop,
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.events.is_closed()
+    }
+
+    fn finish(self: Box<Self>, result: Result<Generation>) {
+        let result = result.and_then(|mut generation| {
+            if let Some(tokenizer) = &self.tokenizer {
+                generation.text = Some(tokenizer.decode(&generation.tokens, true)?);
+            }
+            Ok(generation)
+        });
+        let _ = self.events.send(Event::Finished(Box::new(result)));
+    }
+}
+
+/// One sequence's events; dropping it cancels the sequence.
+pub struct SequenceStream {
+    events: mpsc::UnboundedReceiver<Event>,
+}
+
+impl SequenceStream {
+    /// The next event, awaited (for async code; does not block the runtime). `None` after
+    /// [`Event::Finished`].
+    pub async fn next_event(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// Waits for the end and returns the generation (blocking).
+    pub fn wait(self) -> Result<Generation> {
+        for event in self {
+            if let Event::Finished(result) = event {
+                return *result;
+            }
+        }
+        Err(Error::EngineStopped)
+    }
+}
+
+impl Iterator for SequenceStream {
+    type Item = Event;
+
+    /// The next event, blocking the calling thread (not for async code).
+    fn next(&mut self) -> Option<Event> {
+        self.events.blocking_recv()
+    }
+}

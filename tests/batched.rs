@@ -1,0 +1,294 @@
+//! The batched engine against the one-sequence strategies, on SmolLM2: every sequence of a
+//! batch (1 to 16 mixed prompts, joining and leaving mid-batch, plain and lookup speculation)
+//! must equal, bit for bit, what the same sequence gives alone through `Autoregressive` or
+//! `SpeculativeDecoding::prompt_lookup` (fixed windows), greedy and seeded-sampled; cancelled and
+//! expired sequences leave without disturbing the others; a KV budget too small for a sequence is
+//! a clear error, one that holds a single sequence makes admission wait.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mirror_core::sampling::SamplingParams;
+use mirror_core::{load, LoadOptions, Model, ModelSource, Tokenizer};
+use mirror_sd::mirror_scheduler::{
+    Autoregressive, BatchSettings, Decoder, EngineHandle, Error, Event, FinishReason,
+    GenerationConfig, LookupConfig, SequenceRequest, Speculation, SpeculativeDecoding,
+    WindowPolicy,
+};
+
+const PROMPTS: [&str; 8] = [
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Once upon a time, in a small village,",
+    "List the planets of the solar system: Mercury, Venus,",
+    "Translate to French: I like apples. I like apples very much.",
+    "1, 2, 3, 4, 5, 6, 7,",
+    "Summarize: The quick brown fox jumps over the lazy dog. The quick brown fox",
+    "Q: What is 12 times 12?\nA:",
+];
+
+fn smollm2() -> Option<(Arc<Model>, Tokenizer)> {
+    let path = common::smollm2_path()?;
+    let loaded = load(&ModelSource::Gguf(path), &LoadOptions::default()).expect("load SmolLM2");
+    Some((Arc::new(loaded.model), loaded.tokenizer))
+}
+
+fn lookup() -> Speculation {
+    Speculation::Lookup {
+        lookup: LookupConfig::default(),
+        gamma: 4,
+    }
+}
+
+fn sampled(seed: u64) -> GenerationConfig {
+    GenerationConfig {
+        max_new_tokens: 20,
+        sampling: SamplingParams {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+        },
+        seed,
+        ..GenerationConfig::default()
+    }
+}
+
+/// The independent reference: the same sequence alone, through the one-sequence strategies.
+fn alone(target: &Arc<Model>, request: &SequenceRequest) -> Vec<u32> {
+    let mut decoder: Box<dyn Decoder> = match request.speculation {
+        Speculation::None => Box::new(Autoregressive::new(Arc::clone(target))),
+        Speculation::Lookup { lookup, gamma } => Box::new(
+            SpeculativeDecoding::prompt_lookup(Arc::clone(target))
+                .prompt_lookup(lookup)
+                .gamma(gamma)
+                .window(WindowPolicy::Fixed)
+                .build()
+                .unwrap(),
+        ),
+    };
+    decoder
+        .generate(&request.prompt, &request.config)
+        .unwrap()
+        .tokens
+}
+
+/// Sixteen requests: every prompt twice, plain and lookup, greedy and sampled, of several
+/// lengths.
+fn requests(tokenizer: &Tokenizer) -> Vec<SequenceRequest> {
+    (0..16)
+        .map(|i| {
+            let prompt = tokenizer.encode(PROMPTS[i % 8], true).unwrap();
+            let config = if i % 3 == 0 {
+                sampled(1000 + i as u64)
+            } else {
+                GenerationConfig::greedy(12 + i)
+            };
+            SequenceRequest {
+                speculation: if i % 2 == 0 {
+                    Speculation::None
+                } else {
+                    lookup()
+                },
+                ..SequenceRequest::new(prompt, config)
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn every_sequence_of_a_batch_equals_itself_alone() {
+    let Some((target, tokenizer)) = smollm2() else {
+        return;
+    };
+    let requests = requests(&tokenizer);
+    let expected: Vec<Vec<u32>> = requests.iter().map(|r| alone(&target, r)).collect();
+    for batch in [1, 4, 16] {
+        let settings = BatchSettings {
+            max_batch: batch,
+            // Small chunks and budgets: prompts are prefilled over several steps, beside others'
+            // decode rows and windows.
+            prefill_chunk: 5,
+            step_tokens: 24,
+            ..BatchSettings::default()
+        };
+        let engine = EngineHandle::spawn(Arc::clone(&target), None, settings).unwrap();
+        // Half join at once, the rest while the first ones run.
+        let mut streams: Vec<_> = requests[..8]
+            .iter()
+            .map(|r| engine.submit(r.clone()).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(50));
+        streams.extend(
+            requests[8..]
+                .iter()
+                .map(|r| engine.submit(r.clone()).unwrap()),
+        );
+        for (i, stream) in streams.into_iter().enumerate() {
+            let got = stream.wait().unwrap();
+            assert_eq!(
+                got.tokens, expected[i],
+                "batch {batch}, sequence {i} ({:?}) differs from itself alone",
+                requests[i].speculation
+            );
+        }
+    }
+}
+
+#[test]
+fn streamed_events_carry_the_tokens_and_text_of_the_generation() {
+    let Some((target, tokenizer)) = smollm2() else {
+        return;
+    };
+    let engine = EngineHandle::spawn(
+        Arc::clone(&target),
+        Some(tokenizer.clone()),
+        BatchSettings::default(),
+    )
+    .unwrap();
+    let prompt = tokenizer.encode(PROMPTS[0], true).unwrap();
+    let stream = engine
+        .submit(SequenceRequest::new(
+            prompt.clone(),
+            GenerationConfig::greedy(10),
+        ))
+        .unwrap();
+    let (mut tokens, mut text, mut finished) = (Vec::new(), String::new(), None);
+    for event in stream {
+        match event {
+            Event::Text { tokens: t, text: s } => {
+                tokens.extend(t);
+                text.push_str(&s);
+            }
+            Event::Finished(result) => finished = Some(result.unwrap()),
+        }
+    }
+    let generation = finished.expect("a Finished event");
+    assert_eq!(tokens, generation.tokens);
+    let whole = tokenizer.decode(&generation.tokens, true).unwrap();
+    assert_eq!(generation.text.as_deref(), Some(whole.as_str()));
+    assert!(
+        whole.starts_with(&text),
+        "{text:?} is not a prefix of {whole:?}"
+    );
+    let request = SequenceRequest::new(prompt, GenerationConfig::greedy(10));
+    assert_eq!(generation.tokens, alone(&target, &request));
+}
+
+#[test]
+fn cancelled_and_expired_sequences_leave_and_the_others_are_unaffected() {
+    let Some((target, tokenizer)) = smollm2() else {
+        return;
+    };
+    let engine = EngineHandle::spawn(Arc::clone(&target), None, BatchSettings::default()).unwrap();
+    let prompt = |i: usize| tokenizer.encode(PROMPTS[i], true).unwrap();
+    let keep = SequenceRequest::new(prompt(1), GenerationConfig::greedy(24));
+    let expected = alone(&target, &keep);
+    let kept = engine.submit(keep).unwrap();
+    // Dropped after its first tokens: cancelled at the next step.
+    let mut cancelled = engine
+        .submit(SequenceRequest::new(
+            prompt(2),
+            GenerationConfig::greedy(200),
+        ))
+        .unwrap();
+    assert!(matches!(cancelled.next(), Some(Event::Text { .. })));
+    drop(cancelled);
+    // A deadline already near: it ends with what it has.
+    let expiring = engine
+        .submit(SequenceRequest {
+            deadline: Some(Instant::now() + Duration::from_millis(1)),
+            ..SequenceRequest::new(prompt(3), GenerationConfig::greedy(200))
+        })
+        .unwrap();
+    let expired = expiring.wait().unwrap();
+    assert_eq!(expired.finish_reason, FinishReason::Deadline);
+    assert!(expired.tokens.len() < 200);
+    assert_eq!(kept.wait().unwrap().tokens, expected);
+    // The engine drained: nothing is left running.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while engine.load().running > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(engine.load().running, 0);
+}
+
+#[test]
+fn a_tiny_kv_budget_is_a_clear_error_and_a_small_one_makes_admission_wait() {
+    let Some((target, tokenizer)) = smollm2() else {
+        return;
+    };
+    let prompt = tokenizer.encode(PROMPTS[0], true).unwrap();
+    let request = SequenceRequest::new(prompt.clone(), GenerationConfig::greedy(8));
+    let capacity = prompt.len() + 8 + 2;
+    let config = target.config();
+    // Keys and values of every layer, f32.
+    let one_cache =
+        (target.num_layers() * 2 * config.num_kv_heads() * config.head_dim() * 4 * capacity) as u64;
+    let tiny = BatchSettings {
+        kv_budget_bytes: one_cache - 1,
+        ..BatchSettings::default()
+    };
+    let engine = EngineHandle::spawn(Arc::clone(&target), None, tiny).unwrap();
+    match engine.generate(request.clone()) {
+        Err(Error::MemoryBudget { needed, budget }) => {
+            assert_eq!(needed, one_cache);
+            assert_eq!(budget, one_cache - 1);
+        }
+        other => panic!("expected MemoryBudget, got {:?}", other.map(|g| g.tokens)),
+    }
+    // Room for one cache at a time: four sequences run one after another, all complete.
+    let one = BatchSettings {
+        kv_budget_bytes: one_cache + one_cache / 2,
+        ..BatchSettings::default()
+    };
+    let engine = EngineHandle::spawn(Arc::clone(&target), None, one).unwrap();
+    let expected = alone(&target, &request);
+    let streams: Vec<_> = (0..4)
+        .map(|_| engine.submit(request.clone()).unwrap())
+        .collect();
+    let mut most_running = 0;
+    for stream in streams {
+        most_running = most_running.max(engine.load().running);
+        assert_eq!(stream.wait().unwrap().tokens, expected);
+    }
+    assert!(most_running <= 1, "{most_running} sequences ran at once");
+}
+
+#[test]
+fn bad_requests_fail_alone() {
+    let Some((target, tokenizer)) = smollm2() else {
+        return;
+    };
+    let engine = EngineHandle::spawn(Arc::clone(&target), None, BatchSettings::default()).unwrap();
+    let good = SequenceRequest::new(
+        tokenizer.encode(PROMPTS[0], true).unwrap(),
+        GenerationConfig::greedy(6),
+    );
+    let empty = engine
+        .submit(SequenceRequest::new(
+            Vec::new(),
+            GenerationConfig::greedy(6),
+        ))
+        .unwrap();
+    let out_of_range = engine
+        .submit(SequenceRequest::new(
+            vec![u32::MAX],
+            GenerationConfig::greedy(6),
+        ))
+        .unwrap();
+    let kept = engine.submit(good.clone()).unwrap();
+    assert!(matches!(empty.wait(), Err(Error::InvalidPrompt(_))));
+    assert!(matches!(out_of_range.wait(), Err(Error::Core(_))));
+    assert_eq!(kept.wait().unwrap().tokens, alone(&target, &good));
+    assert!(EngineHandle::spawn(
+        Arc::clone(&target),
+        None,
+        BatchSettings {
+            max_batch: 0,
+            ..BatchSettings::default()
+        }
+    )
+    .is_err());
+}
