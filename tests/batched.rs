@@ -292,3 +292,177 @@ fn bad_requests_fail_alone() {
     )
     .is_err());
 }
+
+#[test]
+fn forked_sequences_each_equal_an_unforked_run_with_their_seed() {
+    let Some((target, tokenizer)) = smollm2() else {
+        return;
+    };
+    let engine = EngineHandle::spawn(
+        Arc::clone(&target),
+        None,
+        BatchSettings {
+            prefill_chunk: 4,
+            ..BatchSettings::default()
+        },
+    )
+    .unwrap();
+    let prompt = tokenizer.encode(PROMPTS[2], true).unwrap();
+    for speculation in [Speculation::None, lookup()] {
+        let request = SequenceRequest {
+            speculation,
+            ..SequenceRequest::new(prompt.clone(), sampled(77))
+        };
+        let streams = engine.submit_forked(request.clone(), 3).unwrap();
+        let outputs: Vec<Vec<u32>> = streams
+            .into_iter()
+            .map(|s| s.wait().unwrap().tokens)
+            .collect();
+        for (i, got) in outputs.iter().enumerate() {
+            let mut alone_request = request.clone();
+            alone_request.config.seed = 77 + i as u64;
+            assert_eq!(
+                *got,
+                alone(&target, &alone_request),
+                "fork {i} ({speculation:?}) differs from an unforked run with seed {}",
+                77 + i
+            );
+        }
+        assert!(
+            outputs[0] != outputs[1] || outputs[1] != outputs[2],
+            "three seeds gave one output: the forks did not get their own seeds"
+        );
+    }
+    // The first sequence cancelled during the shared prefill: the fork carries it on.
+    let long_prompt = tokenizer.encode(&PROMPTS.concat(), true).unwrap();
+    let request = SequenceRequest::new(long_prompt, sampled(9));
+    let mut streams = engine.submit_forked(request.clone(), 2).unwrap();
+    let fork = streams.pop().unwrap();
+    drop(streams);
+    let mut alone_request = request;
+    alone_request.config.seed = 10;
+    assert_eq!(fork.wait().unwrap().tokens, alone(&target, &alone_request));
+}
+
+/// Runs `requests` one after another on `engine`; returns each generation.
+fn in_turn(
+    engine: &EngineHandle,
+    requests: &[SequenceRequest],
+) -> Vec<mirror_sd::mirror_scheduler::Generation> {
+    requests
+        .iter()
+        .map(|r| engine.generate(r.clone()).unwrap())
+        .collect()
+}
+
+#[test]
+fn the_prefix_cache_reuses_earlier_prompts_and_changes_no_bit() {
+    let Some((target, tokenizer)) = smollm2() else {
+        return;
+    };
+    let first = tokenizer.encode(PROMPTS[6], true).unwrap();
+    let first_request = SequenceRequest::new(first.clone(), GenerationConfig::greedy(10));
+    let first_output = alone(&target, &first_request);
+    // The next turn: the first prompt, its answer, then more text.
+    let mut follow_up = first.clone();
+    follow_up.extend_from_slice(&first_output);
+    follow_up.extend(tokenizer.encode(" And then?", false).unwrap());
+    // A prompt that diverges inside the first one.
+    let mut diverging = first[..first.len() / 2].to_vec();
+    diverging.extend(
+        tokenizer
+            .encode(" a completely different ending", false)
+            .unwrap(),
+    );
+    let requests = [
+        first_request,
+        SequenceRequest::new(follow_up.clone(), GenerationConfig::greedy(10)),
+        SequenceRequest {
+            speculation: lookup(),
+            ..SequenceRequest::new(diverging.clone(), sampled(5))
+        },
+        // The same prompt again: all of it but its last token is cached.
+        SequenceRequest::new(follow_up.clone(), GenerationConfig::greedy(10)),
+    ];
+    let expected: Vec<Vec<u32>> = requests.iter().map(|r| alone(&target, r)).collect();
+    let on = EngineHandle::spawn(Arc::clone(&target), None, BatchSettings::default()).unwrap();
+    let off = EngineHandle::spawn(
+        Arc::clone(&target),
+        None,
+        BatchSettings {
+            prefix_cache: false,
+            ..BatchSettings::default()
+        },
+    )
+    .unwrap();
+    let with_cache = in_turn(&on, &requests);
+    let without = in_turn(&off, &requests);
+    for (i, want) in expected.iter().enumerate() {
+        assert_eq!(&with_cache[i].tokens, want, "request {i}, cache on");
+        assert_eq!(&without[i].tokens, want, "request {i}, cache off");
+        assert_eq!(without[i].stats.prefix_cached_tokens, 0);
+    }
+    let reused: Vec<usize> = with_cache
+        .iter()
+        .map(|g| g.stats.prefix_cached_tokens)
+        .collect();
+    // The follow-up finds the first turn's prompt and answer (but the answer's last token, which
+    // the first sequence never fed); the diverging prompt its common half; the repeat all but
+    // its last token.
+    assert_eq!(reused[0], 0);
+    assert_eq!(
+        reused[1],
+        first.len() + first_output.len() - 1,
+        "{reused:?}"
+    );
+    assert_eq!(reused[2], first.len() / 2, "{reused:?}");
+    assert_eq!(reused[3], follow_up.len() - 1, "{reused:?}");
+}
+
+#[test]
+fn prefix_entries_evicted_while_a_batch_runs_change_no_output() {
+    let Some((target, tokenizer)) = smollm2() else {
+        return;
+    };
+    let requests: Vec<SequenceRequest> = (0..12)
+        .map(|i| {
+            let mut prompt = tokenizer.encode(PROMPTS[i % 4], true).unwrap();
+            // Shared prefixes of several lengths, and a tail of the sequence's own.
+            prompt.extend(tokenizer.encode(&format!(" item {i}"), false).unwrap());
+            SequenceRequest::new(prompt, GenerationConfig::greedy(8 + i % 3))
+        })
+        .collect();
+    let expected: Vec<Vec<u32>> = requests.iter().map(|r| alone(&target, r)).collect();
+    let config = target.config();
+    let per_row = (target.num_layers() * 2 * config.num_kv_heads() * config.head_dim() * 4) as u64;
+    let longest = requests
+        .iter()
+        .map(|r| r.prompt.len() + r.config.max_new_tokens + 2)
+        .max()
+        .unwrap() as u64;
+    // Room for about three caches: kept prefixes must keep giving their bytes back.
+    let engine = EngineHandle::spawn(
+        Arc::clone(&target),
+        None,
+        BatchSettings {
+            kv_budget_bytes: 3 * longest * per_row,
+            prefill_chunk: 3,
+            ..BatchSettings::default()
+        },
+    )
+    .unwrap();
+    for round in 0..2 {
+        let streams: Vec<_> = requests
+            .iter()
+            .map(|r| engine.submit(r.clone()).unwrap())
+            .collect();
+        for (i, stream) in streams.into_iter().enumerate() {
+            assert_eq!(
+                stream.wait().unwrap().tokens,
+                expected[i],
+                "round {round}, request {i}"
+            );
+        }
+    }
+    assert!(engine.load().prefix_entries > 0);
+}

@@ -407,3 +407,27 @@ pub fn read_prompts(
         })
         .collect()
 }
+
+/// The CPU's model name and its vector flags that the kernels care about, from `/proc/cpuinfo`
+/// (benchmarks print it beside every figure).
+pub fn cpu_description() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let flags = field("flags");
+    let vector: Vec<&str> = flags
+        .split_whitespace()
+        .filter(|f| f.starts_with("avx") || *f == "fma" || *f == "f16c")
+        .collect();
+    let cores = info.lines().filter(|l| l.starts_with("processor")).count();
+    format!(
+        "{} ({cores} cores; {})",
+        field("model name"),
+        vector.join(" ")
+    )
+}

@@ -216,6 +216,45 @@ impl KvCache {
         })
     }
 
+    /// Replaces this cache's contents with the first `len` positions of `source` (same
+    /// layers, batch and head shapes; any capacity of at least `len`): a prefix computed once,
+    /// reused without recomputing it. The copied rows are the source's bits exactly.
+    pub fn copy_prefix_from(&mut self, source: &KvCache, len: usize) -> Result<()> {
+        if source.layers.len() != self.layers.len() || source.batch != self.batch {
+            return Err(Error::invalid(format!(
+                "cannot copy a prefix from a cache of {} layers and batch {} into one of {} layers and batch {}",
+                source.layers.len(),
+                source.batch,
+                self.layers.len(),
+                self.batch
+            )));
+        }
+        if len > source.len() {
+            return Err(Error::invalid(format!(
+                "cannot copy {len} positions from a cache holding {}",
+                source.len()
+            )));
+        }
+        if len > self.capacity {
+            return Err(Error::ContextOverflow {
+                requested: len,
+                capacity: self.capacity,
+            });
+        }
+        self.clear();
+        if len == 0 {
+            return Ok(());
+        }
+        for (into, from) in self.layers.iter_mut().zip(&source.layers) {
+            into.keys
+                .slice_set(&from.keys.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+            into.values
+                .slice_set(&from.values.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+            into.len = len;
+        }
+        Ok(())
+    }
+
     /// An independent copy with its own buffers (see the module docs on clone semantics).
     pub fn deep_copy(&self) -> Result<Self> {
         let layers = self

@@ -90,6 +90,9 @@ pub struct Stats {
     pub gamma: usize,
     /// Tokens generated.
     pub generated_tokens: usize,
+    /// Prompt tokens whose keys and values came from the batched engine's prefix cache instead
+    /// of a prefill.
+    pub prefix_cached_tokens: usize,
     /// Forward passes of the target after prefill.
     pub target_passes: usize,
     /// Forward passes of the draft after prefill (tree passes count once).

@@ -23,7 +23,8 @@ use mirror_core::{sampling, Model, RaggedSequence};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::pool::{KvPool, PooledCache};
+use super::pool::{cache_bytes, KvPool, PooledCache};
+use super::prefix::PrefixStore;
 use crate::draft::lookup::LookupConfig;
 use crate::error::{Error, Result};
 use crate::generation::{FinishReason, Generation, GenerationConfig, StreamControl};
@@ -46,6 +47,9 @@ pub struct BatchSettings {
     /// Most prompt tokens one sequence prefills in one step (default 128), so that a long prompt
     /// does not stall everyone's next token.
     pub prefill_chunk: usize,
+    /// Keep finished sequences' caches in the pool for prompts that start like them (default
+    /// on; see the `prefix` module).
+    pub prefix_cache: bool,
 }
 
 impl Default for BatchSettings {
@@ -55,6 +59,7 @@ impl Default for BatchSettings {
             kv_budget_bytes: 4 << 30,
             step_tokens: 256,
             prefill_chunk: 128,
+            prefix_cache: true,
         }
     }
 }
@@ -132,11 +137,19 @@ pub(crate) trait Sink: Send {
     fn finish(self: Box<Self>, result: Result<Generation>);
 }
 
-/// A sequence waiting for admission.
+/// A sequence waiting for admission, with the forks that share its prompt.
 pub(crate) struct Waiting {
     pub request: SequenceRequest,
     pub sink: Box<dyn Sink>,
     pub submitted: Instant,
+    pub forks: Vec<Fork>,
+}
+
+/// A sequence that shares another's prompt: the prompt is prefilled once, then its cache is
+/// copied into each fork, which goes on with its own settings (seed, length, sampling).
+pub(crate) struct Fork {
+    pub config: GenerationConfig,
+    pub sink: Box<dyn Sink>,
 }
 
 /// Where a running sequence is.
@@ -166,6 +179,8 @@ struct Sequence {
     /// The rows it fed this step, and the window among them.
     fed: Vec<u32>,
     window: DraftWindow,
+    /// Forks waiting for this sequence's prefill, each with the cache it was lent.
+    forks: Vec<(Fork, PooledCache)>,
 }
 
 impl Sequence {
@@ -284,10 +299,23 @@ impl Sequence {
         }
     }
 
-    /// The first decode step of a one-token prompt needs no prefill.
+    /// This sequence's request as submitted (its prompt, settings and deadline).
+    fn request(&self) -> SequenceRequest {
+        let prompt_len = self.seq.len() - self.output.tokens.len();
+        SequenceRequest {
+            prompt: self.seq[..prompt_len].to_vec(),
+            config: self.config.clone(),
+            speculation: self.speculation,
+            deadline: self.deadline,
+        }
+    }
+
+    /// The first decode step of a one-token prompt needs no prefill; a prompt whose prefix was
+    /// cached starts its prefill after it.
     fn after_admission(&mut self) {
-        if self.seq.len() <= 1 {
+        if self.cache.cache.len() + 1 >= self.seq.len() {
             self.phase = Phase::Decode;
+            self.stats.time.prefill = self.started.elapsed();
         }
     }
 }
@@ -306,6 +334,7 @@ pub(crate) struct BatchCore {
     target: Arc<Model>,
     settings: BatchSettings,
     pool: KvPool,
+    prefix: PrefixStore,
     waiting: VecDeque<Waiting>,
     running: Vec<Sequence>,
 }
@@ -316,30 +345,49 @@ impl BatchCore {
         Ok(Self {
             target,
             pool: KvPool::new(settings.kv_budget_bytes),
+            prefix: PrefixStore::default(),
             settings,
             waiting: VecDeque::new(),
             running: Vec::new(),
         })
     }
 
-    /// Queues a sequence; a request that can never run fails at once.
+    /// Queues a sequence (and its forks); a request that can never run fails at once.
     pub fn submit(&mut self, waiting: Waiting) {
-        let request = &waiting.request;
-        let checked = capacity_for(
-            &self.target,
-            &request.prompt,
-            &request.config,
-            gamma_of(request),
-        )
-        .and_then(|capacity| {
-            self.pool
-                .check_fits(super::pool::cache_bytes(&self.target, capacity))
-        })
-        .and_then(|()| check_speculation(request.speculation));
-        match checked {
+        match self.check(&waiting) {
             Ok(()) => self.waiting.push_back(waiting),
-            Err(e) => waiting.sink.finish(Err(e)),
+            Err(e) => {
+                let forks = waiting.forks;
+                waiting.sink.finish(Err(e));
+                for fork in forks {
+                    fork.sink.finish(Err(Error::InvalidPrompt(
+                        "the prompt it shares was refused".into(),
+                    )));
+                }
+            }
         }
+    }
+
+    /// The caches `waiting` needs (its own, then its forks'), checked against the context and
+    /// the pool's whole budget.
+    fn check(&self, waiting: &Waiting) -> Result<()> {
+        let request = &waiting.request;
+        check_speculation(request.speculation)?;
+        let bytes: u64 = self
+            .capacities(waiting)?
+            .into_iter()
+            .map(|capacity| cache_bytes(&self.target, capacity))
+            .sum();
+        self.pool.check_fits(bytes)
+    }
+
+    fn capacities(&self, waiting: &Waiting) -> Result<Vec<usize>> {
+        let request = &waiting.request;
+        let gamma = gamma_of(request);
+        std::iter::once(&request.config)
+            .chain(waiting.forks.iter().map(|f| &f.config))
+            .map(|config| capacity_for(&self.target, &request.prompt, config, gamma))
+            .collect()
     }
 
     /// Whether any sequence runs or waits.
@@ -347,13 +395,16 @@ impl BatchCore {
         self.running.is_empty() && self.waiting.is_empty()
     }
 
-    /// Sequences running, sequences waiting, bytes of the pool used and free.
-    pub fn load(&self) -> (usize, usize, u64, u64) {
+    /// Sequences running, sequences waiting, bytes of the pool used and free, and the prefix
+    /// cache's entries and bytes (part of the used bytes).
+    pub fn load(&self) -> (usize, usize, u64, u64, usize, u64) {
         (
             self.running.len(),
             self.waiting.len(),
             self.pool.used(),
             self.pool.free(),
+            self.prefix.len(),
+            self.prefix.bytes(),
         )
     }
 
@@ -374,23 +425,21 @@ impl BatchCore {
                 }
             }
         }
+        self.spawn_forks();
         self.retire();
         report
     }
 
     /// Admission: waiting sequences, first come first served, while the batch has room and the
-    /// pool holds their caches.
+    /// pool holds their caches (the prefix cache gives bytes back, least recently used first).
     fn admit(&mut self) {
-        while self.running.len() < self.settings.max_batch {
-            let Some(next) = self.waiting.front() else {
+        while let Some(next) = self.waiting.front() {
+            let wanted = 1 + next.forks.len();
+            if self.running.len() + wanted > self.settings.max_batch && !self.running.is_empty() {
                 break;
-            };
-            let request = &next.request;
-            let gamma = gamma_of(request);
-            let lent = capacity_for(&self.target, &request.prompt, &request.config, gamma)
-                .and_then(|capacity| self.pool.lend(&self.target, capacity));
-            let cache = match lent {
-                Ok(Some(cache)) => cache,
+            }
+            let caches = match self.capacities(next).and_then(|c| self.lend_all(&c)) {
+                Ok(Some(caches)) => caches,
                 // The pool is full: admission waits for a sequence to leave.
                 Ok(None) => break,
                 Err(e) => {
@@ -403,10 +452,83 @@ impl BatchCore {
             let Some(waiting) = self.waiting.pop_front() else {
                 break;
             };
-            let mut sequence = start(waiting, cache, &self.target);
-            sequence.after_admission();
-            self.running.push(sequence);
+            if let Some(sequence) = self.start(waiting, caches) {
+                self.running.push(sequence);
+            }
         }
+    }
+
+    /// Caches of `capacities` rows, all or none (`None` while the pool cannot hold them all,
+    /// after the prefix cache gave back what it could).
+    fn lend_all(&mut self, capacities: &[usize]) -> Result<Option<Vec<PooledCache>>> {
+        let needed: u64 = capacities
+            .iter()
+            .map(|&c| cache_bytes(&self.target, c))
+            .sum();
+        while self.pool.free() < needed {
+            if !self.prefix.evict_one(&mut self.pool) {
+                return Ok(None);
+            }
+        }
+        let mut caches = Vec::with_capacity(capacities.len());
+        for &capacity in capacities {
+            match self.pool.lend(&self.target, capacity) {
+                Ok(Some(cache)) => caches.push(cache),
+                other => {
+                    for cache in caches {
+                        self.pool.give_back(cache);
+                    }
+                    return other.map(|_| None);
+                }
+            }
+        }
+        Ok(Some(caches))
+    }
+
+    /// A sequence admitted with its caches: its prompt's longest stored prefix copied in, and
+    /// the same random streams as it would have alone. `None` (the sequence and its forks told
+    /// why, their caches back in the pool) when the copy fails.
+    fn start(&mut self, waiting: Waiting, mut caches: Vec<PooledCache>) -> Option<Sequence> {
+        let prompt = &waiting.request.prompt;
+        let mut reused = 0;
+        if self.settings.prefix_cache {
+            // The last prompt token is always fed: its logits start the decoding.
+            if let Some(found) = self.prefix.longest(prompt, prompt.len().saturating_sub(1)) {
+                let copied = caches[0]
+                    .cache
+                    .copy_prefix_from(&found.cache.cache, found.len);
+                if let Err(e) = copied {
+                    for cache in caches {
+                        self.pool.give_back(cache);
+                    }
+                    waiting.sink.finish(Err(e.into()));
+                    for fork in waiting.forks {
+                        fork.sink.finish(Err(Error::InvalidPrompt(
+                            "the prompt it shares could not be started".into(),
+                        )));
+                    }
+                    return None;
+                }
+                reused = found.len;
+            }
+        }
+        let forks: Vec<(Fork, PooledCache)> = waiting
+            .forks
+            .into_iter()
+            .zip(caches.drain(1..))
+            .collect();
+        let cache = caches.pop()?;
+        let mut sequence = new_sequence(
+            waiting.request,
+            waiting.sink,
+            waiting.submitted,
+            cache,
+            &self.target,
+        );
+        sequence.stats.prefix_cached_tokens = reused;
+        sequence.forks = forks;
+        sequence.after_admission();
+        Some(sequence)
     }
 
     /// Sequences whose deadline passed, or whose consumer has gone, end before the step.
@@ -477,7 +599,41 @@ impl BatchCore {
         Ok(())
     }
 
-    /// Finished, cancelled, expired and failed sequences leave, their caches back in the pool.
+    /// Forks whose prompt is cached now start decoding, each from a copy of the cache.
+    fn spawn_forks(&mut self) {
+        let mut spawned = Vec::new();
+        for parent in &mut self.running {
+            if parent.forks.is_empty() || !matches!(parent.phase, Phase::Decode) {
+                continue;
+            }
+            let request = parent.request();
+            // The prompt but its last token: what every fork's first decode step starts from
+            // (the parent may have decoded a step already, when its prompt came from the
+            // prefix cache; those rows are its own).
+            let prompt_rows = request.prompt.len() - 1;
+            for (fork, mut cache) in std::mem::take(&mut parent.forks) {
+                let copied = cache
+                    .cache
+                    .copy_prefix_from(&parent.cache.cache, prompt_rows);
+                let request = SequenceRequest {
+                    config: fork.config,
+                    ..request.clone()
+                };
+                let mut sequence =
+                    new_sequence(request, fork.sink, parent.started, cache, &self.target);
+                sequence.phase = Phase::Decode;
+                sequence.stats.time.prefill = parent.stats.time.prefill;
+                if let Err(e) = copied {
+                    sequence.failed = Some(e.into());
+                }
+                spawned.push(sequence);
+            }
+        }
+        self.running.extend(spawned);
+    }
+
+    /// Finished, cancelled, expired and failed sequences leave; their caches go to the prefix
+    /// cache (or back to the pool). A leaving sequence's pending forks take over its prefill.
     fn retire(&mut self) {
         let mut index = 0;
         while index < self.running.len() {
@@ -490,29 +646,77 @@ impl BatchCore {
                 continue;
             }
             let mut sequence = self.running.swap_remove(index);
+            if let Some(heir) = self.hand_over_forks(&mut sequence) {
+                self.running.push(heir);
+            }
             let sink = sequence.sink.take();
-            let result = match sequence.failed.take() {
+            let failed = sequence.failed.take();
+            let rows = sequence.cache.cache.len();
+            if self.settings.prefix_cache && failed.is_none() {
+                let tokens = sequence.seq[..rows].to_vec();
+                self.prefix.insert(tokens, sequence.cache, &mut self.pool);
+            } else {
+                self.pool.give_back(sequence.cache);
+            }
+            let result = match failed {
                 Some(e) => Err(e),
                 None => Ok(sequence.output.finish(sequence.stats, sequence.started)),
             };
-            self.pool.give_back(sequence.cache);
             if let Some(sink) = sink {
                 sink.finish(result);
             }
         }
     }
 
+    /// A sequence leaving before its forks started: the first fork carries on with its prefill
+    /// (from a copy of what is cached so far), with the others as its own forks.
+    fn hand_over_forks(&mut self, sequence: &mut Sequence) -> Option<Sequence> {
+        if sequence.forks.is_empty() {
+            return None;
+        }
+        let mut forks = std::mem::take(&mut sequence.forks).into_iter();
+        let (fork, mut cache) = forks.next()?;
+        let request = sequence.request();
+        // A failed step may have left the cache half-written: the heir starts over then.
+        let rows = if sequence.failed.is_some() {
+            0
+        } else {
+            sequence.cache.cache.len().min(request.prompt.len() - 1)
+        };
+        let copied = cache.cache.copy_prefix_from(&sequence.cache.cache, rows);
+        let request = SequenceRequest {
+            config: fork.config,
+            ..request
+        };
+        let mut heir = new_sequence(request, fork.sink, sequence.started, cache, &self.target);
+        heir.forks = forks.collect();
+        heir.stats.prefix_cached_tokens = sequence.stats.prefix_cached_tokens;
+        heir.after_admission();
+        if let Err(e) = copied {
+            heir.failed = Some(e.into());
+        }
+        Some(heir)
+    }
+
     /// Ends every sequence, running or waiting, with `error()` (the engine is shutting down).
     pub fn abandon(&mut self, error: impl Fn() -> Error) {
         for waiting in self.waiting.drain(..) {
             waiting.sink.finish(Err(error()));
+            for fork in waiting.forks {
+                fork.sink.finish(Err(error()));
+            }
         }
         for mut sequence in self.running.drain(..) {
             if let Some(sink) = sequence.sink.take() {
                 sink.finish(Err(error()));
             }
+            for (fork, cache) in sequence.forks.drain(..) {
+                fork.sink.finish(Err(error()));
+                self.pool.give_back(cache);
+            }
             self.pool.give_back(sequence.cache);
         }
+        self.prefix.clear(&mut self.pool);
     }
 }
 
@@ -533,13 +737,14 @@ fn check_speculation(speculation: Speculation) -> Result<()> {
     Ok(())
 }
 
-/// A sequence admitted with its cache: the same random streams as it would have alone.
-fn start(waiting: Waiting, cache: PooledCache, target: &Model) -> Sequence {
-    let Waiting {
-        request,
-        sink,
-        submitted,
-    } = waiting;
+/// A sequence with its cache, in prefill: the same random streams as it would have alone.
+fn new_sequence(
+    request: SequenceRequest,
+    sink: Box<dyn Sink>,
+    submitted: Instant,
+    cache: PooledCache,
+    target: &Model,
+) -> Sequence {
     let gamma = gamma_of(&request);
     let rng_seed = match request.speculation {
         Speculation::None => request.config.seed,
@@ -560,6 +765,7 @@ fn start(waiting: Waiting, cache: PooledCache, target: &Model) -> Sequence {
         failed: None,
         fed: Vec::new(),
         window: DraftWindow::default(),
+        forks: Vec::new(),
         config: request.config,
     }
 }

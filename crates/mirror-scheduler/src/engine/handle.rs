@@ -11,10 +11,10 @@ use crossbeam_channel::{unbounded, Receiver, Sender};
 use mirror_core::{Model, Tokenizer};
 use tokio::sync::mpsc;
 
-use super::batch::{BatchCore, BatchSettings, SequenceRequest, Sink, Waiting};
+use super::batch::{BatchCore, BatchSettings, Fork, SequenceRequest, Sink, Waiting};
 use super::text::IncrementalText;
 use crate::error::{Error, Result};
-use crate::generation::{Generation, StreamControl};
+use crate::generation::{Generation, GenerationConfig, StreamControl};
 
 /// What a batched sequence tells its stream.
 #[derive(Debug)]
@@ -42,6 +42,10 @@ pub struct EngineLoad {
     pub pool_used: u64,
     /// KV pool bytes free.
     pub pool_free: u64,
+    /// Finished sequences' caches kept for their prefixes.
+    pub prefix_entries: usize,
+    /// Bytes those take (part of `pool_used`).
+    pub prefix_bytes: u64,
 }
 
 /// What every clone of a handle shares. When the last clone is gone the commands' channel
@@ -97,22 +101,55 @@ impl EngineHandle {
 
     /// Queues `request`; its events arrive on the returned stream.
     pub fn submit(&self, request: SequenceRequest) -> Result<SequenceStream> {
+        let mut streams = self.submit_forked(request, 1)?;
+        streams.pop().ok_or(Error::EngineStopped)
+    }
+
+    /// Queues `n` sequences that share `request`'s prompt, which is prefilled once: sequence
+    /// `i` runs with seed `request.config.seed + i` (wrapping) and otherwise the same settings,
+    /// and equals that request run on its own. `n` is at least 1.
+    pub fn submit_forked(&self, request: SequenceRequest, n: usize) -> Result<Vec<SequenceStream>> {
+        let n = n.max(1);
+        let mut streams = Vec::with_capacity(n);
+        let mut sinks = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (sink, stream) = self.channel();
+            sinks.push(sink);
+            streams.push(stream);
+        }
+        let mut sinks = sinks.into_iter();
+        let sink = sinks.next().ok_or(Error::EngineStopped)?;
+        let forks = sinks
+            .enumerate()
+            .map(|(i, sink)| Fork {
+                config: GenerationConfig {
+                    seed: request.config.seed.wrapping_add(i as u64 + 1),
+                    ..request.config.clone()
+                },
+                sink,
+            })
+            .collect();
+        let waiting = Waiting {
+            request,
+            sink,
+            submitted: std::time::Instant::now(),
+            forks,
+        };
+        self.shared
+            .commands
+            .send(waiting)
+            .map_err(|_| Error::EngineStopped)?;
+        Ok(streams)
+    }
+
+    fn channel(&self) -> (Box<dyn Sink>, SequenceStream) {
         let (events, event_rx) = mpsc::unbounded_channel();
         let sink = StreamSink {
             events,
             text: self.shared.tokenizer.clone().map(IncrementalText::new),
             tokenizer: self.shared.tokenizer.clone(),
         };
-        let waiting = Waiting {
-            request,
-            sink: Box::new(sink),
-            submitted: std::time::Instant::now(),
-        };
-        self.shared
-            .commands
-            .send(waiting)
-            .map_err(|_| Error::EngineStopped)?;
-        Ok(SequenceStream { events: event_rx })
+        (Box::new(sink), SequenceStream { events: event_rx })
     }
 
     /// Generates `request` and waits for its end (blocking; not for async code).
@@ -148,13 +185,15 @@ fn run(mut core: BatchCore, commands: Receiver<Waiting>, load: &Mutex<EngineLoad
             // A bug in the engine, not in one sequence: none of them can be trusted to go on.
             core.abandon(|| Error::GenerationPanicked("the batched engine's step panicked".into()));
         }
-        let (running, waiting, pool_used, pool_free) = core.load();
+        let (running, waiting, pool_used, pool_free, prefix_entries, prefix_bytes) = core.load();
         if let Ok(mut l) = load.lock() {
             *l = EngineLoad {
                 running,
                 waiting,
                 pool_used,
                 pool_free,
+                prefix_entries,
+                prefix_bytes,
             };
         }
     }

@@ -10,6 +10,7 @@
 mod batch;
 mod handle;
 mod pool;
+mod prefix;
 mod text;
 
 pub use batch::StepReport;
