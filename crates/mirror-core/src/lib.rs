@@ -31,6 +31,8 @@
 //! # Ok(()) }
 //! ```
 
+#![deny(unsafe_op_in_unsafe_fn)]
+
 pub mod config;
 pub mod error;
 pub mod formats;
