@@ -77,20 +77,22 @@ fn offline_miss_is_a_hub_error() {
 }
 
 #[test]
-fn model_source_parsing() {
+fn model_source_parsing() -> mirror_core::Result<()> {
     let dir = fixture_dir("qwen2");
-    assert_eq!(
-        ModelSource::parse(dir.to_str().unwrap()),
-        ModelSource::Dir(dir.clone())
-    );
-    assert_eq!(
-        ModelSource::parse("models/x.gguf"),
-        ModelSource::Gguf("models/x.gguf".into())
+    let text = dir.to_str().expect("the fixture path is UTF-8");
+    assert_eq!(ModelSource::parse(text)?, ModelSource::Dir(dir.clone()));
+    let gguf = common::repo_root().join("tests/fixtures/gguf/qwen2-quantized.gguf");
+    let text = gguf.to_str().expect("the fixture path is UTF-8");
+    assert_eq!(ModelSource::parse(text)?, ModelSource::Gguf(gguf.clone()));
+    let missing = dir.join("no-such-model");
+    let text = missing.to_str().expect("the fixture path is UTF-8");
+    assert!(
+        matches!(ModelSource::parse(text), Err(Error::ModelPathNotFound { path }) if path == missing)
     );
     assert_eq!(
         ModelSource::parse(
             "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF:qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
-        ),
+        )?,
         ModelSource::Hub {
             repo: "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF".into(),
             revision: None,
@@ -98,11 +100,12 @@ fn model_source_parsing() {
         }
     );
     assert_eq!(
-        ModelSource::parse("HuggingFaceTB/SmolLM2-135M-Instruct@v1"),
+        ModelSource::parse("HuggingFaceTB/SmolLM2-135M-Instruct@v1")?,
         ModelSource::Hub {
             repo: "HuggingFaceTB/SmolLM2-135M-Instruct".into(),
             revision: Some("v1".into()),
             file: None
         }
     );
+    Ok(())
 }

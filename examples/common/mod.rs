@@ -44,7 +44,7 @@ pub fn resolve_source(arg: &str) -> Result<ModelSource, String> {
         }
         return Ok(ModelSource::Gguf(local));
     }
-    Ok(ModelSource::parse(arg))
+    ModelSource::parse(arg).map_err(|e| e.to_string())
 }
 
 /// `cpu`, `cuda` / `cuda:N` (a handle with its own stream), or `metal` / `metal:N`.

@@ -21,7 +21,7 @@
 //! use mirror_sd::mirror_scheduler::MirrorSettings;
 //! use mirror_sd::serve::{Backend, Method, Server, ServerConfig};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let loaded = load(&ModelSource::parse("models/SmolLM2-135M-Instruct.Q4_1.gguf"), &LoadOptions::default())?;
+//! let loaded = load(&ModelSource::parse("models/SmolLM2-135M-Instruct.Q4_1.gguf")?, &LoadOptions::default())?;
 //! let target = Arc::new(loaded.model);
 //! let draft = Arc::new(target.truncated(10)?); // self-speculation
 //! let backend = Backend::new(target, Some(draft), loaded.tokenizer, &Method::ALL, Method::Mirror,

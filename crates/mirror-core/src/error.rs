@@ -137,6 +137,14 @@ pub enum Error {
         reason: String,
     },
 
+    /// A model named as a local path (by its form: see
+    /// [`ModelSource::parse`](crate::ModelSource::parse)) does not exist.
+    #[error("model path {path} does not exist; to load from the Hugging Face hub instead, name the repository as `org/name` (or `org/name:file.gguf`)")]
+    ModelPathNotFound {
+        /// The path as given.
+        path: PathBuf,
+    },
+
     /// A worker thread pool could not be built.
     #[error("thread pool: {0}")]
     ThreadPool(String),

@@ -17,7 +17,7 @@
 //! ```no_run
 //! use mirror_core::{load, AttentionInput, LoadOptions, ModelSource};
 //! # fn main() -> mirror_core::Result<()> {
-//! let loaded = load(&ModelSource::parse("models/SmolLM2-135M-Instruct.Q4_1.gguf"), &LoadOptions::default())?;
+//! let loaded = load(&ModelSource::parse("models/SmolLM2-135M-Instruct.Q4_1.gguf")?, &LoadOptions::default())?;
 //! let model = &loaded.model;
 //! let tokens = loaded.tokenizer.encode("The capital of France is", true)?;
 //! let mut cache = model.new_cache(1, 256)?;
@@ -30,6 +30,8 @@
 //! let final_logits = model.logits(&hidden)?;
 //! # Ok(()) }
 //! ```
+
+#![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod config;
 pub mod error;

@@ -62,7 +62,7 @@ impl Activations {
         };
         match path {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `matmul` checked that the CPU supports the path.
+            // SAFETY: the callers (`matmul`, the kernel tests) pass a path the CPU supports.
             KernelPath::Avx512Vnni => unsafe { quantize_avx512(x, &mut acts) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
@@ -73,12 +73,20 @@ impl Activations {
     }
 }
 
+/// [`quantize_rows`] compiled for AVX-512.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VL.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn quantize_avx512(x: &[f32], acts: &mut Activations) {
     quantize_rows(x, acts)
 }
 
+/// [`quantize_rows`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn quantize_avx2(x: &[f32], acts: &mut Activations) {

@@ -100,7 +100,9 @@ pub fn matmul(
 }
 
 /// # Safety
-/// `path` must be supported by the CPU and `out` must be valid for the item's writes.
+/// `path` must be supported by the CPU, `groups` must be column groups of `w`, `acts` must be
+/// the call's input quantized for `w`'s type, and `out` must be valid for writing the groups'
+/// columns at every row of `acts`.
 unsafe fn run_groups(
     path: KernelPath,
     w: &PackedMatrix,
@@ -109,12 +111,16 @@ unsafe fn run_groups(
     out: Output,
 ) {
     let weights = w.operand();
-    match path {
-        #[cfg(target_arch = "x86_64")]
-        KernelPath::Avx512Vnni => x86_avx512::matmul_groups(&weights, acts, groups, out),
-        #[cfg(target_arch = "x86_64")]
-        KernelPath::Avx2 => x86_avx2::matmul_groups(&weights, acts, groups, out),
-        _ => portable::matmul_groups(&weights, acts, groups, out),
+    // SAFETY: the path's CPU features, the groups and the output are this function's
+    // contract, which is each kernel's.
+    unsafe {
+        match path {
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx512Vnni => x86_avx512::matmul_groups(&weights, acts, groups, out),
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx2 => x86_avx2::matmul_groups(&weights, acts, groups, out),
+            _ => portable::matmul_groups(&weights, acts, groups, out),
+        }
     }
 }
 

@@ -40,4 +40,5 @@ impl Output {
 
 // SAFETY: work items write disjoint column ranges of the output, see `matmul`.
 unsafe impl Send for Output {}
+// SAFETY: as for `Send`: no two threads write the same element through an `Output`.
 unsafe impl Sync for Output {}

@@ -88,7 +88,8 @@ fn block_update(
 }
 
 /// # Safety
-/// `out` must be valid for writes at every row of `acts` and the groups' columns.
+/// `groups` must be column groups of `w`, and `out` valid for writing each group's columns at
+/// every row of `acts`.
 pub(super) unsafe fn matmul_groups(
     w: &Weights,
     acts: &Activations,
@@ -113,8 +114,12 @@ pub(super) unsafe fn matmul_groups(
             }
         }
         for (row, acc) in acc.iter().enumerate() {
-            let dst = out.ptr.add(row * out.ld + out.offset + g * GROUP);
-            std::ptr::copy_nonoverlapping(acc.as_ptr(), dst, lanes);
+            // SAFETY: `out` takes the group's `lanes` columns at every row (this function's
+            // contract), and `acc` holds at least `lanes` values.
+            unsafe {
+                let dst = out.ptr.add(row * out.ld + out.offset + g * GROUP);
+                std::ptr::copy_nonoverlapping(acc.as_ptr(), dst, lanes);
+            }
         }
     }
 }

@@ -156,12 +156,20 @@ impl HeadJob<'_> {
         self.run_body(bh)
     }
 
+    /// [`HeadJob::run_body`] compiled for AVX-512.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn run_avx512(&self, bh: usize) -> Vec<f32> {
         self.run_body(bh)
     }
 
+    /// [`HeadJob::run_body`] compiled for AVX2.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     unsafe fn run_avx2(&self, bh: usize) -> Vec<f32> {

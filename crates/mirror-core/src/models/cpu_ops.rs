@@ -121,12 +121,20 @@ fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
     silu_mul_body(gate, up, out)
 }
 
+/// [`silu_mul_body`] compiled for AVX-512.
+///
+/// # Safety
+/// The CPU must support AVX-512 F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn silu_mul_avx512(gate: &[f32], up: &[f32], out: &mut [f32]) {
     silu_mul_body(gate, up, out)
 }
 
+/// [`silu_mul_body`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn silu_mul_avx2(gate: &[f32], up: &[f32], out: &mut [f32]) {
