@@ -106,6 +106,8 @@ fn every_sequence_of_a_batch_equals_itself_alone() {
     let expected: Vec<Vec<u32>> = requests.iter().map(|r| alone(&target, r)).collect();
     for batch in [1, 4, 16] {
         let settings = BatchSettings {
+            // Sampled lookup sequences reproduce themselves alone under fixed windows.
+            window: WindowPolicy::Fixed,
             max_batch: batch,
             // Small chunks and budgets: prompts are prefilled over several steps, beside others'
             // decode rows and windows.
@@ -131,6 +133,44 @@ fn every_sequence_of_a_batch_equals_itself_alone() {
                 got.tokens, expected[i],
                 "batch {batch}, sequence {i} ({:?}) differs from itself alone",
                 requests[i].speculation
+            );
+        }
+    }
+}
+
+#[test]
+fn greedy_sequences_equal_themselves_alone_under_adaptive_windows() {
+    let Some((target, tokenizer)) = smollm2() else {
+        return;
+    };
+    let requests: Vec<SequenceRequest> = requests(&tokenizer)
+        .into_iter()
+        .map(|mut r| {
+            r.config.sampling = SamplingParams::greedy();
+            r
+        })
+        .collect();
+    let expected: Vec<Vec<u32>> = requests
+        .iter()
+        .map(|r| {
+            alone(
+                &target,
+                &SequenceRequest::new(r.prompt.clone(), r.config.clone()),
+            )
+        })
+        .collect();
+    let engine = EngineHandle::spawn(Arc::clone(&target), None, BatchSettings::default()).unwrap();
+    for round in 0..2 {
+        // The second round runs with step costs and acceptance rates measured: windows are cut.
+        let streams: Vec<_> = requests
+            .iter()
+            .map(|r| engine.submit(r.clone()).unwrap())
+            .collect();
+        for (i, stream) in streams.into_iter().enumerate() {
+            assert_eq!(
+                stream.wait().unwrap().tokens,
+                expected[i],
+                "round {round}, sequence {i}"
             );
         }
     }
@@ -303,6 +343,7 @@ fn forked_sequences_each_equal_an_unforked_run_with_their_seed() {
         None,
         BatchSettings {
             prefill_chunk: 4,
+            window: WindowPolicy::Fixed,
             ..BatchSettings::default()
         },
     )
@@ -385,13 +426,17 @@ fn the_prefix_cache_reuses_earlier_prompts_and_changes_no_bit() {
         SequenceRequest::new(follow_up.clone(), GenerationConfig::greedy(10)),
     ];
     let expected: Vec<Vec<u32>> = requests.iter().map(|r| alone(&target, r)).collect();
-    let on = EngineHandle::spawn(Arc::clone(&target), None, BatchSettings::default()).unwrap();
+    let fixed = BatchSettings {
+        window: WindowPolicy::Fixed,
+        ..BatchSettings::default()
+    };
+    let on = EngineHandle::spawn(Arc::clone(&target), None, fixed).unwrap();
     let off = EngineHandle::spawn(
         Arc::clone(&target),
         None,
         BatchSettings {
             prefix_cache: false,
-            ..BatchSettings::default()
+            ..fixed
         },
     )
     .unwrap();

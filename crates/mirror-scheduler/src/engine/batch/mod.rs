@@ -14,320 +14,28 @@
 //! the same bits whatever rows share its forward, so greedy output, and seeded sampled output,
 //! equals the sequence's output alone.
 
+mod request;
+mod sequence;
+
 use std::collections::VecDeque;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Instant;
 
-use mirror_core::{sampling, Model, RaggedSequence};
-use rand::{rngs::StdRng, Rng, SeedableRng};
-use serde::{Deserialize, Serialize};
+use mirror_core::{Model, RaggedSequence};
 
 use super::pool::{cache_bytes, KvPool, PooledCache};
 use super::prefix::PrefixStore;
-use crate::draft::lookup::LookupConfig;
+use crate::adaptive::batch::{allocate, DraftOffer, StepCost};
+use crate::adaptive::WindowPolicy;
 use crate::error::{Error, Result};
-use crate::generation::{FinishReason, Generation, GenerationConfig, StreamControl};
-use crate::run::{capacity_for, Output};
-use crate::seed::mix;
-use crate::stats::Stats;
-use crate::verify::verify_window;
+use crate::generation::FinishReason;
+use crate::run::capacity_for;
 use crate::window::DraftWindow;
+use request::{check_speculation, gamma_of};
+use sequence::{new_sequence, Phase, Sequence};
 
-/// The batched engine's settings.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct BatchSettings {
-    /// Most sequences running at once (default 16).
-    pub max_batch: usize,
-    /// Bytes the running sequences' KV caches may take together (default 4 GiB).
-    pub kv_budget_bytes: u64,
-    /// Most rows one step's forward takes, prompt chunks and windows included (default 256).
-    pub step_tokens: usize,
-    /// Most prompt tokens one sequence prefills in one step (default 128), so that a long prompt
-    /// does not stall everyone's next token.
-    pub prefill_chunk: usize,
-    /// Keep finished sequences' caches in the pool for prompts that start like them (default
-    /// on; see the `prefix` module).
-    pub prefix_cache: bool,
-}
-
-impl Default for BatchSettings {
-    fn default() -> Self {
-        Self {
-            max_batch: 16,
-            kv_budget_bytes: 4 << 30,
-            step_tokens: 256,
-            prefill_chunk: 128,
-            prefix_cache: true,
-        }
-    }
-}
-
-impl BatchSettings {
-    pub(crate) fn check(&self) -> Result<()> {
-        let positive = [
-            ("max_batch", self.max_batch),
-            ("step_tokens", self.step_tokens),
-            ("prefill_chunk", self.prefill_chunk),
-        ];
-        for (name, value) in positive {
-            if value == 0 {
-                return Err(Error::InvalidConfig(format!("{name} must be at least 1")));
-            }
-        }
-        if self.kv_budget_bytes == 0 {
-            return Err(Error::InvalidConfig(
-                "kv_budget_bytes must be at least 1".into(),
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// How a batched sequence speculates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Speculation {
-    /// One token per step (as [`crate::Autoregressive`]).
-    #[default]
-    None,
-    /// Windows of up to `gamma` tokens drafted by prompt lookup, verified in the same forward (as
-    /// [`crate::SpeculativeDecoding::prompt_lookup`] with fixed windows).
-    Lookup {
-        /// The lookup's n-gram range.
-        lookup: LookupConfig,
-        /// Most draft tokens per window.
-        gamma: usize,
-    },
-}
-
-/// One sequence for the batched engine.
-#[derive(Debug, Clone)]
-pub struct SequenceRequest {
-    /// Prompt token ids.
-    pub prompt: Vec<u32>,
-    /// Its own length, sampling, seed and stop tokens.
-    pub config: GenerationConfig,
-    /// How it speculates.
-    pub speculation: Speculation,
-    /// When it must end; output so far is returned with [`FinishReason::Deadline`].
-    pub deadline: Option<Instant>,
-}
-
-impl SequenceRequest {
-    /// Greedy, no speculation, no deadline.
-    pub fn new(prompt: Vec<u32>, config: GenerationConfig) -> Self {
-        Self {
-            prompt,
-            config,
-            speculation: Speculation::None,
-            deadline: None,
-        }
-    }
-}
-
-/// Where a batched sequence's committed tokens go, and how it ends: the callback may cancel.
-pub(crate) trait Sink: Send {
-    /// Newly committed tokens; `Stop` cancels the sequence.
-    fn tokens(&mut self, tokens: &[u32]) -> StreamControl;
-    /// Whether the consumer has gone (checked before every step, prefill included).
-    fn cancelled(&self) -> bool;
-    /// The end.
-    fn finish(self: Box<Self>, result: Result<Generation>);
-}
-
-/// A sequence waiting for admission, with the forks that share its prompt.
-pub(crate) struct Waiting {
-    pub request: SequenceRequest,
-    pub sink: Box<dyn Sink>,
-    pub submitted: Instant,
-    pub forks: Vec<Fork>,
-}
-
-/// A sequence that shares another's prompt: the prompt is prefilled once, then its cache is
-/// copied into each fork, which goes on with its own settings (seed, length, sampling).
-pub(crate) struct Fork {
-    pub config: GenerationConfig,
-    pub sink: Box<dyn Sink>,
-}
-
-/// Where a running sequence is.
-enum Phase {
-    /// Its prompt (all but the last token) is being cached, a chunk per step.
-    Prefill,
-    /// It decodes: each step feeds the last token, and a window after it.
-    Decode,
-}
-
-/// A running sequence.
-struct Sequence {
-    /// Prompt and committed tokens.
-    seq: Vec<u32>,
-    cache: PooledCache,
-    config: GenerationConfig,
-    speculation: Speculation,
-    deadline: Option<Instant>,
-    output: Output,
-    stats: Stats,
-    started: Instant,
-    rng: StdRng,
-    phase: Phase,
-    sink: Option<Box<dyn Sink>>,
-    /// Set when it must leave at the next retire phase with this error.
-    failed: Option<Error>,
-    /// The rows it fed this step, and the window among them.
-    fed: Vec<u32>,
-    window: DraftWindow,
-    /// Forks waiting for this sequence's prefill, each with the cache it was lent.
-    forks: Vec<(Fork, PooledCache)>,
-}
-
-impl Sequence {
-    /// Whether the cache has room for one more token; ends the sequence at the context limit
-    /// when not (as [`crate::run::Run::has_room`]).
-    fn has_room(&mut self) -> bool {
-        let cache = &self.cache.cache;
-        if cache.len() + 1 > cache.capacity() {
-            self.output.finish = Some(FinishReason::ContextLimit);
-            return false;
-        }
-        true
-    }
-
-    fn window_room(&self) -> usize {
-        let cache = &self.cache.cache;
-        cache.capacity() - cache.len() - 1
-    }
-
-    fn done(&self) -> bool {
-        self.output.done() || self.failed.is_some()
-    }
-
-    /// The rows this sequence offers the next step, within `budget` rows.
-    fn offer(&mut self, budget: usize, prefill_chunk: usize) -> usize {
-        self.fed.clear();
-        self.window = DraftWindow::default();
-        match self.phase {
-            Phase::Prefill => {
-                let target = self.seq.len() - 1;
-                let cached = self.cache.cache.len();
-                let take = (target - cached).min(prefill_chunk).min(budget);
-                self.fed.extend_from_slice(&self.seq[cached..cached + take]);
-            }
-            Phase::Decode => {
-                if budget == 0 {
-                    return 0;
-                }
-                if let Speculation::Lookup { lookup, gamma } = self.speculation {
-                    let room = gamma.min(self.window_room()).min(budget - 1);
-                    self.window = lookup.window(&self.seq, room, self.output.stop());
-                    if !self.window.is_empty() {
-                        self.stats.lookup_windows += 1;
-                    }
-                }
-                self.fed.push(self.seq[self.seq.len() - 1]);
-                self.fed.extend_from_slice(&self.window.tokens);
-            }
-        }
-        self.fed.len()
-    }
-
-    /// After the forward: verify or sample, commit, roll the cache back.
-    fn settle(&mut self, rows: Vec<Vec<f32>>) -> Result<()> {
-        match self.phase {
-            Phase::Prefill => {
-                if self.cache.cache.len() + 1 >= self.seq.len() {
-                    self.phase = Phase::Decode;
-                    self.stats.time.prefill = self.started.elapsed();
-                }
-                Ok(())
-            }
-            Phase::Decode => {
-                self.stats.target_passes += 1;
-                let base = self.cache.cache.len() - self.fed.len();
-                let committed = match self.speculation {
-                    Speculation::None => {
-                        let logits = &rows[0];
-                        let token = if self.config.sampling.is_greedy() {
-                            sampling::argmax(logits)
-                        } else {
-                            sampling::warp_probs(logits, &self.config.sampling)
-                                .sample(self.rng.random())
-                        };
-                        vec![token]
-                    }
-                    Speculation::Lookup { .. } => {
-                        let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
-                        let rng = &mut self.rng;
-                        let verdict =
-                            verify_window(&refs, &self.window, &self.config.sampling, &mut || {
-                                rng.random()
-                            })?;
-                        self.stats
-                            .record_window(self.window.len(), verdict.accepted);
-                        self.cache.cache.truncate(base + 1 + verdict.accepted);
-                        verdict.committed(&self.window.tokens)
-                    }
-                };
-                self.seq.extend_from_slice(&committed);
-                self.commit(&committed);
-                Ok(())
-            }
-        }
-    }
-
-    /// Commits tokens to the output and streams them; a panicking sink fails the sequence.
-    fn commit(&mut self, new: &[u32]) {
-        let committed = self.output.push(new).to_vec();
-        if committed.is_empty() {
-            return;
-        }
-        let Some(sink) = self.sink.as_mut() else {
-            return;
-        };
-        match catch_unwind(AssertUnwindSafe(|| sink.tokens(&committed))) {
-            Ok(StreamControl::Stop) if self.output.finish.is_none() => {
-                self.output.finish = Some(FinishReason::Cancelled);
-            }
-            Ok(_) => {}
-            Err(panic) => {
-                self.failed = Some(Error::GenerationPanicked(mirror_core::panic_message(
-                    &*panic,
-                )));
-            }
-        }
-    }
-
-    /// This sequence's request as submitted (its prompt, settings and deadline).
-    fn request(&self) -> SequenceRequest {
-        let prompt_len = self.seq.len() - self.output.tokens.len();
-        SequenceRequest {
-            prompt: self.seq[..prompt_len].to_vec(),
-            config: self.config.clone(),
-            speculation: self.speculation,
-            deadline: self.deadline,
-        }
-    }
-
-    /// The first decode step of a one-token prompt needs no prefill; a prompt whose prefix was
-    /// cached starts its prefill after it.
-    fn after_admission(&mut self) {
-        if self.cache.cache.len() + 1 >= self.seq.len() {
-            self.phase = Phase::Decode;
-            self.stats.time.prefill = self.started.elapsed();
-        }
-    }
-}
-
-/// What one step did, for statistics and tests.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct StepReport {
-    /// Sequences that contributed rows.
-    pub sequences: usize,
-    /// Rows of the forward.
-    pub rows: usize,
-}
+pub use request::{BatchSettings, SequenceRequest, Speculation, StepReport};
+pub(crate) use request::{Fork, Sink, Waiting};
 
 /// The batched core: the running sequences, those waiting, and the pool.
 pub(crate) struct BatchCore {
@@ -335,6 +43,8 @@ pub(crate) struct BatchCore {
     settings: BatchSettings,
     pool: KvPool,
     prefix: PrefixStore,
+    /// Measured step time by row count: the price of a row in the next step.
+    step_cost: StepCost,
     waiting: VecDeque<Waiting>,
     running: Vec<Sequence>,
 }
@@ -346,6 +56,7 @@ impl BatchCore {
             target,
             pool: KvPool::new(settings.kv_budget_bytes),
             prefix: PrefixStore::default(),
+            step_cost: StepCost::default(),
             settings,
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -512,11 +223,8 @@ impl BatchCore {
                 reused = found.len;
             }
         }
-        let forks: Vec<(Fork, PooledCache)> = waiting
-            .forks
-            .into_iter()
-            .zip(caches.drain(1..))
-            .collect();
+        let forks: Vec<(Fork, PooledCache)> =
+            waiting.forks.into_iter().zip(caches.drain(1..)).collect();
         let cache = caches.pop()?;
         let mut sequence = new_sequence(
             waiting.request,
@@ -553,6 +261,7 @@ impl BatchCore {
         let mut report = StepReport::default();
         for sequence in &mut self.running {
             sequence.fed.clear();
+            sequence.window = DraftWindow::default();
         }
         for prefill_pass in [false, true] {
             for sequence in &mut self.running {
@@ -565,13 +274,52 @@ impl BatchCore {
                 }
                 let rows = sequence.offer(budget, self.settings.prefill_chunk);
                 budget -= rows;
-                if rows > 0 {
-                    report.sequences += 1;
-                    report.rows += rows;
-                }
+            }
+        }
+        if self.settings.window == WindowPolicy::Adaptive {
+            self.allocate_windows();
+        }
+        for sequence in &self.running {
+            if !sequence.fed.is_empty() {
+                report.sequences += 1;
+                report.rows += sequence.fed.len();
             }
         }
         report
+    }
+
+    /// Trims the offered lookup windows to the batch's best goodput (see
+    /// [`crate::adaptive`]'s `batch` module). Before any step was timed the windows stay whole:
+    /// that step times them.
+    fn allocate_windows(&mut self) {
+        let rows: usize = self
+            .running
+            .iter()
+            .map(|s| s.fed.len() - s.window.len())
+            .sum();
+        let committed = self
+            .running
+            .iter()
+            .filter(|s| matches!(s.phase, Phase::Decode) && !s.fed.is_empty())
+            .count() as f64;
+        let cost = &self.step_cost;
+        if committed == 0.0 || cost.seconds(rows.max(1)).is_none() {
+            return;
+        }
+        let offers: Vec<DraftOffer> = self
+            .running
+            .iter()
+            .map(|s| DraftOffer {
+                rate: s.acceptance.rate(),
+                tokens: s.window.len(),
+            })
+            .collect();
+        let taken = allocate(rows, committed, &offers, |r| {
+            cost.seconds(r).unwrap_or(f64::EPSILON)
+        });
+        for (sequence, tokens) in self.running.iter_mut().zip(taken) {
+            sequence.trim_window(tokens);
+        }
     }
 
     /// The ragged forward over every offered row, then each sequence settles.
@@ -589,7 +337,10 @@ impl BatchCore {
                 cache: &mut s.cache.cache,
             })
             .collect();
+        let rows: usize = inputs.iter().map(|i| i.tokens.len()).sum();
+        let started = Instant::now();
         let logits = self.target.forward_ragged(&mut inputs)?;
+        self.step_cost.record(rows, started.elapsed());
         drop(inputs);
         for (sequence, rows) in offered.into_iter().zip(logits) {
             if let Err(e) = sequence.settle(rows) {
@@ -717,55 +468,5 @@ impl BatchCore {
             self.pool.give_back(sequence.cache);
         }
         self.prefix.clear(&mut self.pool);
-    }
-}
-
-fn gamma_of(request: &SequenceRequest) -> usize {
-    match request.speculation {
-        Speculation::None => 0,
-        Speculation::Lookup { gamma, .. } => gamma,
-    }
-}
-
-fn check_speculation(speculation: Speculation) -> Result<()> {
-    if let Speculation::Lookup { lookup, gamma } = speculation {
-        lookup.check()?;
-        if gamma == 0 {
-            return Err(Error::InvalidConfig("gamma must be at least 1".into()));
-        }
-    }
-    Ok(())
-}
-
-/// A sequence with its cache, in prefill: the same random streams as it would have alone.
-fn new_sequence(
-    request: SequenceRequest,
-    sink: Box<dyn Sink>,
-    submitted: Instant,
-    cache: PooledCache,
-    target: &Model,
-) -> Sequence {
-    let gamma = gamma_of(&request);
-    let rng_seed = match request.speculation {
-        Speculation::None => request.config.seed,
-        // As vanilla SD seeds its verification.
-        Speculation::Lookup { .. } => mix(request.config.seed, 1),
-    };
-    Sequence {
-        output: Output::new(&request.config, target),
-        seq: request.prompt,
-        cache,
-        speculation: request.speculation,
-        deadline: request.deadline,
-        stats: Stats::new(gamma),
-        started: submitted,
-        rng: StdRng::seed_from_u64(rng_seed),
-        phase: Phase::Prefill,
-        sink: Some(sink),
-        failed: None,
-        fed: Vec::new(),
-        window: DraftWindow::default(),
-        forks: Vec::new(),
-        config: request.config,
     }
 }

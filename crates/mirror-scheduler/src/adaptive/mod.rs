@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::window::Source;
 
+pub(crate) mod batch;
+
 /// How the length of each window is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -138,7 +140,7 @@ impl CostLine {
         self.by_length[length].record(time.as_secs_f64());
     }
 
-    fn points(&self) -> impl Iterator<Item = (f64, f64)> + '_ {
+    pub(crate) fn points(&self) -> impl Iterator<Item = (f64, f64)> + '_ {
         (self.by_length.iter().enumerate()).filter_map(|(k, a)| a.0.map(|t| (k as f64, t)))
     }
 }

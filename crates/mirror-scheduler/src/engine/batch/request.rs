@@ -1,0 +1,163 @@
+//! What the batched engine is asked: its settings, one sequence's request, and where the
+//! sequence's tokens go. Data only.
+
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::adaptive::WindowPolicy;
+use crate::draft::lookup::LookupConfig;
+use crate::error::{Error, Result};
+use crate::generation::{Generation, GenerationConfig, StreamControl};
+
+/// The batched engine's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchSettings {
+    /// Most sequences running at once (default 16).
+    pub max_batch: usize,
+    /// Bytes the running sequences' KV caches may take together (default 4 GiB).
+    pub kv_budget_bytes: u64,
+    /// Most rows one step's forward takes, prompt chunks and windows included (default 256).
+    pub step_tokens: usize,
+    /// Most prompt tokens one sequence prefills in one step (default 128), so that a long prompt
+    /// does not stall everyone's next token.
+    pub prefill_chunk: usize,
+    /// Keep finished sequences' caches in the pool for prompts that start like them (default
+    /// on; see the `prefix` module).
+    pub prefix_cache: bool,
+    /// How many of a lookup window's tokens go into a step: all of them (`Fixed`, as
+    /// [`crate::SpeculativeDecoding`] with fixed windows), or as many as raise the batch's
+    /// committed tokens per second, from measured step times and each sequence's acceptance
+    /// (`Adaptive`, the default; see [`crate::adaptive`]). Greedy output is the same either
+    /// way; under sampling the output distribution is exact either way, but a seed reproduces a
+    /// sequence's output alone only with `Fixed`.
+    pub window: WindowPolicy,
+}
+
+impl Default for BatchSettings {
+    fn default() -> Self {
+        Self {
+            max_batch: 16,
+            kv_budget_bytes: 4 << 30,
+            step_tokens: 256,
+            prefill_chunk: 128,
+            prefix_cache: true,
+            window: WindowPolicy::Adaptive,
+        }
+    }
+}
+
+impl BatchSettings {
+    pub(crate) fn check(&self) -> Result<()> {
+        let positive = [
+            ("max_batch", self.max_batch),
+            ("step_tokens", self.step_tokens),
+            ("prefill_chunk", self.prefill_chunk),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(Error::InvalidConfig(format!("{name} must be at least 1")));
+            }
+        }
+        if self.kv_budget_bytes == 0 {
+            return Err(Error::InvalidConfig(
+                "kv_budget_bytes must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// How a batched sequence speculates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Speculation {
+    /// One token per step (as [`crate::Autoregressive`]).
+    #[default]
+    None,
+    /// Windows of up to `gamma` tokens drafted by prompt lookup, verified in the same forward (as
+    /// [`crate::SpeculativeDecoding::prompt_lookup`] with fixed windows).
+    Lookup {
+        /// The lookup's n-gram range.
+        lookup: LookupConfig,
+        /// Most draft tokens per window.
+        gamma: usize,
+    },
+}
+
+/// One sequence for the batched engine.
+#[derive(Debug, Clone)]
+pub struct SequenceRequest {
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// Its own length, sampling, seed and stop tokens.
+    pub config: GenerationConfig,
+    /// How it speculates.
+    pub speculation: Speculation,
+    /// When it must end; output so far is returned with [`FinishReason::Deadline`].
+    pub deadline: Option<Instant>,
+}
+
+impl SequenceRequest {
+    /// Greedy, no speculation, no deadline.
+    pub fn new(prompt: Vec<u32>, config: GenerationConfig) -> Self {
+        Self {
+            prompt,
+            config,
+            speculation: Speculation::None,
+            deadline: None,
+        }
+    }
+}
+
+/// Where a batched sequence's committed tokens go, and how it ends: the callback may cancel.
+pub(crate) trait Sink: Send {
+    /// Newly committed tokens; `Stop` cancels the sequence.
+    fn tokens(&mut self, tokens: &[u32]) -> StreamControl;
+    /// Whether the consumer has gone (checked before every step, prefill included).
+    fn cancelled(&self) -> bool;
+    /// The end.
+    fn finish(self: Box<Self>, result: Result<Generation>);
+}
+
+/// A sequence waiting for admission, with the forks that share its prompt.
+pub(crate) struct Waiting {
+    pub request: SequenceRequest,
+    pub sink: Box<dyn Sink>,
+    pub submitted: Instant,
+    pub forks: Vec<Fork>,
+}
+
+/// A sequence that shares another's prompt: the prompt is prefilled once, then its cache is
+/// copied into each fork, which goes on with its own settings (seed, length, sampling).
+pub(crate) struct Fork {
+    pub config: GenerationConfig,
+    pub sink: Box<dyn Sink>,
+}
+
+/// What one step did, for statistics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepReport {
+    /// Sequences that contributed rows.
+    pub sequences: usize,
+    /// Rows of the forward.
+    pub rows: usize,
+}
+
+pub(crate) fn gamma_of(request: &SequenceRequest) -> usize {
+    match request.speculation {
+        Speculation::None => 0,
+        Speculation::Lookup { gamma, .. } => gamma,
+    }
+}
+
+pub(crate) fn check_speculation(speculation: Speculation) -> Result<()> {
+    if let Speculation::Lookup { lookup, gamma } = speculation {
+        lookup.check()?;
+        if gamma == 0 {
+            return Err(Error::InvalidConfig("gamma must be at least 1".into()));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,232 @@
+//! One running sequence of the batched engine: the rows it offers a step, and how it settles
+//! the step's logits, exactly as the one-sequence strategy it mirrors would.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Instant;
+
+use mirror_core::{sampling, Model};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use super::request::{gamma_of, Fork, SequenceRequest, Sink, Speculation};
+use crate::adaptive::TokenAcceptance;
+use crate::engine::pool::PooledCache;
+use crate::error::{Error, Result};
+use crate::generation::{FinishReason, GenerationConfig, StreamControl};
+use crate::run::Output;
+use crate::seed::mix;
+use crate::stats::Stats;
+use crate::verify::verify_window;
+use crate::window::DraftWindow;
+
+/// Where a running sequence is.
+pub(crate) enum Phase {
+    /// Its prompt (all but the last token) is being cached, a chunk per step.
+    Prefill,
+    /// It decodes: each step feeds the last token, and a window after it.
+    Decode,
+}
+
+/// A running sequence.
+pub(crate) struct Sequence {
+    /// Prompt and committed tokens.
+    pub(crate) seq: Vec<u32>,
+    pub(crate) cache: PooledCache,
+    pub(crate) config: GenerationConfig,
+    pub(crate) speculation: Speculation,
+    pub(crate) deadline: Option<Instant>,
+    pub(crate) output: Output,
+    pub(crate) stats: Stats,
+    pub(crate) started: Instant,
+    pub(crate) rng: StdRng,
+    pub(crate) phase: Phase,
+    pub(crate) sink: Option<Box<dyn Sink>>,
+    /// Set when it must leave at the next retire phase with this error.
+    pub(crate) failed: Option<Error>,
+    /// The rows it fed this step, and the window among them.
+    pub(crate) fed: Vec<u32>,
+    pub(crate) window: DraftWindow,
+    /// Forks waiting for this sequence's prefill, each with the cache it was lent.
+    pub(crate) forks: Vec<(Fork, PooledCache)>,
+    /// How often the target accepts this sequence's looked-up tokens.
+    pub(crate) acceptance: TokenAcceptance,
+}
+
+impl Sequence {
+    /// Whether the cache has room for one more token; ends the sequence at the context limit
+    /// when not (as [`crate::run::Run::has_room`]).
+    pub(crate) fn has_room(&mut self) -> bool {
+        let cache = &self.cache.cache;
+        if cache.len() + 1 > cache.capacity() {
+            self.output.finish = Some(FinishReason::ContextLimit);
+            return false;
+        }
+        true
+    }
+
+    pub(crate) fn window_room(&self) -> usize {
+        let cache = &self.cache.cache;
+        cache.capacity() - cache.len() - 1
+    }
+
+    pub(crate) fn done(&self) -> bool {
+        self.output.done() || self.failed.is_some()
+    }
+
+    /// The rows this sequence offers the next step, within `budget` rows.
+    pub(crate) fn offer(&mut self, budget: usize, prefill_chunk: usize) -> usize {
+        self.fed.clear();
+        self.window = DraftWindow::default();
+        match self.phase {
+            Phase::Prefill => {
+                let target = self.seq.len() - 1;
+                let cached = self.cache.cache.len();
+                let take = (target - cached).min(prefill_chunk).min(budget);
+                self.fed.extend_from_slice(&self.seq[cached..cached + take]);
+            }
+            Phase::Decode => {
+                if budget == 0 {
+                    return 0;
+                }
+                if let Speculation::Lookup { lookup, gamma } = self.speculation {
+                    let room = gamma.min(self.window_room()).min(budget - 1);
+                    self.window = lookup.window(&self.seq, room, self.output.stop());
+                }
+                self.fed.push(self.seq[self.seq.len() - 1]);
+                self.fed.extend_from_slice(&self.window.tokens);
+            }
+        }
+        self.fed.len()
+    }
+
+    /// Keeps the first `tokens` of the offered window (the batch's allocation).
+    pub(crate) fn trim_window(&mut self, tokens: usize) {
+        if tokens < self.window.len() {
+            self.window.truncate(tokens);
+            self.fed.truncate(1 + tokens);
+        }
+    }
+
+    /// After the forward: verify or sample, commit, roll the cache back.
+    pub(crate) fn settle(&mut self, rows: Vec<Vec<f32>>) -> Result<()> {
+        match self.phase {
+            Phase::Prefill => {
+                if self.cache.cache.len() + 1 >= self.seq.len() {
+                    self.phase = Phase::Decode;
+                    self.stats.time.prefill = self.started.elapsed();
+                }
+                Ok(())
+            }
+            Phase::Decode => {
+                self.stats.target_passes += 1;
+                let base = self.cache.cache.len() - self.fed.len();
+                let committed = match self.speculation {
+                    Speculation::None => {
+                        let logits = &rows[0];
+                        let token = if self.config.sampling.is_greedy() {
+                            sampling::argmax(logits)
+                        } else {
+                            sampling::warp_probs(logits, &self.config.sampling)
+                                .sample(self.rng.random())
+                        };
+                        vec![token]
+                    }
+                    Speculation::Lookup { .. } => {
+                        let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
+                        let rng = &mut self.rng;
+                        let verdict =
+                            verify_window(&refs, &self.window, &self.config.sampling, &mut || {
+                                rng.random()
+                            })?;
+                        self.stats
+                            .record_window(self.window.len(), verdict.accepted);
+                        if !self.window.is_empty() {
+                            self.stats.lookup_windows += 1;
+                            self.acceptance.record(self.window.len(), verdict.accepted);
+                        }
+                        self.cache.cache.truncate(base + 1 + verdict.accepted);
+                        verdict.committed(&self.window.tokens)
+                    }
+                };
+                self.seq.extend_from_slice(&committed);
+                self.commit(&committed);
+                Ok(())
+            }
+        }
+    }
+
+    /// Commits tokens to the output and streams them; a panicking sink fails the sequence.
+    pub(crate) fn commit(&mut self, new: &[u32]) {
+        let committed = self.output.push(new).to_vec();
+        if committed.is_empty() {
+            return;
+        }
+        let Some(sink) = self.sink.as_mut() else {
+            return;
+        };
+        match catch_unwind(AssertUnwindSafe(|| sink.tokens(&committed))) {
+            Ok(StreamControl::Stop) if self.output.finish.is_none() => {
+                self.output.finish = Some(FinishReason::Cancelled);
+            }
+            Ok(_) => {}
+            Err(panic) => {
+                self.failed = Some(Error::GenerationPanicked(mirror_core::panic_message(
+                    &*panic,
+                )));
+            }
+        }
+    }
+
+    /// This sequence's request as submitted (its prompt, settings and deadline).
+    pub(crate) fn request(&self) -> SequenceRequest {
+        let prompt_len = self.seq.len() - self.output.tokens.len();
+        SequenceRequest {
+            prompt: self.seq[..prompt_len].to_vec(),
+            config: self.config.clone(),
+            speculation: self.speculation,
+            deadline: self.deadline,
+        }
+    }
+
+    /// The first decode step of a one-token prompt needs no prefill; a prompt whose prefix was
+    /// cached starts its prefill after it.
+    pub(crate) fn after_admission(&mut self) {
+        if self.cache.cache.len() + 1 >= self.seq.len() {
+            self.phase = Phase::Decode;
+            self.stats.time.prefill = self.started.elapsed();
+        }
+    }
+}
+
+/// A sequence with its cache, in prefill: the same random streams as it would have alone.
+pub(crate) fn new_sequence(
+    request: SequenceRequest,
+    sink: Box<dyn Sink>,
+    submitted: Instant,
+    cache: PooledCache,
+    target: &Model,
+) -> Sequence {
+    let gamma = gamma_of(&request);
+    let rng_seed = match request.speculation {
+        Speculation::None => request.config.seed,
+        // As vanilla SD seeds its verification.
+        Speculation::Lookup { .. } => mix(request.config.seed, 1),
+    };
+    Sequence {
+        output: Output::new(&request.config, target),
+        seq: request.prompt,
+        cache,
+        speculation: request.speculation,
+        deadline: request.deadline,
+        stats: Stats::new(gamma),
+        started: submitted,
+        rng: StdRng::seed_from_u64(rng_seed),
+        phase: Phase::Prefill,
+        sink: Some(sink),
+        failed: None,
+        fed: Vec::new(),
+        window: DraftWindow::default(),
+        forks: Vec::new(),
+        acceptance: TokenAcceptance::default(),
+        config: request.config,
+    }
+}
