@@ -5,13 +5,16 @@
 //! ```text
 //! cargo run --release --example batched_bench                     # the default target, a table
 //! cargo run --release --example batched_bench -- --json           # the same as JSON
-//! cargo run --release --example batched_bench -- --method lookup  # prompt-lookup windows
+//! cargo run --release --example batched_bench -- --methods ar,lookup --suite ../shared/prompts/bench.jsonl
 //! ```
 //!
 //! Prefill is the time from submission until every prompt is cached (all of them in one ragged
 //! forward unless `--step-tokens` is smaller); decode is the rest, and its rate counts every
-//! sequence's new tokens. Prompts are pseudo-random tokens, as `llama-batched-bench`'s are, and
-//! end-of-sequence does not stop a sequence, so every one generates exactly its tokens.
+//! sequence's new tokens. Prompts are pseudo-random tokens, as `llama-batched-bench`'s are, or
+//! with `--suite` the prompt suite's chat prompts (sequence `b` takes prompt `b`, at their own
+//! lengths); end-of-sequence does not stop a sequence, so every one generates exactly its tokens.
+//! The prefix cache is off, so that every run prefills. `--methods ar,lookup` runs both in one
+//! process, alternating per batch size.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -19,10 +22,9 @@ mod common;
 use std::sync::Arc;
 
 use clap::{Parser, ValueEnum};
-use mirror_sd::mirror_core::Model;
 use mirror_sd::mirror_scheduler::{
-    BatchSettings, EngineHandle, Generation, GenerationConfig, LookupConfig, SequenceRequest,
-    Speculation, SpeculativeSettings,
+    BatchSettings, EngineHandle, Generation, GenerationConfig, LookupConfig, Prompt,
+    SequenceRequest, Speculation, SpeculativeSettings,
 };
 use serde_json::json;
 
@@ -58,8 +60,15 @@ struct Args {
     /// New tokens of every sequence.
     #[arg(long, default_value_t = 32)]
     new_tokens: usize,
-    #[arg(long, value_enum, default_value_t = Method::Ar)]
-    method: Method,
+    /// Methods, run in turn at each batch size.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "ar")]
+    methods: Vec<Method>,
+    /// Take the prompts from this suite (`{"messages": ...}` per line) instead of random tokens.
+    #[arg(long)]
+    suite: Option<std::path::PathBuf>,
+    /// Window sizing of lookup: adaptive (the batch's goodput) or fixed at gamma.
+    #[arg(long, value_enum, default_value_t = common::WindowArg::Adaptive)]
+    window: common::WindowArg,
     /// Most draft tokens per window (lookup).
     #[arg(long, default_value_t = SpeculativeSettings::default().gamma)]
     gamma: usize,
@@ -99,14 +108,14 @@ fn prompt(n: usize, seed: u32, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-/// One run of `batch` sequences: (prefill seconds, decode seconds, new tokens).
+/// One run of `batch` sequences: (prefill seconds, decode seconds, prompt tokens, new tokens).
 fn run_batch(
     engine: &EngineHandle,
-    target: &Model,
+    prompts: &[Vec<u32>],
     batch: usize,
     args: &Args,
     speculation: Speculation,
-) -> Result<(f64, f64, usize), String> {
+) -> Result<(f64, f64, usize, usize), String> {
     let config = GenerationConfig {
         max_new_tokens: args.new_tokens,
         stop_at_eos: false,
@@ -114,10 +123,9 @@ fn run_batch(
     };
     let streams = (0..batch)
         .map(|b| {
-            let tokens = prompt(args.prompt_tokens, b as u32 + 1, target.vocab_size());
             let request = SequenceRequest {
                 speculation,
-                ..SequenceRequest::new(tokens, config.clone())
+                ..SequenceRequest::new(prompts[b % prompts.len()].clone(), config.clone())
             };
             engine.submit(request).map_err(|e| e.to_string())
         })
@@ -135,61 +143,92 @@ fn run_batch(
         .map(|g| g.stats.time.total.as_secs_f64())
         .fold(0.0, f64::max);
     let tokens = generations.iter().map(|g| g.tokens.len()).sum();
-    Ok((prefill, total - prefill, tokens))
+    let prompt_tokens = (0..batch).map(|b| prompts[b % prompts.len()].len()).sum();
+    Ok((prefill, total - prefill, prompt_tokens, tokens))
+}
+
+/// What a method runs as in the batched engine.
+fn speculation_of(method: Method, gamma: usize) -> Result<Speculation, String> {
+    match method {
+        Method::Ar => Ok(Speculation::None),
+        Method::Lookup => Ok(Speculation::Lookup {
+            lookup: LookupConfig::default(),
+            gamma,
+        }),
+        other => Err(format!(
+            "--methods {other:?} is not batched yet: the batched engine runs ar and lookup"
+        )),
+    }
 }
 
 fn run(args: Args) -> Result<(), String> {
-    let speculation = match args.method {
-        Method::Ar => Speculation::None,
-        Method::Lookup => Speculation::Lookup {
-            lookup: LookupConfig::default(),
-            gamma: args.gamma,
-        },
-        other => {
-            return Err(format!(
-                "--method {other:?} is not batched yet: the batched engine runs ar and lookup"
-            ))
-        }
-    };
+    let speculations = args
+        .methods
+        .iter()
+        .map(|&m| speculation_of(m, args.gamma))
+        .collect::<Result<Vec<_>, _>>()?;
     let source = common::resolve_source(&args.pair.target)?;
     let device = common::parse_device("cpu")?;
     let options = common::load_options(&args.pair.weights, &device, args.threads, None)?;
     let loaded = common::load_with_spinner("target", &source, &options)?;
     let target = Arc::new(loaded.model);
+    let prompts: Vec<Vec<u32>> = match &args.suite {
+        Some(path) => common::read_prompts(path)?
+            .iter()
+            .map(|(_, _, messages)| Prompt::Chat(messages).encode(&loaded.tokenizer))
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?,
+        None => (0..args.batches.iter().copied().max().unwrap_or(1))
+            .map(|b| prompt(args.prompt_tokens, b as u32 + 1, target.vocab_size()))
+            .collect(),
+    };
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(1);
     let most = args.batches.iter().copied().max().unwrap_or(1);
     let settings = BatchSettings {
         max_batch: most,
         step_tokens: args
             .step_tokens
-            .unwrap_or(most * (args.prompt_tokens + args.gamma + 1)),
-        prefill_chunk: args.prompt_tokens,
+            .unwrap_or(most * (longest + args.gamma + 1)),
+        prefill_chunk: longest,
+        prefix_cache: false,
+        window: args.window.policy(),
         ..BatchSettings::default()
     };
     let engine =
         EngineHandle::spawn(Arc::clone(&target), None, settings).map_err(|e| e.to_string())?;
     let mut rows = Vec::new();
     for &batch in &args.batches {
-        run_batch(&engine, &target, batch, &args, speculation)?;
-        let (mut prefill, mut decode) = (Vec::new(), Vec::new());
-        for _ in 0..args.repeats.max(1) {
-            let (p, d, tokens) = run_batch(&engine, &target, batch, &args, speculation)?;
-            prefill.push((batch * args.prompt_tokens) as f64 / p);
-            decode.push(tokens as f64 / d);
+        for (&method, &speculation) in args.methods.iter().zip(&speculations) {
+            run_batch(&engine, &prompts, batch, &args, speculation)?;
+            let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+            for _ in 0..args.repeats.max(1) {
+                let (p, d, prompt_tokens, tokens) =
+                    run_batch(&engine, &prompts, batch, &args, speculation)?;
+                prefill.push(prompt_tokens as f64 / p);
+                decode.push(tokens as f64 / d);
+            }
+            let name = match method {
+                Method::Ar => "ar",
+                Method::Lookup => "lookup",
+                Method::Sd => "sd",
+                Method::SdLookup => "sd+lookup",
+                Method::Mirror => "mirror",
+            };
+            let row = json!({
+                "batch": batch,
+                "method": name,
+                "prefill_tok_s": median(prefill),
+                "decode_tok_s": median(decode),
+            });
+            if !args.json {
+                println!(
+                    "B={batch:>3}  {name:<7} prefill {:>8.1} tok/s  decode {:>7.2} tok/s",
+                    row["prefill_tok_s"].as_f64().unwrap_or(0.0),
+                    row["decode_tok_s"].as_f64().unwrap_or(0.0)
+                );
+            }
+            rows.push(row);
         }
-        let row = json!({
-            "batch": batch,
-            "method": format!("{:?}", args.method).to_lowercase(),
-            "prefill_tok_s": median(prefill),
-            "decode_tok_s": median(decode),
-        });
-        if !args.json {
-            println!(
-                "B={batch:>3}  prefill {:>8.1} tok/s  decode {:>7.2} tok/s",
-                row["prefill_tok_s"].as_f64().unwrap_or(0.0),
-                row["decode_tok_s"].as_f64().unwrap_or(0.0)
-            );
-        }
-        rows.push(row);
     }
     if args.json {
         let out = json!({ "batched": rows, "cpu": common::cpu_description() });

@@ -615,3 +615,64 @@ fn sampled_generation_is_reproducible_with_a_seed() {
         sd.generate(&PROMPT, &config).unwrap().tokens
     );
 }
+
+#[test]
+fn sequences_sampled_in_a_batch_beside_others_follow_the_target() {
+    use mirror_sd::mirror_scheduler::{BatchSettings, EngineHandle, SequenceRequest, Speculation};
+    // Batched lookup windows are sized for the batch's goodput (adaptive: measured step times
+    // and acceptance), among neighbours that sample with other settings; plain sequences too.
+    let m = models();
+    let lookup = Speculation::Lookup {
+        lookup: LookupConfig {
+            max_ngram: 2,
+            min_ngram: 1,
+        },
+        gamma: 2,
+    };
+    let (_, n) = WINDOWS[1];
+    let engine = EngineHandle::spawn(
+        Arc::clone(&m.target),
+        None,
+        BatchSettings {
+            max_batch: 16,
+            ..BatchSettings::default()
+        },
+    )
+    .unwrap();
+    let neighbour = SamplingParams {
+        temperature: 0.7,
+        top_k: 3,
+        top_p: 1.0,
+    };
+    for params in params_list() {
+        let expected = exact_joint(&m.target, &params, n);
+        for speculation in [lookup, Speculation::None] {
+            let mut streams = Vec::with_capacity(2 * DRAWS);
+            for seed in 0..DRAWS as u64 {
+                let tested = SequenceRequest {
+                    speculation,
+                    ..SequenceRequest::new(PROMPT.to_vec(), config(params, n, seed))
+                };
+                let other = SequenceRequest {
+                    speculation: lookup,
+                    ..SequenceRequest::new(vec![3, 1, 4, 1, 5], config(neighbour, 7, seed))
+                };
+                streams.push((true, engine.submit(tested).unwrap()));
+                streams.push((false, engine.submit(other).unwrap()));
+            }
+            let mut counts = vec![0; VOCAB.pow(n as u32)];
+            for (tested, stream) in streams {
+                let out = stream.wait().unwrap();
+                if tested {
+                    assert_eq!(out.tokens.len(), n);
+                    counts[outcome_index(&out.tokens)] += 1;
+                }
+            }
+            assert_matches(
+                &format!("batched {speculation:?} {params:?}"),
+                &counts,
+                &expected,
+            );
+        }
+    }
+}
