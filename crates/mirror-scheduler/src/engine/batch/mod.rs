@@ -263,21 +263,25 @@ impl BatchCore {
             sequence.fed.clear();
             sequence.window = DraftWindow::default();
         }
-        for prefill_pass in [false, true] {
-            for sequence in &mut self.running {
-                let prefilling = matches!(sequence.phase, Phase::Prefill);
-                if prefilling != prefill_pass || sequence.done() {
-                    continue;
-                }
-                if !prefilling && !sequence.has_room() {
-                    continue;
-                }
-                let rows = sequence.offer(budget, self.settings.prefill_chunk);
-                budget -= rows;
+        // Decode rows and windows first: they are everyone's next tokens.
+        for sequence in &mut self.running {
+            if matches!(sequence.phase, Phase::Decode) && !sequence.done() && sequence.has_room() {
+                budget -= sequence.offer(budget, self.settings.prefill_chunk);
             }
         }
         if self.settings.window == WindowPolicy::Adaptive {
             self.allocate_windows();
+        }
+        // Prompt chunks take what is left, within the slowdown the running sequences accept.
+        let decode_rows: usize = self.running.iter().map(|s| s.fed.len()).sum();
+        let mut budget = self.settings.step_tokens.saturating_sub(decode_rows);
+        if let Some(bound) = self.prefill_bound(decode_rows) {
+            budget = budget.min(bound);
+        }
+        for sequence in &mut self.running {
+            if matches!(sequence.phase, Phase::Prefill) && !sequence.done() {
+                budget -= sequence.offer(budget, self.settings.prefill_chunk);
+            }
         }
         for sequence in &self.running {
             if !sequence.fed.is_empty() {
@@ -286,6 +290,28 @@ impl BatchCore {
             }
         }
         report
+    }
+
+    /// Prompt rows a step with `decode_rows` decode rows may add, priced by the measured cost
+    /// line: the step may take up to `prefill_slowdown` times what its decode rows alone would
+    /// (at least one row, so that every prompt progresses). `None` without decode rows or
+    /// before any step was timed: then only `step_tokens` bounds the step.
+    fn prefill_bound(&self, decode_rows: usize) -> Option<usize> {
+        if decode_rows == 0 {
+            return None;
+        }
+        let limit = self.settings.prefill_slowdown * self.step_cost.seconds(decode_rows)?;
+        let most = self.settings.step_tokens.saturating_sub(decode_rows);
+        // The line never decreases with rows: the last row count within the limit.
+        let (mut low, mut high) = (0, most);
+        while low < high {
+            let mid = (low + high).div_ceil(2);
+            match self.step_cost.seconds(decode_rows + mid) {
+                Some(t) if t <= limit => low = mid,
+                _ => high = mid - 1,
+            }
+        }
+        Some(low.max(1))
     }
 
     /// Trims the offered lookup windows to the batch's best goodput (see

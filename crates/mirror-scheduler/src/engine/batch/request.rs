@@ -26,6 +26,10 @@ pub struct BatchSettings {
     /// Keep finished sequences' caches in the pool for prompts that start like them (default
     /// on; see the `prefix` module).
     pub prefix_cache: bool,
+    /// How much slower a step with prompt chunks may be than its decode rows alone (default
+    /// 4): chunked prefill then delays the running sequences' next tokens by at most this
+    /// factor, priced by the measured step-time line (see [`crate::adaptive`]).
+    pub prefill_slowdown: f64,
     /// How many of a lookup window's tokens go into a step: all of them (`Fixed`, as
     /// [`crate::SpeculativeDecoding`] with fixed windows), or as many as raise the batch's
     /// committed tokens per second, from measured step times and each sequence's acceptance
@@ -43,6 +47,7 @@ impl Default for BatchSettings {
             step_tokens: 256,
             prefill_chunk: 128,
             prefix_cache: true,
+            prefill_slowdown: 4.0,
             window: WindowPolicy::Adaptive,
         }
     }
@@ -59,6 +64,12 @@ impl BatchSettings {
             if value == 0 {
                 return Err(Error::InvalidConfig(format!("{name} must be at least 1")));
             }
+        }
+        if self.prefill_slowdown.is_nan() || self.prefill_slowdown < 1.0 {
+            return Err(Error::InvalidConfig(format!(
+                "prefill_slowdown must be at least 1, got {}",
+                self.prefill_slowdown
+            )));
         }
         if self.kv_budget_bytes == 0 {
             return Err(Error::InvalidConfig(
