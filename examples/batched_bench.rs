@@ -6,6 +6,7 @@
 //! cargo run --release --example batched_bench                     # the default target, a table
 //! cargo run --release --example batched_bench -- --json           # the same as JSON
 //! cargo run --release --example batched_bench -- --methods ar,lookup --suite ../shared/prompts/bench.jsonl
+//! cargo run --release --example batched_bench -- --follow-up      # the prefix cache on follow-up turns
 //! ```
 //!
 //! Prefill is the time from submission until every prompt is cached (all of them in one ragged
@@ -22,8 +23,9 @@ mod common;
 use std::sync::Arc;
 
 use clap::{Parser, ValueEnum};
+use mirror_sd::mirror_core::{ChatMessage, Model, Tokenizer};
 use mirror_sd::mirror_scheduler::{
-    BatchSettings, EngineHandle, Generation, GenerationConfig, LookupConfig, Prompt,
+    BatchSettings, EngineHandle, Event, Generation, GenerationConfig, LookupConfig, Prompt,
     SequenceRequest, Speculation, SpeculativeSettings,
 };
 use serde_json::json;
@@ -81,6 +83,12 @@ struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Instead: the prefix cache on the suite's multi-turn prompts (`--suite`, default the
+    /// shared suite). Each conversation runs, then is replayed as a follow-up turn (its answer
+    /// and one more user message); the follow-up's time to first token is timed with the cache
+    /// on and off.
+    #[arg(long)]
+    follow_up: bool,
 }
 
 fn main() {
@@ -161,6 +169,92 @@ fn speculation_of(method: Method, gamma: usize) -> Result<Speculation, String> {
     }
 }
 
+/// Seconds from submission to the first token of `prompt`, and the generation.
+fn first_token(
+    engine: &EngineHandle,
+    prompt: Vec<u32>,
+    new_tokens: usize,
+) -> Result<(f64, Generation), String> {
+    let started = std::time::Instant::now();
+    let mut stream = engine
+        .submit(SequenceRequest::new(
+            prompt,
+            GenerationConfig::greedy(new_tokens),
+        ))
+        .map_err(|e| e.to_string())?;
+    let mut ttft = None;
+    for event in stream.by_ref() {
+        match event {
+            Event::Text { .. } => {
+                ttft.get_or_insert(started.elapsed().as_secs_f64());
+            }
+            Event::Finished(result) => {
+                let generation = (*result).map_err(|e| e.to_string())?;
+                return Ok((ttft.unwrap_or(0.0), generation));
+            }
+        }
+    }
+    Err("the stream ended without a result".into())
+}
+
+/// The prefix cache on follow-up turns (see `--follow-up`).
+fn follow_up(args: &Args, target: &Arc<Model>, tokenizer: &Tokenizer) -> Result<(), String> {
+    let path = args
+        .suite
+        .clone()
+        .unwrap_or_else(|| "../shared/prompts/bench.jsonl".into());
+    let conversations: Vec<Vec<ChatMessage>> = common::read_prompts(&path)?
+        .into_iter()
+        .filter(|(_, category, _)| category == "multi-turn")
+        .map(|(_, _, messages)| messages)
+        .collect();
+    if conversations.is_empty() {
+        return Err(format!("{}: no multi-turn prompts", path.display()));
+    }
+    let mut rows = Vec::new();
+    for prefix_cache in [true, false] {
+        let settings = BatchSettings {
+            prefix_cache,
+            ..BatchSettings::default()
+        };
+        let engine =
+            EngineHandle::spawn(Arc::clone(target), None, settings).map_err(|e| e.to_string())?;
+        let mut times = Vec::new();
+        let mut reused = Vec::new();
+        for messages in &conversations {
+            let encode =
+                |m: &[ChatMessage]| Prompt::Chat(m).encode(tokenizer).map_err(|e| e.to_string());
+            let (_, first) = first_token(&engine, encode(messages)?, args.new_tokens)?;
+            let answer = tokenizer
+                .decode(&first.tokens, true)
+                .map_err(|e| e.to_string())?;
+            let mut next = messages.clone();
+            next.push(ChatMessage::new("assistant", answer));
+            next.push(ChatMessage::new("user", "Thank you. Can you say more?"));
+            let (ttft, second) = first_token(&engine, encode(&next)?, 1)?;
+            times.push(ttft);
+            reused.push(second.stats.prefix_cached_tokens);
+        }
+        rows.push(json!({
+            "prefix_cache": prefix_cache,
+            "follow_up_ttft_s": median(times),
+            "prefix_cached_tokens": reused,
+        }));
+    }
+    let ratio = rows[1]["follow_up_ttft_s"].as_f64().unwrap_or(0.0)
+        / rows[0]["follow_up_ttft_s"].as_f64().unwrap_or(f64::NAN);
+    let out = json!({
+        "follow_up": rows,
+        "ttft_without_over_with": ratio,
+        "cpu": common::cpu_description(),
+    });
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?
+    );
+    Ok(())
+}
+
 fn run(args: Args) -> Result<(), String> {
     let speculations = args
         .methods
@@ -172,6 +266,9 @@ fn run(args: Args) -> Result<(), String> {
     let options = common::load_options(&args.pair.weights, &device, args.threads, None)?;
     let loaded = common::load_with_spinner("target", &source, &options)?;
     let target = Arc::new(loaded.model);
+    if args.follow_up {
+        return follow_up(&args, &target, &loaded.tokenizer);
+    }
     let prompts: Vec<Vec<u32>> = match &args.suite {
         Some(path) => common::read_prompts(path)?
             .iter()
