@@ -99,11 +99,6 @@ fn main() {
     }
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    values[values.len() / 2]
-}
-
 /// Pseudo-random prompt tokens of sequence `seed`, within the vocabulary.
 fn prompt(n: usize, seed: u32, vocab: usize) -> Vec<u32> {
     (0..n as u32)
@@ -237,7 +232,7 @@ fn follow_up(args: &Args, target: &Arc<Model>, tokenizer: &Tokenizer) -> Result<
         }
         rows.push(json!({
             "prefix_cache": prefix_cache,
-            "follow_up_ttft_s": median(times),
+            "follow_up_ttft_s": common::median(times),
             "prefix_cached_tokens": reused,
         }));
     }
@@ -314,8 +309,8 @@ fn run(args: Args) -> Result<(), String> {
             let row = json!({
                 "batch": batch,
                 "method": name,
-                "prefill_tok_s": median(prefill),
-                "decode_tok_s": median(decode),
+                "prefill_tok_s": common::median(prefill),
+                "decode_tok_s": common::median(decode),
             });
             if !args.json {
                 println!(

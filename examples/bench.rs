@@ -63,11 +63,6 @@ fn main() {
     }
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    values[values.len() / 2]
-}
-
 /// Deterministic token ids spread over the common part of the vocabulary.
 fn tokens(n: usize, seed: u32) -> Vec<u32> {
     (0..n as u32)
@@ -122,7 +117,7 @@ fn bench_model(model: &Model, args: &Args) -> Result<Value, String> {
             prefill.push(started.elapsed().as_secs_f64());
         }
     }
-    let prefill_tok_s = args.prompt_tokens as f64 / median(prefill);
+    let prefill_tok_s = args.prompt_tokens as f64 / common::median(prefill);
 
     // Decoding: greedy tokens one at a time after a one-token prompt.
     let mut decode = Vec::new();
@@ -135,7 +130,7 @@ fn bench_model(model: &Model, args: &Args) -> Result<Value, String> {
         }
         decode.push(started.elapsed().as_secs_f64());
     }
-    let decode_tok_s = args.decode_tokens as f64 / median(decode);
+    let decode_tok_s = args.decode_tokens as f64 / common::median(decode);
 
     // k tokens after a context, all positions' logits (a verification window).
     cache.clear();
@@ -155,7 +150,7 @@ fn bench_model(model: &Model, args: &Args) -> Result<Value, String> {
                 times.push(elapsed * 1e3);
             }
         }
-        forward_ms.insert(k.to_string(), median(times));
+        forward_ms.insert(k.to_string(), common::median(times));
     }
     let report = model.weight_report();
     Ok(json!({
@@ -237,7 +232,7 @@ fn bench_candle(path: &std::path::Path, args: &Args) -> Result<Value, String> {
                 times.push(started.elapsed().as_secs_f64() * 1e3);
             }
         }
-        forward_ms.insert(k.to_string(), median(times));
+        forward_ms.insert(k.to_string(), common::median(times));
     }
     Ok(json!({ "forward_ms": forward_ms }))
 }

@@ -74,6 +74,26 @@ fn alone(target: &Arc<Model>, request: &SequenceRequest) -> Vec<u32> {
         .tokens
 }
 
+/// Submits every request at once and checks each output against `expected` (itself alone).
+fn assert_all_alone(
+    engine: &EngineHandle,
+    requests: &[SequenceRequest],
+    expected: &[Vec<u32>],
+    what: &str,
+) {
+    let streams: Vec<_> = requests
+        .iter()
+        .map(|r| engine.submit(r.clone()).unwrap())
+        .collect();
+    for (i, stream) in streams.into_iter().enumerate() {
+        assert_eq!(
+            stream.wait().unwrap().tokens,
+            expected[i],
+            "{what}, sequence {i}"
+        );
+    }
+}
+
 /// Sixteen requests: every prompt twice, plain and lookup, greedy and sampled, of several
 /// lengths.
 fn requests(tokenizer: &Tokenizer) -> Vec<SequenceRequest> {
@@ -162,17 +182,7 @@ fn greedy_sequences_equal_themselves_alone_under_adaptive_windows() {
     let engine = EngineHandle::spawn(Arc::clone(&target), None, BatchSettings::default()).unwrap();
     for round in 0..2 {
         // The second round runs with step costs and acceptance rates measured: windows are cut.
-        let streams: Vec<_> = requests
-            .iter()
-            .map(|r| engine.submit(r.clone()).unwrap())
-            .collect();
-        for (i, stream) in streams.into_iter().enumerate() {
-            assert_eq!(
-                stream.wait().unwrap().tokens,
-                expected[i],
-                "round {round}, sequence {i}"
-            );
-        }
+        assert_all_alone(&engine, &requests, &expected, &format!("round {round}"));
     }
 }
 
@@ -497,17 +507,7 @@ fn prefix_entries_evicted_while_a_batch_runs_change_no_output() {
     )
     .unwrap();
     for round in 0..2 {
-        let streams: Vec<_> = requests
-            .iter()
-            .map(|r| engine.submit(r.clone()).unwrap())
-            .collect();
-        for (i, stream) in streams.into_iter().enumerate() {
-            assert_eq!(
-                stream.wait().unwrap().tokens,
-                expected[i],
-                "round {round}, request {i}"
-            );
-        }
+        assert_all_alone(&engine, &requests, &expected, &format!("round {round}"));
     }
     assert!(engine.load().prefix_entries > 0);
 }

@@ -431,3 +431,9 @@ pub fn cpu_description() -> String {
         vector.join(" ")
     )
 }
+
+/// The median of `values` (the upper one of an even count; 0 for none).
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
