@@ -511,3 +511,50 @@ fn prefix_entries_evicted_while_a_batch_runs_change_no_output() {
     }
     assert!(engine.load().prefix_entries > 0);
 }
+
+/// From async code: the stream is awaited on a runtime's thread, and two sequences' events
+/// interleave without either blocking the runtime.
+#[cfg(feature = "server")]
+#[test]
+fn streams_are_awaited_from_async_code() {
+    let Some((target, tokenizer)) = smollm2() else {
+        return;
+    };
+    let engine = EngineHandle::spawn(Arc::clone(&target), None, BatchSettings::default()).unwrap();
+    let requests: Vec<SequenceRequest> = [0, 1]
+        .iter()
+        .map(|&i| {
+            SequenceRequest::new(
+                tokenizer.encode(PROMPTS[i], true).unwrap(),
+                GenerationConfig::greedy(8),
+            )
+        })
+        .collect();
+    let expected: Vec<Vec<u32>> = requests.iter().map(|r| alone(&target, r)).collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let got: Vec<Vec<u32>> = runtime.block_on(async {
+        let tasks: Vec<_> = requests
+            .iter()
+            .map(|r| {
+                let mut stream = engine.submit(r.clone()).unwrap();
+                tokio::spawn(async move {
+                    while let Some(event) = stream.next_event().await {
+                        if let Event::Finished(result) = event {
+                            return (*result).unwrap().tokens;
+                        }
+                    }
+                    Vec::new()
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for task in tasks {
+            out.push(task.await.unwrap());
+        }
+        out
+    });
+    assert_eq!(got, expected);
+}
