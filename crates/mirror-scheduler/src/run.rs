@@ -4,8 +4,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use mirror_core::sampling::{self, SamplingParams};
 use mirror_core::{KvCache, Model};
-use rand::{rngs::StdRng, SeedableRng};
+use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use crate::error::{Error, Result};
 use crate::generation::{FinishReason, Generation, GenerationConfig, StopSet, StreamControl};
@@ -51,17 +52,12 @@ impl<'a> Run<'a> {
     /// Whether the cache has room for one more token; ends the generation at the context
     /// limit when not.
     pub fn has_room(&mut self) -> bool {
-        if self.cache.len() + 1 > self.cache.capacity() {
-            self.progress.output.finish = Some(FinishReason::ContextLimit);
-            return false;
-        }
-        true
+        self.progress.output.has_room(&self.cache)
     }
 
-    /// Draft tokens the next window may hold: the cache keeps one row for the token before
-    /// the window.
+    /// Draft tokens the next window may hold (see [`window_room`]).
     pub fn window_room(&self) -> usize {
-        self.cache.capacity() - self.cache.len() - 1
+        window_room(&self.cache)
     }
 
     /// After a verified window fed at cache row `base`: keeps the accepted rows, commits the
@@ -125,6 +121,16 @@ impl Output {
         self.finish.is_some()
     }
 
+    /// Whether `cache` has room for one more token; ends the generation at the context limit
+    /// when not.
+    pub fn has_room(&mut self, cache: &KvCache) -> bool {
+        if cache.len() + 1 > cache.capacity() {
+            self.finish = Some(FinishReason::ContextLimit);
+            return false;
+        }
+        true
+    }
+
     /// Closes the generation: final counters and the result.
     pub fn finish(self, mut stats: Stats, started: Instant) -> Generation {
         stats.generated_tokens = self.tokens.len();
@@ -180,6 +186,22 @@ impl<'a> Progress<'a> {
     /// Closes the generation: final counters and the result.
     pub fn finish(self, stats: Stats, started: Instant) -> Generation {
         self.output.finish(stats, started)
+    }
+}
+
+/// Draft tokens the next window may hold after what `cache` holds: it keeps one row for the
+/// token before the window.
+pub(crate) fn window_room(cache: &KvCache) -> usize {
+    cache.capacity() - cache.len() - 1
+}
+
+/// The token plain decoding commits after `logits`: the argmax when greedy (no random draw),
+/// else a draw from the warped distribution.
+pub(crate) fn next_token(logits: &[f32], params: &SamplingParams, rng: &mut StdRng) -> u32 {
+    if params.is_greedy() {
+        sampling::argmax(logits)
+    } else {
+        sampling::warp_probs(logits, params).sample(rng.random())
     }
 }
 

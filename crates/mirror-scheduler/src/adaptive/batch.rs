@@ -84,41 +84,8 @@ pub(crate) fn allocate(
 mod tests {
     use super::*;
 
-    /// Every allocation of up to `offer.tokens` tokens per offer, by brute force: the best
-    /// expected rate.
-    fn best_by_enumeration(
-        rows: usize,
-        committed: f64,
-        offers: &[DraftOffer],
-        seconds: &dyn Fn(usize) -> f64,
-    ) -> f64 {
-        let mut best = f64::MIN;
-        let mut counts = vec![0usize; offers.len()];
-        loop {
-            let added: usize = counts.iter().sum();
-            let expected: f64 = committed
-                + offers
-                    .iter()
-                    .zip(&counts)
-                    .map(|(o, &k)| (1..=k).map(|j| o.rate.powi(j as i32)).sum::<f64>())
-                    .sum::<f64>();
-            best = best.max(expected / seconds(rows + added));
-            // Next combination, odometer style.
-            let mut i = 0;
-            loop {
-                if i == offers.len() {
-                    return best;
-                }
-                if counts[i] < offers[i].tokens {
-                    counts[i] += 1;
-                    break;
-                }
-                counts[i] = 0;
-                i += 1;
-            }
-        }
-    }
-
+    /// Expected committed tokens per second of a step that adds `taken[i]` draft tokens of
+    /// offer `i`: the obvious sum, `a + a^2 + ... + a^k` per offer.
     fn rate_of(
         rows: usize,
         committed: f64,
@@ -134,6 +101,34 @@ mod tests {
                 .map(|(o, &k)| (1..=k).map(|j| o.rate.powi(j as i32)).sum::<f64>())
                 .sum::<f64>();
         expected / seconds(rows + added)
+    }
+
+    /// Every allocation of up to `offer.tokens` tokens per offer, by brute force: the best
+    /// expected rate.
+    fn best_by_enumeration(
+        rows: usize,
+        committed: f64,
+        offers: &[DraftOffer],
+        seconds: &dyn Fn(usize) -> f64,
+    ) -> f64 {
+        let mut best = f64::MIN;
+        let mut counts = vec![0usize; offers.len()];
+        loop {
+            best = best.max(rate_of(rows, committed, offers, &counts, seconds));
+            // Next combination, odometer style.
+            let mut i = 0;
+            loop {
+                if i == offers.len() {
+                    return best;
+                }
+                if counts[i] < offers[i].tokens {
+                    counts[i] += 1;
+                    break;
+                }
+                counts[i] = 0;
+                i += 1;
+            }
+        }
     }
 
     #[test]

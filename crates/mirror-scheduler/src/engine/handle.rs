@@ -11,7 +11,7 @@ use crossbeam_channel::{unbounded, Receiver, Sender};
 use mirror_core::{Model, Tokenizer};
 use tokio::sync::mpsc;
 
-use super::batch::{BatchCore, BatchSettings, Fork, SequenceRequest, Sink, Waiting};
+use super::batch::{BatchCore, BatchSettings, EngineLoad, Fork, SequenceRequest, Sink, Waiting};
 use super::text::IncrementalText;
 use crate::error::{Error, Result};
 use crate::generation::{Generation, GenerationConfig, StreamControl};
@@ -29,23 +29,6 @@ pub enum Event {
     },
     /// The end: the whole generation with its statistics, or why it failed.
     Finished(Box<Result<Generation>>),
-}
-
-/// A running engine's load.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct EngineLoad {
-    /// Sequences running.
-    pub running: usize,
-    /// Sequences waiting for admission.
-    pub waiting: usize,
-    /// KV pool bytes in use.
-    pub pool_used: u64,
-    /// KV pool bytes free.
-    pub pool_free: u64,
-    /// Finished sequences' caches kept for their prefixes.
-    pub prefix_entries: usize,
-    /// Bytes those take (part of `pool_used`).
-    pub prefix_bytes: u64,
 }
 
 /// What every clone of a handle shares. When the last clone is gone the commands' channel
@@ -109,26 +92,20 @@ impl EngineHandle {
     /// `i` runs with seed `request.config.seed + i` (wrapping) and otherwise the same settings,
     /// and equals that request run on its own. `n` is at least 1.
     pub fn submit_forked(&self, request: SequenceRequest, n: usize) -> Result<Vec<SequenceStream>> {
-        let n = n.max(1);
-        let mut streams = Vec::with_capacity(n);
-        let mut sinks = Vec::with_capacity(n);
-        for _ in 0..n {
+        let (sink, stream) = self.channel();
+        let mut streams = vec![stream];
+        let mut forks = Vec::with_capacity(n.saturating_sub(1));
+        for i in 1..n {
             let (sink, stream) = self.channel();
-            sinks.push(sink);
             streams.push(stream);
-        }
-        let mut sinks = sinks.into_iter();
-        let sink = sinks.next().ok_or(Error::EngineStopped)?;
-        let forks = sinks
-            .enumerate()
-            .map(|(i, sink)| Fork {
+            forks.push(Fork {
                 config: GenerationConfig {
-                    seed: request.config.seed.wrapping_add(i as u64 + 1),
+                    seed: request.config.seed.wrapping_add(i as u64),
                     ..request.config.clone()
                 },
                 sink,
-            })
-            .collect();
+            });
+        }
         let waiting = Waiting {
             request,
             sink,
@@ -185,16 +162,8 @@ fn run(mut core: BatchCore, commands: Receiver<Waiting>, load: &Mutex<EngineLoad
             // A bug in the engine, not in one sequence: none of them can be trusted to go on.
             core.abandon(|| Error::GenerationPanicked("the batched engine's step panicked".into()));
         }
-        let (running, waiting, pool_used, pool_free, prefix_entries, prefix_bytes) = core.load();
         if let Ok(mut l) = load.lock() {
-            *l = EngineLoad {
-                running,
-                waiting,
-                pool_used,
-                pool_free,
-                prefix_entries,
-                prefix_bytes,
-            };
+            *l = core.load();
         }
     }
 }

@@ -13,9 +13,10 @@ mod pool;
 mod prefix;
 mod text;
 
+pub use batch::EngineLoad;
 pub use batch::StepReport;
 pub use batch::{BatchSettings, SequenceRequest, Speculation};
-pub use handle::{EngineHandle, EngineLoad, Event, SequenceStream};
+pub use handle::{EngineHandle, Event, SequenceStream};
 use text::IncrementalText;
 
 use std::sync::atomic::{AtomicBool, Ordering};

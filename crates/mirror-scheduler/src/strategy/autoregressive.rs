@@ -2,14 +2,12 @@
 
 use std::sync::Arc;
 
-use mirror_core::sampling;
 use mirror_core::Model;
-use rand::Rng;
 
 use super::Decoder;
 use crate::error::Result;
 use crate::generation::{Generation, GenerationConfig, StreamControl};
-use crate::run::Run;
+use crate::run::{next_token, Run};
 use crate::stats::time_phase;
 
 /// One token per target forward.
@@ -43,11 +41,7 @@ impl Decoder for Autoregressive {
         let mut logits = self.target.next_token_logits(prompt, &mut run.cache)?;
         run.stats.time.prefill = run.started.elapsed();
         loop {
-            let token = if config.sampling.is_greedy() {
-                sampling::argmax(&logits)
-            } else {
-                sampling::warp_probs(&logits, &config.sampling).sample(run.rng.random())
-            };
+            let token = next_token(&logits, &config.sampling, &mut run.rng);
             if !run.progress.commit(&[token]) || !run.has_room() {
                 break;
             }

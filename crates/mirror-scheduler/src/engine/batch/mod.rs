@@ -31,10 +31,10 @@ use crate::error::{Error, Result};
 use crate::generation::FinishReason;
 use crate::run::capacity_for;
 use crate::window::DraftWindow;
-use request::{check_speculation, gamma_of};
+use request::{check_speculation, gamma_of, shared_prompt_refused};
 use sequence::{new_sequence, Phase, Sequence};
 
-pub use request::{BatchSettings, SequenceRequest, Speculation, StepReport};
+pub use request::{BatchSettings, EngineLoad, SequenceRequest, Speculation, StepReport};
 pub(crate) use request::{Fork, Sink, Waiting};
 
 /// The batched core: the running sequences, those waiting, and the pool.
@@ -67,15 +67,7 @@ impl BatchCore {
     pub fn submit(&mut self, waiting: Waiting) {
         match self.check(&waiting) {
             Ok(()) => self.waiting.push_back(waiting),
-            Err(e) => {
-                let forks = waiting.forks;
-                waiting.sink.finish(Err(e));
-                for fork in forks {
-                    fork.sink.finish(Err(Error::InvalidPrompt(
-                        "the prompt it shares was refused".into(),
-                    )));
-                }
-            }
+            Err(e) => waiting.fail(e, shared_prompt_refused),
         }
     }
 
@@ -106,17 +98,16 @@ impl BatchCore {
         self.running.is_empty() && self.waiting.is_empty()
     }
 
-    /// Sequences running, sequences waiting, bytes of the pool used and free, and the prefix
-    /// cache's entries and bytes (part of the used bytes).
-    pub fn load(&self) -> (usize, usize, u64, u64, usize, u64) {
-        (
-            self.running.len(),
-            self.waiting.len(),
-            self.pool.used(),
-            self.pool.free(),
-            self.prefix.len(),
-            self.prefix.bytes(),
-        )
+    /// Sequences running and waiting, the pool's bytes, and the prefix cache's share of them.
+    pub fn load(&self) -> EngineLoad {
+        EngineLoad {
+            running: self.running.len(),
+            waiting: self.waiting.len(),
+            pool_used: self.pool.used(),
+            pool_free: self.pool.free(),
+            prefix_entries: self.prefix.len(),
+            prefix_bytes: self.prefix.bytes(),
+        }
     }
 
     /// One step: admit, schedule, forward, settle, retire.
@@ -155,7 +146,7 @@ impl BatchCore {
                 Ok(None) => break,
                 Err(e) => {
                     if let Some(waiting) = self.waiting.pop_front() {
-                        waiting.sink.finish(Err(e));
+                        waiting.fail(e, shared_prompt_refused);
                     }
                     continue;
                 }
@@ -212,12 +203,9 @@ impl BatchCore {
                     for cache in caches {
                         self.pool.give_back(cache);
                     }
-                    waiting.sink.finish(Err(e.into()));
-                    for fork in waiting.forks {
-                        fork.sink.finish(Err(Error::InvalidPrompt(
-                            "the prompt it shares could not be started".into(),
-                        )));
-                    }
+                    waiting.fail(e.into(), || {
+                        Error::InvalidPrompt("the prompt it shares could not be started".into())
+                    });
                     return None;
                 }
                 reused = found.len;
@@ -235,7 +223,7 @@ impl BatchCore {
         );
         sequence.stats.prefix_cached_tokens = reused;
         sequence.forks = forks;
-        sequence.after_admission();
+        sequence.decode_once_prefilled();
         Some(sequence)
     }
 
@@ -383,26 +371,14 @@ impl BatchCore {
             if parent.forks.is_empty() || !matches!(parent.phase, Phase::Decode) {
                 continue;
             }
-            let request = parent.request();
             // The prompt but its last token: what every fork's first decode step starts from
             // (the parent may have decoded a step already, when its prompt came from the
             // prefix cache; those rows are its own).
-            let prompt_rows = request.prompt.len() - 1;
-            for (fork, mut cache) in std::mem::take(&mut parent.forks) {
-                let copied = cache
-                    .cache
-                    .copy_prefix_from(&parent.cache.cache, prompt_rows);
-                let request = SequenceRequest {
-                    config: fork.config,
-                    ..request.clone()
-                };
-                let mut sequence =
-                    new_sequence(request, fork.sink, parent.started, cache, &self.target);
+            let prompt_rows = parent.prompt_len() - 1;
+            for (fork, cache) in std::mem::take(&mut parent.forks) {
+                let mut sequence = parent.fork(fork, cache, prompt_rows, &self.target);
                 sequence.phase = Phase::Decode;
                 sequence.stats.time.prefill = parent.stats.time.prefill;
-                if let Err(e) = copied {
-                    sequence.failed = Some(e.into());
-                }
                 spawned.push(sequence);
             }
         }
@@ -452,36 +428,25 @@ impl BatchCore {
             return None;
         }
         let mut forks = std::mem::take(&mut sequence.forks).into_iter();
-        let (fork, mut cache) = forks.next()?;
-        let request = sequence.request();
+        let (fork, cache) = forks.next()?;
         // A failed step may have left the cache half-written: the heir starts over then.
+        let prompt_rows = sequence.prompt_len() - 1;
         let rows = if sequence.failed.is_some() {
             0
         } else {
-            sequence.cache.cache.len().min(request.prompt.len() - 1)
+            sequence.cache.cache.len().min(prompt_rows)
         };
-        let copied = cache.cache.copy_prefix_from(&sequence.cache.cache, rows);
-        let request = SequenceRequest {
-            config: fork.config,
-            ..request
-        };
-        let mut heir = new_sequence(request, fork.sink, sequence.started, cache, &self.target);
+        let mut heir = sequence.fork(fork, cache, rows, &self.target);
         heir.forks = forks.collect();
         heir.stats.prefix_cached_tokens = sequence.stats.prefix_cached_tokens;
-        heir.after_admission();
-        if let Err(e) = copied {
-            heir.failed = Some(e.into());
-        }
+        heir.decode_once_prefilled();
         Some(heir)
     }
 
     /// Ends every sequence, running or waiting, with `error()` (the engine is shutting down).
     pub fn abandon(&mut self, error: impl Fn() -> Error) {
         for waiting in self.waiting.drain(..) {
-            waiting.sink.finish(Err(error()));
-            for fork in waiting.forks {
-                fork.sink.finish(Err(error()));
-            }
+            waiting.fail(error(), &error);
         }
         for mut sequence in self.running.drain(..) {
             if let Some(sink) = sequence.sink.take() {
@@ -586,7 +551,7 @@ mod tests {
             assert_eq!(result.as_ref().unwrap().tokens, expected);
         }
         // Every cache is back in the pool or kept by the prefix cache, none leaked.
-        let (_, _, used, _, _, prefix_bytes) = core.load();
-        assert_eq!(used, prefix_bytes);
+        let load = core.load();
+        assert_eq!(load.pool_used, load.prefix_bytes);
     }
 }

@@ -140,11 +140,44 @@ pub(crate) struct Waiting {
     pub forks: Vec<Fork>,
 }
 
+impl Waiting {
+    /// Ends this request with `error`, and its forks, which share its prompt, with
+    /// `fork_error()`.
+    pub fn fail(self, error: Error, fork_error: impl Fn() -> Error) {
+        self.sink.finish(Err(error));
+        for fork in self.forks {
+            fork.sink.finish(Err(fork_error()));
+        }
+    }
+}
+
+/// Why a fork ends when the request whose prompt it shares cannot run.
+pub(crate) fn shared_prompt_refused() -> Error {
+    Error::InvalidPrompt("the prompt it shares was refused".into())
+}
+
 /// A sequence that shares another's prompt: the prompt is prefilled once, then its cache is
 /// copied into each fork, which goes on with its own settings (seed, length, sampling).
 pub(crate) struct Fork {
     pub config: GenerationConfig,
     pub sink: Box<dyn Sink>,
+}
+
+/// A running engine's load.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineLoad {
+    /// Sequences running.
+    pub running: usize,
+    /// Sequences waiting for admission.
+    pub waiting: usize,
+    /// KV pool bytes in use.
+    pub pool_used: u64,
+    /// KV pool bytes free.
+    pub pool_free: u64,
+    /// Finished sequences' caches kept for their prefixes.
+    pub prefix_entries: usize,
+    /// Bytes those take (part of `pool_used`).
+    pub prefix_bytes: u64,
 }
 
 /// What one step did, for statistics and tests.

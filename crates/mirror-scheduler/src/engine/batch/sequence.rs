@@ -4,7 +4,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
 
-use mirror_core::{sampling, Model};
+use mirror_core::Model;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use super::request::{gamma_of, Fork, SequenceRequest, Sink, Speculation};
@@ -12,7 +12,7 @@ use crate::adaptive::TokenAcceptance;
 use crate::engine::pool::PooledCache;
 use crate::error::{Error, Result};
 use crate::generation::{FinishReason, GenerationConfig, StreamControl};
-use crate::run::Output;
+use crate::run::{next_token, window_room, Output};
 use crate::seed::mix;
 use crate::stats::Stats;
 use crate::verify::verify_window;
@@ -53,19 +53,9 @@ pub(crate) struct Sequence {
 
 impl Sequence {
     /// Whether the cache has room for one more token; ends the sequence at the context limit
-    /// when not (as [`crate::run::Run::has_room`]).
+    /// when not (as a sequence alone, [`crate::run::Run::has_room`]).
     pub(crate) fn has_room(&mut self) -> bool {
-        let cache = &self.cache.cache;
-        if cache.len() + 1 > cache.capacity() {
-            self.output.finish = Some(FinishReason::ContextLimit);
-            return false;
-        }
-        true
-    }
-
-    pub(crate) fn window_room(&self) -> usize {
-        let cache = &self.cache.cache;
-        cache.capacity() - cache.len() - 1
+        self.output.has_room(&self.cache.cache)
     }
 
     pub(crate) fn done(&self) -> bool {
@@ -88,7 +78,7 @@ impl Sequence {
                     return 0;
                 }
                 if let Speculation::Lookup { lookup, gamma } = self.speculation {
-                    let room = gamma.min(self.window_room()).min(budget - 1);
+                    let room = gamma.min(window_room(&self.cache.cache)).min(budget - 1);
                     self.window = lookup.window(&self.seq, room, self.output.stop());
                 }
                 self.fed.push(self.seq[self.seq.len() - 1]);
@@ -110,10 +100,7 @@ impl Sequence {
     pub(crate) fn settle(&mut self, rows: Vec<Vec<f32>>) -> Result<()> {
         match self.phase {
             Phase::Prefill => {
-                if self.cache.cache.len() + 1 >= self.seq.len() {
-                    self.phase = Phase::Decode;
-                    self.stats.time.prefill = self.started.elapsed();
-                }
+                self.decode_once_prefilled();
                 Ok(())
             }
             Phase::Decode => {
@@ -121,14 +108,7 @@ impl Sequence {
                 let base = self.cache.cache.len() - self.fed.len();
                 let committed = match self.speculation {
                     Speculation::None => {
-                        let logits = &rows[0];
-                        let token = if self.config.sampling.is_greedy() {
-                            sampling::argmax(logits)
-                        } else {
-                            sampling::warp_probs(logits, &self.config.sampling)
-                                .sample(self.rng.random())
-                        };
-                        vec![token]
+                        vec![next_token(&rows[0], &self.config.sampling, &mut self.rng)]
                     }
                     Speculation::Lookup { .. } => {
                         let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
@@ -176,20 +156,38 @@ impl Sequence {
         }
     }
 
-    /// This sequence's request as submitted (its prompt, settings and deadline).
-    pub(crate) fn request(&self) -> SequenceRequest {
-        let prompt_len = self.seq.len() - self.output.tokens.len();
-        SequenceRequest {
-            prompt: self.seq[..prompt_len].to_vec(),
-            config: self.config.clone(),
-            speculation: self.speculation,
-            deadline: self.deadline,
-        }
+    /// Tokens of the prompt (the rest of `seq` is output).
+    pub(crate) fn prompt_len(&self) -> usize {
+        self.seq.len() - self.output.tokens.len()
     }
 
-    /// The first decode step of a one-token prompt needs no prefill; a prompt whose prefix was
-    /// cached starts its prefill after it.
-    pub(crate) fn after_admission(&mut self) {
+    /// A fork of this sequence: its prompt, speculation and deadline with the fork's settings,
+    /// in `cache` holding a copy of this sequence's first `rows` cache rows (failed, if the copy
+    /// failed), in prefill.
+    pub(crate) fn fork(
+        &self,
+        fork: Fork,
+        mut cache: PooledCache,
+        rows: usize,
+        target: &Model,
+    ) -> Sequence {
+        let copied = cache.cache.copy_prefix_from(&self.cache.cache, rows);
+        let request = SequenceRequest {
+            prompt: self.seq[..self.prompt_len()].to_vec(),
+            config: fork.config,
+            speculation: self.speculation,
+            deadline: self.deadline,
+        };
+        let mut sequence = new_sequence(request, fork.sink, self.started, cache, target);
+        if let Err(e) = copied {
+            sequence.failed = Some(e.into());
+        }
+        sequence
+    }
+
+    /// Starts decoding once the prompt but its last token is cached: after the last prompt
+    /// chunk, or at once for a one-token prompt or one whose prefix came from the prefix cache.
+    pub(crate) fn decode_once_prefilled(&mut self) {
         if self.cache.cache.len() + 1 >= self.seq.len() {
             self.phase = Phase::Decode;
             self.stats.time.prefill = self.started.elapsed();
