@@ -36,7 +36,8 @@ enum Method {
     Ar,
     /// Prompt-lookup windows of up to --gamma tokens.
     Lookup,
-    /// Vanilla SD with a draft model (not batched yet).
+    /// Vanilla SD: windows of up to --gamma tokens drafted by --draft, every drafting sequence
+    /// in one ragged draft forward per draft step.
     Sd,
     /// Lookup, then the draft model (not batched yet).
     #[value(name = "sd+lookup")]
@@ -71,7 +72,7 @@ struct Args {
     /// Window sizing of lookup: adaptive (the batch's goodput) or fixed at gamma.
     #[arg(long, value_enum, default_value_t = common::WindowArg::Adaptive)]
     window: common::WindowArg,
-    /// Most draft tokens per window (lookup).
+    /// Most draft tokens per window (lookup, sd).
     #[arg(long, default_value_t = SpeculativeSettings::default().gamma)]
     gamma: usize,
     /// Rows one step may take (default: every prompt at once).
@@ -158,8 +159,12 @@ fn speculation_of(method: Method, gamma: usize) -> Result<Speculation, String> {
             lookup: LookupConfig::default(),
             gamma,
         }),
+        Method::Sd => Ok(Speculation::Draft {
+            gamma,
+            greedy_draft: false,
+        }),
         other => Err(format!(
-            "--methods {other:?} is not batched yet: the batched engine runs ar and lookup"
+            "--methods {other:?} is not batched yet: the batched engine runs ar, lookup and sd"
         )),
     }
 }
@@ -286,8 +291,16 @@ fn run(args: Args) -> Result<(), String> {
         window: args.window.policy(),
         ..BatchSettings::default()
     };
-    let engine =
-        EngineHandle::spawn(Arc::clone(&target), None, settings).map_err(|e| e.to_string())?;
+    let engine = if args.methods.contains(&Method::Sd) {
+        let draft_options =
+            common::load_options(args.pair.draft_weights(), &device, args.threads, None)?;
+        let draft_source = common::resolve_source(&args.pair.draft)?;
+        let draft = common::load_with_spinner("draft", &draft_source, &draft_options)?;
+        EngineHandle::spawn_with_draft(Arc::clone(&target), Arc::new(draft.model), None, settings)
+    } else {
+        EngineHandle::spawn(Arc::clone(&target), None, settings)
+    }
+    .map_err(|e| e.to_string())?;
     let mut rows = Vec::new();
     for &batch in &args.batches {
         for (&method, &speculation) in args.methods.iter().zip(&speculations) {

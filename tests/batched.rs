@@ -1,7 +1,8 @@
 //! The batched engine against the one-sequence strategies, on SmolLM2: every sequence of a
-//! batch (1 to 16 mixed prompts, joining and leaving mid-batch, plain and lookup speculation)
-//! must equal, bit for bit, what the same sequence gives alone through `Autoregressive` or
-//! `SpeculativeDecoding::prompt_lookup` (fixed windows), greedy and seeded-sampled; cancelled and
+//! batch (1 to 16 mixed prompts, joining and leaving mid-batch, plain, lookup and draft-model
+//! speculation, the draft being SmolLM2's own first 26 layers) must equal, bit for bit, what the
+//! same sequence gives alone through `Autoregressive`, `SpeculativeDecoding::prompt_lookup` or
+//! `SpeculativeDecoding` (fixed windows), greedy and seeded-sampled; cancelled and
 //! expired sequences leave without disturbing the others; a KV budget too small for a sequence is
 //! a clear error, one that holds a single sequence makes admission wait.
 
@@ -42,6 +43,25 @@ fn lookup() -> Speculation {
     }
 }
 
+/// Windows drafted by the engine's draft model.
+fn drafted() -> Speculation {
+    Speculation::Draft {
+        gamma: 4,
+        greedy_draft: false,
+    }
+}
+
+/// The self-speculative draft: the target's first 26 of 30 layers (the same weights every
+/// call), which the target agrees with often enough that whole windows are accepted too.
+fn draft_of(target: &Model) -> Arc<Model> {
+    Arc::new(target.truncated(26).expect("self-draft"))
+}
+
+/// An engine with the self-speculative draft.
+fn engine_with_draft(target: &Arc<Model>, settings: BatchSettings) -> EngineHandle {
+    EngineHandle::spawn_with_draft(Arc::clone(target), draft_of(target), None, settings).unwrap()
+}
+
 fn sampled(seed: u64) -> GenerationConfig {
     GenerationConfig {
         max_new_tokens: 20,
@@ -63,6 +83,17 @@ fn alone(target: &Arc<Model>, request: &SequenceRequest) -> Vec<u32> {
             SpeculativeDecoding::prompt_lookup(Arc::clone(target))
                 .prompt_lookup(lookup)
                 .gamma(gamma)
+                .window(WindowPolicy::Fixed)
+                .build()
+                .unwrap(),
+        ),
+        Speculation::Draft {
+            gamma,
+            greedy_draft,
+        } => Box::new(
+            SpeculativeDecoding::builder(Arc::clone(target), draft_of(target))
+                .gamma(gamma)
+                .greedy_draft(greedy_draft)
                 .window(WindowPolicy::Fixed)
                 .build()
                 .unwrap(),
@@ -94,8 +125,8 @@ fn assert_all_alone(
     }
 }
 
-/// Sixteen requests: every prompt twice, plain and lookup, greedy and sampled, of several
-/// lengths.
+/// Sixteen requests: every prompt twice, plain, lookup and drafted, greedy and sampled, of
+/// several lengths.
 fn requests(tokenizer: &Tokenizer) -> Vec<SequenceRequest> {
     (0..16)
         .map(|i| {
@@ -106,10 +137,10 @@ fn requests(tokenizer: &Tokenizer) -> Vec<SequenceRequest> {
                 GenerationConfig::greedy(12 + i)
             };
             SequenceRequest {
-                speculation: if i % 2 == 0 {
-                    Speculation::None
-                } else {
-                    lookup()
+                speculation: match i % 4 {
+                    0 => Speculation::None,
+                    2 => drafted(),
+                    _ => lookup(),
                 },
                 ..SequenceRequest::new(prompt, config)
             }
@@ -135,7 +166,7 @@ fn every_sequence_of_a_batch_equals_itself_alone() {
             step_tokens: 24,
             ..BatchSettings::default()
         };
-        let engine = EngineHandle::spawn(Arc::clone(&target), None, settings).unwrap();
+        let engine = engine_with_draft(&target, settings);
         // Half join at once, the rest while the first ones run.
         let mut streams: Vec<_> = requests[..8]
             .iter()
@@ -179,7 +210,7 @@ fn greedy_sequences_equal_themselves_alone_under_adaptive_windows() {
             )
         })
         .collect();
-    let engine = EngineHandle::spawn(Arc::clone(&target), None, BatchSettings::default()).unwrap();
+    let engine = engine_with_draft(&target, BatchSettings::default());
     for round in 0..2 {
         // The second round runs with step costs and acceptance rates measured: windows are cut.
         assert_all_alone(&engine, &requests, &expected, &format!("round {round}"));
@@ -328,7 +359,15 @@ fn bad_requests_fail_alone() {
             GenerationConfig::greedy(6),
         ))
         .unwrap();
+    // Draft-model speculation on an engine without a draft model.
+    let no_draft = engine
+        .submit(SequenceRequest {
+            speculation: drafted(),
+            ..good.clone()
+        })
+        .unwrap();
     let kept = engine.submit(good.clone()).unwrap();
+    assert!(matches!(no_draft.wait(), Err(Error::InvalidConfig(_))));
     assert!(matches!(empty.wait(), Err(Error::InvalidPrompt(_))));
     assert!(matches!(out_of_range.wait(), Err(Error::Core(_))));
     assert_eq!(kept.wait().unwrap().tokens, alone(&target, &good));
@@ -348,18 +387,16 @@ fn forked_sequences_each_equal_an_unforked_run_with_their_seed() {
     let Some((target, tokenizer)) = smollm2() else {
         return;
     };
-    let engine = EngineHandle::spawn(
-        Arc::clone(&target),
-        None,
+    let engine = engine_with_draft(
+        &target,
         BatchSettings {
             prefill_chunk: 4,
             window: WindowPolicy::Fixed,
             ..BatchSettings::default()
         },
-    )
-    .unwrap();
+    );
     let prompt = tokenizer.encode(PROMPTS[2], true).unwrap();
-    for speculation in [Speculation::None, lookup()] {
+    for speculation in [Speculation::None, lookup(), drafted()] {
         let request = SequenceRequest {
             speculation,
             ..SequenceRequest::new(prompt.clone(), sampled(77))
@@ -434,22 +471,29 @@ fn the_prefix_cache_reuses_earlier_prompts_and_changes_no_bit() {
         },
         // The same prompt again: all of it but its last token is cached.
         SequenceRequest::new(follow_up.clone(), GenerationConfig::greedy(10)),
+        // Drafted, sampled: the draft's cache is kept and reused too.
+        SequenceRequest {
+            speculation: drafted(),
+            ..SequenceRequest::new(follow_up.clone(), sampled(6))
+        },
+        SequenceRequest {
+            speculation: drafted(),
+            ..SequenceRequest::new(follow_up.clone(), sampled(6))
+        },
     ];
     let expected: Vec<Vec<u32>> = requests.iter().map(|r| alone(&target, r)).collect();
     let fixed = BatchSettings {
         window: WindowPolicy::Fixed,
         ..BatchSettings::default()
     };
-    let on = EngineHandle::spawn(Arc::clone(&target), None, fixed).unwrap();
-    let off = EngineHandle::spawn(
-        Arc::clone(&target),
-        None,
+    let on = engine_with_draft(&target, fixed);
+    let off = engine_with_draft(
+        &target,
         BatchSettings {
             prefix_cache: false,
             ..fixed
         },
-    )
-    .unwrap();
+    );
     let with_cache = in_turn(&on, &requests);
     let without = in_turn(&off, &requests);
     for (i, want) in expected.iter().enumerate() {
@@ -472,6 +516,8 @@ fn the_prefix_cache_reuses_earlier_prompts_and_changes_no_bit() {
     );
     assert_eq!(reused[2], first.len() / 2, "{reused:?}");
     assert_eq!(reused[3], follow_up.len() - 1, "{reused:?}");
+    assert_eq!(reused[5], follow_up.len() - 1, "{reused:?}");
+    assert_eq!(with_cache[5].tokens, with_cache[4].tokens);
 }
 
 #[test]

@@ -28,6 +28,24 @@ use lookup::LookupConfig;
 pub(crate) use lookahead::{agreed_prefix, StepLogits};
 pub(crate) use model::{DraftModel, InjectedFault};
 
+/// The draft token at window position `index` from the draft's `logits`: the argmax under
+/// greedy `params`, else a sample of the warped distribution with the window's `seed` (kept as
+/// the choice's `q` for verification). Shared by [`Drafter`] and the batched engine, so that a
+/// batched sequence drafts what it would alone.
+pub(crate) fn choose_draft_token(
+    logits: &[f32],
+    params: &SamplingParams,
+    seed: u64,
+    index: usize,
+) -> (u32, DraftChoice) {
+    if params.is_greedy() {
+        return (sampling::argmax(logits), DraftChoice::PointMass);
+    }
+    let q = sampling::warp_probs(logits, params);
+    let u = StdRng::seed_from_u64(mix(seed, index as u64)).random::<f64>();
+    (q.sample(u), DraftChoice::Sampled(q))
+}
+
 /// The draft model as a proposer: its cache, sampling, stop tokens and position limit.
 pub struct Drafter {
     pub(crate) model: DraftModel,
@@ -92,12 +110,7 @@ impl Drafter {
     }
 
     fn choose(&self, logits: &[f32], seed: u64, index: usize) -> (u32, DraftChoice) {
-        if self.params.is_greedy() {
-            return (sampling::argmax(logits), DraftChoice::PointMass);
-        }
-        let q = sampling::warp_probs(logits, &self.params);
-        let u = StdRng::seed_from_u64(mix(seed, index as u64)).random::<f64>();
-        (q.sample(u), DraftChoice::Sampled(q))
+        choose_draft_token(logits, &self.params, seed, index)
     }
 
     /// Drafts up to `count` tokens after `context` (a stop token ends the window early). The

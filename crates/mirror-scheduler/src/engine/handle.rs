@@ -54,7 +54,28 @@ impl EngineHandle {
         tokenizer: Option<Tokenizer>,
         settings: BatchSettings,
     ) -> Result<Self> {
-        let core = BatchCore::new(Arc::clone(&target), settings)?;
+        Self::start(target, None, tokenizer, settings)
+    }
+
+    /// Starts the engine over `target` with `draft` for the sequences that draft with a model
+    /// ([`crate::Speculation::Draft`]); the pair is checked as [`crate::SpeculativeDecoding`]
+    /// checks it (same vocabulary).
+    pub fn spawn_with_draft(
+        target: Arc<Model>,
+        draft: Arc<Model>,
+        tokenizer: Option<Tokenizer>,
+        settings: BatchSettings,
+    ) -> Result<Self> {
+        Self::start(target, Some(draft), tokenizer, settings)
+    }
+
+    fn start(
+        target: Arc<Model>,
+        draft: Option<Arc<Model>>,
+        tokenizer: Option<Tokenizer>,
+        settings: BatchSettings,
+    ) -> Result<Self> {
+        let core = BatchCore::new(Arc::clone(&target), draft, settings)?;
         let (commands, command_rx) = unbounded();
         let load = Arc::new(Mutex::new(EngineLoad::default()));
         let thread_load = Arc::clone(&load);

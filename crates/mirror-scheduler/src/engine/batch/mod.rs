@@ -14,6 +14,7 @@
 //! the same bits whatever rows share its forward, so greedy output, and seeded sampled output,
 //! equals the sequence's output alone.
 
+mod drafting;
 mod request;
 mod sequence;
 
@@ -30,8 +31,9 @@ use crate::adaptive::WindowPolicy;
 use crate::error::{Error, Result};
 use crate::generation::FinishReason;
 use crate::run::capacity_for;
+use crate::strategy::settings::check_pair;
 use crate::window::DraftWindow;
-use request::{check_speculation, gamma_of, shared_prompt_refused};
+use request::{check_speculation, gamma_of, shared_prompt_refused, Lent};
 use sequence::{new_sequence, Phase, Sequence};
 
 pub use request::{BatchSettings, EngineLoad, SequenceRequest, Speculation, StepReport};
@@ -40,22 +42,52 @@ pub(crate) use request::{Fork, Sink, Waiting};
 /// The batched core: the running sequences, those waiting, and the pool.
 pub(crate) struct BatchCore {
     target: Arc<Model>,
+    /// The draft model of sequences that draft with one ([`Speculation::Draft`]).
+    draft: Option<Arc<Model>>,
     settings: BatchSettings,
     pool: KvPool,
     prefix: PrefixStore,
+    /// The draft model's caches of finished sequences, kept like the target's.
+    draft_prefix: PrefixStore,
     /// Measured step time by row count: the price of a row in the next step.
     step_cost: StepCost,
     waiting: VecDeque<Waiting>,
     running: Vec<Sequence>,
 }
 
+/// Copies into `cache` the longest prefix of `prompt` (at most `limit` tokens) that `store`
+/// keeps; returns how many rows it copied.
+fn copy_prefix(
+    store: &mut PrefixStore,
+    prompt: &[u32],
+    limit: usize,
+    cache: &mut PooledCache,
+) -> Result<usize> {
+    let Some(found) = store.longest(prompt, limit) else {
+        return Ok(0);
+    };
+    cache
+        .cache
+        .copy_prefix_from(&found.cache.cache, found.len)?;
+    Ok(found.len)
+}
+
 impl BatchCore {
-    pub fn new(target: Arc<Model>, settings: BatchSettings) -> Result<Self> {
+    pub fn new(
+        target: Arc<Model>,
+        draft: Option<Arc<Model>>,
+        settings: BatchSettings,
+    ) -> Result<Self> {
         settings.check()?;
+        if let Some(draft) = &draft {
+            check_pair(&target, draft)?;
+        }
         Ok(Self {
             target,
+            draft,
             pool: KvPool::new(settings.kv_budget_bytes),
             prefix: PrefixStore::default(),
+            draft_prefix: PrefixStore::default(),
             step_cost: StepCost::default(),
             settings,
             waiting: VecDeque::new(),
@@ -74,14 +106,26 @@ impl BatchCore {
     /// The caches `waiting` needs (its own, then its forks'), checked against the context and
     /// the pool's whole budget.
     fn check(&self, waiting: &Waiting) -> Result<()> {
-        let request = &waiting.request;
-        check_speculation(request.speculation)?;
-        let bytes: u64 = self
-            .capacities(waiting)?
-            .into_iter()
-            .map(|capacity| cache_bytes(&self.target, capacity))
-            .sum();
+        check_speculation(waiting.request.speculation, self.draft.is_some())?;
+        let bytes = self.bytes_of(waiting, &self.capacities(waiting)?);
         self.pool.check_fits(bytes)
+    }
+
+    /// Bytes of the caches of `capacities` rows that `waiting`'s sequences need: the target's,
+    /// and the draft model's when they draft with it.
+    fn bytes_of(&self, waiting: &Waiting, capacities: &[usize]) -> u64 {
+        let draft = self.draft_of(waiting);
+        capacities
+            .iter()
+            .map(|&c| cache_bytes(&self.target, c) + draft.map_or(0, |d| cache_bytes(d, c)))
+            .sum()
+    }
+
+    /// The draft model, when `waiting`'s sequences draft with it.
+    fn draft_of(&self, waiting: &Waiting) -> Option<&Arc<Model>> {
+        self.draft
+            .as_ref()
+            .filter(|_| waiting.request.speculation.uses_draft_model())
     }
 
     fn capacities(&self, waiting: &Waiting) -> Result<Vec<usize>> {
@@ -105,8 +149,8 @@ impl BatchCore {
             waiting: self.waiting.len(),
             pool_used: self.pool.used(),
             pool_free: self.pool.free(),
-            prefix_entries: self.prefix.len(),
-            prefix_bytes: self.prefix.bytes(),
+            prefix_entries: self.prefix.len() + self.draft_prefix.len(),
+            prefix_bytes: self.prefix.bytes() + self.draft_prefix.bytes(),
         }
     }
 
@@ -114,6 +158,10 @@ impl BatchCore {
     pub fn step(&mut self) -> StepReport {
         self.admit();
         self.expire();
+        if let Some(draft) = &self.draft {
+            let (policy, chunk) = (self.settings.window, self.settings.prefill_chunk);
+            drafting::draft_phase(draft, &mut self.running, policy, chunk);
+        }
         let report = self.schedule();
         if report.rows > 0 {
             if let Err(e) = self.forward_and_settle() {
@@ -140,7 +188,9 @@ impl BatchCore {
             if self.running.len() + wanted > self.settings.max_batch && !self.running.is_empty() {
                 break;
             }
-            let caches = match self.capacities(next).and_then(|c| self.lend_all(&c)) {
+            let draft = self.draft_of(next).cloned();
+            let lent = self.capacities(next).and_then(|c| self.lend_all(&c, draft));
+            let caches = match lent {
                 Ok(Some(caches)) => caches,
                 // The pool is full: admission waits for a sequence to leave.
                 Ok(None) => break,
@@ -160,68 +210,112 @@ impl BatchCore {
         }
     }
 
-    /// Caches of `capacities` rows, all or none (`None` while the pool cannot hold them all,
-    /// after the prefix cache gave back what it could).
-    fn lend_all(&mut self, capacities: &[usize]) -> Result<Option<Vec<PooledCache>>> {
+    /// Caches of `capacities` rows, the target's and `draft`'s, all or none (`None` while the
+    /// pool cannot hold them all, after the prefix caches gave back what they could).
+    fn lend_all(
+        &mut self,
+        capacities: &[usize],
+        draft: Option<Arc<Model>>,
+    ) -> Result<Option<Vec<Lent>>> {
         let needed: u64 = capacities
             .iter()
-            .map(|&c| cache_bytes(&self.target, c))
+            .map(|&c| {
+                cache_bytes(&self.target, c) + draft.as_ref().map_or(0, |d| cache_bytes(d, c))
+            })
             .sum();
         while self.pool.free() < needed {
-            if !self.prefix.evict_one(&mut self.pool) {
+            // The larger store gives back first: neither starves the other.
+            let (larger, smaller) = if self.prefix.bytes() >= self.draft_prefix.bytes() {
+                (&mut self.prefix, &mut self.draft_prefix)
+            } else {
+                (&mut self.draft_prefix, &mut self.prefix)
+            };
+            if !larger.evict_one(&mut self.pool) && !smaller.evict_one(&mut self.pool) {
                 return Ok(None);
             }
         }
-        let mut caches = Vec::with_capacity(capacities.len());
+        let mut lent: Vec<Lent> = Vec::with_capacity(capacities.len());
         for &capacity in capacities {
-            match self.pool.lend(&self.target, capacity) {
-                Ok(Some(cache)) => caches.push(cache),
+            match self.lend_one(capacity, draft.as_deref()) {
+                Ok(Some(one)) => lent.push(one),
                 other => {
-                    for cache in caches {
-                        self.pool.give_back(cache);
+                    for one in lent {
+                        self.give_back(one);
                     }
                     return other.map(|_| None);
                 }
             }
         }
-        Ok(Some(caches))
+        Ok(Some(lent))
     }
 
-    /// A sequence admitted with its caches: its prompt's longest stored prefix copied in, and
-    /// the same random streams as it would have alone. `None` (the sequence and its forks told
-    /// why, their caches back in the pool) when the copy fails.
-    fn start(&mut self, waiting: Waiting, mut caches: Vec<PooledCache>) -> Option<Sequence> {
+    /// One sequence's caches of `capacity` rows (`None` while the pool cannot hold them).
+    fn lend_one(&mut self, capacity: usize, draft: Option<&Model>) -> Result<Option<Lent>> {
+        let Some(target) = self.pool.lend(&self.target, capacity)? else {
+            return Ok(None);
+        };
+        let draft = match draft.map(|model| self.pool.lend(model, capacity)) {
+            None => None,
+            Some(Ok(Some(cache))) => Some(cache),
+            Some(other) => {
+                self.pool.give_back(target);
+                return other.map(|_| None);
+            }
+        };
+        Ok(Some(Lent { target, draft }))
+    }
+
+    /// Returns a sequence's caches to the pool.
+    fn give_back(&mut self, lent: Lent) {
+        self.pool.give_back(lent.target);
+        if let Some(draft) = lent.draft {
+            self.pool.give_back(draft);
+        }
+    }
+
+    /// A sequence admitted with its caches: its prompt's longest stored prefix copied in (the
+    /// target's and the draft's), and the same random streams as it would have alone. `None`
+    /// (the sequence and its forks told why, their caches back in the pool) when a copy fails.
+    fn start(&mut self, waiting: Waiting, mut lent: Vec<Lent>) -> Option<Sequence> {
         let prompt = &waiting.request.prompt;
-        let mut reused = 0;
+        // The last prompt token is always fed: its logits start the decoding.
+        let limit = prompt.len().saturating_sub(1);
+        let mut reused = (0, 0);
         if self.settings.prefix_cache {
-            // The last prompt token is always fed: its logits start the decoding.
-            if let Some(found) = self.prefix.longest(prompt, prompt.len().saturating_sub(1)) {
-                let copied = caches[0]
-                    .cache
-                    .copy_prefix_from(&found.cache.cache, found.len);
-                if let Err(e) = copied {
-                    for cache in caches {
-                        self.pool.give_back(cache);
+            let first = lent.first_mut()?;
+            let copied = copy_prefix(&mut self.prefix, prompt, limit, &mut first.target).and_then(
+                |target| match first.draft.as_mut() {
+                    Some(draft) => copy_prefix(&mut self.draft_prefix, prompt, limit, draft)
+                        .map(|d| (target, d)),
+                    None => Ok((target, 0)),
+                },
+            );
+            match copied {
+                Ok(rows) => reused = rows,
+                Err(e) => {
+                    for one in lent {
+                        self.give_back(one);
                     }
-                    waiting.fail(e.into(), || {
+                    waiting.fail(e, || {
                         Error::InvalidPrompt("the prompt it shares could not be started".into())
                     });
                     return None;
                 }
-                reused = found.len;
             }
         }
-        let forks: Vec<(Fork, PooledCache)> =
-            waiting.forks.into_iter().zip(caches.drain(1..)).collect();
-        let cache = caches.pop()?;
+        let forks: Vec<(Fork, Lent)> = waiting.forks.into_iter().zip(lent.drain(1..)).collect();
+        let own = lent.pop()?;
         let mut sequence = new_sequence(
             waiting.request,
             waiting.sink,
             waiting.submitted,
-            cache,
+            own,
             &self.target,
         );
-        sequence.stats.prefix_cached_tokens = reused;
+        sequence.stats.prefix_cached_tokens = reused.0;
+        if let Some(draft) = sequence.draft.as_mut() {
+            draft.tokens = sequence.seq[..reused.1].to_vec();
+        }
         sequence.forks = forks;
         sequence.decode_once_prefilled();
         Some(sequence)
@@ -375,8 +469,8 @@ impl BatchCore {
             // (the parent may have decoded a step already, when its prompt came from the
             // prefix cache; those rows are its own).
             let prompt_rows = parent.prompt_len() - 1;
-            for (fork, cache) in std::mem::take(&mut parent.forks) {
-                let mut sequence = parent.fork(fork, cache, prompt_rows, &self.target);
+            for (fork, lent) in std::mem::take(&mut parent.forks) {
+                let mut sequence = parent.fork(fork, lent, prompt_rows, &self.target);
                 sequence.phase = Phase::Decode;
                 sequence.stats.time.prefill = parent.stats.time.prefill;
                 spawned.push(sequence);
@@ -408,8 +502,14 @@ impl BatchCore {
             if self.settings.prefix_cache && failed.is_none() {
                 let tokens = sequence.seq[..rows].to_vec();
                 self.prefix.insert(tokens, sequence.cache, &mut self.pool);
+                if let Some(draft) = sequence.draft {
+                    (self.draft_prefix).insert(draft.tokens, draft.cache, &mut self.pool);
+                }
             } else {
                 self.pool.give_back(sequence.cache);
+                if let Some(draft) = sequence.draft {
+                    self.pool.give_back(draft.cache);
+                }
             }
             let result = match failed {
                 Some(e) => Err(e),
@@ -428,7 +528,7 @@ impl BatchCore {
             return None;
         }
         let mut forks = std::mem::take(&mut sequence.forks).into_iter();
-        let (fork, cache) = forks.next()?;
+        let (fork, lent) = forks.next()?;
         // A failed step may have left the cache half-written: the heir starts over then.
         let prompt_rows = sequence.prompt_len() - 1;
         let rows = if sequence.failed.is_some() {
@@ -436,7 +536,7 @@ impl BatchCore {
         } else {
             sequence.cache.cache.len().min(prompt_rows)
         };
-        let mut heir = sequence.fork(fork, cache, rows, &self.target);
+        let mut heir = sequence.fork(fork, lent, rows, &self.target);
         heir.forks = forks.collect();
         heir.stats.prefix_cached_tokens = sequence.stats.prefix_cached_tokens;
         heir.decode_once_prefilled();
@@ -448,17 +548,21 @@ impl BatchCore {
         for waiting in self.waiting.drain(..) {
             waiting.fail(error(), &error);
         }
-        for mut sequence in self.running.drain(..) {
+        for mut sequence in std::mem::take(&mut self.running) {
             if let Some(sink) = sequence.sink.take() {
                 sink.finish(Err(error()));
             }
-            for (fork, cache) in sequence.forks.drain(..) {
+            for (fork, lent) in std::mem::take(&mut sequence.forks) {
                 fork.sink.finish(Err(error()));
-                self.pool.give_back(cache);
+                self.give_back(lent);
             }
-            self.pool.give_back(sequence.cache);
+            self.give_back(Lent {
+                target: sequence.cache,
+                draft: sequence.draft.map(|d| d.cache),
+            });
         }
         self.prefix.clear(&mut self.pool);
+        self.draft_prefix.clear(&mut self.pool);
     }
 }
 
@@ -509,7 +613,7 @@ mod tests {
     #[test]
     fn a_panicking_consumer_fails_its_sequence_alone() {
         let target = fixture();
-        let mut core = BatchCore::new(Arc::clone(&target), BatchSettings::default()).unwrap();
+        let mut core = BatchCore::new(Arc::clone(&target), None, BatchSettings::default()).unwrap();
         let prompt = vec![3u32, 14, 15, 92, 6];
         let config = GenerationConfig {
             stop_at_eos: false,

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::super::pool::PooledCache;
 use crate::adaptive::WindowPolicy;
 use crate::draft::lookup::LookupConfig;
 use crate::error::{Error, Result};
@@ -95,6 +96,24 @@ pub enum Speculation {
         /// Most draft tokens per window.
         gamma: usize,
     },
+    /// Windows of up to `gamma` tokens drafted by the engine's draft model (as
+    /// [`crate::SpeculativeDecoding`] with fixed windows and no lookahead tokens). Every drafting
+    /// sequence advances in the same ragged draft forward, one per draft step; the engine must
+    /// have been started with a draft model ([`crate::EngineHandle::spawn_with_draft`]).
+    Draft {
+        /// Most draft tokens per window.
+        gamma: usize,
+        /// Draft greedily (a point mass) even when the sequence samples, as
+        /// [`crate::SpeculativeSettings::greedy_draft`].
+        greedy_draft: bool,
+    },
+}
+
+impl Speculation {
+    /// Whether the sequence needs the engine's draft model.
+    pub fn uses_draft_model(&self) -> bool {
+        matches!(self, Speculation::Draft { .. })
+    }
 }
 
 /// One sequence for the batched engine.
@@ -163,6 +182,12 @@ pub(crate) struct Fork {
     pub sink: Box<dyn Sink>,
 }
 
+/// The caches lent to one sequence: the target's, and the draft model's when it drafts.
+pub(crate) struct Lent {
+    pub target: PooledCache,
+    pub draft: Option<PooledCache>,
+}
+
 /// A running engine's load.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EngineLoad {
@@ -192,16 +217,29 @@ pub struct StepReport {
 pub(crate) fn gamma_of(request: &SequenceRequest) -> usize {
     match request.speculation {
         Speculation::None => 0,
-        Speculation::Lookup { gamma, .. } => gamma,
+        Speculation::Lookup { gamma, .. } | Speculation::Draft { gamma, .. } => gamma,
     }
 }
 
-pub(crate) fn check_speculation(speculation: Speculation) -> Result<()> {
-    if let Speculation::Lookup { lookup, gamma } = speculation {
-        lookup.check()?;
-        if gamma == 0 {
-            return Err(Error::InvalidConfig("gamma must be at least 1".into()));
+/// Checks a sequence's speculation against the engine (`has_draft`: started with a draft model).
+pub(crate) fn check_speculation(speculation: Speculation, has_draft: bool) -> Result<()> {
+    let gamma = match speculation {
+        Speculation::None => return Ok(()),
+        Speculation::Lookup { lookup, gamma } => {
+            lookup.check()?;
+            gamma
         }
+        Speculation::Draft { gamma, .. } => {
+            if !has_draft {
+                return Err(Error::InvalidConfig(
+                    "draft-model speculation needs an engine started with a draft model".into(),
+                ));
+            }
+            gamma
+        }
+    };
+    if gamma == 0 {
+        return Err(Error::InvalidConfig("gamma must be at least 1".into()));
     }
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::time::Instant;
 use mirror_core::Model;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-use super::request::{gamma_of, Fork, SequenceRequest, Sink, Speculation};
+use super::request::{gamma_of, Fork, Lent, SequenceRequest, Sink, Speculation};
 use crate::adaptive::TokenAcceptance;
 use crate::engine::pool::PooledCache;
 use crate::error::{Error, Result};
@@ -46,9 +46,33 @@ pub(crate) struct Sequence {
     pub(crate) fed: Vec<u32>,
     pub(crate) window: DraftWindow,
     /// Forks waiting for this sequence's prefill, each with the cache it was lent.
-    pub(crate) forks: Vec<(Fork, PooledCache)>,
-    /// How often the target accepts this sequence's looked-up tokens.
+    pub(crate) forks: Vec<(Fork, Lent)>,
+    /// How often the target accepts this sequence's draft tokens.
     pub(crate) acceptance: TokenAcceptance,
+    /// The draft model's side, for a sequence that drafts with it.
+    pub(crate) draft: Option<DraftSide>,
+    /// Decode steps settled so far (a drafted window's seed, as a sequence alone).
+    pub(crate) decode_steps: u64,
+}
+
+/// A drafting sequence's draft cache and what it holds.
+pub(crate) struct DraftSide {
+    pub cache: PooledCache,
+    /// The tokens whose keys and values the cache rows hold (`tokens.len()` rows).
+    pub tokens: Vec<u32>,
+    /// The window drafted for the next step.
+    pub drafted: DraftWindow,
+    /// Draft tokens the batch's allocation kept of the last window (adaptive windows draft one
+    /// more than that next time).
+    pub last_kept: Option<usize>,
+}
+
+impl DraftSide {
+    /// Keeps the first `rows` cache rows.
+    pub fn truncate(&mut self, rows: usize) {
+        self.tokens.truncate(rows);
+        self.cache.cache.truncate(rows);
+    }
 }
 
 impl Sequence {
@@ -77,9 +101,18 @@ impl Sequence {
                 if budget == 0 {
                     return 0;
                 }
-                if let Speculation::Lookup { lookup, gamma } = self.speculation {
-                    let room = gamma.min(window_room(&self.cache.cache)).min(budget - 1);
-                    self.window = lookup.window(&self.seq, room, self.output.stop());
+                match self.speculation {
+                    Speculation::Lookup { lookup, gamma } => {
+                        let room = gamma.min(window_room(&self.cache.cache)).min(budget - 1);
+                        self.window = lookup.window(&self.seq, room, self.output.stop());
+                    }
+                    Speculation::Draft { .. } => {
+                        if let Some(draft) = self.draft.as_mut() {
+                            self.window = std::mem::take(&mut draft.drafted);
+                            self.window.truncate(budget - 1);
+                        }
+                    }
+                    Speculation::None => {}
                 }
                 self.fed.push(self.seq[self.seq.len() - 1]);
                 self.fed.extend_from_slice(&self.window.tokens);
@@ -110,7 +143,7 @@ impl Sequence {
                     Speculation::None => {
                         vec![next_token(&rows[0], &self.config.sampling, &mut self.rng)]
                     }
-                    Speculation::Lookup { .. } => {
+                    Speculation::Lookup { .. } | Speculation::Draft { .. } => {
                         let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
                         let rng = &mut self.rng;
                         let verdict =
@@ -120,14 +153,20 @@ impl Sequence {
                         self.stats
                             .record_window(self.window.len(), verdict.accepted);
                         if !self.window.is_empty() {
-                            self.stats.lookup_windows += 1;
+                            if !self.speculation.uses_draft_model() {
+                                self.stats.lookup_windows += 1;
+                            }
                             self.acceptance.record(self.window.len(), verdict.accepted);
                         }
                         self.cache.cache.truncate(base + 1 + verdict.accepted);
                         verdict.committed(&self.window.tokens)
                     }
                 };
+                if let Some(draft) = self.draft.as_mut() {
+                    draft.last_kept = Some(self.window.len());
+                }
                 self.seq.extend_from_slice(&committed);
+                self.decode_steps += 1;
                 self.commit(&committed);
                 Ok(())
             }
@@ -164,21 +203,28 @@ impl Sequence {
     /// A fork of this sequence: its prompt, speculation and deadline with the fork's settings,
     /// in `cache` holding a copy of this sequence's first `rows` cache rows (failed, if the copy
     /// failed), in prefill.
-    pub(crate) fn fork(
-        &self,
-        fork: Fork,
-        mut cache: PooledCache,
-        rows: usize,
-        target: &Model,
-    ) -> Sequence {
-        let copied = cache.cache.copy_prefix_from(&self.cache.cache, rows);
+    pub(crate) fn fork(&self, fork: Fork, mut lent: Lent, rows: usize, target: &Model) -> Sequence {
+        let mut copied = lent.target.cache.copy_prefix_from(&self.cache.cache, rows);
+        let mut draft_tokens = Vec::new();
+        if let (Some(parent), Some(cache)) = (&self.draft, lent.draft.as_mut()) {
+            let draft_rows = parent.tokens.len().min(rows);
+            draft_tokens = parent.tokens[..draft_rows].to_vec();
+            copied = copied.and(
+                cache
+                    .cache
+                    .copy_prefix_from(&parent.cache.cache, draft_rows),
+            );
+        }
         let request = SequenceRequest {
             prompt: self.seq[..self.prompt_len()].to_vec(),
             config: fork.config,
             speculation: self.speculation,
             deadline: self.deadline,
         };
-        let mut sequence = new_sequence(request, fork.sink, self.started, cache, target);
+        let mut sequence = new_sequence(request, fork.sink, self.started, lent, target);
+        if let Some(draft) = sequence.draft.as_mut() {
+            draft.tokens = draft_tokens;
+        }
         if let Err(e) = copied {
             sequence.failed = Some(e.into());
         }
@@ -188,10 +234,17 @@ impl Sequence {
     /// Starts decoding once the prompt but its last token is cached: after the last prompt
     /// chunk, or at once for a one-token prompt or one whose prefix came from the prefix cache.
     pub(crate) fn decode_once_prefilled(&mut self) {
-        if self.cache.cache.len() + 1 >= self.seq.len() {
-            self.phase = Phase::Decode;
-            self.stats.time.prefill = self.started.elapsed();
+        let cached = |rows: usize| rows + 1 >= self.seq.len();
+        let draft_cached = self.draft.as_ref().is_none_or(|d| cached(d.tokens.len()));
+        if matches!(self.phase, Phase::Prefill) && cached(self.cache.cache.len()) && draft_cached {
+            self.enter_decode();
         }
+    }
+
+    /// Ends the prefill.
+    pub(crate) fn enter_decode(&mut self) {
+        self.phase = Phase::Decode;
+        self.stats.time.prefill = self.started.elapsed();
     }
 }
 
@@ -200,19 +253,26 @@ pub(crate) fn new_sequence(
     request: SequenceRequest,
     sink: Box<dyn Sink>,
     submitted: Instant,
-    cache: PooledCache,
+    lent: Lent,
     target: &Model,
 ) -> Sequence {
     let gamma = gamma_of(&request);
     let rng_seed = match request.speculation {
         Speculation::None => request.config.seed,
         // As vanilla SD seeds its verification.
-        Speculation::Lookup { .. } => mix(request.config.seed, 1),
+        Speculation::Lookup { .. } | Speculation::Draft { .. } => mix(request.config.seed, 1),
     };
     Sequence {
         output: Output::new(&request.config, target),
         seq: request.prompt,
-        cache,
+        cache: lent.target,
+        draft: lent.draft.map(|cache| DraftSide {
+            cache,
+            tokens: Vec::new(),
+            drafted: DraftWindow::default(),
+            last_kept: None,
+        }),
+        decode_steps: 0,
         speculation: request.speculation,
         deadline: request.deadline,
         stats: Stats::new(gamma),

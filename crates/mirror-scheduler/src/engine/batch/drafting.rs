@@ -1,0 +1,250 @@
+//! The batch's draft phase, before the target's step: every sequence that drafts with the draft
+//! model advances in the same ragged draft forwards. The first forward feeds each sequence's
+//! prompt chunk (prefill) or the committed tokens its draft cache lacks (catch-up) and proposes
+//! the first token of each window; every further forward feeds one token per window still
+//! growing, until each window holds its tokens or ends at a stop token.
+//!
+//! A window is what [`crate::SpeculativeDecoding`] with fixed windows would draft alone (no
+//! lookahead tokens): the same context, the same draft logits (rows are batch-invariant), the
+//! same seeds ([`choose_draft_token`]). Under adaptive windows a sequence drafts one token more
+//! than the batch's allocation kept of its last window, so that the draft's work follows what
+//! the target's step can use; verification is exact whatever the length.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mirror_core::sampling::SamplingParams;
+use mirror_core::{Model, RaggedSequence};
+
+use super::sequence::{Phase, Sequence};
+use crate::adaptive::WindowPolicy;
+use crate::draft::choose_draft_token;
+use crate::error::{Error, Result};
+use crate::generation::GenerationConfig;
+use crate::run::window_room;
+use crate::seed::mix;
+use crate::stats::DraftCounters;
+use crate::window::DraftWindow;
+
+use super::request::Speculation;
+
+/// What one sequence feeds the next draft forward.
+struct Feed {
+    /// Index into the running sequences.
+    index: usize,
+    tokens: Vec<u32>,
+    /// Whether the forward's last row proposes a window token (else a prompt chunk).
+    proposes: bool,
+}
+
+/// A window growing during the draft phase.
+struct Growing {
+    index: usize,
+    count: usize,
+    seed: u64,
+    params: SamplingParams,
+}
+
+/// The draft sampling a sequence uses: a point mass when it is greedy or asks for greedy drafts.
+fn draft_params(config: &GenerationConfig, speculation: Speculation) -> SamplingParams {
+    match speculation {
+        Speculation::Draft {
+            greedy_draft: true, ..
+        } => SamplingParams::greedy(),
+        _ => config.sampling,
+    }
+}
+
+/// Runs the draft phase over `running` (see the module docs). Sequences whose draft forward
+/// fails are marked failed; the others go on.
+pub(super) fn draft_phase(
+    draft: &Model,
+    running: &mut [Sequence],
+    policy: WindowPolicy,
+    prefill_chunk: usize,
+) {
+    let mut feeds = Vec::new();
+    let mut growing = Vec::new();
+    for (index, sequence) in running.iter_mut().enumerate() {
+        if sequence.done() {
+            continue;
+        }
+        if let Some(feed) = first_feed(index, sequence, draft, policy, prefill_chunk, &mut growing)
+        {
+            feeds.push(feed);
+        }
+    }
+    let mut first = true;
+    while !feeds.is_empty() {
+        let started = Instant::now();
+        let logits = match forward(draft, running, &feeds) {
+            Ok(logits) => logits,
+            Err(e) => {
+                let shared = Arc::new(e);
+                for feed in &feeds {
+                    running[feed.index].failed = Some(Error::StepFailed {
+                        source: Arc::clone(&shared),
+                    });
+                }
+                return;
+            }
+        };
+        let busy = started.elapsed();
+        let proposing = feeds.iter().filter(|f| f.proposes).count().max(1);
+        let mut next = Vec::new();
+        for (feed, rows_logits) in feeds.iter().zip(logits) {
+            let sequence = &mut running[feed.index];
+            if let Some(side) = sequence.draft.as_mut() {
+                side.tokens.extend_from_slice(&feed.tokens);
+            }
+            if !feed.proposes {
+                // A prompt chunk: the sequence may decode from the next step on.
+                sequence.decode_once_prefilled();
+                continue;
+            }
+            let Some(grow) = growing.iter().find(|g| g.index == feed.index) else {
+                continue;
+            };
+            let Some(last) = rows_logits.last() else {
+                continue;
+            };
+            record(sequence, feed.tokens.len(), busy / proposing as u32, first);
+            if let Some(token) = propose(sequence, grow, last) {
+                next.push(Feed {
+                    index: feed.index,
+                    tokens: vec![token],
+                    proposes: true,
+                });
+            }
+        }
+        feeds = next;
+        first = false;
+    }
+}
+
+/// The first feed of `sequence`: its next prompt chunk while its draft cache prefills, or, in
+/// decode, the committed tokens its draft cache lacks (at least the last one, whose logits start
+/// the window), with its window registered in `growing`.
+fn first_feed(
+    index: usize,
+    sequence: &mut Sequence,
+    draft: &Model,
+    policy: WindowPolicy,
+    prefill_chunk: usize,
+    growing: &mut Vec<Growing>,
+) -> Option<Feed> {
+    let Speculation::Draft { gamma, .. } = sequence.speculation else {
+        return None;
+    };
+    let params = draft_params(&sequence.config, sequence.speculation);
+    let seq_len = sequence.seq.len();
+    let room = window_room(&sequence.cache.cache);
+    let seed = mix(sequence.config.seed, sequence.decode_steps);
+    let target_ready = sequence.cache.cache.len() + 1 >= seq_len;
+    let side = sequence.draft.as_mut()?;
+    side.drafted = DraftWindow::default();
+    if matches!(sequence.phase, Phase::Prefill) {
+        let cached = side.tokens.len();
+        let end = (seq_len - 1).min(cached + prefill_chunk);
+        if !target_ready || end < seq_len - 1 {
+            return (cached < end).then(|| Feed {
+                index,
+                tokens: sequence.seq[cached..end].to_vec(),
+                proposes: false,
+            });
+        }
+        // The target's rows came from the prefix cache and this chunk ends the draft's
+        // prefill: the sequence decodes from this step on, as it would alone, with its first
+        // window drafted by this very forward (the chunk's last row proposes).
+        sequence.enter_decode();
+    }
+    let side = sequence.draft.as_mut()?;
+    match sequence.phase {
+        Phase::Prefill => None,
+        Phase::Decode => {
+            // Drafted tokens stay where the target can verify them and the draft can see them.
+            let position_limit = sequence.cache.cache.capacity().min(draft.context_limit());
+            let mut count = gamma.min(room).min(position_limit.saturating_sub(seq_len));
+            if policy == WindowPolicy::Adaptive {
+                if let Some(kept) = side.last_kept {
+                    count = count.min(kept + 1);
+                }
+            }
+            if count == 0 {
+                return None;
+            }
+            let mut common = side
+                .tokens
+                .iter()
+                .zip(&sequence.seq)
+                .take_while(|(a, b)| a == b)
+                .count();
+            if common == seq_len {
+                // Everything is cached but the logits after it: feed the last token again.
+                common -= 1;
+            }
+            side.truncate(common);
+            growing.push(Growing {
+                index,
+                count,
+                seed,
+                params,
+            });
+            Some(Feed {
+                index,
+                tokens: sequence.seq[common..].to_vec(),
+                proposes: true,
+            })
+        }
+    }
+}
+
+/// One ragged draft forward over `feeds`; each proposing feed gets its rows' logits.
+fn forward(draft: &Model, running: &mut [Sequence], feeds: &[Feed]) -> Result<Vec<Vec<Vec<f32>>>> {
+    // Each feed names a distinct sequence; take their draft caches in the feeds' order.
+    let mut caches: Vec<Option<&mut mirror_core::KvCache>> = running
+        .iter_mut()
+        .map(|s| s.draft.as_mut().map(|d| &mut d.cache.cache))
+        .collect();
+    let mut inputs = Vec::with_capacity(feeds.len());
+    for feed in feeds {
+        let cache = caches[feed.index]
+            .take()
+            .ok_or_else(|| Error::InvalidConfig("a drafting sequence has no draft cache".into()))?;
+        inputs.push(RaggedSequence {
+            tokens: &feed.tokens,
+            logits: feed.proposes,
+            cache,
+        });
+    }
+    Ok(draft.forward_ragged(&mut inputs)?)
+}
+
+/// Proposes the window's next token from `logits`; returns it when the window grows on.
+fn propose(sequence: &mut Sequence, grow: &Growing, logits: &[f32]) -> Option<u32> {
+    let stop = sequence.output.stop();
+    let side = sequence.draft.as_mut()?;
+    let window = &mut side.drafted;
+    let (token, choice) = choose_draft_token(logits, &grow.params, grow.seed, window.len());
+    window.tokens.push(token);
+    window.choices.push(choice);
+    (window.len() < grow.count && !stop.contains(token)).then_some(token)
+}
+
+/// Counts one draft step of `sequence` (its share of the forward's time).
+fn record(sequence: &mut Sequence, rows: usize, busy: Duration, first: bool) {
+    let counters = DraftCounters {
+        forwards: 1,
+        busy,
+        steps: 1,
+        tokens: 1,
+        step_forwards: usize::from(!first || rows <= 2),
+        step_busy: if !first || rows <= 2 {
+            busy
+        } else {
+            Duration::ZERO
+        },
+        typical_step: None,
+    };
+    sequence.stats.record_draft(counters);
+}
