@@ -229,6 +229,7 @@ async fn complete(
             seed: parsed.seed,
             stop_at_eos: !parsed.ignore_eos,
             stop_tokens: Vec::new(),
+            constraint: None,
         },
         stop: parsed.stop.clone(),
         received,

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod chi_square;
+
 use std::path::PathBuf;
 
 /// Runs candle's matmuls single-threaded in this test binary (`RAYON_NUM_THREADS=1` unless the

@@ -183,6 +183,16 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// The tokenizer as Hugging Face's `tokenizer.json` would hold it (a GGUF tokenizer as
+    /// rebuilt from its metadata): what a grammar engine reads each token's bytes from.
+    pub fn to_json(&self) -> Result<serde_json::Value> {
+        let text = self
+            .inner
+            .to_string(false)
+            .map_err(|e| tok_err(&self.source_name, e))?;
+        serde_json::from_str(&text).map_err(|e| tok_err(&self.source_name, e))
+    }
+
     /// The token string of an id.
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)

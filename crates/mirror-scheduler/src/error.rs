@@ -25,6 +25,21 @@ pub enum Error {
         detail: String,
     },
 
+    /// A constraint (JSON schema, regex, grammar) could not be compiled, or matches nothing;
+    /// the source is the grammar compiler's message.
+    #[error("invalid constraint: {source}")]
+    InvalidConstraint {
+        /// What the compiler said.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// A constrained sequence's grammar engine failed while decoding.
+    #[error("the constraint failed while decoding: {source}")]
+    ConstraintFailed {
+        /// What the grammar engine said.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
     /// A builder or generation setting is out of range.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),

@@ -20,6 +20,29 @@ pub struct GenerationConfig {
     pub stop_at_eos: bool,
     /// Further ids that end generation.
     pub stop_tokens: Vec<u32>,
+    /// Output that must follow a JSON schema, a regex or a grammar (`None`: free text). Runs
+    /// on the batched engine ([`crate::EngineHandle`]), under every speculation it has; the
+    /// one-sequence decoders refuse it.
+    pub constraint: Option<Constraint>,
+}
+
+/// What a constrained generation's output must match. Every verified position samples (or takes
+/// the argmax) from the target's distribution masked to the tokens the constraint allows there
+/// and renormalized, so speculation stays lossless with respect to that constrained
+/// distribution. A generation ends when the constraint is complete (its end-of-sequence token
+/// is then the only one allowed), or at `max_new_tokens` with the output cut short.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Constraint {
+    /// A JSON value valid under this JSON schema (llguidance's supported subset of draft
+    /// 2020-12: an unsupported keyword is an error, not ignored).
+    JsonSchema(serde_json::Value),
+    /// Any JSON object (OpenAI's `{"type": "json_object"}`).
+    JsonObject,
+    /// Text matching this regular expression (whole output; Rust `regex` syntax).
+    Regex(String),
+    /// Text in the language of this Lark grammar (llguidance's Lark dialect, `start` rule).
+    Lark(String),
 }
 
 impl Default for GenerationConfig {
@@ -30,6 +53,7 @@ impl Default for GenerationConfig {
             seed: 0,
             stop_at_eos: true,
             stop_tokens: Vec::new(),
+            constraint: None,
         }
     }
 }

@@ -20,13 +20,15 @@
 //!
 //! 1. data: [`error`], [`stats`], [`generation`] (settings and results of one generation),
 //!    [`window`] (a drafted window and its verdict), and the helpers `seed` and `host`;
-//! 2. [`verify`] (judging a window) and [`adaptive`] (sizing the next one);
+//! 2. [`verify`] (judging a window), [`adaptive`] (sizing the next one) and [`constraint`]
+//!    (masking it to a JSON schema, regex or grammar);
 //! 3. `run` (one generation's bookkeeping, shared by every strategy);
 //! 4. [`draft`]: the draft side (linear drafting, lookahead tokens, prompt lookup);
 //! 5. [`strategy`]: the decoders, and Mirror's tree drafting, worker and target side;
 //! 6. [`engine`]: text in, text out, streaming; the batched engine ([`EngineHandle`]).
 
 pub mod adaptive;
+pub mod constraint;
 pub mod draft;
 pub mod engine;
 pub mod error;
@@ -51,13 +53,16 @@ pub mod testing {
 }
 
 pub use adaptive::WindowPolicy;
+pub use constraint::{ConstraintCompiler, ConstraintState};
 pub use draft::lookup::LookupConfig;
 pub use engine::{
     BatchSettings, Engine, EngineHandle, EngineLoad, Event, Prompt, SequenceRequest,
     SequenceStream, Speculation, StepReport, TextStream,
 };
 pub use error::{Error, Result, WorkerFault};
-pub use generation::{FinishReason, Generation, GenerationConfig, StopSet, StreamControl};
+pub use generation::{
+    Constraint, FinishReason, Generation, GenerationConfig, StopSet, StreamControl,
+};
 pub use stats::{Reuse, Stats, TimeSplit};
 pub use strategy::autoregressive::Autoregressive;
 pub use strategy::mirror::{

@@ -38,6 +38,13 @@ impl<'a> Run<'a> {
         on_tokens: &'a mut dyn FnMut(&[u32]) -> StreamControl,
     ) -> Result<Self> {
         let started = Instant::now();
+        if config.constraint.is_some() {
+            return Err(Error::InvalidConfig(
+                "constrained output runs on the batched engine (EngineHandle); the one-sequence \
+                 decoders do not apply constraints"
+                    .into(),
+            ));
+        }
         let capacity = capacity_for(target, prompt, config, gamma)?;
         Ok(Self {
             started,

@@ -106,6 +106,9 @@ pub struct Stats {
     pub windows: usize,
     /// Windows drafted by prompt lookup (a part of `windows`).
     pub lookup_windows: usize,
+    /// Under a constraint: tokens the grammar forced and that rode as point-mass windows (their
+    /// target passes are not part of `windows`).
+    pub forced_tokens: usize,
     /// Target passes that verified no draft token: plain decoding steps an adaptive window
     /// chose (not part of `windows`).
     pub plain_steps: usize,

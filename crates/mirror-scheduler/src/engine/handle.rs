@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 
 use super::batch::{BatchCore, BatchSettings, EngineLoad, Fork, SequenceRequest, Sink, Waiting};
 use super::text::IncrementalText;
+use crate::constraint::{ConstraintCompiler, ConstraintState};
 use crate::error::{Error, Result};
 use crate::generation::{Generation, GenerationConfig, StreamControl};
 
@@ -38,6 +39,8 @@ struct Shared {
     tokenizer: Option<Tokenizer>,
     target: Arc<Model>,
     load: Arc<Mutex<EngineLoad>>,
+    /// Built at the first constrained request (the token trie takes a while).
+    constraints: Mutex<Option<Arc<ConstraintCompiler>>>,
 }
 
 /// The batched engine (see the [module](self) docs). Cheap to clone; every clone submits to the
@@ -89,6 +92,7 @@ impl EngineHandle {
                 tokenizer,
                 target,
                 load,
+                constraints: Mutex::new(None),
             }),
         })
     }
@@ -112,7 +116,15 @@ impl EngineHandle {
     /// Queues `n` sequences that share `request`'s prompt, which is prefilled once: sequence
     /// `i` runs with seed `request.config.seed + i` (wrapping) and otherwise the same settings,
     /// and equals that request run on its own. `n` is at least 1.
+    ///
+    /// A request with a [`crate::Constraint`] has it compiled here, on the caller's thread (a
+    /// large schema may take milliseconds, none of them the batch's): an invalid one is
+    /// [`Error::InvalidConstraint`] at once. The engine needs a tokenizer for that.
     pub fn submit_forked(&self, request: SequenceRequest, n: usize) -> Result<Vec<SequenceStream>> {
+        let constraint = match &request.config.constraint {
+            Some(constraint) => Some(self.compiler()?.compile(constraint)?),
+            None => None,
+        };
         let (sink, stream) = self.channel();
         let mut streams = vec![stream];
         let mut forks = Vec::with_capacity(n.saturating_sub(1));
@@ -125,6 +137,7 @@ impl EngineHandle {
                     ..request.config.clone()
                 },
                 sink,
+                constraint: constraint.as_ref().map(ConstraintState::fork),
             });
         }
         let waiting = Waiting {
@@ -132,12 +145,34 @@ impl EngineHandle {
             sink,
             submitted: std::time::Instant::now(),
             forks,
+            constraint,
         };
         self.shared
             .commands
             .send(waiting)
             .map_err(|_| Error::EngineStopped)?;
         Ok(streams)
+    }
+
+    /// The engine's constraint compiler, built on first use.
+    fn compiler(&self) -> Result<Arc<ConstraintCompiler>> {
+        let mut slot = self
+            .shared
+            .constraints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(compiler) = slot.as_ref() {
+            return Ok(Arc::clone(compiler));
+        }
+        let tokenizer = self.shared.tokenizer.as_ref().ok_or_else(|| {
+            Error::InvalidConfig("a constrained request needs an engine with a tokenizer".into())
+        })?;
+        let compiler = Arc::new(ConstraintCompiler::new(
+            tokenizer,
+            self.shared.target.vocab_size(),
+        )?);
+        *slot = Some(Arc::clone(&compiler));
+        Ok(compiler)
     }
 
     fn channel(&self) -> (Box<dyn Sink>, SequenceStream) {

@@ -313,6 +313,7 @@ impl BatchCore {
             &self.target,
         );
         sequence.stats.prefix_cached_tokens = reused.0;
+        sequence.constraint = waiting.constraint;
         if let Some(draft) = sequence.draft.as_mut() {
             draft.tokens = sequence.seq[..reused.1].to_vec();
         }
@@ -418,7 +419,8 @@ impl BatchCore {
             .running
             .iter()
             .map(|s| DraftOffer {
-                rate: s.acceptance.rate(),
+                // Forced tokens are always accepted.
+                rate: if s.forced { 1.0 } else { s.acceptance.rate() },
                 tokens: s.window.len(),
             })
             .collect();
@@ -632,6 +634,7 @@ mod tests {
                 }),
                 submitted: Instant::now(),
                 forks: Vec::new(),
+                constraint: None,
             });
         }
         let mut steps = 0;

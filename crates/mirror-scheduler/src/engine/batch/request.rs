@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::super::pool::PooledCache;
 use crate::adaptive::WindowPolicy;
+use crate::constraint::ConstraintState;
 use crate::draft::lookup::LookupConfig;
 use crate::error::{Error, Result};
 use crate::generation::{Generation, GenerationConfig, StreamControl};
@@ -157,6 +158,8 @@ pub(crate) struct Waiting {
     pub sink: Box<dyn Sink>,
     pub submitted: Instant,
     pub forks: Vec<Fork>,
+    /// The compiled constraint of `request.config.constraint`.
+    pub constraint: Option<ConstraintState>,
 }
 
 impl Waiting {
@@ -180,6 +183,7 @@ pub(crate) fn shared_prompt_refused() -> Error {
 pub(crate) struct Fork {
     pub config: GenerationConfig,
     pub sink: Box<dyn Sink>,
+    pub constraint: Option<ConstraintState>,
 }
 
 /// The caches lent to one sequence: the target's, and the draft model's when it drafts.

@@ -9,6 +9,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use super::request::{gamma_of, Fork, Lent, SequenceRequest, Sink, Speculation};
 use crate::adaptive::TokenAcceptance;
+use crate::constraint::ConstraintState;
 use crate::engine::pool::PooledCache;
 use crate::error::{Error, Result};
 use crate::generation::{FinishReason, GenerationConfig, StreamControl};
@@ -16,7 +17,7 @@ use crate::run::{next_token, window_room, Output};
 use crate::seed::mix;
 use crate::stats::Stats;
 use crate::verify::verify_window;
-use crate::window::DraftWindow;
+use crate::window::{DraftChoice, DraftWindow};
 
 /// Where a running sequence is.
 pub(crate) enum Phase {
@@ -53,6 +54,10 @@ pub(crate) struct Sequence {
     pub(crate) draft: Option<DraftSide>,
     /// Decode steps settled so far (a drafted window's seed, as a sequence alone).
     pub(crate) decode_steps: u64,
+    /// Where the sequence is in its constraint, if it has one.
+    pub(crate) constraint: Option<ConstraintState>,
+    /// Whether this step's window holds the tokens the constraint forces.
+    pub(crate) forced: bool,
 }
 
 /// A drafting sequence's draft cache and what it holds.
@@ -90,6 +95,7 @@ impl Sequence {
     pub(crate) fn offer(&mut self, budget: usize, prefill_chunk: usize) -> usize {
         self.fed.clear();
         self.window = DraftWindow::default();
+        self.forced = false;
         match self.phase {
             Phase::Prefill => {
                 let target = self.seq.len() - 1;
@@ -114,11 +120,36 @@ impl Sequence {
                     }
                     Speculation::None => {}
                 }
+                if let Err(e) = self.constrain_window(budget - 1) {
+                    self.failed = Some(e);
+                    return 0;
+                }
                 self.fed.push(self.seq[self.seq.len() - 1]);
                 self.fed.extend_from_slice(&self.window.tokens);
             }
         }
         self.fed.len()
+    }
+
+    /// Under a constraint, the window is what the grammar forces (up to `room` tokens), or else
+    /// the drafted window's longest prefix the grammar allows.
+    fn constrain_window(&mut self, room: usize) -> Result<()> {
+        let Some(constraint) = self.constraint.as_mut() else {
+            return Ok(());
+        };
+        let mut forced = constraint.forced();
+        forced.truncate(room.min(window_room(&self.cache.cache)));
+        if !forced.is_empty() {
+            self.window = DraftWindow {
+                choices: vec![DraftChoice::PointMass; forced.len()],
+                tokens: forced,
+            };
+            self.forced = true;
+            return Ok(());
+        }
+        let valid = constraint.valid_prefix(&self.window.tokens)?;
+        self.window.truncate(valid);
+        Ok(())
     }
 
     /// Keeps the first `tokens` of the offered window (the batch's allocation).
@@ -139,20 +170,27 @@ impl Sequence {
             Phase::Decode => {
                 self.stats.target_passes += 1;
                 let base = self.cache.cache.len() - self.fed.len();
-                let committed = match self.speculation {
-                    Speculation::None => {
-                        vec![next_token(&rows[0], &self.config.sampling, &mut self.rng)]
-                    }
-                    Speculation::Lookup { .. } | Speculation::Draft { .. } => {
+                let mut rows = rows;
+                if let Some(constraint) = self.constraint.as_mut() {
+                    constraint.mask_window(&self.window.tokens, &mut rows)?;
+                }
+                let plain = matches!(self.speculation, Speculation::None) && self.window.is_empty();
+                let committed = match plain {
+                    true => vec![next_token(&rows[0], &self.config.sampling, &mut self.rng)],
+                    false => {
                         let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
                         let rng = &mut self.rng;
                         let verdict =
                             verify_window(&refs, &self.window, &self.config.sampling, &mut || {
                                 rng.random()
                             })?;
-                        self.stats
-                            .record_window(self.window.len(), verdict.accepted);
-                        if !self.window.is_empty() {
+                        if self.forced {
+                            self.stats.forced_tokens += verdict.accepted;
+                        } else {
+                            self.stats
+                                .record_window(self.window.len(), verdict.accepted);
+                        }
+                        if !self.window.is_empty() && !self.forced {
                             if !self.speculation.uses_draft_model() {
                                 self.stats.lookup_windows += 1;
                             }
@@ -165,9 +203,21 @@ impl Sequence {
                 if let Some(draft) = self.draft.as_mut() {
                     draft.last_kept = Some(self.window.len());
                 }
+                let mut committed = committed;
+                if let Some(constraint) = self.constraint.as_mut() {
+                    let kept = constraint.settle(self.window.len(), &committed)?;
+                    committed.truncate(kept);
+                    // Rows of the dropped tokens leave the cache too.
+                    let rows = self.cache.cache.len().min(self.seq.len() + kept);
+                    self.cache.cache.truncate(rows);
+                }
                 self.seq.extend_from_slice(&committed);
                 self.decode_steps += 1;
                 self.commit(&committed);
+                if self.constraint.as_ref().is_some_and(|c| c.is_stopped()) {
+                    // Complete: nothing may follow (its end token, if any, is committed).
+                    self.output.finish.get_or_insert(FinishReason::Stop);
+                }
                 Ok(())
             }
         }
@@ -222,6 +272,7 @@ impl Sequence {
             deadline: self.deadline,
         };
         let mut sequence = new_sequence(request, fork.sink, self.started, lent, target);
+        sequence.constraint = fork.constraint;
         if let Some(draft) = sequence.draft.as_mut() {
             draft.tokens = draft_tokens;
         }
@@ -273,6 +324,8 @@ pub(crate) fn new_sequence(
             last_kept: None,
         }),
         decode_steps: 0,
+        constraint: None,
+        forced: false,
         speculation: request.speculation,
         deadline: request.deadline,
         stats: Stats::new(gamma),

@@ -1,0 +1,238 @@
+//! Constrained decoding: a [`Constraint`] compiled by llguidance into a per-sequence
+//! [`ConstraintState`] that masks the target's logits row by row, validates draft tokens, and
+//! proposes the tokens the grammar forces.
+//!
+//! At a verification window `w_1..w_k` row `j` is the target's distribution after `w_1..w_j`, so
+//! it is masked by the grammar state those tokens reach: the state consumes the window as the
+//! rows are masked, then rolls back to the committed prefix and consumes what was committed.
+//! Masked logits are `-inf`, so sampling, argmax and the rejection rule all work on the masked,
+//! renormalized distribution, and verification stays lossless with respect to it. A draft token
+//! the grammar forbids cuts the window before the target sees it ([`ConstraintState::valid_prefix`]).
+//! Where the grammar allows one token only (braces, keys, quotes), those tokens are the window
+//! ([`ConstraintState::forced`]): point masses the masked target accepts with probability one,
+//! at the cost of their rows.
+//!
+//! The token trie is built from the tokenizer's `tokenizer.json` with llguidance's own
+//! [`llguidance::token_bytes_from_tokenizer_json`]; the only code of ours here is the tokenizer
+//! environment (`toktrie_hf_tokenizers` does the same but pins an older `tokenizers` than ours).
+//!
+//! May import: [`crate::generation`] and [`crate::error`].
+
+use std::sync::Arc;
+
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::{InferenceCapabilities, TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
+use llguidance::{JsonCompileOptions, Matcher, ParserFactory};
+use mirror_core::Tokenizer;
+
+use crate::error::{Error, Result};
+use crate::generation::Constraint;
+
+/// The tokenizer as llguidance sees it: the token trie, and our tokenizer for text.
+struct TokenizerBytes {
+    trie: TokTrie,
+    tokenizer: Tokenizer,
+}
+
+impl TokenizerEnv for TokenizerBytes {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<u32> {
+        // Text the grammar forces is tokenized as the model would see it; bytes that are not
+        // UTF-8 (part of a character) fall back to the trie's greedy split.
+        match std::str::from_utf8(s) {
+            Ok(text) => self
+                .tokenizer
+                .encode(text, false)
+                .unwrap_or_else(|_| self.trie.greedy_tokenize(s)),
+            Err(_) => self.trie.greedy_tokenize(s),
+        }
+    }
+}
+
+/// Compiles constraints for one model's tokenizer (built once per engine: the token trie and
+/// the mask slices take a while for a large vocabulary).
+pub struct ConstraintCompiler {
+    factory: ParserFactory,
+    vocab_size: usize,
+}
+
+impl std::fmt::Debug for ConstraintCompiler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConstraintCompiler")
+            .field("vocab_size", &self.vocab_size)
+            .finish()
+    }
+}
+
+fn invalid(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
+    Error::InvalidConstraint {
+        source: source.into(),
+    }
+}
+
+fn failed(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
+    Error::ConstraintFailed {
+        source: source.into(),
+    }
+}
+
+impl ConstraintCompiler {
+    /// A compiler for `tokenizer` and a model whose logits have `vocab_size` entries (ids the
+    /// tokenizer lacks are never allowed).
+    pub fn new(tokenizer: &Tokenizer, vocab_size: usize) -> Result<Self> {
+        let json = tokenizer.to_json()?;
+        let mut words = llguidance::token_bytes_from_tokenizer_json(&json).map_err(invalid)?;
+        words.resize(vocab_size.max(words.len()), Vec::new());
+        let eos = tokenizer.eos_ids().first().copied().ok_or_else(|| {
+            Error::InvalidConfig("constrained decoding needs an end-of-sequence token".into())
+        })?;
+        let info = TokRxInfo::new(words.len() as u32, eos);
+        let env: TokEnv = Arc::new(TokenizerBytes {
+            trie: TokTrie::from(&info, &words),
+            tokenizer: tokenizer.clone(),
+        });
+        let capabilities = InferenceCapabilities {
+            ff_tokens: true,
+            ..InferenceCapabilities::default()
+        };
+        let mut factory = ParserFactory::new(
+            &env,
+            capabilities,
+            &llguidance::earley::SlicedBiasComputer::general_slices(),
+        )
+        .map_err(invalid)?;
+        factory.quiet();
+        Ok(Self {
+            factory,
+            vocab_size: words.len(),
+        })
+    }
+
+    /// Compiles `constraint` into the state of a sequence that has generated nothing yet. An
+    /// invalid schema, regex or grammar is [`Error::InvalidConstraint`] with the compiler's
+    /// message.
+    pub fn compile(&self, constraint: &Constraint) -> Result<ConstraintState> {
+        let grammar = match constraint {
+            Constraint::JsonSchema(schema) => TopLevelGrammar::from_json_schema(compact(schema)),
+            Constraint::JsonObject => {
+                TopLevelGrammar::from_json_schema(compact(&serde_json::json!({"type": "object"})))
+            }
+            Constraint::Regex(regex) => TopLevelGrammar::from_regex(regex),
+            Constraint::Lark(lark) => TopLevelGrammar::from_lark(lark.clone()),
+        };
+        let parser = self.factory.create_parser(grammar).map_err(invalid)?;
+        let mut matcher = Matcher::new(Ok(parser));
+        // A grammar that matches nothing fails at its first mask, not halfway through.
+        let first = matcher.compute_mask().map_err(invalid)?;
+        if first.num_set() == 0 {
+            return Err(invalid("the constraint allows no output at all"));
+        }
+        Ok(ConstraintState {
+            matcher,
+            vocab_size: self.vocab_size,
+        })
+    }
+}
+
+/// `schema` with llguidance told to write compact JSON (`", "` and `": "` between items and
+/// keys, no other whitespace), unless the schema sets its own `x-guidance` options: a fixed
+/// layout makes punctuation and keys forced tokens, which ride as free drafts, where flexible
+/// whitespace would leave a choice at every gap.
+fn compact(schema: &serde_json::Value) -> serde_json::Value {
+    let mut schema = schema.clone();
+    if schema.is_object() && schema.get("x-guidance").is_none() {
+        JsonCompileOptions {
+            item_separator: ", ".into(),
+            key_separator: ": ".into(),
+            whitespace_flexible: false,
+            ..JsonCompileOptions::default()
+        }
+        .apply_to(&mut schema);
+    }
+    schema
+}
+
+/// One sequence's place in its constraint (see the [module](self) docs).
+pub struct ConstraintState {
+    matcher: Matcher,
+    vocab_size: usize,
+}
+
+impl std::fmt::Debug for ConstraintState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConstraintState")
+            .field("stopped", &self.matcher.is_stopped())
+            .finish()
+    }
+}
+
+impl ConstraintState {
+    /// An independent copy (a fork's).
+    pub fn fork(&self) -> Self {
+        Self {
+            matcher: self.matcher.deep_clone(),
+            vocab_size: self.vocab_size,
+        }
+    }
+
+    /// Whether the constraint is complete: nothing may follow.
+    pub fn is_stopped(&self) -> bool {
+        self.matcher.is_stopped()
+    }
+
+    /// The tokens the grammar forces next (empty when it allows a choice).
+    pub fn forced(&mut self) -> Vec<u32> {
+        if self.matcher.is_stopped() {
+            return Vec::new();
+        }
+        self.matcher.compute_ff_tokens()
+    }
+
+    /// How many leading `tokens` the grammar allows from here.
+    pub fn valid_prefix(&mut self, tokens: &[u32]) -> Result<usize> {
+        if tokens.is_empty() || self.matcher.is_stopped() {
+            return Ok(0);
+        }
+        self.matcher.validate_tokens(tokens).map_err(failed)
+    }
+
+    /// Masks the logits `rows` of a verification window after `window` (row `j` by the state
+    /// after `window[..j]`), leaving the state after the whole window (see
+    /// [`ConstraintState::settle`]).
+    pub fn mask_window(&mut self, window: &[u32], rows: &mut [Vec<f32>]) -> Result<()> {
+        for (j, row) in rows.iter_mut().enumerate() {
+            let mask = self.matcher.compute_mask_or_eos().map_err(failed)?;
+            if mask.num_set() == 0 {
+                return Err(failed("the constraint allows no token here"));
+            }
+            for (id, logit) in row.iter_mut().enumerate() {
+                if id >= self.vocab_size || !mask.is_allowed(id as u32) {
+                    *logit = f32::NEG_INFINITY;
+                }
+            }
+            if let Some(&token) = window.get(j) {
+                self.matcher.consume_token(token).map_err(failed)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After a window of `drafted` tokens was masked and verified: back to the committed prefix,
+    /// then forward over the `committed` tokens. Returns how many of them the output keeps: all,
+    /// or those up to the one that completes the constraint (a window's bonus after it, the end
+    /// token of an "end only" row, is dropped, so that where a constrained output ends does not
+    /// depend on how its windows fell).
+    pub fn settle(&mut self, drafted: usize, committed: &[u32]) -> Result<usize> {
+        self.matcher.rollback(drafted).map_err(failed)?;
+        for (kept, &token) in committed.iter().enumerate() {
+            if self.matcher.is_stopped() {
+                return Ok(kept);
+            }
+            self.matcher.consume_token(token).map_err(failed)?;
+        }
+        Ok(committed.len())
+    }
+}

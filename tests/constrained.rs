@@ -1,0 +1,405 @@
+//! Constrained output on SmolLM2 through the batched engine, under plain decoding, prompt lookup
+//! and draft-model speculation (the draft: SmolLM2's first 26 layers):
+//!
+//! - sampled JSON under a nested schema always parses and validates, checked by an independent
+//!   validator (the `jsonschema` crate);
+//! - greedy constrained output is the same under every speculation;
+//! - sampled output follows the target's distribution masked by the grammar and renormalized,
+//!   computed exactly by enumerating every token path of a small regular language (chi-square);
+//! - bad constraints are clear errors, and a constraint that cannot finish within its length
+//!   ends with `Length`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use common::chi_square::chi_square;
+use mirror_core::sampling::{self, SamplingParams};
+use mirror_core::{load, LoadOptions, Model, ModelSource, Tokenizer};
+use mirror_sd::mirror_scheduler::{
+    Autoregressive, BatchSettings, Constraint, ConstraintCompiler, ConstraintState, Decoder,
+    EngineHandle, Error, FinishReason, Generation, GenerationConfig, LookupConfig, SequenceRequest,
+    Speculation,
+};
+use serde_json::{json, Value};
+
+struct Smollm2 {
+    target: Arc<Model>,
+    draft: Arc<Model>,
+    tokenizer: Tokenizer,
+}
+
+fn smollm2() -> Option<Smollm2> {
+    let path = common::smollm2_path()?;
+    let loaded = load(&ModelSource::Gguf(path), &LoadOptions::default()).expect("load SmolLM2");
+    let target = Arc::new(loaded.model);
+    let draft = Arc::new(target.truncated(26).expect("self-draft"));
+    Some(Smollm2 {
+        target,
+        draft,
+        tokenizer: loaded.tokenizer,
+    })
+}
+
+fn engine(m: &Smollm2) -> EngineHandle {
+    EngineHandle::spawn_with_draft(
+        Arc::clone(&m.target),
+        Arc::clone(&m.draft),
+        Some(m.tokenizer.clone()),
+        BatchSettings::default(),
+    )
+    .unwrap()
+}
+
+/// Plain decoding, prompt lookup and the draft model.
+fn speculations() -> [Speculation; 3] {
+    [
+        Speculation::None,
+        Speculation::Lookup {
+            lookup: LookupConfig::default(),
+            gamma: 4,
+        },
+        Speculation::Draft {
+            gamma: 4,
+            greedy_draft: false,
+        },
+    ]
+}
+
+/// Objects, arrays, enums, integers, numbers and required keys, nested; every string and
+/// array bounded, so that a valid value fits in the generation's length.
+fn person_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 12},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "role": {"enum": ["admin", "user", "guest"]},
+            "scores": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9},
+                       "maxItems": 3},
+            "address": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "maxLength": 10},
+                    "zip": {"type": "integer", "minimum": 10000, "maximum": 99999}
+                },
+                "required": ["city", "zip"],
+                "additionalProperties": false
+            },
+            "active": {"type": "boolean"}
+        },
+        "required": ["name", "age", "role", "address"],
+        "additionalProperties": false
+    })
+}
+
+fn prompt(m: &Smollm2, text: &str) -> Vec<u32> {
+    m.tokenizer.encode(text, true).unwrap()
+}
+
+fn constrained(
+    constraint: Constraint,
+    max_new_tokens: usize,
+    sampling: SamplingParams,
+) -> GenerationConfig {
+    GenerationConfig {
+        max_new_tokens,
+        sampling,
+        constraint: Some(constraint),
+        ..GenerationConfig::default()
+    }
+}
+
+/// The generated text without the end-of-sequence token the grammar ends with.
+fn text_of(m: &Smollm2, generation: &Generation) -> String {
+    m.tokenizer.decode(&generation.tokens, true).unwrap()
+}
+
+#[test]
+fn sampled_json_under_a_nested_schema_always_parses_and_validates() {
+    let Some(m) = smollm2() else {
+        return;
+    };
+    let engine = engine(&m);
+    let schema = person_schema();
+    let validator = jsonschema::validator_for(&schema).expect("the schema itself is valid");
+    let prompt = prompt(&m, "A user record as JSON: ");
+    let hot = SamplingParams {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+    };
+    for speculation in speculations() {
+        let streams: Vec<_> = (0..100u64)
+            .map(|seed| {
+                let config = GenerationConfig {
+                    seed,
+                    ..constrained(Constraint::JsonSchema(schema.clone()), 160, hot)
+                };
+                let request = SequenceRequest {
+                    speculation,
+                    ..SequenceRequest::new(prompt.clone(), config)
+                };
+                engine.submit(request).unwrap()
+            })
+            .collect();
+        for (seed, stream) in streams.into_iter().enumerate() {
+            let generation = stream.wait().unwrap();
+            let text = text_of(&m, &generation);
+            assert_eq!(
+                generation.finish_reason,
+                FinishReason::Stop,
+                "{speculation:?}, seed {seed}: unfinished {text:?}"
+            );
+            let value: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{speculation:?}, seed {seed}: {e} in {text:?}"));
+            let errors: Vec<String> = validator
+                .iter_errors(&value)
+                .map(|e| e.to_string())
+                .collect();
+            assert!(
+                errors.is_empty(),
+                "{speculation:?}, seed {seed}: {text} violates the schema: {errors:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn greedy_constrained_output_is_the_same_under_every_speculation() {
+    let Some(m) = smollm2() else {
+        return;
+    };
+    let engine = engine(&m);
+    let cases = [
+        (
+            "A user record as JSON: ",
+            Constraint::JsonSchema(person_schema()),
+        ),
+        ("Some JSON: ", Constraint::JsonObject),
+        (
+            "Answer yes or no, then a color: ",
+            Constraint::Regex("(yes|no), (red|green|blue)".into()),
+        ),
+        (
+            "A greeting: ",
+            Constraint::Lark(
+                r#"start: greeting " " name "!"
+greeting: "Hello" | "Hi"
+name: /[A-Z][a-z]{1,8}/"#
+                    .into(),
+            ),
+        ),
+    ];
+    for (text, constraint) in cases {
+        let prompt = prompt(&m, text);
+        let outputs: Vec<Generation> = speculations()
+            .into_iter()
+            .map(|speculation| {
+                let config = constrained(constraint.clone(), 120, SamplingParams::greedy());
+                engine
+                    .generate(SequenceRequest {
+                        speculation,
+                        ..SequenceRequest::new(prompt.clone(), config)
+                    })
+                    .unwrap()
+            })
+            .collect();
+        for (generation, speculation) in outputs.iter().zip(speculations()) {
+            assert_eq!(
+                generation.tokens, outputs[0].tokens,
+                "{constraint:?}: {speculation:?} differs from plain decoding"
+            );
+        }
+        assert_eq!(
+            outputs[0].finish_reason,
+            FinishReason::Stop,
+            "{constraint:?}"
+        );
+        // Forced tokens rode as windows: fewer target passes than tokens.
+        if matches!(constraint, Constraint::JsonSchema(_)) {
+            let plain = &outputs[0];
+            assert!(plain.stats.forced_tokens > 0);
+            assert!(
+                plain.stats.target_passes < plain.tokens.len(),
+                "{:?}",
+                plain.stats
+            );
+        }
+    }
+}
+
+/// Every token path of `state`'s language after `prompt`, with its exact probability under the
+/// target's logits masked by the grammar and warped by `params` (a plain forward per path
+/// prefix): the independent reference of the distribution test.
+fn enumerate(
+    target: &Model,
+    params: &SamplingParams,
+    prompt: &[u32],
+    prefix: &mut Vec<u32>,
+    state: &mut ConstraintState,
+    weight: f64,
+    out: &mut HashMap<Vec<u32>, f64>,
+) {
+    if state.is_stopped() {
+        *out.entry(prefix.clone()).or_insert(0.0) += weight;
+        return;
+    }
+    let mut context = prompt.to_vec();
+    context.extend_from_slice(prefix);
+    let mut cache = target.new_cache(1, context.len() + 1).unwrap();
+    let mut rows = vec![target.next_token_logits(&context, &mut cache).unwrap()];
+    state.mask_window(&[], &mut rows).unwrap();
+    let probs = sampling::warp_probs(&rows[0], params);
+    let allowed: Vec<(u32, f32)> = probs.nonzero().filter(|&(_, p)| p > 0.0).collect();
+    for (token, p) in allowed {
+        let mut next = state.fork();
+        next.settle(0, &[token]).unwrap();
+        prefix.push(token);
+        enumerate(
+            target,
+            params,
+            prompt,
+            prefix,
+            &mut next,
+            weight * p as f64,
+            out,
+        );
+        prefix.pop();
+    }
+}
+
+#[test]
+fn constrained_sampling_follows_the_masked_target_distribution() {
+    let Some(m) = smollm2() else {
+        return;
+    };
+    let engine = engine(&m);
+    let constraint = Constraint::Regex("(yes|no), (red|blue)".into());
+    let params = SamplingParams {
+        temperature: 1.5,
+        top_k: 0,
+        top_p: 1.0,
+    };
+    let prompt = prompt(&m, "Answer yes or no, then a color: ");
+    let compiler = ConstraintCompiler::new(&m.tokenizer, m.target.vocab_size()).unwrap();
+    let mut exact = HashMap::new();
+    let mut state = compiler.compile(&constraint).unwrap();
+    enumerate(
+        &m.target,
+        &params,
+        &prompt,
+        &mut Vec::new(),
+        &mut state,
+        1.0,
+        &mut exact,
+    );
+    let total: f64 = exact.values().sum();
+    assert!(
+        (total - 1.0).abs() < 1e-4,
+        "the paths' probabilities sum to {total}"
+    );
+    let paths: Vec<Vec<u32>> = exact.keys().cloned().collect();
+    let expected: Vec<f64> = paths.iter().map(|p| exact[p]).collect();
+    const DRAWS: u64 = 800;
+    for speculation in speculations() {
+        let streams: Vec<_> = (0..DRAWS)
+            .map(|seed| {
+                let config = GenerationConfig {
+                    seed: 7000 + seed,
+                    ..constrained(constraint.clone(), 24, params)
+                };
+                engine
+                    .submit(SequenceRequest {
+                        speculation,
+                        ..SequenceRequest::new(prompt.clone(), config)
+                    })
+                    .unwrap()
+            })
+            .collect();
+        let mut counts = vec![0usize; paths.len()];
+        for stream in streams {
+            let tokens = stream.wait().unwrap().tokens;
+            let index = paths.iter().position(|p| *p == tokens).unwrap_or_else(|| {
+                panic!("{speculation:?}: {tokens:?} is no path of the language")
+            });
+            counts[index] += 1;
+        }
+        let test = chi_square(&counts, &expected);
+        eprintln!(
+            "{speculation:?}: chi2 {:.1} < {:.1} over {} bins?",
+            test.stat, test.critical, test.bins
+        );
+        assert!(!test.rejects(), "{speculation:?}: {test:?}");
+    }
+}
+
+#[test]
+fn bad_constraints_are_clear_errors_and_unfinished_ones_end_at_their_length() {
+    let Some(m) = smollm2() else {
+        return;
+    };
+    let engine = engine(&m);
+    let prompt = prompt(&m, "JSON: ");
+    let submit = |constraint: Constraint| {
+        engine.submit(SequenceRequest::new(
+            prompt.clone(),
+            constrained(constraint, 16, SamplingParams::greedy()),
+        ))
+    };
+    for (constraint, what) in [
+        (
+            Constraint::JsonSchema(json!({"type": "wat"})),
+            "an unknown type",
+        ),
+        (
+            Constraint::JsonSchema(json!({"type": "string", "format": "no-such-format"})),
+            "an unknown format",
+        ),
+        (Constraint::Regex("(unclosed".into()), "a broken regex"),
+        (
+            Constraint::Lark("start: missing_rule".into()),
+            "an undefined rule",
+        ),
+        (
+            Constraint::Regex("[^\\s\\S]".into()),
+            "a language with no string",
+        ),
+    ] {
+        match submit(constraint) {
+            Err(Error::InvalidConstraint { source }) => {
+                assert!(!source.to_string().is_empty(), "{what}")
+            }
+            other => panic!("{what}: {:?}", other.map(|_| "a stream")),
+        }
+    }
+    // Valid, but longer than 16 tokens can hold.
+    let long = Constraint::Regex("a{200}".into());
+    let generation = submit(long).unwrap().wait().unwrap();
+    assert_eq!(generation.finish_reason, FinishReason::Length);
+    assert_eq!(generation.tokens.len(), 16);
+    // Forks share the constraint: each equals the unforked greedy run.
+    let request = SequenceRequest::new(
+        prompt.clone(),
+        constrained(
+            Constraint::JsonSchema(person_schema()),
+            120,
+            SamplingParams::greedy(),
+        ),
+    );
+    let alone = engine.generate(request.clone()).unwrap().tokens;
+    for stream in engine.submit_forked(request.clone(), 3).unwrap() {
+        assert_eq!(stream.wait().unwrap().tokens, alone);
+    }
+    // Without a tokenizer the engine cannot compile constraints; the one-sequence decoders
+    // refuse them rather than ignore them.
+    let bare = EngineHandle::spawn(Arc::clone(&m.target), None, BatchSettings::default()).unwrap();
+    assert!(matches!(
+        bare.submit(request.clone()),
+        Err(Error::InvalidConfig(_))
+    ));
+    let refused =
+        Autoregressive::new(Arc::clone(&m.target)).generate(&request.prompt, &request.config);
+    assert!(matches!(refused, Err(Error::InvalidConfig(_))));
+}
