@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use mirror_sd::serve::{Backend, Method, Server, ServerConfig};
+use mirror_sd::serve::{Backend, BatchSettings, Method, Server, ServerConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum MethodArg {
@@ -30,7 +30,9 @@ enum MethodArg {
     Ar,
     /// Vanilla speculative decoding.
     Sd,
-    /// Mirror speculative decoding.
+    /// Speculation by prompt lookup (no draft model).
+    Lookup,
+    /// Mirror speculative decoding (one sequence at a time).
     Mirror,
 }
 
@@ -39,6 +41,7 @@ impl MethodArg {
         match self {
             MethodArg::Ar => Method::Autoregressive,
             MethodArg::Sd => Method::Speculative,
+            MethodArg::Lookup => Method::Lookup,
             MethodArg::Mirror => Method::Mirror,
         }
     }
@@ -61,9 +64,15 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "ar,sd,mirror"
+        default_value = "ar,sd,lookup,mirror"
     )]
     methods: Vec<MethodArg>,
+    /// Most sequences in the batch (ar, sd and lookup requests); 1 serves one at a time.
+    #[arg(long, default_value_t = BatchSettings::default().max_batch)]
+    max_batch: usize,
+    /// The batch's KV pool, in MiB (admission waits when it is full).
+    #[arg(long, default_value_t = BatchSettings::default().kv_budget_bytes >> 20)]
+    kv_budget_mb: u64,
     #[command(flatten)]
     mirror: common::MirrorArgs,
     #[command(flatten)]
@@ -130,7 +139,7 @@ fn run(args: Args) -> Result<(), String> {
         .load_options(&args.pair, default_method == Method::Mirror)?;
     let loaded = common::load_with_spinner("target", &target_source, &target_options)?;
     let target = Arc::new(loaded.model);
-    let draft = if methods.iter().any(|&m| m != Method::Autoregressive) {
+    let draft = if methods.iter().any(|m| m.needs_draft()) {
         Some(
             args.draft_model
                 .load(&args.pair, &target, &loaded.tokenizer, &draft_options)?,
@@ -160,6 +169,11 @@ fn run(args: Args) -> Result<(), String> {
         default_max_tokens: args.default_max_tokens,
         shutdown_grace,
         handle_signals: true,
+        batch: BatchSettings {
+            max_batch: args.max_batch,
+            kv_budget_bytes: args.kv_budget_mb << 20,
+            ..BatchSettings::default()
+        },
     };
     let server = Server::start(SocketAddr::new(args.host, args.port), backend, config)
         .map_err(|e| e.to_string())?;

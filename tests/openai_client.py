@@ -51,6 +51,27 @@ stream = client.completions.create(
 )
 report["completion_stream"] = "".join(c.choices[0].text for c in stream if c.choices)
 
+two = client.chat.completions.create(
+    model=model,
+    messages=messages,
+    max_tokens=16,
+    temperature=0,
+    n=2,
+    extra_body={"mirror_sd": {"method": "ar"}},
+)
+report["chat_n2"] = [choice.message.content for choice in sorted(two.choices, key=lambda c: c.index)]
+
+constrained = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "Describe Paris as a JSON object."}],
+    max_tokens=48,
+    temperature=0,
+    response_format={"type": "json_object"},
+    extra_body={"mirror_sd": {"method": "sd"}},
+)
+report["json_object"] = constrained.choices[0].message.content
+report["json_object_finish"] = constrained.choices[0].finish_reason
+
 try:
     client.chat.completions.create(model="gpt-9", messages=messages, max_tokens=4)
     report["unknown_model_status"] = None

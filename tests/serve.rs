@@ -17,7 +17,7 @@ use mirror_sd::mirror_scheduler::{
     Autoregressive, Engine, GenerationConfig, MirrorSettings, SpeculativeSettings, WindowPolicy,
 };
 use mirror_sd::serve::client::{self, Connection, HttpResponse};
-use mirror_sd::serve::{Backend, Method, RunningServer, Server, ServerConfig};
+use mirror_sd::serve::{Backend, BatchSettings, Method, RunningServer, Server, ServerConfig};
 use serde_json::{json, Value};
 
 const MODEL_NAME: &str = "smollm2-135m";
@@ -61,6 +61,12 @@ fn test_config() -> ServerConfig {
         default_max_tokens: 16,
         shutdown_grace: Duration::from_secs(60),
         handle_signals: false,
+        // Fixed windows, as for Mirror below: a seed then reproduces a sampled sequence's
+        // output whatever else runs, and the self-draft's tokens are always tried.
+        batch: BatchSettings {
+            window: WindowPolicy::Fixed,
+            ..BatchSettings::default()
+        },
     }
 }
 
@@ -258,7 +264,7 @@ fn greedy_responses_equal_the_engine_token_for_token() {
     let (text_tokens, text_text) = reference.text(TEXT_PROMPT, &config);
     let server = start(model, test_config());
     let addr = server.local_addr();
-    for method in ["ar", "sd", "mirror"] {
+    for method in ["ar", "sd", "lookup", "mirror"] {
         for (path, body, tokens, text) in [
             (
                 "/v1/chat/completions",
@@ -306,7 +312,7 @@ fn greedy_responses_equal_the_engine_token_for_token() {
                 streamed.events.len(),
                 tokens.len()
             );
-            if method != "ar" {
+            if method == "sd" || method == "mirror" {
                 assert!(
                     json["mirror_sd"]["mean_accepted"].as_f64().unwrap() > 0.0,
                     "{method}: the self-draft never agreed"
@@ -361,7 +367,7 @@ fn stop_strings_cut_the_text_in_both_modes() {
     let stop = full[from..to].to_string();
     let expected = &full[..full.find(&stop).unwrap()];
     let server = start(model, test_config());
-    for method in ["ar", "mirror"] {
+    for method in ["ar", "sd", "mirror"] {
         let mut body = completion_body(TEXT_PROMPT, 24, method, false);
         body["stop"] = json!(["\u{1}never", stop]);
         let json = post(server.local_addr(), "/v1/completions", &body)
@@ -398,7 +404,7 @@ fn sixteen_concurrent_clients_complete_with_correct_outputs() {
         .collect();
     let server = start(model, test_config());
     let addr = server.local_addr();
-    let methods = ["ar", "sd", "mirror"];
+    let methods = ["ar", "sd", "lookup", "ar", "sd", "mirror"];
     let clients: Vec<_> = (0..16)
         .map(|i| {
             let question = questions[i % questions.len()];
@@ -430,6 +436,27 @@ fn sixteen_concurrent_clients_complete_with_correct_outputs() {
         16.0
     );
     assert_eq!(metric(addr, "mirror_sd_queue_depth"), 0.0);
+    // They really ran batched: the mean step fed several sequences.
+    let per_step = metric(addr, "mirror_sd_batch_sequences_per_step");
+    assert!(per_step > 1.5, "{per_step} sequences per step");
+}
+
+/// A request with `method` that must be refused with `status` and a `Retry-After` of at least
+/// one second.
+fn refused_with_retry_after(addr: SocketAddr, method: &str, status: u16) -> HttpResponse {
+    let refused = post(
+        addr,
+        "/v1/chat/completions",
+        &chat_body(QUESTION, 8, method, false),
+    );
+    assert_eq!(refused.status, status, "{method}: {}", refused.text());
+    let retry_after: u64 = refused
+        .header("retry-after")
+        .expect("Retry-After header")
+        .parse()
+        .expect("Retry-After in seconds");
+    assert!(retry_after >= 1);
+    refused
 }
 
 /// A long generation that only stops when cancelled (end-of-sequence ignored).
@@ -440,7 +467,7 @@ fn endless(method: &str) -> Value {
 }
 
 #[test]
-fn a_full_queue_answers_429_with_retry_after() {
+fn a_full_mirror_queue_answers_429_with_retry_after() {
     let _serial = serial();
     let Some(model) = smollm2() else { return };
     let server = start(
@@ -452,30 +479,19 @@ fn a_full_queue_answers_429_with_retry_after() {
     );
     let addr = server.local_addr();
     // A runs; B waits in the one place of the queue; C finds it full.
-    let mut running = open_stream(addr, "/v1/completions", &endless("ar"));
+    let mut running = open_stream(addr, "/v1/completions", &endless("mirror"));
     running.next_event_data().unwrap().expect("a first chunk");
     let waiting = std::thread::spawn(move || {
         post(
             addr,
             "/v1/chat/completions",
-            &chat_body(QUESTION, 8, "ar", false),
+            &chat_body(QUESTION, 8, "mirror", false),
         )
     });
     wait_until("B is queued", || {
         metric(addr, "mirror_sd_queue_depth") == 1.0
     });
-    let refused = post(
-        addr,
-        "/v1/chat/completions",
-        &chat_body(QUESTION, 8, "ar", false),
-    );
-    assert_eq!(refused.status, 429, "{}", refused.text());
-    let retry_after: u64 = refused
-        .header("retry-after")
-        .expect("Retry-After header")
-        .parse()
-        .expect("Retry-After in seconds");
-    assert!(retry_after >= 1);
+    let refused = refused_with_retry_after(addr, "mirror", 429);
     let error = refused.json().unwrap();
     assert_eq!(error["error"]["type"], "rate_limit_error");
     assert_eq!(error["error"]["code"], "queue_full");
@@ -486,7 +502,7 @@ fn a_full_queue_answers_429_with_retry_after() {
     let after = post(
         addr,
         "/v1/chat/completions",
-        &chat_body(QUESTION, 4, "ar", false),
+        &chat_body(QUESTION, 4, "mirror", false),
     );
     assert_eq!(after.status, 200);
 }
@@ -553,27 +569,29 @@ fn a_client_that_disconnects_mid_stream_frees_the_engine() {
         TIMEOUT,
     )
     .unwrap();
+    // In the batch (Mirror's worker may still be busy with the stream abandoned above).
     wait_until("the whole request runs", || {
-        metric(addr, "mirror_sd_engine_busy") == 1.0
+        metric(addr, "mirror_sd_batch_running") == 1.0
     });
     drop(leaving);
     let started = Instant::now();
+    // The batch runs the next request beside the abandoned one; the abandoned one must end
+    // as cancelled all the same.
     let next = post(
         addr,
         "/v1/chat/completions",
         &chat_body(QUESTION, 8, "ar", false),
     );
     assert_eq!(next.status, 200, "{}", next.text());
-    assert_eq!(
+    wait_until("the abandoned whole request is cancelled", || {
         metric(
             addr,
-            "mirror_sd_generations_total{method=\"sd\",outcome=\"cancelled\"}"
-        ),
-        1.0
-    );
+            "mirror_sd_generations_total{method=\"sd\",outcome=\"cancelled\"}",
+        ) == 1.0
+    });
     assert!(
         started.elapsed() < full_generation / 10,
-        "after a whole request was abandoned the next took {:?}",
+        "a whole request was cancelled {:?} after its client left",
         started.elapsed()
     );
 }
@@ -794,7 +812,22 @@ fn bad_inputs_get_their_status_and_error_body_and_harm_no_other_request() {
             400,
             "seed",
         ),
-        ("n = 2", chat_path, chat(json!({"n": 2})), 400, "n"),
+        ("n = 0", chat_path, chat(json!({"n": 0})), 400, "n"),
+        ("n = 17", chat_path, chat(json!({"n": 17})), 400, "n"),
+        (
+            "two constraints",
+            chat_path,
+            chat(json!({"response_format": {"type": "json_object"}, "mirror_sd": {"regex": "a+"}})),
+            400,
+            "mirror_sd.regex",
+        ),
+        (
+            "unknown response_format type",
+            chat_path,
+            chat(json!({"response_format": {"type": "yaml"}})),
+            400,
+            "response_format",
+        ),
         (
             "five stop strings",
             chat_path,
@@ -959,7 +992,7 @@ fn shutdown_drains_accepted_requests_then_refuses_connections() {
         post(
             addr,
             "/v1/chat/completions",
-            &chat_body(QUESTION, 8, "sd", false),
+            &chat_body(QUESTION, 8, "mirror", false),
         )
     });
     wait_until("the second request is queued", || {
@@ -1138,6 +1171,302 @@ fn the_openai_python_client_talks_to_the_server() {
     assert_eq!(report["completion"], completion_text);
     assert_eq!(report["completion_stream"], completion_text);
     assert_eq!(report["chat_method"], "sd");
+    assert_eq!(report["chat_n2"], json!([chat_text, chat_text]));
+    if report["json_object_finish"] == "stop" {
+        let text = report["json_object"].as_str().expect("content");
+        let value: Value = serde_json::from_str(text).expect("the content is JSON");
+        assert!(value.is_object(), "{value}");
+    }
     assert_eq!(report["unknown_model_status"], 404);
     assert_eq!(report["bad_temperature_status"], 400);
+}
+
+/// Texts of a whole response's choices, by index.
+fn choice_texts(body: &Value) -> Vec<String> {
+    let choices = body["choices"].as_array().expect("choices");
+    choices
+        .iter()
+        .enumerate()
+        .map(|(i, choice)| {
+            assert_eq!(choice["index"], i, "{body}");
+            choice["message"]["content"]
+                .as_str()
+                .or_else(|| choice["text"].as_str())
+                .expect("choice text")
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn n_choices_share_one_prefill_and_each_equals_its_own_request() {
+    let _serial = serial();
+    let Some(model) = smollm2() else { return };
+    let (_, greedy_text) = Reference::new(model).chat(QUESTION, &GenerationConfig::greedy(12));
+    let server = start(model, test_config());
+    let addr = server.local_addr();
+    for method in ["ar", "sd", "lookup"] {
+        let mut body = chat_body(QUESTION, 12, method, false);
+        body["n"] = json!(3);
+        let response = post(addr, "/v1/chat/completions", &body);
+        assert_eq!(response.status, 200, "{method}: {}", response.text());
+        let json = response.json().unwrap();
+        assert_eq!(
+            choice_texts(&json),
+            vec![greedy_text.clone(); 3],
+            "{method}"
+        );
+    }
+    // Sampled: choice i is the request with seed + i alone (the independent reference here is
+    // the one-choice request, itself checked against the Engine in another test).
+    let sampled = |n: usize, seed: u64| {
+        let mut body = chat_body(QUESTION, 12, "ar", false);
+        body["n"] = json!(n);
+        body["temperature"] = json!(1.0);
+        body["seed"] = json!(seed);
+        let response = post(addr, "/v1/chat/completions", &body);
+        assert_eq!(response.status, 200, "{}", response.text());
+        let json = response.json().unwrap();
+        (
+            choice_texts(&json),
+            json["usage"]["completion_tokens"].clone(),
+        )
+    };
+    let (three, _) = sampled(3, 40);
+    let (again, _) = sampled(3, 40);
+    assert_eq!(three, again, "a seed reproduces every choice");
+    let distinct: std::collections::HashSet<&String> = three.iter().collect();
+    assert!(
+        distinct.len() >= 2,
+        "three samples were all equal: {three:?}"
+    );
+    for (i, text) in three.iter().enumerate() {
+        let (alone, _) = sampled(1, 40 + i as u64);
+        assert_eq!(&alone[0], text, "choice {i} against seed {}", 40 + i);
+    }
+    // Streamed: every chunk names its choice; each choice's pieces add up to its text.
+    let mut body = chat_body(QUESTION, 12, "ar", true);
+    body["n"] = json!(3);
+    body["temperature"] = json!(1.0);
+    body["seed"] = json!(40);
+    body["stream_options"] = json!({"include_usage": true});
+    let mut connection = open_stream(addr, "/v1/chat/completions", &body);
+    let mut texts = vec![String::new(); 3];
+    let mut finished = [false; 3];
+    let mut usage = Value::Null;
+    while let Some(data) = connection.next_event_data().unwrap() {
+        if data == "[DONE]" {
+            break;
+        }
+        let chunk: Value = serde_json::from_str(&data).unwrap();
+        assert!(chunk.get("error").is_none(), "{chunk}");
+        if let Some(u) = chunk.get("usage") {
+            usage = u.clone();
+        }
+        let Some(choice) = chunk["choices"].get(0) else {
+            continue;
+        };
+        let index = choice["index"].as_u64().expect("an index") as usize;
+        assert!(!finished[index], "a chunk of choice {index} after its end");
+        texts[index] += choice["delta"]["content"].as_str().unwrap_or("");
+        finished[index] = choice["finish_reason"].is_string();
+    }
+    assert_eq!(finished, [true; 3]);
+    assert_eq!(texts, three);
+    let (_, whole_usage) = sampled(3, 40);
+    assert_eq!(usage["completion_tokens"], whole_usage);
+    // Mirror runs one sequence at a time: n > 1 is refused with the field named.
+    let mut body = chat_body(QUESTION, 4, "mirror", false);
+    body["n"] = json!(2);
+    let refused = post(addr, "/v1/chat/completions", &body);
+    assert_eq!(refused.status, 400);
+    assert_eq!(refused.json().unwrap()["error"]["param"], "n");
+}
+
+/// Until the engine shows `running` sequences and `waiting` ones.
+fn wait_for_batch(addr: SocketAddr, running: f64, waiting: f64) {
+    wait_until(&format!("{running} run and {waiting} wait"), || {
+        metric(addr, "mirror_sd_batch_running") == running
+            && metric(addr, "mirror_sd_batch_waiting") == waiting
+    });
+}
+
+#[test]
+fn a_full_batch_or_kv_pool_answers_503_with_retry_after_and_recovers() {
+    let _serial = serial();
+    let Some(model) = smollm2() else { return };
+    // The pool bytes of one endless sequence, from a server with room for many.
+    let probe = start(model, test_config());
+    let mut running = open_stream(probe.local_addr(), "/v1/completions", &endless("ar"));
+    running.next_event_data().unwrap().expect("a first chunk");
+    let one_sequence = metric(probe.local_addr(), "mirror_sd_kv_pool_used_bytes");
+    assert!(one_sequence > 0.0);
+    running.disconnect();
+    drop(probe);
+    let full_batch = BatchSettings {
+        max_batch: 1,
+        ..test_config().batch
+    };
+    let full_pool = BatchSettings {
+        kv_budget_bytes: (one_sequence * 1.5) as u64,
+        prefix_cache: false,
+        ..test_config().batch
+    };
+    for (what, batch) in [("batch", full_batch), ("KV pool", full_pool)] {
+        let server = start(
+            model,
+            ServerConfig {
+                queue_capacity: 1,
+                batch,
+                ..test_config()
+            },
+        );
+        let addr = server.local_addr();
+        // A runs; B (as large) waits for room in the batch or the pool; C finds the waiting
+        // place taken.
+        let mut running = open_stream(addr, "/v1/completions", &endless("ar"));
+        running.next_event_data().unwrap().expect("a first chunk");
+        let waiting =
+            std::thread::spawn(move || open_stream(addr, "/v1/completions", &endless("ar")));
+        wait_for_batch(addr, 1.0, 1.0);
+        let refused = refused_with_retry_after(addr, "sd", 503);
+        assert_eq!(
+            refused.json().unwrap()["error"]["code"],
+            "engine_overloaded"
+        );
+        // A goes away: B runs, and once it is gone too the server takes requests again.
+        running.disconnect();
+        let mut queued = waiting.join().unwrap();
+        queued.next_event_data().unwrap().expect("B's first chunk");
+        queued.disconnect();
+        wait_for_batch(addr, 0.0, 0.0);
+        let after = post(
+            addr,
+            "/v1/chat/completions",
+            &chat_body(QUESTION, 4, "sd", false),
+        );
+        assert_eq!(after.status, 200, "{what}: {}", after.text());
+    }
+}
+
+#[test]
+fn a_disconnect_gives_its_kv_back_to_the_pool() {
+    let _serial = serial();
+    let Some(model) = smollm2() else { return };
+    let server = start(
+        model,
+        ServerConfig {
+            batch: BatchSettings {
+                prefix_cache: false,
+                ..test_config().batch
+            },
+            ..test_config()
+        },
+    );
+    let addr = server.local_addr();
+    let mut running = open_stream(addr, "/v1/completions", &endless("sd"));
+    for _ in 0..3 {
+        running.next_event_data().unwrap().expect("a chunk");
+    }
+    assert!(metric(addr, "mirror_sd_kv_pool_used_bytes") > 0.0);
+    running.disconnect();
+    wait_until("the pool is whole again", || {
+        metric(addr, "mirror_sd_kv_pool_used_bytes") == 0.0
+    });
+    assert_eq!(
+        metric(addr, "mirror_sd_kv_pool_free_bytes"),
+        BatchSettings::default().kv_budget_bytes as f64
+    );
+    assert_eq!(metric(addr, "mirror_sd_batch_running"), 0.0);
+    assert_eq!(
+        metric(
+            addr,
+            "mirror_sd_generations_total{method=\"sd\",outcome=\"cancelled\"}"
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn response_format_and_grammars_constrain_the_output() {
+    let _serial = serial();
+    let Some(model) = smollm2() else { return };
+    let server = start(model, test_config());
+    let addr = server.local_addr();
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 20},
+            "population": {"type": "integer"}
+        },
+        "required": ["city", "population"],
+        "additionalProperties": false
+    });
+    let validator = jsonschema::validator_for(&schema).expect("a valid schema");
+    for (method, seed) in [("ar", 1), ("sd", 2), ("lookup", 3)] {
+        let mut body = chat_body("Describe Paris as JSON.", 64, method, false);
+        body["temperature"] = json!(0.9);
+        body["seed"] = json!(seed);
+        body["response_format"] = json!({
+            "type": "json_schema",
+            "json_schema": {"name": "city", "schema": schema, "strict": true}
+        });
+        let response = post(addr, "/v1/chat/completions", &body);
+        assert_eq!(response.status, 200, "{method}: {}", response.text());
+        let json = response.json().unwrap();
+        let text = response_text(&json);
+        if json["choices"][0]["finish_reason"] == "stop" {
+            let value: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{method}: {text:?} is not JSON: {e}"));
+            assert!(
+                validator.is_valid(&value),
+                "{method}: {value} breaks the schema"
+            );
+        }
+        // Streamed, the same request gives the same text.
+        body["stream"] = json!(true);
+        let streamed = read_stream(open_stream(addr, "/v1/chat/completions", &body));
+        assert_eq!(streamed.text, text, "{method} streamed");
+    }
+    let mut body = completion_body("The phone number is ", 12, "ar", false);
+    body["mirror_sd"]["regex"] = json!("[0-9]{3}-[0-9]{4}");
+    let json = post(addr, "/v1/completions", &body).json().unwrap();
+    let text = response_text(&json);
+    let bytes = text.as_bytes();
+    assert!(
+        bytes.len() == 8
+            && bytes[3] == b'-'
+            && bytes
+                .iter()
+                .enumerate()
+                .all(|(i, b)| i == 3 || b.is_ascii_digit()),
+        "{text:?} does not match [0-9]{{3}}-[0-9]{{4}}"
+    );
+    let mut body = chat_body(QUESTION, 16, "ar", false);
+    body["response_format"] = json!({"type": "json_object"});
+    let json = post(addr, "/v1/chat/completions", &body).json().unwrap();
+    if json["choices"][0]["finish_reason"] == "stop" {
+        let value: Value = serde_json::from_str(&response_text(&json)).expect("JSON");
+        assert!(value.is_object(), "{value}");
+    }
+    // Bad constraints are the client's fault, with the field named.
+    for (field, value, method) in [
+        (
+            "response_format",
+            json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "wat"}}}),
+            "ar",
+        ),
+        ("mirror_sd.regex", json!("(unclosed"), "ar"),
+        ("response_format", json!({"type": "json_object"}), "mirror"),
+    ] {
+        let mut body = chat_body(QUESTION, 8, method, false);
+        if field == "response_format" {
+            body["response_format"] = value;
+        } else {
+            body["mirror_sd"]["regex"] = value;
+        }
+        let refused = post(addr, "/v1/chat/completions", &body);
+        assert_eq!(refused.status, 400, "{field} {method}: {}", refused.text());
+        assert_eq!(refused.json().unwrap()["error"]["param"], field);
+    }
 }

@@ -7,11 +7,13 @@ use std::time::Duration;
 
 use mirror_core::sampling::SamplingParams;
 use mirror_core::ChatMessage;
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use mirror_scheduler::Constraint;
+use serde::Deserialize;
+use serde_json::{Map, Value};
 
 use super::backend::Method;
 use super::error::ApiError;
+pub use super::response::{unix_seconds, GenerationReport, ResponseIdentity, Usage};
 
 /// The request extension field: `"mirror_sd": {"method": "sd", "ignore_eos": true, "timeout_s": 30}`.
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -24,6 +26,33 @@ pub struct SpeculationOptions {
     pub ignore_eos: bool,
     /// This request's deadline in seconds, at most the server's `--request-timeout-s`.
     pub timeout_s: Option<f64>,
+    /// Output in the language of this Lark grammar (llguidance's dialect).
+    pub grammar: Option<String>,
+    /// Output matching this regular expression.
+    pub regex: Option<String>,
+}
+
+/// OpenAI's `response_format`.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema { json_schema: JsonSchemaFormat },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonSchemaFormat {
+    /// OpenAI requires a name; it names nothing here.
+    #[allow(dead_code)]
+    name: String,
+    #[allow(dead_code)]
+    description: Option<String>,
+    schema: Option<Value>,
+    /// Accepted: the schema is always enforced.
+    #[allow(dead_code)]
+    strict: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -49,6 +78,7 @@ struct SharedFields {
     seed: Option<u64>,
     stop: Option<Value>,
     n: Option<u64>,
+    response_format: Option<ResponseFormat>,
     /// OpenAI's end-user tag: accepted and ignored.
     #[allow(dead_code)]
     user: Option<String>,
@@ -117,10 +147,18 @@ pub struct ParsedRequest {
     pub ignore_eos: bool,
     /// This request's own deadline, if any.
     pub timeout: Option<Duration>,
+    /// Choices to generate (`n`), from one prefill of the prompt.
+    pub choices: usize,
+    /// What the output must match (`response_format`, `mirror_sd.grammar` or `mirror_sd.regex`),
+    /// with the request field that asked for it.
+    pub constraint: Option<(Constraint, &'static str)>,
 }
 
 /// Most stop strings per request, as OpenAI allows.
 pub const MAX_STOP_STRINGS: usize = 4;
+
+/// Most choices (`n`) per request.
+pub const MAX_CHOICES: u64 = 16;
 
 /// Parses a chat or text completion body. `max_timeout` bounds `mirror_sd.timeout_s`.
 pub fn parse_request(
@@ -150,14 +188,14 @@ pub fn parse_request(
     };
     let shared: SharedFields = deserialize_field_checked(Value::Object(fields))?;
     let options = shared.mirror_sd.unwrap_or_default();
-    if let Some(n) = shared.n {
-        if n != 1 {
-            return Err(ApiError::invalid_param(
-                "n",
-                format!("n = {n}: only one choice per request is supported"),
-            ));
-        }
+    let choices = shared.n.unwrap_or(1);
+    if !(1..=MAX_CHOICES).contains(&choices) {
+        return Err(ApiError::invalid_param(
+            "n",
+            format!("n = {choices} is not in [1, {MAX_CHOICES}]"),
+        ));
     }
+    let constraint = parse_constraint(shared.response_format, &options)?;
     let max_tokens = match (shared.max_tokens, shared.max_completion_tokens) {
         (Some(a), Some(b)) if a != b => {
             return Err(ApiError::invalid_param(
@@ -197,7 +235,7 @@ pub fn parse_request(
             Method::parse(name).ok_or_else(|| {
                 ApiError::invalid_param(
                     "mirror_sd.method",
-                    format!("unknown method `{name}` (expected ar, sd or mirror)"),
+                    format!("unknown method `{name}` (expected ar, sd, lookup or mirror)"),
                 )
             })
         })
@@ -234,7 +272,49 @@ pub fn parse_request(
         method,
         ignore_eos: options.ignore_eos,
         timeout,
+        choices: choices as usize,
+        constraint,
     })
+}
+
+/// The one constraint a request may carry: `response_format`, `mirror_sd.grammar` or
+/// `mirror_sd.regex` (compiled later, by the engine: a bad one is a 400 then).
+fn parse_constraint(
+    format: Option<ResponseFormat>,
+    options: &SpeculationOptions,
+) -> Result<Option<(Constraint, &'static str)>, ApiError> {
+    let from_format = match format {
+        None | Some(ResponseFormat::Text) => None,
+        Some(ResponseFormat::JsonObject) => Some(Constraint::JsonObject),
+        Some(ResponseFormat::JsonSchema { json_schema }) => Some(match json_schema.schema {
+            Some(schema) => Constraint::JsonSchema(schema),
+            None => Constraint::JsonObject,
+        }),
+    };
+    let asked: Vec<(Constraint, &'static str)> = [
+        from_format.map(|c| (c, "response_format")),
+        options
+            .grammar
+            .clone()
+            .map(|g| (Constraint::Lark(g), "mirror_sd.grammar")),
+        options
+            .regex
+            .clone()
+            .map(|r| (Constraint::Regex(r), "mirror_sd.regex")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    match asked.len() {
+        0 | 1 => Ok(asked.into_iter().next()),
+        _ => Err(ApiError::invalid_param(
+            asked[1].1,
+            format!(
+                "{} and {} both constrain the output: give one",
+                asked[0].1, asked[1].1
+            ),
+        )),
+    }
 }
 
 fn take_required(fields: &mut Map<String, Value>, name: &str) -> Result<Value, ApiError> {
@@ -373,155 +453,4 @@ fn parse_stop(value: Option<Value>) -> Result<Vec<String>, ApiError> {
         return Err(bad("stop sequences must not be empty"));
     }
     Ok(stops)
-}
-
-/// Token counts of a response.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct Usage {
-    /// Tokens of the prompt (chat template included).
-    pub prompt_tokens: usize,
-    /// Tokens generated.
-    pub completion_tokens: usize,
-    /// Their sum.
-    pub total_tokens: usize,
-}
-
-/// The response extension field `mirror_sd`: how the generation went.
-#[derive(Debug, Clone, Serialize)]
-pub struct GenerationReport {
-    /// `ar`, `sd` or `mirror`.
-    pub method: &'static str,
-    /// The generated token ids (all committed tokens, a stop sequence's included).
-    pub token_ids: Vec<u32>,
-    /// Time the request waited in the queue, in milliseconds.
-    pub queue_ms: f64,
-    /// From arrival to the first committed text, in milliseconds.
-    pub time_to_first_token_ms: Option<f64>,
-    /// The generation itself (prefill included), in milliseconds.
-    pub generation_ms: f64,
-    /// Generated tokens per second of generation time.
-    pub tokens_per_second: f64,
-    /// Window length (0 for `ar`).
-    pub gamma: usize,
-    /// Windows verified.
-    pub windows: usize,
-    /// Mean accepted draft tokens per window, E[A].
-    pub mean_accepted: f64,
-    /// Tokens committed per target forward pass.
-    pub tokens_per_target_pass: f64,
-    /// Acceptance rate of each window position.
-    pub acceptance_by_position: Vec<f64>,
-    /// Mirror: share of next windows served from the hypothesis tree.
-    pub reuse_rate: f64,
-    /// Share of the draft's compute hidden behind the target.
-    pub draft_hidden_fraction: f64,
-}
-
-/// OpenAI's `created`: seconds since the Unix epoch.
-pub fn unix_seconds() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// Identity of one response: its id, creation time and model.
-#[derive(Debug, Clone)]
-pub struct ResponseIdentity {
-    /// `chatcmpl-...` or `cmpl-...`.
-    pub id: String,
-    /// Unix seconds.
-    pub created: u64,
-    /// The served model's name.
-    pub model: String,
-    /// Which endpoint.
-    pub endpoint: Endpoint,
-}
-
-impl ResponseIdentity {
-    fn object(&self, chunk: bool) -> &'static str {
-        match (self.endpoint, chunk) {
-            (Endpoint::Chat, false) => "chat.completion",
-            (Endpoint::Chat, true) => "chat.completion.chunk",
-            (Endpoint::Completions, _) => "text_completion",
-        }
-    }
-
-    fn envelope(&self, chunk: bool, choices: Value) -> Map<String, Value> {
-        let mut body = Map::new();
-        body.insert("id".into(), json!(self.id));
-        body.insert("object".into(), json!(self.object(chunk)));
-        body.insert("created".into(), json!(self.created));
-        body.insert("model".into(), json!(self.model));
-        body.insert("choices".into(), choices);
-        body
-    }
-
-    /// The whole (non-streaming) response.
-    pub fn complete(
-        &self,
-        text: &str,
-        finish_reason: &str,
-        usage: Usage,
-        report: &GenerationReport,
-    ) -> Value {
-        let choice = match self.endpoint {
-            Endpoint::Chat => json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": null,
-                "finish_reason": finish_reason,
-            }),
-            Endpoint::Completions => json!({
-                "index": 0,
-                "text": text,
-                "logprobs": null,
-                "finish_reason": finish_reason,
-            }),
-        };
-        let mut body = self.envelope(false, json!([choice]));
-        body.insert("usage".into(), json!(usage));
-        body.insert("mirror_sd".into(), json!(report));
-        Value::Object(body)
-    }
-
-    /// A streamed chunk carrying `text` (the first chat chunk also carries the role).
-    pub fn text_chunk(&self, text: &str, first: bool) -> Value {
-        let choice = match self.endpoint {
-            Endpoint::Chat if first => json!({
-                "index": 0,
-                "delta": {"role": "assistant", "content": text},
-                "logprobs": null,
-                "finish_reason": null,
-            }),
-            Endpoint::Chat => json!({
-                "index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null,
-            }),
-            Endpoint::Completions => json!({
-                "index": 0, "text": text, "logprobs": null, "finish_reason": null,
-            }),
-        };
-        Value::Object(self.envelope(true, json!([choice])))
-    }
-
-    /// The last content chunk: the finish reason and the `mirror_sd` report.
-    pub fn finish_chunk(&self, finish_reason: &str, report: &GenerationReport) -> Value {
-        let choice = match self.endpoint {
-            Endpoint::Chat => json!({
-                "index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_reason,
-            }),
-            Endpoint::Completions => json!({
-                "index": 0, "text": "", "logprobs": null, "finish_reason": finish_reason,
-            }),
-        };
-        let mut body = self.envelope(true, json!([choice]));
-        body.insert("mirror_sd".into(), json!(report));
-        Value::Object(body)
-    }
-
-    /// The usage chunk of `stream_options.include_usage` (no choices).
-    pub fn usage_chunk(&self, usage: Usage) -> Value {
-        let mut body = self.envelope(true, json!([]));
-        body.insert("usage".into(), json!(usage));
-        Value::Object(body)
-    }
 }

@@ -1,44 +1,64 @@
-//! The one place where the server touches the scheduler's API: building a decoder per method,
-//! encoding prompts, and running one generation with a streaming callback. Keeping it here
-//! means a change to the [`Engine`] entry points changes this file only.
+//! The one place where the server touches the scheduler's API: the batched engine
+//! ([`EngineHandle`]) for the methods it runs (`ar`, `sd`, `lookup`), a one-sequence [`Engine`]
+//! for Mirror, and prompt encoding. Keeping it here means a change to the scheduler's entry
+//! points changes this file only.
 
 use std::sync::Arc;
 
 use mirror_core::{ChatMessage, Model, Tokenizer};
 use mirror_scheduler::{
-    Autoregressive, Decoder, Engine, Generation, GenerationConfig, Mirror, MirrorSettings, Prompt,
-    SpeculativeDecoding, StreamControl,
+    BatchSettings, Engine, EngineHandle, Generation, GenerationConfig, Mirror, MirrorSettings,
+    Prompt, SequenceRequest, Speculation, StreamControl,
 };
 
 use super::ServeError;
 
-/// A decoding strategy a request can ask for (`"ar"`, `"sd"`, `"mirror"`).
+/// A decoding strategy a request can ask for (`"ar"`, `"sd"`, `"lookup"`, `"mirror"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Method {
     /// The target alone.
     Autoregressive,
-    /// Vanilla speculative decoding.
+    /// Vanilla speculative decoding with the draft model.
     Speculative,
-    /// Mirror speculative decoding.
+    /// Speculation by prompt lookup (no draft model).
+    Lookup,
+    /// Mirror speculative decoding (one sequence at a time).
     Mirror,
 }
 
 impl Method {
     /// Every method, in the order the server lists them.
-    pub const ALL: [Method; 3] = [Method::Autoregressive, Method::Speculative, Method::Mirror];
+    pub const ALL: [Method; 4] = [
+        Method::Autoregressive,
+        Method::Speculative,
+        Method::Lookup,
+        Method::Mirror,
+    ];
 
     /// The name used in requests, responses and metrics labels.
     pub fn as_str(self) -> &'static str {
         match self {
             Method::Autoregressive => "ar",
             Method::Speculative => "sd",
+            Method::Lookup => "lookup",
             Method::Mirror => "mirror",
         }
     }
 
-    /// Parses `ar`, `sd` or `mirror`.
+    /// Parses `ar`, `sd`, `lookup` or `mirror`.
     pub fn parse(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|m| m.as_str() == name)
+    }
+
+    /// Whether the batched engine runs it (every method but Mirror, whose draft runs beside
+    /// one target sequence).
+    pub fn is_batched(self) -> bool {
+        self != Method::Mirror
+    }
+
+    /// Whether it needs the draft model.
+    pub fn needs_draft(self) -> bool {
+        matches!(self, Method::Speculative | Method::Mirror)
     }
 }
 
@@ -78,19 +98,23 @@ impl PromptEncoder {
     }
 }
 
-/// One engine per served method, over shared target and draft weights.
+/// What the server runs: the batched engine's inputs for `ar`, `sd` and `lookup`, and a
+/// one-sequence engine for Mirror when it is served.
 pub struct Backend {
-    engines: Vec<(Method, Engine)>,
+    target: Arc<Model>,
+    draft: Option<Arc<Model>>,
+    tokenizer: Tokenizer,
+    methods: Vec<Method>,
+    mirror: Option<Engine>,
     default_method: Method,
+    settings: MirrorSettings,
     encoder: PromptEncoder,
-    context_limit: usize,
-    vocab_size: usize,
 }
 
 impl Backend {
-    /// Builds an engine for each of `methods` (deduplicated) over `target` and, for the
-    /// speculative methods, `draft`. `default_method` serves requests that name none. Mirror
-    /// runs with `settings`, vanilla SD with their `speculative` part.
+    /// Serves `methods` (deduplicated) over `target` and, for `sd` and `mirror`, `draft`.
+    /// `default_method` serves requests that name none. Mirror runs with `settings`; `sd` and
+    /// `lookup` draft windows of `settings.speculative.gamma` tokens.
     pub fn new(
         target: Arc<Model>,
         draft: Option<Arc<Model>>,
@@ -107,33 +131,39 @@ impl Backend {
                 "the default method `{default_method}` is not among the served methods"
             )));
         }
-        let mut engines = Vec::with_capacity(served.len());
-        for method in served {
-            let decoder: Box<dyn Decoder> = match method {
-                Method::Autoregressive => Box::new(Autoregressive::new(Arc::clone(&target))),
-                Method::Speculative | Method::Mirror => {
-                    let draft = draft.as_ref().ok_or_else(|| {
-                        ServeError::Config(format!("method `{method}` needs a draft model"))
-                    })?;
-                    speculative_decoder(method, &target, draft, settings)?
-                }
-            };
-            engines.push((method, Engine::new(decoder, tokenizer.clone())));
+        if let Some(method) = served.iter().find(|m| m.needs_draft()) {
+            if draft.is_none() {
+                return Err(ServeError::Config(format!(
+                    "method `{method}` needs a draft model"
+                )));
+            }
         }
+        let mirror = match (&draft, served.contains(&Method::Mirror)) {
+            (Some(draft), true) => {
+                let decoder = Mirror::builder(Arc::clone(&target), Arc::clone(draft))
+                    .settings(*settings)
+                    .build()?;
+                Some(Engine::new(Box::new(decoder), tokenizer.clone()))
+            }
+            _ => None,
+        };
         Ok(Self {
-            engines,
-            default_method,
             encoder: PromptEncoder {
                 tokenizer: tokenizer.clone(),
             },
-            context_limit: target.context_limit(),
-            vocab_size: target.vocab_size(),
+            target,
+            draft,
+            tokenizer,
+            methods: served,
+            mirror,
+            default_method,
+            settings: *settings,
         })
     }
 
     /// The methods this backend serves.
     pub fn methods(&self) -> Vec<Method> {
-        self.engines.iter().map(|(m, _)| *m).collect()
+        self.methods.clone()
     }
 
     /// The method of requests that name none.
@@ -148,50 +178,81 @@ impl Backend {
 
     /// Longest context of the target (prompt plus output), in tokens.
     pub fn context_limit(&self) -> usize {
-        self.context_limit
+        self.target.context_limit()
     }
 
     /// Rows of the target's LM head: token ids must be below it.
     pub fn vocab_size(&self) -> usize {
-        self.vocab_size
+        self.target.vocab_size()
     }
 
-    /// Generates after `prompt` with `method`, calling `on_text` with each committed piece of
+    /// Starts the batched engine with `settings` when a batched method is served (with the
+    /// draft model when `sd` is).
+    pub fn spawn_batched(&self, settings: BatchSettings) -> Result<Option<Batched>, ServeError> {
+        if !self.methods.iter().any(|m| m.is_batched()) {
+            return Ok(None);
+        }
+        let tokenizer = Some(self.tokenizer.clone());
+        let target = Arc::clone(&self.target);
+        let handle = match &self.draft {
+            Some(draft) if self.methods.contains(&Method::Speculative) => {
+                EngineHandle::spawn_with_draft(target, Arc::clone(draft), tokenizer, settings)?
+            }
+            _ => EngineHandle::spawn(target, tokenizer, settings)?,
+        };
+        Ok(Some(Batched {
+            handle,
+            speculative: self.settings.speculative,
+        }))
+    }
+
+    /// Generates after `prompt` with Mirror, calling `on_text` with each committed piece of
     /// text; returning [`StreamControl::Stop`] cancels at the next commit.
-    pub fn generate(
+    pub fn generate_mirror(
         &mut self,
-        method: Method,
         prompt: &[u32],
         config: &GenerationConfig,
         on_text: impl FnMut(&str) -> StreamControl,
     ) -> Result<Generation, ServeError> {
         let engine = self
-            .engines
-            .iter_mut()
-            .find(|(m, _)| *m == method)
-            .map(|(_, e)| e)
-            .ok_or_else(|| ServeError::Config(format!("method `{method}` is not served")))?;
+            .mirror
+            .as_mut()
+            .ok_or_else(|| ServeError::Config("method `mirror` is not served".into()))?;
         Ok(engine.generate_with(prompt, config, on_text)?)
     }
 }
 
-fn speculative_decoder(
-    method: Method,
-    target: &Arc<Model>,
-    draft: &Arc<Model>,
-    settings: &MirrorSettings,
-) -> Result<Box<dyn Decoder>, ServeError> {
-    Ok(if method == Method::Mirror {
-        Box::new(
-            Mirror::builder(Arc::clone(target), Arc::clone(draft))
-                .settings(*settings)
-                .build()?,
-        )
-    } else {
-        Box::new(
-            SpeculativeDecoding::builder(Arc::clone(target), Arc::clone(draft))
-                .speculative_settings(settings.speculative)
-                .build()?,
-        )
-    })
+/// The batched engine as the server drives it.
+#[derive(Clone)]
+pub struct Batched {
+    /// The engine.
+    pub handle: EngineHandle,
+    speculative: mirror_scheduler::SpeculativeSettings,
+}
+
+impl Batched {
+    /// The batched request of `method` (`ar`, `sd` or `lookup`).
+    pub fn request(
+        &self,
+        method: Method,
+        prompt: Vec<u32>,
+        config: GenerationConfig,
+    ) -> SequenceRequest {
+        let gamma = self.speculative.gamma;
+        let speculation = match method {
+            Method::Speculative => Speculation::Draft {
+                gamma,
+                greedy_draft: self.speculative.greedy_draft,
+            },
+            Method::Lookup => Speculation::Lookup {
+                lookup: self.speculative.lookup.unwrap_or_default(),
+                gamma,
+            },
+            Method::Autoregressive | Method::Mirror => Speculation::None,
+        };
+        SequenceRequest {
+            speculation,
+            ..SequenceRequest::new(prompt, config)
+        }
+    }
 }

@@ -115,6 +115,21 @@ impl ApiError {
         error
     }
 
+    /// 503 when the batch is full and so are the places waiting for admission into it (the
+    /// running sequences or the KV pool hold everything).
+    pub fn batch_full(capacity: usize, retry_after_s: u64) -> Self {
+        let mut error = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            format!(
+                "the batch is full and {capacity} requests already wait for admission; retry after {retry_after_s} s"
+            ),
+        )
+        .with_code("engine_overloaded");
+        error.retry_after_s = Some(retry_after_s);
+        error
+    }
+
     /// 503 while the server shuts down.
     pub fn shutting_down() -> Self {
         let mut error = Self::new(

@@ -5,7 +5,7 @@ use std::fmt::Write;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use mirror_scheduler::Stats;
+use mirror_scheduler::{EngineLoad, Stats};
 
 use super::backend::Method;
 
@@ -140,6 +140,8 @@ pub struct QueueGauges {
     pub engine_busy: bool,
     /// 1 while the server drains for shutdown.
     pub draining: bool,
+    /// The batched engine's load, when it runs.
+    pub batch: Option<EngineLoad>,
 }
 
 /// Routes with their own label; anything else counts as `other`.
@@ -258,19 +260,19 @@ impl Metrics {
         family(
             "mirror_sd_queue_depth",
             "gauge",
-            "Requests waiting for the engine (the running one excluded).",
+            "Requests waiting for an engine (Mirror's queue and the batch's admission).",
             gauge(gauges.depth),
         );
         family(
             "mirror_sd_queue_capacity",
             "gauge",
-            "Most requests that may wait; beyond it requests get 429.",
+            "Most requests that may wait; beyond it requests get 429 (Mirror) or 503 (the batch).",
             gauge(gauges.capacity),
         );
         family(
             "mirror_sd_engine_busy",
             "gauge",
-            "1 while the engine generates (one sequence at a time).",
+            "1 while an engine generates.",
             gauge(usize::from(gauges.engine_busy)),
         );
         family(
@@ -278,6 +280,68 @@ impl Metrics {
             "gauge",
             "1 while the server shuts down.",
             gauge(usize::from(gauges.draining)),
+        );
+        let load = gauges.batch.unwrap_or_default();
+        let number = |value: u64| vec![(String::new(), value.to_string())];
+        family(
+            "mirror_sd_batch_running",
+            "gauge",
+            "Sequences in the batched engine's batch.",
+            gauge(load.running),
+        );
+        family(
+            "mirror_sd_batch_waiting",
+            "gauge",
+            "Sequences waiting for admission into the batch (room in the batch or the KV pool).",
+            gauge(load.waiting),
+        );
+        family(
+            "mirror_sd_kv_pool_used_bytes",
+            "gauge",
+            "KV pool bytes in use (running sequences and the prefix cache).",
+            number(load.pool_used),
+        );
+        family(
+            "mirror_sd_kv_pool_free_bytes",
+            "gauge",
+            "KV pool bytes free.",
+            number(load.pool_free),
+        );
+        family(
+            "mirror_sd_prefix_cache_bytes",
+            "gauge",
+            "KV pool bytes held by the prefix cache (given back first when the pool fills).",
+            number(load.prefix_bytes),
+        );
+        family(
+            "mirror_sd_batch_steps_total",
+            "counter",
+            "Forwards the batched engine ran.",
+            number(load.steps),
+        );
+        family(
+            "mirror_sd_batch_rows_total",
+            "counter",
+            "Rows of those forwards (decode rows, verification windows, prompt chunks).",
+            number(load.rows),
+        );
+        family(
+            "mirror_sd_batch_rows_per_step",
+            "gauge",
+            "Mean rows per batched forward.",
+            vec![(
+                String::new(),
+                ratio(load.rows as f64, load.steps as f64).to_string(),
+            )],
+        );
+        family(
+            "mirror_sd_batch_sequences_per_step",
+            "gauge",
+            "Mean sequences per batched forward (how batched the engine really ran).",
+            vec![(
+                String::new(),
+                ratio(load.stepped_sequences as f64, load.steps as f64).to_string(),
+            )],
         );
         family(
             "mirror_sd_skipped_in_queue_total",

@@ -5,14 +5,19 @@
 //! `GET /health`, and `GET /metrics` in the Prometheus text format.
 //!
 //! Requests take OpenAI's `model`, `messages` or `prompt`, `max_tokens`, `temperature`, `top_p`,
-//! `seed`, `stop`, `stream` and `stream_options`, plus `top_k` and the extension object
-//! `"mirror_sd": {"method": "ar" | "sd" | "mirror", "ignore_eos": bool, "timeout_s": number}`.
-//! Responses carry `usage` and a `mirror_sd` object with the generated token ids and the
-//! speculation statistics (E[A], reuse rate, hidden draft time, time to first token).
+//! `seed`, `stop`, `n`, `response_format` (`text`, `json_object`, `json_schema`), `stream` and
+//! `stream_options`, plus `top_k` and the extension object `"mirror_sd": {"method": "ar" | "sd"
+//! | "lookup" | "mirror", "ignore_eos": bool, "timeout_s": number, "grammar": lark, "regex":
+//! string}`. Responses carry `usage` and a `mirror_sd` object with the generated token ids and
+//! the speculation statistics (E[A], reuse rate, hidden draft time, time to first token).
 //!
-//! One sequence runs at a time: a bounded queue sits in front of the engine (429 with
-//! `Retry-After` when full), every request has a deadline (504), a client that disconnects
-//! cancels its generation at the next commit, and shutdown stops accepting, lets accepted
+//! `ar`, `sd` and `lookup` run on the batched engine ([`mirror_scheduler::EngineHandle`]): every
+//! running request is a sequence of one batch, up to [`ServerConfig::batch`]'s `max_batch`,
+//! with KV caches from a pool of `kv_budget_bytes`; `n` choices share one prefill. When the batch
+//! is full and `queue_capacity` sequences already wait for admission, requests get 503 with
+//! `Retry-After`. Mirror runs one sequence at a time behind a bounded queue (429 when full).
+//! Every request has a deadline (504), a client that disconnects cancels its generation at the
+//! next step (its KV goes back to the pool), and shutdown stops accepting, lets accepted
 //! requests finish within a grace period, then cancels what is left.
 //!
 //! ```no_run
@@ -34,10 +39,12 @@
 
 pub mod api;
 pub mod backend;
+mod batched;
 pub mod client;
 pub mod error;
 pub mod metrics;
 pub mod queue;
+mod response;
 mod routes;
 pub mod stop;
 
@@ -47,9 +54,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-pub use backend::{Backend, Method, PromptEncoder};
+pub use backend::{Backend, Batched, Method, PromptEncoder};
 pub use error::{ApiError, ServeError};
+pub use mirror_scheduler::BatchSettings;
 
+use batched::BatchedQueue;
 use metrics::Metrics;
 use queue::RequestQueue;
 use routes::App;
@@ -59,7 +68,8 @@ use routes::App;
 pub struct ServerConfig {
     /// The model id clients must name (listed by `/v1/models`).
     pub model_name: String,
-    /// Most requests that may wait while one generates; more get 429.
+    /// Most requests that may wait: for Mirror's engine (more get 429), and for admission into
+    /// the batch (more get 503).
     pub queue_capacity: usize,
     /// Largest request body; larger ones get 413.
     pub max_body_bytes: usize,
@@ -72,6 +82,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Shut down on SIGINT or SIGTERM (a second signal cancels what is left at once).
     pub handle_signals: bool,
+    /// The batched engine: most running sequences (`max_batch`; 1 serves one request at a
+    /// time), the KV pool's bytes, the step's token budget, the prefix cache.
+    pub batch: BatchSettings,
 }
 
 impl Default for ServerConfig {
@@ -84,6 +97,7 @@ impl Default for ServerConfig {
             default_max_tokens: 256,
             shutdown_grace: Duration::from_secs(30),
             handle_signals: false,
+            batch: BatchSettings::default(),
         }
     }
 }
@@ -112,8 +126,9 @@ impl ServerConfig {
 pub struct Server;
 
 impl Server {
-    /// Binds `addr` (port 0 picks a free port), starts the engine's worker thread and the HTTP
-    /// runtime on threads of their own, and returns once the server accepts connections.
+    /// Binds `addr` (port 0 picks a free port), starts the batched engine, Mirror's worker thread
+    /// and the HTTP runtime on threads of their own, and returns once the server accepts
+    /// connections.
     pub fn start(
         addr: SocketAddr,
         backend: Backend,
@@ -129,10 +144,14 @@ impl Server {
         let default_method = backend.default_method();
         let context_limit = backend.context_limit();
         let vocab_size = backend.vocab_size();
+        let batched = backend
+            .spawn_batched(config.batch)?
+            .map(|b| BatchedQueue::new(b, config.queue_capacity, Arc::clone(&metrics)));
         let (queue, worker) =
             RequestQueue::start(backend, config.queue_capacity, Arc::clone(&metrics))?;
         let app = Arc::new(App {
             queue,
+            batched,
             metrics,
             encoder,
             model_name: config.model_name.clone(),

@@ -1,4 +1,5 @@
-//! The bounded request queue in front of the engine and the worker thread that owns it.
+//! The bounded request queue in front of the one-sequence engine (Mirror) and the worker thread
+//! that owns it; the other methods run on the batched engine (`batched.rs`).
 //!
 //! One sequence runs at a time: the worker takes a job, generates, and reports text pieces and
 //! the result through the job's channel. At every commit it checks whether the client is still
@@ -13,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mirror_core::panic_message;
-use mirror_scheduler::{FinishReason, Generation, GenerationConfig, StreamControl};
+use mirror_scheduler::{FinishReason, Generation, GenerationConfig, Stats, StreamControl};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::api::GenerationReport;
@@ -22,10 +23,8 @@ use super::error::{ApiError, ServeError};
 use super::metrics::{Metrics, Outcome, QueueGauges, Skipped};
 use super::stop::StopText;
 
-/// One request for the engine.
+/// One request for the Mirror engine.
 pub struct Job {
-    /// The strategy to run.
-    pub method: Method,
     /// Prompt token ids (checked against the context and vocabulary).
     pub prompt: Vec<u32>,
     /// Length, sampling, seed, end-of-sequence handling.
@@ -92,6 +91,8 @@ struct Shared {
     busy: AtomicBool,
     draining: AtomicBool,
     abort: AtomicBool,
+    /// The same as `abort`, for the batched engine's relays, which await it.
+    aborted: tokio::sync::watch::Sender<bool>,
     metrics: Arc<Metrics>,
 }
 
@@ -115,6 +116,7 @@ impl RequestQueue {
             busy: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             abort: AtomicBool::new(false),
+            aborted: tokio::sync::watch::Sender::new(false),
             metrics,
         });
         let worker_shared = Arc::clone(&shared);
@@ -171,7 +173,13 @@ impl RequestQueue {
             capacity: self.capacity,
             engine_busy: self.shared.busy.load(Ordering::Acquire),
             draining: self.draining(),
+            batch: None,
         }
+    }
+
+    /// Resolves once [`RequestQueue::abort`] was called (at once if it was).
+    pub fn aborted(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.shared.aborted.subscribe()
     }
 
     /// Whether shutdown has begun (new requests get 503).
@@ -189,6 +197,7 @@ impl RequestQueue {
     pub fn abort(&self) {
         self.begin_drain();
         self.shared.abort.store(true, Ordering::Release);
+        self.shared.aborted.send_replace(true);
     }
 
     /// Closes the queue: the worker exits once the jobs already queued are handled.
@@ -260,7 +269,7 @@ fn run_job(backend: &mut Backend, job: Job, queue_wait: Duration, shared: &Share
     let mut first_text: Option<Duration> = None;
     let mut interrupted: Option<Interruption> = None;
     let result = catch_unwind(AssertUnwindSafe(|| {
-        backend.generate(job.method, &job.prompt, &job.config, |piece| {
+        backend.generate_mirror(&job.prompt, &job.config, |piece| {
             first_text.get_or_insert_with(|| job.received.elapsed());
             let out = stop.push(piece);
             if !out.is_empty() && job.events.send(JobEvent::Text(out)).is_err() {
@@ -282,7 +291,7 @@ fn run_job(backend: &mut Backend, job: Job, queue_wait: Duration, shared: &Share
     let metrics = &shared.metrics;
     let record = |outcome: Outcome, generation: Option<&Generation>| {
         metrics.record_generation(
-            job.method,
+            Method::Mirror,
             outcome,
             generation.map(|g| &g.stats),
             first_text,
@@ -318,45 +327,79 @@ fn run_job(backend: &mut Backend, job: Job, queue_wait: Duration, shared: &Share
                 record(Outcome::Shutdown, Some(&generation));
                 Err(ApiError::shutting_down())
             }
-            None => {
-                let tail = stop.finish(generation.text.as_deref().unwrap_or(""));
-                if !tail.is_empty() {
-                    let _ = job.events.send(JobEvent::Text(tail));
-                }
-                let finish_reason = match generation.finish_reason {
-                    FinishReason::Length | FinishReason::ContextLimit if !stop.stopped() => {
-                        "length"
-                    }
-                    _ => "stop",
-                };
-                let outcome = if finish_reason == "stop" {
-                    Outcome::Stop
-                } else {
-                    Outcome::Length
-                };
-                record(outcome, Some(&generation));
-                Ok(Completed {
-                    text: stop.emitted().to_string(),
-                    finish_reason,
-                    report: report(job.method, generation, queue_wait, first_text),
-                })
-            }
+            None => Ok(settle(
+                Method::Mirror,
+                generation,
+                &mut stop,
+                &job.events,
+                Timing {
+                    queue_wait,
+                    first_text,
+                    latency,
+                },
+                metrics,
+            )),
         },
     };
     finish(&job, answer, shared);
 }
 
-fn report(
+/// When a generation's request waited, first showed text, and ended.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timing {
+    pub queue_wait: Duration,
+    pub first_text: Option<Duration>,
+    pub latency: Duration,
+}
+
+/// A generation that ended by itself (not interrupted): sends the text the stop strings held
+/// back, records it, and returns the answer.
+pub(crate) fn settle(
     method: Method,
     generation: Generation,
-    queue_wait: Duration,
-    first_text: Option<Duration>,
+    stop: &mut StopText,
+    events: &UnboundedSender<JobEvent>,
+    timing: Timing,
+    metrics: &Metrics,
+) -> Completed {
+    let tail = stop.finish(generation.text.as_deref().unwrap_or(""));
+    if !tail.is_empty() {
+        let _ = events.send(JobEvent::Text(tail));
+    }
+    let finish_reason = match generation.finish_reason {
+        FinishReason::Length | FinishReason::ContextLimit if !stop.stopped() => "length",
+        _ => "stop",
+    };
+    let outcome = if finish_reason == "stop" {
+        Outcome::Stop
+    } else {
+        Outcome::Length
+    };
+    metrics.record_generation(
+        method,
+        outcome,
+        Some(&generation.stats),
+        timing.first_text,
+        timing.latency,
+    );
+    Completed {
+        text: stop.emitted().to_string(),
+        finish_reason,
+        report: report(method, generation.tokens, &generation.stats, timing),
+    }
+}
+
+/// The `mirror_sd` field of a response.
+pub(crate) fn report(
+    method: Method,
+    tokens: Vec<u32>,
+    stats: &Stats,
+    timing: Timing,
 ) -> GenerationReport {
-    let stats = &generation.stats;
     GenerationReport {
         method: method.as_str(),
-        queue_ms: queue_wait.as_secs_f64() * 1e3,
-        time_to_first_token_ms: first_text.map(|d| d.as_secs_f64() * 1e3),
+        queue_ms: timing.queue_wait.as_secs_f64() * 1e3,
+        time_to_first_token_ms: timing.first_text.map(|d| d.as_secs_f64() * 1e3),
         generation_ms: stats.time.total.as_secs_f64() * 1e3,
         tokens_per_second: stats.tokens_per_second(),
         gamma: stats.gamma,
@@ -366,17 +409,20 @@ fn report(
         acceptance_by_position: stats.acceptance_by_position(),
         reuse_rate: stats.reuse_rate(),
         draft_hidden_fraction: stats.hidden_fraction(),
-        token_ids: generation.tokens,
+        token_ids: tokens,
     }
 }
 
 /// Bad prompts the HTTP side could not see are the client's fault; anything else is ours.
-fn engine_error(error: ServeError) -> ApiError {
+pub(crate) fn engine_error(error: ServeError) -> ApiError {
     use mirror_scheduler::Error;
     match &error {
         ServeError::Engine(Error::InvalidPrompt(message)) => ApiError::invalid(message.clone()),
         ServeError::Engine(Error::Core(mirror_core::Error::TokenOutOfRange { .. })) => {
             ApiError::invalid(error.to_string())
+        }
+        ServeError::Engine(Error::MemoryBudget { .. }) => {
+            ApiError::invalid(error.to_string()).with_code("context_length_exceeded")
         }
         _ => ApiError::internal(error.to_string()),
     }

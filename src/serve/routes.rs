@@ -10,7 +10,7 @@ use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::sse::{Event, Sse};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -23,13 +23,17 @@ use super::api::{
     parse_request, unix_seconds, Endpoint, ParsedRequest, PromptInput, ResponseIdentity, Usage,
 };
 use super::backend::{Method, PromptEncoder};
+use super::batched::{BatchedQueue, Submission};
 use super::error::ApiError;
-use super::metrics::Metrics;
+use super::metrics::{Metrics, QueueGauges};
 use super::queue::{CancelOnDrop, Completed, Job, JobEvent, RequestQueue};
 
 /// What the handlers share.
 pub(crate) struct App {
+    /// Mirror's one-sequence queue.
     pub queue: RequestQueue,
+    /// The batched engine, when a batched method is served.
+    pub batched: Option<BatchedQueue>,
     pub metrics: Arc<Metrics>,
     pub encoder: PromptEncoder,
     pub model_name: String,
@@ -119,8 +123,22 @@ fn unknown_model(app: &App, name: &str) -> ApiError {
     .with_param("model")
 }
 
+impl App {
+    /// Both engines' gauges.
+    fn gauges(&self) -> QueueGauges {
+        let mut gauges = self.queue.gauges();
+        if let Some(batched) = &self.batched {
+            let load = batched.load();
+            gauges.depth += load.waiting;
+            gauges.engine_busy |= load.running > 0;
+            gauges.batch = Some(load);
+        }
+        gauges
+    }
+}
+
 async fn health(State(app): State<Arc<App>>) -> Response {
-    let gauges = app.queue.gauges();
+    let gauges = app.gauges();
     let status = if gauges.draining {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
@@ -138,7 +156,7 @@ async fn health(State(app): State<Arc<App>>) -> Response {
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        app.metrics.render(app.queue.gauges()),
+        app.metrics.render(app.gauges()),
     )
         .into_response()
 }
@@ -217,27 +235,47 @@ async fn complete(
     let max_new_tokens = check_lengths(&app, &parsed, &prompt)?;
     let timeout = parsed.timeout.unwrap_or(app.request_timeout);
     let deadline = received + timeout;
-    let (events, receiver) = unbounded_channel();
-    let (guard, cancel) = CancelOnDrop::new();
     let prompt_tokens = prompt.len();
-    app.queue.submit(Job {
-        method,
-        prompt,
-        config: GenerationConfig {
-            max_new_tokens,
-            sampling: parsed.sampling,
-            seed: parsed.seed,
-            stop_at_eos: !parsed.ignore_eos,
-            stop_tokens: Vec::new(),
-            constraint: None,
-        },
-        stop: parsed.stop.clone(),
-        received,
-        deadline,
-        timeout,
-        cancel,
-        events,
-    })?;
+    let config = GenerationConfig {
+        max_new_tokens,
+        sampling: parsed.sampling,
+        seed: parsed.seed,
+        stop_at_eos: !parsed.ignore_eos,
+        stop_tokens: Vec::new(),
+        constraint: parsed.constraint.as_ref().map(|(c, _)| c.clone()),
+    };
+    let (receivers, guard) = match &app.batched {
+        Some(batched) if method.is_batched() => {
+            let submission = Submission {
+                method,
+                prompt,
+                config,
+                choices: parsed.choices,
+                stop: parsed.stop.clone(),
+                received,
+                deadline,
+                timeout,
+                constraint_param: parsed.constraint.as_ref().map(|(_, param)| *param),
+            };
+            (batched.submit(submission, app.queue.aborted())?, None)
+        }
+        _ => {
+            check_one_sequence(&parsed, method)?;
+            let (events, receiver) = unbounded_channel();
+            let (guard, cancel) = CancelOnDrop::new();
+            app.queue.submit(Job {
+                prompt,
+                config,
+                stop: parsed.stop.clone(),
+                received,
+                deadline,
+                timeout,
+                cancel,
+                events,
+            })?;
+            (vec![receiver], Some(guard))
+        }
+    };
     let id = app.next_id.fetch_add(1, Ordering::Relaxed);
     let identity = ResponseIdentity {
         id: match endpoint {
@@ -249,7 +287,7 @@ async fn complete(
         endpoint,
     };
     let waiting = Waiting {
-        receiver,
+        receivers,
         _guard: guard,
         deadline,
         timeout,
@@ -259,6 +297,23 @@ async fn complete(
     } else {
         whole_response(waiting, identity, prompt_tokens).await
     }
+}
+
+/// What only the batched engine does: several choices, constrained output.
+fn check_one_sequence(parsed: &ParsedRequest, method: Method) -> Result<(), ApiError> {
+    if parsed.choices > 1 {
+        return Err(ApiError::invalid_param(
+            "n",
+            format!("n > 1 needs a batched method (ar, sd or lookup), not `{method}`"),
+        ));
+    }
+    if let Some((_, param)) = &parsed.constraint {
+        return Err(ApiError::invalid_param(
+            *param,
+            format!("constrained output needs a batched method (ar, sd or lookup), not `{method}`"),
+        ));
+    }
+    Ok(())
 }
 
 fn encode(encoder: &PromptEncoder, input: PromptInput) -> Result<Vec<u32>, ApiError> {
@@ -315,11 +370,12 @@ fn check_lengths(app: &App, parsed: &ParsedRequest, prompt: &[u32]) -> Result<us
     }
 }
 
-/// A queued job seen from its handler.
+/// A queued job seen from its handler: one receiver per choice.
 struct Waiting {
-    receiver: UnboundedReceiver<JobEvent>,
-    /// Cancels the job if this handler or stream is dropped (the client went away).
-    _guard: CancelOnDrop,
+    receivers: Vec<UnboundedReceiver<JobEvent>>,
+    /// Cancels a Mirror job if this handler or stream is dropped (the client went away); the
+    /// batched engine's relays see their receivers dropped instead.
+    _guard: Option<CancelOnDrop>,
     deadline: Instant,
     timeout: Duration,
 }
@@ -330,37 +386,48 @@ impl Waiting {
     }
 }
 
+/// The end of one choice.
+async fn finished(receiver: &mut UnboundedReceiver<JobEvent>) -> Result<Completed, ApiError> {
+    while let Some(event) = receiver.recv().await {
+        if let JobEvent::Finished(result) = event {
+            return result;
+        }
+    }
+    Err(ApiError::internal("the engine worker stopped"))
+}
+
 async fn whole_response(
     mut waiting: Waiting,
     identity: ResponseIdentity,
     prompt_tokens: usize,
 ) -> Result<Response, ApiError> {
+    let receivers = &mut waiting.receivers;
     let finished = tokio::time::timeout_at(waiting.deadline.into(), async {
-        while let Some(event) = waiting.receiver.recv().await {
-            if let JobEvent::Finished(result) = event {
-                return Some(result);
-            }
+        let mut choices = Vec::with_capacity(receivers.len());
+        for receiver in receivers.iter_mut() {
+            choices.push(finished(receiver).await?);
         }
-        None
+        Ok::<_, ApiError>(choices)
     })
     .await;
     let completed = match finished {
         Err(_) => return Err(waiting.timed_out()),
-        Ok(None) => return Err(ApiError::internal("the engine worker stopped")),
-        Ok(Some(result)) => result?,
+        Ok(result) => result?,
+    };
+    let Some(first) = completed.first() else {
+        return Err(ApiError::internal("the request had no choices"));
     };
     let usage = usage(prompt_tokens, &completed);
-    let body = identity.complete(
-        &completed.text,
-        completed.finish_reason,
-        usage,
-        &completed.report,
-    );
+    let choices: Vec<(&str, &str)> = completed
+        .iter()
+        .map(|c| (c.text.as_str(), c.finish_reason))
+        .collect();
+    let body = identity.complete(&choices, usage, &first.report);
     Ok(axum::Json(body).into_response())
 }
 
-fn usage(prompt_tokens: usize, completed: &Completed) -> Usage {
-    let completion_tokens = completed.report.token_ids.len();
+fn usage(prompt_tokens: usize, completed: &[Completed]) -> Usage {
+    let completion_tokens = completed.iter().map(|c| c.report.token_ids.len()).sum();
     Usage {
         prompt_tokens,
         completion_tokens,
@@ -368,45 +435,78 @@ fn usage(prompt_tokens: usize, completed: &Completed) -> Usage {
     }
 }
 
-/// Waits until the engine takes the job (errors before that get their own status), then
-/// streams server-sent events.
-async fn stream_response(
-    mut waiting: Waiting,
-    identity: ResponseIdentity,
-    prompt_tokens: usize,
-    include_usage: bool,
-) -> Result<Response, ApiError> {
-    let first = tokio::time::timeout_at(waiting.deadline.into(), waiting.receiver.recv()).await;
-    let mut pending = VecDeque::new();
-    match first {
-        Err(_) => return Err(waiting.timed_out()),
-        Ok(None) => return Err(ApiError::internal("the engine worker stopped")),
-        Ok(Some(JobEvent::Finished(Err(error)))) => return Err(error),
-        Ok(Some(event)) => pending.push_back(event),
-    }
-    let stream = EventStream {
-        waiting,
-        identity,
-        prompt_tokens,
-        include_usage,
-        sent_text: false,
-        pending_events: pending,
-        out: VecDeque::new(),
-        done: false,
-    };
-    Ok(Sse::new(stream.into_stream()).into_response())
+/// One choice's events, with its index.
+type ChoiceEvents = std::pin::Pin<Box<dyn Stream<Item = (usize, JobEvent)> + Send>>;
+
+/// Every choice's events in one stream.
+type MergedEvents = futures_util::stream::SelectAll<ChoiceEvents>;
+
+/// Every choice's events in one stream, each with its choice's index.
+fn merged(receivers: Vec<UnboundedReceiver<JobEvent>>) -> MergedEvents {
+    futures_util::stream::select_all(receivers.into_iter().enumerate().map(|(index, receiver)| {
+        let events = futures_util::stream::unfold(receiver, move |mut receiver| async move {
+            let event = receiver.recv().await?;
+            Some(((index, event), receiver))
+        });
+        Box::pin(events) as ChoiceEvents
+    }))
 }
 
-/// Turns a job's events into OpenAI's stream of chunks, ending with `data: [DONE]`.
-struct EventStream {
+/// Waits until an engine takes the job (errors before that get their own status), then
+/// streams server-sent events.
+async fn stream_response(
     waiting: Waiting,
     identity: ResponseIdentity,
     prompt_tokens: usize,
     include_usage: bool,
-    /// Whether a text chunk went out (the first chat chunk carries the role).
-    sent_text: bool,
+) -> Result<Response, ApiError> {
+    let Waiting {
+        receivers,
+        _guard,
+        deadline,
+        timeout,
+    } = waiting;
+    let choices = receivers.len();
+    let mut events = merged(receivers);
+    let first = tokio::time::timeout_at(deadline.into(), events.next()).await;
+    let mut pending = VecDeque::new();
+    match first {
+        Err(_) => return Err(ApiError::deadline(timeout.as_secs_f64(), None)),
+        Ok(None) => return Err(ApiError::internal("the engine worker stopped")),
+        Ok(Some((_, JobEvent::Finished(Err(error))))) => return Err(error),
+        Ok(Some(event)) => pending.push_back(event),
+    }
+    let stream = EventStream {
+        events,
+        _guard,
+        identity,
+        prompt_tokens,
+        include_usage,
+        sent_text: vec![false; choices],
+        completed: Vec::with_capacity(choices),
+        pending_events: pending,
+        out: VecDeque::new(),
+        done: false,
+    };
+    Ok(Sse::new(stream.into_stream())
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// Turns a job's events into OpenAI's stream of chunks, ending with `data: [DONE]` once every
+/// choice has finished.
+struct EventStream {
+    events: MergedEvents,
+    _guard: Option<CancelOnDrop>,
+    identity: ResponseIdentity,
+    prompt_tokens: usize,
+    include_usage: bool,
+    /// Whether a text chunk of each choice went out (a chat choice's first carries the role).
+    sent_text: Vec<bool>,
+    /// The choices that have finished.
+    completed: Vec<Completed>,
     /// Events received before the stream started.
-    pending_events: VecDeque<JobEvent>,
+    pending_events: VecDeque<(usize, JobEvent)>,
     /// Events ready to send.
     out: VecDeque<Event>,
     done: bool,
@@ -424,7 +524,7 @@ impl EventStream {
                 }
                 let next = match state.pending_events.pop_front() {
                     Some(event) => Some(event),
-                    None => state.waiting.receiver.recv().await,
+                    None => state.events.next().await,
                 };
                 state.handle(next);
             }
@@ -440,32 +540,39 @@ impl EventStream {
         self.done = true;
     }
 
-    fn handle(&mut self, event: Option<JobEvent>) {
+    fn handle(&mut self, event: Option<(usize, JobEvent)>) {
         match event {
-            Some(JobEvent::Started) => {}
-            Some(JobEvent::Text(text)) => {
-                let chunk = self.identity.text_chunk(&text, !self.sent_text);
-                self.sent_text = true;
+            Some((_, JobEvent::Started)) => {}
+            Some((index, JobEvent::Text(text))) => {
+                let chunk = self
+                    .identity
+                    .text_chunk(index, &text, !self.sent_text[index]);
+                self.sent_text[index] = true;
                 self.push_json(&chunk);
             }
-            Some(JobEvent::Finished(Ok(completed))) => {
-                if !self.sent_text && self.identity.endpoint == Endpoint::Chat {
-                    let chunk = self.identity.text_chunk("", true);
+            Some((index, JobEvent::Finished(Ok(completed)))) => {
+                if !self.sent_text[index] && self.identity.endpoint == Endpoint::Chat {
+                    let chunk = self.identity.text_chunk(index, "", true);
+                    self.sent_text[index] = true;
                     self.push_json(&chunk);
                 }
-                let finish = self
-                    .identity
-                    .finish_chunk(completed.finish_reason, &completed.report);
+                let finish =
+                    self.identity
+                        .finish_chunk(index, completed.finish_reason, &completed.report);
                 self.push_json(&finish);
+                self.completed.push(completed);
+                if self.completed.len() < self.sent_text.len() {
+                    return;
+                }
                 if self.include_usage {
                     let chunk = self
                         .identity
-                        .usage_chunk(usage(self.prompt_tokens, &completed));
+                        .usage_chunk(usage(self.prompt_tokens, &self.completed));
                     self.push_json(&chunk);
                 }
                 self.end();
             }
-            Some(JobEvent::Finished(Err(error))) => {
+            Some((_, JobEvent::Finished(Err(error)))) => {
                 self.out.push_back(Event::default().data(error.body_json()));
                 self.end();
             }

@@ -79,6 +79,8 @@ pub struct TimeSplit {
     pub wait_final: Duration,
     /// Verification and bookkeeping on the host.
     pub verify: Duration,
+    /// Under a constraint: the grammar's work (masks, forced tokens, draft validation).
+    pub constraint: Duration,
     /// Whole generation, prefill included.
     pub total: Duration,
 }

@@ -194,6 +194,7 @@ impl EngineHandle {
 /// The engine thread: takes submissions, steps while there is work, sleeps when idle.
 fn run(mut core: BatchCore, commands: Receiver<Waiting>, load: &Mutex<EngineLoad>) {
     let mut open = true;
+    let (mut steps, mut rows, mut stepped_sequences) = (0u64, 0u64, 0u64);
     loop {
         if core.is_idle() {
             if !open {
@@ -214,12 +215,24 @@ fn run(mut core: BatchCore, commands: Receiver<Waiting>, load: &Mutex<EngineLoad
                 }
             }
         }
-        if catch_unwind(AssertUnwindSafe(|| core.step())).is_err() {
+        match catch_unwind(AssertUnwindSafe(|| core.step())) {
+            Ok(report) if report.rows > 0 => {
+                steps += 1;
+                rows += report.rows as u64;
+                stepped_sequences += report.sequences as u64;
+            }
+            Ok(_) => {}
             // A bug in the engine, not in one sequence: none of them can be trusted to go on.
-            core.abandon(|| Error::GenerationPanicked("the batched engine's step panicked".into()));
+            Err(_) => core
+                .abandon(|| Error::GenerationPanicked("the batched engine's step panicked".into())),
         }
         if let Ok(mut l) = load.lock() {
-            *l = core.load();
+            *l = EngineLoad {
+                steps,
+                rows,
+                stepped_sequences,
+                ..core.load()
+            };
         }
     }
 }

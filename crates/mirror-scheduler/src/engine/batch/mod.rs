@@ -142,7 +142,8 @@ impl BatchCore {
         self.running.is_empty() && self.waiting.is_empty()
     }
 
-    /// Sequences running and waiting, the pool's bytes, and the prefix cache's share of them.
+    /// Sequences running and waiting, the pool's bytes, and the prefix cache's share of them
+    /// (the step counters are the engine thread's: [`crate::EngineHandle::load`]).
     pub fn load(&self) -> EngineLoad {
         EngineLoad {
             running: self.running.len(),
@@ -151,6 +152,7 @@ impl BatchCore {
             pool_free: self.pool.free(),
             prefix_entries: self.prefix.len() + self.draft_prefix.len(),
             prefix_bytes: self.prefix.bytes() + self.draft_prefix.bytes(),
+            ..EngineLoad::default()
         }
     }
 
@@ -341,6 +343,7 @@ impl BatchCore {
     /// token), then prompt chunks, within the step's token budget.
     fn schedule(&mut self) -> StepReport {
         let mut budget = self.settings.step_tokens;
+        let (chunk, forced) = (self.settings.prefill_chunk, self.settings.forced_drafts);
         let mut report = StepReport::default();
         for sequence in &mut self.running {
             sequence.fed.clear();
@@ -349,7 +352,7 @@ impl BatchCore {
         // Decode rows and windows first: they are everyone's next tokens.
         for sequence in &mut self.running {
             if matches!(sequence.phase, Phase::Decode) && !sequence.done() && sequence.has_room() {
-                budget -= sequence.offer(budget, self.settings.prefill_chunk);
+                budget -= sequence.offer(budget, chunk, forced);
             }
         }
         if self.settings.window == WindowPolicy::Adaptive {
@@ -363,7 +366,7 @@ impl BatchCore {
         }
         for sequence in &mut self.running {
             if matches!(sequence.phase, Phase::Prefill) && !sequence.done() {
-                budget -= sequence.offer(budget, self.settings.prefill_chunk);
+                budget -= sequence.offer(budget, chunk, forced);
             }
         }
         for sequence in &self.running {

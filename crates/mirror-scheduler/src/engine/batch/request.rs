@@ -39,6 +39,9 @@ pub struct BatchSettings {
     /// way; under sampling the output distribution is exact either way, but a seed reproduces a
     /// sequence's output alone only with `Fixed`.
     pub window: WindowPolicy,
+    /// Under a constraint, propose the tokens the grammar forces as the window (default on);
+    /// off, they are decoded one target pass each, as any token (for comparison).
+    pub forced_drafts: bool,
 }
 
 impl Default for BatchSettings {
@@ -51,6 +54,7 @@ impl Default for BatchSettings {
             prefix_cache: true,
             prefill_slowdown: 4.0,
             window: WindowPolicy::Adaptive,
+            forced_drafts: true,
         }
     }
 }
@@ -207,6 +211,13 @@ pub struct EngineLoad {
     pub prefix_entries: usize,
     /// Bytes those take (part of `pool_used`).
     pub prefix_bytes: u64,
+    /// Steps that ran a forward since the engine started.
+    pub steps: u64,
+    /// Rows those forwards had, in all (`rows / steps` is the mean rows of a step).
+    pub rows: u64,
+    /// Sequences that fed those forwards, summed over the steps (`stepped_sequences / steps`
+    /// is the mean batch of a step).
+    pub stepped_sequences: u64,
 }
 
 /// What one step did, for statistics and tests.

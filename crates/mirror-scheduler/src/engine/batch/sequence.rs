@@ -92,7 +92,12 @@ impl Sequence {
     }
 
     /// The rows this sequence offers the next step, within `budget` rows.
-    pub(crate) fn offer(&mut self, budget: usize, prefill_chunk: usize) -> usize {
+    pub(crate) fn offer(
+        &mut self,
+        budget: usize,
+        prefill_chunk: usize,
+        forced_drafts: bool,
+    ) -> usize {
         self.fed.clear();
         self.window = DraftWindow::default();
         self.forced = false;
@@ -120,7 +125,10 @@ impl Sequence {
                     }
                     Speculation::None => {}
                 }
-                if let Err(e) = self.constrain_window(budget - 1) {
+                let started = Instant::now();
+                let constrained = self.constrain_window(budget - 1, forced_drafts);
+                self.stats.time.constraint += started.elapsed();
+                if let Err(e) = constrained {
                     self.failed = Some(e);
                     return 0;
                 }
@@ -133,11 +141,15 @@ impl Sequence {
 
     /// Under a constraint, the window is what the grammar forces (up to `room` tokens), or else
     /// the drafted window's longest prefix the grammar allows.
-    fn constrain_window(&mut self, room: usize) -> Result<()> {
+    fn constrain_window(&mut self, room: usize, forced_drafts: bool) -> Result<()> {
         let Some(constraint) = self.constraint.as_mut() else {
             return Ok(());
         };
-        let mut forced = constraint.forced();
+        let mut forced = if forced_drafts {
+            constraint.forced()
+        } else {
+            Vec::new()
+        };
         forced.truncate(room.min(window_room(&self.cache.cache)));
         if !forced.is_empty() {
             self.window = DraftWindow {
@@ -172,7 +184,9 @@ impl Sequence {
                 let base = self.cache.cache.len() - self.fed.len();
                 let mut rows = rows;
                 if let Some(constraint) = self.constraint.as_mut() {
+                    let started = Instant::now();
                     constraint.mask_window(&self.window.tokens, &mut rows)?;
+                    self.stats.time.constraint += started.elapsed();
                 }
                 let plain = matches!(self.speculation, Speculation::None) && self.window.is_empty();
                 let committed = match plain {
@@ -205,11 +219,13 @@ impl Sequence {
                 }
                 let mut committed = committed;
                 if let Some(constraint) = self.constraint.as_mut() {
+                    let started = Instant::now();
                     let kept = constraint.settle(self.window.len(), &committed)?;
                     committed.truncate(kept);
                     // Rows of the dropped tokens leave the cache too.
                     let rows = self.cache.cache.len().min(self.seq.len() + kept);
                     self.cache.cache.truncate(rows);
+                    self.stats.time.constraint += started.elapsed();
                 }
                 self.seq.extend_from_slice(&committed);
                 self.decode_steps += 1;
