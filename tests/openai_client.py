@@ -66,11 +66,23 @@ constrained = client.chat.completions.create(
     messages=[{"role": "user", "content": "Describe Paris as a JSON object."}],
     max_tokens=48,
     temperature=0,
-    response_format={"type": "json_object"},
+    response_format={
+        "type": "json_schema",
+        "json_schema": {
+            "name": "city",
+            "strict": True,
+            "schema": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 16}, "country": {"type": "string", "maxLength": 16}},
+                "required": ["city", "country"],
+                "additionalProperties": False,
+            },
+        },
+    },
     extra_body={"mirror_sd": {"method": "sd"}},
 )
-report["json_object"] = constrained.choices[0].message.content
-report["json_object_finish"] = constrained.choices[0].finish_reason
+report["json_schema"] = constrained.choices[0].message.content
+report["json_schema_finish"] = constrained.choices[0].finish_reason
 
 try:
     client.chat.completions.create(model="gpt-9", messages=messages, max_tokens=4)

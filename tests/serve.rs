@@ -1172,11 +1172,15 @@ fn the_openai_python_client_talks_to_the_server() {
     assert_eq!(report["completion_stream"], completion_text);
     assert_eq!(report["chat_method"], "sd");
     assert_eq!(report["chat_n2"], json!([chat_text, chat_text]));
-    if report["json_object_finish"] == "stop" {
-        let text = report["json_object"].as_str().expect("content");
-        let value: Value = serde_json::from_str(text).expect("the content is JSON");
-        assert!(value.is_object(), "{value}");
-    }
+    // Two strings of at most 16 characters close well within 48 tokens.
+    assert_eq!(report["json_schema_finish"], "stop", "{report}");
+    let text = report["json_schema"].as_str().expect("content");
+    let value: Value = serde_json::from_str(text).expect("the content is JSON");
+    assert!(
+        value["city"].is_string() && value["country"].is_string(),
+        "{value}"
+    );
+    assert_eq!(value.as_object().map(|o| o.len()), Some(2), "{value}");
     assert_eq!(report["unknown_model_status"], 404);
     assert_eq!(report["bad_temperature_status"], 400);
 }
