@@ -7,7 +7,13 @@
 //! ```text
 //! cargo run --release --example serve &            # wait for "listening on ..."
 //! cargo run --release --example load -- --clients 1,4,16 --requests-per-client 2 --max-tokens 32
+//! target/llama-cpp/bin/llama-server -m models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf -np 8 -t 2 --port 8081 &
+//! cargo run --release --example load -- --url http://127.0.0.1:8081 --server llama-server
 //! ```
+//!
+//! `--server llama-server` drives llama.cpp's own server on the same file instead, for
+//! comparison: the same requests with its top-level `ignore_eos`, token counts from `usage`, and
+//! no correctness check (its numerics differ from ours, so its tokens may too).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -35,9 +41,21 @@ enum Mode {
     Whole,
 }
 
+/// Which server the load goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ServerKind {
+    /// Ours (`examples/serve.rs`).
+    MirrorSd,
+    /// llama.cpp's `llama-server`.
+    LlamaServer,
+}
+
 #[derive(Parser, Debug)]
 #[command(about = "Concurrent loopback load on the mirror-sd server")]
 struct Args {
+    /// The kind of server at `--url`.
+    #[arg(long, value_enum, default_value_t = ServerKind::MirrorSd)]
+    server: ServerKind,
     /// The server (loopback addresses only).
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     url: String,
@@ -129,24 +147,34 @@ struct Outcome {
 }
 
 fn request_body(
+    server: ServerKind,
     model: &str,
     messages: &[ChatMessage],
     max_tokens: usize,
     method: Option<&str>,
     stream: bool,
 ) -> Value {
-    let mut extension = json!({"ignore_eos": true});
-    if let Some(method) = method {
-        extension["method"] = json!(method);
-    }
-    json!({
+    let mut body = json!({
         "model": model,
         "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": stream,
-        "mirror_sd": extension,
-    })
+    });
+    if stream {
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    match server {
+        ServerKind::MirrorSd => {
+            let mut extension = json!({"ignore_eos": true});
+            if let Some(method) = method {
+                extension["method"] = json!(method);
+            }
+            body["mirror_sd"] = extension;
+        }
+        ServerKind::LlamaServer => body["ignore_eos"] = json!(true),
+    }
+    body
 }
 
 fn token_ids(report: &Value) -> Vec<u32> {
@@ -248,6 +276,9 @@ fn read_stream(
                 .unwrap_or("error event")
                 .to_string());
         }
+        if let Some(tokens) = chunk["usage"]["completion_tokens"].as_u64() {
+            outcome.completion_tokens = tokens as usize;
+        }
         let Some(choice) = chunk["choices"].get(0) else {
             continue;
         };
@@ -259,7 +290,7 @@ fn read_stream(
         }
         if choice["finish_reason"].is_string() {
             outcome.token_ids = token_ids(&chunk["mirror_sd"]);
-            outcome.completion_tokens = outcome.token_ids.len();
+            outcome.completion_tokens = outcome.completion_tokens.max(outcome.token_ids.len());
         }
     }
     if !done {
@@ -319,35 +350,37 @@ fn run(args: Args) -> Result<(), String> {
     if prompts.is_empty() {
         return Err(format!("{}: no prompts", args.prompts.display()));
     }
-    let references: Option<Vec<Outcome>> = if args.no_reference {
-        None
-    } else {
-        eprintln!(
-            "reference: {} prompts, {} tokens each, method {}",
-            prompts.len(),
-            args.max_tokens,
-            args.reference_method
-        );
-        let mut references = Vec::new();
-        for (i, messages) in prompts.iter().enumerate() {
-            let body = request_body(
-                &model,
-                messages,
+    let references: Option<Vec<Outcome>> =
+        if args.no_reference || args.server == ServerKind::LlamaServer {
+            None
+        } else {
+            eprintln!(
+                "reference: {} prompts, {} tokens each, method {}",
+                prompts.len(),
                 args.max_tokens,
-                Some(&args.reference_method),
-                false,
+                args.reference_method
             );
-            let outcome = send_one(addr, &body, false, i, timeout);
-            if let Some(error) = &outcome.error {
-                return Err(format!(
-                    "reference for prompt {i}: {} {error}",
-                    outcome.status
-                ));
+            let mut references = Vec::new();
+            for (i, messages) in prompts.iter().enumerate() {
+                let body = request_body(
+                    args.server,
+                    &model,
+                    messages,
+                    args.max_tokens,
+                    Some(&args.reference_method),
+                    false,
+                );
+                let outcome = send_one(addr, &body, false, i, timeout);
+                if let Some(error) = &outcome.error {
+                    return Err(format!(
+                        "reference for prompt {i}: {} {error}",
+                        outcome.status
+                    ));
+                }
+                references.push(outcome);
             }
-            references.push(outcome);
-        }
-        Some(references)
-    };
+            Some(references)
+        };
     let mut levels = Vec::new();
     for &clients in &args.clients {
         let started = Instant::now();
@@ -364,6 +397,7 @@ fn run(args: Args) -> Result<(), String> {
                             let prompt = (c * args.requests_per_client + r) % prompts.len();
                             let stream = args.mode == Mode::Stream;
                             let body = request_body(
+                                args.server,
                                 model,
                                 &prompts[prompt],
                                 args.max_tokens,

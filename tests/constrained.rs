@@ -19,8 +19,7 @@ use mirror_core::sampling::{self, SamplingParams};
 use mirror_core::{load, LoadOptions, Model, ModelSource, Tokenizer};
 use mirror_sd::mirror_scheduler::{
     Autoregressive, BatchSettings, Constraint, ConstraintCompiler, ConstraintState, Decoder,
-    EngineHandle, Error, FinishReason, Generation, GenerationConfig, LookupConfig, SequenceRequest,
-    Speculation,
+    EngineHandle, Error, FinishReason, Generation, GenerationConfig, SequenceRequest, Speculation,
 };
 use serde_json::{json, Value};
 
@@ -54,17 +53,7 @@ fn engine(m: &Smollm2) -> EngineHandle {
 
 /// Plain decoding, prompt lookup and the draft model.
 fn speculations() -> [Speculation; 3] {
-    [
-        Speculation::None,
-        Speculation::Lookup {
-            lookup: LookupConfig::default(),
-            gamma: 4,
-        },
-        Speculation::Draft {
-            gamma: 4,
-            greedy_draft: false,
-        },
-    ]
+    common::batched_speculations()
 }
 
 /// Objects, arrays, enums, integers, numbers and required keys, nested; every string and

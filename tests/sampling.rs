@@ -71,28 +71,46 @@ fn outcome_index(tokens: &[u32]) -> usize {
 
 /// Exact P(t_1..t_n) of `model` under `params`, by enumerating every prefix.
 fn exact_joint(model: &Model, params: &SamplingParams, n: usize) -> Vec<f64> {
-    fn walk(
-        model: &Model,
-        params: &SamplingParams,
-        prefix: &mut Vec<u32>,
-        left: usize,
-        mass: f64,
-        joint: &mut Vec<f64>,
-    ) {
-        if left == 0 {
-            joint[outcome_index(&prefix[PROMPT.len()..])] = mass;
-            return;
-        }
-        let p = sampling::warp(&last_logits(model, prefix), params);
-        for (t, &pt) in p.iter().enumerate() {
-            prefix.push(t as u32);
-            walk(model, params, prefix, left - 1, mass * pt as f64, joint);
-            prefix.pop();
+    exact_joint_with(model, params, n, &|_, _| {})
+}
+
+/// [`exact_joint`] with `change(logits, prefix)` applied to each row's logits first.
+fn exact_joint_with(
+    model: &Model,
+    params: &SamplingParams,
+    n: usize,
+    change: &dyn Fn(&mut [f32], &[u32]),
+) -> Vec<f64> {
+    struct Walk<'a> {
+        model: &'a Model,
+        params: &'a SamplingParams,
+        change: &'a dyn Fn(&mut [f32], &[u32]),
+        joint: Vec<f64>,
+    }
+    impl Walk<'_> {
+        fn walk(&mut self, prefix: &mut Vec<u32>, left: usize, mass: f64) {
+            if left == 0 {
+                self.joint[outcome_index(&prefix[PROMPT.len()..])] = mass;
+                return;
+            }
+            let mut logits = last_logits(self.model, prefix);
+            (self.change)(&mut logits, prefix);
+            let p = sampling::warp(&logits, self.params);
+            for (t, &pt) in p.iter().enumerate() {
+                prefix.push(t as u32);
+                self.walk(prefix, left - 1, mass * pt as f64);
+                prefix.pop();
+            }
         }
     }
-    let mut joint = vec![0.0; VOCAB.pow(n as u32)];
-    walk(model, params, &mut PROMPT.to_vec(), n, 1.0, &mut joint);
-    joint
+    let mut walk = Walk {
+        model,
+        params,
+        change,
+        joint: vec![0.0; VOCAB.pow(n as u32)],
+    };
+    walk.walk(&mut PROMPT.to_vec(), n, 1.0);
+    walk.joint
 }
 
 fn config(params: SamplingParams, n: usize, seed: u64) -> GenerationConfig {
@@ -102,7 +120,7 @@ fn config(params: SamplingParams, n: usize, seed: u64) -> GenerationConfig {
         seed,
         stop_at_eos: false,
         stop_tokens: Vec::new(),
-        constraint: None,
+        ..GenerationConfig::default()
     }
 }
 
@@ -610,4 +628,114 @@ fn sequences_sampled_in_a_batch_beside_others_follow_the_target() {
             );
         }
     }
+}
+
+#[test]
+fn penalized_sampling_matches_the_penalized_target_over_whole_windows() {
+    use mirror_core::sampling::Penalties;
+    use mirror_sd::mirror_scheduler::{
+        Autoregressive, BatchSettings, EngineHandle, SequenceRequest, Speculation,
+    };
+    let m = models();
+    let penalties = Penalties {
+        frequency: 0.6,
+        presence: 0.4,
+        repetition: Some(1.5),
+        logit_bias: vec![(3, 1.0)],
+    };
+    // The definitions, written out here: frequency and presence count the generated tokens,
+    // the repetition penalty every token of prompt and output, the bias adds.
+    let reference = |logits: &mut [f32], prefix: &[u32]| {
+        let output = &prefix[PROMPT.len()..];
+        for (t, logit) in logits.iter_mut().enumerate() {
+            let t = t as u32;
+            let count = output.iter().filter(|&&o| o == t).count() as f32;
+            if prefix.contains(&t) {
+                *logit = if *logit > 0.0 {
+                    *logit / 1.5
+                } else {
+                    *logit * 1.5
+                };
+            }
+            *logit -= 0.6 * count + if count > 0.0 { 0.4 } else { 0.0 };
+            if t == 3 {
+                *logit += 1.0;
+            }
+        }
+    };
+    let params = params_list()[0];
+    let (gamma, n) = WINDOWS[1];
+    let expected = exact_joint_with(&m.target, &params, n, &reference);
+    let penalized = |seed| GenerationConfig {
+        penalties: penalties.clone(),
+        ..config(params, n, seed)
+    };
+    let mut decoders: Vec<(&str, Box<dyn Decoder>)> = vec![
+        ("AR", Box::new(Autoregressive::new(Arc::clone(&m.target)))),
+        (
+            "SD",
+            Box::new(
+                SpeculativeDecoding::builder(Arc::clone(&m.target), Arc::clone(&m.draft))
+                    .gamma(gamma)
+                    .window(WindowPolicy::Fixed)
+                    .build()
+                    .unwrap(),
+            ),
+        ),
+        (
+            "Mirror",
+            Box::new(
+                Mirror::builder(Arc::clone(&m.target), Arc::clone(&m.draft))
+                    .gamma(gamma)
+                    .kappa(3)
+                    .window(WindowPolicy::Fixed)
+                    .build()
+                    .unwrap(),
+            ),
+        ),
+    ];
+    for (name, decoder) in &mut decoders {
+        let mut counts = vec![0; VOCAB.pow(n as u32)];
+        for seed in 0..DRAWS as u64 {
+            let out = decoder.generate(&PROMPT, &penalized(seed)).unwrap();
+            counts[outcome_index(&out.tokens)] += 1;
+        }
+        assert_matches(&format!("{name} penalized"), &counts, &expected);
+    }
+    // The batched engine: draft-model windows, each sequence beside the others.
+    let engine = EngineHandle::spawn_with_draft(
+        Arc::clone(&m.target),
+        Arc::clone(&m.draft),
+        None,
+        BatchSettings {
+            max_batch: 16,
+            window: WindowPolicy::Fixed,
+            ..BatchSettings::default()
+        },
+    )
+    .unwrap();
+    let speculation = Speculation::Draft {
+        gamma,
+        greedy_draft: false,
+    };
+    let streams: Vec<_> = (0..DRAWS as u64)
+        .map(|seed| {
+            let request = SequenceRequest {
+                speculation,
+                ..SequenceRequest::new(PROMPT.to_vec(), penalized(seed))
+            };
+            engine.submit(request).unwrap()
+        })
+        .collect();
+    let mut counts = vec![0; VOCAB.pow(n as u32)];
+    for stream in streams {
+        counts[outcome_index(&stream.wait().unwrap().tokens)] += 1;
+    }
+    assert_matches("batched SD penalized", &counts, &expected);
+    // And the test can tell: the unpenalized target is rejected against these counts.
+    let unpenalized = exact_joint(&m.target, &params, n);
+    assert!(
+        chi_square(&counts, &unpenalized).rejects(),
+        "the penalties make no visible difference: the test would not see them missing"
+    );
 }

@@ -561,6 +561,8 @@ fn a_client_that_disconnects_mid_stream_frees_the_engine() {
     // The same for a client of a whole (non-streamed) response that leaves while it generates.
     let mut whole = endless("sd");
     whole["stream"] = json!(false);
+    // The batch is empty first, so that the one running sequence below is this request's.
+    wait_for_batch(addr, 0.0, 0.0);
     let leaving = client::send_request(
         addr,
         "POST",
@@ -569,7 +571,8 @@ fn a_client_that_disconnects_mid_stream_frees_the_engine() {
         TIMEOUT,
     )
     .unwrap();
-    // In the batch (Mirror's worker may still be busy with the stream abandoned above).
+    // In the batch (Mirror's worker may still be busy with the stream abandoned above; the
+    // batch's gauges are updated after each step).
     wait_until("the whole request runs", || {
         metric(addr, "mirror_sd_batch_running") == 1.0
     });
@@ -813,6 +816,48 @@ fn bad_inputs_get_their_status_and_error_body_and_harm_no_other_request() {
             "seed",
         ),
         ("n = 0", chat_path, chat(json!({"n": 0})), 400, "n"),
+        (
+            "audio output",
+            chat_path,
+            chat(json!({"audio": {"voice": "alloy", "format": "wav"}})),
+            400,
+            "audio",
+        ),
+        (
+            "logprobs",
+            chat_path,
+            chat(json!({"logprobs": true})),
+            400,
+            "logprobs",
+        ),
+        (
+            "frequency_penalty 3",
+            chat_path,
+            chat(json!({"frequency_penalty": 3.0})),
+            400,
+            "frequency_penalty",
+        ),
+        (
+            "a logit_bias key that is no token id",
+            chat_path,
+            chat(json!({"logit_bias": {"hello": 1}})),
+            400,
+            "logit_bias",
+        ),
+        (
+            "a logit_bias token outside the vocabulary",
+            chat_path,
+            chat(json!({"logit_bias": {"999999999": 1}})),
+            400,
+            "logit_bias",
+        ),
+        (
+            "a logit bias of 200",
+            chat_path,
+            chat(json!({"logit_bias": {"5": 200}})),
+            400,
+            "logit_bias",
+        ),
         ("n = 17", chat_path, chat(json!({"n": 17})), 400, "n"),
         (
             "two constraints",
@@ -1473,4 +1518,59 @@ fn response_format_and_grammars_constrain_the_output() {
         assert_eq!(refused.status, 400, "{field} {method}: {}", refused.text());
         assert_eq!(refused.json().unwrap()["error"]["param"], field);
     }
+}
+
+#[test]
+fn penalties_logit_bias_and_the_developer_role_reach_the_engine() {
+    let _serial = serial();
+    let Some(model) = smollm2() else { return };
+    let mut reference = Reference::new(model);
+    let (plain_tokens, _) = reference.chat(QUESTION, &GenerationConfig::greedy(16));
+    let penalties = mirror_sd::mirror_core::sampling::Penalties {
+        frequency: 0.7,
+        presence: 0.3,
+        repetition: Some(1.2),
+        logit_bias: vec![(plain_tokens[0], -100.0)],
+    };
+    let config = GenerationConfig {
+        penalties,
+        ..GenerationConfig::greedy(16)
+    };
+    let (want, want_text) = reference.chat(QUESTION, &config);
+    assert_ne!(want, plain_tokens);
+    let server = start(model, test_config());
+    let addr = server.local_addr();
+    for method in ["ar", "sd", "lookup", "mirror"] {
+        let mut body = chat_body(QUESTION, 16, method, false);
+        body["frequency_penalty"] = json!(0.7);
+        body["presence_penalty"] = json!(0.3);
+        body["mirror_sd"]["repetition_penalty"] = json!(1.2);
+        body["logit_bias"] = json!({ plain_tokens[0].to_string(): -100 });
+        // Fields accepted and ignored, and neutral values of refused ones.
+        body["metadata"] = json!({"app": "test"});
+        body["store"] = json!(false);
+        body["logprobs"] = json!(false);
+        let response = post(addr, "/v1/chat/completions", &body);
+        assert_eq!(response.status, 200, "{method}: {}", response.text());
+        let json = response.json().unwrap();
+        assert_eq!(token_ids(&json["mirror_sd"]), want, "{method}");
+        assert_eq!(response_text(&json), want_text, "{method}");
+    }
+    // `developer` is `system` under another name.
+    let as_role = |role: &str| {
+        let body = json!({
+            "model": MODEL_NAME,
+            "messages": [
+                {"role": role, "content": "Answer in one word."},
+                {"role": "user", "content": QUESTION},
+            ],
+            "max_tokens": 8,
+            "temperature": 0,
+            "mirror_sd": {"method": "ar"},
+        });
+        let response = post(addr, "/v1/chat/completions", &body);
+        assert_eq!(response.status, 200, "{role}: {}", response.text());
+        token_ids(&response.json().unwrap()["mirror_sd"])
+    };
+    assert_eq!(as_role("developer"), as_role("system"));
 }

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use mirror_core::sampling::SamplingParams;
+use mirror_core::sampling::{Penalties, SamplingParams};
 use mirror_core::ChatMessage;
 use mirror_scheduler::Constraint;
 use serde::Deserialize;
@@ -30,6 +30,8 @@ pub struct SpeculationOptions {
     pub grammar: Option<String>,
     /// Output matching this regular expression.
     pub regex: Option<String>,
+    /// The repetition penalty (transformers' and llama.cpp's definition; 1 is neutral).
+    pub repetition_penalty: Option<f64>,
 }
 
 /// OpenAI's `response_format`.
@@ -79,6 +81,24 @@ struct SharedFields {
     stop: Option<Value>,
     n: Option<u64>,
     response_format: Option<ResponseFormat>,
+    frequency_penalty: Option<f64>,
+    presence_penalty: Option<f64>,
+    logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+    /// Accepted and ignored: this server stores no completions.
+    #[allow(dead_code)]
+    metadata: Option<Map<String, Value>>,
+    /// Accepted and ignored: this server stores no completions.
+    #[allow(dead_code)]
+    store: Option<bool>,
+    /// Accepted and ignored: there is one tier.
+    #[allow(dead_code)]
+    service_tier: Option<String>,
+    /// Accepted and ignored: the prefix cache finds shared prompts by itself.
+    #[allow(dead_code)]
+    prompt_cache_key: Option<String>,
+    /// Accepted and ignored, as `user`.
+    #[allow(dead_code)]
+    safety_identifier: Option<String>,
     /// OpenAI's end-user tag: accepted and ignored.
     #[allow(dead_code)]
     user: Option<String>,
@@ -152,7 +172,39 @@ pub struct ParsedRequest {
     /// What the output must match (`response_format`, `mirror_sd.grammar` or `mirror_sd.regex`),
     /// with the request field that asked for it.
     pub constraint: Option<(Constraint, &'static str)>,
+    /// Frequency, presence and repetition penalties and logit bias.
+    pub penalties: Penalties,
 }
+
+/// Fields of OpenAI's API that this server refuses (400 naming them), with why. Anything not
+/// listed, supported or accepted-and-ignored is an unknown field (400 too).
+const NOT_SUPPORTED: [(&str, &str); 13] = [
+    (
+        "audio",
+        "audio output is not supported: the models here produce text",
+    ),
+    ("modalities", "only text output is supported"),
+    ("prediction", "predicted outputs are not supported"),
+    ("web_search_options", "web search is not supported"),
+    (
+        "functions",
+        "the deprecated `functions` field is not supported",
+    ),
+    (
+        "function_call",
+        "the deprecated `function_call` field is not supported",
+    ),
+    ("logprobs", "log-probabilities are not supported yet"),
+    ("top_logprobs", "log-probabilities are not supported yet"),
+    (
+        "reasoning_effort",
+        "the served model is not a reasoning model",
+    ),
+    ("verbosity", "the served model is not a reasoning model"),
+    ("best_of", "best_of is not supported: use n"),
+    ("echo", "echoing the prompt is not supported"),
+    ("suffix", "suffixes (fill-in-the-middle) are not supported"),
+];
 
 /// Most stop strings per request, as OpenAI allows.
 pub const MAX_STOP_STRINGS: usize = 4;
@@ -186,6 +238,19 @@ pub fn parse_request(
         }
         Endpoint::Completions => parse_prompt(take_required(&mut fields, "prompt")?)?,
     };
+    for (field, why) in NOT_SUPPORTED {
+        match fields.remove(field) {
+            Some(value) if !is_default_of(field, &value) => {
+                return Err(ApiError::invalid_param(
+                    field,
+                    format!("`{field}` is not supported by this server: {why}"),
+                )
+                .with_code("unsupported_parameter"));
+            }
+            // A value that asks for nothing is served.
+            _ => {}
+        }
+    }
     let shared: SharedFields = deserialize_field_checked(Value::Object(fields))?;
     let options = shared.mirror_sd.unwrap_or_default();
     let choices = shared.n.unwrap_or(1);
@@ -196,6 +261,12 @@ pub fn parse_request(
         ));
     }
     let constraint = parse_constraint(shared.response_format, &options)?;
+    let penalties = parse_penalties(
+        shared.frequency_penalty,
+        shared.presence_penalty,
+        shared.logit_bias,
+        options.repetition_penalty,
+    )?;
     let max_tokens = match (shared.max_tokens, shared.max_completion_tokens) {
         (Some(a), Some(b)) if a != b => {
             return Err(ApiError::invalid_param(
@@ -274,6 +345,73 @@ pub fn parse_request(
         timeout,
         choices: choices as usize,
         constraint,
+        penalties,
+    })
+}
+
+/// Whether a refused field holds the value that asks for nothing (`"logprobs": false`,
+/// `"modalities": ["text"]`, `"echo": false`, `"best_of": 1`): such a request is served.
+fn is_default_of(field: &str, value: &Value) -> bool {
+    match field {
+        "logprobs" | "echo" => value == &Value::Bool(false) || value.is_null(),
+        "top_logprobs" => value.as_u64() == Some(0) || value.is_null(),
+        "best_of" => value.as_u64() == Some(1) || value.is_null(),
+        "modalities" => value == &serde_json::json!(["text"]),
+        _ => value.is_null(),
+    }
+}
+
+fn parse_penalties(
+    frequency: Option<f64>,
+    presence: Option<f64>,
+    logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+    repetition: Option<f64>,
+) -> Result<Penalties, ApiError> {
+    for (param, value) in [
+        ("frequency_penalty", frequency),
+        ("presence_penalty", presence),
+    ] {
+        if let Some(v) = value {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(ApiError::invalid_param(
+                    param,
+                    format!("{param} {v} is not in [-2, 2]"),
+                ));
+            }
+        }
+    }
+    if let Some(r) = repetition {
+        if !(r > 0.0 && r.is_finite()) {
+            return Err(ApiError::invalid_param(
+                "mirror_sd.repetition_penalty",
+                format!("repetition_penalty {r} is not a positive number"),
+            ));
+        }
+    }
+    let logit_bias = logit_bias
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(token, bias)| {
+            let id = token.parse::<u32>().map_err(|_| {
+                ApiError::invalid_param(
+                    "logit_bias",
+                    format!("logit_bias key `{token}` is not a token id"),
+                )
+            })?;
+            if !(-100.0..=100.0).contains(&bias) {
+                return Err(ApiError::invalid_param(
+                    "logit_bias",
+                    format!("the bias {bias} of token {id} is not in [-100, 100]"),
+                ));
+            }
+            Ok((id, bias as f32))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Penalties {
+        frequency: frequency.unwrap_or(0.0) as f32,
+        presence: presence.unwrap_or(0.0) as f32,
+        repetition: repetition.map(|r| r as f32),
+        logit_bias,
     })
 }
 
@@ -357,22 +495,27 @@ fn parse_messages(value: Value) -> Result<Vec<ChatMessage>, ApiError> {
         .into_iter()
         .enumerate()
         .map(|(i, message)| {
-            if !matches!(message.role.as_str(), "system" | "user" | "assistant") {
-                return Err(ApiError::invalid_param(
-                    format!("messages[{i}].role"),
-                    format!(
-                        "messages[{i}].role `{}` is not supported (system, user or assistant)",
-                        message.role
-                    ),
-                ));
-            }
+            // OpenAI's current API says `developer` where it said `system`.
+            let role = match message.role.as_str() {
+                "developer" => "system".to_string(),
+                "system" | "user" | "assistant" => message.role.clone(),
+                _ => {
+                    return Err(ApiError::invalid_param(
+                        format!("messages[{i}].role"),
+                        format!(
+                            "messages[{i}].role `{}` is not supported (system, developer, user or assistant)",
+                            message.role
+                        ),
+                    ))
+                }
+            };
             let content = message_text(&message.content).ok_or_else(|| {
                 ApiError::invalid_param(
                     format!("messages[{i}].content"),
                     format!("messages[{i}].content must be a string or an array of text parts"),
                 )
             })?;
-            Ok(ChatMessage::new(message.role, content))
+            Ok(ChatMessage::new(role, content))
         })
         .collect()
 }

@@ -243,6 +243,7 @@ async fn complete(
         stop_at_eos: !parsed.ignore_eos,
         stop_tokens: Vec::new(),
         constraint: parsed.constraint.as_ref().map(|(c, _)| c.clone()),
+        penalties: parsed.penalties.clone(),
     };
     let (receivers, guard) = match &app.batched {
         Some(batched) if method.is_batched() => {
@@ -338,6 +339,17 @@ fn check_lengths(app: &App, parsed: &ParsedRequest, prompt: &[u32]) -> Result<us
         return Err(ApiError::invalid_param(
             "prompt",
             format!("token id {bad} is outside the vocabulary of {vocab} tokens"),
+        ));
+    }
+    if let Some((bad, _)) = parsed
+        .penalties
+        .logit_bias
+        .iter()
+        .find(|(t, _)| *t as usize >= vocab)
+    {
+        return Err(ApiError::invalid_param(
+            "logit_bias",
+            format!("logit_bias names token {bad}, outside the vocabulary of {vocab} tokens"),
         ));
     }
     let limit = app.context_limit;

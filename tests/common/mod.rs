@@ -3,6 +3,23 @@
 
 pub mod chi_square;
 
+/// The batched engine's speculations, each with windows of up to 4 tokens: none, prompt
+/// lookup, the draft model.
+pub fn batched_speculations() -> [mirror_sd::mirror_scheduler::Speculation; 3] {
+    use mirror_sd::mirror_scheduler::{LookupConfig, Speculation};
+    [
+        Speculation::None,
+        Speculation::Lookup {
+            lookup: LookupConfig::default(),
+            gamma: 4,
+        },
+        Speculation::Draft {
+            gamma: 4,
+            greedy_draft: false,
+        },
+    ]
+}
+
 use std::path::PathBuf;
 
 /// Runs candle's matmuls single-threaded in this test binary (`RAYON_NUM_THREADS=1` unless the

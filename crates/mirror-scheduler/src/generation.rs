@@ -1,7 +1,7 @@
 //! What a generation is asked and what it gives: settings, stop tokens, the result. Data
 //! only (with [`crate::stats`]).
 
-use mirror_core::sampling::SamplingParams;
+use mirror_core::sampling::{Penalties, SamplingParams};
 use mirror_core::Model;
 use serde::Serialize;
 
@@ -24,6 +24,9 @@ pub struct GenerationConfig {
     /// on the batched engine ([`crate::EngineHandle`]), under every speculation it has; the
     /// one-sequence decoders refuse it.
     pub constraint: Option<Constraint>,
+    /// Frequency, presence and repetition penalties and logit bias, applied to the target's
+    /// logits at every verified row (neutral by default); see [`Penalties`].
+    pub penalties: Penalties,
 }
 
 /// What a constrained generation's output must match. Every verified position samples (or takes
@@ -54,6 +57,7 @@ impl Default for GenerationConfig {
             stop_at_eos: true,
             stop_tokens: Vec::new(),
             constraint: None,
+            penalties: Penalties::default(),
         }
     }
 }

@@ -24,6 +24,8 @@ pub(crate) struct Run<'a> {
     pub cache: KvCache,
     /// Prompt and committed tokens.
     pub seq: Vec<u32>,
+    /// Tokens of `seq` that are the prompt.
+    prompt_len: usize,
 }
 
 impl<'a> Run<'a> {
@@ -45,6 +47,7 @@ impl<'a> Run<'a> {
                     .into(),
             ));
         }
+        check_penalties(config, target)?;
         let capacity = capacity_for(target, prompt, config, gamma)?;
         Ok(Self {
             started,
@@ -53,7 +56,19 @@ impl<'a> Run<'a> {
             rng: StdRng::seed_from_u64(rng_seed),
             cache: target.new_cache(1, capacity)?,
             seq: prompt.to_vec(),
+            prompt_len: prompt.len(),
         })
+    }
+
+    /// Applies `config`'s penalties to the verification rows of `window` (row `j` after the
+    /// committed tokens and the window's first `j`).
+    pub fn penalize(&self, config: &GenerationConfig, rows: &mut [Vec<f32>], window: &[u32]) {
+        config.penalties.apply_window(
+            rows,
+            &self.seq[..self.prompt_len],
+            &self.progress.output.tokens,
+            window,
+        );
     }
 
     /// Whether the cache has room for one more token; ends the generation at the context
@@ -81,6 +96,14 @@ impl<'a> Run<'a> {
     pub fn finish(self) -> Generation {
         self.progress.finish(self.stats, self.started)
     }
+}
+
+/// Checks `config`'s penalties against `target`'s vocabulary.
+pub(crate) fn check_penalties(config: &GenerationConfig, target: &Model) -> Result<()> {
+    config
+        .penalties
+        .check(target.vocab_size())
+        .map_err(Error::InvalidConfig)
 }
 
 /// The committed output of one generation: its tokens, the stop and length rules, and why it

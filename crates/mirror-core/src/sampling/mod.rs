@@ -16,11 +16,13 @@
 //! accepted window is drawn from `p` itself.
 
 mod logits;
+mod penalties;
 mod probs;
 mod verify;
 mod warp;
 
 pub use logits::{argmax, log_softmax, max_probability, top_k_log_probs};
+pub use penalties::Penalties;
 pub use probs::{sample, Probs};
 pub use verify::{accept_deterministic, accept_sampled, residual, without_token};
 pub use warp::{warp, warp_probs, SamplingParams};

@@ -41,6 +41,11 @@ impl Decoder for Autoregressive {
         let mut logits = self.target.next_token_logits(prompt, &mut run.cache)?;
         run.stats.time.prefill = run.started.elapsed();
         loop {
+            if !config.penalties.is_neutral() {
+                let mut rows = [logits];
+                run.penalize(config, &mut rows, &[]);
+                [logits] = rows;
+            }
             let token = next_token(&logits, &config.sampling, &mut run.rng);
             if !run.progress.commit(&[token]) || !run.has_room() {
                 break;

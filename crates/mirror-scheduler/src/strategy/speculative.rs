@@ -187,7 +187,7 @@ impl Decoder for SpeculativeDecoding {
             let base = run.cache.len();
             let mut fed = vec![run.seq[run.seq.len() - 1]];
             fed.extend_from_slice(&window.tokens);
-            let rows = time_phase(&mut run.stats.time.target_prefix, || {
+            let mut rows = time_phase(&mut run.stats.time.target_prefix, || {
                 host_rows(
                     &self
                         .target
@@ -197,6 +197,7 @@ impl Decoder for SpeculativeDecoding {
             })?;
             run.stats.target_passes += 1;
 
+            run.penalize(config, &mut rows, &window.tokens);
             let rng = &mut run.rng;
             let verdict = time_phase(&mut run.stats.time.verify, || {
                 let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();

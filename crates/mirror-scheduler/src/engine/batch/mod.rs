@@ -30,7 +30,7 @@ use crate::adaptive::batch::{allocate, DraftOffer, StepCost};
 use crate::adaptive::WindowPolicy;
 use crate::error::{Error, Result};
 use crate::generation::FinishReason;
-use crate::run::capacity_for;
+use crate::run::{capacity_for, check_penalties};
 use crate::strategy::settings::check_pair;
 use crate::window::DraftWindow;
 use request::{check_speculation, gamma_of, shared_prompt_refused, Lent};
@@ -107,6 +107,11 @@ impl BatchCore {
     /// the pool's whole budget.
     fn check(&self, waiting: &Waiting) -> Result<()> {
         check_speculation(waiting.request.speculation, self.draft.is_some())?;
+        for config in
+            std::iter::once(&waiting.request.config).chain(waiting.forks.iter().map(|f| &f.config))
+        {
+            check_penalties(config, &self.target)?;
+        }
         let bytes = self.bytes_of(waiting, &self.capacities(waiting)?);
         self.pool.check_fits(bytes)
     }

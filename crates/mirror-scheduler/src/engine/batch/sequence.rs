@@ -183,6 +183,10 @@ impl Sequence {
                 self.stats.target_passes += 1;
                 let base = self.cache.cache.len() - self.fed.len();
                 let mut rows = rows;
+                let (prompt, output) = self.seq.split_at(self.prompt_len());
+                self.config
+                    .penalties
+                    .apply_window(&mut rows, prompt, output, &self.window.tokens);
                 if let Some(constraint) = self.constraint.as_mut() {
                     let started = Instant::now();
                     constraint.mask_window(&self.window.tokens, &mut rows)?;

@@ -214,13 +214,14 @@ impl Decoder for Mirror {
             })?;
 
             // ...while the target runs its suffix.
-            let rows = time_phase(&mut run.stats.time.target_suffix, || {
+            let mut rows = time_phase(&mut run.stats.time.target_suffix, || {
                 side.suffix(&mut run.cache, &tapped)
             })?;
             tree.target_done(Instant::now());
             run.stats.target_passes += 1;
 
             // Verify and learn.
+            run.penalize(config, &mut rows, &window.tokens);
             let (verdict, omega) = time_phase(&mut run.stats.time.verify, || {
                 verify(config, &rows, &window, &tapped, &mut run.rng)
             })?;
