@@ -84,6 +84,45 @@ constrained = client.chat.completions.create(
 report["json_schema"] = constrained.choices[0].message.content
 report["json_schema_finish"] = constrained.choices[0].finish_reason
 
+weather = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather forecast of a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}, "days": {"type": "integer"}},
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+ask = [{"role": "user", "content": "What is the weather in Paris for the next two days?"}]
+called = client.chat.completions.create(
+    model=model, messages=ask, max_tokens=64, temperature=0, tools=[weather], tool_choice="required"
+)
+call = called.choices[0].message.tool_calls[0]
+report["tool_call"] = {"name": call.function.name, "arguments": json.loads(call.function.arguments)}
+report["tool_finish"] = called.choices[0].finish_reason
+stream = client.chat.completions.create(
+    model=model, messages=ask, max_tokens=64, temperature=0, tools=[weather], tool_choice="required",
+    stream=True,
+)
+streamed = {}
+for chunk in stream:
+    for delta in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+        entry = streamed.setdefault(delta.index, {"name": "", "arguments": ""})
+        entry["name"] += delta.function.name or ""
+        entry["arguments"] += delta.function.arguments or ""
+report["tool_call_stream"] = [
+    {"name": c["name"], "arguments": json.loads(c["arguments"])} for _, c in sorted(streamed.items())
+]
+penalized = client.chat.completions.create(
+    model=model, messages=messages, max_tokens=16, temperature=0, frequency_penalty=0.5,
+    presence_penalty=0.5, logit_bias={"0": -100},
+)
+report["penalized_finish"] = penalized.choices[0].finish_reason
+
 try:
     client.chat.completions.create(model="gpt-9", messages=messages, max_tokens=4)
     report["unknown_model_status"] = None

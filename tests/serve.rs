@@ -1226,6 +1226,20 @@ fn the_openai_python_client_talks_to_the_server() {
         "{value}"
     );
     assert_eq!(value.as_object().map(|o| o.len()), Some(2), "{value}");
+    // A forced call, whole and streamed, on the server's default method (Mirror, which hands
+    // tools to the batch).
+    assert_eq!(report["tool_finish"], "tool_calls");
+    assert_eq!(report["tool_call"]["name"], "get_weather");
+    assert!(
+        report["tool_call"]["arguments"]["city"].is_string(),
+        "{report}"
+    );
+    assert!(
+        report["tool_call"]["arguments"]["days"].is_i64(),
+        "{report}"
+    );
+    assert_eq!(report["tool_call_stream"], json!([report["tool_call"]]));
+    assert_eq!(report["penalized_finish"], "length");
     assert_eq!(report["unknown_model_status"], 404);
     assert_eq!(report["bad_temperature_status"], 400);
 }
@@ -1573,4 +1587,214 @@ fn penalties_logit_bias_and_the_developer_role_reach_the_engine() {
         token_ids(&response.json().unwrap()["mirror_sd"])
     };
     assert_eq!(as_role("developer"), as_role("system"));
+}
+
+fn weather_tool() -> Value {
+    json!({
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather forecast of a city",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "maxLength": 20},
+                    "unit": {"enum": ["celsius", "fahrenheit"]},
+                    "days": {"type": "integer", "minimum": 1, "maximum": 7}
+                },
+                "required": ["city", "unit", "days"],
+                "additionalProperties": false
+            }
+        }
+    })
+}
+
+#[test]
+fn forced_tool_calls_parse_and_validate_whole_and_streamed() {
+    let _serial = serial();
+    let Some(model) = smollm2() else { return };
+    let server = start(model, test_config());
+    let addr = server.local_addr();
+    let tool = weather_tool();
+    let validator = jsonschema::validator_for(&tool["function"]["parameters"]).unwrap();
+    let time_tool = json!({"type": "function", "function": {"name": "get_time",
+        "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 8}},
+                       "required": ["zone"], "additionalProperties": false}}});
+    let choices = [
+        json!("required"),
+        json!({"type": "function", "function": {"name": "get_weather"}}),
+    ];
+    for (i, choice) in choices.iter().enumerate() {
+        for method in ["ar", "sd"] {
+            let mut body = chat_body(
+                "What is the weather in Paris for the next two days?",
+                64,
+                method,
+                false,
+            );
+            body["tools"] = json!([time_tool, tool]);
+            body["tool_choice"] = choice.clone();
+            body["temperature"] = json!(0.8);
+            body["seed"] = json!(i);
+            let response = post(addr, "/v1/chat/completions", &body);
+            assert_eq!(
+                response.status,
+                200,
+                "{method} {choice}: {}",
+                response.text()
+            );
+            let json = response.json().unwrap();
+            let choice0 = &json["choices"][0];
+            assert_eq!(choice0["finish_reason"], "tool_calls", "{json}");
+            assert!(choice0["message"]["content"].is_null(), "{json}");
+            let call = &choice0["message"]["tool_calls"][0];
+            assert_eq!(call["type"], "function");
+            assert!(call["id"].as_str().unwrap().starts_with("call_"));
+            let name = call["function"]["name"].as_str().unwrap();
+            let arguments: Value =
+                serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+            if name == "get_weather" {
+                assert!(validator.is_valid(&arguments), "{arguments}");
+            } else {
+                assert_eq!(i, 0, "a named choice called {name}");
+                assert!(arguments["zone"].is_string(), "{arguments}");
+            }
+            // Streamed: no content, one tool_calls delta with the same call, then the end.
+            body["stream"] = json!(true);
+            let mut connection = open_stream(addr, "/v1/chat/completions", &body);
+            let (mut deltas, mut finish) = (Vec::new(), Value::Null);
+            while let Some(data) = connection.next_event_data().unwrap() {
+                if data == "[DONE]" {
+                    break;
+                }
+                let chunk: Value = serde_json::from_str(&data).unwrap();
+                let delta = &chunk["choices"][0]["delta"];
+                assert!(
+                    delta["content"].as_str().unwrap_or("").is_empty(),
+                    "{chunk}"
+                );
+                if let Some(calls) = delta.get("tool_calls") {
+                    deltas.push(calls.clone());
+                }
+                if chunk["choices"][0]["finish_reason"].is_string() {
+                    finish = chunk["choices"][0]["finish_reason"].clone();
+                }
+            }
+            assert_eq!(finish, "tool_calls");
+            assert_eq!(deltas.len(), 1, "{deltas:?}");
+            assert_eq!(deltas[0][0]["index"], 0);
+            assert_eq!(
+                deltas[0][0]["function"]["arguments"],
+                call["function"]["arguments"]
+            );
+        }
+    }
+    // A conversation with a call and its result in the history, rendered for a template that
+    // knows no tools (SmolLM2's: Hermes blocks), answers in text.
+    let body = json!({
+        "model": MODEL_NAME,
+        "max_tokens": 8,
+        "temperature": 0,
+        "mirror_sd": {"method": "ar"},
+        "tools": [tool],
+        "messages": [
+            {"role": "user", "content": "What is the weather in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\", \"unit\": \"celsius\", \"days\": 1}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"},
+        ],
+        "tool_choice": "none",
+    });
+    let response = post(addr, "/v1/chat/completions", &body);
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(
+        response.json().unwrap()["choices"][0]["finish_reason"],
+        "length"
+    );
+    // Bad tool requests are the client's fault, with the field named.
+    for (what, change, param) in [
+        (
+            "a named tool that is not offered",
+            json!({"tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+            "tool_choice",
+        ),
+        (
+            "required without tools",
+            json!({"tools": null, "tool_choice": "required"}),
+            "tool_choice",
+        ),
+        (
+            "a tool message without its call id",
+            json!({"messages": [{"role": "tool", "content": "x"}]}),
+            "messages[0].tool_call_id",
+        ),
+        (
+            "arguments that are not JSON",
+            json!({"messages": [{"role": "assistant", "content": null, "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}),
+            "messages[0].tool_calls[0]",
+        ),
+        (
+            "tools on mirror",
+            json!({"mirror_sd": {"method": "mirror"}}),
+            "tools",
+        ),
+    ] {
+        let mut body = chat_body(QUESTION, 8, "ar", false);
+        body["tools"] = json!([weather_tool()]);
+        for (key, value) in change.as_object().unwrap() {
+            body[key] = value.clone();
+        }
+        let response = post(addr, "/v1/chat/completions", &body);
+        assert_eq!(response.status, 400, "{what}: {}", response.text());
+        assert_eq!(response.json().unwrap()["error"]["param"], param, "{what}");
+    }
+}
+
+/// LangChain's `ChatOpenAI` (langchain-openai, installed into `.venv` by `.ci/run`) as a client:
+/// `invoke`, `stream`, `bind_tools` and `with_structured_output`, with no extension fields.
+#[test]
+fn the_langchain_client_talks_to_the_server() {
+    let _serial = serial();
+    let Some(model) = smollm2() else { return };
+    let python = common::repo_root().join(".venv/bin/python");
+    let has_langchain = python.is_file()
+        && std::process::Command::new(&python)
+            .args(["-c", "import langchain_openai"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !has_langchain {
+        let message = "langchain-openai is not installed in .venv (run .ci/run)";
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{message}");
+        }
+        eprintln!("skipping: {message}");
+        return;
+    }
+    // Plain requests run on the server's default method (Mirror), which is lossless.
+    let (_, expected) = Reference::new(model).chat(QUESTION, &GenerationConfig::greedy(16));
+    let server = start(model, test_config());
+    let output = std::process::Command::new(&python)
+        .arg(common::repo_root().join("tests/langchain_client.py"))
+        .arg(format!("http://{}/v1", server.local_addr()))
+        .arg(MODEL_NAME)
+        .arg(QUESTION)
+        .output()
+        .expect("run python");
+    assert!(
+        output.status.success(),
+        "the LangChain client failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).expect("the script prints JSON");
+    assert_eq!(report["invoke"], expected);
+    assert_eq!(report["stream"], expected);
+    let calls = report["tool_calls"].as_array().expect("tool calls");
+    assert_eq!(calls.len(), 1, "{report}");
+    assert_eq!(calls[0]["name"], "get_weather");
+    assert!(
+        calls[0]["args"]["city"].is_string() && calls[0]["args"]["days"].is_i64(),
+        "{report}"
+    );
+    assert!(report["structured"]["name"].is_string(), "{report}");
+    assert!(report["structured"]["country"].is_string(), "{report}");
 }

@@ -6,14 +6,15 @@
 use std::time::Duration;
 
 use mirror_core::sampling::{Penalties, SamplingParams};
-use mirror_core::ChatMessage;
+use mirror_core::{ChatMessage, Tool};
 use mirror_scheduler::Constraint;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::backend::Method;
 use super::error::ApiError;
-pub use super::response::{unix_seconds, GenerationReport, ResponseIdentity, Usage};
+use super::messages::{forced_call_constraint, parse_messages, parse_tools, ToolChoice};
+pub use super::response::{unix_seconds, Choice, GenerationReport, ResponseIdentity, Usage};
 
 /// The request extension field: `"mirror_sd": {"method": "sd", "ignore_eos": true, "timeout_s": 30}`.
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -83,6 +84,11 @@ struct SharedFields {
     response_format: Option<ResponseFormat>,
     frequency_penalty: Option<f64>,
     presence_penalty: Option<f64>,
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    /// Accepted: a forced call is one call; an `auto` output may hold several.
+    #[allow(dead_code)]
+    parallel_tool_calls: Option<bool>,
     logit_bias: Option<std::collections::BTreeMap<String, f64>>,
     /// Accepted and ignored: this server stores no completions.
     #[allow(dead_code)]
@@ -103,13 +109,6 @@ struct SharedFields {
     #[allow(dead_code)]
     user: Option<String>,
     mirror_sd: Option<SpeculationOptions>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct InputMessage {
-    role: String,
-    content: Value,
 }
 
 /// What to generate from.
@@ -174,6 +173,10 @@ pub struct ParsedRequest {
     pub constraint: Option<(Constraint, &'static str)>,
     /// Frequency, presence and repetition penalties and logit bias.
     pub penalties: Penalties,
+    /// Tools the model may call (chat only).
+    pub tools: Vec<Tool>,
+    /// Whether a call is forced, and of which tool.
+    pub tool_choice: ToolChoice,
 }
 
 /// Fields of OpenAI's API that this server refuses (400 naming them), with why. Anything not
@@ -260,7 +263,23 @@ pub fn parse_request(
             format!("n = {choices} is not in [1, {MAX_CHOICES}]"),
         ));
     }
-    let constraint = parse_constraint(shared.response_format, &options)?;
+    let mut constraint = parse_constraint(shared.response_format, &options)?;
+    let (tools, tool_choice) = parse_tools(shared.tools, shared.tool_choice)?;
+    if endpoint == Endpoint::Completions && !tools.is_empty() {
+        return Err(ApiError::invalid_param(
+            "tools",
+            "tools need /v1/chat/completions",
+        ));
+    }
+    if let Some(forced) = forced_call_constraint(&tools, &tool_choice) {
+        if let Some((_, param)) = &constraint {
+            return Err(ApiError::invalid_param(
+                *param,
+                format!("{param} and a forced tool call both constrain the output: give one"),
+            ));
+        }
+        constraint = Some((forced, "tools"));
+    }
     let penalties = parse_penalties(
         shared.frequency_penalty,
         shared.presence_penalty,
@@ -346,6 +365,8 @@ pub fn parse_request(
         choices: choices as usize,
         constraint,
         penalties,
+        tools,
+        tool_choice,
     })
 }
 
@@ -472,73 +493,6 @@ fn deserialize_field_checked<T: serde::de::DeserializeOwned>(value: Value) -> Re
             ApiError::invalid_param(path.clone(), format!("{path}: {inner}"))
         }
     })
-}
-
-fn parse_messages(value: Value) -> Result<Vec<ChatMessage>, ApiError> {
-    let messages: Vec<InputMessage> = serde_path_to_error::deserialize(value).map_err(|e| {
-        // The path inside the array starts with its index: `[0].content`.
-        let inner = e.path().to_string();
-        let path = if inner == "." {
-            "messages".to_string()
-        } else {
-            format!("messages{inner}")
-        };
-        ApiError::invalid_param(path.clone(), format!("{path}: {}", e.into_inner()))
-    })?;
-    if messages.is_empty() {
-        return Err(ApiError::invalid_param(
-            "messages",
-            "messages must contain at least one message",
-        ));
-    }
-    messages
-        .into_iter()
-        .enumerate()
-        .map(|(i, message)| {
-            // OpenAI's current API says `developer` where it said `system`.
-            let role = match message.role.as_str() {
-                "developer" => "system".to_string(),
-                "system" | "user" | "assistant" => message.role.clone(),
-                _ => {
-                    return Err(ApiError::invalid_param(
-                        format!("messages[{i}].role"),
-                        format!(
-                            "messages[{i}].role `{}` is not supported (system, developer, user or assistant)",
-                            message.role
-                        ),
-                    ))
-                }
-            };
-            let content = message_text(&message.content).ok_or_else(|| {
-                ApiError::invalid_param(
-                    format!("messages[{i}].content"),
-                    format!("messages[{i}].content must be a string or an array of text parts"),
-                )
-            })?;
-            Ok(ChatMessage::new(role, content))
-        })
-        .collect()
-}
-
-/// A message's text: a string, or text parts (`{"type": "text", "text": ...}`) joined by newlines.
-fn message_text(content: &Value) -> Option<String> {
-    match content {
-        Value::String(text) => Some(text.clone()),
-        Value::Array(parts) => {
-            let texts: Option<Vec<&str>> = parts
-                .iter()
-                .map(|part| {
-                    let object = part.as_object()?;
-                    if object.len() != 2 || object.get("type")?.as_str()? != "text" {
-                        return None;
-                    }
-                    object.get("text")?.as_str()
-                })
-                .collect();
-            texts.map(|t| t.join("\n"))
-        }
-        _ => None,
-    }
 }
 
 fn parse_prompt(value: Value) -> Result<PromptInput, ApiError> {

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use mirror_core::{ChatMessage, Model, Tokenizer};
+use mirror_core::{ChatMessage, Model, Tokenizer, Tool};
 use mirror_scheduler::{
     BatchSettings, Engine, EngineHandle, Generation, GenerationConfig, Mirror, MirrorSettings,
     Prompt, SequenceRequest, Speculation, StreamControl,
@@ -85,6 +85,15 @@ impl PromptEncoder {
     /// Renders `messages` with the chat template (generation prompt added) and encodes them.
     pub fn chat(&self, messages: &[ChatMessage]) -> mirror_scheduler::Result<Vec<u32>> {
         Prompt::Chat(messages).encode(&self.tokenizer)
+    }
+
+    /// [`PromptEncoder::chat`] with `tools` the model may call.
+    pub fn chat_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[Tool],
+    ) -> mirror_scheduler::Result<Vec<u32>> {
+        Prompt::ChatWithTools(messages, tools).encode(&self.tokenizer)
     }
 
     /// Encodes raw text, with BOS where the model expects one.

@@ -17,9 +17,11 @@ use tokio::sync::watch;
 
 use super::backend::{Batched, Method};
 use super::error::{ApiError, ServeError};
+use super::messages::ToolChoice;
 use super::metrics::{Metrics, Outcome};
 use super::queue::{engine_error, report, settle, Completed, JobEvent, Timing};
 use super::stop::StopText;
+use super::tool_output::ToolOutput;
 
 /// One request for the batched engine.
 pub(crate) struct Submission {
@@ -34,6 +36,8 @@ pub(crate) struct Submission {
     pub timeout: Duration,
     /// The request field a constraint came from (named in a compile error).
     pub constraint_param: Option<&'static str>,
+    /// Whether the output may hold, or is, a tool call.
+    pub tool_choice: ToolChoice,
 }
 
 /// The batched engine behind the HTTP handlers.
@@ -145,6 +149,7 @@ impl Relay {
         let method = self.submission.method;
         let received = self.submission.received;
         let mut stop = StopText::new(self.submission.stop.clone());
+        let mut tool_output = ToolOutput::new(self.submission.tool_choice.clone());
         let mut first_text: Option<Duration> = None;
         let mut tokens: Vec<u32> = Vec::new();
         let timing = |first_text| Timing {
@@ -183,10 +188,8 @@ impl Relay {
                     if !text.is_empty() {
                         first_text.get_or_insert_with(|| received.elapsed());
                     }
-                    let out = stop.push(&text);
-                    if !out.is_empty() {
-                        let _ = self.events.send(JobEvent::Text(out));
-                    }
+                    let out = tool_output.push(&stop.push(&text));
+                    self.send_text(out);
                     if stop.stopped() {
                         // A stop string: the sequence is cancelled (its stream dropped below).
                         let stats = partial_stats(tokens.len());
@@ -201,6 +204,7 @@ impl Relay {
                             text: stop.emitted().to_string(),
                             finish_reason: "stop",
                             report: report(method, tokens, &stats, timing(first_text)),
+                            tool_calls: Vec::new(),
                         });
                     }
                 }
@@ -223,7 +227,7 @@ impl Relay {
                             method,
                             generation,
                             &mut stop,
-                            &self.events,
+                            &mut |tail| self.send_text(tool_output.push(&tail)),
                             timing(first_text),
                             &self.metrics,
                         ))
@@ -243,7 +247,18 @@ impl Relay {
             }
         };
         drop(stream);
+        let answer = answer.map(|mut completed| {
+            let rest = tool_output.finish(&mut completed);
+            self.send_text(rest);
+            completed
+        });
         let _ = self.events.send(JobEvent::Finished(answer));
+    }
+
+    fn send_text(&self, text: String) {
+        if !text.is_empty() {
+            let _ = self.events.send(JobEvent::Text(text));
+        }
     }
 }
 

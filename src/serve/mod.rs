@@ -41,12 +41,15 @@ pub mod api;
 pub mod backend;
 mod batched;
 pub mod client;
+mod delivery;
 pub mod error;
+mod messages;
 pub mod metrics;
 pub mod queue;
 mod response;
 mod routes;
 pub mod stop;
+mod tool_output;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::AtomicU64;

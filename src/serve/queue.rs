@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use mirror_core::panic_message;
+use mirror_core::{panic_message, ToolCall};
 use mirror_scheduler::{FinishReason, Generation, GenerationConfig, Stats, StreamControl};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -59,10 +59,12 @@ pub enum JobEvent {
 pub struct Completed {
     /// The whole text (what was streamed, in order).
     pub text: String,
-    /// OpenAI's finish reason: `stop` or `length`.
+    /// OpenAI's finish reason: `stop`, `length` or `tool_calls`.
     pub finish_reason: &'static str,
     /// Statistics and token ids for the `mirror_sd` response field.
     pub report: GenerationReport,
+    /// The tools the model called (its text is then what came before the calls).
+    pub tool_calls: Vec<ToolCall>,
 }
 
 /// Sets the job's cancel flag when dropped: held by whatever delivers the response, so a
@@ -331,7 +333,9 @@ fn run_job(backend: &mut Backend, job: Job, queue_wait: Duration, shared: &Share
                 Method::Mirror,
                 generation,
                 &mut stop,
-                &job.events,
+                &mut |tail| {
+                    let _ = job.events.send(JobEvent::Text(tail));
+                },
                 Timing {
                     queue_wait,
                     first_text,
@@ -352,19 +356,19 @@ pub(crate) struct Timing {
     pub latency: Duration,
 }
 
-/// A generation that ended by itself (not interrupted): sends the text the stop strings held
-/// back, records it, and returns the answer.
+/// A generation that ended by itself (not interrupted): gives `emit` the text the stop strings
+/// held back, records it, and returns the answer.
 pub(crate) fn settle(
     method: Method,
     generation: Generation,
     stop: &mut StopText,
-    events: &UnboundedSender<JobEvent>,
+    emit: &mut dyn FnMut(String),
     timing: Timing,
     metrics: &Metrics,
 ) -> Completed {
     let tail = stop.finish(generation.text.as_deref().unwrap_or(""));
     if !tail.is_empty() {
-        let _ = events.send(JobEvent::Text(tail));
+        emit(tail);
     }
     let finish_reason = match generation.finish_reason {
         FinishReason::Length | FinishReason::ContextLimit if !stop.stopped() => "length",
@@ -386,6 +390,7 @@ pub(crate) fn settle(
         text: stop.emitted().to_string(),
         finish_reason,
         report: report(method, generation.tokens, &generation.stats, timing),
+        tool_calls: Vec::new(),
     }
 }
 

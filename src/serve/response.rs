@@ -3,7 +3,41 @@
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
+use mirror_core::ToolCall;
+
 use super::api::Endpoint;
+
+/// One choice of a whole response.
+#[derive(Debug, Clone, Copy)]
+pub struct Choice<'a> {
+    /// Its text (the content before any tool calls).
+    pub text: &'a str,
+    /// `stop`, `length` or `tool_calls`.
+    pub finish_reason: &'a str,
+    /// The tools it called.
+    pub tool_calls: &'a [ToolCall],
+}
+
+/// OpenAI's `tool_calls`: arguments as a JSON string; streamed deltas carry their `index`.
+fn tool_calls_json(calls: &[ToolCall], indexed: bool) -> Value {
+    Value::Array(
+        calls
+            .iter()
+            .enumerate()
+            .map(|(i, call)| {
+                let mut value = json!({
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments.to_string()},
+                });
+                if indexed {
+                    value["index"] = json!(i);
+                }
+                value
+            })
+            .collect(),
+    )
+}
 
 /// Token counts of a response.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -86,29 +120,37 @@ impl ResponseIdentity {
         body
     }
 
-    /// The whole (non-streaming) response: one `(text, finish_reason)` per choice, and the
-    /// first choice's report.
+    /// The whole (non-streaming) response: one choice each, and the first choice's report.
     pub fn complete(
         &self,
-        choices: &[(&str, &str)],
+        choices: &[Choice<'_>],
         usage: Usage,
         report: &GenerationReport,
     ) -> Value {
         let choices: Vec<Value> = choices
             .iter()
             .enumerate()
-            .map(|(index, (text, finish_reason))| match self.endpoint {
-                Endpoint::Chat => json!({
-                    "index": index,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": null,
-                    "finish_reason": finish_reason,
-                }),
+            .map(|(index, choice)| match self.endpoint {
+                Endpoint::Chat => {
+                    let mut message = json!({"role": "assistant", "content": choice.text});
+                    if !choice.tool_calls.is_empty() {
+                        message["tool_calls"] = tool_calls_json(choice.tool_calls, false);
+                        if choice.text.is_empty() {
+                            message["content"] = Value::Null;
+                        }
+                    }
+                    json!({
+                        "index": index,
+                        "message": message,
+                        "logprobs": null,
+                        "finish_reason": choice.finish_reason,
+                    })
+                }
                 Endpoint::Completions => json!({
                     "index": index,
-                    "text": text,
+                    "text": choice.text,
                     "logprobs": null,
-                    "finish_reason": finish_reason,
+                    "finish_reason": choice.finish_reason,
                 }),
             })
             .collect();
@@ -135,6 +177,17 @@ impl ResponseIdentity {
                 "index": index, "text": text, "logprobs": null, "finish_reason": null,
             }),
         };
+        Value::Object(self.envelope(true, json!([choice])))
+    }
+
+    /// A streamed chunk with choice `index`'s tool calls, whole.
+    pub fn tool_calls_chunk(&self, index: usize, calls: &[ToolCall]) -> Value {
+        let choice = json!({
+            "index": index,
+            "delta": {"tool_calls": tool_calls_json(calls, true)},
+            "logprobs": null,
+            "finish_reason": null,
+        });
         Value::Object(self.envelope(true, json!([choice])))
     }
 

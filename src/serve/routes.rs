@@ -1,7 +1,5 @@
 //! HTTP routes: the OpenAI endpoints, models, health and metrics, with JSON errors everywhere.
 
-use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,23 +8,25 @@ use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use futures_util::{Stream, StreamExt};
+use futures_util::StreamExt;
+use mirror_core::Tool;
 use mirror_scheduler::GenerationConfig;
 use serde_json::{json, Value};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::mpsc::unbounded_channel;
 
 use super::api::{
-    parse_request, unix_seconds, Endpoint, ParsedRequest, PromptInput, ResponseIdentity, Usage,
+    parse_request, unix_seconds, Endpoint, ParsedRequest, PromptInput, ResponseIdentity,
 };
 use super::backend::{Method, PromptEncoder};
 use super::batched::{BatchedQueue, Submission};
+use super::delivery::{stream_response, whole_response, Waiting};
 use super::error::ApiError;
+use super::messages::ToolChoice;
 use super::metrics::{Metrics, QueueGauges};
-use super::queue::{CancelOnDrop, Completed, Job, JobEvent, RequestQueue};
+use super::queue::{CancelOnDrop, Job, RequestQueue};
 
 /// What the handlers share.
 pub(crate) struct App {
@@ -210,7 +210,9 @@ async fn complete(
     if parsed.model != app.model_name {
         return Err(unknown_model(&app, &parsed.model));
     }
-    let method = parsed.method.unwrap_or(app.default_method);
+    let method = parsed
+        .method
+        .unwrap_or_else(|| default_method_for(&app, &parsed));
     if !app.methods.contains(&method) {
         let served: Vec<&str> = app.methods.iter().map(|m| m.as_str()).collect();
         return Err(ApiError::invalid_param(
@@ -229,7 +231,12 @@ async fn complete(
     // Tokenizing a long prompt takes a while: keep it off the async threads.
     let encoder = app.encoder.clone();
     let input = parsed.prompt.clone();
-    let prompt = tokio::task::spawn_blocking(move || encode(&encoder, input))
+    // `tool_choice: "none"` keeps the tools out of the prompt.
+    let tools = match parsed.tool_choice {
+        ToolChoice::None => Vec::new(),
+        _ => parsed.tools.clone(),
+    };
+    let prompt = tokio::task::spawn_blocking(move || encode(&encoder, input, &tools))
         .await
         .map_err(|_| ApiError::internal("the tokenizer task failed"))??;
     let max_new_tokens = check_lengths(&app, &parsed, &prompt)?;
@@ -257,6 +264,7 @@ async fn complete(
                 deadline,
                 timeout,
                 constraint_param: parsed.constraint.as_ref().map(|(_, param)| *param),
+                tool_choice: parsed.tool_choice.clone(),
             };
             (batched.submit(submission, app.queue.aborted())?, None)
         }
@@ -300,12 +308,33 @@ async fn complete(
     }
 }
 
+/// The method of a request that names none: the server's default, unless that is Mirror and
+/// the request needs the batch (several choices, constrained output, tools), which then runs
+/// with `sd`, or `ar` when `sd` is not served.
+fn default_method_for(app: &App, parsed: &ParsedRequest) -> Method {
+    let needs_batch =
+        parsed.choices > 1 || parsed.constraint.is_some() || parsed.tool_choice != ToolChoice::None;
+    if app.default_method.is_batched() || !needs_batch {
+        return app.default_method;
+    }
+    [Method::Speculative, Method::Autoregressive, Method::Lookup]
+        .into_iter()
+        .find(|m| app.methods.contains(m))
+        .unwrap_or(app.default_method)
+}
+
 /// What only the batched engine does: several choices, constrained output.
 fn check_one_sequence(parsed: &ParsedRequest, method: Method) -> Result<(), ApiError> {
     if parsed.choices > 1 {
         return Err(ApiError::invalid_param(
             "n",
             format!("n > 1 needs a batched method (ar, sd or lookup), not `{method}`"),
+        ));
+    }
+    if parsed.tool_choice != ToolChoice::None {
+        return Err(ApiError::invalid_param(
+            "tools",
+            format!("tool calls need a batched method (ar, sd or lookup), not `{method}`"),
         ));
     }
     if let Some((_, param)) = &parsed.constraint {
@@ -317,8 +346,15 @@ fn check_one_sequence(parsed: &ParsedRequest, method: Method) -> Result<(), ApiE
     Ok(())
 }
 
-fn encode(encoder: &PromptEncoder, input: PromptInput) -> Result<Vec<u32>, ApiError> {
+fn encode(
+    encoder: &PromptEncoder,
+    input: PromptInput,
+    tools: &[Tool],
+) -> Result<Vec<u32>, ApiError> {
     let tokens = match input {
+        PromptInput::Chat(messages) if !tools.is_empty() => {
+            encoder.chat_with_tools(&messages, tools)
+        }
         PromptInput::Chat(messages) => encoder.chat(&messages),
         PromptInput::Text(text) => encoder.text(&text),
         PromptInput::Tokens(tokens) => Ok(tokens),
@@ -379,220 +415,5 @@ fn check_lengths(app: &App, parsed: &ParsedRequest, prompt: &[u32]) -> Result<us
         .with_code("context_length_exceeded")),
         Some(asked) => Ok(asked as usize),
         None => Ok(app.default_max_tokens.min(room)),
-    }
-}
-
-/// A queued job seen from its handler: one receiver per choice.
-struct Waiting {
-    receivers: Vec<UnboundedReceiver<JobEvent>>,
-    /// Cancels a Mirror job if this handler or stream is dropped (the client went away); the
-    /// batched engine's relays see their receivers dropped instead.
-    _guard: Option<CancelOnDrop>,
-    deadline: Instant,
-    timeout: Duration,
-}
-
-impl Waiting {
-    fn timed_out(&self) -> ApiError {
-        ApiError::deadline(self.timeout.as_secs_f64(), None)
-    }
-}
-
-/// The end of one choice.
-async fn finished(receiver: &mut UnboundedReceiver<JobEvent>) -> Result<Completed, ApiError> {
-    while let Some(event) = receiver.recv().await {
-        if let JobEvent::Finished(result) = event {
-            return result;
-        }
-    }
-    Err(ApiError::internal("the engine worker stopped"))
-}
-
-async fn whole_response(
-    mut waiting: Waiting,
-    identity: ResponseIdentity,
-    prompt_tokens: usize,
-) -> Result<Response, ApiError> {
-    let receivers = &mut waiting.receivers;
-    let finished = tokio::time::timeout_at(waiting.deadline.into(), async {
-        let mut choices = Vec::with_capacity(receivers.len());
-        for receiver in receivers.iter_mut() {
-            choices.push(finished(receiver).await?);
-        }
-        Ok::<_, ApiError>(choices)
-    })
-    .await;
-    let completed = match finished {
-        Err(_) => return Err(waiting.timed_out()),
-        Ok(result) => result?,
-    };
-    let Some(first) = completed.first() else {
-        return Err(ApiError::internal("the request had no choices"));
-    };
-    let usage = usage(prompt_tokens, &completed);
-    let choices: Vec<(&str, &str)> = completed
-        .iter()
-        .map(|c| (c.text.as_str(), c.finish_reason))
-        .collect();
-    let body = identity.complete(&choices, usage, &first.report);
-    Ok(axum::Json(body).into_response())
-}
-
-fn usage(prompt_tokens: usize, completed: &[Completed]) -> Usage {
-    let completion_tokens = completed.iter().map(|c| c.report.token_ids.len()).sum();
-    Usage {
-        prompt_tokens,
-        completion_tokens,
-        total_tokens: prompt_tokens + completion_tokens,
-    }
-}
-
-/// One choice's events, with its index.
-type ChoiceEvents = std::pin::Pin<Box<dyn Stream<Item = (usize, JobEvent)> + Send>>;
-
-/// Every choice's events in one stream.
-type MergedEvents = futures_util::stream::SelectAll<ChoiceEvents>;
-
-/// Every choice's events in one stream, each with its choice's index.
-fn merged(receivers: Vec<UnboundedReceiver<JobEvent>>) -> MergedEvents {
-    futures_util::stream::select_all(receivers.into_iter().enumerate().map(|(index, receiver)| {
-        let events = futures_util::stream::unfold(receiver, move |mut receiver| async move {
-            let event = receiver.recv().await?;
-            Some(((index, event), receiver))
-        });
-        Box::pin(events) as ChoiceEvents
-    }))
-}
-
-/// Waits until an engine takes the job (errors before that get their own status), then
-/// streams server-sent events.
-async fn stream_response(
-    waiting: Waiting,
-    identity: ResponseIdentity,
-    prompt_tokens: usize,
-    include_usage: bool,
-) -> Result<Response, ApiError> {
-    let Waiting {
-        receivers,
-        _guard,
-        deadline,
-        timeout,
-    } = waiting;
-    let choices = receivers.len();
-    let mut events = merged(receivers);
-    let first = tokio::time::timeout_at(deadline.into(), events.next()).await;
-    let mut pending = VecDeque::new();
-    match first {
-        Err(_) => return Err(ApiError::deadline(timeout.as_secs_f64(), None)),
-        Ok(None) => return Err(ApiError::internal("the engine worker stopped")),
-        Ok(Some((_, JobEvent::Finished(Err(error))))) => return Err(error),
-        Ok(Some(event)) => pending.push_back(event),
-    }
-    let stream = EventStream {
-        events,
-        _guard,
-        identity,
-        prompt_tokens,
-        include_usage,
-        sent_text: vec![false; choices],
-        completed: Vec::with_capacity(choices),
-        pending_events: pending,
-        out: VecDeque::new(),
-        done: false,
-    };
-    Ok(Sse::new(stream.into_stream())
-        .keep_alive(KeepAlive::default())
-        .into_response())
-}
-
-/// Turns a job's events into OpenAI's stream of chunks, ending with `data: [DONE]` once every
-/// choice has finished.
-struct EventStream {
-    events: MergedEvents,
-    _guard: Option<CancelOnDrop>,
-    identity: ResponseIdentity,
-    prompt_tokens: usize,
-    include_usage: bool,
-    /// Whether a text chunk of each choice went out (a chat choice's first carries the role).
-    sent_text: Vec<bool>,
-    /// The choices that have finished.
-    completed: Vec<Completed>,
-    /// Events received before the stream started.
-    pending_events: VecDeque<(usize, JobEvent)>,
-    /// Events ready to send.
-    out: VecDeque<Event>,
-    done: bool,
-}
-
-impl EventStream {
-    fn into_stream(self) -> impl Stream<Item = Result<Event, Infallible>> + Send {
-        futures_util::stream::unfold(self, |mut state| async move {
-            loop {
-                if let Some(event) = state.out.pop_front() {
-                    return Some((Ok(event), state));
-                }
-                if state.done {
-                    return None;
-                }
-                let next = match state.pending_events.pop_front() {
-                    Some(event) => Some(event),
-                    None => state.events.next().await,
-                };
-                state.handle(next);
-            }
-        })
-    }
-
-    fn push_json(&mut self, value: &Value) {
-        self.out.push_back(Event::default().data(value.to_string()));
-    }
-
-    fn end(&mut self) {
-        self.out.push_back(Event::default().data("[DONE]"));
-        self.done = true;
-    }
-
-    fn handle(&mut self, event: Option<(usize, JobEvent)>) {
-        match event {
-            Some((_, JobEvent::Started)) => {}
-            Some((index, JobEvent::Text(text))) => {
-                let chunk = self
-                    .identity
-                    .text_chunk(index, &text, !self.sent_text[index]);
-                self.sent_text[index] = true;
-                self.push_json(&chunk);
-            }
-            Some((index, JobEvent::Finished(Ok(completed)))) => {
-                if !self.sent_text[index] && self.identity.endpoint == Endpoint::Chat {
-                    let chunk = self.identity.text_chunk(index, "", true);
-                    self.sent_text[index] = true;
-                    self.push_json(&chunk);
-                }
-                let finish =
-                    self.identity
-                        .finish_chunk(index, completed.finish_reason, &completed.report);
-                self.push_json(&finish);
-                self.completed.push(completed);
-                if self.completed.len() < self.sent_text.len() {
-                    return;
-                }
-                if self.include_usage {
-                    let chunk = self
-                        .identity
-                        .usage_chunk(usage(self.prompt_tokens, &self.completed));
-                    self.push_json(&chunk);
-                }
-                self.end();
-            }
-            Some((_, JobEvent::Finished(Err(error)))) => {
-                self.out.push_back(Event::default().data(error.body_json()));
-                self.end();
-            }
-            None => {
-                let error = ApiError::internal("the engine worker stopped");
-                self.out.push_back(Event::default().data(error.body_json()));
-                self.end();
-            }
-        }
     }
 }

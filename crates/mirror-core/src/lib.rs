@@ -44,6 +44,7 @@ pub mod models;
 pub mod sampling;
 pub mod threads;
 pub mod tokenizer;
+pub mod tools;
 #[cfg(feature = "train")]
 pub mod training;
 pub mod weights;
@@ -64,6 +65,7 @@ pub use models::ragged::RaggedSequence;
 pub use models::transformer::Model;
 pub use threads::ThreadPlacement;
 pub use tokenizer::{ChatMessage, Tokenizer};
+pub use tools::{Tool, ToolCall};
 pub use weights::{WeightFormat, WeightReport};
 
 pub use candle_core::{DType, Device, Tensor};

@@ -7,14 +7,21 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::tools::{self, Tool, ToolCall};
 
 /// One chat message, as in Hugging Face chat templates.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct ChatMessage {
-    /// `system`, `user` or `assistant`.
+    /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
     /// The message text.
     pub content: String,
+    /// An assistant message's calls.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// A `tool` message: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -23,6 +30,8 @@ impl ChatMessage {
         Self {
             role: role.into(),
             content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
         }
     }
 }
@@ -250,23 +259,114 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String> {
+        self.apply_chat_template_with_tools(messages, &[], add_generation_prompt)
+    }
+
+    /// [`Tokenizer::apply_chat_template`] with `tools` the model may call: given to a template
+    /// that takes them (its `tools` variable), or described in a Hermes system message to one
+    /// that does not, whose calls and results are then written as Hermes blocks too
+    /// ([`crate::tools`]).
+    pub fn apply_chat_template_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[Tool],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self.chat_template.as_deref().ok_or_else(|| {
             Error::ChatTemplate(format!("{} has no chat template", self.source_name))
         })?;
-        render_chat_template(
-            template,
-            messages,
-            add_generation_prompt,
+        let (bos, eos) = (
             self.bos_token.as_deref().unwrap_or(""),
             self.eos_token.as_deref().unwrap_or(""),
-        )
+        );
+        if self.template_takes_tools() {
+            return render_chat_template_with_tools(
+                template,
+                messages,
+                tools,
+                add_generation_prompt,
+                bos,
+                eos,
+            );
+        }
+        let messages = hermes_messages(messages, tools);
+        render_chat_template(template, &messages, add_generation_prompt, bos, eos)
     }
+
+    /// Whether the chat template renders tools itself (it reads a `tools` variable).
+    pub fn template_takes_tools(&self) -> bool {
+        self.chat_template
+            .as_deref()
+            .is_some_and(|t| t.contains("tools") && t.contains("tool_call"))
+    }
+}
+
+/// `messages` for a template that knows no tools: the tools described in the system message,
+/// calls and results as Hermes blocks in assistant and user messages.
+fn hermes_messages(messages: &[ChatMessage], tools: &[Tool]) -> Vec<ChatMessage> {
+    let mut out = Vec::with_capacity(messages.len() + 1);
+    if !tools.is_empty() {
+        let description = tools::hermes_system_prompt(tools);
+        match messages.first().filter(|m| m.role == "system") {
+            Some(system) => out.push(ChatMessage::new(
+                "system",
+                format!("{}\n\n{description}", system.content),
+            )),
+            None => out.push(ChatMessage::new("system", description)),
+        }
+    }
+    let skip =
+        usize::from(!tools.is_empty() && messages.first().is_some_and(|m| m.role == "system"));
+    for message in &messages[skip..] {
+        out.push(match message.role.as_str() {
+            "tool" => ChatMessage::new(
+                "user",
+                format!("<tool_response>\n{}\n</tool_response>", message.content),
+            ),
+            _ if !message.tool_calls.is_empty() => {
+                let calls: Vec<String> = message
+                    .tool_calls
+                    .iter()
+                    .map(|c| tools::call_block(&c.name, &c.arguments))
+                    .collect();
+                let text = [message.content.as_str()]
+                    .into_iter()
+                    .filter(|c| !c.is_empty())
+                    .chain(calls.iter().map(String::as_str))
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                ChatMessage::new(message.role.clone(), text)
+            }
+            _ => message.clone(),
+        });
+    }
+    out
 }
 
 /// Renders a Hugging Face chat template with minijinja.
 pub fn render_chat_template(
     template: &str,
     messages: &[ChatMessage],
+    add_generation_prompt: bool,
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<String> {
+    render_chat_template_with_tools(
+        template,
+        messages,
+        &[],
+        add_generation_prompt,
+        bos_token,
+        eos_token,
+    )
+}
+
+/// [`render_chat_template`] with the template's `tools` variable (undefined when there are none,
+/// as transformers leaves it).
+pub fn render_chat_template_with_tools(
+    template: &str,
+    messages: &[ChatMessage],
+    tools: &[Tool],
     add_generation_prompt: bool,
     bos_token: &str,
     eos_token: &str,
@@ -287,8 +387,14 @@ pub fn render_chat_template(
     );
     env.add_template("chat", template)
         .map_err(|e| Error::ChatTemplate(e.to_string()))?;
+    let tools = if tools.is_empty() {
+        minijinja::Value::UNDEFINED
+    } else {
+        minijinja::Value::from_serialize(tools)
+    };
     let ctx = minijinja::context! {
         messages => messages,
+        tools => tools,
         add_generation_prompt => add_generation_prompt,
         bos_token => bos_token,
         eos_token => eos_token,

@@ -28,7 +28,7 @@ use crossbeam_channel::{unbounded, Receiver};
 use crate::error::{Error, Result};
 use crate::generation::{Generation, GenerationConfig, StreamControl};
 use crate::strategy::Decoder;
-use mirror_core::{ChatMessage, Tokenizer};
+use mirror_core::{ChatMessage, Tokenizer, Tool};
 
 /// What to generate from.
 #[derive(Debug, Clone, Copy)]
@@ -37,6 +37,8 @@ pub enum Prompt<'a> {
     Text(&'a str),
     /// Messages rendered with the model's chat template, ending where the assistant speaks.
     Chat(&'a [ChatMessage]),
+    /// Messages with tools the model may call ([`Tokenizer::apply_chat_template_with_tools`]).
+    ChatWithTools(&'a [ChatMessage], &'a [Tool]),
     /// Token ids, used as they are.
     Tokens(&'a [u32]),
 }
@@ -61,6 +63,10 @@ impl Prompt<'_> {
             Prompt::Text(text) => tokenizer.encode(text, true)?,
             Prompt::Chat(messages) => {
                 let text = tokenizer.apply_chat_template(messages, true)?;
+                tokenizer.encode(&text, false)?
+            }
+            Prompt::ChatWithTools(messages, tools) => {
+                let text = tokenizer.apply_chat_template_with_tools(messages, tools, true)?;
                 tokenizer.encode(&text, false)?
             }
             Prompt::Tokens(tokens) => tokens.to_vec(),
