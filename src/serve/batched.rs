@@ -38,6 +38,8 @@ pub(crate) struct Submission {
     pub constraint_param: Option<&'static str>,
     /// Whether the output may hold, or is, a tool call.
     pub tool_choice: ToolChoice,
+    /// The offered tools' names.
+    pub tool_names: Vec<String>,
 }
 
 /// The batched engine behind the HTTP handlers.
@@ -149,7 +151,10 @@ impl Relay {
         let method = self.submission.method;
         let received = self.submission.received;
         let mut stop = StopText::new(self.submission.stop.clone());
-        let mut tool_output = ToolOutput::new(self.submission.tool_choice.clone());
+        let mut tool_output = ToolOutput::new(
+            self.submission.tool_choice.clone(),
+            self.submission.tool_names.clone(),
+        );
         let mut first_text: Option<Duration> = None;
         let mut tokens: Vec<u32> = Vec::new();
         let timing = |first_text| Timing {

@@ -265,6 +265,7 @@ async fn complete(
                 timeout,
                 constraint_param: parsed.constraint.as_ref().map(|(_, param)| *param),
                 tool_choice: parsed.tool_choice.clone(),
+                tool_names: parsed.tools.iter().map(|t| t.name.clone()).collect(),
             };
             (batched.submit(submission, app.queue.aborted())?, None)
         }

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use mirror_core::tools::{parse_call, parse_tool_calls, partial_open_tag, CALL_OPEN};
+use mirror_core::tools::{may_be_bare_call, parse_call, parse_output, partial_open_tag, CALL_OPEN};
 use mirror_core::ToolCall;
 
 use super::messages::ToolChoice;
@@ -14,6 +14,8 @@ use super::queue::Completed;
 #[derive(Debug)]
 pub(crate) struct ToolOutput {
     choice: ToolChoice,
+    /// The offered tools' names (a bare call must name one).
+    names: Vec<String>,
     /// Text received and not yet passed on.
     held: String,
     /// A call tag began: nothing more streams.
@@ -23,9 +25,10 @@ pub(crate) struct ToolOutput {
 }
 
 impl ToolOutput {
-    pub fn new(choice: ToolChoice) -> Self {
+    pub fn new(choice: ToolChoice, names: Vec<String>) -> Self {
         Self {
             choice,
+            names,
             held: String::new(),
             in_call: false,
             streamed: 0,
@@ -45,6 +48,9 @@ impl ToolOutput {
                     let out = self.held[..at].to_string();
                     self.held.clear();
                     out
+                } else if self.streamed == 0 && may_be_bare_call(&self.held) {
+                    // Perhaps the whole output is one bare call: wait and see.
+                    String::new()
                 } else {
                     let keep = partial_open_tag(&self.held);
                     let out = self.held[..self.held.len() - keep].to_string();
@@ -66,7 +72,8 @@ impl ToolOutput {
                 parse_call(&completed.text).into_iter().collect()
             }
             ToolChoice::Auto => {
-                let parsed = parse_tool_calls(&completed.text);
+                let names: Vec<&str> = self.names.iter().map(String::as_str).collect();
+                let parsed = parse_output(&completed.text, &names);
                 if !parsed.calls.is_empty() {
                     completed.text = parsed.content;
                 }
@@ -138,7 +145,7 @@ mod tests {
 
     /// Streams `pieces` through an `auto` filter: (what streamed, the finished answer).
     fn stream(pieces: &[&str]) -> (String, Completed) {
-        let mut output = ToolOutput::new(ToolChoice::Auto);
+        let mut output = ToolOutput::new(ToolChoice::Auto, vec!["get_weather".into()]);
         let mut streamed: String = pieces.iter().map(|p| output.push(p)).collect();
         let mut done = completed(&pieces.concat());
         streamed += &output.finish(&mut done);
@@ -171,11 +178,21 @@ mod tests {
         let (streamed, done) = stream(&["plain ", "text <"]);
         assert_eq!(streamed, "plain text <");
         assert_eq!(done.text, "plain text <");
+        // A bare call is held back whole; a JSON answer that is no call streams at the end.
+        let (streamed, done) = stream(&[
+            "```json\n{\"name\": \"get_weather\",",
+            " \"arguments\": {}}\n```",
+        ]);
+        assert_eq!(streamed, "");
+        assert_eq!(done.tool_calls.len(), 1);
+        let (streamed, done) = stream(&["{\"answer\":", " 42}"]);
+        assert_eq!(streamed, "{\"answer\": 42}");
+        assert!(done.tool_calls.is_empty());
     }
 
     #[test]
     fn a_forced_call_streams_nothing_and_is_read_whole() {
-        let mut output = ToolOutput::new(ToolChoice::Required);
+        let mut output = ToolOutput::new(ToolChoice::Required, vec!["f".into()]);
         let text = "{\"name\":\"f\",\"arguments\":{\"x\":1}}";
         assert_eq!(output.push(text), "");
         let mut done = completed(text);

@@ -12,7 +12,9 @@
 //! Reading the output back ([`parse_tool_calls`]) understands that Hermes/Qwen format: every
 //! `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` block is a call; text before the
 //! first block is the message's content. A block whose JSON does not parse, or lacks a name, is
-//! left in the content as text (the model did not make a call).
+//! left in the content as text (the model did not make a call). [`parse_output`] also takes an
+//! output that is nothing but one such object, bare or in a Markdown code fence, when it names
+//! an offered tool: Qwen2.5-Coder answers so.
 
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
@@ -137,6 +139,34 @@ pub fn parse_tool_calls(text: &str) -> ParsedOutput {
     out
 }
 
+/// [`parse_tool_calls`], or else the whole output as one bare call (optionally in a Markdown
+/// code fence) of one of `tools`.
+pub fn parse_output(text: &str, tools: &[&str]) -> ParsedOutput {
+    let parsed = parse_tool_calls(text);
+    if !parsed.calls.is_empty() {
+        return parsed;
+    }
+    let trimmed = text.trim();
+    let body = trimmed
+        .strip_prefix("```json")
+        .or_else(|| trimmed.strip_prefix("```"))
+        .and_then(|rest| rest.strip_suffix("```"))
+        .unwrap_or(trimmed);
+    match parse_call(body) {
+        Some(call) if tools.contains(&call.0.as_str()) => ParsedOutput {
+            content: String::new(),
+            calls: vec![call],
+        },
+        _ => parsed,
+    }
+}
+
+/// Whether `text` so far could still be the start of a bare call (see [`parse_output`]).
+pub fn may_be_bare_call(text: &str) -> bool {
+    let t = text.trim_start();
+    t.is_empty() || t.starts_with('{') || "```json".starts_with(t) || t.starts_with("```json")
+}
+
 /// One call's JSON: `{"name": ..., "arguments": {...}}` (arguments may be a JSON string, as
 /// some models write them).
 pub fn parse_call(body: &str) -> Option<(String, Value)> {
@@ -227,5 +257,14 @@ mod tests {
             parse_tool_calls(&block).calls,
             vec![("f".into(), json!({"x": 1}))]
         );
+        // A bare call, fenced as Qwen2.5-Coder writes it, of an offered tool only.
+        let fenced = "```json\n{\n  \"name\": \"f\",\n  \"arguments\": {\"x\": 2}\n}\n```";
+        assert_eq!(
+            parse_output(fenced, &["f"]).calls,
+            vec![("f".into(), json!({"x": 2}))]
+        );
+        assert!(parse_output(fenced, &["g"]).calls.is_empty());
+        assert!(may_be_bare_call("  ```js") && may_be_bare_call("{\"na"));
+        assert!(!may_be_bare_call("The answer"));
     }
 }
