@@ -220,9 +220,29 @@ fn forward(draft: &Model, running: &mut [Sequence], feeds: &[Feed]) -> Result<Ve
     Ok(draft.forward_ragged(&mut inputs)?)
 }
 
-/// Proposes the window's next token from `logits`; returns it when the window grows on.
+/// Proposes the window's next token from `logits`; returns it when the window grows on. Under
+/// penalties the draft proposes from its own logits penalized as the target's row there will be
+/// (the committed tokens and the window so far), so that its proposals stay likely under the
+/// penalized target (verification is exact either way: it sees the distribution each token was
+/// drawn from).
 fn propose(sequence: &mut Sequence, grow: &Growing, logits: &[f32]) -> Option<u32> {
     let stop = sequence.output.stop();
+    let penalized = (!sequence.config.penalties.is_neutral()).then(|| {
+        let (prompt, output) = sequence.seq.split_at(sequence.prompt_len());
+        let drafted = sequence
+            .draft
+            .as_ref()
+            .map_or(&[][..], |d| &d.drafted.tokens[..]);
+        let mut rows = [logits.to_vec()];
+        let before: Vec<u32> = output.iter().chain(drafted).copied().collect();
+        sequence
+            .config
+            .penalties
+            .apply_window(&mut rows, prompt, &before, &[]);
+        let [row] = rows;
+        row
+    });
+    let logits = penalized.as_deref().unwrap_or(logits);
     let side = sequence.draft.as_mut()?;
     let window = &mut side.drafted;
     let (token, choice) = choose_draft_token(logits, &grow.params, grow.seed, window.len());
