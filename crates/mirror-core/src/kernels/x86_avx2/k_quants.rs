@@ -1,0 +1,177 @@
+//! The k-quant kernels of the AVX2 path (Q4_K, Q5_K, Q6_K): one super-block of 256 weights at a
+//! time, each half of each chunk decoded once and applied to every row of the tile.
+
+// Row and half loops index several arrays in step; iterators would hide that.
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+
+use super::{broadcast4, flush_every, load, load_f16, nibbles, products, widen, Tile};
+
+impl<const R: usize> Tile<'_, R> {
+    /// Q4_K and Q5_K: `A = sum_j scale_j * isum_j` with each sub-block's 16-bit partial sums
+    /// widened straight by its scale, `B = sum_j min_j * asum_j` two sub-blocks per `vpmaddwd`
+    /// (see `formats::min_at`).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and F16C, and the tile must be valid (see [`Tile`]).
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn k4<const FIVE: bool>(&self) -> [[__m256; 2]; R] {
+        // SAFETY: AVX2, F16C and a valid tile are the caller's contract: the layout's offsets
+        // of each block stay inside the group, and the activations' offsets inside each row.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            for b in 0..self.layout.blocks {
+                let (meta, quants, planes) = self.block(b);
+                for h in 0..2 {
+                    let mut big_a = [_mm256_setzero_si256(); R];
+                    for s in 0..8 {
+                        let high = if FIVE {
+                            load(planes.add(64 * s + 32 * h))
+                        } else {
+                            _mm256_setzero_si256()
+                        };
+                        // The sub-block's scale of each column, as an i16 pair per lane.
+                        let scale = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                            meta.add(64 + 16 * s + 8 * h) as *const __m128i,
+                        ));
+                        let scale = _mm256_or_si256(scale, _mm256_slli_epi32::<16>(scale));
+                        let mut part = [_mm256_setzero_si256(); R];
+                        for t in 0..4 {
+                            let chunk = load(quants.add(64 * (4 * s + t) + 32 * h));
+                            let (lo, hi) = nibbles::<FIVE>(chunk, high, t);
+                            for r in 0..R {
+                                let at = self.q[r].add(b * 256 + 32 * s + 4 * t);
+                                let p = _mm256_add_epi16(
+                                    products(lo, broadcast4(at)),
+                                    products(hi, broadcast4(at.add(16))),
+                                );
+                                part[r] = _mm256_add_epi16(part[r], p);
+                            }
+                            if (t + 1) % flush_every(FIVE) == 0 {
+                                for r in 0..R {
+                                    big_a[r] = widen(big_a[r], part[r], scale);
+                                    part[r] = _mm256_setzero_si256();
+                                }
+                            }
+                        }
+                    }
+                    let mut big_b = [_mm256_setzero_si256(); R];
+                    for pair in 0..4 {
+                        let mins = _mm256_cvtepu8_epi16(_mm_loadu_si128(
+                            meta.add(192 + 32 * pair + 16 * h) as *const __m128i,
+                        ));
+                        for r in 0..R {
+                            let sums = _mm256_set1_epi32(*self.pairs32[r].add(4 * b + pair));
+                            big_b[r] = widen(big_b[r], mins, sums);
+                        }
+                    }
+                    let d = load_f16(meta.add(16 * h));
+                    let dmin = load_f16(meta.add(32 + 16 * h));
+                    for r in 0..R {
+                        let da = _mm256_set1_ps(*self.scales[r].add(b));
+                        let plus =
+                            _mm256_mul_ps(_mm256_mul_ps(da, d), _mm256_cvtepi32_ps(big_a[r]));
+                        let minus =
+                            _mm256_mul_ps(_mm256_mul_ps(da, dmin), _mm256_cvtepi32_ps(big_b[r]));
+                        acc[r][h] = _mm256_sub_ps(_mm256_add_ps(acc[r][h], plus), minus);
+                    }
+                }
+            }
+            acc
+        }
+    }
+
+    /// Q6_K: `A = sum_j scale_j * isum_j - 32 * sum_j scale_j * asum_j` over the 16-weight
+    /// sub-blocks, the second sum two sub-blocks per `vpmaddwd` (see `formats::q6_scale_at`).
+    /// Quants reach 63, so the 16-bit partial sums are widened every two chunks.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and F16C, and the tile must be valid (see [`Tile`]).
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn k6(&self) -> [[__m256; 2]; R] {
+        // SAFETY: AVX2, F16C and a valid tile are the caller's contract: the layout's offsets
+        // of each block stay inside the group, and the activations' offsets inside each row.
+        unsafe {
+            let low = _mm256_set1_epi8(0x0f);
+            let bits45 = _mm256_set1_epi8(0x30);
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            for b in 0..self.layout.blocks {
+                let (meta, quants, planes) = self.block(b);
+                for h in 0..2 {
+                    let mut big_a = [_mm256_setzero_si256(); R];
+                    for s in 0..8 {
+                        let high_lo = load(planes.add(128 * s + 32 * h));
+                        let high_hi = load(planes.add(128 * s + 64 + 32 * h));
+                        // Lane c holds the scales of sub-blocks 2s and 2s + 1 as two i16; each
+                        // of them in both halves of the lane widens its sub-block's sums.
+                        let pair = _mm256_cvtepi8_epi16(_mm_loadu_si128(
+                            meta.add(32 + 32 * s + 16 * h) as *const __m128i,
+                        ));
+                        let scale_lo =
+                            _mm256_shufflehi_epi16::<0xa0>(_mm256_shufflelo_epi16::<0xa0>(pair));
+                        let scale_hi =
+                            _mm256_shufflehi_epi16::<0xf5>(_mm256_shufflelo_epi16::<0xf5>(pair));
+                        let mut part_lo = [_mm256_setzero_si256(); R];
+                        let mut part_hi = [_mm256_setzero_si256(); R];
+                        for t in 0..4 {
+                            let chunk = load(quants.add(64 * (4 * s + t) + 32 * h));
+                            // Two bits per group at 2t (see `formats::high_bit_slot`), to 4..6.
+                            let (bits_lo, bits_hi) = match t {
+                                0 => (
+                                    _mm256_slli_epi16::<4>(high_lo),
+                                    _mm256_slli_epi16::<4>(high_hi),
+                                ),
+                                1 => (
+                                    _mm256_slli_epi16::<2>(high_lo),
+                                    _mm256_slli_epi16::<2>(high_hi),
+                                ),
+                                2 => (high_lo, high_hi),
+                                _ => (
+                                    _mm256_srli_epi16::<2>(high_lo),
+                                    _mm256_srli_epi16::<2>(high_hi),
+                                ),
+                            };
+                            let lo = _mm256_or_si256(
+                                _mm256_and_si256(chunk, low),
+                                _mm256_and_si256(bits_lo, bits45),
+                            );
+                            let hi = _mm256_or_si256(
+                                _mm256_and_si256(_mm256_srli_epi16::<4>(chunk), low),
+                                _mm256_and_si256(bits_hi, bits45),
+                            );
+                            for r in 0..R {
+                                let at = self.q[r].add(b * 256 + 32 * s + 4 * t);
+                                let p_lo = products(lo, broadcast4(at));
+                                let p_hi = products(hi, broadcast4(at.add(16)));
+                                part_lo[r] = _mm256_add_epi16(part_lo[r], p_lo);
+                                part_hi[r] = _mm256_add_epi16(part_hi[r], p_hi);
+                            }
+                            if t % 2 == 1 {
+                                for r in 0..R {
+                                    big_a[r] = widen(big_a[r], part_lo[r], scale_lo);
+                                    big_a[r] = widen(big_a[r], part_hi[r], scale_hi);
+                                    part_lo[r] = _mm256_setzero_si256();
+                                    part_hi[r] = _mm256_setzero_si256();
+                                }
+                            }
+                        }
+                        for r in 0..R {
+                            let sums = _mm256_set1_epi32(*self.pairs16[r].add(8 * b + s));
+                            let offset = _mm256_madd_epi16(pair, sums);
+                            big_a[r] = _mm256_sub_epi32(big_a[r], _mm256_slli_epi32::<5>(offset));
+                        }
+                    }
+                    let d = load_f16(meta.add(16 * h));
+                    for r in 0..R {
+                        let da = _mm256_set1_ps(*self.scales[r].add(b));
+                        let update =
+                            _mm256_mul_ps(_mm256_mul_ps(da, d), _mm256_cvtepi32_ps(big_a[r]));
+                        acc[r][h] = _mm256_add_ps(acc[r][h], update);
+                    }
+                }
+            }
+            acc
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! AVX2 kernels: each 64-byte vector of 16 interleaved weight rows is read as two 8-row halves,
+//! and 4-quant dot products go through `vpmaddubsw`. Activation rows go in tiles of up to four
+//! (see [`tile_rows`]): each weight vector is loaded and its nibbles and high bits unpacked
+//! once per tile, then multiplied with every row of the tile, half by half. The float updates
+//! follow `portable.rs` operation for operation, per row and column, so results match the
+//! other paths bit for bit whatever the tile.
+//!
+//! Integer sums are exact, so how they are grouped is free: the 16-bit products of
+//! `vpmaddubsw` (each at most `2 * qmax * 127`) are added in 16 bits for as many chunks as
+//! cannot overflow (see [`flush_every`]) before one `vpmaddwd` widens them, by ones or
+//! directly by the sub-block's scale.
+
+// Row, half and lane loops index several arrays in step; iterators would hide that.
+#![allow(clippy::needless_range_loop)]
+
+mod k_quants;
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::activations::Activations;
+use super::formats::GroupLayout;
+use super::operands::{Output, Weights};
+use super::portable::zero_point;
+use super::types::WeightType;
+
+/// Activation rows per tile for a weight type: as many as keep the tile's integer sums, the
+/// decoded weights and the constants in the 16 vector registers (the rows' float sums, touched
+/// once per block, may wait on the stack).
+fn tile_rows(ty: WeightType) -> usize {
+    match ty {
+        // A sum per row, plus an i16 partial sum for the nibble types.
+        WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q8_0 | WeightType::Q4K => 4,
+        // The high-bit vector takes a register more.
+        WeightType::Q5_0 | WeightType::Q5_1 | WeightType::Q5K => 4,
+        // Two partial sums per row (the two 16-weight sub-blocks' scales differ) and two
+        // high-bit vectors.
+        WeightType::Q6K => 3,
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX2 and F16C; `groups` must be column groups of `w`, `acts` rows of
+/// `w`'s input width, and `out` valid for writing each group's columns at every row of `acts`.
+#[target_feature(enable = "avx2,f16c")]
+pub(super) unsafe fn matmul_groups(
+    w: &Weights,
+    acts: &Activations,
+    groups: Range<usize>,
+    out: Output,
+) {
+    // SAFETY: AVX2, F16C and the groups are this function's contract, so every tile is valid
+    // (see `Tile`), and `out` takes the group's `lanes` columns at each of its rows.
+    unsafe {
+        let tile = tile_rows(w.ty);
+        for g in groups {
+            let group = w.group(g).as_ptr();
+            let at = Store {
+                out,
+                column: g * 16,
+                lanes: w.lanes(g),
+            };
+            let mut row = 0;
+            while row < acts.rows {
+                let rows = (acts.rows - row).min(tile);
+                match rows {
+                    4 => Tile::<4>::new(w, group, acts, row).run(w.ty, at),
+                    3 => Tile::<3>::new(w, group, acts, row).run(w.ty, at),
+                    2 => Tile::<2>::new(w, group, acts, row).run(w.ty, at),
+                    _ => Tile::<1>::new(w, group, acts, row).run(w.ty, at),
+                }
+                row += rows;
+            }
+        }
+    }
+}
+
+/// Where a tile's results go: `lanes` columns from `column` of the work item's output.
+#[derive(Clone, Copy)]
+struct Store {
+    out: Output,
+    column: usize,
+    lanes: usize,
+}
+
+/// One column group against `R` consecutive activation rows from `row0`, with raw pointers to
+/// each row's data (read without bounds checks in the inner loops; `new` takes them from
+/// checked slices). Valid when `group` points at a whole packed group of `layout` and the rows'
+/// pointers come from activations of the layout's input width: every method's reads then stay
+/// inside the group and the rows.
+struct Tile<'a, const R: usize> {
+    layout: &'a GroupLayout,
+    group: *const u8,
+    row0: usize,
+    q: [*const i8; R],
+    scales: [*const f32; R],
+    sums32: [*const i32; R],
+    pairs16: [*const i32; R],
+    pairs32: [*const i32; R],
+}
+
+/// Four activation bytes broadcast to every lane.
+///
+/// # Safety
+/// The CPU must support AVX2, and `at` must be valid for reading 4 bytes (unaligned).
+#[inline(always)]
+unsafe fn broadcast4(at: *const i8) -> __m256i {
+    // SAFETY: AVX2 and 4 readable bytes at `at` are the caller's contract.
+    unsafe { _mm256_set1_epi32(std::ptr::read_unaligned(at as *const i32)) }
+}
+
+/// 32 bytes at `at`: one half of a 64-byte vector of the group.
+///
+/// # Safety
+/// The CPU must support AVX, and `at` must be valid for reading 32 bytes (unaligned).
+#[inline(always)]
+unsafe fn load(at: *const u8) -> __m256i {
+    // SAFETY: AVX and 32 readable bytes at `at` are the caller's contract.
+    unsafe { _mm256_loadu_si256(at as *const __m256i) }
+}
+
+/// 8 f16 values at `at` as f32.
+///
+/// # Safety
+/// The CPU must support AVX and F16C, and `at` must be valid for reading 16 bytes (unaligned).
+#[inline(always)]
+unsafe fn load_f16(at: *const u8) -> __m256 {
+    // SAFETY: AVX, F16C and 16 readable bytes at `at` are the caller's contract.
+    unsafe { _mm256_cvtph_ps(_mm_loadu_si128(at as *const __m128i)) }
+}
+
+/// The 16-bit sums of pairs of products of unsigned quants (at most 63, so never saturating)
+/// and signed activations (at most 127 in magnitude).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[inline(always)]
+unsafe fn products(q: __m256i, a: __m256i) -> __m256i {
+    // SAFETY: AVX2 is the caller's contract; no memory is read.
+    unsafe { _mm256_maddubs_epi16(q, a) }
+}
+
+/// `acc + (the i32 sum of each lane's two i16 of p) * scale`, `scale` an i16 pair per lane.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[inline(always)]
+unsafe fn widen(acc: __m256i, p: __m256i, scale: __m256i) -> __m256i {
+    // SAFETY: AVX2 is the caller's contract; no memory is read.
+    unsafe { _mm256_add_epi32(acc, _mm256_madd_epi16(p, scale)) }
+}
+
+/// After how many chunks (each adding two 16-bit products per lane, at most `2 * qmax * 127`
+/// each) the 16-bit partial sums must be widened: 4 for 4-bit quants (8 * 3810 fits i16),
+/// 2 for 5-bit (4 * 7874).
+const fn flush_every(five: bool) -> usize {
+    if five {
+        2
+    } else {
+        4
+    }
+}
+
+/// Low and high nibbles of one half of chunk `t`, with their fifth bits from the half's high-bit
+/// vector `high` when `FIVE` (at bit `4 + t` of each byte for the low nibbles and `t` for the
+/// high ones; see `formats::high_bit_slot`).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[inline(always)]
+unsafe fn nibbles<const FIVE: bool>(chunk: __m256i, high: __m256i, t: usize) -> (__m256i, __m256i) {
+    // SAFETY: AVX2 is the caller's contract; no memory is read.
+    unsafe {
+        let low = _mm256_set1_epi8(0x0f);
+        let lo = _mm256_and_si256(chunk, low);
+        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(chunk), low);
+        if !FIVE {
+            return (lo, hi);
+        }
+        let bit4 = _mm256_set1_epi8(0x10);
+        // Bit 4 + t (or t) of each byte moved to bit 4; 16-bit shifts by at most 4 never carry
+        // a neighbour byte's bit into bit 4.
+        let (lo_bits, hi_bits) = match t {
+            0 => (high, _mm256_slli_epi16::<4>(high)),
+            1 => (_mm256_srli_epi16::<1>(high), _mm256_slli_epi16::<3>(high)),
+            2 => (_mm256_srli_epi16::<2>(high), _mm256_slli_epi16::<2>(high)),
+            _ => (_mm256_srli_epi16::<3>(high), _mm256_slli_epi16::<1>(high)),
+        };
+        (
+            _mm256_or_si256(lo, _mm256_and_si256(lo_bits, bit4)),
+            _mm256_or_si256(hi, _mm256_and_si256(hi_bits, bit4)),
+        )
+    }
+}
+
+impl<'a, const R: usize> Tile<'a, R> {
+    fn new(w: &'a Weights, group: *const u8, acts: &'a Activations, row0: usize) -> Self {
+        let k = acts.k;
+        let rows = row0..row0 + R;
+        let slice = |n: usize, r: usize| (row0 + r) * n..(row0 + r + 1) * n;
+        debug_assert!(rows.end <= acts.rows);
+        let pairs = |n: usize| if acts.block == 256 { n } else { 0 };
+        Self {
+            layout: &w.layout,
+            group,
+            row0,
+            q: std::array::from_fn(|r| acts.q[slice(k, r)].as_ptr()),
+            scales: std::array::from_fn(|r| acts.scales[slice(k / acts.block, r)].as_ptr()),
+            sums32: std::array::from_fn(|r| acts.sums32[slice(k / 32, r)].as_ptr()),
+            pairs16: std::array::from_fn(|r| acts.pairs16[slice(pairs(k / 32), r)].as_ptr()),
+            pairs32: std::array::from_fn(|r| acts.pairs32[slice(pairs(k / 64), r)].as_ptr()),
+        }
+    }
+
+    /// Computes the tile and writes its rows.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and F16C, the tile must be valid (see [`Tile`]), `ty` must be
+    /// the group's weight type, and `at` valid for writing its columns at the tile's rows.
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn run(&self, ty: WeightType, at: Store) {
+        // SAFETY: the kernels' contract is this function's (AVX2, F16C, a valid tile of type
+        // `ty`); `values` holds the 16 stored lanes, and `at` takes `lanes` of them per row.
+        unsafe {
+            let acc = match ty {
+                WeightType::Q4_0 => self.blocks32::<false, false, false>(zero_point(ty)),
+                WeightType::Q4_1 => self.blocks32::<false, false, true>(zero_point(ty)),
+                WeightType::Q5_0 => self.blocks32::<true, false, false>(zero_point(ty)),
+                WeightType::Q5_1 => self.blocks32::<true, false, true>(zero_point(ty)),
+                // The signed dot product already removes the offset of 128.
+                WeightType::Q8_0 => self.blocks32::<false, true, false>(0),
+                WeightType::Q4K => self.k4::<false>(),
+                WeightType::Q5K => self.k4::<true>(),
+                WeightType::Q6K => self.k6(),
+            };
+            for (r, acc) in acc.iter().enumerate() {
+                let mut values = [0f32; 16];
+                _mm256_storeu_ps(values.as_mut_ptr(), acc[0]);
+                _mm256_storeu_ps(values.as_mut_ptr().add(8), acc[1]);
+                let out = at.out;
+                let dst = out
+                    .ptr
+                    .add((self.row0 + r) * out.ld + out.offset + at.column);
+                std::ptr::copy_nonoverlapping(values.as_ptr(), dst, at.lanes);
+            }
+        }
+    }
+
+    /// Block `b`'s meta, quants and high bits.
+    ///
+    /// # Safety
+    /// The tile must be valid (see [`Tile`]) and `b` one of the layout's blocks.
+    #[inline(always)]
+    unsafe fn block(&self, b: usize) -> (*const u8, *const u8, *const u8) {
+        // SAFETY: the offsets of a block of the layout stay inside the group (a valid tile).
+        unsafe {
+            let layout = self.layout;
+            (
+                self.group.add(layout.meta_at(b)),
+                self.group.add(layout.quants_at(b)),
+                self.group.add(layout.planes_at(b)),
+            )
+        }
+    }
+
+    /// Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0: `FIVE` for a fifth bit, `BYTES` for whole-byte quants,
+    /// `MIN` for a block min.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and F16C, and the tile must be valid (see [`Tile`]).
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn blocks32<const FIVE: bool, const BYTES: bool, const MIN: bool>(
+        &self,
+        zp: i32,
+    ) -> [[__m256; 2]; R] {
+        // SAFETY: AVX2, F16C and a valid tile are the caller's contract: the layout's offsets
+        // of each block stay inside the group, and the activations' offsets inside each row.
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            for b in 0..self.layout.blocks {
+                let (meta, quants, planes) = self.block(b);
+                for h in 0..2 {
+                    let mut isum = [_mm256_setzero_si256(); R];
+                    if BYTES {
+                        // `sum (q - 128) * a` as `|q - 128| * (a signed like q - 128)`: a
+                        // product pair reaches 2 * 128 * 127, so each is widened at once.
+                        for t in 0..8 {
+                            let q = _mm256_xor_si256(
+                                load(quants.add(64 * t + 32 * h)),
+                                _mm256_set1_epi8(-128),
+                            );
+                            let magnitude = _mm256_sign_epi8(q, q);
+                            for r in 0..R {
+                                let a = broadcast4(self.q[r].add(b * 32 + 4 * t));
+                                let p = products(magnitude, _mm256_sign_epi8(a, q));
+                                isum[r] = widen(isum[r], p, ones);
+                            }
+                        }
+                    } else {
+                        let high = if FIVE {
+                            load(planes.add(32 * h))
+                        } else {
+                            _mm256_setzero_si256()
+                        };
+                        let mut part = [_mm256_setzero_si256(); R];
+                        for t in 0..4 {
+                            let chunk = load(quants.add(64 * t + 32 * h));
+                            let (lo, hi) = nibbles::<FIVE>(chunk, high, t);
+                            for r in 0..R {
+                                let at = self.q[r].add(b * 32 + 4 * t);
+                                let p = _mm256_add_epi16(
+                                    products(lo, broadcast4(at)),
+                                    products(hi, broadcast4(at.add(16))),
+                                );
+                                part[r] = _mm256_add_epi16(part[r], p);
+                            }
+                            if (t + 1) % flush_every(FIVE) == 0 {
+                                for r in 0..R {
+                                    isum[r] = widen(isum[r], part[r], ones);
+                                    part[r] = _mm256_setzero_si256();
+                                }
+                            }
+                        }
+                    }
+                    let d = load_f16(meta.add(16 * h));
+                    let m = if MIN {
+                        load_f16(meta.add(32 + 16 * h))
+                    } else {
+                        _mm256_setzero_ps()
+                    };
+                    for r in 0..R {
+                        let asum = *self.sums32[r].add(b);
+                        let da = _mm256_set1_ps(*self.scales[r].add(b));
+                        let ints =
+                            _mm256_sub_epi32(isum[r], _mm256_set1_epi32(zp.wrapping_mul(asum)));
+                        let update = _mm256_mul_ps(_mm256_mul_ps(da, d), _mm256_cvtepi32_ps(ints));
+                        acc[r][h] = _mm256_add_ps(acc[r][h], update);
+                        if MIN {
+                            let update =
+                                _mm256_mul_ps(_mm256_mul_ps(da, m), _mm256_set1_ps(asum as f32));
+                            acc[r][h] = _mm256_add_ps(acc[r][h], update);
+                        }
+                    }
+                }
+            }
+            acc
+        }
+    }
+}
