@@ -85,6 +85,7 @@ impl<const R: usize> Tile<'_, R> {
     /// Q6_K: `A = sum_j scale_j * isum_j - 32 * sum_j scale_j * asum_j` over the 16-weight
     /// sub-blocks, the second sum two sub-blocks per `vpmaddwd` (see `formats::q6_scale_at`).
     /// Quants reach 63, so the 16-bit partial sums are widened every two chunks.
+    /// The two sub-blocks of each 32 weights go in turn, so that a tile of four rows fits.
     ///
     /// # Safety
     /// The CPU must support AVX2 and F16C, and the tile must be valid (see [`Tile`]).
@@ -112,47 +113,44 @@ impl<const R: usize> Tile<'_, R> {
                             _mm256_shufflehi_epi16::<0xa0>(_mm256_shufflelo_epi16::<0xa0>(pair));
                         let scale_hi =
                             _mm256_shufflehi_epi16::<0xf5>(_mm256_shufflelo_epi16::<0xf5>(pair));
-                        let mut part_lo = [_mm256_setzero_si256(); R];
-                        let mut part_hi = [_mm256_setzero_si256(); R];
-                        for t in 0..4 {
-                            let chunk = load(quants.add(64 * (4 * s + t) + 32 * h));
-                            // Two bits per group at 2t (see `formats::high_bit_slot`), to 4..6.
-                            let (bits_lo, bits_hi) = match t {
-                                0 => (
-                                    _mm256_slli_epi16::<4>(high_lo),
-                                    _mm256_slli_epi16::<4>(high_hi),
-                                ),
-                                1 => (
-                                    _mm256_slli_epi16::<2>(high_lo),
-                                    _mm256_slli_epi16::<2>(high_hi),
-                                ),
-                                2 => (high_lo, high_hi),
-                                _ => (
-                                    _mm256_srli_epi16::<2>(high_lo),
-                                    _mm256_srli_epi16::<2>(high_hi),
-                                ),
+                        // The low nibbles (sub-block 2s) and then the high ones (2s + 1), each
+                        // pass with one partial sum per row, so that four rows fit.
+                        for second in [false, true] {
+                            let (high, scale) = if second {
+                                (high_hi, scale_hi)
+                            } else {
+                                (high_lo, scale_lo)
                             };
-                            let lo = _mm256_or_si256(
-                                _mm256_and_si256(chunk, low),
-                                _mm256_and_si256(bits_lo, bits45),
-                            );
-                            let hi = _mm256_or_si256(
-                                _mm256_and_si256(_mm256_srli_epi16::<4>(chunk), low),
-                                _mm256_and_si256(bits_hi, bits45),
-                            );
-                            for r in 0..R {
-                                let at = self.q[r].add(b * 256 + 32 * s + 4 * t);
-                                let p_lo = products(lo, broadcast4(at));
-                                let p_hi = products(hi, broadcast4(at.add(16)));
-                                part_lo[r] = _mm256_add_epi16(part_lo[r], p_lo);
-                                part_hi[r] = _mm256_add_epi16(part_hi[r], p_hi);
-                            }
-                            if t % 2 == 1 {
+                            let mut part = [_mm256_setzero_si256(); R];
+                            for t in 0..4 {
+                                let chunk = load(quants.add(64 * (4 * s + t) + 32 * h));
+                                let nibble = if second {
+                                    _mm256_srli_epi16::<4>(chunk)
+                                } else {
+                                    chunk
+                                };
+                                // Two bits per group at 2t (see `formats::high_bit_slot`), to 4.
+                                let bits = match t {
+                                    0 => _mm256_slli_epi16::<4>(high),
+                                    1 => _mm256_slli_epi16::<2>(high),
+                                    2 => high,
+                                    _ => _mm256_srli_epi16::<2>(high),
+                                };
+                                let q = _mm256_or_si256(
+                                    _mm256_and_si256(nibble, low),
+                                    _mm256_and_si256(bits, bits45),
+                                );
+                                let offset = if second { 16 } else { 0 };
                                 for r in 0..R {
-                                    big_a[r] = widen(big_a[r], part_lo[r], scale_lo);
-                                    big_a[r] = widen(big_a[r], part_hi[r], scale_hi);
-                                    part_lo[r] = _mm256_setzero_si256();
-                                    part_hi[r] = _mm256_setzero_si256();
+                                    let at = self.q[r].add(b * 256 + 32 * s + 4 * t + offset);
+                                    part[r] =
+                                        _mm256_add_epi16(part[r], products(q, broadcast4(at)));
+                                }
+                                if t % 2 == 1 {
+                                    for r in 0..R {
+                                        big_a[r] = widen(big_a[r], part[r], scale);
+                                        part[r] = _mm256_setzero_si256();
+                                    }
                                 }
                             }
                         }

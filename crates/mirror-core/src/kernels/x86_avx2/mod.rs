@@ -1,6 +1,6 @@
 //! AVX2 kernels: each 64-byte vector of 16 interleaved weight rows is read as two 8-row halves,
 //! and 4-quant dot products go through `vpmaddubsw`. Activation rows go in tiles of up to four
-//! (see [`tile_rows`]): each weight vector is loaded and its nibbles and high bits unpacked
+//! (see [`TILE`]): each weight vector is loaded and its nibbles and high bits unpacked
 //! once per tile, then multiplied with every row of the tile, half by half. The float updates
 //! follow `portable.rs` operation for operation, per row and column, so results match the
 //! other paths bit for bit whatever the tile.
@@ -24,20 +24,11 @@ use super::operands::{Output, Weights};
 use super::portable::zero_point;
 use super::types::WeightType;
 
-/// Activation rows per tile for a weight type: as many as keep the tile's integer sums, the
-/// decoded weights and the constants in the 16 vector registers (the rows' float sums, touched
-/// once per block, may wait on the stack).
-fn tile_rows(ty: WeightType) -> usize {
-    match ty {
-        // A sum per row, plus an i16 partial sum for the nibble types.
-        WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q8_0 | WeightType::Q4K => 4,
-        // The high-bit vector takes a register more.
-        WeightType::Q5_0 | WeightType::Q5_1 | WeightType::Q5K => 4,
-        // Two partial sums per row (the two 16-weight sub-blocks' scales differ) and two
-        // high-bit vectors.
-        WeightType::Q6K => 3,
-    }
-}
+/// Activation rows per tile. Four rows keep each row's i32 sum and i16 partial sum (Q6_K: one
+/// sub-block at a time, see `k6`) in registers beside the decoded chunk, the high bits, the
+/// scales and the masks, in all 16 for every type; the rows' float sums, touched once per
+/// block, may wait on the stack.
+const TILE: usize = 4;
 
 /// # Safety
 /// The CPU must support AVX2 and F16C; `groups` must be column groups of `w`, `acts` rows of
@@ -52,7 +43,6 @@ pub(super) unsafe fn matmul_groups(
     // SAFETY: AVX2, F16C and the groups are this function's contract, so every tile is valid
     // (see `Tile`), and `out` takes the group's `lanes` columns at each of its rows.
     unsafe {
-        let tile = tile_rows(w.ty);
         for g in groups {
             let group = w.group(g).as_ptr();
             let at = Store {
@@ -62,7 +52,7 @@ pub(super) unsafe fn matmul_groups(
             };
             let mut row = 0;
             while row < acts.rows {
-                let rows = (acts.rows - row).min(tile);
+                let rows = (acts.rows - row).min(TILE);
                 match rows {
                     4 => Tile::<4>::new(w, group, acts, row).run(w.ty, at),
                     3 => Tile::<3>::new(w, group, acts, row).run(w.ty, at),
