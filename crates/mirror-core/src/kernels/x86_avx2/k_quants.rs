@@ -5,6 +5,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::*;
+use std::ops::Range;
 
 use super::{broadcast4, flush_every, load, load_f16, nibbles, products, widen, Tile};
 
@@ -14,14 +15,20 @@ impl<const R: usize> Tile<'_, R> {
     /// (see `formats::min_at`).
     ///
     /// # Safety
-    /// The CPU must support AVX2 and F16C, and the tile must be valid (see [`Tile`]).
+    /// The CPU must support AVX2 and F16C, the tile must be valid (see [`Tile`]), `blocks` must
+    /// be blocks of its layout and `sums` must hold `R` rows.
     #[target_feature(enable = "avx2,f16c")]
-    pub(super) unsafe fn k4<const FIVE: bool>(&self) -> [[__m256; 2]; R] {
-        // SAFETY: AVX2, F16C and a valid tile are the caller's contract: the layout's offsets
-        // of each block stay inside the group, and the activations' offsets inside each row.
+    pub(super) unsafe fn k4<const FIVE: bool>(
+        &self,
+        blocks: Range<usize>,
+        sums: &mut [[__m256; 2]],
+    ) {
+        // SAFETY: AVX2, F16C, a valid tile and blocks of its layout are the caller's contract:
+        // the layout's offsets of each block stay inside the group, and the activations'
+        // offsets inside each row.
         unsafe {
-            let mut acc = [[_mm256_setzero_ps(); 2]; R];
-            for b in 0..self.layout.blocks {
+            let mut acc: [[__m256; 2]; R] = std::array::from_fn(|r| sums[r]);
+            for b in blocks {
                 let (meta, quants, planes) = self.block(b);
                 for h in 0..2 {
                     let mut big_a = [_mm256_setzero_si256(); R];
@@ -78,7 +85,7 @@ impl<const R: usize> Tile<'_, R> {
                     }
                 }
             }
-            acc
+            sums[..R].copy_from_slice(&acc);
         }
     }
 
@@ -88,16 +95,18 @@ impl<const R: usize> Tile<'_, R> {
     /// The two sub-blocks of each 32 weights go in turn, so that a tile of four rows fits.
     ///
     /// # Safety
-    /// The CPU must support AVX2 and F16C, and the tile must be valid (see [`Tile`]).
+    /// The CPU must support AVX2 and F16C, the tile must be valid (see [`Tile`]), `blocks` must
+    /// be blocks of its layout and `sums` must hold `R` rows.
     #[target_feature(enable = "avx2,f16c")]
-    pub(super) unsafe fn k6(&self) -> [[__m256; 2]; R] {
-        // SAFETY: AVX2, F16C and a valid tile are the caller's contract: the layout's offsets
-        // of each block stay inside the group, and the activations' offsets inside each row.
+    pub(super) unsafe fn k6(&self, blocks: Range<usize>, sums: &mut [[__m256; 2]]) {
+        // SAFETY: AVX2, F16C, a valid tile and blocks of its layout are the caller's contract:
+        // the layout's offsets of each block stay inside the group, and the activations'
+        // offsets inside each row.
         unsafe {
             let low = _mm256_set1_epi8(0x0f);
             let bits45 = _mm256_set1_epi8(0x30);
-            let mut acc = [[_mm256_setzero_ps(); 2]; R];
-            for b in 0..self.layout.blocks {
+            let mut acc: [[__m256; 2]; R] = std::array::from_fn(|r| sums[r]);
+            for b in blocks {
                 let (meta, quants, planes) = self.block(b);
                 for h in 0..2 {
                     let mut big_a = [_mm256_setzero_si256(); R];
@@ -169,7 +178,7 @@ impl<const R: usize> Tile<'_, R> {
                     }
                 }
             }
-            acc
+            sums[..R].copy_from_slice(&acc);
         }
     }
 }

@@ -1,7 +1,8 @@
 //! AVX2 kernels: each 64-byte vector of 16 interleaved weight rows is read as two 8-row halves,
 //! and 4-quant dot products go through `vpmaddubsw`. Activation rows go in tiles of up to four
-//! (see [`TILE`]): each weight vector is loaded and its nibbles and high bits unpacked
-//! once per tile, then multiplied with every row of the tile, half by half. The float updates
+//! (see [`TILE`]): each weight vector is loaded and its nibbles and high bits unpacked once per
+//! tile, then multiplied with every row of the tile, half by half. A pass over a column group
+//! takes its blocks a step at a time through every tile (see [`PASS`]). The float updates
 //! follow `portable.rs` operation for operation, per row and column, so results match the
 //! other paths bit for bit whatever the tile.
 //!
@@ -30,6 +31,12 @@ use super::types::WeightType;
 /// block, may wait on the stack.
 const TILE: usize = 4;
 
+/// Activation rows per pass over a column group. Within a pass the group's weight blocks go by
+/// once, each step of blocks applied to every tile of rows in turn, so that the weights stream
+/// from memory while the tiles compute (rather than all at once for the first tile); the rows'
+/// float sums wait on the stack between steps.
+const PASS: usize = 64;
+
 /// # Safety
 /// The CPU must support AVX2 and F16C; `groups` must be column groups of `w`, `acts` rows of
 /// `w`'s input width, and `out` valid for writing each group's columns at every row of `acts`.
@@ -41,47 +48,89 @@ pub(super) unsafe fn matmul_groups(
     out: Output,
 ) {
     // SAFETY: AVX2, F16C and the groups are this function's contract, so every tile is valid
-    // (see `Tile`), and `out` takes the group's `lanes` columns at each of its rows.
+    // (see `Tile`) once it points at the group, and `out` takes the group's `lanes` columns at
+    // each row of the pass.
     unsafe {
-        for g in groups {
-            let group = w.group(g).as_ptr();
-            let at = Store {
-                out,
-                column: g * 16,
-                lanes: w.lanes(g),
+        let mut acc = [[_mm256_setzero_ps(); 2]; PASS];
+        let step4 = Tile::<TILE>::step_for(w.ty);
+        let step3 = Tile::<3>::step_for(w.ty);
+        let step2 = Tile::<2>::step_for(w.ty);
+        let step1 = Tile::<1>::step_for(w.ty);
+        let mut first = 0;
+        while first < acts.rows {
+            let rows = (acts.rows - first).min(PASS);
+            let mut full: Vec<Tile<TILE>> = (0..rows / TILE)
+                .map(|t| Tile::new(w, acts, first + t * TILE))
+                .collect();
+            let rest_at = rows / TILE * TILE;
+            let rest = first + rest_at;
+            let (mut t3, mut t2, mut t1) = match rows - rest_at {
+                3 => (Some(Tile::<3>::new(w, acts, rest)), None, None),
+                2 => (None, Some(Tile::<2>::new(w, acts, rest)), None),
+                1 => (None, None, Some(Tile::<1>::new(w, acts, rest))),
+                _ => (None, None, None),
             };
-            let mut row = 0;
-            while row < acts.rows {
-                let rows = (acts.rows - row).min(TILE);
-                match rows {
-                    4 => Tile::<4>::new(w, group, acts, row).run(w.ty, at),
-                    3 => Tile::<3>::new(w, group, acts, row).run(w.ty, at),
-                    2 => Tile::<2>::new(w, group, acts, row).run(w.ty, at),
-                    _ => Tile::<1>::new(w, group, acts, row).run(w.ty, at),
+            // With one tile, all blocks in one step; otherwise about 256 weights per step, so
+            // that the call and the sums' round trip through the stack stay small next to the
+            // work.
+            let per_step = if rows <= TILE {
+                w.layout.blocks
+            } else {
+                (256 / w.ty.block_len()).max(w.layout.blocks_per_record())
+            };
+            for g in groups.clone() {
+                let group = w.group(g).as_ptr();
+                full.iter_mut().for_each(|tile| tile.group = group);
+                if let Some(tile) = &mut t3 {
+                    tile.group = group;
                 }
-                row += rows;
+                if let Some(tile) = &mut t2 {
+                    tile.group = group;
+                }
+                if let Some(tile) = &mut t1 {
+                    tile.group = group;
+                }
+                acc[..rows].fill([_mm256_setzero_ps(); 2]);
+                for b in (0..w.layout.blocks).step_by(per_step) {
+                    let blocks = b..(b + per_step).min(w.layout.blocks);
+                    for (t, tile) in full.iter().enumerate() {
+                        step4(tile, blocks.clone(), &mut acc[t * TILE..(t + 1) * TILE]);
+                    }
+                    let tail = &mut acc[rest_at..rows];
+                    if let Some(tile) = &t3 {
+                        step3(tile, blocks.clone(), tail);
+                    } else if let Some(tile) = &t2 {
+                        step2(tile, blocks.clone(), tail);
+                    } else if let Some(tile) = &t1 {
+                        step1(tile, blocks.clone(), tail);
+                    }
+                }
+                let lanes = w.lanes(g);
+                for (r, acc) in acc[..rows].iter().enumerate() {
+                    let mut values = [0f32; 16];
+                    _mm256_storeu_ps(values.as_mut_ptr(), acc[0]);
+                    _mm256_storeu_ps(values.as_mut_ptr().add(8), acc[1]);
+                    let dst = out.ptr.add((first + r) * out.ld + out.offset + g * 16);
+                    std::ptr::copy_nonoverlapping(values.as_ptr(), dst, lanes);
+                }
             }
+            first += rows;
         }
     }
 }
 
-/// Where a tile's results go: `lanes` columns from `column` of the work item's output.
-#[derive(Clone, Copy)]
-struct Store {
-    out: Output,
-    column: usize,
-    lanes: usize,
-}
+/// A type's step: `(tile, blocks, sums)` adds a range of the group's blocks to the `R` rows'
+/// running sums (two halves of 8 columns per row).
+type Step<'a, const R: usize> = unsafe fn(&Tile<'a, R>, Range<usize>, &mut [[__m256; 2]]);
 
-/// One column group against `R` consecutive activation rows from `row0`, with raw pointers to
-/// each row's data (read without bounds checks in the inner loops; `new` takes them from
-/// checked slices). Valid when `group` points at a whole packed group of `layout` and the rows'
-/// pointers come from activations of the layout's input width: every method's reads then stay
-/// inside the group and the rows.
+/// One column group against `R` activation rows, with raw pointers to each row's data (read
+/// without bounds checks in the inner loops; `new` takes them from checked slices). Valid when
+/// `group` points at a whole packed group of `layout` and the rows' pointers come from
+/// activations of the layout's input width: every method's reads then stay inside the group
+/// and the rows.
 struct Tile<'a, const R: usize> {
     layout: &'a GroupLayout,
     group: *const u8,
-    row0: usize,
     q: [*const i8; R],
     scales: [*const f32; R],
     sums32: [*const i32; R],
@@ -184,7 +233,8 @@ unsafe fn nibbles<const FIVE: bool>(chunk: __m256i, high: __m256i, t: usize) -> 
 }
 
 impl<'a, const R: usize> Tile<'a, R> {
-    fn new(w: &'a Weights, group: *const u8, acts: &'a Activations, row0: usize) -> Self {
+    /// The tile of rows `row0..row0 + R`, pointing at no group yet.
+    fn new(w: &'a Weights, acts: &'a Activations, row0: usize) -> Self {
         let k = acts.k;
         let rows = row0..row0 + R;
         let slice = |n: usize, r: usize| (row0 + r) * n..(row0 + r + 1) * n;
@@ -192,8 +242,7 @@ impl<'a, const R: usize> Tile<'a, R> {
         let pairs = |n: usize| if acts.block == 256 { n } else { 0 };
         Self {
             layout: &w.layout,
-            group,
-            row0,
+            group: std::ptr::null(),
             q: std::array::from_fn(|r| acts.q[slice(k, r)].as_ptr()),
             scales: std::array::from_fn(|r| acts.scales[slice(k / acts.block, r)].as_ptr()),
             sums32: std::array::from_fn(|r| acts.sums32[slice(k / 32, r)].as_ptr()),
@@ -202,37 +251,23 @@ impl<'a, const R: usize> Tile<'a, R> {
         }
     }
 
-    /// Computes the tile and writes its rows.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2 and F16C, the tile must be valid (see [`Tile`]), `ty` must be
-    /// the group's weight type, and `at` valid for writing its columns at the tile's rows.
-    #[target_feature(enable = "avx2,f16c")]
-    unsafe fn run(&self, ty: WeightType, at: Store) {
-        // SAFETY: the kernels' contract is this function's (AVX2, F16C, a valid tile of type
-        // `ty`); `values` holds the 16 stored lanes, and `at` takes `lanes` of them per row.
-        unsafe {
-            let acc = match ty {
-                WeightType::Q4_0 => self.blocks32::<false, false, false>(zero_point(ty)),
-                WeightType::Q4_1 => self.blocks32::<false, false, true>(zero_point(ty)),
-                WeightType::Q5_0 => self.blocks32::<true, false, false>(zero_point(ty)),
-                WeightType::Q5_1 => self.blocks32::<true, false, true>(zero_point(ty)),
-                // The signed dot product already removes the offset of 128.
-                WeightType::Q8_0 => self.blocks32::<false, true, false>(0),
-                WeightType::Q4K => self.k4::<false>(),
-                WeightType::Q5K => self.k4::<true>(),
-                WeightType::Q6K => self.k6(),
-            };
-            for (r, acc) in acc.iter().enumerate() {
-                let mut values = [0f32; 16];
-                _mm256_storeu_ps(values.as_mut_ptr(), acc[0]);
-                _mm256_storeu_ps(values.as_mut_ptr().add(8), acc[1]);
-                let out = at.out;
-                let dst = out
-                    .ptr
-                    .add((self.row0 + r) * out.ld + out.offset + at.column);
-                std::ptr::copy_nonoverlapping(values.as_ptr(), dst, at.lanes);
+    /// The step function for `ty`. Chosen once per call, so each type's loop is compiled on
+    /// its own.
+    fn step_for(ty: WeightType) -> Step<'a, R> {
+        match ty {
+            WeightType::Q4_0 => {
+                Self::blocks32::<false, false, false, { zero_point(WeightType::Q4_0) }>
             }
+            WeightType::Q4_1 => Self::blocks32::<false, false, true, 0>,
+            WeightType::Q5_0 => {
+                Self::blocks32::<true, false, false, { zero_point(WeightType::Q5_0) }>
+            }
+            WeightType::Q5_1 => Self::blocks32::<true, false, true, 0>,
+            // The signed dot product already removes the offset of 128.
+            WeightType::Q8_0 => Self::blocks32::<false, true, false, 0>,
+            WeightType::Q4K => Self::k4::<false>,
+            WeightType::Q5K => Self::k4::<true>,
+            WeightType::Q6K => Self::k6,
         }
     }
 
@@ -254,21 +289,24 @@ impl<'a, const R: usize> Tile<'a, R> {
     }
 
     /// Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0: `FIVE` for a fifth bit, `BYTES` for whole-byte quants,
-    /// `MIN` for a block min.
+    /// `MIN` for a block min, `ZP` the zero point; adds `blocks` to the rows' `sums`.
     ///
     /// # Safety
-    /// The CPU must support AVX2 and F16C, and the tile must be valid (see [`Tile`]).
+    /// The CPU must support AVX2 and F16C, the tile must be valid (see [`Tile`]), `blocks` must
+    /// be blocks of its layout and `sums` must hold `R` rows.
     #[target_feature(enable = "avx2,f16c")]
-    unsafe fn blocks32<const FIVE: bool, const BYTES: bool, const MIN: bool>(
+    unsafe fn blocks32<const FIVE: bool, const BYTES: bool, const MIN: bool, const ZP: i32>(
         &self,
-        zp: i32,
-    ) -> [[__m256; 2]; R] {
-        // SAFETY: AVX2, F16C and a valid tile are the caller's contract: the layout's offsets
-        // of each block stay inside the group, and the activations' offsets inside each row.
+        blocks: Range<usize>,
+        sums: &mut [[__m256; 2]],
+    ) {
+        // SAFETY: AVX2, F16C, a valid tile and blocks of its layout are the caller's contract:
+        // the layout's offsets of each block stay inside the group, and the activations'
+        // offsets inside each row.
         unsafe {
             let ones = _mm256_set1_epi16(1);
-            let mut acc = [[_mm256_setzero_ps(); 2]; R];
-            for b in 0..self.layout.blocks {
+            let mut acc: [[__m256; 2]; R] = std::array::from_fn(|r| sums[r]);
+            for b in blocks {
                 let (meta, quants, planes) = self.block(b);
                 for h in 0..2 {
                     let mut isum = [_mm256_setzero_si256(); R];
@@ -323,7 +361,7 @@ impl<'a, const R: usize> Tile<'a, R> {
                         let asum = *self.sums32[r].add(b);
                         let da = _mm256_set1_ps(*self.scales[r].add(b));
                         let ints =
-                            _mm256_sub_epi32(isum[r], _mm256_set1_epi32(zp.wrapping_mul(asum)));
+                            _mm256_sub_epi32(isum[r], _mm256_set1_epi32(ZP.wrapping_mul(asum)));
                         let update = _mm256_mul_ps(_mm256_mul_ps(da, d), _mm256_cvtepi32_ps(ints));
                         acc[r][h] = _mm256_add_ps(acc[r][h], update);
                         if MIN {
@@ -334,7 +372,7 @@ impl<'a, const R: usize> Tile<'a, R> {
                     }
                 }
             }
-            acc
+            sums[..R].copy_from_slice(&acc);
         }
     }
 }
