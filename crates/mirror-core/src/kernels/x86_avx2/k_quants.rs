@@ -1,5 +1,6 @@
 //! The k-quant kernels of the AVX2 path (Q4_K, Q5_K, Q6_K): one super-block of 256 weights at a
-//! time, each half of each chunk decoded once and applied to every row of the tile.
+//! time, each half of each chunk decoded once and applied to every row of the tile, or read
+//! already decoded (once for every tile of a pass, see `super::DECODED`).
 
 // Row and half loops index several arrays in step; iterators would hide that.
 #![allow(clippy::needless_range_loop)]
@@ -7,18 +8,21 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::{broadcast4, flush_every, load, load_f16, nibbles, products, widen, Tile};
+use super::{
+    broadcast4, decoded_at, flush_every, load, load_f16, nibbles, products, six_bits, widen, Tile,
+};
 
 impl<const R: usize> Tile<'_, R> {
     /// Q4_K and Q5_K: `A = sum_j scale_j * isum_j` with each sub-block's 16-bit partial sums
     /// widened straight by its scale, `B = sum_j min_j * asum_j` two sub-blocks per `vpmaddwd`
-    /// (see `formats::min_at`).
+    /// (see `formats::min_at`). With `PRE` the quants come decoded (see `super::DECODED`).
     ///
     /// # Safety
     /// The CPU must support AVX2 and F16C, the tile must be valid (see [`Tile`]), `blocks` must
-    /// be blocks of its layout and `sums` must hold `R` rows.
+    /// be blocks of its layout and `sums` must hold `R` rows. With `PRE`, `blocks` must be the
+    /// one block decoded at the tile's `decoded`.
     #[target_feature(enable = "avx2,f16c")]
-    pub(super) unsafe fn k4<const FIVE: bool>(
+    pub(super) unsafe fn k4<const FIVE: bool, const PRE: bool>(
         &self,
         blocks: Range<usize>,
         sums: &mut [[__m256; 2]],
@@ -33,7 +37,7 @@ impl<const R: usize> Tile<'_, R> {
                 for h in 0..2 {
                     let mut big_a = [_mm256_setzero_si256(); R];
                     for s in 0..8 {
-                        let high = if FIVE {
+                        let high = if FIVE && !PRE {
                             load(planes.add(64 * s + 32 * h))
                         } else {
                             _mm256_setzero_si256()
@@ -45,8 +49,15 @@ impl<const R: usize> Tile<'_, R> {
                         let scale = _mm256_or_si256(scale, _mm256_slli_epi32::<16>(scale));
                         let mut part = [_mm256_setzero_si256(); R];
                         for t in 0..4 {
-                            let chunk = load(quants.add(64 * (4 * s + t) + 32 * h));
-                            let (lo, hi) = nibbles::<FIVE>(chunk, high, t);
+                            let (lo, hi) = if PRE {
+                                (
+                                    *self.decoded.add(decoded_at(s, t, 0, h)),
+                                    *self.decoded.add(decoded_at(s, t, 1, h)),
+                                )
+                            } else {
+                                let chunk = load(quants.add(64 * (4 * s + t) + 32 * h));
+                                nibbles::<FIVE>(chunk, high, t)
+                            };
                             for r in 0..R {
                                 let at = self.q[r].add(b * 256 + 32 * s + 4 * t);
                                 let p = _mm256_add_epi16(
@@ -92,27 +103,37 @@ impl<const R: usize> Tile<'_, R> {
     /// Q6_K: `A = sum_j scale_j * isum_j - 32 * sum_j scale_j * asum_j` over the 16-weight
     /// sub-blocks, the second sum two sub-blocks per `vpmaddwd` (see `formats::q6_scale_at`).
     /// Quants reach 63, so the 16-bit partial sums are widened every two chunks.
-    /// The two sub-blocks of each 32 weights go in turn, so that a tile of four rows fits.
+    /// The two sub-blocks of each 32 weights go in turn, so that a tile of four rows fits. With
+    /// `PRE` the quants come decoded (see `super::DECODED`).
     ///
     /// # Safety
     /// The CPU must support AVX2 and F16C, the tile must be valid (see [`Tile`]), `blocks` must
-    /// be blocks of its layout and `sums` must hold `R` rows.
+    /// be blocks of its layout and `sums` must hold `R` rows. With `PRE`, `blocks` must be the
+    /// one block decoded at the tile's `decoded`.
     #[target_feature(enable = "avx2,f16c")]
-    pub(super) unsafe fn k6(&self, blocks: Range<usize>, sums: &mut [[__m256; 2]]) {
+    pub(super) unsafe fn k6<const PRE: bool>(
+        &self,
+        blocks: Range<usize>,
+        sums: &mut [[__m256; 2]],
+    ) {
         // SAFETY: AVX2, F16C, a valid tile and blocks of its layout are the caller's contract:
         // the layout's offsets of each block stay inside the group, and the activations'
         // offsets inside each row.
         unsafe {
-            let low = _mm256_set1_epi8(0x0f);
-            let bits45 = _mm256_set1_epi8(0x30);
             let mut acc: [[__m256; 2]; R] = std::array::from_fn(|r| sums[r]);
             for b in blocks {
                 let (meta, quants, planes) = self.block(b);
                 for h in 0..2 {
                     let mut big_a = [_mm256_setzero_si256(); R];
                     for s in 0..8 {
-                        let high_lo = load(planes.add(128 * s + 32 * h));
-                        let high_hi = load(planes.add(128 * s + 64 + 32 * h));
+                        let (high_lo, high_hi) = if PRE {
+                            (_mm256_setzero_si256(), _mm256_setzero_si256())
+                        } else {
+                            (
+                                load(planes.add(128 * s + 32 * h)),
+                                load(planes.add(128 * s + 64 + 32 * h)),
+                            )
+                        };
                         // Lane c holds the scales of sub-blocks 2s and 2s + 1 as two i16; each
                         // of them in both halves of the lane widens its sub-block's sums.
                         let pair = _mm256_cvtepi8_epi16(_mm_loadu_si128(
@@ -132,23 +153,17 @@ impl<const R: usize> Tile<'_, R> {
                             };
                             let mut part = [_mm256_setzero_si256(); R];
                             for t in 0..4 {
-                                let chunk = load(quants.add(64 * (4 * s + t) + 32 * h));
-                                let nibble = if second {
-                                    _mm256_srli_epi16::<4>(chunk)
+                                let q = if PRE {
+                                    *self.decoded.add(decoded_at(s, t, second as usize, h))
                                 } else {
-                                    chunk
+                                    let chunk = load(quants.add(64 * (4 * s + t) + 32 * h));
+                                    let nibble = if second {
+                                        _mm256_srli_epi16::<4>(chunk)
+                                    } else {
+                                        chunk
+                                    };
+                                    six_bits(nibble, high, t)
                                 };
-                                // Two bits per group at 2t (see `formats::high_bit_slot`), to 4.
-                                let bits = match t {
-                                    0 => _mm256_slli_epi16::<4>(high),
-                                    1 => _mm256_slli_epi16::<2>(high),
-                                    2 => high,
-                                    _ => _mm256_srli_epi16::<2>(high),
-                                };
-                                let q = _mm256_or_si256(
-                                    _mm256_and_si256(nibble, low),
-                                    _mm256_and_si256(bits, bits45),
-                                );
                                 let offset = if second { 16 } else { 0 };
                                 for r in 0..R {
                                     let at = self.q[r].add(b * 256 + 32 * s + 4 * t + offset);

@@ -2,7 +2,8 @@
 //! and 4-quant dot products go through `vpmaddubsw`. Activation rows go in tiles of up to four
 //! (see [`TILE`]): each weight vector is loaded and its nibbles and high bits unpacked once per
 //! tile, then multiplied with every row of the tile, half by half. A pass over a column group
-//! takes its blocks a step at a time through every tile (see [`PASS`]). The float updates
+//! takes its blocks a step at a time through every tile (see [`PASS`]); with several tiles, a
+//! k-quant block is decoded once for all of them (see [`DECODED`]). The float updates
 //! follow `portable.rs` operation for operation, per row and column, so results match the
 //! other paths bit for bit whatever the tile.
 //!
@@ -52,13 +53,19 @@ pub(super) unsafe fn matmul_groups(
     // each row of the pass.
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); 2]; PASS];
-        let step4 = Tile::<TILE>::step_for(w.ty);
-        let step3 = Tile::<3>::step_for(w.ty);
-        let step2 = Tile::<2>::step_for(w.ty);
-        let step1 = Tile::<1>::step_for(w.ty);
+        let mut decoded = [_mm256_setzero_si256(); DECODED];
+        let buffer = decoded.as_mut_ptr();
         let mut first = 0;
         while first < acts.rows {
             let rows = (acts.rows - first).min(PASS);
+            // With several tiles, a k-quant block's quants are decoded once into `decoded` and
+            // every tile reads them there.
+            let decode = if rows > TILE { decoder_for(w.ty) } else { None };
+            let pre = decode.is_some();
+            let step4 = Tile::<TILE>::step_for(w.ty, pre);
+            let step3 = Tile::<3>::step_for(w.ty, pre);
+            let step2 = Tile::<2>::step_for(w.ty, pre);
+            let step1 = Tile::<1>::step_for(w.ty, pre);
             let mut full: Vec<Tile<TILE>> = (0..rows / TILE)
                 .map(|t| Tile::new(w, acts, first + t * TILE))
                 .collect();
@@ -78,6 +85,17 @@ pub(super) unsafe fn matmul_groups(
             } else {
                 (256 / w.ty.block_len()).max(w.layout.blocks_per_record())
             };
+            debug_assert!(!pre || per_step == 1);
+            full.iter_mut().for_each(|tile| tile.decoded = buffer);
+            if let Some(tile) = &mut t3 {
+                tile.decoded = buffer;
+            }
+            if let Some(tile) = &mut t2 {
+                tile.decoded = buffer;
+            }
+            if let Some(tile) = &mut t1 {
+                tile.decoded = buffer;
+            }
             for g in groups.clone() {
                 let group = w.group(g).as_ptr();
                 full.iter_mut().for_each(|tile| tile.group = group);
@@ -93,6 +111,9 @@ pub(super) unsafe fn matmul_groups(
                 acc[..rows].fill([_mm256_setzero_ps(); 2]);
                 for b in (0..w.layout.blocks).step_by(per_step) {
                     let blocks = b..(b + per_step).min(w.layout.blocks);
+                    if let Some(decode) = decode {
+                        decode(group, &w.layout, b, buffer);
+                    }
                     for (t, tile) in full.iter().enumerate() {
                         step4(tile, blocks.clone(), &mut acc[t * TILE..(t + 1) * TILE]);
                     }
@@ -123,14 +144,28 @@ pub(super) unsafe fn matmul_groups(
 /// running sums (two halves of 8 columns per row).
 type Step<'a, const R: usize> = unsafe fn(&Tile<'a, R>, Range<usize>, &mut [[__m256; 2]]);
 
+/// The decoder of a k-quant type's blocks, if decoding them once for all tiles pays (see
+/// [`DECODED`]): for the types with high bits. Q4_K's nibbles cost less to unpack in each tile
+/// than to store and load again.
+fn decoder_for(ty: WeightType) -> Option<Decode> {
+    match ty {
+        WeightType::Q5K => Some(decode_k4::<true>),
+        WeightType::Q6K => Some(decode_k6),
+        _ => None,
+    }
+}
+
 /// One column group against `R` activation rows, with raw pointers to each row's data (read
 /// without bounds checks in the inner loops; `new` takes them from checked slices). Valid when
 /// `group` points at a whole packed group of `layout` and the rows' pointers come from
 /// activations of the layout's input width: every method's reads then stay inside the group
-/// and the rows.
+/// and the rows. The steps that read decoded quants also need `decoded` to point at
+/// [`DECODED`] vectors holding the current block.
 struct Tile<'a, const R: usize> {
     layout: &'a GroupLayout,
     group: *const u8,
+    /// The current block's decoded quants, for the steps that read them (see `k_quants`).
+    decoded: *const __m256i,
     q: [*const i8; R],
     scales: [*const f32; R],
     sums32: [*const i32; R],
@@ -232,6 +267,105 @@ unsafe fn nibbles<const FIVE: bool>(chunk: __m256i, high: __m256i, t: usize) -> 
     }
 }
 
+/// 32-byte vectors of one decoded k-quant block: its quants as bytes (at most 63), vector
+/// [`decoded_at`]`(s, t, nibble, h)` holding half `h` of chunk `t` of 32-weight sub-block `s`,
+/// low (`nibble` 0) or high (1) nibbles with their high bits.
+const DECODED: usize = 8 * 4 * 2 * 2;
+
+/// Where half `h` of the low or high quants of chunk `t` of sub-block `s` sits in a decoded
+/// block.
+#[inline(always)]
+fn decoded_at(s: usize, t: usize, nibble: usize, h: usize) -> usize {
+    ((4 * s + t) * 2 + nibble) * 2 + h
+}
+
+/// Decodes block `b` of a group into [`DECODED`] vectors at `out`.
+type Decode = unsafe fn(*const u8, &GroupLayout, usize, *mut __m256i);
+
+/// Q4_K and Q5_K quants (see [`Decode`]).
+///
+/// # Safety
+/// The CPU must support AVX2, `group` must point at a whole packed group of `layout`, `b` must
+/// be one of its blocks and `out` must be valid for writing [`DECODED`] vectors.
+#[target_feature(enable = "avx2")]
+unsafe fn decode_k4<const FIVE: bool>(
+    group: *const u8,
+    layout: &GroupLayout,
+    b: usize,
+    out: *mut __m256i,
+) {
+    // SAFETY: AVX2, a whole group, one of its blocks and `out` are the caller's contract; the
+    // layout's offsets of the block stay inside the group.
+    unsafe {
+        let quants = group.add(layout.quants_at(b));
+        let planes = group.add(layout.planes_at(b));
+        for s in 0..8 {
+            for h in 0..2 {
+                let high = if FIVE {
+                    load(planes.add(64 * s + 32 * h))
+                } else {
+                    _mm256_setzero_si256()
+                };
+                for t in 0..4 {
+                    let chunk = load(quants.add(64 * (4 * s + t) + 32 * h));
+                    let (lo, hi) = nibbles::<FIVE>(chunk, high, t);
+                    _mm256_storeu_si256(out.add(decoded_at(s, t, 0, h)), lo);
+                    _mm256_storeu_si256(out.add(decoded_at(s, t, 1, h)), hi);
+                }
+            }
+        }
+    }
+}
+
+/// Q6_K quants (see [`Decode`]).
+///
+/// # Safety
+/// As for [`decode_k4`].
+#[target_feature(enable = "avx2")]
+unsafe fn decode_k6(group: *const u8, layout: &GroupLayout, b: usize, out: *mut __m256i) {
+    // SAFETY: AVX2, a whole group, one of its blocks and `out` are the caller's contract; the
+    // layout's offsets of the block stay inside the group.
+    unsafe {
+        let quants = group.add(layout.quants_at(b));
+        let planes = group.add(layout.planes_at(b));
+        for s in 0..8 {
+            for h in 0..2 {
+                let high_lo = load(planes.add(128 * s + 32 * h));
+                let high_hi = load(planes.add(128 * s + 64 + 32 * h));
+                for t in 0..4 {
+                    let chunk = load(quants.add(64 * (4 * s + t) + 32 * h));
+                    let lo = six_bits(chunk, high_lo, t);
+                    let hi = six_bits(_mm256_srli_epi16::<4>(chunk), high_hi, t);
+                    _mm256_storeu_si256(out.add(decoded_at(s, t, 0, h)), lo);
+                    _mm256_storeu_si256(out.add(decoded_at(s, t, 1, h)), hi);
+                }
+            }
+        }
+    }
+}
+
+/// A Q6_K quant: the low nibble of each byte of `nibble` with the two bits of chunk `t` from
+/// `high` (at `2t`, see `formats::high_bit_slot`) above it.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[inline(always)]
+unsafe fn six_bits(nibble: __m256i, high: __m256i, t: usize) -> __m256i {
+    // SAFETY: AVX2 is the caller's contract; no memory is read.
+    unsafe {
+        let bits = match t {
+            0 => _mm256_slli_epi16::<4>(high),
+            1 => _mm256_slli_epi16::<2>(high),
+            2 => high,
+            _ => _mm256_srli_epi16::<2>(high),
+        };
+        _mm256_or_si256(
+            _mm256_and_si256(nibble, _mm256_set1_epi8(0x0f)),
+            _mm256_and_si256(bits, _mm256_set1_epi8(0x30)),
+        )
+    }
+}
+
 impl<'a, const R: usize> Tile<'a, R> {
     /// The tile of rows `row0..row0 + R`, pointing at no group yet.
     fn new(w: &'a Weights, acts: &'a Activations, row0: usize) -> Self {
@@ -243,6 +377,7 @@ impl<'a, const R: usize> Tile<'a, R> {
         Self {
             layout: &w.layout,
             group: std::ptr::null(),
+            decoded: std::ptr::null(),
             q: std::array::from_fn(|r| acts.q[slice(k, r)].as_ptr()),
             scales: std::array::from_fn(|r| acts.scales[slice(k / acts.block, r)].as_ptr()),
             sums32: std::array::from_fn(|r| acts.sums32[slice(k / 32, r)].as_ptr()),
@@ -251,9 +386,9 @@ impl<'a, const R: usize> Tile<'a, R> {
         }
     }
 
-    /// The step function for `ty`. Chosen once per call, so each type's loop is compiled on
-    /// its own.
-    fn step_for(ty: WeightType) -> Step<'a, R> {
+    /// The step function for `ty`, reading a k-quant's quants from the decoded block when
+    /// `pre`. Chosen once per pass, so each type's loop is compiled on its own.
+    fn step_for(ty: WeightType, pre: bool) -> Step<'a, R> {
         match ty {
             WeightType::Q4_0 => {
                 Self::blocks32::<false, false, false, { zero_point(WeightType::Q4_0) }>
@@ -265,9 +400,12 @@ impl<'a, const R: usize> Tile<'a, R> {
             WeightType::Q5_1 => Self::blocks32::<true, false, true, 0>,
             // The signed dot product already removes the offset of 128.
             WeightType::Q8_0 => Self::blocks32::<false, true, false, 0>,
-            WeightType::Q4K => Self::k4::<false>,
-            WeightType::Q5K => Self::k4::<true>,
-            WeightType::Q6K => Self::k6,
+            WeightType::Q4K if pre => Self::k4::<false, true>,
+            WeightType::Q4K => Self::k4::<false, false>,
+            WeightType::Q5K if pre => Self::k4::<true, true>,
+            WeightType::Q5K => Self::k4::<true, false>,
+            WeightType::Q6K if pre => Self::k6::<true>,
+            WeightType::Q6K => Self::k6::<false>,
         }
     }
 
