@@ -34,46 +34,56 @@ impl<const R: usize> Tile<'_, R> {
             let mut acc: [[__m256; 2]; R] = std::array::from_fn(|r| sums[r]);
             for b in blocks {
                 let (meta, quants, planes) = self.block(b);
-                for h in 0..2 {
-                    let mut big_a = [_mm256_setzero_si256(); R];
-                    for s in 0..8 {
-                        let high = if FIVE && !PRE {
+                // Both halves of each chunk at once, so that each activation broadcast serves
+                // both; the rows' i32 sums `big_a`, touched once per sub-block, may wait on the
+                // stack.
+                let mut big_a = [[_mm256_setzero_si256(); 2]; R];
+                for s in 0..8 {
+                    let high: [__m256i; 2] = std::array::from_fn(|h| {
+                        if FIVE && !PRE {
                             load(planes.add(64 * s + 32 * h))
                         } else {
                             _mm256_setzero_si256()
-                        };
-                        // The sub-block's scale of each column, as an i16 pair per lane.
-                        let scale = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                            meta.add(64 + 16 * s + 8 * h) as *const __m128i,
-                        ));
-                        let scale = _mm256_or_si256(scale, _mm256_slli_epi32::<16>(scale));
-                        let mut part = [_mm256_setzero_si256(); R];
-                        for t in 0..4 {
-                            let (lo, hi) = if PRE {
+                        }
+                    });
+                    let mut part = [[_mm256_setzero_si256(); 2]; R];
+                    for t in 0..4 {
+                        let quants: [(__m256i, __m256i); 2] = std::array::from_fn(|h| {
+                            if PRE {
                                 (
                                     *self.decoded.add(decoded_at(s, t, 0, h)),
                                     *self.decoded.add(decoded_at(s, t, 1, h)),
                                 )
                             } else {
                                 let chunk = load(quants.add(64 * (4 * s + t) + 32 * h));
-                                nibbles::<FIVE>(chunk, high, t)
-                            };
-                            for r in 0..R {
-                                let at = self.q[r].add(b * 256 + 32 * s + 4 * t);
-                                let p = _mm256_add_epi16(
-                                    products(lo, broadcast4(at)),
-                                    products(hi, broadcast4(at.add(16))),
-                                );
-                                part[r] = _mm256_add_epi16(part[r], p);
+                                nibbles::<FIVE>(chunk, high[h], t)
                             }
-                            if (t + 1) % flush_every(FIVE) == 0 {
+                        });
+                        for r in 0..R {
+                            let at = self.q[r].add(b * 256 + 32 * s + 4 * t);
+                            let (a_lo, a_hi) = (broadcast4(at), broadcast4(at.add(16)));
+                            for h in 0..2 {
+                                let (lo, hi) = quants[h];
+                                let p = _mm256_add_epi16(products(lo, a_lo), products(hi, a_hi));
+                                part[r][h] = _mm256_add_epi16(part[r][h], p);
+                            }
+                        }
+                        if (t + 1) % flush_every(FIVE) == 0 {
+                            for h in 0..2 {
+                                // The sub-block's scale of each column, an i16 pair per lane.
+                                let scale = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                                    meta.add(64 + 16 * s + 8 * h) as *const __m128i,
+                                ));
+                                let scale = _mm256_or_si256(scale, _mm256_slli_epi32::<16>(scale));
                                 for r in 0..R {
-                                    big_a[r] = widen(big_a[r], part[r], scale);
-                                    part[r] = _mm256_setzero_si256();
+                                    big_a[r][h] = widen(big_a[r][h], part[r][h], scale);
+                                    part[r][h] = _mm256_setzero_si256();
                                 }
                             }
                         }
                     }
+                }
+                for h in 0..2 {
                     let mut big_b = [_mm256_setzero_si256(); R];
                     for pair in 0..4 {
                         let mins = _mm256_cvtepu8_epi16(_mm_loadu_si128(
@@ -89,7 +99,7 @@ impl<const R: usize> Tile<'_, R> {
                     for r in 0..R {
                         let da = _mm256_set1_ps(*self.scales[r].add(b));
                         let plus =
-                            _mm256_mul_ps(_mm256_mul_ps(da, d), _mm256_cvtepi32_ps(big_a[r]));
+                            _mm256_mul_ps(_mm256_mul_ps(da, d), _mm256_cvtepi32_ps(big_a[r][h]));
                         let minus =
                             _mm256_mul_ps(_mm256_mul_ps(da, dmin), _mm256_cvtepi32_ps(big_b[r]));
                         acc[r][h] = _mm256_sub_ps(_mm256_add_ps(acc[r][h], plus), minus);
