@@ -133,37 +133,29 @@ impl<const R: usize> Tile<'_, R> {
             let mut acc: [[__m256; 2]; R] = std::array::from_fn(|r| sums[r]);
             for b in blocks {
                 let (meta, quants, planes) = self.block(b);
-                for h in 0..2 {
-                    let mut big_a = [_mm256_setzero_si256(); R];
-                    for s in 0..8 {
-                        let (high_lo, high_hi) = if PRE {
-                            (_mm256_setzero_si256(), _mm256_setzero_si256())
-                        } else {
-                            (
-                                load(planes.add(128 * s + 32 * h)),
-                                load(planes.add(128 * s + 64 + 32 * h)),
-                            )
-                        };
-                        // Lane c holds the scales of sub-blocks 2s and 2s + 1 as two i16; each
-                        // of them in both halves of the lane widens its sub-block's sums.
-                        let pair = _mm256_cvtepi8_epi16(_mm_loadu_si128(
-                            meta.add(32 + 32 * s + 16 * h) as *const __m128i,
-                        ));
-                        let scale_lo =
-                            _mm256_shufflehi_epi16::<0xa0>(_mm256_shufflelo_epi16::<0xa0>(pair));
-                        let scale_hi =
-                            _mm256_shufflehi_epi16::<0xf5>(_mm256_shufflelo_epi16::<0xf5>(pair));
-                        // The low nibbles (sub-block 2s) and then the high ones (2s + 1), each
-                        // pass with one partial sum per row, so that four rows fit.
-                        for second in [false, true] {
-                            let (high, scale) = if second {
-                                (high_hi, scale_hi)
+                // Both halves of each chunk at once, as in `k4`.
+                let mut big_a = [[_mm256_setzero_si256(); 2]; R];
+                for s in 0..8 {
+                    // Lane c holds the scales of sub-blocks 2s and 2s + 1 as two i16.
+                    let pair: [__m256i; 2] = std::array::from_fn(|h| {
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128(
+                            meta.add(32 + 32 * s + 16 * h) as *const __m128i
+                        ))
+                    });
+                    // The low nibbles (sub-block 2s) and then the high ones (2s + 1), each
+                    // pass with one partial sum per row and half, so that four rows fit.
+                    for second in [false, true] {
+                        let high: [__m256i; 2] = std::array::from_fn(|h| {
+                            if PRE {
+                                _mm256_setzero_si256()
                             } else {
-                                (high_lo, scale_lo)
-                            };
-                            let mut part = [_mm256_setzero_si256(); R];
-                            for t in 0..4 {
-                                let q = if PRE {
+                                load(planes.add(128 * s + 64 * second as usize + 32 * h))
+                            }
+                        });
+                        let mut part = [[_mm256_setzero_si256(); 2]; R];
+                        for t in 0..4 {
+                            let q: [__m256i; 2] = std::array::from_fn(|h| {
+                                if PRE {
                                     *self.decoded.add(decoded_at(s, t, second as usize, h))
                                 } else {
                                     let chunk = load(quants.add(64 * (4 * s + t) + 32 * h));
@@ -172,33 +164,52 @@ impl<const R: usize> Tile<'_, R> {
                                     } else {
                                         chunk
                                     };
-                                    six_bits(nibble, high, t)
-                                };
-                                let offset = if second { 16 } else { 0 };
-                                for r in 0..R {
-                                    let at = self.q[r].add(b * 256 + 32 * s + 4 * t + offset);
-                                    part[r] =
-                                        _mm256_add_epi16(part[r], products(q, broadcast4(at)));
+                                    six_bits(nibble, high[h], t)
                                 }
-                                if t % 2 == 1 {
+                            });
+                            let offset = if second { 16 } else { 0 };
+                            for r in 0..R {
+                                let at = self.q[r].add(b * 256 + 32 * s + 4 * t + offset);
+                                let a = broadcast4(at);
+                                for h in 0..2 {
+                                    part[r][h] = _mm256_add_epi16(part[r][h], products(q[h], a));
+                                }
+                            }
+                            if t % 2 == 1 {
+                                for h in 0..2 {
+                                    // Each sub-block's scale in both halves of the lane.
+                                    let scale = if second {
+                                        _mm256_shufflehi_epi16::<0xf5>(
+                                            _mm256_shufflelo_epi16::<0xf5>(pair[h]),
+                                        )
+                                    } else {
+                                        _mm256_shufflehi_epi16::<0xa0>(
+                                            _mm256_shufflelo_epi16::<0xa0>(pair[h]),
+                                        )
+                                    };
                                     for r in 0..R {
-                                        big_a[r] = widen(big_a[r], part[r], scale);
-                                        part[r] = _mm256_setzero_si256();
+                                        big_a[r][h] = widen(big_a[r][h], part[r][h], scale);
+                                        part[r][h] = _mm256_setzero_si256();
                                     }
                                 }
                             }
                         }
-                        for r in 0..R {
-                            let sums = _mm256_set1_epi32(*self.pairs16[r].add(8 * b + s));
-                            let offset = _mm256_madd_epi16(pair, sums);
-                            big_a[r] = _mm256_sub_epi32(big_a[r], _mm256_slli_epi32::<5>(offset));
+                    }
+                    for r in 0..R {
+                        let sums = _mm256_set1_epi32(*self.pairs16[r].add(8 * b + s));
+                        for h in 0..2 {
+                            let offset = _mm256_madd_epi16(pair[h], sums);
+                            big_a[r][h] =
+                                _mm256_sub_epi32(big_a[r][h], _mm256_slli_epi32::<5>(offset));
                         }
                     }
+                }
+                for h in 0..2 {
                     let d = load_f16(meta.add(16 * h));
                     for r in 0..R {
                         let da = _mm256_set1_ps(*self.scales[r].add(b));
                         let update =
-                            _mm256_mul_ps(_mm256_mul_ps(da, d), _mm256_cvtepi32_ps(big_a[r]));
+                            _mm256_mul_ps(_mm256_mul_ps(da, d), _mm256_cvtepi32_ps(big_a[r][h]));
                         acc[r][h] = _mm256_add_ps(acc[r][h], update);
                     }
                 }
