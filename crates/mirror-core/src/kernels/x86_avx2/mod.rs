@@ -1,7 +1,8 @@
 //! AVX2 kernels: each 64-byte vector of 16 interleaved weight rows is read as two 8-row halves,
 //! and 4-quant dot products go through `vpmaddubsw`. Activation rows go in tiles of up to four
 //! (see [`TILE`]): each weight vector is loaded and its nibbles and high bits unpacked once per
-//! tile, then multiplied with every row of the tile, half by half. A pass over a column group
+//! tile, then multiplied with every row of the tile, both halves against one broadcast of the
+//! row's activations. A pass over a column group
 //! takes its blocks a step at a time through every tile (see [`PASS`]); with several tiles, a
 //! k-quant block is decoded once for all of them (see [`DECODED`]). The float updates
 //! follow `portable.rs` operation for operation, per row and column, so results match the
@@ -446,29 +447,31 @@ impl<'a, const R: usize> Tile<'a, R> {
             let mut acc: [[__m256; 2]; R] = std::array::from_fn(|r| sums[r]);
             for b in blocks {
                 let (meta, quants, planes) = self.block(b);
-                for h in 0..2 {
-                    let mut isum = [_mm256_setzero_si256(); R];
-                    if BYTES {
-                        // `sum (q - 128) * a` as `|q - 128| * (a signed like q - 128)`: a
-                        // product pair reaches 2 * 128 * 127, so each is widened at once.
-                        for t in 0..8 {
-                            let q = _mm256_xor_si256(
+                // Both halves of each chunk at once, as in the k-quants (but for the fifth bit).
+                let mut isum = [[_mm256_setzero_si256(); 2]; R];
+                if BYTES {
+                    // `sum (q - 128) * a` as `|q - 128| * (a signed like q - 128)`: a product
+                    // pair reaches 2 * 128 * 127, so each is widened at once.
+                    for t in 0..8 {
+                        let q: [__m256i; 2] = std::array::from_fn(|h| {
+                            _mm256_xor_si256(
                                 load(quants.add(64 * t + 32 * h)),
                                 _mm256_set1_epi8(-128),
-                            );
-                            let magnitude = _mm256_sign_epi8(q, q);
-                            for r in 0..R {
-                                let a = broadcast4(self.q[r].add(b * 32 + 4 * t));
-                                let p = products(magnitude, _mm256_sign_epi8(a, q));
-                                isum[r] = widen(isum[r], p, ones);
+                            )
+                        });
+                        let magnitude = q.map(|q| _mm256_sign_epi8(q, q));
+                        for r in 0..R {
+                            let a = broadcast4(self.q[r].add(b * 32 + 4 * t));
+                            for h in 0..2 {
+                                let p = products(magnitude[h], _mm256_sign_epi8(a, q[h]));
+                                isum[r][h] = widen(isum[r][h], p, ones);
                             }
                         }
-                    } else {
-                        let high = if FIVE {
-                            load(planes.add(32 * h))
-                        } else {
-                            _mm256_setzero_si256()
-                        };
+                    }
+                } else if FIVE {
+                    // One half at a time: the high bits of both would not fit beside the sums.
+                    for h in 0..2 {
+                        let high = load(planes.add(32 * h));
                         let mut part = [_mm256_setzero_si256(); R];
                         for t in 0..4 {
                             let chunk = load(quants.add(64 * t + 32 * h));
@@ -483,12 +486,37 @@ impl<'a, const R: usize> Tile<'a, R> {
                             }
                             if (t + 1) % flush_every(FIVE) == 0 {
                                 for r in 0..R {
-                                    isum[r] = widen(isum[r], part[r], ones);
+                                    isum[r][h] = widen(isum[r][h], part[r], ones);
                                     part[r] = _mm256_setzero_si256();
                                 }
                             }
                         }
                     }
+                } else {
+                    let mut part = [[_mm256_setzero_si256(); 2]; R];
+                    for t in 0..4 {
+                        let quants: [(__m256i, __m256i); 2] = std::array::from_fn(|h| {
+                            let none = _mm256_setzero_si256();
+                            nibbles::<FIVE>(load(quants.add(64 * t + 32 * h)), none, t)
+                        });
+                        for r in 0..R {
+                            let at = self.q[r].add(b * 32 + 4 * t);
+                            let (a_lo, a_hi) = (broadcast4(at), broadcast4(at.add(16)));
+                            for h in 0..2 {
+                                let (lo, hi) = quants[h];
+                                let p = _mm256_add_epi16(products(lo, a_lo), products(hi, a_hi));
+                                part[r][h] = _mm256_add_epi16(part[r][h], p);
+                            }
+                        }
+                    }
+                    // Eight products of at most 2 * 15 * 127 fit in 16 bits.
+                    for r in 0..R {
+                        for h in 0..2 {
+                            isum[r][h] = widen(isum[r][h], part[r][h], ones);
+                        }
+                    }
+                }
+                for h in 0..2 {
                     let d = load_f16(meta.add(16 * h));
                     let m = if MIN {
                         load_f16(meta.add(32 + 16 * h))
@@ -499,7 +527,7 @@ impl<'a, const R: usize> Tile<'a, R> {
                         let asum = *self.sums32[r].add(b);
                         let da = _mm256_set1_ps(*self.scales[r].add(b));
                         let ints =
-                            _mm256_sub_epi32(isum[r], _mm256_set1_epi32(ZP.wrapping_mul(asum)));
+                            _mm256_sub_epi32(isum[r][h], _mm256_set1_epi32(ZP.wrapping_mul(asum)));
                         let update = _mm256_mul_ps(_mm256_mul_ps(da, d), _mm256_cvtepi32_ps(ints));
                         acc[r][h] = _mm256_add_ps(acc[r][h], update);
                         if MIN {
