@@ -214,6 +214,114 @@ fn every_code_path_gives_the_same_bits() {
     }
 }
 
+/// Row counts that fill the SIMD paths' row tiles (of 2, 3 or 4 rows), leave them part full,
+/// and run several tiles with a tail.
+const TILE_ROWS: [usize; 11] = [1, 2, 3, 4, 5, 7, 8, 9, 16, 33, 64];
+
+/// Checks every row of `path` on `x` (`64` rows of `cols`) at each of [`TILE_ROWS`]: the same
+/// bits as the portable path, the same bits as the row computed alone, and within the
+/// activation rounding bound of an f64 reference.
+fn check_tiles(path: KernelPath, ty: WeightType, shape: (usize, usize), seed: u64, x: &[f32]) {
+    let (rows, cols) = shape;
+    let (packed, weights) = fixture(ty, rows, cols, seed);
+    let alone: Vec<Vec<f32>> = (0..64)
+        .map(|r| run(path, &packed, &x[r * cols..(r + 1) * cols], 1))
+        .collect();
+    for m in TILE_ROWS {
+        let x = &x[..m * cols];
+        let ours = run(path, &packed, x, m);
+        let portable = run(KernelPath::Portable, &packed, x, m);
+        for r in 0..m {
+            let row = &ours[r * rows..(r + 1) * rows];
+            for n in 0..rows {
+                let got = row[n];
+                assert!(
+                    got.to_bits() == portable[r * rows + n].to_bits(),
+                    "{path:?} {ty:?} {shape:?} m={m} [{r},{n}]: {got} vs portable {}",
+                    portable[r * rows + n]
+                );
+                assert!(
+                    got.to_bits() == alone[r][n].to_bits(),
+                    "{path:?} {ty:?} {shape:?} m={m} [{r},{n}]: {got} vs the row alone {}",
+                    alone[r][n]
+                );
+                let (xs, ws) = (
+                    &x[r * cols..(r + 1) * cols],
+                    &weights[n * cols..(n + 1) * cols],
+                );
+                let (exact, bound) = reference_and_bound(xs, ws, ty.block_len());
+                let magnitude: f64 = xs
+                    .iter()
+                    .zip(ws)
+                    .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                    .sum();
+                assert!(
+                    (got as f64 - exact).abs() <= bound + 1e-4 * magnitude + 1e-6,
+                    "{path:?} {ty:?} {shape:?} m={m} [{r},{n}]: {got} vs f64 {exact} (bound {bound})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn row_tiles_and_their_tails_match_portable_the_row_alone_and_f64() {
+    for path in paths() {
+        for ty in WeightType::ALL {
+            for (i, shape) in shapes(ty).into_iter().enumerate() {
+                let x = random(64 * shape.1, 73 + i as u64);
+                check_tiles(path, ty, shape, 79 + i as u64, &x);
+            }
+        }
+    }
+}
+
+/// Weights at the top quant of their type almost everywhere (one value per 16 sets the scale,
+/// the rest sit at the far end) against activations at +-127: the 16-bit partial sums of the
+/// SIMD paths reach their largest values, where an overflow would show.
+#[test]
+fn extreme_quants_and_activations_keep_every_path_exact() {
+    let extreme = |rows: usize, cols: usize, sign: f32| -> Vec<f32> {
+        (0..rows * cols)
+            .map(|i| if i % 16 == 0 { -sign } else { 0.97 * sign })
+            .collect()
+    };
+    for path in paths() {
+        for ty in WeightType::ALL {
+            let (rows, cols) = shapes(ty)[2];
+            for sign in [1.0f32, -1.0] {
+                let weights = extreme(rows, cols, sign);
+                let tensor = Tensor::from_vec(weights, (rows, cols), &Device::Cpu).unwrap();
+                let q = QTensor::quantize(&tensor, ty.ggml()).unwrap();
+                let packed =
+                    PackedMatrix::from_ggml_bytes(ty, &q.data().unwrap(), rows, cols).unwrap();
+                // Rows of all +1, all -1, and alternating blocks of both.
+                let x: Vec<f32> = (0..9 * cols)
+                    .map(|i| {
+                        let (r, c) = (i / cols, i % cols);
+                        match r % 3 {
+                            0 => 1.0,
+                            1 => -1.0,
+                            _ if (c / 32) % 2 == 0 => 1.0,
+                            _ => -1.0,
+                        }
+                    })
+                    .collect();
+                for m in [1, 4, 9] {
+                    let ours = run(path, &packed, &x[..m * cols], m);
+                    let portable = run(KernelPath::Portable, &packed, &x[..m * cols], m);
+                    assert!(
+                        ours.iter()
+                            .zip(&portable)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{path:?} {ty:?} sign {sign} m={m}: differs from the portable path"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn fused_matrices_equal_separate_calls() {
     let (q, _) = fixture(WeightType::Q4K, 48, 512, 37);
