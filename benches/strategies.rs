@@ -136,11 +136,7 @@ fn bench(c: &mut Criterion) {
                 .unwrap(),
         ),
     ];
-    let mut group = c.benchmark_group("generate_32");
-    group
-        .sample_size(10)
-        .measurement_time(Duration::from_secs(10))
-        .warm_up_time(Duration::from_secs(1));
+    let mut group = common::generation_group(c, "generate_32");
     for decoder in decoders.iter_mut() {
         let name = decoder.name();
         group.bench_function(name, |b| {

@@ -14,7 +14,7 @@ mod model;
 
 use std::sync::Arc;
 
-use mirror_core::sampling::{self, SamplingParams};
+use mirror_core::sampling::{self, Penalties, SamplingParams};
 use mirror_core::Model;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -58,6 +58,10 @@ pub struct Drafter {
     pub(crate) lookahead_confidence: f32,
     /// Prompt lookup tried before the model, for windows and tree branches alike.
     pub(crate) lookup: Option<LookupConfig>,
+    /// A rollout's penalties (with the prompt's length) and the context it follows: proposals
+    /// are drawn from the draft's logits penalized as the target's rows will be.
+    penalties: Option<(Penalties, usize)>,
+    context: Vec<u32>,
 }
 
 impl Drafter {
@@ -70,7 +74,15 @@ impl Drafter {
             position_limit: usize::MAX,
             lookahead_confidence: 0.0,
             lookup: None,
+            penalties: None,
+            context: Vec::new(),
         }
+    }
+
+    /// Rollouts from now on propose under `penalties` (a prompt of `prompt_len` tokens); until
+    /// the next [`Drafter::reset`].
+    pub(crate) fn set_penalties(&mut self, penalties: &Penalties, prompt_len: usize) {
+        self.penalties = (!penalties.is_neutral()).then(|| (penalties.clone(), prompt_len));
     }
 
     /// The draft model.
@@ -91,6 +103,7 @@ impl Drafter {
         self.model.reset(capacity)?;
         self.params = params;
         self.stop = stop;
+        self.penalties = None;
         Ok(())
     }
 
@@ -109,8 +122,18 @@ impl Drafter {
         self.model.lookahead_tokens() > 0 && self.params.is_greedy()
     }
 
-    fn choose(&self, logits: &[f32], seed: u64, index: usize) -> (u32, DraftChoice) {
-        choose_draft_token(logits, &self.params, seed, index)
+    /// The next token of `window` from the draft's `logits` (penalized first when a rollout's
+    /// penalties are set).
+    fn choose(&self, logits: &[f32], seed: u64, window: &DraftWindow) -> (u32, DraftChoice) {
+        let Some((penalties, prompt_len)) = &self.penalties else {
+            return choose_draft_token(logits, &self.params, seed, window.len());
+        };
+        let prompt_len = (*prompt_len).min(self.context.len());
+        let (prompt, output) = self.context.split_at(prompt_len);
+        let before: Vec<u32> = output.iter().chain(&window.tokens).copied().collect();
+        let mut rows = [logits.to_vec()];
+        penalties.apply_window(&mut rows, prompt, &before, &[]);
+        choose_draft_token(&rows[0], &self.params, seed, window.len())
     }
 
     /// Drafts up to `count` tokens after `context` (a stop token ends the window early). The
@@ -122,6 +145,10 @@ impl Drafter {
             return Ok(window);
         }
         let step = self.model.advance_to(context)?;
+        if self.penalties.is_some() {
+            self.context.clear();
+            self.context.extend_from_slice(context);
+        }
         self.extend(&mut window, step, count, seed)?;
         Ok(window)
     }
@@ -162,7 +189,7 @@ impl Drafter {
             if j > 0 && sampling::max_probability(logits) < self.lookahead_confidence {
                 return false;
             }
-            let (token, choice) = self.choose(logits, seed, window.len());
+            let (token, choice) = self.choose(logits, seed, window);
             window.tokens.push(token);
             window.choices.push(choice);
             if window.len() >= count || self.stop.contains(token) {

@@ -170,6 +170,7 @@ impl Decoder for SpeculativeDecoding {
         let sampling = self.settings.sampling(config);
         if let Some(draft) = self.draft.as_mut() {
             draft.reset(capacity, capacity, sampling, stop)?;
+            draft.set_penalties(&config.penalties, prompt.len());
             if n > 1 {
                 draft.sync(&run.seq[..n - 1])?;
             }
