@@ -54,6 +54,38 @@ struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also measure the machine's read bandwidth (a streaming read of 1 GiB on the models'
+    /// threads) and give each model's decode as a fraction of the memory floor: its weight bytes
+    /// per token over that bandwidth, against the measured time per token.
+    #[arg(long)]
+    bandwidth: bool,
+}
+
+/// Read bandwidth in bytes per second: the median of 5 streaming reads of 1 GiB, split over
+/// `threads` threads (summed as u64 words, which the compiler vectorizes).
+fn read_bandwidth(threads: usize) -> f64 {
+    const BYTES: usize = 1 << 30;
+    let words: Vec<u64> = (0..BYTES / 8).map(|i| i as u64 | 1).collect();
+    let threads = threads.max(1);
+    let chunk = words.len().div_ceil(threads);
+    let mut times = Vec::new();
+    for _ in 0..6 {
+        let started = Instant::now();
+        let total: u64 = std::thread::scope(|scope| {
+            let parts: Vec<_> = words
+                .chunks(chunk)
+                .map(|part| scope.spawn(move || part.iter().fold(0u64, |a, &w| a.wrapping_add(w))))
+                .collect();
+            parts
+                .into_iter()
+                .map(|p| p.join().unwrap_or(0))
+                .fold(0u64, u64::wrapping_add)
+        });
+        std::hint::black_box(total);
+        times.push(started.elapsed().as_secs_f64());
+    }
+    // The first pass warms the pages and the threads.
+    BYTES as f64 / common::median(times[1..].to_vec())
 }
 
 fn main() {
@@ -272,6 +304,20 @@ fn run(args: Args) -> Result<(), String> {
         }
         out.insert(role.clone(), result);
     }
+    if args.bandwidth {
+        let bandwidth = read_bandwidth(threads.unwrap_or(1));
+        for (role, _, _) in &models {
+            if let Some(result) = out.get_mut(role) {
+                let bytes = result["weight_bytes"].as_f64().unwrap_or(0.0);
+                let token_s = 1.0 / result["decode_tok_s"].as_f64().unwrap_or(f64::NAN);
+                let floor_s = bytes / bandwidth;
+                result["memory_floor_ms"] = json!(floor_s * 1e3);
+                result["decode_ms"] = json!(token_s * 1e3);
+                result["fraction_of_floor"] = json!(floor_s / token_s);
+            }
+        }
+        out.insert("read_bandwidth_gb_s".into(), json!(bandwidth / 1e9));
+    }
     let (_, peak) = memory_mb();
     out.insert("rss_mb_after_load".into(), json!(rss));
     out.insert("peak_rss_mb".into(), json!(peak));
@@ -327,6 +373,19 @@ fn print_table(out: &Value, args: &Args) {
                     .map(|&k| format!(" {}", forward(&r["candle_quantized"], k)))
                     .collect::<Vec<_>>()
                     .join(" |")
+            );
+        }
+    }
+    if let Some(bandwidth) = out["read_bandwidth_gb_s"].as_f64() {
+        println!("\nread bandwidth {bandwidth:.1} GB/s (1 GiB streamed, median of 5)");
+        for role in ["target", "draft"] {
+            let Some(r) = out.get(role) else { continue };
+            println!(
+                "{role}: {:.0} MB of weights a token: floor {:.1} ms, decode {:.1} ms a token, {:.2} of the floor",
+                r["weight_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+                r["memory_floor_ms"].as_f64().unwrap_or(0.0),
+                r["decode_ms"].as_f64().unwrap_or(0.0),
+                r["fraction_of_floor"].as_f64().unwrap_or(0.0),
             );
         }
     }
