@@ -9,6 +9,9 @@
 //! verification step, to set against the step's forward (about 56-110 ms for 1-5 rows on the
 //! AVX2 machine of BENCHMARKS.md).
 //!
+//! `token_logprobs/*` times one generated token's log-probabilities (a log-softmax over the
+//! 1.5B's vocabulary and the 5 likeliest alternatives), what `logprobs` adds per token.
+//!
 //! `python3 scripts/fetch_models.py smollm2 && cargo bench --bench penalties`
 
 #[path = "common.rs"]
@@ -20,7 +23,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use mirror_sd::mirror_core::sampling::Penalties;
 use mirror_sd::mirror_core::{load, LoadOptions, ModelSource};
 use mirror_sd::mirror_scheduler::{
-    Autoregressive, Decoder, GenerationConfig, SpeculativeDecoding, WindowPolicy,
+    token_logprobs, Autoregressive, Decoder, GenerationConfig, SpeculativeDecoding, WindowPolicy,
 };
 
 fn apply_window(c: &mut Criterion) {
@@ -42,6 +45,15 @@ fn apply_window(c: &mut Criterion) {
     let mut rows = vec![row.clone(); window.len() + 1];
     group.bench_function("5_rows_151936", |b| {
         b.iter(|| penalties.apply_window(&mut rows, &prompt, &output, &window))
+    });
+    group.finish();
+    // Log-probabilities of one committed token with 5 alternatives (what `logprobs` adds per
+    // generated token).
+    let mut group = c.benchmark_group("token_logprobs");
+    group.sample_size(20);
+    let one = [row.clone()];
+    group.bench_function("1_row_151936_top5", |b| {
+        b.iter(|| token_logprobs(&one, &[7], 5))
     });
     group.finish();
 }

@@ -238,7 +238,9 @@ fn streamed_events_carry_the_tokens_and_text_of_the_generation() {
     let (mut tokens, mut text, mut finished) = (Vec::new(), String::new(), None);
     for event in stream {
         match event {
-            Event::Text { tokens: t, text: s } => {
+            Event::Text {
+                tokens: t, text: s, ..
+            } => {
                 tokens.extend(t);
                 text.push_str(&s);
             }

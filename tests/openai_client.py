@@ -123,6 +123,19 @@ penalized = client.chat.completions.create(
 )
 report["penalized_finish"] = penalized.choices[0].finish_reason
 
+scored = client.chat.completions.create(
+    model=model, messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2
+)
+report["logprobs"] = [t.logprob for t in scored.choices[0].logprobs.content]
+report["logprobs_top"] = [len(t.top_logprobs) for t in scored.choices[0].logprobs.content]
+stream = client.chat.completions.create(
+    model=model, messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2,
+    stream=True,
+)
+report["logprobs_stream"] = [
+    t.logprob for c in stream if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content
+]
+
 try:
     client.chat.completions.create(model="gpt-9", messages=messages, max_tokens=4)
     report["unknown_model_status"] = None

@@ -824,9 +824,30 @@ fn bad_inputs_get_their_status_and_error_body_and_harm_no_other_request() {
             "audio",
         ),
         (
-            "logprobs",
+            "top_logprobs over 20",
             chat_path,
-            chat(json!({"logprobs": true})),
+            chat(json!({"logprobs": true, "top_logprobs": 21})),
+            400,
+            "top_logprobs",
+        ),
+        (
+            "top_logprobs without logprobs",
+            chat_path,
+            chat(json!({"top_logprobs": 2})),
+            400,
+            "top_logprobs",
+        ),
+        (
+            "logprobs of a wrong type",
+            chat_path,
+            chat(json!({"logprobs": "yes"})),
+            400,
+            "logprobs",
+        ),
+        (
+            "logprobs on mirror",
+            chat_path,
+            chat(json!({"logprobs": true, "mirror_sd": {"method": "mirror"}})),
             400,
             "logprobs",
         ),
@@ -1240,6 +1261,13 @@ fn the_openai_python_client_talks_to_the_server() {
     );
     assert_eq!(report["tool_call_stream"], json!([report["tool_call"]]));
     assert_eq!(report["penalized_finish"], "length");
+    let logprobs = report["logprobs"].as_array().expect("logprobs");
+    assert_eq!(logprobs.len(), 8, "{report}");
+    assert!(logprobs
+        .iter()
+        .all(|v| v.as_f64().is_some_and(|v| v <= 0.0)));
+    assert_eq!(report["logprobs_top"], json!(vec![2; 8]));
+    assert_eq!(report["logprobs_stream"], report["logprobs"]);
     assert_eq!(report["unknown_model_status"], 404);
     assert_eq!(report["bad_temperature_status"], 400);
 }
@@ -1797,4 +1825,86 @@ fn the_langchain_client_talks_to_the_server() {
     );
     assert!(report["structured"]["name"].is_string(), "{report}");
     assert!(report["structured"]["country"].is_string(), "{report}");
+}
+
+#[test]
+fn logprobs_come_back_whole_and_streamed_on_both_endpoints() {
+    let _serial = serial();
+    let Some(model) = smollm2() else { return };
+    let server = start(model, test_config());
+    let addr = server.local_addr();
+    for (path, mut body) in [
+        ("/v1/chat/completions", chat_body(QUESTION, 8, "sd", false)),
+        (
+            "/v1/completions",
+            completion_body(TEXT_PROMPT, 8, "lookup", false),
+        ),
+    ] {
+        let chat = path.contains("chat");
+        if chat {
+            body["logprobs"] = json!(true);
+            body["top_logprobs"] = json!(2);
+        } else {
+            body["logprobs"] = json!(2);
+        }
+        let response = post(addr, path, &body);
+        assert_eq!(response.status, 200, "{path}: {}", response.text());
+        let json = response.json().unwrap();
+        let tokens = token_ids(&json["mirror_sd"]).len();
+        let logprobs = &json["choices"][0]["logprobs"];
+        // Greedy: each token is the likeliest one, so its value heads its alternatives.
+        let values: Vec<f64> = if chat {
+            let content = logprobs["content"].as_array().expect("content");
+            assert_eq!(content.len(), tokens, "{json}");
+            content
+                .iter()
+                .map(|e| {
+                    let lp = e["logprob"].as_f64().unwrap();
+                    let top = e["top_logprobs"].as_array().unwrap();
+                    assert_eq!(top.len(), 2);
+                    assert_eq!(top[0]["token"], e["token"], "{e}");
+                    assert_eq!(top[0]["logprob"].as_f64().unwrap(), lp);
+                    assert!(top[1]["logprob"].as_f64().unwrap() <= lp);
+                    assert_eq!(
+                        e["bytes"].as_array().unwrap().len(),
+                        e["token"].as_str().unwrap().len()
+                    );
+                    lp
+                })
+                .collect()
+        } else {
+            let values = logprobs["token_logprobs"]
+                .as_array()
+                .expect("token_logprobs");
+            assert_eq!(values.len(), tokens, "{json}");
+            assert_eq!(logprobs["tokens"].as_array().unwrap().len(), tokens);
+            assert_eq!(logprobs["text_offset"][0], 0);
+            values.iter().map(|v| v.as_f64().unwrap()).collect()
+        };
+        assert!(
+            values.iter().all(|&v| v <= 0.0 && v.is_finite()),
+            "{values:?}"
+        );
+        // Streamed: the chunks' entries add up to the whole response's, in order.
+        body["stream"] = json!(true);
+        let mut connection = open_stream(addr, path, &body);
+        let mut streamed = Vec::new();
+        while let Some(data) = connection.next_event_data().unwrap() {
+            if data == "[DONE]" {
+                break;
+            }
+            let chunk: Value = serde_json::from_str(&data).unwrap();
+            let lp = &chunk["choices"][0]["logprobs"];
+            if chat {
+                for e in lp["content"].as_array().into_iter().flatten() {
+                    streamed.push(e["logprob"].as_f64().unwrap());
+                }
+            } else {
+                for v in lp["token_logprobs"].as_array().into_iter().flatten() {
+                    streamed.push(v.as_f64().unwrap());
+                }
+            }
+        }
+        assert_eq!(streamed, values, "{path} streamed");
+    }
 }

@@ -84,6 +84,9 @@ struct SharedFields {
     response_format: Option<ResponseFormat>,
     frequency_penalty: Option<f64>,
     presence_penalty: Option<f64>,
+    /// Chat: `true`/`false`; completions: how many alternatives.
+    logprobs: Option<Value>,
+    top_logprobs: Option<u64>,
     tools: Option<Value>,
     tool_choice: Option<Value>,
     /// Accepted: a forced call is one call; an `auto` output may hold several.
@@ -177,11 +180,53 @@ pub struct ParsedRequest {
     pub tools: Vec<Tool>,
     /// Whether a call is forced, and of which tool.
     pub tool_choice: ToolChoice,
+    /// Return log-probabilities, with this many alternatives per token.
+    pub logprobs: Option<usize>,
+}
+
+/// Most alternatives per token (`top_logprobs`, or `logprobs` of a completion), as OpenAI allows.
+pub const MAX_TOP_LOGPROBS: u64 = 20;
+
+/// Chat's `logprobs: bool` with `top_logprobs`, or a completion's `logprobs: N`.
+fn parse_logprobs(
+    endpoint: Endpoint,
+    logprobs: Option<Value>,
+    top: Option<u64>,
+) -> Result<Option<usize>, ApiError> {
+    let bad = |param: &str, message: String| Err(ApiError::invalid_param(param, message));
+    if top.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+        return bad(
+            "top_logprobs",
+            format!("top_logprobs is at most {MAX_TOP_LOGPROBS}"),
+        );
+    }
+    match (endpoint, logprobs) {
+        (_, None | Some(Value::Null)) | (Endpoint::Chat, Some(Value::Bool(false))) => match top {
+            Some(n) if n > 0 => bad(
+                "top_logprobs",
+                "top_logprobs needs \"logprobs\": true".into(),
+            ),
+            _ => Ok(None),
+        },
+        (Endpoint::Chat, Some(Value::Bool(true))) => Ok(Some(top.unwrap_or(0) as usize)),
+        (Endpoint::Completions, Some(Value::Number(n))) => match n.as_u64() {
+            Some(n) if n <= MAX_TOP_LOGPROBS => Ok(Some(n as usize)),
+            _ => bad(
+                "logprobs",
+                format!("logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]"),
+            ),
+        },
+        (Endpoint::Chat, Some(_)) => bad("logprobs", "logprobs must be a boolean".into()),
+        (Endpoint::Completions, Some(_)) => bad(
+            "logprobs",
+            format!("logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]"),
+        ),
+    }
 }
 
 /// Fields of OpenAI's API that this server refuses (400 naming them), with why. Anything not
 /// listed, supported or accepted-and-ignored is an unknown field (400 too).
-const NOT_SUPPORTED: [(&str, &str); 13] = [
+const NOT_SUPPORTED: [(&str, &str); 11] = [
     (
         "audio",
         "audio output is not supported: the models here produce text",
@@ -197,8 +242,6 @@ const NOT_SUPPORTED: [(&str, &str); 13] = [
         "function_call",
         "the deprecated `function_call` field is not supported",
     ),
-    ("logprobs", "log-probabilities are not supported yet"),
-    ("top_logprobs", "log-probabilities are not supported yet"),
     (
         "reasoning_effort",
         "the served model is not a reasoning model",
@@ -263,6 +306,7 @@ pub fn parse_request(
             format!("n = {choices} is not in [1, {MAX_CHOICES}]"),
         ));
     }
+    let logprobs = parse_logprobs(endpoint, shared.logprobs, shared.top_logprobs)?;
     let mut constraint = parse_constraint(shared.response_format, &options)?;
     let (tools, tool_choice) = parse_tools(shared.tools, shared.tool_choice)?;
     if endpoint == Endpoint::Completions && !tools.is_empty() {
@@ -367,6 +411,7 @@ pub fn parse_request(
         penalties,
         tools,
         tool_choice,
+        logprobs,
     })
 }
 
@@ -374,8 +419,7 @@ pub fn parse_request(
 /// `"modalities": ["text"]`, `"echo": false`, `"best_of": 1`): such a request is served.
 fn is_default_of(field: &str, value: &Value) -> bool {
     match field {
-        "logprobs" | "echo" => value == &Value::Bool(false) || value.is_null(),
-        "top_logprobs" => value.as_u64() == Some(0) || value.is_null(),
+        "echo" => value == &Value::Bool(false) || value.is_null(),
         "best_of" => value.as_u64() == Some(1) || value.is_null(),
         "modalities" => value == &serde_json::json!(["text"]),
         _ => value.is_null(),

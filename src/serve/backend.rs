@@ -101,6 +101,12 @@ impl PromptEncoder {
         Prompt::Text(text).encode(&self.tokenizer)
     }
 
+    /// One token's text (special tokens spelled out; a byte-level token that is not a whole
+    /// character comes out with U+FFFD).
+    pub fn token_text(&self, id: u32) -> String {
+        self.tokenizer.decode(&[id], false).unwrap_or_default()
+    }
+
     /// Size of the vocabulary (token-id prompts are checked against it).
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.vocab_size()

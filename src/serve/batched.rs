@@ -10,12 +10,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mirror_scheduler::{
-    EngineLoad, Error, Event, FinishReason, GenerationConfig, SequenceStream, Stats,
+    EngineLoad, Error, Event, FinishReason, GenerationConfig, SequenceStream, Stats, TokenLogprob,
 };
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::watch;
 
-use super::backend::{Batched, Method};
+use super::backend::{Batched, Method, PromptEncoder};
 use super::error::{ApiError, ServeError};
 use super::messages::ToolChoice;
 use super::metrics::{Metrics, Outcome};
@@ -50,15 +50,23 @@ pub(crate) struct BatchedQueue {
     /// Choices submitted and not yet answered.
     in_flight: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
+    /// Token texts for log-probabilities.
+    encoder: PromptEncoder,
 }
 
 impl BatchedQueue {
-    pub fn new(batched: Batched, capacity: usize, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        batched: Batched,
+        capacity: usize,
+        metrics: Arc<Metrics>,
+        encoder: PromptEncoder,
+    ) -> Self {
         Self {
             batched,
             capacity,
             in_flight: Arc::new(AtomicUsize::new(0)),
             metrics,
+            encoder,
         }
     }
 
@@ -114,6 +122,7 @@ impl BatchedQueue {
                 submission: Arc::clone(&submission),
                 events,
                 metrics: Arc::clone(&self.metrics),
+                encoder: self.encoder.clone(),
                 _in_flight: InFlight::new(&self.in_flight),
             };
             tokio::spawn(relay.run(stream, aborted.clone()));
@@ -143,6 +152,7 @@ struct Relay {
     submission: Arc<Submission>,
     events: UnboundedSender<JobEvent>,
     metrics: Arc<Metrics>,
+    encoder: PromptEncoder,
     _in_flight: InFlight,
 }
 
@@ -151,6 +161,7 @@ impl Relay {
         let method = self.submission.method;
         let received = self.submission.received;
         let mut stop = StopText::new(self.submission.stop.clone());
+        let mut logprobs: Vec<serde_json::Value> = Vec::new();
         let mut tool_output = ToolOutput::new(
             self.submission.tool_choice.clone(),
             self.submission.tool_names.clone(),
@@ -188,8 +199,20 @@ impl Relay {
                 event = stream.next_event() => event,
             };
             match event {
-                Some(Event::Text { tokens: new, text }) => {
+                Some(Event::Text {
+                    tokens: new,
+                    text,
+                    logprobs: new_logprobs,
+                }) => {
                     tokens.extend_from_slice(&new);
+                    if !new_logprobs.is_empty() {
+                        let entries: Vec<serde_json::Value> = new_logprobs
+                            .iter()
+                            .map(|lp| logprob_entry(&self.encoder, lp))
+                            .collect();
+                        logprobs.extend(entries.iter().cloned());
+                        let _ = self.events.send(JobEvent::Logprobs(entries));
+                    }
                     if !text.is_empty() {
                         first_text.get_or_insert_with(|| received.elapsed());
                     }
@@ -210,6 +233,7 @@ impl Relay {
                             finish_reason: "stop",
                             report: report(method, tokens, &stats, timing(first_text)),
                             tool_calls: Vec::new(),
+                            logprobs: Vec::new(),
                         });
                     }
                 }
@@ -253,6 +277,7 @@ impl Relay {
         };
         drop(stream);
         let answer = answer.map(|mut completed| {
+            completed.logprobs = logprobs;
             let rest = tool_output.finish(&mut completed);
             self.send_text(rest);
             completed
@@ -265,6 +290,18 @@ impl Relay {
             let _ = self.events.send(JobEvent::Text(text));
         }
     }
+}
+
+/// OpenAI's chat log-probability entry of one token: its text, log-probability, UTF-8 bytes
+/// and the likeliest alternatives.
+fn logprob_entry(encoder: &PromptEncoder, lp: &TokenLogprob) -> serde_json::Value {
+    let piece = |id: u32, logprob: f32| {
+        let text = encoder.token_text(id);
+        serde_json::json!({"token": text, "logprob": logprob, "bytes": text.as_bytes()})
+    };
+    let mut entry = piece(lp.token, lp.logprob);
+    entry["top_logprobs"] = lp.top.iter().map(|&(id, l)| piece(id, l)).collect();
+    entry
 }
 
 /// Statistics of a sequence that the server ended early (the engine's own never arrive).

@@ -69,6 +69,7 @@ pub(crate) async fn whole_response(
             text: &c.text,
             finish_reason: c.finish_reason,
             tool_calls: &c.tool_calls,
+            logprobs: &c.logprobs,
         })
         .collect();
     let body = identity.complete(&choices, usage, &first.report);
@@ -132,6 +133,8 @@ pub(crate) async fn stream_response(
         prompt_tokens,
         include_usage,
         sent_text: vec![false; choices],
+        pending_logprobs: vec![Vec::new(); choices],
+        text_len: vec![0; choices],
         completed: Vec::with_capacity(choices),
         pending_events: pending,
         out: VecDeque::new(),
@@ -152,6 +155,9 @@ struct EventStream {
     include_usage: bool,
     /// Whether a text chunk of each choice went out (a chat choice's first carries the role).
     sent_text: Vec<bool>,
+    /// Each choice's log-probability entries not yet sent, and its text's length so far.
+    pending_logprobs: Vec<Vec<Value>>,
+    text_len: Vec<usize>,
     /// The choices that have finished.
     completed: Vec<Completed>,
     /// Events received before the stream started.
@@ -189,21 +195,33 @@ impl EventStream {
         self.done = true;
     }
 
+    /// A chunk of choice `index`'s text, with the log-probabilities that arrived before it.
+    fn text(&mut self, index: usize, text: &str) {
+        let logprobs = std::mem::take(&mut self.pending_logprobs[index]);
+        let chunk = self.identity.text_chunk_with_logprobs(
+            index,
+            text,
+            !self.sent_text[index],
+            &logprobs,
+            self.text_len[index],
+        );
+        self.sent_text[index] = true;
+        self.text_len[index] += text.len();
+        self.push_json(&chunk);
+    }
+
     fn handle(&mut self, event: Option<(usize, JobEvent)>) {
         match event {
             Some((_, JobEvent::Started)) => {}
-            Some((index, JobEvent::Text(text))) => {
-                let chunk = self
-                    .identity
-                    .text_chunk(index, &text, !self.sent_text[index]);
-                self.sent_text[index] = true;
-                self.push_json(&chunk);
+            Some((index, JobEvent::Logprobs(entries))) => {
+                self.pending_logprobs[index].extend(entries);
             }
+            Some((index, JobEvent::Text(text))) => self.text(index, &text),
             Some((index, JobEvent::Finished(Ok(completed)))) => {
-                if !self.sent_text[index] && self.identity.endpoint == Endpoint::Chat {
-                    let chunk = self.identity.text_chunk(index, "", true);
-                    self.sent_text[index] = true;
-                    self.push_json(&chunk);
+                let role_due = !self.sent_text[index] && self.identity.endpoint == Endpoint::Chat;
+                if role_due || !self.pending_logprobs[index].is_empty() {
+                    // The role, or the last tokens' log-probabilities, in a chunk of no text.
+                    self.text(index, "");
                 }
                 if !completed.tool_calls.is_empty() {
                     let chunk = self.identity.tool_calls_chunk(index, &completed.tool_calls);

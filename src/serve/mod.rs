@@ -147,9 +147,14 @@ impl Server {
         let default_method = backend.default_method();
         let context_limit = backend.context_limit();
         let vocab_size = backend.vocab_size();
-        let batched = backend
-            .spawn_batched(config.batch)?
-            .map(|b| BatchedQueue::new(b, config.queue_capacity, Arc::clone(&metrics)));
+        let batched = backend.spawn_batched(config.batch)?.map(|b| {
+            BatchedQueue::new(
+                b,
+                config.queue_capacity,
+                Arc::clone(&metrics),
+                encoder.clone(),
+            )
+        });
         let (queue, worker) =
             RequestQueue::start(backend, config.queue_capacity, Arc::clone(&metrics))?;
         let app = Arc::new(App {

@@ -44,12 +44,18 @@ pub struct Job {
 }
 
 /// What the worker reports about a job.
+// The last event carries the whole answer; it is sent once per choice, so boxing it would
+// save nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum JobEvent {
     /// The engine took the job.
     Started,
     /// Newly committed text (stop strings already cut out).
     Text(String),
+    /// Log-probabilities of newly committed tokens (OpenAI's chat entries), sent before the
+    /// text that carries them.
+    Logprobs(Vec<serde_json::Value>),
     /// The end: the whole result, or the error to answer with.
     Finished(Result<Completed, ApiError>),
 }
@@ -65,6 +71,8 @@ pub struct Completed {
     pub report: GenerationReport,
     /// The tools the model called (its text is then what came before the calls).
     pub tool_calls: Vec<ToolCall>,
+    /// Every token's log-probability entry (OpenAI's chat shape), when asked for.
+    pub logprobs: Vec<serde_json::Value>,
 }
 
 /// Sets the job's cancel flag when dropped: held by whatever delivers the response, so a
@@ -391,6 +399,7 @@ pub(crate) fn settle(
         finish_reason,
         report: report(method, generation.tokens, &generation.stats, timing),
         tool_calls: Vec::new(),
+        logprobs: Vec::new(),
     }
 }
 

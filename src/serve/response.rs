@@ -16,6 +16,8 @@ pub struct Choice<'a> {
     pub finish_reason: &'a str,
     /// The tools it called.
     pub tool_calls: &'a [ToolCall],
+    /// Its tokens' log-probability entries (OpenAI's chat shape; empty when not asked for).
+    pub logprobs: &'a [Value],
 }
 
 /// OpenAI's `tool_calls`: arguments as a JSON string; streamed deltas carry their `index`.
@@ -142,14 +144,14 @@ impl ResponseIdentity {
                     json!({
                         "index": index,
                         "message": message,
-                        "logprobs": null,
+                        "logprobs": self.logprobs_json(choice.logprobs, 0),
                         "finish_reason": choice.finish_reason,
                     })
                 }
                 Endpoint::Completions => json!({
                     "index": index,
                     "text": choice.text,
-                    "logprobs": null,
+                    "logprobs": self.logprobs_json(choice.logprobs, 0),
                     "finish_reason": choice.finish_reason,
                 }),
             })
@@ -158,6 +160,66 @@ impl ResponseIdentity {
         body.insert("usage".into(), json!(usage));
         body.insert("mirror_sd".into(), json!(report));
         Value::Object(body)
+    }
+
+    /// The `logprobs` field of a choice: `null` without entries; for chat `{"content":
+    /// entries}`; for completions OpenAI's legacy shape (`tokens`, `token_logprobs`,
+    /// `top_logprobs` as maps, `text_offset` counted from `offset`).
+    pub fn logprobs_json(&self, entries: &[Value], offset: usize) -> Value {
+        if entries.is_empty() {
+            return Value::Null;
+        }
+        match self.endpoint {
+            Endpoint::Chat => json!({ "content": entries }),
+            Endpoint::Completions => {
+                let mut text_offset = Vec::with_capacity(entries.len());
+                let mut at = offset;
+                for entry in entries {
+                    text_offset.push(at);
+                    at += entry["token"].as_str().map_or(0, str::len);
+                }
+                let top: Vec<Value> = entries
+                    .iter()
+                    .map(|e| {
+                        let alternatives =
+                            e["top_logprobs"].as_array().cloned().unwrap_or_default();
+                        Value::Object(
+                            alternatives
+                                .iter()
+                                .map(|a| {
+                                    (
+                                        a["token"].as_str().unwrap_or("").to_string(),
+                                        a["logprob"].clone(),
+                                    )
+                                })
+                                .collect(),
+                        )
+                    })
+                    .collect();
+                json!({
+                    "tokens": entries.iter().map(|e| e["token"].clone()).collect::<Vec<_>>(),
+                    "token_logprobs": entries.iter().map(|e| e["logprob"].clone()).collect::<Vec<_>>(),
+                    "top_logprobs": top,
+                    "text_offset": text_offset,
+                })
+            }
+        }
+    }
+
+    /// A streamed chunk carrying choice `index`'s `text` (a chat choice's first chunk also
+    /// carries the role) and the log-probability entries of the tokens since the last chunk
+    /// (`offset`: the choice's text length before this chunk).
+    pub fn text_chunk_with_logprobs(
+        &self,
+        index: usize,
+        text: &str,
+        first: bool,
+        logprobs: &[Value],
+        offset: usize,
+    ) -> Value {
+        let mut chunk = self.text_chunk(index, text, first);
+        chunk["choices"][0]["logprobs"] = self.logprobs_json(logprobs, offset);
+        chunk
     }
 
     /// A streamed chunk carrying choice `index`'s `text` (a chat choice's first chunk also

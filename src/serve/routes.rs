@@ -251,6 +251,7 @@ async fn complete(
         stop_tokens: Vec::new(),
         constraint: parsed.constraint.as_ref().map(|(c, _)| c.clone()),
         penalties: parsed.penalties.clone(),
+        logprobs: parsed.logprobs,
     };
     let (receivers, guard) = match &app.batched {
         Some(batched) if method.is_batched() => {
@@ -313,8 +314,10 @@ async fn complete(
 /// the request needs the batch (several choices, constrained output, tools), which then runs
 /// with `sd`, or `ar` when `sd` is not served.
 fn default_method_for(app: &App, parsed: &ParsedRequest) -> Method {
-    let needs_batch =
-        parsed.choices > 1 || parsed.constraint.is_some() || parsed.tool_choice != ToolChoice::None;
+    let needs_batch = parsed.choices > 1
+        || parsed.constraint.is_some()
+        || parsed.tool_choice != ToolChoice::None
+        || parsed.logprobs.is_some();
     if app.default_method.is_batched() || !needs_batch {
         return app.default_method;
     }
@@ -330,6 +333,12 @@ fn check_one_sequence(parsed: &ParsedRequest, method: Method) -> Result<(), ApiE
         return Err(ApiError::invalid_param(
             "n",
             format!("n > 1 needs a batched method (ar, sd or lookup), not `{method}`"),
+        ));
+    }
+    if parsed.logprobs.is_some() {
+        return Err(ApiError::invalid_param(
+            "logprobs",
+            format!("log-probabilities need a batched method (ar, sd or lookup), not `{method}`"),
         ));
     }
     if parsed.tool_choice != ToolChoice::None {

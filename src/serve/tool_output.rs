@@ -140,6 +140,7 @@ mod tests {
                 draft_hidden_fraction: 0.0,
             },
             tool_calls: Vec::new(),
+            logprobs: Vec::new(),
         }
     }
 

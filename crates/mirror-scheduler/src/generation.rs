@@ -27,6 +27,55 @@ pub struct GenerationConfig {
     /// Frequency, presence and repetition penalties and logit bias, applied to the target's
     /// logits at every verified row (neutral by default); see [`Penalties`].
     pub penalties: Penalties,
+    /// Return each generated token's log-probability and this many of the likeliest
+    /// alternatives at its position (`None`: none). Read from the target's own distribution at
+    /// the verified row, before penalties, constraint and sampling warp (vLLM's default), so
+    /// they are the same under every speculation. Batched engine only.
+    pub logprobs: Option<usize>,
+}
+
+/// A generated token's log-probability under the target, and the likeliest tokens there.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TokenLogprob {
+    /// The token.
+    pub token: u32,
+    /// Its log-probability.
+    pub logprob: f32,
+    /// The likeliest tokens at its position with theirs, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Log-probabilities of `tokens`, token `j` read from `rows[j]` (raw logits), with the `top`
+/// likeliest alternatives each: one pass for the log-sum-exp and one for the `top` largest
+/// logits a row (the order of logits is that of log-probabilities).
+pub fn token_logprobs(rows: &[Vec<f32>], tokens: &[u32], top: usize) -> Vec<TokenLogprob> {
+    tokens
+        .iter()
+        .zip(rows)
+        .map(|(&token, row)| {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            // f32 exponentials, summed in f64: a vocabulary of 150k terms would lose digits.
+            let sum: f64 = row.iter().map(|&l| f64::from((l - max).exp())).sum();
+            let log_sum = max + sum.ln() as f32;
+            // The `top` largest, kept sorted (largest first, lower id first on ties).
+            let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+            for (t, &l) in row.iter().enumerate() {
+                if best.len() == top && best.last().is_none_or(|&(_, b)| l <= b) {
+                    continue;
+                }
+                let at = best.partition_point(|&(_, b)| b >= l);
+                best.insert(at, (t as u32, l));
+                best.truncate(top);
+            }
+            TokenLogprob {
+                token,
+                logprob: row
+                    .get(token as usize)
+                    .map_or(f32::NEG_INFINITY, |&l| l - log_sum),
+                top: best.into_iter().map(|(t, l)| (t, l - log_sum)).collect(),
+            }
+        })
+        .collect()
 }
 
 /// What a constrained generation's output must match. Every verified position samples (or takes
@@ -58,6 +107,7 @@ impl Default for GenerationConfig {
             stop_tokens: Vec::new(),
             constraint: None,
             penalties: Penalties::default(),
+            logprobs: None,
         }
     }
 }
@@ -133,6 +183,8 @@ pub struct Generation {
     pub finish_reason: FinishReason,
     /// Acceptance, reuse and timing statistics.
     pub stats: Stats,
+    /// One per token when [`GenerationConfig::logprobs`] asked for them (else empty).
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// What a streaming callback tells the decoder.

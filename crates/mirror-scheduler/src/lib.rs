@@ -61,7 +61,8 @@ pub use engine::{
 };
 pub use error::{Error, Result, WorkerFault};
 pub use generation::{
-    Constraint, FinishReason, Generation, GenerationConfig, StopSet, StreamControl,
+    token_logprobs, Constraint, FinishReason, Generation, GenerationConfig, StopSet, StreamControl,
+    TokenLogprob,
 };
 pub use stats::{Reuse, Stats, TimeSplit};
 pub use strategy::autoregressive::Autoregressive;

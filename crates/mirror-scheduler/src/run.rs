@@ -40,6 +40,13 @@ impl<'a> Run<'a> {
         on_tokens: &'a mut dyn FnMut(&[u32]) -> StreamControl,
     ) -> Result<Self> {
         let started = Instant::now();
+        if config.logprobs.is_some() {
+            return Err(Error::InvalidConfig(
+                "log-probabilities come from the batched engine (EngineHandle); the one-sequence \
+                 decoders do not return them"
+                    .into(),
+            ));
+        }
         if config.constraint.is_some() {
             return Err(Error::InvalidConfig(
                 "constrained output runs on the batched engine (EngineHandle); the one-sequence \
@@ -170,6 +177,7 @@ impl Output {
             tokens: self.tokens,
             text: None,
             stats,
+            logprobs: Vec::new(),
         }
     }
 }

@@ -15,7 +15,7 @@ use super::batch::{BatchCore, BatchSettings, EngineLoad, Fork, SequenceRequest, 
 use super::text::IncrementalText;
 use crate::constraint::{ConstraintCompiler, ConstraintState};
 use crate::error::{Error, Result};
-use crate::generation::{Generation, GenerationConfig, StreamControl};
+use crate::generation::{Generation, GenerationConfig, StreamControl, TokenLogprob};
 
 /// What a batched sequence tells its stream.
 #[derive(Debug)]
@@ -27,6 +27,9 @@ pub enum Event {
         tokens: Vec<u32>,
         /// Their text.
         text: String,
+        /// Their log-probabilities, when the sequence asked for them
+        /// ([`GenerationConfig::logprobs`]; else empty).
+        logprobs: Vec<TokenLogprob>,
     },
     /// The end: the whole generation with its statistics, or why it failed.
     Finished(Box<Result<Generation>>),
@@ -245,7 +248,7 @@ struct StreamSink {
 }
 
 impl Sink for StreamSink {
-    fn tokens(&mut self, tokens: &[u32]) -> StreamControl {
+    fn tokens(&mut self, tokens: &[u32], logprobs: &[TokenLogprob]) -> StreamControl {
         let text = self
             .text
             .as_mut()
@@ -254,6 +257,7 @@ impl Sink for StreamSink {
         let event = Event::Text {
             tokens: tokens.to_vec(),
             text,
+            logprobs: logprobs.to_vec(),
         };
         match self.events.send(event) {
             Ok(()) => StreamControl::Continue,

@@ -523,7 +523,11 @@ impl BatchCore {
             }
             let result = match failed {
                 Some(e) => Err(e),
-                None => Ok(sequence.output.finish(sequence.stats, sequence.started)),
+                None => {
+                    let mut generation = sequence.output.finish(sequence.stats, sequence.started);
+                    generation.logprobs = sequence.logprobs;
+                    Ok(generation)
+                }
             };
             if let Some(sink) = sink {
                 sink.finish(result);

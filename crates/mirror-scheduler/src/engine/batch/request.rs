@@ -10,7 +10,7 @@ use crate::adaptive::WindowPolicy;
 use crate::constraint::ConstraintState;
 use crate::draft::lookup::LookupConfig;
 use crate::error::{Error, Result};
-use crate::generation::{Generation, GenerationConfig, StreamControl};
+use crate::generation::{Generation, GenerationConfig, StreamControl, TokenLogprob};
 
 /// The batched engine's settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -148,8 +148,9 @@ impl SequenceRequest {
 
 /// Where a batched sequence's committed tokens go, and how it ends: the callback may cancel.
 pub(crate) trait Sink: Send {
-    /// Newly committed tokens; `Stop` cancels the sequence.
-    fn tokens(&mut self, tokens: &[u32]) -> StreamControl;
+    /// Newly committed tokens, with their log-probabilities when the sequence asked for them;
+    /// `Stop` cancels the sequence.
+    fn tokens(&mut self, tokens: &[u32], logprobs: &[TokenLogprob]) -> StreamControl;
     /// Whether the consumer has gone (checked before every step, prefill included).
     fn cancelled(&self) -> bool;
     /// The end.

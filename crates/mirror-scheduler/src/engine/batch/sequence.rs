@@ -12,7 +12,9 @@ use crate::adaptive::TokenAcceptance;
 use crate::constraint::ConstraintState;
 use crate::engine::pool::PooledCache;
 use crate::error::{Error, Result};
-use crate::generation::{FinishReason, GenerationConfig, StreamControl};
+use crate::generation::{
+    token_logprobs, FinishReason, GenerationConfig, StreamControl, TokenLogprob,
+};
 use crate::run::{next_token, window_room, Output};
 use crate::seed::mix;
 use crate::stats::Stats;
@@ -41,6 +43,8 @@ pub(crate) struct Sequence {
     pub(crate) rng: StdRng,
     pub(crate) phase: Phase,
     pub(crate) sink: Option<Box<dyn Sink>>,
+    /// The committed tokens' log-probabilities, when the sequence asked for them.
+    pub(crate) logprobs: Vec<TokenLogprob>,
     /// Set when it must leave at the next retire phase with this error.
     pub(crate) failed: Option<Error>,
     /// The rows it fed this step, and the window among them.
@@ -183,6 +187,9 @@ impl Sequence {
                 self.stats.target_passes += 1;
                 let base = self.cache.cache.len() - self.fed.len();
                 let mut rows = rows;
+                // The target's own rows, kept apart when penalties or the grammar change them.
+                let changed = !self.config.penalties.is_neutral() || self.constraint.is_some();
+                let raw = (self.config.logprobs.is_some() && changed).then(|| rows.clone());
                 let (prompt, output) = self.seq.split_at(self.prompt_len());
                 self.config
                     .penalties
@@ -233,7 +240,11 @@ impl Sequence {
                 }
                 self.seq.extend_from_slice(&committed);
                 self.decode_steps += 1;
-                self.commit(&committed);
+                let logprobs = match self.config.logprobs {
+                    Some(top) => token_logprobs(raw.as_ref().unwrap_or(&rows), &committed, top),
+                    None => Vec::new(),
+                };
+                self.commit(&committed, &logprobs);
                 if self.constraint.as_ref().is_some_and(|c| c.is_stopped()) {
                     // Complete: nothing may follow (its end token, if any, is committed).
                     self.output.finish.get_or_insert(FinishReason::Stop);
@@ -243,16 +254,19 @@ impl Sequence {
         }
     }
 
-    /// Commits tokens to the output and streams them; a panicking sink fails the sequence.
-    pub(crate) fn commit(&mut self, new: &[u32]) {
+    /// Commits tokens (with their log-probabilities, if asked for) to the output and streams
+    /// them; a panicking sink fails the sequence.
+    pub(crate) fn commit(&mut self, new: &[u32], logprobs: &[TokenLogprob]) {
         let committed = self.output.push(new).to_vec();
         if committed.is_empty() {
             return;
         }
+        let logprobs = &logprobs[..logprobs.len().min(committed.len())];
+        self.logprobs.extend_from_slice(logprobs);
         let Some(sink) = self.sink.as_mut() else {
             return;
         };
-        match catch_unwind(AssertUnwindSafe(|| sink.tokens(&committed))) {
+        match catch_unwind(AssertUnwindSafe(|| sink.tokens(&committed, logprobs))) {
             Ok(StreamControl::Stop) if self.output.finish.is_none() => {
                 self.output.finish = Some(FinishReason::Cancelled);
             }
@@ -345,6 +359,7 @@ pub(crate) fn new_sequence(
         }),
         decode_steps: 0,
         constraint: None,
+        logprobs: Vec::new(),
         forced: false,
         speculation: request.speculation,
         deadline: request.deadline,

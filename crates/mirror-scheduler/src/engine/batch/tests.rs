@@ -4,7 +4,7 @@ use std::sync::mpsc;
 use mirror_core::{load_model_dir, DirFiles, LoadOptions};
 
 use super::*;
-use crate::generation::{Generation, GenerationConfig, StreamControl};
+use crate::generation::{Generation, GenerationConfig, StreamControl, TokenLogprob};
 use crate::strategy::autoregressive::Autoregressive;
 use crate::strategy::Decoder;
 
@@ -24,7 +24,7 @@ struct TestSink {
 }
 
 impl Sink for TestSink {
-    fn tokens(&mut self, _tokens: &[u32]) -> StreamControl {
+    fn tokens(&mut self, _tokens: &[u32], _logprobs: &[TokenLogprob]) -> StreamControl {
         self.batches += 1;
         if self.panic_at == Some(self.batches) {
             panic!("a consumer's callback panicked");
