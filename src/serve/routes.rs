@@ -314,11 +314,7 @@ async fn complete(
 /// the request needs the batch (several choices, constrained output, tools), which then runs
 /// with `sd`, or `ar` when `sd` is not served.
 fn default_method_for(app: &App, parsed: &ParsedRequest) -> Method {
-    let needs_batch = parsed.choices > 1
-        || parsed.constraint.is_some()
-        || parsed.tool_choice != ToolChoice::None
-        || parsed.logprobs.is_some();
-    if app.default_method.is_batched() || !needs_batch {
+    if app.default_method.is_batched() || batch_feature(parsed).is_none() {
         return app.default_method;
     }
     [Method::Speculative, Method::Autoregressive, Method::Lookup]
@@ -327,33 +323,32 @@ fn default_method_for(app: &App, parsed: &ParsedRequest) -> Method {
         .unwrap_or(app.default_method)
 }
 
-/// What only the batched engine does: several choices, constrained output.
-fn check_one_sequence(parsed: &ParsedRequest, method: Method) -> Result<(), ApiError> {
+/// The first thing `parsed` asks for that only the batched engine does (several choices,
+/// log-probabilities, tools, constrained output): the field that asked, and what it is.
+fn batch_feature(parsed: &ParsedRequest) -> Option<(&'static str, &'static str)> {
     if parsed.choices > 1 {
-        return Err(ApiError::invalid_param(
-            "n",
-            format!("n > 1 needs a batched method (ar, sd or lookup), not `{method}`"),
-        ));
+        Some(("n", "n > 1 needs"))
+    } else if parsed.logprobs.is_some() {
+        Some(("logprobs", "log-probabilities need"))
+    } else if parsed.tool_choice != ToolChoice::None {
+        Some(("tools", "tool calls need"))
+    } else {
+        parsed
+            .constraint
+            .as_ref()
+            .map(|(_, param)| (*param, "constrained output needs"))
     }
-    if parsed.logprobs.is_some() {
-        return Err(ApiError::invalid_param(
-            "logprobs",
-            format!("log-probabilities need a batched method (ar, sd or lookup), not `{method}`"),
-        ));
+}
+
+/// Refuses what only the batched engine does on a one-sequence method.
+fn check_one_sequence(parsed: &ParsedRequest, method: Method) -> Result<(), ApiError> {
+    match batch_feature(parsed) {
+        Some((param, what)) => Err(ApiError::invalid_param(
+            param,
+            format!("{what} a batched method (ar, sd or lookup), not `{method}`"),
+        )),
+        None => Ok(()),
     }
-    if parsed.tool_choice != ToolChoice::None {
-        return Err(ApiError::invalid_param(
-            "tools",
-            format!("tool calls need a batched method (ar, sd or lookup), not `{method}`"),
-        ));
-    }
-    if let Some((_, param)) = &parsed.constraint {
-        return Err(ApiError::invalid_param(
-            *param,
-            format!("constrained output needs a batched method (ar, sd or lookup), not `{method}`"),
-        ));
-    }
-    Ok(())
 }
 
 fn encode(

@@ -98,6 +98,22 @@ impl Penalties {
         }
     }
 
+    /// `logits` penalized as the row after `prompt`, `output` and then `drafted` (a draft's
+    /// next proposal, which the target's row there will see the same way).
+    pub fn penalized_next(
+        &self,
+        logits: &[f32],
+        prompt: &[u32],
+        output: &[u32],
+        drafted: &[u32],
+    ) -> Vec<f32> {
+        let before: Vec<u32> = output.iter().chain(drafted).copied().collect();
+        let mut rows = [logits.to_vec()];
+        self.apply_window(&mut rows, prompt, &before, &[]);
+        let [row] = rows;
+        row
+    }
+
     fn apply_row(&self, row: &mut [f32], counts: &HashMap<u32, u32>, in_prompt: &HashSet<u32>) {
         if let Some(r) = self.repetition.filter(|&r| r != 1.0) {
             let seen = counts

@@ -130,10 +130,8 @@ impl Drafter {
         };
         let prompt_len = (*prompt_len).min(self.context.len());
         let (prompt, output) = self.context.split_at(prompt_len);
-        let before: Vec<u32> = output.iter().chain(&window.tokens).copied().collect();
-        let mut rows = [logits.to_vec()];
-        penalties.apply_window(&mut rows, prompt, &before, &[]);
-        choose_draft_token(&rows[0], &self.params, seed, window.len())
+        let row = penalties.penalized_next(logits, prompt, output, &window.tokens);
+        choose_draft_token(&row, &self.params, seed, window.len())
     }
 
     /// Drafts up to `count` tokens after `context` (a stop token ends the window early). The

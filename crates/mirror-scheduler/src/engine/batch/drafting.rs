@@ -233,14 +233,7 @@ fn propose(sequence: &mut Sequence, grow: &Growing, logits: &[f32]) -> Option<u3
             .draft
             .as_ref()
             .map_or(&[][..], |d| &d.drafted.tokens[..]);
-        let mut rows = [logits.to_vec()];
-        let before: Vec<u32> = output.iter().chain(drafted).copied().collect();
-        sequence
-            .config
-            .penalties
-            .apply_window(&mut rows, prompt, &before, &[]);
-        let [row] = rows;
-        row
+        (sequence.config.penalties).penalized_next(logits, prompt, output, drafted)
     });
     let logits = penalized.as_deref().unwrap_or(logits);
     let side = sequence.draft.as_mut()?;
