@@ -529,6 +529,7 @@ fn the_test_rejects_a_biased_rule() {
         let window = DraftWindow {
             tokens: vec![pick],
             choices: vec![choice.clone()],
+            refused: None,
         };
         let mut counts = vec![0; VOCAB];
         for _ in 0..DRAWS {

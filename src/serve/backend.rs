@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use mirror_core::{ChatMessage, Model, Tokenizer, Tool};
 use mirror_scheduler::{
-    BatchSettings, Engine, EngineHandle, Generation, GenerationConfig, Mirror, MirrorSettings,
-    Prompt, SequenceRequest, Speculation, StreamControl,
+    BatchSettings, Engine, EngineHandle, Generation, GenerationConfig, LazyCompiler, Mirror,
+    MirrorSettings, Prompt, SequenceRequest, Speculation, StreamControl,
 };
 
 use super::ServeError;
@@ -124,6 +124,8 @@ pub struct Backend {
     default_method: Method,
     settings: MirrorSettings,
     encoder: PromptEncoder,
+    /// Mirror's constraint compiler, which also checks Mirror's constraints at admission.
+    constraints: LazyCompiler,
 }
 
 impl Backend {
@@ -153,10 +155,12 @@ impl Backend {
                 )));
             }
         }
+        let constraints = LazyCompiler::new(Some(tokenizer.clone()), target.vocab_size());
         let mirror = match (&draft, served.contains(&Method::Mirror)) {
             (Some(draft), true) => {
                 let decoder = Mirror::builder(Arc::clone(&target), Arc::clone(draft))
                     .settings(*settings)
+                    .constraints(constraints.clone())
                     .build()?;
                 Some(Engine::new(Box::new(decoder), tokenizer.clone()))
             }
@@ -173,6 +177,7 @@ impl Backend {
             mirror,
             default_method,
             settings: *settings,
+            constraints,
         })
     }
 
@@ -184,6 +189,11 @@ impl Backend {
     /// The method of requests that name none.
     pub fn default_method(&self) -> Method {
         self.default_method
+    }
+
+    /// Mirror's constraint compiler (to check a constraint before it is queued).
+    pub fn constraints(&self) -> LazyCompiler {
+        self.constraints.clone()
     }
 
     /// A prompt encoder for the HTTP side.

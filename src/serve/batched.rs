@@ -42,6 +42,17 @@ pub(crate) struct Submission {
     pub tool_names: Vec<String>,
 }
 
+/// A submission's error as the client sees it: a constraint that does not compile is a 400
+/// naming the field `param` it came from; anything else is the engine's.
+pub(crate) fn constraint_error(e: Error, param: &str) -> ApiError {
+    match e {
+        Error::InvalidConstraint { .. } => {
+            ApiError::invalid_param(param, e.to_string()).with_code("invalid_constraint")
+        }
+        e => engine_error(ServeError::Engine(e)),
+    }
+}
+
 /// The batched engine behind the HTTP handlers.
 pub(crate) struct BatchedQueue {
     batched: Batched,
@@ -107,11 +118,9 @@ impl BatchedQueue {
             .batched
             .handle
             .submit_forked(request, choices)
-            .map_err(|e| match (&e, submission.constraint_param) {
-                (Error::InvalidConstraint { .. }, Some(param)) => {
-                    ApiError::invalid_param(param, e.to_string()).with_code("invalid_constraint")
-                }
-                _ => engine_error(ServeError::Engine(e)),
+            .map_err(|e| match submission.constraint_param {
+                Some(param) => constraint_error(e, param),
+                None => engine_error(ServeError::Engine(e)),
             })?;
         let submission = Arc::new(submission);
         let mut receivers = Vec::with_capacity(streams.len());

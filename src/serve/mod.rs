@@ -147,6 +147,7 @@ impl Server {
         let default_method = backend.default_method();
         let context_limit = backend.context_limit();
         let vocab_size = backend.vocab_size();
+        let constraints = backend.constraints();
         let batched = backend.spawn_batched(config.batch)?.map(|b| {
             BatchedQueue::new(
                 b,
@@ -168,6 +169,7 @@ impl Server {
             default_method,
             context_limit,
             vocab_size,
+            constraints,
             max_body_bytes: config.max_body_bytes,
             request_timeout: config.request_timeout,
             default_max_tokens: config.default_max_tokens,

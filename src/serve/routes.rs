@@ -13,7 +13,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use futures_util::StreamExt;
 use mirror_core::Tool;
-use mirror_scheduler::GenerationConfig;
+use mirror_scheduler::{GenerationConfig, LazyCompiler};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::unbounded_channel;
 
@@ -21,7 +21,7 @@ use super::api::{
     parse_request, unix_seconds, Endpoint, ParsedRequest, PromptInput, ResponseIdentity,
 };
 use super::backend::{Method, PromptEncoder};
-use super::batched::{BatchedQueue, Submission};
+use super::batched::{constraint_error, BatchedQueue, Submission};
 use super::delivery::{stream_response, whole_response, Waiting};
 use super::error::ApiError;
 use super::messages::ToolChoice;
@@ -42,6 +42,8 @@ pub(crate) struct App {
     pub default_method: Method,
     pub context_limit: usize,
     pub vocab_size: usize,
+    /// Checks a constraint on Mirror's path before it is queued.
+    pub constraints: LazyCompiler,
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
     pub default_max_tokens: usize,
@@ -272,6 +274,11 @@ async fn complete(
         }
         _ => {
             check_one_sequence(&parsed, method)?;
+            if let (Some(constraint), Some((_, param))) = (&config.constraint, &parsed.constraint) {
+                app.constraints
+                    .compile(constraint)
+                    .map_err(|e| constraint_error(e, param))?;
+            }
             let (events, receiver) = unbounded_channel();
             let (guard, cancel) = CancelOnDrop::new();
             app.queue.submit(Job {
@@ -311,7 +318,7 @@ async fn complete(
 }
 
 /// The method of a request that names none: the server's default, unless that is Mirror and
-/// the request needs the batch (several choices, constrained output, tools), which then runs
+/// the request needs the batch (several choices, log-probabilities, tools), which then runs
 /// with `sd`, or `ar` when `sd` is not served.
 fn default_method_for(app: &App, parsed: &ParsedRequest) -> Method {
     if app.default_method.is_batched() || batch_feature(parsed).is_none() {
@@ -324,7 +331,7 @@ fn default_method_for(app: &App, parsed: &ParsedRequest) -> Method {
 }
 
 /// The first thing `parsed` asks for that only the batched engine does (several choices,
-/// log-probabilities, tools, constrained output): the field that asked, and what it is.
+/// log-probabilities, tools): the field that asked, and what it is.
 fn batch_feature(parsed: &ParsedRequest) -> Option<(&'static str, &'static str)> {
     if parsed.choices > 1 {
         Some(("n", "n > 1 needs"))
@@ -333,10 +340,7 @@ fn batch_feature(parsed: &ParsedRequest) -> Option<(&'static str, &'static str)>
     } else if parsed.tool_choice != ToolChoice::None {
         Some(("tools", "tool calls need"))
     } else {
-        parsed
-            .constraint
-            .as_ref()
-            .map(|(_, param)| (*param, "constrained output needs"))
+        None
     }
 }
 

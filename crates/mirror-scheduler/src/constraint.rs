@@ -16,7 +16,7 @@
 //! [`llguidance::token_bytes_from_tokenizer_json`]; the only code of ours here is the tokenizer
 //! environment (`toktrie_hf_tokenizers` does the same but pins an older `tokenizers` than ours).
 //!
-//! May import: [`crate::generation`] and [`crate::error`].
+//! May import: [`crate::generation`], [`crate::window`] and [`crate::error`].
 
 use std::sync::Arc;
 
@@ -27,6 +27,7 @@ use mirror_core::Tokenizer;
 
 use crate::error::{Error, Result};
 use crate::generation::Constraint;
+use crate::window::{DraftChoice, DraftWindow};
 
 /// The tokenizer as llguidance sees it: the token trie, and our tokenizer for text.
 struct TokenizerBytes {
@@ -137,6 +138,45 @@ impl ConstraintCompiler {
     }
 }
 
+/// A [`ConstraintCompiler`] built on first use (most generations have no constraint, and the
+/// compiler takes a while for a large vocabulary), shared by whoever clones it.
+#[derive(Debug, Clone)]
+pub struct LazyCompiler {
+    tokenizer: Option<Tokenizer>,
+    vocab_size: usize,
+    slot: Arc<std::sync::Mutex<Option<Arc<ConstraintCompiler>>>>,
+}
+
+impl LazyCompiler {
+    /// A compiler for `tokenizer` (none: constrained requests are refused) and `vocab_size`.
+    pub fn new(tokenizer: Option<Tokenizer>, vocab_size: usize) -> Self {
+        Self {
+            tokenizer,
+            vocab_size,
+            slot: Arc::default(),
+        }
+    }
+
+    /// Compiles `constraint` (see [`ConstraintCompiler::compile`]), building the compiler
+    /// first if need be.
+    pub fn compile(&self, constraint: &Constraint) -> Result<ConstraintState> {
+        self.compiler()?.compile(constraint)
+    }
+
+    fn compiler(&self) -> Result<Arc<ConstraintCompiler>> {
+        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(compiler) = slot.as_ref() {
+            return Ok(Arc::clone(compiler));
+        }
+        let tokenizer = self.tokenizer.as_ref().ok_or_else(|| {
+            Error::InvalidConfig("a constrained request needs a decoder with a tokenizer".into())
+        })?;
+        let compiler = Arc::new(ConstraintCompiler::new(tokenizer, self.vocab_size)?);
+        *slot = Some(Arc::clone(&compiler));
+        Ok(compiler)
+    }
+}
+
 /// `schema` with llguidance told to write compact JSON (`", "` and `": "` between items and
 /// keys, no other whitespace), unless the schema sets its own `x-guidance` options: a fixed
 /// layout makes punctuation and keys forced tokens, which ride as free drafts, where flexible
@@ -153,6 +193,32 @@ fn compact(schema: &serde_json::Value) -> serde_json::Value {
         .apply_to(&mut schema);
     }
     schema
+}
+
+/// The tokens a constraint allows at one row.
+pub struct TokenMask {
+    allowed: llguidance::toktrie::SimpleVob,
+    /// Ids at or past this (the model's padding beyond the tokenizer) are never allowed.
+    vocab_size: usize,
+}
+
+impl std::fmt::Debug for TokenMask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenMask")
+            .field("allowed", &self.allowed.num_set())
+            .finish()
+    }
+}
+
+impl TokenMask {
+    /// Sets the logits of the tokens the constraint forbids to `-inf`.
+    pub fn apply(&self, row: &mut [f32]) {
+        for (id, logit) in row.iter_mut().enumerate() {
+            if id >= self.vocab_size || !self.allowed.is_allowed(id as u32) {
+                *logit = f32::NEG_INFINITY;
+            }
+        }
+    }
 }
 
 /// One sequence's place in its constraint (see the [module](self) docs).
@@ -191,6 +257,32 @@ impl ConstraintState {
         self.matcher.compute_ff_tokens()
     }
 
+    /// The window a constrained step verifies: the tokens the grammar forces, up to `room`
+    /// (with `forced_drafts`), or else the drafted `window` cut at its first proposal the grammar
+    /// refuses ([`DraftWindow::refuse_from`]). Returns whether the window is forced.
+    pub fn constrain_window(
+        &mut self,
+        window: &mut DraftWindow,
+        room: usize,
+        forced_drafts: bool,
+    ) -> Result<bool> {
+        if forced_drafts {
+            let mut forced = self.forced();
+            forced.truncate(room);
+            if !forced.is_empty() {
+                *window = DraftWindow {
+                    choices: vec![DraftChoice::PointMass; forced.len()],
+                    tokens: forced,
+                    refused: None,
+                };
+                return Ok(true);
+            }
+        }
+        let valid = self.valid_prefix(&window.tokens)?;
+        window.refuse_from(valid);
+        Ok(false)
+    }
+
     /// How many leading `tokens` the grammar allows from here.
     pub fn valid_prefix(&mut self, tokens: &[u32]) -> Result<usize> {
         if tokens.is_empty() || self.matcher.is_stopped() {
@@ -203,21 +295,33 @@ impl ConstraintState {
     /// after `window[..j]`), leaving the state after the whole window (see
     /// [`ConstraintState::settle`]).
     pub fn mask_window(&mut self, window: &[u32], rows: &mut [Vec<f32>]) -> Result<()> {
-        for (j, row) in rows.iter_mut().enumerate() {
-            let mask = self.matcher.compute_mask_or_eos().map_err(failed)?;
-            if mask.num_set() == 0 {
+        let masks = self.window_masks(window)?;
+        for (row, mask) in rows.iter_mut().zip(&masks) {
+            mask.apply(row);
+        }
+        Ok(())
+    }
+
+    /// The masks of the `window.len() + 1` rows of a verification window after `window` (row
+    /// `j` by the state after `window[..j]`), leaving the state after the whole window (see
+    /// [`ConstraintState::settle`]). Computed once, they can mask a row twice (Mirror's
+    /// early-exit tap, then the final row).
+    pub fn window_masks(&mut self, window: &[u32]) -> Result<Vec<TokenMask>> {
+        let mut masks = Vec::with_capacity(window.len() + 1);
+        for j in 0..=window.len() {
+            let allowed = self.matcher.compute_mask_or_eos().map_err(failed)?;
+            if allowed.num_set() == 0 {
                 return Err(failed("the constraint allows no token here"));
             }
-            for (id, logit) in row.iter_mut().enumerate() {
-                if id >= self.vocab_size || !mask.is_allowed(id as u32) {
-                    *logit = f32::NEG_INFINITY;
-                }
-            }
+            masks.push(TokenMask {
+                allowed,
+                vocab_size: self.vocab_size,
+            });
             if let Some(&token) = window.get(j) {
                 self.matcher.consume_token(token).map_err(failed)?;
             }
         }
-        Ok(())
+        Ok(masks)
     }
 
     /// After a window of `drafted` tokens was masked and verified: back to the committed prefix,

@@ -53,7 +53,7 @@ pub mod testing {
 }
 
 pub use adaptive::WindowPolicy;
-pub use constraint::{ConstraintCompiler, ConstraintState};
+pub use constraint::{ConstraintCompiler, ConstraintState, LazyCompiler, TokenMask};
 pub use draft::lookup::LookupConfig;
 pub use engine::{
     BatchSettings, Engine, EngineHandle, EngineLoad, Event, Prompt, SequenceRequest,

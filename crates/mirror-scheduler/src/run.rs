@@ -47,13 +47,6 @@ impl<'a> Run<'a> {
                     .into(),
             ));
         }
-        if config.constraint.is_some() {
-            return Err(Error::InvalidConfig(
-                "constrained output runs on the batched engine (EngineHandle); the one-sequence \
-                 decoders do not apply constraints"
-                    .into(),
-            ));
-        }
         check_penalties(config, target)?;
         let capacity = capacity_for(target, prompt, config, gamma)?;
         Ok(Self {
@@ -65,6 +58,18 @@ impl<'a> Run<'a> {
             seq: prompt.to_vec(),
             prompt_len: prompt.len(),
         })
+    }
+
+    /// Refuses a constraint (for the decoders that do not apply one).
+    pub fn refuse_constraint(config: &GenerationConfig) -> Result<()> {
+        match config.constraint {
+            Some(_) => Err(Error::InvalidConfig(
+                "constrained output runs on the batched engine (EngineHandle) and Mirror; this \
+                 decoder does not apply constraints"
+                    .into(),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Applies `config`'s penalties to the verification rows of `window` (row `j` after the
@@ -92,8 +97,15 @@ impl<'a> Run<'a> {
     /// After a verified window fed at cache row `base`: keeps the accepted rows, commits the
     /// accepted tokens and the target's correction (or bonus). Returns what was committed.
     pub fn commit(&mut self, base: usize, window: &DraftWindow, verdict: Verdict) -> Vec<u32> {
-        self.cache.truncate(base + 1 + verdict.accepted);
         let new = verdict.committed(&window.tokens);
+        self.commit_kept(base, new)
+    }
+
+    /// [`Run::commit`] of a verdict's tokens `new`, which a constraint may have cut short (see
+    /// [`crate::constraint::ConstraintState::settle`]). The cache keeps the rows of every
+    /// committed token but the last: the one before the window at `base`, then the window's.
+    pub fn commit_kept(&mut self, base: usize, new: Vec<u32>) -> Vec<u32> {
+        self.cache.truncate(base + new.len());
         self.seq.extend_from_slice(&new);
         self.progress.commit(&new);
         new

@@ -35,6 +35,12 @@ fn check_window(target_logits: &[&[f32]], window: &DraftWindow) -> Result<()> {
     if vocab == 0 || target_logits.iter().any(|row| row.len() != vocab) {
         return bad("target rows are empty or of different lengths".into());
     }
+    if let Some(q) = window.refused.as_ref().filter(|q| q.len() != vocab) {
+        return bad(format!(
+            "the refused proposal's distribution covers {} tokens, the target {vocab}",
+            q.len()
+        ));
+    }
     for (j, (&token, choice)) in window.tokens.iter().zip(&window.choices).enumerate() {
         if token as usize >= vocab {
             return bad(format!(
@@ -99,6 +105,10 @@ pub fn verify_window(
     }
     let last = window.len();
     let p = sampling::warp_probs(target_logits[last], params);
+    let p = match &window.refused {
+        Some(q) => sampling::residual(&p, q),
+        None => p,
+    };
     Ok(Verdict {
         accepted: last,
         token: p.sample(uniform()),
@@ -125,6 +135,7 @@ mod tests {
         let window = DraftWindow {
             tokens: vec![1, 2],
             choices: vec![DraftChoice::PointMass; 2],
+            refused: None,
         };
         let mut u = || 0.5;
         let v = verify_window(&refs, &window, &SamplingParams::greedy(), &mut u).unwrap();
@@ -138,6 +149,7 @@ mod tests {
         let window = DraftWindow {
             tokens: vec![1, 0],
             choices: vec![DraftChoice::PointMass; 2],
+            refused: None,
         };
         let v = verify_window(&refs, &window, &SamplingParams::greedy(), &mut u).unwrap();
         assert_eq!(
@@ -176,22 +188,66 @@ mod tests {
                 let window = DraftWindow {
                     tokens: vec![w],
                     choices: vec![choice],
+                    refused: None,
                 };
                 let mut u = || rng.random::<f64>();
                 let v = verify_window(&refs, &window, &params, &mut u).unwrap();
                 let first = if v.accepted == 1 { w } else { v.token };
                 counts[first as usize] += 1;
             }
-            for (i, &c) in counts.iter().enumerate() {
-                let freq = c as f64 / n as f64;
-                // 5 standard deviations of a binomial frequency.
-                let sd = (p[i] as f64 * (1.0 - p[i] as f64) / n as f64).sqrt();
-                assert!(
-                    (freq - p[i] as f64).abs() < 5.0 * sd,
-                    "deterministic={deterministic} token {i}: {freq} vs {}",
-                    p[i]
-                );
+            assert_frequencies_match(&counts, &p, &format!("deterministic={deterministic}"));
+        }
+    }
+
+    /// A sampled proposal a constraint refuses (token 3, which the masked target gives no
+    /// mass) cuts the window before it; the row before it must still decide as its rejection
+    /// would, so the first token stays distributed as p. Plain truncation would draw from p
+    /// itself there and give token 1 a frequency of 0.39 instead of 0.3.
+    #[test]
+    fn a_refused_proposal_keeps_the_first_token_distributed_as_the_target() {
+        let p = [0.5f32, 0.3, 0.2, 0.0];
+        let q = [0.1f32, 0.6, 0.0, 0.3];
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        };
+        let masked: Vec<f32> = p.iter().map(|&x| x.ln()).collect();
+        let target = [masked.clone(), masked];
+        let mut rng = StdRng::seed_from_u64(11);
+        let n = 200_000;
+        let mut counts = [0usize; 4];
+        for _ in 0..n {
+            let x = mirror_core::sampling::sample(&q, rng.random());
+            let mut window = DraftWindow {
+                tokens: vec![x],
+                choices: vec![DraftChoice::Sampled(q.to_vec().into())],
+                refused: None,
+            };
+            if x == 3 {
+                window.refuse_from(0);
             }
+            let refs: Vec<&[f32]> = target[..window.len() + 1]
+                .iter()
+                .map(|r| r.as_slice())
+                .collect();
+            let v = verify_window(&refs, &window, &params, &mut || rng.random::<f64>()).unwrap();
+            let first = if v.accepted == 1 { x } else { v.token };
+            counts[first as usize] += 1;
+        }
+        assert_frequencies_match(&counts, &p, "refused");
+    }
+
+    /// Each token's frequency within 5 standard deviations of a binomial frequency of `p`.
+    fn assert_frequencies_match(counts: &[usize], p: &[f32], label: &str) {
+        let n = counts.iter().sum::<usize>() as f64;
+        for (i, (&c, &p)) in counts.iter().zip(p).enumerate() {
+            let (freq, p) = (c as f64 / n, p as f64);
+            let sd = (p * (1.0 - p) / n).sqrt();
+            assert!(
+                (freq - p).abs() <= 5.0 * sd,
+                "{label} token {i}: {freq} vs {p}"
+            );
         }
     }
 
@@ -222,7 +278,11 @@ mod tests {
             ),
         ];
         for (rows, tokens, choices, what) in cases {
-            let window = DraftWindow { tokens, choices };
+            let window = DraftWindow {
+                tokens,
+                choices,
+                refused: None,
+            };
             for params in [params, SamplingParams::greedy()] {
                 let err = verify_window(rows, &window, &params, &mut || 0.5).unwrap_err();
                 assert!(

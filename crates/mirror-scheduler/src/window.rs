@@ -22,6 +22,10 @@ pub struct DraftWindow {
     /// How each token was chosen (same length as `tokens`; [`crate::verify::verify_window`] rejects a window
     /// where they differ).
     pub choices: Vec<DraftChoice>,
+    /// The distribution of a sampled proposal that came right after `tokens` and was refused
+    /// without a target comparison (by a constraint, see [`DraftWindow::refuse_from`]): the row
+    /// after the window then draws from the residual `p - q`, as that proposal's rejection would.
+    pub refused: Option<Probs>,
 }
 
 impl DraftWindow {
@@ -35,10 +39,33 @@ impl DraftWindow {
         self.tokens.is_empty()
     }
 
-    /// Keeps the first `len` proposals.
+    /// Keeps the first `len` proposals. A cut for room or length is not a refusal: it forgets
+    /// any [`DraftWindow::refused`] proposal, and the row after the window draws from the
+    /// target's own distribution.
     pub fn truncate(&mut self, len: usize) {
+        if len < self.len() {
+            self.refused = None;
+        }
         self.tokens.truncate(len);
         self.choices.truncate(len);
+    }
+
+    /// Cuts the window before proposal `index`, which was refused without a target comparison
+    /// (a constraint forbids it). Its rejection is certain (the masked target gives it no
+    /// mass), so the row before it decides as that rejection would: from the residual of its
+    /// sampling distribution, or from the target's distribution for a point mass (where the
+    /// two agree). Cutting at the first refused proposal is a stopping rule, so the window
+    /// stays lossless.
+    pub fn refuse_from(&mut self, index: usize) {
+        if index >= self.len() {
+            return;
+        }
+        let refused = match &self.choices[index] {
+            DraftChoice::Sampled(q) => Some(q.clone()),
+            DraftChoice::PointMass => None,
+        };
+        self.truncate(index);
+        self.refused = refused;
     }
 }
 

@@ -77,6 +77,7 @@ impl LookupConfig {
         DraftWindow {
             choices: vec![DraftChoice::PointMass; tokens.len()],
             tokens,
+            refused: None,
         }
     }
 }

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::batch::{BatchCore, BatchSettings, EngineLoad, Fork, SequenceRequest, Sink, Waiting};
 use super::text::IncrementalText;
-use crate::constraint::{ConstraintCompiler, ConstraintState};
+use crate::constraint::{ConstraintState, LazyCompiler};
 use crate::error::{Error, Result};
 use crate::generation::{Generation, GenerationConfig, StreamControl, TokenLogprob};
 
@@ -43,7 +43,7 @@ struct Shared {
     target: Arc<Model>,
     load: Arc<Mutex<EngineLoad>>,
     /// Built at the first constrained request (the token trie takes a while).
-    constraints: Mutex<Option<Arc<ConstraintCompiler>>>,
+    constraints: LazyCompiler,
 }
 
 /// The batched engine (see the [module](self) docs). Cheap to clone; every clone submits to the
@@ -92,10 +92,10 @@ impl EngineHandle {
         Ok(Self {
             shared: Arc::new(Shared {
                 commands,
+                constraints: LazyCompiler::new(tokenizer.clone(), target.vocab_size()),
                 tokenizer,
                 target,
                 load,
-                constraints: Mutex::new(None),
             }),
         })
     }
@@ -125,7 +125,7 @@ impl EngineHandle {
     /// [`Error::InvalidConstraint`] at once. The engine needs a tokenizer for that.
     pub fn submit_forked(&self, request: SequenceRequest, n: usize) -> Result<Vec<SequenceStream>> {
         let constraint = match &request.config.constraint {
-            Some(constraint) => Some(self.compiler()?.compile(constraint)?),
+            Some(constraint) => Some(self.shared.constraints.compile(constraint)?),
             None => None,
         };
         let (sink, stream) = self.channel();
@@ -155,27 +155,6 @@ impl EngineHandle {
             .send(waiting)
             .map_err(|_| Error::EngineStopped)?;
         Ok(streams)
-    }
-
-    /// The engine's constraint compiler, built on first use.
-    fn compiler(&self) -> Result<Arc<ConstraintCompiler>> {
-        let mut slot = self
-            .shared
-            .constraints
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(compiler) = slot.as_ref() {
-            return Ok(Arc::clone(compiler));
-        }
-        let tokenizer = self.shared.tokenizer.as_ref().ok_or_else(|| {
-            Error::InvalidConfig("a constrained request needs an engine with a tokenizer".into())
-        })?;
-        let compiler = Arc::new(ConstraintCompiler::new(
-            tokenizer,
-            self.shared.target.vocab_size(),
-        )?);
-        *slot = Some(Arc::clone(&compiler));
-        Ok(compiler)
     }
 
     fn channel(&self) -> (Box<dyn Sink>, SequenceStream) {

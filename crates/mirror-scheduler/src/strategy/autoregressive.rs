@@ -37,6 +37,7 @@ impl Decoder for Autoregressive {
         config: &GenerationConfig,
         on_tokens: &mut dyn FnMut(&[u32]) -> StreamControl,
     ) -> Result<Generation> {
+        Run::refuse_constraint(config)?;
         let mut run = Run::begin(&self.target, prompt, config, 0, config.seed, on_tokens)?;
         let mut logits = self.target.next_token_logits(prompt, &mut run.cache)?;
         run.stats.time.prefill = run.started.elapsed();

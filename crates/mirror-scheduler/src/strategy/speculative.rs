@@ -158,6 +158,7 @@ impl Decoder for SpeculativeDecoding {
     ) -> Result<Generation> {
         let gamma = self.settings.gamma;
         let seed = mix(config.seed, 1);
+        Run::refuse_constraint(config)?;
         let mut run = Run::begin(&self.target, prompt, config, gamma, seed, on_tokens)?;
         // Prefill: the target and the draft cache everything but the prompt's last token.
         let n = run.seq.len();

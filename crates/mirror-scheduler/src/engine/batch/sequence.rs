@@ -19,7 +19,7 @@ use crate::run::{next_token, window_room, Output};
 use crate::seed::mix;
 use crate::stats::Stats;
 use crate::verify::verify_window;
-use crate::window::{DraftChoice, DraftWindow};
+use crate::window::DraftWindow;
 
 /// Where a running sequence is.
 pub(crate) enum Phase {
@@ -146,25 +146,10 @@ impl Sequence {
     /// Under a constraint, the window is what the grammar forces (up to `room` tokens), or else
     /// the drafted window's longest prefix the grammar allows.
     fn constrain_window(&mut self, room: usize, forced_drafts: bool) -> Result<()> {
-        let Some(constraint) = self.constraint.as_mut() else {
-            return Ok(());
-        };
-        let mut forced = if forced_drafts {
-            constraint.forced()
-        } else {
-            Vec::new()
-        };
-        forced.truncate(room.min(window_room(&self.cache.cache)));
-        if !forced.is_empty() {
-            self.window = DraftWindow {
-                choices: vec![DraftChoice::PointMass; forced.len()],
-                tokens: forced,
-            };
-            self.forced = true;
-            return Ok(());
+        if let Some(constraint) = self.constraint.as_mut() {
+            let room = room.min(window_room(&self.cache.cache));
+            self.forced = constraint.constrain_window(&mut self.window, room, forced_drafts)?;
         }
-        let valid = constraint.valid_prefix(&self.window.tokens)?;
-        self.window.truncate(valid);
         Ok(())
     }
 

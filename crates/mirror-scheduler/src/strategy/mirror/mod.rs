@@ -29,12 +29,13 @@ mod worker;
 use std::sync::Arc;
 use std::time::Instant;
 
-use mirror_core::Model;
+use mirror_core::{Model, Tokenizer};
 
 use crate::adaptive::{Offer, WindowChooser};
+use crate::constraint::LazyCompiler;
 use crate::draft::{Drafter, InjectedFault};
 use crate::error::Result;
-use crate::generation::{Generation, GenerationConfig, StreamControl};
+use crate::generation::{FinishReason, Generation, GenerationConfig, StreamControl};
 use crate::run::Run;
 use crate::seed::mix;
 use crate::stats::time_phase;
@@ -54,6 +55,7 @@ pub struct MirrorBuilder {
     draft: Arc<Model>,
     settings: MirrorSettings,
     fault: Option<InjectedFault>,
+    constraints: LazyCompiler,
 }
 
 impl MirrorBuilder {
@@ -82,6 +84,21 @@ impl MirrorBuilder {
     /// compete for one pool. A draft loaded with its own pool or cores needs none.
     pub fn draft_threads(mut self, threads: usize) -> Self {
         self.settings.draft_threads = Some(threads);
+        self
+    }
+
+    /// The target's tokenizer, for constrained output ([`GenerationConfig::constraint`]; the
+    /// constraint compiler is built at the first constrained generation). Without it a
+    /// constrained generation is [`crate::Error::InvalidConfig`].
+    pub fn tokenizer(mut self, tokenizer: Tokenizer) -> Self {
+        self.constraints = LazyCompiler::new(Some(tokenizer), self.target.vocab_size());
+        self
+    }
+
+    /// A constraint compiler shared with others (built once for them all), instead of
+    /// [`MirrorBuilder::tokenizer`].
+    pub fn constraints(mut self, constraints: LazyCompiler) -> Self {
+        self.constraints = constraints;
         self
     }
 
@@ -120,6 +137,7 @@ impl MirrorBuilder {
             .lookahead()
             .map_or(0, |head| head.config().tokens);
         Ok(Mirror {
+            constraints: self.constraints,
             worker: DraftWorker::spawn(drafter, settings.schedule)?,
             side: TargetSide {
                 target: self.target,
@@ -138,12 +156,14 @@ pub struct Mirror {
     side: TargetSide,
     worker: DraftWorker,
     settings: MirrorSettings,
+    constraints: LazyCompiler,
 }
 
 impl Mirror {
     /// A builder for `target` with `draft` on the worker thread.
     pub fn builder(target: Arc<Model>, draft: Arc<Model>) -> MirrorBuilder {
         MirrorBuilder {
+            constraints: LazyCompiler::new(None, target.vocab_size()),
             target,
             draft,
             settings: MirrorSettings::default(),
@@ -192,6 +212,10 @@ impl Decoder for Mirror {
             mix(config.seed, 1),
             on_tokens,
         )?;
+        let mut grammar = match &config.constraint {
+            Some(constraint) => Some(self.constraints.compile(constraint)?),
+            None => None,
+        };
         let mut acceptance = AcceptanceEstimate::new(gamma);
         // The draft's work runs beside the target: a window's tokens cost nothing more.
         let mut chooser = WindowChooser::new(self.settings.speculative.window, 0.0);
@@ -202,9 +226,20 @@ impl Decoder for Mirror {
         while !run.progress.done() && run.has_room() {
             let step_started = Instant::now();
             trim_window(&mut window, source, &mut chooser, &mut run);
+            let (forced, masks) = match grammar.as_mut() {
+                Some(grammar) => {
+                    let (room, forced_drafts) = (run.window_room(), self.settings.forced_drafts);
+                    time_phase(&mut run.stats.time.constraint, || -> Result<_> {
+                        let forced = grammar.constrain_window(&mut window, room, forced_drafts)?;
+                        Ok((forced, Some(grammar.window_masks(&window.tokens)?)))
+                    })?
+                }
+                None => (false, None),
+            };
 
             let tapped = time_phase(&mut run.stats.time.target_prefix, || {
-                side.prefix_and_tap(&mut run.cache, &run.seq, &window, &acceptance)
+                let masks = masks.as_deref();
+                side.prefix_and_tap(&mut run.cache, &run.seq, &window, &acceptance, masks)
             })?;
             run.stats.branches_planned += tapped.plan.len();
 
@@ -222,21 +257,42 @@ impl Decoder for Mirror {
 
             // Verify and learn.
             run.penalize(config, &mut rows, &window.tokens);
+            for (row, mask) in rows.iter_mut().zip(masks.iter().flatten()) {
+                mask.apply(row);
+            }
             let (verdict, omega) = time_phase(&mut run.stats.time.verify, || {
                 verify(config, &rows, &window, &tapped, &mut run.rng)
             })?;
-            run.stats.record_window(window.len(), verdict.accepted);
             run.stats.omega_sum += omega;
-            acceptance.record(window.len(), verdict.accepted);
-            chooser.record_verdict(source, window.len(), verdict.accepted);
+            if forced {
+                // The grammar's tokens, not the draft's: nothing to learn about the draft.
+                run.stats.forced_tokens += verdict.accepted;
+            } else {
+                run.stats.record_window(window.len(), verdict.accepted);
+                acceptance.record(window.len(), verdict.accepted);
+                chooser.record_verdict(source, window.len(), verdict.accepted);
+            }
 
             // Final rendezvous: the draft hands over the next window.
             let resolved = time_phase(&mut run.stats.time.wait_final, || tree.resolve(verdict))?;
             record_resolution(&mut run, &resolved);
             // A step's whole time, exposed draft waits included, against its window length.
             let drafted = (!window.is_empty()).then_some(source);
-            chooser.record_step(drafted, window.len(), step_started.elapsed());
-            run.commit(tapped.base, &window, verdict);
+            if !forced {
+                chooser.record_step(drafted, window.len(), step_started.elapsed());
+            }
+            let mut new = verdict.committed(&window.tokens);
+            if let Some(grammar) = grammar.as_mut() {
+                let kept = time_phase(&mut run.stats.time.constraint, || {
+                    grammar.settle(window.len(), &new)
+                })?;
+                new.truncate(kept);
+            }
+            run.commit_kept(tapped.base, new);
+            if grammar.as_ref().is_some_and(|g| g.is_stopped()) {
+                // Complete: nothing may follow (its end token, if any, is committed).
+                run.progress.output.finish.get_or_insert(FinishReason::Stop);
+            }
             source = resolved.next.source.unwrap_or(Source::Model);
             window = resolved.next.window;
             step += 1;

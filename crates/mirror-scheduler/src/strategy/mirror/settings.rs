@@ -89,6 +89,9 @@ pub struct MirrorSettings {
     /// Runs the draft on a thread pool of its own of this many threads (CPU), so that the two
     /// models do not compete for one pool; `None` keeps the draft's own pool.
     pub draft_threads: Option<usize>,
+    /// Under a constraint, propose the tokens the grammar forces as the window, before the
+    /// draft's (default on).
+    pub forced_drafts: bool,
 }
 
 impl Default for MirrorSettings {
@@ -99,6 +102,7 @@ impl Default for MirrorSettings {
             early_exit: EarlyExit::Fraction(0.5),
             schedule: DraftSchedule::default(),
             draft_threads: None,
+            forced_drafts: true,
         }
     }
 }

@@ -9,6 +9,7 @@ use mirror_core::{AttentionInput, KvCache, Model};
 use rand::Rng;
 
 use super::plan::{overlap_mass, plan_branches, AcceptanceEstimate, BranchPlan};
+use crate::constraint::TokenMask;
 use crate::error::Result;
 use crate::generation::GenerationConfig;
 use crate::host::host_rows;
@@ -57,6 +58,7 @@ impl TargetSide {
         seq: &[u32],
         window: &DraftWindow,
         acceptance: &AcceptanceEstimate,
+        masks: Option<&[TokenMask]>,
     ) -> Result<Tapped> {
         let base = cache.len();
         let mut fed = vec![seq[seq.len() - 1]];
@@ -66,9 +68,18 @@ impl TargetSide {
         let exit_states =
             self.target
                 .forward_layers(&states, 0..self.early_exit_layer, &input, cache)?;
-        let top_k: Vec<Vec<(u32, f32)>> = host_rows(&self.target.logits(&exit_states)?)?
+        let mut rows = host_rows(&self.target.logits(&exit_states)?)?;
+        // Under a constraint the candidates are what the grammar allows at each row.
+        for (row, mask) in rows.iter_mut().zip(masks.into_iter().flatten()) {
+            mask.apply(row);
+        }
+        let top_k: Vec<Vec<(u32, f32)>> = rows
             .iter()
-            .map(|row| sampling::top_k_log_probs(row, self.kappa))
+            .map(|row| {
+                let mut top = sampling::top_k_log_probs(row, self.kappa);
+                top.retain(|&(_, log_prob)| log_prob.is_finite());
+                top
+            })
             .collect();
         let plan = plan_branches(&top_k, &window.tokens, acceptance);
         Ok(Tapped {
