@@ -1,5 +1,5 @@
 //! The HTTP client of the server tests (`tests/serve.rs`) and the load generator
-//! (`examples/load.rs`, which includes this file by path): `ureq` on loopback, one connection per
+//! (`examples/load/`, which includes this file by path): `ureq` on loopback, one connection per
 //! request (no pooling, as a fresh client each time), 4xx and 5xx answers read like any other
 //! (status, headers, body), and server-sent events read as they arrive.
 #![allow(dead_code)]
