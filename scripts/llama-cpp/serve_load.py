@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """`load` against our server and against llama.cpp's `llama-server` on the same GGUF, same threads.
 
-Starts each server in turn on loopback, runs `examples/load.rs` at the same client levels with
+Starts each server in turn on loopback, runs `examples/load/` at the same client levels with
 fixed-length greedy outputs (`ignore_eos`), stops it, and prints one table: throughput, p50/p99
 latency and time to first token per level and server. Our server runs with `--max-batch 1` (one
 request at a time, the old server) and `--max-batch N`; llama-server with `-np N` slots.

@@ -20,6 +20,7 @@ use super::error::{ApiError, ServeError};
 use super::messages::ToolChoice;
 use super::metrics::{Metrics, Outcome};
 use super::queue::{engine_error, report, settle, Completed, JobEvent, Timing};
+use super::response::{LogprobEntry, TopLogprob};
 use super::stop::StopText;
 use super::tool_output::ToolOutput;
 
@@ -170,7 +171,7 @@ impl Relay {
         let method = self.submission.method;
         let received = self.submission.received;
         let mut stop = StopText::new(self.submission.stop.clone());
-        let mut logprobs: Vec<serde_json::Value> = Vec::new();
+        let mut logprobs: Vec<LogprobEntry> = Vec::new();
         let mut tool_output = ToolOutput::new(
             self.submission.tool_choice.clone(),
             self.submission.tool_names.clone(),
@@ -215,7 +216,7 @@ impl Relay {
                 }) => {
                     tokens.extend_from_slice(&new);
                     if !new_logprobs.is_empty() {
-                        let entries: Vec<serde_json::Value> = new_logprobs
+                        let entries: Vec<LogprobEntry> = new_logprobs
                             .iter()
                             .map(|lp| logprob_entry(&self.encoder, lp))
                             .collect();
@@ -303,14 +304,25 @@ impl Relay {
 
 /// OpenAI's chat log-probability entry of one token: its text, log-probability, UTF-8 bytes
 /// and the likeliest alternatives.
-fn logprob_entry(encoder: &PromptEncoder, lp: &TokenLogprob) -> serde_json::Value {
-    let piece = |id: u32, logprob: f32| {
-        let text = encoder.token_text(id);
-        serde_json::json!({"token": text, "logprob": logprob, "bytes": text.as_bytes()})
-    };
-    let mut entry = piece(lp.token, lp.logprob);
-    entry["top_logprobs"] = lp.top.iter().map(|&(id, l)| piece(id, l)).collect();
-    entry
+fn logprob_entry(encoder: &PromptEncoder, lp: &TokenLogprob) -> LogprobEntry {
+    let token = encoder.token_text(lp.token);
+    LogprobEntry {
+        bytes: token.as_bytes().to_vec(),
+        token,
+        logprob: f64::from(lp.logprob),
+        top_logprobs: lp
+            .top
+            .iter()
+            .map(|&(id, logprob)| {
+                let token = encoder.token_text(id);
+                TopLogprob {
+                    bytes: token.as_bytes().to_vec(),
+                    token,
+                    logprob: f64::from(logprob),
+                }
+            })
+            .collect(),
+    }
 }
 
 /// Statistics of a sequence that the server ended early (the engine's own never arrive).

@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::{Stream, StreamExt};
-use serde_json::Value;
+use serde::Serialize;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::api::{Choice, Endpoint, ResponseIdentity, Usage};
 use super::error::ApiError;
 use super::queue::{CancelOnDrop, Completed, JobEvent};
+use super::response::LogprobEntry;
 
 /// A queued job seen from its handler: one receiver per choice.
 pub(crate) struct Waiting {
@@ -156,7 +157,7 @@ struct EventStream {
     /// Whether a text chunk of each choice went out (a chat choice's first carries the role).
     sent_text: Vec<bool>,
     /// Each choice's log-probability entries not yet sent, and its text's length so far.
-    pending_logprobs: Vec<Vec<Value>>,
+    pending_logprobs: Vec<Vec<LogprobEntry>>,
     text_len: Vec<usize>,
     /// The choices that have finished.
     completed: Vec<Completed>,
@@ -186,8 +187,8 @@ impl EventStream {
         })
     }
 
-    fn push_json(&mut self, value: &Value) {
-        self.out.push_back(Event::default().data(value.to_string()));
+    fn push(&mut self, data: String) {
+        self.out.push_back(Event::default().data(data));
     }
 
     fn end(&mut self) {
@@ -198,16 +199,17 @@ impl EventStream {
     /// A chunk of choice `index`'s text, with the log-probabilities that arrived before it.
     fn text(&mut self, index: usize, text: &str) {
         let logprobs = std::mem::take(&mut self.pending_logprobs[index]);
-        let chunk = self.identity.text_chunk_with_logprobs(
+        let chunk = self.identity.text_chunk(
             index,
             text,
             !self.sent_text[index],
             &logprobs,
             self.text_len[index],
         );
+        let data = json_data(&chunk);
         self.sent_text[index] = true;
         self.text_len[index] += text.len();
-        self.push_json(&chunk);
+        self.push(data);
     }
 
     fn handle(&mut self, event: Option<(usize, JobEvent)>) {
@@ -225,12 +227,14 @@ impl EventStream {
                 }
                 if !completed.tool_calls.is_empty() {
                     let chunk = self.identity.tool_calls_chunk(index, &completed.tool_calls);
-                    self.push_json(&chunk);
+                    let data = json_data(&chunk);
+                    self.push(data);
                 }
                 let finish =
                     self.identity
                         .finish_chunk(index, completed.finish_reason, &completed.report);
-                self.push_json(&finish);
+                let data = json_data(&finish);
+                self.push(data);
                 self.completed.push(completed);
                 if self.completed.len() < self.sent_text.len() {
                     return;
@@ -239,7 +243,8 @@ impl EventStream {
                     let chunk = self
                         .identity
                         .usage_chunk(usage(self.prompt_tokens, &self.completed));
-                    self.push_json(&chunk);
+                    let data = json_data(&chunk);
+                    self.push(data);
                 }
                 self.end();
             }
@@ -254,4 +259,11 @@ impl EventStream {
             }
         }
     }
+}
+
+/// An event's data: `value` as JSON (an OpenAI-shaped error should serializing ever fail).
+fn json_data(value: &impl Serialize) -> String {
+    serde_json::to_string(value).unwrap_or_else(|e| {
+        ApiError::internal(format!("a chunk could not be serialized: {e}")).body_json()
+    })
 }

@@ -21,6 +21,9 @@ pub enum ServeError {
     /// A server thread panicked.
     #[error("the {0} thread panicked")]
     ThreadPanicked(&'static str),
+    /// The Prometheus recorder of `/metrics` could not be built.
+    #[error("building the metrics recorder failed")]
+    Metrics(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// An HTTP error response with an OpenAI-shaped body.

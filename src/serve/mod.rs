@@ -40,7 +40,6 @@
 pub mod api;
 pub mod backend;
 mod batched;
-pub mod client;
 mod delivery;
 pub mod error;
 mod messages;
@@ -61,8 +60,8 @@ pub use backend::{Backend, Batched, Method, PromptEncoder};
 pub use error::{ApiError, ServeError};
 pub use mirror_scheduler::BatchSettings;
 
+use self::metrics::Metrics;
 use batched::BatchedQueue;
-use metrics::Metrics;
 use queue::RequestQueue;
 use routes::App;
 
@@ -141,7 +140,7 @@ impl Server {
         let listener = TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics::new()?);
         let encoder = backend.encoder();
         let methods = backend.methods();
         let default_method = backend.default_method();

@@ -21,6 +21,7 @@ use super::api::GenerationReport;
 use super::backend::{Backend, Method};
 use super::error::{ApiError, ServeError};
 use super::metrics::{Metrics, Outcome, QueueGauges, Skipped};
+use super::response::LogprobEntry;
 use super::stop::StopText;
 
 /// One request for the Mirror engine.
@@ -55,7 +56,7 @@ pub enum JobEvent {
     Text(String),
     /// Log-probabilities of newly committed tokens (OpenAI's chat entries), sent before the
     /// text that carries them.
-    Logprobs(Vec<serde_json::Value>),
+    Logprobs(Vec<LogprobEntry>),
     /// The end: the whole result, or the error to answer with.
     Finished(Result<Completed, ApiError>),
 }
@@ -72,7 +73,7 @@ pub struct Completed {
     /// The tools the model called (its text is then what came before the calls).
     pub tool_calls: Vec<ToolCall>,
     /// Every token's log-probability entry (OpenAI's chat shape), when asked for.
-    pub logprobs: Vec<serde_json::Value>,
+    pub logprobs: Vec<LogprobEntry>,
 }
 
 /// Sets the job's cancel flag when dropped: held by whatever delivers the response, so a

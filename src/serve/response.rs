@@ -1,7 +1,14 @@
-//! The response bodies: whole completions, streamed chunks, usage, and the `mirror_sd` report.
+//! The response bodies: whole completions, streamed chunks, usage, and the `mirror_sd` report,
+//! as typed [`Serialize`] structs (fields in OpenAI's order, `null`s and omissions as OpenAI
+//! sends them).
+//!
+//! `async-openai`'s types were considered and not adopted: its response structs have no room for
+//! our `mirror_sd` extension fields, its chunk types serialize fields we omit (and the other way
+//! round), and it would bring a large dependency tree (reqwest among it) into the library for
+//! a handful of plain structs.
 
 use serde::Serialize;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use mirror_core::ToolCall;
 
@@ -17,28 +24,149 @@ pub struct Choice<'a> {
     /// The tools it called.
     pub tool_calls: &'a [ToolCall],
     /// Its tokens' log-probability entries (OpenAI's chat shape; empty when not asked for).
-    pub logprobs: &'a [Value],
+    pub logprobs: &'a [LogprobEntry],
 }
 
-/// OpenAI's `tool_calls`: arguments as a JSON string; streamed deltas carry their `index`.
-fn tool_calls_json(calls: &[ToolCall], indexed: bool) -> Value {
-    Value::Array(
-        calls
-            .iter()
-            .enumerate()
-            .map(|(i, call)| {
-                let mut value = json!({
-                    "id": call.id,
-                    "type": "function",
-                    "function": {"name": call.name, "arguments": call.arguments.to_string()},
-                });
-                if indexed {
-                    value["index"] = json!(i);
-                }
-                value
-            })
-            .collect(),
-    )
+/// One alternative of a token's log-probability entry.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TopLogprob {
+    /// Its text.
+    pub token: String,
+    /// Its log-probability.
+    pub logprob: f64,
+    /// Its text's UTF-8 bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// OpenAI's chat log-probability entry of one token: its text, log-probability, UTF-8 bytes
+/// and the likeliest alternatives.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LogprobEntry {
+    /// Its text.
+    pub token: String,
+    /// Its log-probability.
+    pub logprob: f64,
+    /// Its text's UTF-8 bytes.
+    pub bytes: Vec<u8>,
+    /// The likeliest tokens at its position.
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+/// A choice's `logprobs`: chat's `{"content": entries}`, or the legacy completions shape.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum Logprobs<'a> {
+    /// `/v1/chat/completions`.
+    Chat {
+        /// One entry per token.
+        content: &'a [LogprobEntry],
+    },
+    /// `/v1/completions`: parallel lists, the alternatives as maps from text to log-probability.
+    Completions {
+        /// The tokens' texts.
+        tokens: Vec<&'a str>,
+        /// Their log-probabilities.
+        token_logprobs: Vec<f64>,
+        /// Their alternatives, text to log-probability.
+        top_logprobs: Vec<Map<String, Value>>,
+        /// Where each token starts in the choice's text, in bytes.
+        text_offset: Vec<usize>,
+    },
+}
+
+/// OpenAI's function call object: arguments as a JSON string.
+#[derive(Debug, Serialize)]
+struct FunctionCall<'a> {
+    name: &'a str,
+    arguments: String,
+}
+
+/// One of OpenAI's `tool_calls`; streamed deltas carry their `index`.
+#[derive(Debug, Serialize)]
+struct ToolCallObject<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: FunctionCall<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    index: Option<usize>,
+}
+
+fn tool_call_objects(calls: &[ToolCall], indexed: bool) -> Vec<ToolCallObject<'_>> {
+    calls
+        .iter()
+        .enumerate()
+        .map(|(i, call)| ToolCallObject {
+            id: &call.id,
+            kind: "function",
+            function: FunctionCall {
+                name: &call.name,
+                arguments: call.arguments.to_string(),
+            },
+            index: indexed.then_some(i),
+        })
+        .collect()
+}
+
+/// The assistant's message of a whole chat choice.
+#[derive(Debug, Serialize)]
+struct Message<'a> {
+    role: &'static str,
+    /// `null` when the choice called tools and said nothing.
+    content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<Vec<ToolCallObject<'a>>>,
+}
+
+/// A streamed chat choice's increment.
+#[derive(Debug, Default, Serialize)]
+struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<Vec<ToolCallObject<'a>>>,
+}
+
+/// What a choice carries besides its index, log-probabilities and finish reason.
+#[derive(Debug, Serialize)]
+enum Body<'a> {
+    /// A whole chat choice.
+    #[serde(rename = "message")]
+    Message(Message<'a>),
+    /// A streamed chat choice.
+    #[serde(rename = "delta")]
+    Delta(Delta<'a>),
+    /// A completions choice, whole or streamed.
+    #[serde(rename = "text")]
+    Text(&'a str),
+}
+
+/// One element of `choices`, whole or streamed: `{"index", "message" | "delta" | "text",
+/// "logprobs", "finish_reason"}`.
+#[derive(Debug, Serialize)]
+pub struct ChoiceObject<'a> {
+    index: usize,
+    #[serde(flatten)]
+    body: Body<'a>,
+    logprobs: Option<Logprobs<'a>>,
+    finish_reason: Option<&'a str>,
+}
+
+/// A whole response or a streamed chunk: `{"id", "object", "created", "model", "choices"}`,
+/// with `usage` and `mirror_sd` where they belong.
+#[derive(Debug, Serialize)]
+pub struct ResponseBody<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: Vec<ChoiceObject<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Usage>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mirror_sd: Option<&'a GenerationReport>,
 }
 
 /// Token counts of a response.
@@ -112,171 +240,167 @@ impl ResponseIdentity {
         }
     }
 
-    fn envelope(&self, chunk: bool, choices: Value) -> Map<String, Value> {
-        let mut body = Map::new();
-        body.insert("id".into(), json!(self.id));
-        body.insert("object".into(), json!(self.object(chunk)));
-        body.insert("created".into(), json!(self.created));
-        body.insert("model".into(), json!(self.model));
-        body.insert("choices".into(), choices);
-        body
+    fn envelope<'a>(&'a self, chunk: bool, choices: Vec<ChoiceObject<'a>>) -> ResponseBody<'a> {
+        ResponseBody {
+            id: &self.id,
+            object: self.object(chunk),
+            created: self.created,
+            model: &self.model,
+            choices,
+            usage: None,
+            mirror_sd: None,
+        }
     }
 
     /// The whole (non-streaming) response: one choice each, and the first choice's report.
-    pub fn complete(
-        &self,
-        choices: &[Choice<'_>],
+    pub fn complete<'a>(
+        &'a self,
+        choices: &[Choice<'a>],
         usage: Usage,
-        report: &GenerationReport,
-    ) -> Value {
-        let choices: Vec<Value> = choices
+        report: &'a GenerationReport,
+    ) -> ResponseBody<'a> {
+        let choices = choices
             .iter()
             .enumerate()
-            .map(|(index, choice)| match self.endpoint {
-                Endpoint::Chat => {
-                    let mut message = json!({"role": "assistant", "content": choice.text});
-                    if !choice.tool_calls.is_empty() {
-                        message["tool_calls"] = tool_calls_json(choice.tool_calls, false);
-                        if choice.text.is_empty() {
-                            message["content"] = Value::Null;
-                        }
+            .map(|(index, choice)| {
+                let body = match self.endpoint {
+                    Endpoint::Chat => {
+                        let called = !choice.tool_calls.is_empty();
+                        Body::Message(Message {
+                            role: "assistant",
+                            content: (!called || !choice.text.is_empty()).then_some(choice.text),
+                            tool_calls: called.then(|| tool_call_objects(choice.tool_calls, false)),
+                        })
                     }
-                    json!({
-                        "index": index,
-                        "message": message,
-                        "logprobs": self.logprobs_json(choice.logprobs, 0),
-                        "finish_reason": choice.finish_reason,
-                    })
+                    Endpoint::Completions => Body::Text(choice.text),
+                };
+                ChoiceObject {
+                    index,
+                    body,
+                    logprobs: self.logprobs(choice.logprobs, 0),
+                    finish_reason: Some(choice.finish_reason),
                 }
-                Endpoint::Completions => json!({
-                    "index": index,
-                    "text": choice.text,
-                    "logprobs": self.logprobs_json(choice.logprobs, 0),
-                    "finish_reason": choice.finish_reason,
-                }),
             })
             .collect();
-        let mut body = self.envelope(false, Value::Array(choices));
-        body.insert("usage".into(), json!(usage));
-        body.insert("mirror_sd".into(), json!(report));
-        Value::Object(body)
+        ResponseBody {
+            usage: Some(usage),
+            mirror_sd: Some(report),
+            ..self.envelope(false, choices)
+        }
     }
 
     /// The `logprobs` field of a choice: `null` without entries; for chat `{"content":
     /// entries}`; for completions OpenAI's legacy shape (`tokens`, `token_logprobs`,
     /// `top_logprobs` as maps, `text_offset` counted from `offset`).
-    pub fn logprobs_json(&self, entries: &[Value], offset: usize) -> Value {
+    pub fn logprobs<'a>(&self, entries: &'a [LogprobEntry], offset: usize) -> Option<Logprobs<'a>> {
         if entries.is_empty() {
-            return Value::Null;
+            return None;
         }
-        match self.endpoint {
-            Endpoint::Chat => json!({ "content": entries }),
+        Some(match self.endpoint {
+            Endpoint::Chat => Logprobs::Chat { content: entries },
             Endpoint::Completions => {
                 let mut text_offset = Vec::with_capacity(entries.len());
                 let mut at = offset;
                 for entry in entries {
                     text_offset.push(at);
-                    at += entry["token"].as_str().map_or(0, str::len);
+                    at += entry.token.len();
                 }
-                let top: Vec<Value> = entries
-                    .iter()
-                    .map(|e| {
-                        let alternatives =
-                            e["top_logprobs"].as_array().cloned().unwrap_or_default();
-                        Value::Object(
-                            alternatives
+                Logprobs::Completions {
+                    tokens: entries.iter().map(|e| e.token.as_str()).collect(),
+                    token_logprobs: entries.iter().map(|e| e.logprob).collect(),
+                    top_logprobs: entries
+                        .iter()
+                        .map(|e| {
+                            e.top_logprobs
                                 .iter()
-                                .map(|a| {
-                                    (
-                                        a["token"].as_str().unwrap_or("").to_string(),
-                                        a["logprob"].clone(),
-                                    )
-                                })
-                                .collect(),
-                        )
-                    })
-                    .collect();
-                json!({
-                    "tokens": entries.iter().map(|e| e["token"].clone()).collect::<Vec<_>>(),
-                    "token_logprobs": entries.iter().map(|e| e["logprob"].clone()).collect::<Vec<_>>(),
-                    "top_logprobs": top,
-                    "text_offset": text_offset,
-                })
+                                .map(|a| (a.token.clone(), Value::from(a.logprob)))
+                                .collect()
+                        })
+                        .collect(),
+                    text_offset,
+                }
             }
-        }
+        })
+    }
+
+    fn chunk<'a>(
+        &'a self,
+        index: usize,
+        body: Body<'a>,
+        finish: Option<&'a str>,
+    ) -> ResponseBody<'a> {
+        self.chunk_with_logprobs(index, body, None, finish)
+    }
+
+    fn chunk_with_logprobs<'a>(
+        &'a self,
+        index: usize,
+        body: Body<'a>,
+        logprobs: Option<Logprobs<'a>>,
+        finish_reason: Option<&'a str>,
+    ) -> ResponseBody<'a> {
+        let choice = ChoiceObject {
+            index,
+            body,
+            logprobs,
+            finish_reason,
+        };
+        self.envelope(true, vec![choice])
     }
 
     /// A streamed chunk carrying choice `index`'s `text` (a chat choice's first chunk also
     /// carries the role) and the log-probability entries of the tokens since the last chunk
     /// (`offset`: the choice's text length before this chunk).
-    pub fn text_chunk_with_logprobs(
-        &self,
+    pub fn text_chunk<'a>(
+        &'a self,
         index: usize,
-        text: &str,
+        text: &'a str,
         first: bool,
-        logprobs: &[Value],
+        logprobs: &'a [LogprobEntry],
         offset: usize,
-    ) -> Value {
-        let mut chunk = self.text_chunk(index, text, first);
-        chunk["choices"][0]["logprobs"] = self.logprobs_json(logprobs, offset);
-        chunk
-    }
-
-    /// A streamed chunk carrying choice `index`'s `text` (a chat choice's first chunk also
-    /// carries the role).
-    pub fn text_chunk(&self, index: usize, text: &str, first: bool) -> Value {
-        let choice = match self.endpoint {
-            Endpoint::Chat if first => json!({
-                "index": index,
-                "delta": {"role": "assistant", "content": text},
-                "logprobs": null,
-                "finish_reason": null,
+    ) -> ResponseBody<'a> {
+        let body = match self.endpoint {
+            Endpoint::Chat => Body::Delta(Delta {
+                role: first.then_some("assistant"),
+                content: Some(text),
+                tool_calls: None,
             }),
-            Endpoint::Chat => json!({
-                "index": index, "delta": {"content": text}, "logprobs": null, "finish_reason": null,
-            }),
-            Endpoint::Completions => json!({
-                "index": index, "text": text, "logprobs": null, "finish_reason": null,
-            }),
+            Endpoint::Completions => Body::Text(text),
         };
-        Value::Object(self.envelope(true, json!([choice])))
+        self.chunk_with_logprobs(index, body, self.logprobs(logprobs, offset), None)
     }
 
     /// A streamed chunk with choice `index`'s tool calls, whole.
-    pub fn tool_calls_chunk(&self, index: usize, calls: &[ToolCall]) -> Value {
-        let choice = json!({
-            "index": index,
-            "delta": {"tool_calls": tool_calls_json(calls, true)},
-            "logprobs": null,
-            "finish_reason": null,
-        });
-        Value::Object(self.envelope(true, json!([choice])))
+    pub fn tool_calls_chunk<'a>(&'a self, index: usize, calls: &'a [ToolCall]) -> ResponseBody<'a> {
+        let delta = Delta {
+            tool_calls: Some(tool_call_objects(calls, true)),
+            ..Delta::default()
+        };
+        self.chunk(index, Body::Delta(delta), None)
     }
 
     /// Choice `index`'s last content chunk: its finish reason and its `mirror_sd` report.
-    pub fn finish_chunk(
-        &self,
+    pub fn finish_chunk<'a>(
+        &'a self,
         index: usize,
-        finish_reason: &str,
-        report: &GenerationReport,
-    ) -> Value {
-        let choice = match self.endpoint {
-            Endpoint::Chat => json!({
-                "index": index, "delta": {}, "logprobs": null, "finish_reason": finish_reason,
-            }),
-            Endpoint::Completions => json!({
-                "index": index, "text": "", "logprobs": null, "finish_reason": finish_reason,
-            }),
+        finish_reason: &'a str,
+        report: &'a GenerationReport,
+    ) -> ResponseBody<'a> {
+        let body = match self.endpoint {
+            Endpoint::Chat => Body::Delta(Delta::default()),
+            Endpoint::Completions => Body::Text(""),
         };
-        let mut body = self.envelope(true, json!([choice]));
-        body.insert("mirror_sd".into(), json!(report));
-        Value::Object(body)
+        ResponseBody {
+            mirror_sd: Some(report),
+            ..self.chunk(index, body, Some(finish_reason))
+        }
     }
 
     /// The usage chunk of `stream_options.include_usage` (no choices).
-    pub fn usage_chunk(&self, usage: Usage) -> Value {
-        let mut body = self.envelope(true, json!([]));
-        body.insert("usage".into(), json!(usage));
-        Value::Object(body)
+    pub fn usage_chunk(&self, usage: Usage) -> ResponseBody<'_> {
+        ResponseBody {
+            usage: Some(usage),
+            ..self.envelope(true, Vec::new())
+        }
     }
 }

@@ -14,7 +14,7 @@ use axum::Router;
 use futures_util::StreamExt;
 use mirror_core::Tool;
 use mirror_scheduler::{GenerationConfig, LazyCompiler};
-use serde_json::{json, Value};
+use serde::Serialize;
 use tokio::sync::mpsc::unbounded_channel;
 
 use super::api::{
@@ -88,22 +88,59 @@ async fn method_not_allowed() -> ApiError {
     ApiError::method_not_allowed()
 }
 
-fn model_object(app: &App) -> Value {
-    json!({
-        "id": app.model_name,
-        "object": "model",
-        "created": app.created,
-        "owned_by": "mirror-sd",
-        "mirror_sd": {
-            "methods": app.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
-            "default_method": app.default_method.as_str(),
-            "context_limit": app.context_limit,
+/// OpenAI's model object, with what this server serves in `mirror_sd`.
+#[derive(Serialize)]
+struct ModelObject<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    owned_by: &'static str,
+    mirror_sd: ModelExtension,
+}
+
+#[derive(Serialize)]
+struct ModelExtension {
+    methods: Vec<&'static str>,
+    default_method: &'static str,
+    context_limit: usize,
+}
+
+/// `/v1/models`: `{"object": "list", "data": [model]}`.
+#[derive(Serialize)]
+struct ModelList<'a> {
+    object: &'static str,
+    data: [ModelObject<'a>; 1],
+}
+
+/// `/health`.
+#[derive(Serialize)]
+struct Health {
+    status: &'static str,
+    queue_depth: usize,
+    queue_capacity: usize,
+    engine_busy: bool,
+}
+
+fn model_object(app: &App) -> ModelObject<'_> {
+    ModelObject {
+        id: &app.model_name,
+        object: "model",
+        created: app.created,
+        owned_by: "mirror-sd",
+        mirror_sd: ModelExtension {
+            methods: app.methods.iter().map(|m| m.as_str()).collect(),
+            default_method: app.default_method.as_str(),
+            context_limit: app.context_limit,
         },
-    })
+    }
 }
 
 async fn list_models(State(app): State<Arc<App>>) -> Response {
-    axum::Json(json!({"object": "list", "data": [model_object(&app)]})).into_response()
+    let list = ModelList {
+        object: "list",
+        data: [model_object(&app)],
+    };
+    axum::Json(list).into_response()
 }
 
 async fn get_model(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
@@ -146,12 +183,12 @@ async fn health(State(app): State<Arc<App>>) -> Response {
     } else {
         StatusCode::OK
     };
-    let body = json!({
-        "status": if gauges.draining { "draining" } else { "ok" },
-        "queue_depth": gauges.depth,
-        "queue_capacity": gauges.capacity,
-        "engine_busy": gauges.engine_busy,
-    });
+    let body = Health {
+        status: if gauges.draining { "draining" } else { "ok" },
+        queue_depth: gauges.depth,
+        queue_capacity: gauges.capacity,
+        engine_busy: gauges.engine_busy,
+    };
     (status, axum::Json(body)).into_response()
 }
 

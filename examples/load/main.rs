@@ -14,9 +14,20 @@
 //! `--server llama-server` drives llama.cpp's own server on the same file instead, for
 //! comparison: the same requests with its top-level `ignore_eos`, token counts from `usage`, and
 //! no correctness check (its numerics differ from ours, so its tokens may too).
+//!
+//! `--soak` runs a long mixed load instead of the levels (see `soak.rs`): `--soak-requests`
+//! requests at `--soak-clients` clients, random lengths, some cancelled mid-stream and some
+//! malformed, the server's resident memory sampled on the way.
+//!
+//! ```text
+//! cargo run --release --example load -- --soak --url http://127.0.0.1:8000
+//! ```
 
-#[path = "common/mod.rs"]
+#[path = "../common/mod.rs"]
 mod common;
+#[path = "../../tests/common/http.rs"]
+mod http;
+mod soak;
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -24,8 +35,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
+use http::Connection;
 use mirror_sd::mirror_core::ChatMessage;
-use mirror_sd::serve::client::{self, Connection};
 use serde_json::{json, Value};
 
 /// Bounds that keep a run finite whatever the flags.
@@ -97,6 +108,25 @@ struct Args {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Run the soak instead of the levels.
+    #[arg(long)]
+    soak: bool,
+    /// Soak: requests in all.
+    #[arg(long, default_value_t = 2000)]
+    soak_requests: usize,
+    /// Soak: concurrent clients.
+    #[arg(long, default_value_t = 8)]
+    soak_clients: usize,
+    /// Soak: most tokens of a request (each draws its length from 1..=this).
+    #[arg(long, default_value_t = 48)]
+    soak_max_tokens: usize,
+    /// Soak: seed of the request mix.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Soak: the server's process id, for its resident memory (default: the process listening
+    /// on the port of `--url`).
+    #[arg(long)]
+    server_pid: Option<u32>,
 }
 
 fn main() {
@@ -188,6 +218,14 @@ fn token_ids(report: &Value) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// Every client thread's outcomes, in thread order (a thread that panicked gives none).
+fn join_all<T>(handles: Vec<std::thread::ScopedJoinHandle<'_, Vec<T>>>) -> Vec<T> {
+    handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap_or_default())
+        .collect()
+}
+
 fn send_one(
     addr: SocketAddr,
     body: &Value,
@@ -224,8 +262,8 @@ fn read_whole(
     timeout: Duration,
     outcome: &mut Outcome,
 ) -> Result<(), String> {
-    let response = client::post_json(addr, "/v1/chat/completions", body, timeout)
-        .map_err(|e| e.to_string())?;
+    let response =
+        http::post_json(addr, "/v1/chat/completions", body, timeout).map_err(|e| e.to_string())?;
     outcome.status = response.status;
     let json = response.json().map_err(|e| e.to_string())?;
     if response.status != 200 {
@@ -299,6 +337,34 @@ fn read_stream(
     Ok(())
 }
 
+/// The reference answer to prompt `i` (`messages`) of `max_tokens` tokens, generated with
+/// `--reference-method` as a whole response.
+fn reference(
+    args: &Args,
+    addr: SocketAddr,
+    model: &str,
+    (i, messages): (usize, &[ChatMessage]),
+    max_tokens: usize,
+    timeout: Duration,
+) -> Result<Outcome, String> {
+    let body = request_body(
+        args.server,
+        model,
+        messages,
+        max_tokens,
+        Some(&args.reference_method),
+        false,
+    );
+    let outcome = send_one(addr, &body, false, i, timeout);
+    match &outcome.error {
+        Some(error) => Err(format!(
+            "reference for prompt {i}, {max_tokens} tokens: {} {error}",
+            outcome.status
+        )),
+        None => Ok(outcome),
+    }
+}
+
 /// Nearest-rank percentile of sorted values.
 fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     if sorted.is_empty() {
@@ -332,7 +398,7 @@ fn run(args: Args) -> Result<(), String> {
     let model = match args.model.clone() {
         Some(model) => model,
         None => {
-            let models = client::get(addr, "/v1/models", timeout)
+            let models = http::get(addr, "/v1/models", timeout)
                 .and_then(|r| r.json())
                 .map_err(|e| format!("GET /v1/models on {addr}: {e}"))?;
             models["data"][0]["id"]
@@ -350,6 +416,9 @@ fn run(args: Args) -> Result<(), String> {
     if prompts.is_empty() {
         return Err(format!("{}: no prompts", args.prompts.display()));
     }
+    if args.soak {
+        return soak::run(&args, addr, &model, &prompts, timeout);
+    }
     let references: Option<Vec<Outcome>> =
         if args.no_reference || args.server == ServerKind::LlamaServer {
             None
@@ -362,22 +431,14 @@ fn run(args: Args) -> Result<(), String> {
             );
             let mut references = Vec::new();
             for (i, messages) in prompts.iter().enumerate() {
-                let body = request_body(
-                    args.server,
+                references.push(reference(
+                    &args,
+                    addr,
                     &model,
-                    messages,
+                    (i, messages),
                     args.max_tokens,
-                    Some(&args.reference_method),
-                    false,
-                );
-                let outcome = send_one(addr, &body, false, i, timeout);
-                if let Some(error) = &outcome.error {
-                    return Err(format!(
-                        "reference for prompt {i}: {} {error}",
-                        outcome.status
-                    ));
-                }
-                references.push(outcome);
+                    timeout,
+                )?);
             }
             Some(references)
         };
@@ -410,10 +471,7 @@ fn run(args: Args) -> Result<(), String> {
                     })
                 })
                 .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().unwrap_or_default())
-                .collect()
+            join_all(handles)
         });
         let wall = started.elapsed().as_secs_f64();
         levels.push(summarize(clients, &outcomes, references.as_deref(), wall));
