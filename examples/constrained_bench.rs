@@ -9,8 +9,11 @@
 //!
 //! ```text
 //! cargo run --release --example constrained_bench                       # default target, ar
-//! cargo run --release --example constrained_bench -- --methods ar,lookup,sd
+//! cargo run --release --example constrained_bench -- --methods ar,lookup,sd,mirror
 //! ```
+//!
+//! `mirror` runs one sequence at a time (`Mirror`, `MirrorSettings::forced_drafts` on and off),
+//! the other methods on the batched engine.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -20,9 +23,11 @@ use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
 use mirror_sd::mirror_core::ChatMessage;
+use mirror_sd::mirror_core::{Model, Tokenizer};
 use mirror_sd::mirror_scheduler::{
-    BatchSettings, Constraint, EngineHandle, Generation, GenerationConfig, LookupConfig, Prompt,
-    SequenceRequest, Speculation, SpeculativeSettings, WindowPolicy,
+    BatchSettings, Constraint, Decoder, EngineHandle, Generation, GenerationConfig, LookupConfig,
+    Mirror, MirrorSettings, Prompt, SequenceRequest, Speculation, SpeculativeSettings,
+    WindowPolicy,
 };
 use serde_json::{json, Value};
 
@@ -34,6 +39,8 @@ enum Method {
     Lookup,
     /// Windows drafted by the draft model.
     Sd,
+    /// Mirror-SD (one sequence at a time, not the batch).
+    Mirror,
 }
 
 #[derive(Parser, Debug)]
@@ -74,7 +81,7 @@ struct Case {
 
 fn speculation_of(method: Method, gamma: usize) -> Speculation {
     match method {
-        Method::Ar => Speculation::None,
+        Method::Ar | Method::Mirror => Speculation::None,
         Method::Lookup => Speculation::Lookup {
             lookup: LookupConfig::default(),
             gamma,
@@ -86,31 +93,69 @@ fn speculation_of(method: Method, gamma: usize) -> Speculation {
     }
 }
 
+/// What runs a generation: the batched engine, or Mirror one sequence at a time.
+enum Runner<'a> {
+    Batched(&'a EngineHandle, Speculation),
+    Mirror(&'a mut Mirror),
+}
+
 /// One greedy constrained generation, timed from submission.
 fn generate(
-    engine: &EngineHandle,
+    runner: Runner<'_>,
     case: &Case,
-    speculation: Speculation,
     max_tokens: usize,
 ) -> Result<(Generation, f64), String> {
     let config = GenerationConfig {
         constraint: Some(Constraint::JsonSchema(case.schema.clone())),
         ..GenerationConfig::greedy(max_tokens)
     };
-    let request = SequenceRequest {
-        speculation,
-        ..SequenceRequest::new(case.prompt.clone(), config)
-    };
     let started = Instant::now();
-    let generation = engine.generate(request).map_err(|e| e.to_string())?;
+    let generation = match runner {
+        Runner::Batched(engine, speculation) => {
+            let request = SequenceRequest {
+                speculation,
+                ..SequenceRequest::new(case.prompt.clone(), config)
+            };
+            engine.generate(request).map_err(|e| e.to_string())?
+        }
+        Runner::Mirror(mirror) => mirror
+            .generate(&case.prompt, &config)
+            .map_err(|e| e.to_string())?,
+    };
     Ok((generation, started.elapsed().as_secs_f64()))
 }
 
 /// Whether `generation`'s text parses and validates under `schema`.
-fn valid(generation: &Generation, schema: &Value) -> Result<bool, String> {
+fn valid(generation: &Generation, tokenizer: &Tokenizer, schema: &Value) -> Result<bool, String> {
     let validator = jsonschema::validator_for(schema).map_err(|e| e.to_string())?;
-    let text = generation.text.as_deref().unwrap_or("");
-    Ok(serde_json::from_str::<Value>(text).is_ok_and(|v| validator.is_valid(&v)))
+    let text = match &generation.text {
+        Some(text) => text.clone(),
+        None => tokenizer
+            .decode(&generation.tokens, true)
+            .map_err(|e| e.to_string())?,
+    };
+    Ok(serde_json::from_str::<Value>(&text).is_ok_and(|v| validator.is_valid(&v)))
+}
+
+/// Mirror with forced drafts on and off (the same settings otherwise).
+fn mirrors(
+    target: &Arc<Model>,
+    draft: &Arc<Model>,
+    tokenizer: &Tokenizer,
+) -> Result<Vec<Mirror>, String> {
+    [true, false]
+        .into_iter()
+        .map(|forced_drafts| {
+            Mirror::builder(Arc::clone(target), Arc::clone(draft))
+                .tokenizer(tokenizer.clone())
+                .settings(MirrorSettings {
+                    forced_drafts,
+                    ..MirrorSettings::default()
+                })
+                .build()
+                .map_err(|e| e.to_string())
+        })
+        .collect()
 }
 
 fn run(args: Args) -> Result<(), String> {
@@ -138,7 +183,11 @@ fn run(args: Args) -> Result<(), String> {
             })
         })
         .collect::<Result<Vec<Case>, String>>()?;
-    let draft = if args.methods.contains(&Method::Sd) {
+    let needs_draft = args
+        .methods
+        .iter()
+        .any(|m| matches!(m, Method::Sd | Method::Mirror));
+    let draft = if needs_draft {
         let draft_options =
             common::load_options(args.pair.draft_weights(), &device, args.threads, None)?;
         let draft_source = common::resolve_source(&args.pair.draft)?;
@@ -182,14 +231,26 @@ fn run(args: Args) -> Result<(), String> {
     let decode_s = (plain.stats.time.total - plain.stats.time.prefill).as_secs_f64();
     let step_s = decode_s / (plain.tokens.len().max(2) - 1) as f64;
     // Warm-up: compile the grammars' first masks and the pools.
-    generate(&engines[0], &cases[0], Speculation::None, 16)?;
+    generate(
+        Runner::Batched(&engines[0], Speculation::None),
+        &cases[0],
+        16,
+    )?;
+    let mut mirrors = match (&draft, args.methods.contains(&Method::Mirror)) {
+        (Some(draft), true) => mirrors(&target, draft, &tokenizer)?,
+        _ => Vec::new(),
+    };
     let mut rows = Vec::new();
     for &method in &args.methods {
         let speculation = speculation_of(method, args.gamma);
         let mut per_setting = [(); 2].map(|_| Vec::new());
         for case in &cases {
-            for (i, engine) in engines.iter().enumerate() {
-                let (generation, seconds) = generate(engine, case, speculation, args.max_tokens)?;
+            for i in 0..2 {
+                let runner = match method {
+                    Method::Mirror => Runner::Mirror(&mut mirrors[i]),
+                    _ => Runner::Batched(&engines[i], speculation),
+                };
+                let (generation, seconds) = generate(runner, case, args.max_tokens)?;
                 let tokens = generation.tokens.len();
                 let grammar_s = generation.stats.time.constraint.as_secs_f64();
                 per_setting[i].push(json!({
@@ -199,7 +260,7 @@ fn run(args: Args) -> Result<(), String> {
                     "forced_tokens": generation.stats.forced_tokens,
                     "grammar_share": grammar_s / seconds,
                     "grammar_per_token_over_step": grammar_s / tokens.max(1) as f64 / step_s,
-                    "valid": valid(&generation, &case.schema)?,
+                    "valid": valid(&generation, &tokenizer, &case.schema)?,
                 }));
             }
         }

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use common::chi_square::chi_square;
 use mirror_core::sampling::{self, SamplingParams};
 use mirror_core::{load, LoadOptions, Model, ModelSource, Tokenizer};
+use mirror_sd::mirror_scheduler::window::{DraftChoice, DraftWindow};
 use mirror_sd::mirror_scheduler::{
     Autoregressive, BatchSettings, Constraint, ConstraintCompiler, ConstraintState, Decoder,
     EngineHandle, Error, FinishReason, Generation, GenerationConfig, Mirror, SequenceRequest,
@@ -278,7 +279,7 @@ fn enumerate(
     let allowed: Vec<(u32, f32)> = probs.nonzero().filter(|&(_, p)| p > 0.0).collect();
     for (token, p) in allowed {
         let mut next = state.fork();
-        next.settle(0, &[token]).unwrap();
+        next.settle(&[token]).unwrap();
         prefix.push(token);
         enumerate(
             target,
@@ -361,6 +362,45 @@ fn constrained_sampling_follows_the_masked_target_distribution() {
         );
         assert!(!test.rejects(), "{method:?}: {test:?}");
     }
+}
+
+/// A draft that runs on past the token completing the grammar (its end token, then more) is
+/// cut right after that token; masking the window and settling what the target committed then
+/// go on without error. (The 1.5B drafted `]}` and `<|im_end|>` after a complete object under
+/// Mirror, and consuming the end token after the completed grammar failed the generation.)
+#[test]
+fn a_window_past_the_grammars_end_is_cut_after_the_completing_token() {
+    let Some(m) = smollm2() else {
+        return;
+    };
+    let compiler = ConstraintCompiler::new(&m.tokenizer, m.target.vocab_size()).unwrap();
+    let mut state = compiler.compile(&Constraint::Regex("yes".into())).unwrap();
+    let yes = m.tokenizer.encode("yes", false).unwrap();
+    let eos = m.tokenizer.eos_ids()[0];
+    let mut tokens = yes.clone();
+    tokens.push(eos);
+    tokens.extend_from_slice(&yes);
+    let mut window = DraftWindow {
+        choices: vec![DraftChoice::PointMass; tokens.len()],
+        tokens,
+        refused: None,
+    };
+    let forced = state.constrain_window(&mut window, 8, false).unwrap();
+    assert!(!forced);
+    assert_eq!(window.tokens, yes, "cut right after the completing token");
+    let masks = state.window_masks(&window.tokens).unwrap();
+    assert_eq!(masks.len(), yes.len() + 1);
+    // The row after the completing token allows the end token only.
+    let mut row = vec![0.0f32; m.target.vocab_size()];
+    masks[yes.len()].apply(&mut row);
+    let allowed: Vec<usize> = (0..row.len()).filter(|&t| row[t].is_finite()).collect();
+    assert_eq!(allowed, vec![eos as usize]);
+    // The target's correction after the window (the end token) is dropped: the output ends
+    // with the token that completed the grammar.
+    let mut committed = yes.clone();
+    committed.push(eos);
+    assert_eq!(state.settle(&committed).unwrap(), yes.len());
+    assert!(state.is_stopped());
 }
 
 #[test]

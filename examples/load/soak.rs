@@ -343,7 +343,7 @@ pub fn run(
     eprintln!("soak: references done in {references_s:.1} s");
     let next = AtomicUsize::new(0);
     let done = AtomicUsize::new(0);
-    let samples: Mutex<Vec<(usize, u64)>> = Mutex::new(Vec::new());
+    let samples: Mutex<Vec<Sample>> = Mutex::new(Vec::new());
     let started = Instant::now();
     let ended: Vec<(Planned, Ended)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..args.soak_clients)
@@ -359,13 +359,15 @@ pub fn run(
                         let count = done.fetch_add(1, Ordering::Relaxed) + 1;
                         if count.is_multiple_of(WARM_UP) {
                             if let Ok(kib) = rss_kib(pid) {
+                                let prefix = prefix_cache_bytes(addr, timeout);
                                 samples
                                     .lock()
                                     .unwrap_or_else(|e| e.into_inner())
-                                    .push((count, kib));
+                                    .push((count, kib, prefix));
                                 eprintln!(
-                                    "soak: {count} requests, RSS {:.1} MiB",
-                                    kib as f64 / 1024.0
+                                    "soak: {count} requests, RSS {:.1} MiB, prefix cache {:.1} MiB",
+                                    kib as f64 / 1024.0,
+                                    prefix / (1 << 20) as f64
                                 );
                             }
                         }
@@ -381,17 +383,18 @@ pub fn run(
     std::thread::sleep(Duration::from_secs(2));
     let rss_end = rss_kib(pid)?;
     let mut samples = samples.into_inner().unwrap_or_else(|e| e.into_inner());
-    samples.sort_unstable();
+    samples.sort_unstable_by_key(|s| s.0);
     let rss_warm = samples
         .iter()
-        .find(|(n, _)| *n >= WARM_UP)
-        .map_or(rss_references, |&(_, kib)| kib);
+        .find(|(n, _, _)| *n >= WARM_UP)
+        .map_or(rss_references, |&(_, kib, _)| kib);
     let rss_peak = samples
         .iter()
-        .map(|&(_, kib)| kib)
+        .map(|&(_, kib, _)| kib)
         .max()
         .unwrap_or(rss_end)
         .max(rss_end);
+    samples.push((ended.len(), rss_end, prefix_cache_bytes(addr, timeout)));
     report(
         args,
         pid,
@@ -400,9 +403,30 @@ pub fn run(
         wall,
         references_s,
         [rss_start, rss_references, rss_warm, rss_peak, rss_end],
+        &samples,
         addr,
         timeout,
     )
+}
+
+/// Requests done, the server's RSS (KiB) and its prefix cache's bytes then.
+type Sample = (usize, u64, f64);
+
+/// The prefix cache's bytes (`mirror_sd_prefix_cache_bytes`; 0 when it cannot be read): kept
+/// KV the pool's budget bounds, which grows until the budget needs it back, so it is not a
+/// leak and is reported beside the RSS.
+fn prefix_cache_bytes(addr: SocketAddr, timeout: Duration) -> f64 {
+    let metrics = http::get(addr, "/metrics", timeout)
+        .map(|r| r.text())
+        .unwrap_or_default();
+    gauge(&metrics, "mirror_sd_prefix_cache_bytes").unwrap_or(0.0)
+}
+
+/// The value of an unlabelled sample `name` in Prometheus text.
+fn gauge(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -414,6 +438,7 @@ fn report(
     wall: f64,
     references_s: f64,
     rss: [u64; 5],
+    samples: &[Sample],
     addr: SocketAddr,
     timeout: Duration,
 ) -> Result<(), String> {
@@ -447,11 +472,7 @@ fn report(
     let metrics = http::get(addr, "/metrics", timeout)
         .map(|r| r.text())
         .unwrap_or_default();
-    let gauge = |name: &str| {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
-    };
+    let gauge = |name: &str| gauge(&metrics, name);
     let [start, after_references, warm, peak, end] = rss;
     let mib = |kib: u64| kib as f64 / 1024.0;
     let growth = (end as f64 - warm as f64) / warm as f64;
@@ -477,6 +498,26 @@ fn report(
         mib(end),
         growth * 100.0
     );
+    println!("\n| requests | RSS (MiB) | prefix cache (MiB) | RSS less prefix cache (MiB) |");
+    println!("|---|---|---|---|");
+    for &(requests, kib, prefix) in samples {
+        let prefix = prefix / (1 << 20) as f64;
+        println!(
+            "| {requests} | {:.1} | {prefix:.1} | {:.1} |",
+            mib(kib),
+            mib(kib) - prefix
+        );
+    }
+    let less_prefix = |requests: usize| {
+        let &(_, kib, prefix) = samples.iter().find(|s| s.0 >= requests)?;
+        Some(mib(kib) - prefix / (1 << 20) as f64)
+    };
+    if let (Some(warm), Some(end)) = (less_prefix(WARM_UP), less_prefix(ended.len())) {
+        println!(
+            "RSS less prefix cache, end against warm-up: {:+.1}%",
+            (end - warm) / warm * 100.0
+        );
+    }
     println!("\n| outcome | requests |\n|---|---|");
     for (class, n) in &classes {
         println!("| {class} | {n} |");

@@ -134,6 +134,7 @@ impl ConstraintCompiler {
         Ok(ConstraintState {
             matcher,
             vocab_size: self.vocab_size,
+            ahead: 0,
         })
     }
 }
@@ -225,6 +226,9 @@ impl TokenMask {
 pub struct ConstraintState {
     matcher: Matcher,
     vocab_size: usize,
+    /// Window tokens consumed past the committed prefix by the last
+    /// [`ConstraintState::window_masks`], which [`ConstraintState::settle`] rolls back.
+    ahead: usize,
 }
 
 impl std::fmt::Debug for ConstraintState {
@@ -241,6 +245,7 @@ impl ConstraintState {
         Self {
             matcher: self.matcher.deep_clone(),
             vocab_size: self.vocab_size,
+            ahead: self.ahead,
         }
     }
 
@@ -257,19 +262,22 @@ impl ConstraintState {
         self.matcher.compute_ff_tokens()
     }
 
-    /// The window a constrained step verifies: the tokens the grammar forces, up to `room`
-    /// (with `forced_drafts`), or else the drafted `window` cut at its first proposal the grammar
-    /// refuses ([`DraftWindow::refuse_from`]). Returns whether the window is forced.
+    /// The window a constrained step verifies: the drafted `window` cut at its first proposal
+    /// the grammar refuses ([`DraftWindow::refuse_from`]), or, with `forced_drafts`, the tokens
+    /// the grammar forces (up to `room`) when the draft's valid part does not already hold them
+    /// all (a draft that proposes the forced run and more keeps its longer window: the forced
+    /// tokens in it are accepted all the same). Returns whether the window is forced.
     pub fn constrain_window(
         &mut self,
         window: &mut DraftWindow,
         room: usize,
         forced_drafts: bool,
     ) -> Result<bool> {
+        let valid = self.valid_prefix(&window.tokens)?;
         if forced_drafts {
             let mut forced = self.forced();
             forced.truncate(room);
-            if !forced.is_empty() {
+            if !forced.is_empty() && !window.tokens[..valid].starts_with(&forced) {
                 *window = DraftWindow {
                     choices: vec![DraftChoice::PointMass; forced.len()],
                     tokens: forced,
@@ -278,17 +286,25 @@ impl ConstraintState {
                 return Ok(true);
             }
         }
-        let valid = self.valid_prefix(&window.tokens)?;
         window.refuse_from(valid);
         Ok(false)
     }
 
-    /// How many leading `tokens` the grammar allows from here.
+    /// How many leading `tokens` the grammar allows from here: up to the first it refuses, or
+    /// up to the one that completes it (nothing may follow that one, though a grammar whose
+    /// end token is still allowed lets `validate_tokens` count that token too).
     pub fn valid_prefix(&mut self, tokens: &[u32]) -> Result<usize> {
         if tokens.is_empty() || self.matcher.is_stopped() {
             return Ok(0);
         }
-        self.matcher.validate_tokens(tokens).map_err(failed)
+        let valid = self.matcher.validate_tokens(tokens).map_err(failed)?;
+        let mut kept = 0;
+        while kept < valid && !self.matcher.is_stopped() {
+            self.matcher.consume_token(tokens[kept]).map_err(failed)?;
+            kept += 1;
+        }
+        self.matcher.rollback(kept).map_err(failed)?;
+        Ok(kept)
     }
 
     /// Masks the logits `rows` of a verification window after `window` (row `j` by the state
@@ -317,20 +333,27 @@ impl ConstraintState {
                 allowed,
                 vocab_size: self.vocab_size,
             });
-            if let Some(&token) = window.get(j) {
-                self.matcher.consume_token(token).map_err(failed)?;
+            match window.get(j) {
+                // Rows past the token that completes the grammar allow only the end token.
+                Some(&token) if !self.matcher.is_stopped() => {
+                    self.matcher.consume_token(token).map_err(failed)?;
+                    self.ahead += 1;
+                }
+                _ => {}
             }
         }
         Ok(masks)
     }
 
-    /// After a window of `drafted` tokens was masked and verified: back to the committed prefix,
+    /// After a window was masked ([`ConstraintState::window_masks`]) and verified: back to the committed prefix,
     /// then forward over the `committed` tokens. Returns how many of them the output keeps: all,
     /// or those up to the one that completes the constraint (a window's bonus after it, the end
     /// token of an "end only" row, is dropped, so that where a constrained output ends does not
     /// depend on how its windows fell).
-    pub fn settle(&mut self, drafted: usize, committed: &[u32]) -> Result<usize> {
-        self.matcher.rollback(drafted).map_err(failed)?;
+    pub fn settle(&mut self, committed: &[u32]) -> Result<usize> {
+        self.matcher
+            .rollback(std::mem::take(&mut self.ahead))
+            .map_err(failed)?;
         for (kept, &token) in committed.iter().enumerate() {
             if self.matcher.is_stopped() {
                 return Ok(kept);

@@ -216,7 +216,7 @@ impl Sequence {
                 let mut committed = committed;
                 if let Some(constraint) = self.constraint.as_mut() {
                     let started = Instant::now();
-                    let kept = constraint.settle(self.window.len(), &committed)?;
+                    let kept = constraint.settle(&committed)?;
                     committed.truncate(kept);
                     // Rows of the dropped tokens leave the cache too.
                     let rows = self.cache.cache.len().min(self.seq.len() + kept);

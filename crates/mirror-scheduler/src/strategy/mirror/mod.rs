@@ -283,9 +283,7 @@ impl Decoder for Mirror {
             }
             let mut new = verdict.committed(&window.tokens);
             if let Some(grammar) = grammar.as_mut() {
-                let kept = time_phase(&mut run.stats.time.constraint, || {
-                    grammar.settle(window.len(), &new)
-                })?;
+                let kept = time_phase(&mut run.stats.time.constraint, || grammar.settle(&new))?;
                 new.truncate(kept);
             }
             run.commit_kept(tapped.base, new);
