@@ -25,8 +25,8 @@ use std::sync::Arc;
 use clap::{Parser, ValueEnum};
 use mirror_sd::mirror_core::{ChatMessage, Model, Tokenizer};
 use mirror_sd::mirror_scheduler::{
-    BatchSettings, EngineHandle, Event, Generation, GenerationConfig, LookupConfig, Prompt,
-    SequenceRequest, Speculation, SpeculativeSettings,
+    BatchSettings, EngineHandle, EngineLoad, Event, Generation, GenerationConfig, LookupConfig,
+    Prompt, SequenceRequest, Speculation, SpeculativeSettings,
 };
 use serde_json::json;
 
@@ -197,6 +197,19 @@ fn first_token(
     Err("the stream ended without a result".into())
 }
 
+/// The engine's load once its last sequence has left (the engine thread publishes it after
+/// the step that retired it, which may come just after the sequence's stream ended).
+fn settled_load(engine: &EngineHandle) -> EngineLoad {
+    let started = std::time::Instant::now();
+    loop {
+        let load = engine.load();
+        if load.running == 0 || started.elapsed() > std::time::Duration::from_secs(5) {
+            return load;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// The prefix cache on follow-up turns (see `--follow-up`).
 fn follow_up(args: &Args, target: &Arc<Model>, tokenizer: &Tokenizer) -> Result<(), String> {
     let path = args
@@ -235,10 +248,13 @@ fn follow_up(args: &Args, target: &Arc<Model>, tokenizer: &Tokenizer) -> Result<
             times.push(ttft);
             reused.push(second.stats.prefix_cached_tokens);
         }
+        let load = settled_load(&engine);
         rows.push(json!({
             "prefix_cache": prefix_cache,
             "follow_up_ttft_s": common::median(times),
             "prefix_cached_tokens": reused,
+            "prefix_bytes": load.prefix_bytes,
+            "prefix_nodes": load.prefix_entries,
         }));
     }
     let ratio = rows[1]["follow_up_ttft_s"].as_f64().unwrap_or(0.0)

@@ -89,3 +89,60 @@ fn a_panicking_consumer_fails_its_sequence_alone() {
     let load = core.load();
     assert_eq!(load.pool_used, load.prefix_bytes);
 }
+
+/// Runs `request` alone on `core` to the end; returns its generation.
+fn run_to_end(core: &mut BatchCore, request: SequenceRequest) -> Generation {
+    let (done, received) = mpsc::channel();
+    core.submit(Waiting {
+        request,
+        sink: Box::new(TestSink {
+            panic_at: None,
+            batches: 0,
+            done,
+        }),
+        submitted: Instant::now(),
+        forks: Vec::new(),
+        constraint: None,
+    });
+    for _ in 0..200 {
+        if core.is_idle() {
+            break;
+        }
+        core.step();
+    }
+    received.recv().unwrap().unwrap()
+}
+
+#[test]
+fn two_prompts_sharing_a_long_prefix_store_it_once() {
+    let target = fixture();
+    let mut core = BatchCore::new(Arc::clone(&target), None, BatchSettings::default()).unwrap();
+    let shared: Vec<u32> = (0..48).map(|i| (i * 7 + 3) % 50).collect();
+    let config = GenerationConfig {
+        stop_at_eos: false,
+        ..GenerationConfig::greedy(4)
+    };
+    let mut rows = Vec::new();
+    for (i, tail) in [[61u32, 62], [71, 72]].iter().enumerate() {
+        let prompt = [shared.as_slice(), tail].concat();
+        let request = SequenceRequest::new(prompt.clone(), config.clone());
+        let generation = run_to_end(&mut core, request);
+        let alone = Autoregressive::new(Arc::clone(&target))
+            .generate(&prompt, &config)
+            .unwrap();
+        assert_eq!(generation.tokens, alone.tokens, "prompt {i}");
+        // The second prompt finds the shared prefix (and no more: its tail differs).
+        assert_eq!(generation.stats.prefix_cached_tokens, [0, 48][i]);
+        // The finished cache holds the prompt and the output but its last token (never fed).
+        rows.push(prompt.len() + generation.tokens.len() - 1);
+    }
+    let load = core.load();
+    let row_bytes = cache_bytes(&target, 1);
+    // The shared 48 rows once, and each sequence's own rows after them: one node each, under
+    // the shared node split off the first sequence's edge.
+    let distinct = rows[0] + rows[1] - shared.len();
+    assert_eq!(load.prefix_bytes, distinct as u64 * row_bytes);
+    assert!(load.prefix_bytes < cache_bytes(&target, rows[0]) + cache_bytes(&target, rows[1]));
+    assert_eq!(load.prefix_entries, 3);
+    assert_eq!(load.pool_used, load.prefix_bytes);
+}
