@@ -210,6 +210,13 @@ fn settled_load(engine: &EngineHandle) -> EngineLoad {
     }
 }
 
+/// Pool bytes of one cached position of `model` (keys and values, every layer).
+fn cache_row_bytes(model: &Model) -> usize {
+    let config = model.config();
+    let element = model.dtype().size_in_bytes();
+    model.num_layers() * 2 * config.num_kv_heads() * config.head_dim() * element
+}
+
 /// The prefix cache on follow-up turns (see `--follow-up`).
 fn follow_up(args: &Args, target: &Arc<Model>, tokenizer: &Tokenizer) -> Result<(), String> {
     let path = args
@@ -234,17 +241,25 @@ fn follow_up(args: &Args, target: &Arc<Model>, tokenizer: &Tokenizer) -> Result<
             EngineHandle::spawn(Arc::clone(target), None, settings).map_err(|e| e.to_string())?;
         let mut times = Vec::new();
         let mut reused = Vec::new();
+        // Rows the finished caches held (each prompt and its output but the last token): the
+        // first turns', and the follow-ups' (one token decoded, never fed).
+        let (mut first_rows, mut follow_up_rows) = (Vec::new(), Vec::new());
         for messages in &conversations {
             let encode =
                 |m: &[ChatMessage]| Prompt::Chat(m).encode(tokenizer).map_err(|e| e.to_string());
-            let (_, first) = first_token(&engine, encode(messages)?, args.new_tokens)?;
+            let prompt = encode(messages)?;
+            let prompt_len = prompt.len();
+            let (_, first) = first_token(&engine, prompt, args.new_tokens)?;
+            first_rows.push(prompt_len + first.tokens.len() - 1);
             let answer = tokenizer
                 .decode(&first.tokens, true)
                 .map_err(|e| e.to_string())?;
             let mut next = messages.clone();
             next.push(ChatMessage::new("assistant", answer));
             next.push(ChatMessage::new("user", "Thank you. Can you say more?"));
-            let (ttft, second) = first_token(&engine, encode(&next)?, 1)?;
+            let prompt = encode(&next)?;
+            follow_up_rows.push(prompt.len());
+            let (ttft, second) = first_token(&engine, prompt, 1)?;
             times.push(ttft);
             reused.push(second.stats.prefix_cached_tokens);
         }
@@ -255,6 +270,9 @@ fn follow_up(args: &Args, target: &Arc<Model>, tokenizer: &Tokenizer) -> Result<
             "prefix_cached_tokens": reused,
             "prefix_bytes": load.prefix_bytes,
             "prefix_nodes": load.prefix_entries,
+            "first_turn_rows": first_rows,
+            "follow_up_rows": follow_up_rows,
+            "row_bytes": cache_row_bytes(target),
         }));
     }
     let ratio = rows[1]["follow_up_ttft_s"].as_f64().unwrap_or(0.0)
