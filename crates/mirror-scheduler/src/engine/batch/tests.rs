@@ -42,6 +42,27 @@ impl Sink for TestSink {
     }
 }
 
+/// Queues `request` on `core` with a [`TestSink`]; its result arrives on the receiver.
+fn submit(
+    core: &mut BatchCore,
+    request: SequenceRequest,
+    panic_at: Option<usize>,
+) -> mpsc::Receiver<Result<Generation>> {
+    let (done, received) = mpsc::channel();
+    core.submit(Waiting {
+        request,
+        sink: Box::new(TestSink {
+            panic_at,
+            batches: 0,
+            done,
+        }),
+        submitted: Instant::now(),
+        forks: Vec::new(),
+        constraint: None,
+    });
+    received
+}
+
 #[test]
 fn a_panicking_consumer_fails_its_sequence_alone() {
     let target = fixture();
@@ -53,19 +74,8 @@ fn a_panicking_consumer_fails_its_sequence_alone() {
     };
     let mut receivers = Vec::new();
     for panic_at in [Some(3), None, None] {
-        let (done, received) = mpsc::channel();
-        receivers.push(received);
-        core.submit(Waiting {
-            request: SequenceRequest::new(prompt.clone(), config.clone()),
-            sink: Box::new(TestSink {
-                panic_at,
-                batches: 0,
-                done,
-            }),
-            submitted: Instant::now(),
-            forks: Vec::new(),
-            constraint: None,
-        });
+        let request = SequenceRequest::new(prompt.clone(), config.clone());
+        receivers.push(submit(&mut core, request, panic_at));
     }
     let mut steps = 0;
     while !core.is_idle() && steps < 100 {
@@ -93,18 +103,7 @@ fn a_panicking_consumer_fails_its_sequence_alone() {
 
 /// Runs `request` alone on `core` to the end; returns its generation.
 fn run_to_end(core: &mut BatchCore, request: SequenceRequest) -> Generation {
-    let (done, received) = mpsc::channel();
-    core.submit(Waiting {
-        request,
-        sink: Box::new(TestSink {
-            panic_at: None,
-            batches: 0,
-            done,
-        }),
-        submitted: Instant::now(),
-        forks: Vec::new(),
-        constraint: None,
-    });
+    let received = submit(core, request, None);
     for _ in 0..200 {
         if core.is_idle() {
             break;
@@ -179,19 +178,8 @@ fn leaves_evicted_while_the_batch_runs_change_no_output() {
     let mut core = BatchCore::new(Arc::clone(&target), None, settings).unwrap();
     let mut receivers = Vec::new();
     for prompt in &prompts {
-        let (done, received) = mpsc::channel();
-        receivers.push(received);
-        core.submit(Waiting {
-            request: SequenceRequest::new(prompt.clone(), config.clone()),
-            sink: Box::new(TestSink {
-                panic_at: None,
-                batches: 0,
-                done,
-            }),
-            submitted: Instant::now(),
-            forks: Vec::new(),
-            constraint: None,
-        });
+        let request = SequenceRequest::new(prompt.clone(), config.clone());
+        receivers.push(submit(&mut core, request, None));
     }
     let (mut evicted_mid_batch, mut reused) = (0, 0);
     for _ in 0..500 {
