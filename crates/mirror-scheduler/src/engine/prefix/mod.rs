@@ -18,6 +18,12 @@
 //!   it needs: a node used by a lookup or an insertion counts as used then, and so do its
 //!   ancestors, so cold suffixes go first and the prefixes others share go last.
 //!
+//! Rows are copied out, not shared: attention reads one contiguous cache per sequence, which then
+//! appends to it, so each new sequence gets its own copy of the matched path (microseconds a row,
+//! against milliseconds a prefilled token). A split copies the edge's two halves into caches of
+//! their own, so every node stays charged for exactly its rows. [`PrefixStore::len`] (the
+//! engine's `prefix_entries`) counts nodes, a shared prefix once.
+//!
 //! Copied rows are the stored rows' bits, and those are what a prefill of the same tokens
 //! computes (the kernels and attention give every row the same bits whatever rows share its
 //! forward), so output is bit-identical with and without the cache.
