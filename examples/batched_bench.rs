@@ -25,8 +25,8 @@ use std::sync::Arc;
 use clap::{Parser, ValueEnum};
 use mirror_sd::mirror_core::{ChatMessage, Model, Tokenizer};
 use mirror_sd::mirror_scheduler::{
-    BatchSettings, EngineHandle, Event, Generation, GenerationConfig, LookupConfig, Prompt,
-    SequenceRequest, Speculation, SpeculativeSettings,
+    BatchSettings, EngineHandle, EngineLoad, Event, Generation, GenerationConfig, LookupConfig,
+    Prompt, SequenceRequest, Speculation, SpeculativeSettings,
 };
 use serde_json::json;
 
@@ -197,6 +197,26 @@ fn first_token(
     Err("the stream ended without a result".into())
 }
 
+/// The engine's load once its last sequence has left (the engine thread publishes it after
+/// the step that retired it, which may come just after the sequence's stream ended).
+fn settled_load(engine: &EngineHandle) -> EngineLoad {
+    let started = std::time::Instant::now();
+    loop {
+        let load = engine.load();
+        if load.running == 0 || started.elapsed() > std::time::Duration::from_secs(5) {
+            return load;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// Pool bytes of one cached position of `model` (keys and values, every layer).
+fn cache_row_bytes(model: &Model) -> usize {
+    let config = model.config();
+    let element = model.dtype().size_in_bytes();
+    model.num_layers() * 2 * config.num_kv_heads() * config.head_dim() * element
+}
+
 /// The prefix cache on follow-up turns (see `--follow-up`).
 fn follow_up(args: &Args, target: &Arc<Model>, tokenizer: &Tokenizer) -> Result<(), String> {
     let path = args
@@ -221,24 +241,38 @@ fn follow_up(args: &Args, target: &Arc<Model>, tokenizer: &Tokenizer) -> Result<
             EngineHandle::spawn(Arc::clone(target), None, settings).map_err(|e| e.to_string())?;
         let mut times = Vec::new();
         let mut reused = Vec::new();
+        // Rows the finished caches held (each prompt and its output but the last token): the
+        // first turns', and the follow-ups' (one token decoded, never fed).
+        let (mut first_rows, mut follow_up_rows) = (Vec::new(), Vec::new());
         for messages in &conversations {
             let encode =
                 |m: &[ChatMessage]| Prompt::Chat(m).encode(tokenizer).map_err(|e| e.to_string());
-            let (_, first) = first_token(&engine, encode(messages)?, args.new_tokens)?;
+            let prompt = encode(messages)?;
+            let prompt_len = prompt.len();
+            let (_, first) = first_token(&engine, prompt, args.new_tokens)?;
+            first_rows.push(prompt_len + first.tokens.len() - 1);
             let answer = tokenizer
                 .decode(&first.tokens, true)
                 .map_err(|e| e.to_string())?;
             let mut next = messages.clone();
             next.push(ChatMessage::new("assistant", answer));
             next.push(ChatMessage::new("user", "Thank you. Can you say more?"));
-            let (ttft, second) = first_token(&engine, encode(&next)?, 1)?;
+            let prompt = encode(&next)?;
+            follow_up_rows.push(prompt.len());
+            let (ttft, second) = first_token(&engine, prompt, 1)?;
             times.push(ttft);
             reused.push(second.stats.prefix_cached_tokens);
         }
+        let load = settled_load(&engine);
         rows.push(json!({
             "prefix_cache": prefix_cache,
             "follow_up_ttft_s": common::median(times),
             "prefix_cached_tokens": reused,
+            "prefix_bytes": load.prefix_bytes,
+            "prefix_nodes": load.prefix_entries,
+            "first_turn_rows": first_rows,
+            "follow_up_rows": follow_up_rows,
+            "row_bytes": cache_row_bytes(target),
         }));
     }
     let ratio = rows[1]["follow_up_ttft_s"].as_f64().unwrap_or(0.0)

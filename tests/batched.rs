@@ -560,6 +560,86 @@ fn prefix_entries_evicted_while_a_batch_runs_change_no_output() {
     assert!(engine.load().prefix_entries > 0);
 }
 
+/// The engine's load once the sequences that finished have left (the engine thread publishes
+/// it after each step, so just after a stream ends it may still count them running).
+fn settled_load(engine: &EngineHandle) -> mirror_sd::mirror_scheduler::EngineLoad {
+    let started = Instant::now();
+    loop {
+        let load = engine.load();
+        if (load.running == 0 && load.waiting == 0) || started.elapsed() > Duration::from_secs(10) {
+            return load;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn two_conversations_sharing_a_system_prompt_store_it_once() {
+    let Some((target, tokenizer)) = smollm2() else {
+        return;
+    };
+    // A long shared start, as a system prompt is, then each conversation's own question.
+    let system = "You are a careful assistant. Answer in one short sentence, in plain English, \
+                  without lists, code or any formatting, and say so when you do not know.";
+    let requests: Vec<SequenceRequest> = [PROMPTS[0], PROMPTS[7]]
+        .iter()
+        .map(|question| {
+            let prompt = tokenizer
+                .encode(&format!("{system}\n{question}"), true)
+                .unwrap();
+            SequenceRequest {
+                speculation: drafted(),
+                ..SequenceRequest::new(prompt, GenerationConfig::greedy(8))
+            }
+        })
+        .collect();
+    let shared = requests[0]
+        .prompt
+        .iter()
+        .zip(&requests[1].prompt)
+        .take_while(|(a, b)| a == b)
+        .count();
+    assert!(shared > 30, "the prompts share {shared} tokens");
+    let expected: Vec<Vec<u32>> = requests.iter().map(|r| alone(&target, r)).collect();
+    let fixed = BatchSettings {
+        window: WindowPolicy::Fixed,
+        ..BatchSettings::default()
+    };
+    let engine = engine_with_draft(&target, fixed);
+    let generations = in_turn(&engine, &requests);
+    for (i, want) in expected.iter().enumerate() {
+        assert_eq!(&generations[i].tokens, want, "conversation {i}");
+    }
+    assert_eq!(generations[1].stats.prefix_cached_tokens, shared);
+    let load = settled_load(&engine);
+    let draft = draft_of(&target);
+    let both_rows = row_bytes(&target) + row_bytes(&draft);
+    // The most two whole finished caches could take, the target's and the draft's: the prompt,
+    // the output and at most one window of drafted rows each (what a store of whole caches
+    // keeps, neither prompt being a prefix of the other).
+    let whole: u64 = requests
+        .iter()
+        .zip(&generations)
+        .map(|(r, g)| (r.prompt.len() + g.tokens.len() + 4) as u64 * both_rows)
+        .sum();
+    let shared_bytes = both_rows * shared as u64;
+    assert!(load.prefix_bytes > 0);
+    // The shared rows are kept once: the two caches' bytes less one copy of them, at most.
+    assert!(
+        load.prefix_bytes <= whole - shared_bytes,
+        "{} bytes kept, at most {whole} for two whole caches, {shared_bytes} shared",
+        load.prefix_bytes
+    );
+    assert_eq!(load.pool_used, load.prefix_bytes);
+}
+
+/// Pool bytes of one cached position of `model` (keys and values, every layer).
+fn row_bytes(model: &Model) -> u64 {
+    let config = model.config();
+    let element = model.dtype().size_in_bytes();
+    (model.num_layers() * 2 * config.num_kv_heads() * config.head_dim() * element) as u64
+}
+
 /// From async code: the stream is awaited on a runtime's thread, and two sequences' events
 /// interleave without either blocking the runtime.
 #[cfg(feature = "server")]

@@ -220,39 +220,82 @@ impl KvCache {
     /// layers, batch and head shapes; any capacity of at least `len`): a prefix computed once,
     /// reused without recomputing it. The copied rows are the source's bits exactly.
     pub fn copy_prefix_from(&mut self, source: &KvCache, len: usize) -> Result<()> {
+        self.clear();
+        self.append_rows_from(source, 0, len)
+    }
+
+    /// Appends positions `[start, start + len)` of `source` after this cache's rows (same
+    /// layers, batch and head shapes): how a prefix stored in pieces (the prefix cache's radix
+    /// tree, one piece per edge) is laid back end to end. The copied rows are the source's bits
+    /// exactly.
+    pub fn append_rows_from(&mut self, source: &KvCache, start: usize, len: usize) -> Result<()> {
         if source.layers.len() != self.layers.len() || source.batch != self.batch {
             return Err(Error::invalid(format!(
-                "cannot copy a prefix from a cache of {} layers and batch {} into one of {} layers and batch {}",
+                "cannot copy rows from a cache of {} layers and batch {} into one of {} layers and batch {}",
                 source.layers.len(),
                 source.batch,
                 self.layers.len(),
                 self.batch
             )));
         }
-        if len > source.len() {
+        let end = start + len;
+        let source_len = source.layers.iter().map(|l| l.len).min().unwrap_or(0);
+        if end > source_len {
             return Err(Error::invalid(format!(
-                "cannot copy {len} positions from a cache holding {}",
-                source.len()
+                "cannot copy positions {start}..{end} from a cache holding {source_len}"
             )));
         }
-        if len > self.capacity {
+        let base = self.len();
+        if self.layers.iter().any(|l| l.len != base) {
+            return Err(Error::invalid(
+                "cannot append rows to a cache whose layers have different lengths",
+            ));
+        }
+        if base + len > self.capacity {
             return Err(Error::ContextOverflow {
-                requested: len,
+                requested: base + len,
                 capacity: self.capacity,
             });
         }
-        self.clear();
         if len == 0 {
             return Ok(());
         }
         for (into, from) in self.layers.iter_mut().zip(&source.layers) {
+            // `slice_set` copies, so the narrowed views (contiguous or not) share nothing with
+            // this cache afterwards.
             into.keys
-                .slice_set(&from.keys.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                .slice_set(&from.keys.narrow(2, start, len)?.contiguous()?, 2, base)?;
             into.values
-                .slice_set(&from.values.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
-            into.len = len;
+                .slice_set(&from.values.narrow(2, start, len)?.contiguous()?, 2, base)?;
+            into.len = base + len;
         }
         Ok(())
+    }
+
+    /// A new cache holding exactly positions `[start, end)` of this one (its capacity is
+    /// `end - start`, its buffers its own): one edge's rows in the prefix cache's radix tree,
+    /// charged for those rows alone.
+    pub fn rows_between(&self, start: usize, end: usize) -> Result<Self> {
+        if start >= end {
+            return Err(Error::invalid(format!(
+                "a cache of positions {start}..{end} holds no rows"
+            )));
+        }
+        let Some(first) = self.layers.first() else {
+            return Err(Error::invalid("a cache without layers holds no rows"));
+        };
+        let (_, num_kv_heads, _, head_dim) = first.keys.dims4()?;
+        let mut rows = Self::new(
+            self.layers.len(),
+            self.batch,
+            num_kv_heads,
+            head_dim,
+            end - start,
+            first.keys.dtype(),
+            first.keys.device(),
+        )?;
+        rows.append_rows_from(self, start, end - start)?;
+        Ok(rows)
     }
 
     /// An independent copy with its own buffers (see the module docs on clone semantics).
@@ -273,5 +316,158 @@ impl KvCache {
             batch: self.batch,
             capacity: self.capacity,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::KvCache;
+
+    const LAYERS: usize = 3;
+    const HEADS: usize = 2;
+    const HEAD_DIM: usize = 4;
+
+    /// The value every element of position `position` holds in a filled cache: distinct per
+    /// layer, keys/values, head, position and lane, so a misplaced row cannot compare equal.
+    fn value(layer: usize, is_value: bool, head: usize, position: usize, lane: usize) -> f32 {
+        (layer * 100_000 + usize::from(is_value) * 10_000 + head * 1_000 + position * 10 + lane)
+            as f32
+    }
+
+    /// Positions `[start, end)` of one layer's keys or values, as `value` writes them:
+    /// `(1, heads, end - start, head_dim)`.
+    fn block(layer: usize, is_value: bool, start: usize, end: usize) -> Tensor {
+        let mut data = Vec::new();
+        for head in 0..HEADS {
+            for position in start..end {
+                for lane in 0..HEAD_DIM {
+                    data.push(value(layer, is_value, head, position, lane));
+                }
+            }
+        }
+        Tensor::from_vec(data, (1, HEADS, end - start, HEAD_DIM), &Device::Cpu).unwrap()
+    }
+
+    fn cache(capacity: usize) -> KvCache {
+        KvCache::new(
+            LAYERS,
+            1,
+            HEADS,
+            HEAD_DIM,
+            capacity,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    }
+
+    /// A cache holding positions `0..len`, written one append per position.
+    fn filled(len: usize, capacity: usize) -> KvCache {
+        let mut cache = cache(capacity);
+        for position in 0..len {
+            for layer in 0..LAYERS {
+                let keys = block(layer, false, position, position + 1);
+                let values = block(layer, true, position, position + 1);
+                cache.append(layer, &keys, &values).unwrap();
+            }
+        }
+        cache
+    }
+
+    /// Row `row` of `cache`'s layer `layer`, keys then values, every head.
+    fn row(cache: &KvCache, layer: usize, row: usize) -> Vec<f32> {
+        let (keys, values) = cache.view(layer).unwrap();
+        let mut out = keys
+            .narrow(2, row, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        out.extend(
+            values
+                .narrow(2, row, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+        );
+        out
+    }
+
+    /// What row `row` holds when it is source position `position` (independent of `KvCache`).
+    fn expected_row(layer: usize, position: usize) -> Vec<f32> {
+        let mut out = Vec::new();
+        for is_value in [false, true] {
+            for head in 0..HEADS {
+                for lane in 0..HEAD_DIM {
+                    out.push(value(layer, is_value, head, position, lane));
+                }
+            }
+        }
+        out
+    }
+
+    fn assert_rows(cache: &KvCache, positions: &[usize]) {
+        assert_eq!(cache.len(), positions.len());
+        for layer in 0..LAYERS {
+            assert_eq!(cache.layer_len(layer), positions.len());
+            for (row_index, &position) in positions.iter().enumerate() {
+                assert_eq!(
+                    row(cache, layer, row_index),
+                    expected_row(layer, position),
+                    "layer {layer}, row {row_index} (source position {position})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn rows_appended_from_pieces_lie_end_to_end() {
+        let source = filled(10, 12);
+        assert_rows(&source, &(0..10).collect::<Vec<_>>());
+        let mut into = cache(9);
+        into.append_rows_from(&source, 2, 3).unwrap();
+        into.append_rows_from(&source, 0, 2).unwrap();
+        into.append_rows_from(&source, 9, 1).unwrap();
+        into.append_rows_from(&source, 4, 0).unwrap();
+        assert_rows(&into, &[2, 3, 4, 0, 1, 9]);
+        // Past the source's rows, or the destination's capacity: refused, nothing written.
+        assert!(into.append_rows_from(&source, 8, 3).is_err());
+        assert!(into.append_rows_from(&source, 0, 4).is_err());
+        assert_rows(&into, &[2, 3, 4, 0, 1, 9]);
+        // A source of another shape is refused.
+        let other = KvCache::new(2, 1, HEADS, HEAD_DIM, 4, DType::F32, &Device::Cpu).unwrap();
+        assert!(into.append_rows_from(&other, 0, 0).is_err());
+    }
+
+    #[test]
+    fn a_cache_between_two_positions_holds_those_rows_alone_in_its_own_buffers() {
+        let mut source = filled(8, 8);
+        let piece = source.rows_between(3, 7).unwrap();
+        assert_eq!(piece.capacity(), 4);
+        assert_rows(&piece, &[3, 4, 5, 6]);
+        // Overwriting the source does not reach the piece.
+        source.truncate(3);
+        for layer in 0..LAYERS {
+            let keys = block(layer, false, 0, 1);
+            let values = block(layer, true, 0, 1);
+            source.append(layer, &keys, &values).unwrap();
+        }
+        assert_rows(&piece, &[3, 4, 5, 6]);
+        assert!(source.rows_between(5, 5).is_err());
+        assert!(source.rows_between(2, 9).is_err());
+    }
+
+    #[test]
+    fn a_copied_prefix_replaces_what_was_cached() {
+        let source = filled(6, 6);
+        let mut into = filled(3, 5);
+        into.copy_prefix_from(&source, 4).unwrap();
+        assert_rows(&into, &[0, 1, 2, 3]);
+        assert!(into.copy_prefix_from(&source, 6).is_err());
     }
 }

@@ -68,7 +68,22 @@ impl KvPool {
 
     /// Takes a cache back.
     pub fn give_back(&mut self, cache: PooledCache) {
-        self.used -= cache.bytes.min(self.used);
+        self.release(cache.bytes);
+    }
+
+    /// Charges `bytes` of rows built outside [`KvPool::lend`] (a prefix-cache node's), or
+    /// false, charging nothing, while the budget cannot hold them.
+    pub fn charge(&mut self, bytes: u64) -> bool {
+        if bytes > self.free() {
+            return false;
+        }
+        self.used += bytes;
+        true
+    }
+
+    /// Takes back `bytes` that [`KvPool::charge`] or [`KvPool::lend`] charged.
+    pub fn release(&mut self, bytes: u64) {
+        self.used -= bytes.min(self.used);
     }
 }
 
@@ -89,5 +104,11 @@ mod tests {
         ));
         pool.used = 60;
         assert_eq!(pool.free(), 40);
+        assert!(!pool.charge(41));
+        assert_eq!(pool.used(), 60);
+        assert!(pool.charge(40));
+        assert_eq!(pool.free(), 0);
+        pool.release(30);
+        assert_eq!(pool.used(), 70);
     }
 }

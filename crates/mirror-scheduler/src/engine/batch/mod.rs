@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use mirror_core::{Model, RaggedSequence};
 
-use super::pool::{cache_bytes, KvPool, PooledCache};
+use super::pool::{cache_bytes, KvPool};
 use super::prefix::PrefixStore;
 use crate::adaptive::batch::{allocate, DraftOffer, StepCost};
 use crate::adaptive::WindowPolicy;
@@ -55,23 +55,6 @@ pub(crate) struct BatchCore {
     running: Vec<Sequence>,
 }
 
-/// Copies into `cache` the longest prefix of `prompt` (at most `limit` tokens) that `store`
-/// keeps; returns how many rows it copied.
-fn copy_prefix(
-    store: &mut PrefixStore,
-    prompt: &[u32],
-    limit: usize,
-    cache: &mut PooledCache,
-) -> Result<usize> {
-    let Some(found) = store.longest(prompt, limit) else {
-        return Ok(0);
-    };
-    cache
-        .cache
-        .copy_prefix_from(&found.cache.cache, found.len)?;
-    Ok(found.len)
-}
-
 impl BatchCore {
     pub fn new(
         target: Arc<Model>,
@@ -83,11 +66,11 @@ impl BatchCore {
             check_pair(&target, draft)?;
         }
         Ok(Self {
+            prefix: PrefixStore::new(Some(&target)),
+            draft_prefix: PrefixStore::new(draft.as_deref()),
             target,
             draft,
             pool: KvPool::new(settings.kv_budget_bytes),
-            prefix: PrefixStore::default(),
-            draft_prefix: PrefixStore::default(),
             step_cost: StepCost::default(),
             settings,
             waiting: VecDeque::new(),
@@ -290,13 +273,16 @@ impl BatchCore {
         let mut reused = (0, 0);
         if self.settings.prefix_cache {
             let first = lent.first_mut()?;
-            let copied = copy_prefix(&mut self.prefix, prompt, limit, &mut first.target).and_then(
-                |target| match first.draft.as_mut() {
-                    Some(draft) => copy_prefix(&mut self.draft_prefix, prompt, limit, draft)
+            let (target, draft) = (&mut first.target.cache, first.draft.as_mut());
+            let copied = self
+                .prefix
+                .copy_longest(prompt, limit, target)
+                .and_then(|target| match draft {
+                    Some(draft) => (self.draft_prefix)
+                        .copy_longest(prompt, limit, &mut draft.cache)
                         .map(|d| (target, d)),
                     None => Ok((target, 0)),
-                },
-            );
+                });
             match copied {
                 Ok(rows) => reused = rows,
                 Err(e) => {
@@ -489,8 +475,9 @@ impl BatchCore {
         self.running.extend(spawned);
     }
 
-    /// Finished, cancelled, expired and failed sequences leave; their caches go to the prefix
-    /// cache (or back to the pool). A leaving sequence's pending forks take over its prefill.
+    /// Finished, cancelled, expired and failed sequences leave; the prefix cache keeps the rows
+    /// of theirs it lacks, and their caches go back to the pool. A leaving sequence's pending
+    /// forks take over its prefill.
     fn retire(&mut self) {
         let mut index = 0;
         while index < self.running.len() {
@@ -510,10 +497,15 @@ impl BatchCore {
             let failed = sequence.failed.take();
             let rows = sequence.cache.cache.len();
             if self.settings.prefix_cache && failed.is_none() {
-                let tokens = sequence.seq[..rows].to_vec();
-                self.prefix.insert(tokens, sequence.cache, &mut self.pool);
+                // Keeping rows only saves later prefills: a copy that fails keeps the tree as
+                // it was, the cache's bytes are back in the pool either way, and the
+                // sequence's output stands.
+                let pool = &mut self.pool;
+                let _ = self
+                    .prefix
+                    .insert(&sequence.seq[..rows], sequence.cache, pool);
                 if let Some(draft) = sequence.draft {
-                    (self.draft_prefix).insert(draft.tokens, draft.cache, &mut self.pool);
+                    let _ = (self.draft_prefix).insert(&draft.tokens, draft.cache, pool);
                 }
             } else {
                 self.pool.give_back(sequence.cache);

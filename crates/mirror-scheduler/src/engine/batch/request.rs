@@ -208,7 +208,8 @@ pub struct EngineLoad {
     pub pool_used: u64,
     /// KV pool bytes free.
     pub pool_free: u64,
-    /// Finished sequences' caches kept for their prefixes.
+    /// Nodes of the prefix cache's radix trees (the target's and the draft model's), each the
+    /// rows of one edge's tokens: a prefix shared by many finished sequences counts once.
     pub prefix_entries: usize,
     /// Bytes those take (part of `pool_used`).
     pub prefix_bytes: u64,

@@ -5,6 +5,7 @@ use mirror_core::{load_model_dir, DirFiles, LoadOptions};
 
 use super::*;
 use crate::generation::{Generation, GenerationConfig, StreamControl, TokenLogprob};
+use crate::run::capacity_for;
 use crate::strategy::autoregressive::Autoregressive;
 use crate::strategy::Decoder;
 
@@ -41,6 +42,27 @@ impl Sink for TestSink {
     }
 }
 
+/// Queues `request` on `core` with a [`TestSink`]; its result arrives on the receiver.
+fn submit(
+    core: &mut BatchCore,
+    request: SequenceRequest,
+    panic_at: Option<usize>,
+) -> mpsc::Receiver<Result<Generation>> {
+    let (done, received) = mpsc::channel();
+    core.submit(Waiting {
+        request,
+        sink: Box::new(TestSink {
+            panic_at,
+            batches: 0,
+            done,
+        }),
+        submitted: Instant::now(),
+        forks: Vec::new(),
+        constraint: None,
+    });
+    received
+}
+
 #[test]
 fn a_panicking_consumer_fails_its_sequence_alone() {
     let target = fixture();
@@ -52,19 +74,8 @@ fn a_panicking_consumer_fails_its_sequence_alone() {
     };
     let mut receivers = Vec::new();
     for panic_at in [Some(3), None, None] {
-        let (done, received) = mpsc::channel();
-        receivers.push(received);
-        core.submit(Waiting {
-            request: SequenceRequest::new(prompt.clone(), config.clone()),
-            sink: Box::new(TestSink {
-                panic_at,
-                batches: 0,
-                done,
-            }),
-            submitted: Instant::now(),
-            forks: Vec::new(),
-            constraint: None,
-        });
+        let request = SequenceRequest::new(prompt.clone(), config.clone());
+        receivers.push(submit(&mut core, request, panic_at));
     }
     let mut steps = 0;
     while !core.is_idle() && steps < 100 {
@@ -86,6 +97,122 @@ fn a_panicking_consumer_fails_its_sequence_alone() {
         assert_eq!(result.as_ref().unwrap().tokens, expected);
     }
     // Every cache is back in the pool or kept by the prefix cache, none leaked.
+    let load = core.load();
+    assert_eq!(load.pool_used, load.prefix_bytes);
+}
+
+/// Runs `request` alone on `core` to the end; returns its generation.
+fn run_to_end(core: &mut BatchCore, request: SequenceRequest) -> Generation {
+    let received = submit(core, request, None);
+    for _ in 0..200 {
+        if core.is_idle() {
+            break;
+        }
+        core.step();
+    }
+    received.recv().unwrap().unwrap()
+}
+
+#[test]
+fn two_prompts_sharing_a_long_prefix_store_it_once() {
+    let target = fixture();
+    let mut core = BatchCore::new(Arc::clone(&target), None, BatchSettings::default()).unwrap();
+    let shared: Vec<u32> = (0..48).map(|i| (i * 7 + 3) % 50).collect();
+    let config = GenerationConfig {
+        stop_at_eos: false,
+        ..GenerationConfig::greedy(4)
+    };
+    let mut rows = Vec::new();
+    for (i, tail) in [[61u32, 62], [71, 72]].iter().enumerate() {
+        let prompt = [shared.as_slice(), tail].concat();
+        let request = SequenceRequest::new(prompt.clone(), config.clone());
+        let generation = run_to_end(&mut core, request);
+        let alone = Autoregressive::new(Arc::clone(&target))
+            .generate(&prompt, &config)
+            .unwrap();
+        assert_eq!(generation.tokens, alone.tokens, "prompt {i}");
+        // The second prompt finds the shared prefix (and no more: its tail differs).
+        assert_eq!(generation.stats.prefix_cached_tokens, [0, 48][i]);
+        // The finished cache holds the prompt and the output but its last token (never fed).
+        rows.push(prompt.len() + generation.tokens.len() - 1);
+    }
+    let load = core.load();
+    let row_bytes = cache_bytes(&target, 1);
+    // The shared 48 rows once, and each sequence's own rows after them: one node each, under
+    // the shared node split off the first sequence's edge.
+    let distinct = rows[0] + rows[1] - shared.len();
+    assert_eq!(load.prefix_bytes, distinct as u64 * row_bytes);
+    assert!(load.prefix_bytes < cache_bytes(&target, rows[0]) + cache_bytes(&target, rows[1]));
+    assert_eq!(load.prefix_entries, 3);
+    assert_eq!(load.pool_used, load.prefix_bytes);
+}
+
+#[test]
+fn leaves_evicted_while_the_batch_runs_change_no_output() {
+    let target = fixture();
+    let config = GenerationConfig {
+        stop_at_eos: false,
+        ..GenerationConfig::greedy(6)
+    };
+    // One stem, each prompt its first 20, 8 or 14 tokens and a tail of its own: the tree
+    // shares the stem and splits inside it, and later prompts copy both halves of a split edge.
+    let prompts: Vec<Vec<u32>> = (0..12u32)
+        .map(|i| {
+            let stem = (0..[20, 8, 14][i as usize % 3]).map(|t| (t * 13 + 7) % 300);
+            stem.chain([200 + i, 250 + i]).collect()
+        })
+        .collect();
+    let capacity = prompts
+        .iter()
+        .map(|p| capacity_for(&target, p, &config, 0).unwrap())
+        .max()
+        .unwrap_or(0);
+    // Two running at once, in room for three caches: each admission takes kept rows back, the
+    // coldest leaves first, while the other sequence runs.
+    let settings = BatchSettings {
+        max_batch: 2,
+        kv_budget_bytes: 3 * cache_bytes(&target, capacity),
+        prefill_chunk: 5,
+        ..BatchSettings::default()
+    };
+    let mut core = BatchCore::new(Arc::clone(&target), None, settings).unwrap();
+    let mut receivers = Vec::new();
+    for prompt in &prompts {
+        let request = SequenceRequest::new(prompt.clone(), config.clone());
+        receivers.push(submit(&mut core, request, None));
+    }
+    let (mut evicted_mid_batch, mut reused) = (0, 0);
+    for _ in 0..500 {
+        if core.is_idle() {
+            break;
+        }
+        let nodes = core.prefix.len();
+        core.step();
+        if core.prefix.len() < nodes && !core.running.is_empty() {
+            evicted_mid_batch += 1;
+        }
+        reused += core
+            .running
+            .iter()
+            .map(|s| s.stats.prefix_cached_tokens)
+            .sum::<usize>();
+    }
+    assert!(core.is_idle());
+    assert!(
+        evicted_mid_batch > 0,
+        "no leaf was evicted while sequences ran"
+    );
+    assert!(reused > 0, "no prompt took rows from the cache");
+    for (prompt, received) in prompts.iter().zip(&receivers) {
+        let alone = Autoregressive::new(Arc::clone(&target))
+            .generate(prompt, &config)
+            .unwrap();
+        assert_eq!(
+            received.recv().unwrap().unwrap().tokens,
+            alone.tokens,
+            "{prompt:?}"
+        );
+    }
     let load = core.load();
     assert_eq!(load.pool_used, load.prefix_bytes);
 }
