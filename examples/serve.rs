@@ -17,6 +17,12 @@
 #[path = "common/mod.rs"]
 mod common;
 
+/// mimalloc instead of the system allocator: glibc's per-thread arenas kept growing the
+/// server's resident memory under a long mixed load (`load --soak`, BENCHMARKS.md). A service
+/// that embeds `mirror_sd::serve` chooses its own allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
