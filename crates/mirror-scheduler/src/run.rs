@@ -47,6 +47,11 @@ impl<'a> Run<'a> {
                     .into(),
             ));
         }
+        if config.monitors.is_some() {
+            return Err(Error::BatchedOnly {
+                feature: "generation monitors",
+            });
+        }
         if config.constraint.is_some() {
             return Err(Error::InvalidConfig(
                 "constrained output runs on the batched engine (EngineHandle); the one-sequence \
@@ -158,6 +163,19 @@ impl Output {
         self.finish.is_some()
     }
 
+    /// How many of `new` [`Output::push`] would commit.
+    pub fn accepts(&self, new: &[u32]) -> usize {
+        if self.finish.is_some() {
+            return 0;
+        }
+        let room = self.max_new_tokens.saturating_sub(self.tokens.len());
+        let until_stop = new
+            .iter()
+            .position(|&t| self.stop.contains(t))
+            .map_or(new.len(), |i| i + 1);
+        until_stop.min(room)
+    }
+
     /// Whether `cache` has room for one more token; ends the generation at the context limit
     /// when not.
     pub fn has_room(&mut self, cache: &KvCache) -> bool {
@@ -178,6 +196,7 @@ impl Output {
             text: None,
             stats,
             logprobs: Vec::new(),
+            monitors: None,
         }
     }
 }

@@ -111,6 +111,9 @@ impl BatchCore {
             std::iter::once(&waiting.request.config).chain(waiting.forks.iter().map(|f| &f.config))
         {
             check_penalties(config, &self.target)?;
+            if let Some(monitors) = &config.monitors {
+                (monitors.check(self.target.num_layers())).map_err(Error::InvalidConfig)?;
+            }
         }
         let bytes = self.bytes_of(waiting, &self.capacities(waiting)?);
         self.pool.check_fits(bytes)
@@ -318,6 +321,7 @@ impl BatchCore {
             waiting.submitted,
             own,
             &self.target,
+            waiting.boundaries,
         );
         sequence.stats.prefix_cached_tokens = reused.0;
         sequence.constraint = waiting.constraint;
@@ -447,6 +451,10 @@ impl BatchCore {
             .iter_mut()
             .filter(|s| !s.fed.is_empty())
             .collect();
+        let layers: Vec<Option<usize>> = offered
+            .iter()
+            .map(|s| s.hidden_layer(&self.target))
+            .collect();
         let mut inputs: Vec<RaggedSequence<'_>> = offered
             .iter_mut()
             .map(|s| RaggedSequence {
@@ -456,12 +464,21 @@ impl BatchCore {
             })
             .collect();
         let rows: usize = inputs.iter().map(|i| i.tokens.len()).sum();
+        // Monitored decode rows also bring back a layer's hidden states (same forward).
+        let target = &self.target;
+        let capture: Vec<Option<usize>> = (inputs.iter().zip(&layers))
+            .map(|(input, &layer)| layer.filter(|_| input.logits))
+            .collect();
         let started = Instant::now();
-        let logits = self.target.forward_ragged(&mut inputs)?;
+        let (logits, hidden) = match capture.iter().any(Option::is_some) {
+            true => target.forward_ragged_capturing(&mut inputs, &capture)?,
+            false => (target.forward_ragged(&mut inputs)?, Vec::new()),
+        };
         self.step_cost.record(rows, started.elapsed());
         drop(inputs);
+        let mut hidden = hidden.into_iter();
         for (sequence, rows) in offered.into_iter().zip(logits) {
-            if let Err(e) = sequence.settle(rows) {
+            if let Err(e) = sequence.settle(rows, hidden.next().unwrap_or_default()) {
                 sequence.failed = Some(e);
             }
         }
@@ -526,6 +543,14 @@ impl BatchCore {
                 None => {
                     let mut generation = sequence.output.finish(sequence.stats, sequence.started);
                     generation.logprobs = sequence.logprobs;
+                    generation.monitors = sequence.monitors.map(|m| m.report());
+                    if let Some(report) = generation.monitors.as_mut() {
+                        // A rule that fired on the token that ended the output anyway did
+                        // not stop it.
+                        if generation.finish_reason != FinishReason::Monitor {
+                            report.stopped_by = None;
+                        }
+                    }
                     Ok(generation)
                 }
             };

@@ -64,6 +64,7 @@ fn a_panicking_consumer_fails_its_sequence_alone() {
             submitted: Instant::now(),
             forks: Vec::new(),
             constraint: None,
+            boundaries: None,
         });
     }
     let mut steps = 0;
