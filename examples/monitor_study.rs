@@ -44,6 +44,9 @@ struct Args {
     /// The monitors' parameters, as a `MonitorConfig` in JSON (default: all three, defaults).
     #[arg(long)]
     monitor_config: Option<String>,
+    /// Run no monitor (the same generations, to time what monitoring costs).
+    #[arg(long)]
+    no_monitors: bool,
 }
 
 #[derive(Deserialize)]
@@ -98,7 +101,7 @@ fn run(args: Args) -> Result<(), String> {
     };
     let config = GenerationConfig {
         stop_tokens: tokenizer.eos_ids().to_vec(),
-        monitors: Some(monitors),
+        monitors: (!args.no_monitors).then_some(monitors),
         ..GenerationConfig::greedy(args.max_new_tokens)
     };
     let started = std::time::Instant::now();
@@ -133,5 +136,10 @@ fn run(args: Args) -> Result<(), String> {
             started.elapsed().as_secs_f64()
         );
     }
+    eprintln!(
+        "[monitor_study] {} prompts in {:.2} s",
+        prompts.len(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

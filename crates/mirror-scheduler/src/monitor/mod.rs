@@ -33,6 +33,21 @@ pub struct TokenObservation<'a> {
     pub probs: &'a [f32],
     /// The hidden state at the monitored layer, at that same row, when one was captured.
     pub hidden: Option<&'a [f32]>,
+    /// The Shannon entropy of `probs` in nats (computed with the softmax, see
+    /// [`softmax_into`]; [`TokenObservation::new`] computes it from `probs`).
+    pub entropy: f64,
+}
+
+impl<'a> TokenObservation<'a> {
+    /// An observation of `token` chosen from `probs`, its entropy computed from them.
+    pub fn new(token: u32, probs: &'a [f32], hidden: Option<&'a [f32]>) -> Self {
+        Self {
+            token,
+            probs,
+            hidden,
+            entropy: entropy_nats(probs),
+        }
+    }
 }
 
 /// Which monitor.
@@ -233,11 +248,12 @@ impl MonitorSet {
         logits: &[f32],
         hidden: Option<&[f32]>,
     ) -> Option<MonitorReading> {
-        softmax_into(logits, &mut self.probs);
+        let entropy = softmax_into(logits, &mut self.probs);
         let observation = TokenObservation {
             token,
             probs: &self.probs,
             hidden,
+            entropy,
         };
         let mut stop = None;
         for monitor in &mut self.monitors {
@@ -273,16 +289,28 @@ impl std::fmt::Debug for MonitorSet {
 }
 
 /// `probs` = softmax(`logits`): f32 exponentials of `l - max`, summed in f64 (a vocabulary of
-/// 150k terms would lose digits in f32).
-pub fn softmax_into(logits: &[f32], probs: &mut Vec<f32>) {
+/// 150k terms would lose digits in f32). Returns the entropy in nats, from the same pass and
+/// without a logarithm per token: with `e = exp(l - max)` and `S = Σ e`,
+/// `H = -Σ p ln p = ln S - Σ e (l - max) / S`.
+pub fn softmax_into(logits: &[f32], probs: &mut Vec<f32>) -> f64 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     probs.clear();
-    probs.extend(logits.iter().map(|&l| (l - max).exp()));
-    let sum: f64 = probs.iter().map(|&p| f64::from(p)).sum();
+    let (mut sum, mut weighted) = (0.0f64, 0.0f64);
+    probs.extend(logits.iter().map(|&l| {
+        let shifted = l - max;
+        let e = shifted.exp();
+        sum += f64::from(e);
+        // `e = 0` at `l = -inf`, where `e * shifted` would be NaN: it adds nothing.
+        if e > 0.0 {
+            weighted += f64::from(e) * f64::from(shifted);
+        }
+        e
+    }));
     let scale = (1.0 / sum) as f32;
     for p in probs.iter_mut() {
         *p *= scale;
     }
+    sum.ln() - weighted / sum
 }
 
 /// The `k` largest of `values` with their indices, largest first (the lower index first on

@@ -26,9 +26,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::{
-    entropy_nats, Monitor, MonitorKind, MonitorReading, MonitorSummary, TokenObservation, Verdict,
-};
+use super::{Monitor, MonitorKind, MonitorReading, MonitorSummary, TokenObservation, Verdict};
 
 /// Characters whose presence in a token's text makes it a boundary token.
 pub const BOUNDARY_CHARS: [char; 6] = ['.', '\n', ';', '?', '!', ','];
@@ -146,7 +144,7 @@ impl PathDeviation {
 
 impl Monitor for PathDeviation {
     fn observe(&mut self, observation: &TokenObservation<'_>) -> Verdict {
-        let entropy = entropy_nats(observation.probs);
+        let entropy = observation.entropy;
         // High against the tokens before this one.
         let high = self.tokens > 0 && {
             let n = self.tokens as f64;

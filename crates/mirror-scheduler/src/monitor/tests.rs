@@ -29,13 +29,7 @@ fn observe_all(monitor: &mut dyn Monitor, probs: &[Vec<f32>], tokens: &[u32]) ->
     probs
         .iter()
         .zip(tokens)
-        .map(|(p, &token)| {
-            monitor.observe(&TokenObservation {
-                token,
-                probs: p,
-                hidden: None,
-            })
-        })
+        .map(|(p, &token)| monitor.observe(&TokenObservation::new(token, p, None)))
         .collect()
 }
 
@@ -374,11 +368,7 @@ fn latent_of(hidden: &[Vec<f32>], chunk: usize) -> LatentTrajectorySummary {
     let mut monitor = LatentTrajectory::new(LatentTrajectoryConfig { layer: None, chunk });
     let probs = [1.0f32];
     for h in hidden {
-        monitor.observe(&TokenObservation {
-            token: 0,
-            probs: &probs,
-            hidden: Some(h),
-        });
+        monitor.observe(&TokenObservation::new(0, &probs, Some(h)));
     }
     match monitor.summary() {
         MonitorSummary::LatentTrajectory(s) => s,
@@ -479,7 +469,17 @@ fn monitor_set_stops_only_under_early_stop() {
 #[test]
 fn softmax_sums_to_one_and_config_checks() {
     let mut probs = Vec::new();
-    softmax_into(&[1.0, 2.0, 3.0, f32::NEG_INFINITY], &mut probs);
+    let entropy = softmax_into(&[1.0, 2.0, 3.0, f32::NEG_INFINITY], &mut probs);
+    let sum = 1f64.exp() + 2f64.exp() + 3f64.exp();
+    let want_entropy: f64 = [1.0f64, 2.0, 3.0]
+        .iter()
+        .map(|l| -(l.exp() / sum) * (l.exp() / sum).ln())
+        .sum();
+    // f32 exponentials: about 1e-8 relative.
+    assert!(
+        (entropy - want_entropy).abs() < 1e-6,
+        "{entropy} vs {want_entropy}"
+    );
     let want: Vec<f64> = [1.0f64, 2.0, 3.0]
         .iter()
         .map(|l| l.exp() / (1f64.exp() + 2f64.exp() + 3f64.exp()))
