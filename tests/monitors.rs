@@ -1,6 +1,7 @@
 //! Generation monitors on the batched engine (SmolLM2, greedy): each summary equals an f64
 //! reference computed here from the logits and hidden states of one plain forward over the
-//! prompt and the generated tokens; summaries are identical under every speculation (the rows
+//! prompt and the generated tokens (also under a frequency penalty, which changes the output
+//! but not the raw rows monitors read); summaries are identical under every speculation (the rows
 //! and states are batch-invariant); early stop ends with `FinishReason::Monitor` on a prefix of
 //! the unmonitored output; the one-sequence decoders refuse monitors.
 
@@ -11,13 +12,14 @@ mod common;
 
 use std::sync::Arc;
 
-use mirror_core::{load, AttentionInput, LoadOptions, ModelSource};
+use mirror_core::sampling::Penalties;
+use mirror_core::{load, AttentionInput, LoadOptions, Model, ModelSource, Tokenizer};
 use mirror_sd::mirror_scheduler::monitor::{
     InstabilityConfig, LatentTrajectoryConfig, MonitorSummary, PathDeviationConfig,
 };
 use mirror_sd::mirror_scheduler::{
     Autoregressive, BatchSettings, Decoder, EngineHandle, Error, FinishReason, GenerationConfig,
-    MonitorConfig, SequenceRequest,
+    MonitorConfig, MonitorReport, SequenceRequest,
 };
 
 const TOKENS: usize = 40;
@@ -154,9 +156,69 @@ fn monitor_summaries_equal_a_plain_forward_reference_under_every_speculation() {
         );
     }
 
-    // The reference: one causal forward over prompt and output (but its last token).
-    let mut all = prompt.clone();
-    all.extend_from_slice(&first.tokens[..TOKENS - 1]);
+    check_against_reference(&target, &tokenizer, &prompt, &first.tokens, &report);
+
+    // Under a penalty the output differs, and the monitors still read the target's raw rows.
+    let penalized = GenerationConfig {
+        penalties: Penalties {
+            frequency: 1.5,
+            ..Penalties::default()
+        },
+        ..monitored.clone()
+    };
+    let other = run(&penalized, common::batched_speculations()[1]);
+    assert_ne!(other.tokens, first.tokens, "the penalty changes the output");
+    let other_report = other.monitors.clone().expect("monitors asked for");
+    check_against_reference(&target, &tokenizer, &prompt, &other.tokens, &other_report);
+
+    // Early stop at a low threshold: a prefix of the unmonitored output.
+    let stopping = GenerationConfig {
+        monitors: Some(MonitorConfig {
+            path_deviation: Some(PathDeviationConfig {
+                window: 2,
+                threshold: 0.5,
+                min_steps: 2,
+            }),
+            early_stop: true,
+            ..config()
+        }),
+        ..base.clone()
+    };
+    for speculation in common::batched_speculations() {
+        let stopped = run(&stopping, speculation);
+        assert_eq!(stopped.finish_reason, FinishReason::Monitor);
+        assert!(stopped.tokens.len() < plain.tokens.len());
+        assert_eq!(stopped.tokens[..], plain.tokens[..stopped.tokens.len()]);
+        let reading = stopped
+            .monitors
+            .as_ref()
+            .and_then(|m| m.stopped_by)
+            .unwrap();
+        assert_eq!(reading.token_index + 1, stopped.tokens.len());
+        assert!(reading.value > 0.5);
+    }
+
+    // The one-sequence decoders refuse monitors, with a typed error.
+    let mut ar = Autoregressive::new(Arc::clone(&target));
+    assert!(matches!(
+        ar.generate(&prompt, &monitored),
+        Err(Error::BatchedOnly { .. })
+    ));
+}
+
+/// Checks `report` against references computed here from one causal forward over `prompt` and
+/// `tokens` (but the last): the logits of the rows that chose each token, and the states after
+/// the first `num_layers / 2` layers there.
+fn check_against_reference(
+    target: &Model,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    tokens: &[u32],
+    report: &MonitorReport,
+) {
+    assert_eq!(tokens.len(), TOKENS);
+    let mut all = prompt.to_vec();
+    all.extend_from_slice(&tokens[..TOKENS - 1]);
     let mut cache = target.new_cache(1, all.len()).unwrap();
     let logits = target.forward_causal(&all, &mut cache).unwrap();
     let logits = logits.to_vec2::<f32>().unwrap();
@@ -203,7 +265,7 @@ fn monitor_summaries_equal_a_plain_forward_reference_under_every_speculation() {
                     let rpdi = (window.iter().sum::<f64>() / window.len() as f64)
                         / (entropy[..seen].iter().sum::<f64>() / seen as f64);
                     last = (seen >= 8).then_some(rpdi);
-                    if seen >= 8 && boundary(first.tokens[t]) {
+                    if seen >= 8 && boundary(tokens[t]) {
                         max_rpdi = Some(max_rpdi.map_or(rpdi, |m| m.max(rpdi)));
                     }
                 }
@@ -245,38 +307,4 @@ fn monitor_summaries_equal_a_plain_forward_reference_under_every_speculation() {
             other => panic!("unexpected summary {other:?}"),
         }
     }
-
-    // Early stop at a low threshold: a prefix of the unmonitored output.
-    let stopping = GenerationConfig {
-        monitors: Some(MonitorConfig {
-            path_deviation: Some(PathDeviationConfig {
-                window: 2,
-                threshold: 0.5,
-                min_steps: 2,
-            }),
-            early_stop: true,
-            ..config()
-        }),
-        ..base.clone()
-    };
-    for speculation in common::batched_speculations() {
-        let stopped = run(&stopping, speculation);
-        assert_eq!(stopped.finish_reason, FinishReason::Monitor);
-        assert!(stopped.tokens.len() < plain.tokens.len());
-        assert_eq!(stopped.tokens[..], plain.tokens[..stopped.tokens.len()]);
-        let reading = stopped
-            .monitors
-            .as_ref()
-            .and_then(|m| m.stopped_by)
-            .unwrap();
-        assert_eq!(reading.token_index + 1, stopped.tokens.len());
-        assert!(reading.value > 0.5);
-    }
-
-    // The one-sequence decoders refuse monitors, with a typed error.
-    let mut ar = Autoregressive::new(Arc::clone(&target));
-    assert!(matches!(
-        ar.generate(&prompt, &monitored),
-        Err(Error::BatchedOnly { .. })
-    ));
 }
