@@ -212,15 +212,20 @@ pub struct MonitorReport {
 /// One sequence's monitors, with the buffer its softmax is computed into.
 pub struct MonitorSet {
     monitors: Vec<Box<dyn Monitor>>,
+    hidden_layer: Option<usize>,
     early_stop: bool,
     probs: Vec<f32>,
     stopped_by: Option<MonitorReading>,
 }
 
 impl MonitorSet {
-    /// The monitors of `config`; `boundaries` are [`PathDeviation`]'s boundary tokens (`None`:
-    /// every token is one, as without a tokenizer).
-    pub fn new(config: &MonitorConfig, boundaries: Option<BoundaryTokens>) -> Self {
+    /// The monitors of `config` for a target of `num_layers` layers; `boundaries` are
+    /// [`PathDeviation`]'s boundary tokens (`None`: every token is one, as without a tokenizer).
+    pub fn new(
+        config: &MonitorConfig,
+        boundaries: Option<BoundaryTokens>,
+        num_layers: usize,
+    ) -> Self {
         let mut monitors: Vec<Box<dyn Monitor>> = Vec::new();
         if let Some(c) = &config.instability {
             monitors.push(Box::new(Instability::new(c.clone())));
@@ -233,6 +238,7 @@ impl MonitorSet {
         }
         Self {
             monitors,
+            hidden_layer: config.hidden_layer(num_layers),
             early_stop: config.early_stop,
             probs: Vec::new(),
             stopped_by: None,
@@ -270,11 +276,18 @@ impl MonitorSet {
         }
     }
 
-    /// Every monitor's summary, and the reading that stopped the generation if one did.
-    pub fn report(&self) -> MonitorReport {
+    /// The layer whose output hidden states the monitors read (see
+    /// [`MonitorConfig::hidden_layer`]), if any.
+    pub fn hidden_layer(&self) -> Option<usize> {
+        self.hidden_layer
+    }
+
+    /// Every monitor's summary, and the reading that stopped the generation when `stopped` (a
+    /// rule that fired on the token that ended the output anyway did not stop it).
+    pub fn report(&self, stopped: bool) -> MonitorReport {
         MonitorReport {
             summaries: self.monitors.iter().map(|m| m.summary()).collect(),
-            stopped_by: self.stopped_by,
+            stopped_by: self.stopped_by.filter(|_| stopped),
         }
     }
 }

@@ -448,11 +448,12 @@ fn monitor_set_stops_only_under_early_stop() {
                 ..config.clone()
             },
             None,
+            24,
         );
         let stops: Vec<usize> = (0..24)
             .filter(|&t| set.observe_logits(t as u32, &logits[t], None).is_some())
             .collect();
-        let report = set.report();
+        let report = set.report(early_stop);
         assert_eq!(report.summaries.len(), 2);
         let MonitorSummary::PathDeviation(path) = &report.summaries[1] else {
             panic!("order: instability, then path deviation");

@@ -451,10 +451,8 @@ impl BatchCore {
             .iter_mut()
             .filter(|s| !s.fed.is_empty())
             .collect();
-        let layers: Vec<Option<usize>> = offered
-            .iter()
-            .map(|s| s.hidden_layer(&self.target))
-            .collect();
+        // Monitored decode rows also bring back a layer's hidden states (same forward).
+        let capture: Vec<Option<usize>> = offered.iter().map(|s| s.hidden_layer()).collect();
         let mut inputs: Vec<RaggedSequence<'_>> = offered
             .iter_mut()
             .map(|s| RaggedSequence {
@@ -464,11 +462,7 @@ impl BatchCore {
             })
             .collect();
         let rows: usize = inputs.iter().map(|i| i.tokens.len()).sum();
-        // Monitored decode rows also bring back a layer's hidden states (same forward).
         let target = &self.target;
-        let capture: Vec<Option<usize>> = (inputs.iter().zip(&layers))
-            .map(|(input, &layer)| layer.filter(|_| input.logits))
-            .collect();
         let started = Instant::now();
         let (logits, hidden) = match capture.iter().any(Option::is_some) {
             true => target.forward_ragged_capturing(&mut inputs, &capture)?,
@@ -543,14 +537,8 @@ impl BatchCore {
                 None => {
                     let mut generation = sequence.output.finish(sequence.stats, sequence.started);
                     generation.logprobs = sequence.logprobs;
-                    generation.monitors = sequence.monitors.map(|m| m.report());
-                    if let Some(report) = generation.monitors.as_mut() {
-                        // A rule that fired on the token that ended the output anyway did
-                        // not stop it.
-                        if generation.finish_reason != FinishReason::Monitor {
-                            report.stopped_by = None;
-                        }
-                    }
+                    let stopped = generation.finish_reason == FinishReason::Monitor;
+                    generation.monitors = sequence.monitors.map(|m| m.report(stopped));
                     Ok(generation)
                 }
             };

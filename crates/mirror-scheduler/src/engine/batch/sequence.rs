@@ -293,10 +293,13 @@ impl Sequence {
         false
     }
 
-    /// The layer whose hidden states this sequence's monitors read, if any.
-    pub(crate) fn hidden_layer(&self, target: &Model) -> Option<usize> {
-        let config = self.config.monitors.as_ref()?;
-        config.hidden_layer(target.num_layers())
+    /// The layer whose hidden states this sequence's monitors read this step, if any (none in
+    /// prefill: its rows choose no token).
+    pub(crate) fn hidden_layer(&self) -> Option<usize> {
+        let monitors = self.monitors.as_ref()?;
+        monitors
+            .hidden_layer()
+            .filter(|_| matches!(self.phase, Phase::Decode))
     }
 
     /// Commits tokens (with their log-probabilities, if asked for) to the output and streams
@@ -421,7 +424,7 @@ pub(crate) fn new_sequence(
         forks: Vec::new(),
         acceptance: TokenAcceptance::default(),
         monitors: (request.config.monitors.as_ref())
-            .map(|c| MonitorSet::new(c, boundaries.clone())),
+            .map(|c| MonitorSet::new(c, boundaries.clone(), target.num_layers())),
         boundaries,
         config: request.config,
     }
