@@ -12,7 +12,11 @@
 //! cargo run --release --example generate -- --method sd --lookup      # lookup first, then the draft
 //! cargo run --release --example generate -- --method lookup           # no draft model at all
 //! cargo run --release --example generate -- --target models/SmolLM2-135M-Instruct.Q4_1.gguf --self-draft-layers 10
+//! cargo run --release --example generate -- --method lookup --monitors instability,path_deviation,latent_trajectory
 //! ```
+//!
+//! With `--monitors` the generation runs on the batched engine (`EngineHandle`, the one that
+//! runs monitors: `ar`, `sd` or `lookup`) and their summaries are printed after the text.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -23,8 +27,11 @@ use std::sync::Arc;
 use clap::{Parser, ValueEnum};
 use mirror_sd::mirror_core::sampling::SamplingParams;
 use mirror_sd::mirror_core::ChatMessage;
+use mirror_sd::mirror_core::{Model, Tokenizer};
+use mirror_sd::mirror_scheduler::monitor::{MonitorConfig, MonitorKind};
 use mirror_sd::mirror_scheduler::{
-    Autoregressive, Decoder, Engine, GenerationConfig, Mirror, SpeculativeDecoding, StreamControl,
+    Autoregressive, BatchSettings, Decoder, Engine, EngineHandle, Event, GenerationConfig,
+    LookupConfig, Mirror, SequenceRequest, Speculation, SpeculativeDecoding, StreamControl,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -92,6 +99,14 @@ struct Args {
     /// Print the result and statistics as JSON instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// Generation monitors to run and print (comma-separated: instability, path_deviation,
+    /// latent_trajectory); the generation then runs on the batched engine (ar, sd or lookup).
+    #[arg(long, value_delimiter = ',')]
+    monitors: Vec<String>,
+    /// With --monitors: end the generation when path deviation's rule fires (changes the
+    /// output: not lossless).
+    #[arg(long)]
+    monitor_early_stop: bool,
 }
 
 fn main() {
@@ -157,6 +172,9 @@ fn run(mut args: Args) -> Result<(), String> {
         "target": weight_report(&target),
         "draft": draft.as_ref().map(|d| weight_report(d)),
     });
+    if !args.monitors.is_empty() {
+        return run_monitored(&args, target, draft, loaded.tokenizer);
+    }
     let settings = args.drafting.settings();
     let decoder: Box<dyn Decoder> = match (args.method, draft) {
         (Method::Lookup, _) => Box::new(
@@ -184,16 +202,7 @@ fn run(mut args: Args) -> Result<(), String> {
     };
     let method = decoder.name();
     let mut engine = Engine::new(decoder, loaded.tokenizer);
-    let config = GenerationConfig {
-        max_new_tokens: args.max_new_tokens,
-        sampling: SamplingParams {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-        },
-        seed: args.seed,
-        ..GenerationConfig::default()
-    };
+    let config = generation_config(&args);
     let messages = [ChatMessage::new("user", args.prompt.clone())];
     let prompt = if args.no_chat_template || engine.tokenizer().chat_template().is_none() {
         engine.encode(&args.prompt)
@@ -233,6 +242,114 @@ fn run(mut args: Args) -> Result<(), String> {
             prompt.len()
         );
         println!("{}", generation.stats.summary());
+    }
+    Ok(())
+}
+
+fn generation_config(args: &Args) -> GenerationConfig {
+    GenerationConfig {
+        max_new_tokens: args.max_new_tokens,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+        },
+        seed: args.seed,
+        ..GenerationConfig::default()
+    }
+}
+
+/// `--monitors`: one sequence on the batched engine, streamed, then the monitors' summaries.
+fn run_monitored(
+    args: &Args,
+    target: Arc<Model>,
+    draft: Option<Arc<Model>>,
+    tokenizer: Tokenizer,
+) -> Result<(), String> {
+    let kinds = (args.monitors.iter())
+        .map(|name| {
+            MonitorKind::from_name(name.trim()).ok_or_else(|| {
+                format!("unknown monitor `{name}` (instability, path_deviation, latent_trajectory)")
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let gamma = args.drafting.settings().gamma;
+    let speculation = match args.method {
+        Method::Ar => Speculation::None,
+        Method::Lookup | Method::Auto => Speculation::Lookup {
+            lookup: LookupConfig::default(),
+            gamma,
+        },
+        Method::Sd => Speculation::Draft {
+            gamma,
+            greedy_draft: false,
+        },
+        Method::Mirror => {
+            return Err(
+                "--monitors runs on the batched engine: use --method ar, sd or lookup".into(),
+            )
+        }
+    };
+    let use_template = !args.no_chat_template && tokenizer.chat_template().is_some();
+    let prompt = if use_template {
+        let messages = [ChatMessage::new("user", args.prompt.clone())];
+        let text = tokenizer.apply_chat_template(&messages, true);
+        text.and_then(|t| tokenizer.encode(&t, false))
+    } else {
+        tokenizer.encode(&args.prompt, true)
+    }
+    .map_err(|e| e.to_string())?;
+    let mut config = generation_config(args);
+    config.stop_tokens = tokenizer.eos_ids().to_vec();
+    config.monitors = Some(MonitorConfig {
+        early_stop: args.monitor_early_stop,
+        ..MonitorConfig::only(&kinds)
+    });
+    let settings = BatchSettings::default();
+    let engine = match (draft, speculation) {
+        (Some(draft), Speculation::Draft { .. }) => {
+            EngineHandle::spawn_with_draft(target, draft, Some(tokenizer), settings)
+        }
+        _ => EngineHandle::spawn(target, Some(tokenizer), settings),
+    }
+    .map_err(|e| e.to_string())?;
+    let prompt_tokens = prompt.len();
+    let request = SequenceRequest {
+        speculation,
+        ..SequenceRequest::new(prompt, config)
+    };
+    let stream = engine.submit(request).map_err(|e| e.to_string())?;
+    let mut generation = None;
+    for event in stream {
+        match event {
+            Event::Text { text, .. } if !args.json => {
+                print!("{text}");
+                let _ = std::io::stdout().flush();
+            }
+            Event::Text { .. } => {}
+            Event::Finished(result) => generation = Some((*result).map_err(|e| e.to_string())?),
+        }
+    }
+    let generation = generation.ok_or("the batched engine stopped")?;
+    let monitors = serde_json::to_string_pretty(&generation.monitors).map_err(|e| e.to_string())?;
+    if args.json {
+        let out = serde_json::json!({
+            "method": args.method.name(),
+            "prompt_tokens": prompt_tokens,
+            "generation": generation,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?
+        );
+    } else {
+        println!(
+            "\n\n[{} batched] finish: {:?}, prompt {prompt_tokens} tokens",
+            args.method.name(),
+            generation.finish_reason
+        );
+        println!("{}", generation.stats.summary());
+        println!("monitors: {monitors}");
     }
     Ok(())
 }

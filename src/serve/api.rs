@@ -7,12 +7,14 @@ use std::time::Duration;
 
 use mirror_core::sampling::{Penalties, SamplingParams};
 use mirror_core::{ChatMessage, Tool};
-use mirror_scheduler::Constraint;
+use mirror_scheduler::{Constraint, MonitorConfig};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::backend::Method;
 use super::error::ApiError;
+pub use super::fields::MAX_TOP_LOGPROBS;
+use super::fields::{parse_logprobs, parse_monitors};
 use super::messages::{forced_call_constraint, parse_messages, parse_tools, ToolChoice};
 pub use super::response::{unix_seconds, Choice, GenerationReport, ResponseIdentity, Usage};
 
@@ -33,6 +35,10 @@ pub struct SpeculationOptions {
     pub regex: Option<String>,
     /// The repetition penalty (transformers' and llama.cpp's definition; 1 is neutral).
     pub repetition_penalty: Option<f64>,
+    /// Generation monitors to run: `["instability", "path_deviation", "latent_trajectory"]`.
+    pub monitors: Option<Value>,
+    /// Their parameters and `early_stop` (a `MonitorConfig`; see `fields`).
+    pub monitor_options: Option<Value>,
 }
 
 /// OpenAI's `response_format`.
@@ -182,46 +188,8 @@ pub struct ParsedRequest {
     pub tool_choice: ToolChoice,
     /// Return log-probabilities, with this many alternatives per token.
     pub logprobs: Option<usize>,
-}
-
-/// Most alternatives per token (`top_logprobs`, or `logprobs` of a completion), as OpenAI allows.
-pub const MAX_TOP_LOGPROBS: u64 = 20;
-
-/// Chat's `logprobs: bool` with `top_logprobs`, or a completion's `logprobs: N`.
-fn parse_logprobs(
-    endpoint: Endpoint,
-    logprobs: Option<Value>,
-    top: Option<u64>,
-) -> Result<Option<usize>, ApiError> {
-    let bad = |param: &str, message: String| Err(ApiError::invalid_param(param, message));
-    if top.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
-        return bad(
-            "top_logprobs",
-            format!("top_logprobs is at most {MAX_TOP_LOGPROBS}"),
-        );
-    }
-    match (endpoint, logprobs) {
-        (_, None | Some(Value::Null)) | (Endpoint::Chat, Some(Value::Bool(false))) => match top {
-            Some(n) if n > 0 => bad(
-                "top_logprobs",
-                "top_logprobs needs \"logprobs\": true".into(),
-            ),
-            _ => Ok(None),
-        },
-        (Endpoint::Chat, Some(Value::Bool(true))) => Ok(Some(top.unwrap_or(0) as usize)),
-        (Endpoint::Completions, Some(Value::Number(n))) => match n.as_u64() {
-            Some(n) if n <= MAX_TOP_LOGPROBS => Ok(Some(n as usize)),
-            _ => bad(
-                "logprobs",
-                format!("logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]"),
-            ),
-        },
-        (Endpoint::Chat, Some(_)) => bad("logprobs", "logprobs must be a boolean".into()),
-        (Endpoint::Completions, Some(_)) => bad(
-            "logprobs",
-            format!("logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]"),
-        ),
-    }
+    /// Generation monitors (`mirror_sd.monitors`), when asked for.
+    pub monitors: Option<MonitorConfig>,
 }
 
 /// Fields of OpenAI's API that this server refuses (400 naming them), with why. Anything not
@@ -307,6 +275,7 @@ pub fn parse_request(
         ));
     }
     let logprobs = parse_logprobs(endpoint, shared.logprobs, shared.top_logprobs)?;
+    let monitors = parse_monitors(options.monitors.clone(), options.monitor_options.clone())?;
     let mut constraint = parse_constraint(shared.response_format, &options)?;
     let (tools, tool_choice) = parse_tools(shared.tools, shared.tool_choice)?;
     if endpoint == Endpoint::Completions && !tools.is_empty() {
@@ -412,6 +381,7 @@ pub fn parse_request(
         tools,
         tool_choice,
         logprobs,
+        monitors,
     })
 }
 

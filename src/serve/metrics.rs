@@ -18,16 +18,26 @@ use ::metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
     with_local_recorder,
 };
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
-use mirror_scheduler::{EngineLoad, Stats};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+use mirror_scheduler::{EngineLoad, MonitorReport, MonitorSummary, Stats};
 
 use super::backend::Method;
 use super::error::ServeError;
+
+/// The histogram of monitored generations' peak instability.
+const PEAK_INSTABILITY: &str = "mirror_sd_monitor_peak_instability";
 
 /// Upper bounds (seconds) of the latency histograms' buckets.
 const BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
+
+/// Upper bounds of the peak instability histogram's buckets (JSD in [0, 1] plus an entropy in
+/// [0, log2 20 = 4.32] bits with the default parameters).
+const INSTABILITY_BUCKETS: [f64; 12] =
+    [0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.5];
 
 /// How a generation that reached the engine ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -40,6 +50,8 @@ pub enum Outcome {
     Cancelled,
     /// The request's deadline passed.
     Deadline,
+    /// A monitor's early stop ended it (`mirror_sd.monitor_options.early_stop`).
+    Monitor,
     /// The server was shutting down and its grace period ran out.
     Shutdown,
     /// The engine returned an error or panicked.
@@ -53,6 +65,7 @@ impl Outcome {
             Outcome::Length => "length",
             Outcome::Cancelled => "cancelled",
             Outcome::Deadline => "deadline",
+            Outcome::Monitor => "monitor",
             Outcome::Shutdown => "shutdown",
             Outcome::Error => "error",
         }
@@ -242,6 +255,10 @@ fn describe() {
         "Time requests waited for the engine."
     );
     describe_histogram!(
+        PEAK_INSTABILITY,
+        "Peak instability strength (the instability monitor's max of JSD + entropy) of monitored generations."
+    );
+    describe_histogram!(
         "mirror_sd_request_latency_seconds",
         "Requests that reached the engine, from arrival to their last token."
     );
@@ -253,6 +270,12 @@ impl Metrics {
     pub fn new() -> Result<Self, ServeError> {
         let recorder = PrometheusBuilder::new()
             .set_buckets(&BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(PEAK_INSTABILITY.into()),
+                    &INSTABILITY_BUCKETS,
+                )
+            })
             .map_err(|e| ServeError::Metrics(Box::new(e)))?
             .build_recorder();
         let handle = recorder.handle();
@@ -267,6 +290,7 @@ impl Metrics {
                 "mirror_sd_time_to_first_token_seconds",
                 "mirror_sd_queue_wait_seconds",
                 "mirror_sd_request_latency_seconds",
+                PEAK_INSTABILITY,
             ] {
                 let _ = histogram!(name);
             }
@@ -309,6 +333,17 @@ impl Metrics {
         self.with(|| {
             counter!("mirror_sd_skipped_in_queue_total", "reason" => why.label()).increment(1);
         });
+    }
+
+    /// Records a monitored generation's readings (the peak instability, when it ran).
+    pub fn record_monitors(&self, report: &MonitorReport) {
+        for summary in &report.summaries {
+            if let MonitorSummary::Instability(s) = summary {
+                if let Some(peak) = s.peak {
+                    self.with(|| histogram!(PEAK_INSTABILITY).record(peak));
+                }
+            }
+        }
     }
 
     /// Records the time a request waited before the engine took it.

@@ -42,6 +42,7 @@ pub mod backend;
 mod batched;
 mod delivery;
 pub mod error;
+mod fields;
 mod messages;
 pub mod metrics;
 pub mod queue;

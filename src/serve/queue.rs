@@ -66,7 +66,7 @@ pub enum JobEvent {
 pub struct Completed {
     /// The whole text (what was streamed, in order).
     pub text: String,
-    /// OpenAI's finish reason: `stop`, `length` or `tool_calls`.
+    /// OpenAI's finish reason: `stop`, `length` or `tool_calls`, or our `monitor`.
     pub finish_reason: &'static str,
     /// Statistics and token ids for the `mirror_sd` response field.
     pub report: GenerationReport,
@@ -381,13 +381,17 @@ pub(crate) fn settle(
     }
     let finish_reason = match generation.finish_reason {
         FinishReason::Length | FinishReason::ContextLimit if !stop.stopped() => "length",
+        FinishReason::Monitor if !stop.stopped() => "monitor",
         _ => "stop",
     };
-    let outcome = if finish_reason == "stop" {
-        Outcome::Stop
-    } else {
-        Outcome::Length
+    let outcome = match finish_reason {
+        "stop" => Outcome::Stop,
+        "monitor" => Outcome::Monitor,
+        _ => Outcome::Length,
     };
+    if let Some(monitors) = &generation.monitors {
+        metrics.record_monitors(monitors);
+    }
     metrics.record_generation(
         method,
         outcome,
@@ -395,10 +399,12 @@ pub(crate) fn settle(
         timing.first_text,
         timing.latency,
     );
+    let mut report = report(method, generation.tokens, &generation.stats, timing);
+    report.monitors = generation.monitors;
     Completed {
         text: stop.emitted().to_string(),
         finish_reason,
-        report: report(method, generation.tokens, &generation.stats, timing),
+        report,
         tool_calls: Vec::new(),
         logprobs: Vec::new(),
     }
@@ -425,6 +431,7 @@ pub(crate) fn report(
         reuse_rate: stats.reuse_rate(),
         draft_hidden_fraction: stats.hidden_fraction(),
         token_ids: tokens,
+        monitors: None,
     }
 }
 
@@ -433,6 +440,8 @@ pub(crate) fn engine_error(error: ServeError) -> ApiError {
     use mirror_scheduler::Error;
     match &error {
         ServeError::Engine(Error::InvalidPrompt(message)) => ApiError::invalid(message.clone()),
+        // A setting the engine refused for this request (a monitor's layer, say).
+        ServeError::Engine(Error::InvalidConfig(_)) => ApiError::invalid(error.to_string()),
         ServeError::Engine(Error::Core(mirror_core::Error::TokenOutOfRange { .. })) => {
             ApiError::invalid(error.to_string())
         }

@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use mirror_core::ToolCall;
+use mirror_scheduler::MonitorReport;
 
 use super::api::Endpoint;
 
@@ -209,6 +210,10 @@ pub struct GenerationReport {
     pub reuse_rate: f64,
     /// Share of the draft's compute hidden behind the target.
     pub draft_hidden_fraction: f64,
+    /// The summaries of the monitors `mirror_sd.monitors` asked for (omitted otherwise), and
+    /// the reading that stopped the generation under `early_stop`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub monitors: Option<MonitorReport>,
 }
 
 /// OpenAI's `created`: seconds since the Unix epoch.

@@ -291,6 +291,7 @@ async fn complete(
         constraint: parsed.constraint.as_ref().map(|(c, _)| c.clone()),
         penalties: parsed.penalties.clone(),
         logprobs: parsed.logprobs,
+        monitors: parsed.monitors.clone(),
     };
     let (receivers, guard) = match &app.batched {
         Some(batched) if method.is_batched() => {
@@ -368,12 +369,14 @@ fn default_method_for(app: &App, parsed: &ParsedRequest) -> Method {
 }
 
 /// The first thing `parsed` asks for that only the batched engine does (several choices,
-/// log-probabilities, tools): the field that asked, and what it is.
+/// log-probabilities, monitors, tools): the field that asked, and what it is.
 fn batch_feature(parsed: &ParsedRequest) -> Option<(&'static str, &'static str)> {
     if parsed.choices > 1 {
         Some(("n", "n > 1 needs"))
     } else if parsed.logprobs.is_some() {
         Some(("logprobs", "log-probabilities need"))
+    } else if parsed.monitors.is_some() {
+        Some(("mirror_sd.monitors", "generation monitors need"))
     } else if parsed.tool_choice != ToolChoice::None {
         Some(("tools", "tool calls need"))
     } else {

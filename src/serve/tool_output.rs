@@ -138,6 +138,7 @@ mod tests {
                 acceptance_by_position: Vec::new(),
                 reuse_rate: 0.0,
                 draft_hidden_fraction: 0.0,
+                monitors: None,
             },
             tool_calls: Vec::new(),
             logprobs: Vec::new(),

@@ -44,6 +44,16 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
 
+    /// A generation setting that only the batched engine ([`crate::EngineHandle`]) implements
+    /// was given to a one-sequence decoder.
+    #[error(
+        "{feature} run on the batched engine (EngineHandle); the one-sequence decoders do not"
+    )]
+    BatchedOnly {
+        /// What was asked (`"generation monitors"`).
+        feature: &'static str,
+    },
+
     /// The prompt is empty or does not fit in the context.
     #[error("invalid prompt: {0}")]
     InvalidPrompt(String),

@@ -5,6 +5,7 @@ use mirror_core::sampling::{Penalties, SamplingParams};
 use mirror_core::Model;
 use serde::Serialize;
 
+use crate::monitor::{largest, MonitorConfig, MonitorReport};
 use crate::stats::Stats;
 
 /// Settings of one generation.
@@ -32,6 +33,10 @@ pub struct GenerationConfig {
     /// the verified row, before penalties, constraint and sampling warp (vLLM's default), so
     /// they are the same under every speculation. Batched engine only.
     pub logprobs: Option<usize>,
+    /// Generation monitors to run over the committed tokens (`None`: none), read from the same
+    /// raw rows as `logprobs`; see [`crate::monitor`]. Their early stop is off unless
+    /// [`MonitorConfig::early_stop`]. Batched engine only.
+    pub monitors: Option<MonitorConfig>,
 }
 
 /// A generated token's log-probability under the target, and the likeliest tokens there.
@@ -57,16 +62,8 @@ pub fn token_logprobs(rows: &[Vec<f32>], tokens: &[u32], top: usize) -> Vec<Toke
             // f32 exponentials, summed in f64: a vocabulary of 150k terms would lose digits.
             let sum: f64 = row.iter().map(|&l| f64::from((l - max).exp())).sum();
             let log_sum = max + sum.ln() as f32;
-            // The `top` largest, kept sorted (largest first, lower id first on ties).
-            let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
-            for (t, &l) in row.iter().enumerate() {
-                if best.len() == top && best.last().is_none_or(|&(_, b)| l <= b) {
-                    continue;
-                }
-                let at = best.partition_point(|&(_, b)| b >= l);
-                best.insert(at, (t as u32, l));
-                best.truncate(top);
-            }
+            // The `top` largest, largest first, lower id first on ties.
+            let best = largest(row, top);
             TokenLogprob {
                 token,
                 logprob: row
@@ -108,6 +105,7 @@ impl Default for GenerationConfig {
             constraint: None,
             penalties: Penalties::default(),
             logprobs: None,
+            monitors: None,
         }
     }
 }
@@ -159,6 +157,7 @@ impl StopSet {
 
 /// Why a generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub enum FinishReason {
     /// `max_new_tokens` were generated.
     Length,
@@ -170,6 +169,9 @@ pub enum FinishReason {
     Cancelled,
     /// The sequence's deadline passed (batched engine); output so far is returned.
     Deadline,
+    /// A monitor's stop rule fired under [`MonitorConfig::early_stop`] (batched engine); output
+    /// so far, the token that fired it included, is returned.
+    Monitor,
 }
 
 /// The result of a generation.
@@ -185,6 +187,8 @@ pub struct Generation {
     pub stats: Stats,
     /// One per token when [`GenerationConfig::logprobs`] asked for them (else empty).
     pub logprobs: Vec<TokenLogprob>,
+    /// The monitors' summaries when [`GenerationConfig::monitors`] asked for them.
+    pub monitors: Option<MonitorReport>,
 }
 
 /// What a streaming callback tells the decoder.

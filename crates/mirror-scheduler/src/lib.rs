@@ -18,8 +18,9 @@
 //! Each module imports only those above it in this list (`scripts/check_modules.py` checks
 //! that no two import each other, directly or in a circle):
 //!
-//! 1. data: [`error`], [`stats`], [`generation`] (settings and results of one generation),
-//!    [`window`] (a drafted window and its verdict), and the helpers `seed` and `host`;
+//! 1. data: [`error`], [`stats`], [`monitor`] (generation monitors over distributions),
+//!    [`generation`] (settings and results of one generation), [`window`] (a drafted window
+//!    and its verdict), and the helpers `seed` and `host`;
 //! 2. [`verify`] (judging a window), [`adaptive`] (sizing the next one) and [`constraint`]
 //!    (masking it to a JSON schema, regex or grammar);
 //! 3. `run` (one generation's bookkeeping, shared by every strategy);
@@ -36,6 +37,7 @@ pub mod generation;
 mod host;
 #[cfg(feature = "analysis")]
 pub mod latency;
+pub mod monitor;
 mod run;
 mod seed;
 pub mod stats;
@@ -64,6 +66,7 @@ pub use generation::{
     token_logprobs, Constraint, FinishReason, Generation, GenerationConfig, StopSet, StreamControl,
     TokenLogprob,
 };
+pub use monitor::{MonitorConfig, MonitorKind, MonitorReport, MonitorSummary};
 pub use stats::{Reuse, Stats, TimeSplit};
 pub use strategy::autoregressive::Autoregressive;
 pub use strategy::mirror::{

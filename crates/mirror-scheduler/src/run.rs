@@ -47,6 +47,11 @@ impl<'a> Run<'a> {
                     .into(),
             ));
         }
+        if config.monitors.is_some() {
+            return Err(Error::BatchedOnly {
+                feature: "generation monitors",
+            });
+        }
         check_penalties(config, target)?;
         let capacity = capacity_for(target, prompt, config, gamma)?;
         Ok(Self {
@@ -170,6 +175,19 @@ impl Output {
         self.finish.is_some()
     }
 
+    /// How many of `new` [`Output::push`] would commit.
+    pub fn accepts(&self, new: &[u32]) -> usize {
+        if self.finish.is_some() {
+            return 0;
+        }
+        let room = self.max_new_tokens.saturating_sub(self.tokens.len());
+        let until_stop = new
+            .iter()
+            .position(|&t| self.stop.contains(t))
+            .map_or(new.len(), |i| i + 1);
+        until_stop.min(room)
+    }
+
     /// Whether `cache` has room for one more token; ends the generation at the context limit
     /// when not.
     pub fn has_room(&mut self, cache: &KvCache) -> bool {
@@ -190,6 +208,7 @@ impl Output {
             text: None,
             stats,
             logprobs: Vec::new(),
+            monitors: None,
         }
     }
 }

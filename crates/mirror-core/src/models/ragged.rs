@@ -41,8 +41,32 @@ impl Model {
         &self,
         sequences: &mut [RaggedSequence<'_>],
     ) -> Result<Vec<Vec<Vec<f32>>>> {
+        Ok(self.forward_ragged_capturing(sequences, &[])?.0)
+    }
+
+    /// [`Model::forward_ragged`], also returning for sequence `i` the hidden states of its fed
+    /// rows after the first `capture[i]` layers (`None`, or an index past `capture`: none), as
+    /// host vectors: the same forward, so the logits are the same bits. `capture[i]` is within
+    /// `1..=N`.
+    #[allow(clippy::type_complexity)]
+    pub fn forward_ragged_capturing(
+        &self,
+        sequences: &mut [RaggedSequence<'_>],
+        capture: &[Option<usize>],
+    ) -> Result<(Vec<Vec<Vec<f32>>>, Vec<Vec<Vec<f32>>>)> {
+        let mut captured: Vec<Vec<Vec<f32>>> = vec![Vec::new(); sequences.len()];
         if sequences.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), captured));
+        }
+        if let Some(&layer) = capture
+            .iter()
+            .flatten()
+            .find(|&&l| l == 0 || l > self.num_layers())
+        {
+            return Err(Error::invalid(format!(
+                "a captured layer must be within 1..={}, got {layer}",
+                self.num_layers()
+            )));
         }
         let mut tokens = Vec::new();
         let mut positions = Vec::new();
@@ -87,6 +111,15 @@ impl Model {
                     }
                     attn.project_output(&Tensor::cat(&heads, 1)?)
                 })?;
+                for (i, span) in spans.iter().enumerate() {
+                    if capture.get(i).copied().flatten() == Some(index + 1) {
+                        captured[i] = x
+                            .narrow(1, span.offset, span.len)?
+                            .squeeze(0)?
+                            .to_dtype(candle_core::DType::F32)?
+                            .to_vec2::<f32>()?;
+                    }
+                }
             }
             Ok(x)
         })?;
@@ -104,7 +137,7 @@ impl Model {
                 .to_vec2::<f32>()?
         }
         .into_iter();
-        Ok(sequences
+        let logits = sequences
             .iter()
             .zip(&spans)
             .map(|(sequence, span)| {
@@ -114,7 +147,8 @@ impl Model {
                     Vec::new()
                 }
             })
-            .collect())
+            .collect();
+        Ok((logits, captured))
     }
 
     /// A sequence's share must be non-empty, fit its cache, and match this model.

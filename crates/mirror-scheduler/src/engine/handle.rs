@@ -5,7 +5,7 @@
 //! without blocking the runtime, or blocking from a plain thread (it is an `Iterator`).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use mirror_core::{Model, Tokenizer};
@@ -16,6 +16,7 @@ use super::text::IncrementalText;
 use crate::constraint::{ConstraintState, LazyCompiler};
 use crate::error::{Error, Result};
 use crate::generation::{Generation, GenerationConfig, StreamControl, TokenLogprob};
+use crate::monitor::BoundaryTokens;
 
 /// What a batched sequence tells its stream.
 #[derive(Debug)]
@@ -44,6 +45,9 @@ struct Shared {
     load: Arc<Mutex<EngineLoad>>,
     /// Built at the first constrained request (the token trie takes a while).
     constraints: LazyCompiler,
+    /// The monitors' boundary tokens, built at the first monitored request (`None` without a
+    /// tokenizer: every token is one).
+    boundaries: OnceLock<Option<BoundaryTokens>>,
 }
 
 /// The batched engine (see the [module](self) docs). Cheap to clone; every clone submits to the
@@ -96,6 +100,7 @@ impl EngineHandle {
                 tokenizer,
                 target,
                 load,
+                boundaries: OnceLock::new(),
             }),
         })
     }
@@ -143,18 +148,31 @@ impl EngineHandle {
                 constraint: constraint.as_ref().map(ConstraintState::fork),
             });
         }
+        let boundaries = self.boundaries(&request.config);
         let waiting = Waiting {
             request,
             sink,
             submitted: std::time::Instant::now(),
             forks,
             constraint,
+            boundaries,
         };
         self.shared
             .commands
             .send(waiting)
             .map_err(|_| Error::EngineStopped)?;
         Ok(streams)
+    }
+
+    /// The boundary tokens of `config`'s monitors (decoded once per engine, when first asked).
+    fn boundaries(&self, config: &GenerationConfig) -> Option<BoundaryTokens> {
+        config.monitors.as_ref()?;
+        let tokenizer = self.shared.tokenizer.as_ref()?;
+        let vocab = self.shared.target.vocab_size() as u32;
+        let texts = || (0..vocab).map(|id| tokenizer.decode(&[id], false).unwrap_or_default());
+        (self.shared.boundaries)
+            .get_or_init(|| Some(BoundaryTokens::from_texts(texts())))
+            .clone()
     }
 
     fn channel(&self) -> (Box<dyn Sink>, SequenceStream) {

@@ -94,6 +94,9 @@ impl BatchCore {
             std::iter::once(&waiting.request.config).chain(waiting.forks.iter().map(|f| &f.config))
         {
             check_penalties(config, &self.target)?;
+            if let Some(monitors) = &config.monitors {
+                (monitors.check(self.target.num_layers())).map_err(Error::InvalidConfig)?;
+            }
         }
         let bytes = self.bytes_of(waiting, &self.capacities(waiting)?);
         self.pool.check_fits(bytes)
@@ -304,6 +307,7 @@ impl BatchCore {
             waiting.submitted,
             own,
             &self.target,
+            waiting.boundaries,
         );
         sequence.stats.prefix_cached_tokens = reused.0;
         sequence.constraint = waiting.constraint;
@@ -433,6 +437,8 @@ impl BatchCore {
             .iter_mut()
             .filter(|s| !s.fed.is_empty())
             .collect();
+        // Monitored decode rows also bring back a layer's hidden states (same forward).
+        let capture: Vec<Option<usize>> = offered.iter().map(|s| s.hidden_layer()).collect();
         let mut inputs: Vec<RaggedSequence<'_>> = offered
             .iter_mut()
             .map(|s| RaggedSequence {
@@ -442,12 +448,17 @@ impl BatchCore {
             })
             .collect();
         let rows: usize = inputs.iter().map(|i| i.tokens.len()).sum();
+        let target = &self.target;
         let started = Instant::now();
-        let logits = self.target.forward_ragged(&mut inputs)?;
+        let (logits, hidden) = match capture.iter().any(Option::is_some) {
+            true => target.forward_ragged_capturing(&mut inputs, &capture)?,
+            false => (target.forward_ragged(&mut inputs)?, Vec::new()),
+        };
         self.step_cost.record(rows, started.elapsed());
         drop(inputs);
+        let mut hidden = hidden.into_iter();
         for (sequence, rows) in offered.into_iter().zip(logits) {
-            if let Err(e) = sequence.settle(rows) {
+            if let Err(e) = sequence.settle(rows, hidden.next().unwrap_or_default()) {
                 sequence.failed = Some(e);
             }
         }
@@ -518,6 +529,8 @@ impl BatchCore {
                 None => {
                     let mut generation = sequence.output.finish(sequence.stats, sequence.started);
                     generation.logprobs = sequence.logprobs;
+                    let stopped = generation.finish_reason == FinishReason::Monitor;
+                    generation.monitors = sequence.monitors.map(|m| m.report(stopped));
                     Ok(generation)
                 }
             };

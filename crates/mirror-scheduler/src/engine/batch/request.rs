@@ -11,6 +11,7 @@ use crate::constraint::ConstraintState;
 use crate::draft::lookup::LookupConfig;
 use crate::error::{Error, Result};
 use crate::generation::{Generation, GenerationConfig, StreamControl, TokenLogprob};
+use crate::monitor::BoundaryTokens;
 
 /// The batched engine's settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -165,6 +166,8 @@ pub(crate) struct Waiting {
     pub forks: Vec<Fork>,
     /// The compiled constraint of `request.config.constraint`.
     pub constraint: Option<ConstraintState>,
+    /// The engine's boundary tokens, for the monitors of `request.config.monitors`.
+    pub boundaries: Option<BoundaryTokens>,
 }
 
 impl Waiting {

@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::generation::{
     token_logprobs, FinishReason, GenerationConfig, StreamControl, TokenLogprob,
 };
+use crate::monitor::{BoundaryTokens, MonitorSet};
 use crate::run::{next_token, window_room, Output};
 use crate::seed::mix;
 use crate::stats::Stats;
@@ -62,6 +63,10 @@ pub(crate) struct Sequence {
     pub(crate) constraint: Option<ConstraintState>,
     /// Whether this step's window holds the tokens the constraint forces.
     pub(crate) forced: bool,
+    /// Its monitors, when its config asked for them.
+    pub(crate) monitors: Option<MonitorSet>,
+    /// The boundary tokens its monitors (and its forks') read.
+    pub(crate) boundaries: Option<BoundaryTokens>,
 }
 
 /// A drafting sequence's draft cache and what it holds.
@@ -162,7 +167,7 @@ impl Sequence {
     }
 
     /// After the forward: verify or sample, commit, roll the cache back.
-    pub(crate) fn settle(&mut self, rows: Vec<Vec<f32>>) -> Result<()> {
+    pub(crate) fn settle(&mut self, rows: Vec<Vec<f32>>, hidden: Vec<Vec<f32>>) -> Result<()> {
         match self.phase {
             Phase::Prefill => {
                 self.decode_once_prefilled();
@@ -174,7 +179,8 @@ impl Sequence {
                 let mut rows = rows;
                 // The target's own rows, kept apart when penalties or the grammar change them.
                 let changed = !self.config.penalties.is_neutral() || self.constraint.is_some();
-                let raw = (self.config.logprobs.is_some() && changed).then(|| rows.clone());
+                let reads_raw = self.config.logprobs.is_some() || self.monitors.is_some();
+                let raw = (reads_raw && changed).then(|| rows.clone());
                 let (prompt, output) = self.seq.split_at(self.prompt_len());
                 self.config
                     .penalties
@@ -223,6 +229,13 @@ impl Sequence {
                     self.cache.cache.truncate(rows);
                     self.stats.time.constraint += started.elapsed();
                 }
+                let raw_rows = raw.as_ref().unwrap_or(&rows);
+                let stopped = self.observe_monitors(&mut committed, raw_rows, &hidden);
+                if stopped {
+                    // Rows of the tokens after the stop leave the cache too.
+                    let rows = self.cache.cache.len().min(self.seq.len() + committed.len());
+                    self.cache.cache.truncate(rows);
+                }
                 self.seq.extend_from_slice(&committed);
                 self.decode_steps += 1;
                 let logprobs = match self.config.logprobs {
@@ -230,6 +243,9 @@ impl Sequence {
                     None => Vec::new(),
                 };
                 self.commit(&committed, &logprobs);
+                if stopped {
+                    self.output.finish.get_or_insert(FinishReason::Monitor);
+                }
                 if self.constraint.as_ref().is_some_and(|c| c.is_stopped()) {
                     // Complete: nothing may follow (its end token, if any, is committed).
                     self.output.finish.get_or_insert(FinishReason::Stop);
@@ -237,6 +253,38 @@ impl Sequence {
                 Ok(())
             }
         }
+    }
+
+    /// Feeds the monitors the tokens of `committed` the output will take, each with its raw
+    /// row and hidden state; under early stop, a firing rule cuts `committed` after its token
+    /// and returns true.
+    fn observe_monitors(
+        &mut self,
+        committed: &mut Vec<u32>,
+        rows: &[Vec<f32>],
+        hidden: &[Vec<f32>],
+    ) -> bool {
+        let Some(monitors) = self.monitors.as_mut() else {
+            return false;
+        };
+        let taken = self.output.accepts(committed);
+        for (j, (&token, row)) in committed[..taken].iter().zip(rows).enumerate() {
+            let state = hidden.get(j).map(Vec::as_slice);
+            if monitors.observe_logits(token, row, state).is_some() {
+                committed.truncate(j + 1);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The layer whose hidden states this sequence's monitors read this step, if any (none in
+    /// prefill: its rows choose no token).
+    pub(crate) fn hidden_layer(&self) -> Option<usize> {
+        let monitors = self.monitors.as_ref()?;
+        monitors
+            .hidden_layer()
+            .filter(|_| matches!(self.phase, Phase::Decode))
     }
 
     /// Commits tokens (with their log-probabilities, if asked for) to the output and streams
@@ -290,7 +338,8 @@ impl Sequence {
             speculation: self.speculation,
             deadline: self.deadline,
         };
-        let mut sequence = new_sequence(request, fork.sink, self.started, lent, target);
+        let boundaries = self.boundaries.clone();
+        let mut sequence = new_sequence(request, fork.sink, self.started, lent, target, boundaries);
         sequence.constraint = fork.constraint;
         if let Some(draft) = sequence.draft.as_mut() {
             draft.tokens = draft_tokens;
@@ -325,6 +374,7 @@ pub(crate) fn new_sequence(
     submitted: Instant,
     lent: Lent,
     target: &Model,
+    boundaries: Option<BoundaryTokens>,
 ) -> Sequence {
     let gamma = gamma_of(&request);
     let rng_seed = match request.speculation {
@@ -358,6 +408,9 @@ pub(crate) fn new_sequence(
         window: DraftWindow::default(),
         forks: Vec::new(),
         acceptance: TokenAcceptance::default(),
+        monitors: (request.config.monitors.as_ref())
+            .map(|c| MonitorSet::new(c, boundaries.clone(), target.num_layers())),
+        boundaries,
         config: request.config,
     }
 }

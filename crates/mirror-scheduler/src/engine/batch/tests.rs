@@ -59,6 +59,7 @@ fn submit(
         submitted: Instant::now(),
         forks: Vec::new(),
         constraint: None,
+        boundaries: None,
     });
     received
 }
