@@ -47,6 +47,9 @@ struct Args {
     /// Run no monitor (the same generations, to time what monitoring costs).
     #[arg(long)]
     no_monitors: bool,
+    /// Keep no finished sequence's KV for later prompts (the batched engine's prefix cache).
+    #[arg(long)]
+    no_prefix_cache: bool,
 }
 
 #[derive(Deserialize)]
@@ -88,6 +91,7 @@ fn run(args: Args) -> Result<(), String> {
     let tokenizer = loaded.tokenizer;
     let settings = BatchSettings {
         max_batch: args.max_batch,
+        prefix_cache: !args.no_prefix_cache,
         ..BatchSettings::default()
     };
     let engine = EngineHandle::spawn(Arc::new(loaded.model), Some(tokenizer.clone()), settings)

@@ -204,8 +204,13 @@ def statistics(generation):
 
 
 def run_generations(args, prompts_path, generations_path):
-    command = [
-        "cargo", "run", "--release", "--example", "monitor_study", "--",
+    if args.no_build:
+        binary = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")),
+                              "release", "examples", "monitor_study")
+        command = [binary]
+    else:
+        command = ["cargo", "run", "--release", "--example", "monitor_study", "--"]
+    command += [
         "--target", args.target, "--prompts", prompts_path,
         "--max-new-tokens", str(args.max_new_tokens), "--max-batch", str(args.max_batch),
     ]
@@ -221,7 +226,10 @@ def main():
     parser.add_argument("--n", type=int, default=300)
     parser.add_argument("--seed", type=int, default=24)
     parser.add_argument("--target", default=DEFAULT_TARGET)
-    parser.add_argument("--max-new-tokens", type=int, default=120)
+    # 120 tokens cut off 97% of the 1.5B's answers before "Answer:" (it explains at length).
+    parser.add_argument("--max-new-tokens", type=int, default=320)
+    parser.add_argument("--no-build", action="store_true",
+                        help="run the built target/release/examples/monitor_study, no cargo")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--monitor-config", help="a MonitorConfig in JSON")

@@ -40,7 +40,9 @@ pub enum Event {
 /// closes, and the engine's thread ends once the sequences it holds have ended.
 struct Shared {
     commands: Sender<Waiting>,
-    tokenizer: Option<Tokenizer>,
+    /// Shared with every stream (a clone per request held tens of MB until its stream was
+    /// read).
+    tokenizer: Option<Arc<Tokenizer>>,
     target: Arc<Model>,
     load: Arc<Mutex<EngineLoad>>,
     /// Built at the first constrained request (the token trie takes a while).
@@ -97,7 +99,7 @@ impl EngineHandle {
             shared: Arc::new(Shared {
                 commands,
                 constraints: LazyCompiler::new(tokenizer.clone(), target.vocab_size()),
-                tokenizer,
+                tokenizer: tokenizer.map(Arc::new),
                 target,
                 load,
                 boundaries: OnceLock::new(),
@@ -241,7 +243,7 @@ fn run(mut core: BatchCore, commands: Receiver<Waiting>, load: &Mutex<EngineLoad
 struct StreamSink {
     events: mpsc::UnboundedSender<Event>,
     text: Option<IncrementalText>,
-    tokenizer: Option<Tokenizer>,
+    tokenizer: Option<Arc<Tokenizer>>,
 }
 
 impl Sink for StreamSink {

@@ -89,7 +89,7 @@ prompt_from! {
 pub struct Engine {
     /// `None` only while a [`TextStream`] has it on its generation thread.
     decoder: Option<Box<dyn Decoder>>,
-    tokenizer: Tokenizer,
+    tokenizer: Arc<Tokenizer>,
 }
 
 impl Engine {
@@ -97,7 +97,7 @@ impl Engine {
     pub fn new(decoder: Box<dyn Decoder>, tokenizer: Tokenizer) -> Self {
         Self {
             decoder: Some(decoder),
-            tokenizer,
+            tokenizer: Arc::new(tokenizer),
         }
     }
 
@@ -156,7 +156,7 @@ impl Engine {
     ) -> Result<Generation> {
         let prompt = self.encode(prompt)?;
         let config = self.with_eos(config);
-        let mut text = IncrementalText::new(self.tokenizer.clone());
+        let mut text = IncrementalText::new(Arc::clone(&self.tokenizer));
         let mut on_tokens = |new: &[u32]| match text.push(new) {
             Some(piece) => on_text(&piece),
             None => StreamControl::Continue,
@@ -183,12 +183,12 @@ impl Engine {
         let (tx, rx) = unbounded();
         let cancel = Arc::new(AtomicBool::new(false));
         let stop = Arc::clone(&cancel);
-        let tokenizer = self.tokenizer.clone();
+        let tokenizer = Arc::clone(&self.tokenizer);
         let spawned = std::thread::Builder::new()
             .name("mirror-generation".into())
             .spawn(move || {
                 let mut decoder = decoder;
-                let mut text = IncrementalText::new(tokenizer.clone());
+                let mut text = IncrementalText::new(Arc::clone(&tokenizer));
                 // Checked at every commit, whether or not it completes a character.
                 let mut on_tokens = |new: &[u32]| {
                     let gone = match text.push(new) {

@@ -1,5 +1,7 @@
 //! Committed tokens as text, piece by piece.
 
+use std::sync::Arc;
+
 use mirror_core::Tokenizer;
 
 /// Turns committed tokens into new text without decoding the whole output each time: only the
@@ -8,7 +10,9 @@ use mirror_core::Tokenizer;
 /// sequence (decoded as U+FFFD) is held back until its bytes arrive. The same scheme as
 /// Hugging Face's text-generation-inference `decode_token`.
 pub(crate) struct IncrementalText {
-    tokenizer: Tokenizer,
+    /// Shared, not cloned: a tokenizer with a large vocabulary takes tens of MB, and every
+    /// stream has one of these.
+    tokenizer: Arc<Tokenizer>,
     tokens: Vec<u32>,
     /// Start of the context decoded together with the new tokens.
     prefix_offset: usize,
@@ -17,7 +21,7 @@ pub(crate) struct IncrementalText {
 }
 
 impl IncrementalText {
-    pub fn new(tokenizer: Tokenizer) -> Self {
+    pub fn new(tokenizer: Arc<Tokenizer>) -> Self {
         Self {
             tokenizer,
             tokens: Vec::new(),
@@ -66,7 +70,7 @@ mod tests {
         let tokens = tokenizer.encode(text, false).unwrap();
         let whole = tokenizer.decode(&tokens, true).unwrap();
         for chunk in [1usize, 2, 3, 7] {
-            let mut incremental = IncrementalText::new(tokenizer.clone());
+            let mut incremental = IncrementalText::new(Arc::new(tokenizer.clone()));
             let mut pieces = String::new();
             for part in tokens.chunks(chunk) {
                 if let Some(piece) = incremental.push(part) {
@@ -85,7 +89,7 @@ mod tests {
     fn each_push_decodes_a_bounded_window_not_the_whole_output() {
         let tokenizer = tokenizer();
         let tokens = tokenizer.encode(&"word ".repeat(400), false).unwrap();
-        let mut incremental = IncrementalText::new(tokenizer);
+        let mut incremental = IncrementalText::new(Arc::new(tokenizer));
         for &token in &tokens {
             incremental.push(&[token]);
             // Whatever the output's length, the decoded context stays a few tokens.
