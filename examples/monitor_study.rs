@@ -134,7 +134,7 @@ fn run(args: Args) -> Result<(), String> {
         writeln!(out, "{line}").map_err(|e| e.to_string())?;
         out.flush().map_err(|e| e.to_string())?;
         eprintln!(
-            "[monitor_study] {}/{} done, {:.0} s",
+            "[monitor_study] {}/{} done, {:.2} s",
             i + 1,
             prompts.len(),
             started.elapsed().as_secs_f64()
