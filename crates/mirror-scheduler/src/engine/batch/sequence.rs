@@ -224,22 +224,18 @@ impl Sequence {
                     let started = Instant::now();
                     let kept = constraint.settle(&committed)?;
                     committed.truncate(kept);
-                    // Rows of the dropped tokens leave the cache too.
-                    let rows = self.cache.cache.len().min(self.seq.len() + kept);
-                    self.cache.cache.truncate(rows);
+                    self.drop_rows_past(kept);
                     self.stats.time.constraint += started.elapsed();
                 }
                 let raw_rows = raw.as_ref().unwrap_or(&rows);
                 let stopped = self.observe_monitors(&mut committed, raw_rows, &hidden);
                 if stopped {
-                    // Rows of the tokens after the stop leave the cache too.
-                    let rows = self.cache.cache.len().min(self.seq.len() + committed.len());
-                    self.cache.cache.truncate(rows);
+                    self.drop_rows_past(committed.len());
                 }
                 self.seq.extend_from_slice(&committed);
                 self.decode_steps += 1;
                 let logprobs = match self.config.logprobs {
-                    Some(top) => token_logprobs(raw.as_ref().unwrap_or(&rows), &committed, top),
+                    Some(top) => token_logprobs(raw_rows, &committed, top),
                     None => Vec::new(),
                 };
                 self.commit(&committed, &logprobs);
@@ -253,6 +249,13 @@ impl Sequence {
                 Ok(())
             }
         }
+    }
+
+    /// Cuts the cache after the rows of the first `kept` tokens committed this step (the rows
+    /// of tokens the grammar or a monitor dropped leave with them).
+    fn drop_rows_past(&mut self, kept: usize) {
+        let rows = self.cache.cache.len().min(self.seq.len() + kept);
+        self.cache.cache.truncate(rows);
     }
 
     /// Feeds the monitors the tokens of `committed` the output will take, each with its raw
