@@ -12,6 +12,10 @@
 //! `token_logprobs/*` times one generated token's log-probabilities (a log-softmax over the
 //! 1.5B's vocabulary and the 5 likeliest alternatives), what `logprobs` adds per token.
 //!
+//! `monitors/*` times every generation monitor taking one committed token (the softmax over
+//! the 1.5B's vocabulary, the top-20, and a 1,536-wide hidden state), what `monitors` adds per
+//! token and sequence; `cargo bench --bench penalties -- monitors` runs it alone.
+//!
 //! `python3 scripts/fetch_models.py smollm2 && cargo bench --bench penalties`
 
 #[path = "common.rs"]
@@ -22,8 +26,10 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, Criterion};
 use mirror_sd::mirror_core::sampling::Penalties;
 use mirror_sd::mirror_core::{load, LoadOptions, ModelSource};
+use mirror_sd::mirror_scheduler::monitor::MonitorSet;
 use mirror_sd::mirror_scheduler::{
-    token_logprobs, Autoregressive, Decoder, GenerationConfig, SpeculativeDecoding, WindowPolicy,
+    token_logprobs, Autoregressive, Decoder, GenerationConfig, MonitorConfig, SpeculativeDecoding,
+    WindowPolicy,
 };
 
 fn apply_window(c: &mut Criterion) {
@@ -54,6 +60,18 @@ fn apply_window(c: &mut Criterion) {
     let one = [row.clone()];
     group.bench_function("1_row_151936_top5", |b| {
         b.iter(|| token_logprobs(&one, &[7], 5))
+    });
+    group.finish();
+    let mut group = c.benchmark_group("monitors");
+    group.sample_size(20);
+    let hidden: Vec<f32> = (0..1536).map(|i| (i % 17) as f32 / 17.0 - 0.5).collect();
+    let mut monitors = MonitorSet::new(&MonitorConfig::default(), None, 28);
+    let mut token = 0u32;
+    group.bench_function("all_1_token_151936", |b| {
+        b.iter(|| {
+            token = (token + 7_907) % vocab as u32;
+            monitors.observe_logits(token, &row, Some(&hidden))
+        })
     });
     group.finish();
 }

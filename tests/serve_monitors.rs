@@ -1,6 +1,6 @@
 //! `mirror_sd.monitors` in the HTTP server (SmolLM2): unknown names and bad options are 400s
 //! in OpenAI's error shape; summaries come back in the `mirror_sd` report of whole and streamed
-//! responses, with every field of each monitor; early stop answers `finish_reason: "monitor"`;
+//! responses, with every field of each monitor, also when a stop string cuts the output; early stop answers `finish_reason: "monitor"`;
 //! `/metrics` has the peak-instability histogram. Without the model the test skips.
 
 #[path = "common/http.rs"]
@@ -185,6 +185,31 @@ fn monitors_are_validated_returned_and_measured() {
         }
     }
     assert_summaries(&report.expect("a chunk with the report"));
+
+    // A stop string cuts the output: the report still carries every summary, over the tokens
+    // up to the cut (the engine ends the sequence at its next step).
+    let content = whole["choices"][0]["message"]["content"].as_str().unwrap();
+    let chars: Vec<char> = content.chars().collect();
+    assert!(chars.len() >= 8, "a long enough output to cut: {content:?}");
+    let at = chars.len() / 2;
+    let stop_string: String = chars[at..at + 3].iter().collect();
+    let kept: String = content[..content.find(&stop_string).unwrap()].to_string();
+    let mut cut = body(all.clone(), Value::Null, false);
+    cut["stop"] = json!([stop_string]);
+    let cut = post(&cut).json().unwrap();
+    assert_eq!(cut["choices"][0]["finish_reason"], "stop", "{cut}");
+    assert_eq!(
+        cut["choices"][0]["message"]["content"],
+        kept.as_str(),
+        "{cut}"
+    );
+    assert_summaries(&cut["mirror_sd"]);
+    let observed = cut["mirror_sd"]["monitors"]["summaries"][0]["tokens"].as_u64();
+    let all_tokens = whole["mirror_sd"]["monitors"]["summaries"][0]["tokens"].as_u64();
+    assert!(
+        observed < all_tokens,
+        "{observed:?} of {all_tokens:?} tokens observed"
+    );
 
     // Early stop at a low threshold: finish_reason "monitor", with the reading.
     let options = json!({

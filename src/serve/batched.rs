@@ -178,6 +178,8 @@ impl Relay {
         );
         let mut first_text: Option<Duration> = None;
         let mut tokens: Vec<u32> = Vec::new();
+        // The answer cut at a stop string, while the engine's report of it is awaited.
+        let mut stopped: Option<Completed> = None;
         let timing = |first_text| Timing {
             // The batch admits within a step: the queue wait is not measured apart.
             queue_wait: Duration::ZERO,
@@ -209,6 +211,8 @@ impl Relay {
                 event = stream.next_event() => event,
             };
             match event {
+                // Past a stop string, while its sequence ends.
+                Some(Event::Text { .. }) if stopped.is_some() => {}
                 Some(Event::Text {
                     tokens: new,
                     text,
@@ -229,7 +233,7 @@ impl Relay {
                     let out = tool_output.push(&stop.push(&text));
                     self.send_text(out);
                     if stop.stopped() {
-                        // A stop string: the sequence is cancelled (its stream dropped below).
+                        // A stop string: the sequence is cancelled.
                         let stats = partial_stats(tokens.len());
                         self.metrics.record_generation(
                             method,
@@ -238,14 +242,34 @@ impl Relay {
                             first_text,
                             received.elapsed(),
                         );
-                        break Ok(Completed {
+                        let completed = Completed {
                             text: stop.emitted().to_string(),
                             finish_reason: "stop",
-                            report: report(method, tokens, &stats, timing(first_text)),
+                            report: report(method, tokens.clone(), &stats, timing(first_text)),
                             tool_calls: Vec::new(),
                             logprobs: Vec::new(),
-                        });
+                        };
+                        if self.submission.config.monitors.is_none() {
+                            // Dropping the stream below cancels the sequence.
+                            break Ok(completed);
+                        }
+                        // The monitors' report comes with the engine's end of the sequence,
+                        // at its next step: wait for it (later tokens are past the stop).
+                        stream.stop();
+                        stopped = Some(completed);
                     }
+                }
+                Some(Event::Finished(result)) if stopped.is_some() => {
+                    let Some(mut completed) = stopped.take() else {
+                        continue;
+                    };
+                    if let Ok(generation) = *result {
+                        if let Some(monitors) = &generation.monitors {
+                            self.metrics.record_monitors(monitors);
+                        }
+                        completed.report.monitors = generation.monitors;
+                    }
+                    break Ok(completed);
                 }
                 Some(Event::Finished(result)) => match *result {
                     Ok(generation) if generation.finish_reason == FinishReason::Deadline => {

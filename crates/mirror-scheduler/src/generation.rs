@@ -1,7 +1,7 @@
 //! What a generation is asked and what it gives: settings, stop tokens, the result. Data
 //! only (with [`crate::stats`]).
 
-use mirror_core::sampling::{Penalties, SamplingParams};
+use mirror_core::sampling::{log_sum_exp, Penalties, SamplingParams};
 use mirror_core::Model;
 use serde::Serialize;
 
@@ -51,17 +51,14 @@ pub struct TokenLogprob {
 }
 
 /// Log-probabilities of `tokens`, token `j` read from `rows[j]` (raw logits), with the `top`
-/// likeliest alternatives each: one pass for the log-sum-exp and one for the `top` largest
-/// logits a row (the order of logits is that of log-probabilities).
+/// likeliest alternatives each: one vectorized pass for the log-sum-exp
+/// ([`log_sum_exp`], to about 4e-6) and one for the `top` largest logits a row (the order of logits is that of log-probabilities).
 pub fn token_logprobs(rows: &[Vec<f32>], tokens: &[u32], top: usize) -> Vec<TokenLogprob> {
     tokens
         .iter()
         .zip(rows)
         .map(|(&token, row)| {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            // f32 exponentials, summed in f64: a vocabulary of 150k terms would lose digits.
-            let sum: f64 = row.iter().map(|&l| f64::from((l - max).exp())).sum();
-            let log_sum = max + sum.ln() as f32;
+            let log_sum = log_sum_exp(row) as f32;
             // The `top` largest, largest first, lower id first on ties.
             let best = largest(row, top);
             TokenLogprob {

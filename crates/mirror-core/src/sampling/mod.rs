@@ -21,7 +21,9 @@ mod probs;
 mod verify;
 mod warp;
 
-pub use logits::{argmax, log_softmax, max_probability, top_k_log_probs};
+pub use logits::{
+    argmax, log_softmax, log_sum_exp, max_probability, softmax_entropy_into, top_k_log_probs,
+};
 pub use penalties::Penalties;
 pub use probs::{sample, Probs};
 pub use verify::{accept_deterministic, accept_sampled, residual, without_token};

@@ -257,3 +257,75 @@ fn deterministic_rule_and_removal() {
     let rest = without_token(&p, 0).to_dense();
     assert!((rest[1] - 0.6).abs() < 1e-6 && (rest[2] - 0.4).abs() < 1e-6 && rest[0] == 0.0);
 }
+
+/// A pseudo-random row of `n` logits spread over `[-spread, spread)`.
+fn spread_logits(n: usize, spread: f32, mut seed: u64) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * spread
+        })
+        .collect()
+}
+
+#[test]
+fn the_lane_softmax_and_entropy_match_an_f64_reference() {
+    // Lengths that leave tails in the lanes and the blocks, up to a real vocabulary, and
+    // spreads from flat to peaked (logits 100 apart reach the exponential's cut below -87).
+    for (n, spread) in [
+        (1, 1.0),
+        (17, 3.0),
+        (1_000, 8.0),
+        (4_097, 50.0),
+        (151_936, 20.0),
+    ] {
+        let logits = spread_logits(n, spread, n as u64);
+        let max = logits
+            .iter()
+            .copied()
+            .fold(f64::NEG_INFINITY, |m, l| m.max(f64::from(l)));
+        let weights: Vec<f64> = logits.iter().map(|&l| (f64::from(l) - max).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        let entropy: f64 = weights
+            .iter()
+            .map(|&w| w / total)
+            .filter(|&p| p > 0.0)
+            .map(|p| -p * p.ln())
+            .sum();
+        let mut probs = Vec::new();
+        let got = softmax_entropy_into(&logits, &mut probs);
+        assert!(
+            (got - entropy).abs() < 1e-5,
+            "n {n}: entropy {got} against {entropy}"
+        );
+        for (i, (&p, &w)) in probs.iter().zip(&weights).enumerate() {
+            let want = w / total;
+            let close = (f64::from(p) - want).abs() <= 1e-5 * want + 1e-37;
+            assert!(close, "n {n}, token {i}: {p} against {want}");
+        }
+        let lse = max + total.ln();
+        assert!(
+            (log_sum_exp(&logits) - lse).abs() < 1e-5,
+            "n {n}: log-sum-exp"
+        );
+    }
+}
+
+#[test]
+fn the_lane_softmax_gives_zero_to_minus_infinity_and_stays_finite() {
+    let logits = [1.0, 2.0, 3.0, f32::NEG_INFINITY, -200.0];
+    let mut probs = Vec::new();
+    let entropy = softmax_entropy_into(&logits, &mut probs);
+    assert_eq!(probs[3], 0.0);
+    assert_eq!(probs[4], 0.0);
+    let z: f64 = [1.0f64, 2.0, 3.0].iter().map(|l| (l - 3.0).exp()).sum();
+    let want: f64 = [1.0f64, 2.0, 3.0]
+        .iter()
+        .map(|l| (l - 3.0).exp() / z)
+        .map(|p| -p * p.ln())
+        .sum();
+    assert!((entropy - want).abs() < 1e-6, "{entropy} against {want}");
+    assert_eq!(log_sum_exp(&[f32::NEG_INFINITY; 3]), f64::NEG_INFINITY);
+}

@@ -5,6 +5,7 @@
 //! without blocking the runtime, or blocking from a plain thread (it is an `Iterator`).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
@@ -179,12 +180,18 @@ impl EngineHandle {
 
     fn channel(&self) -> (Box<dyn Sink>, SequenceStream) {
         let (events, event_rx) = mpsc::unbounded_channel();
+        let stop = Arc::new(AtomicBool::new(false));
         let sink = StreamSink {
             events,
             text: self.shared.tokenizer.clone().map(IncrementalText::new),
             tokenizer: self.shared.tokenizer.clone(),
+            stop: Arc::clone(&stop),
         };
-        (Box::new(sink), SequenceStream { events: event_rx })
+        let stream = SequenceStream {
+            events: event_rx,
+            stop,
+        };
+        (Box::new(sink), stream)
     }
 
     /// Generates `request` and waits for its end (blocking; not for async code).
@@ -244,6 +251,8 @@ struct StreamSink {
     events: mpsc::UnboundedSender<Event>,
     text: Option<IncrementalText>,
     tokenizer: Option<Arc<Tokenizer>>,
+    /// Set by [`SequenceStream::stop`].
+    stop: Arc<AtomicBool>,
 }
 
 impl Sink for StreamSink {
@@ -259,14 +268,14 @@ impl Sink for StreamSink {
             logprobs: logprobs.to_vec(),
         };
         match self.events.send(event) {
-            Ok(()) => StreamControl::Continue,
-            // The stream was dropped: the sequence is cancelled.
-            Err(_) => StreamControl::Stop,
+            Ok(()) if !self.stop.load(Ordering::Acquire) => StreamControl::Continue,
+            // Stopped by the consumer, or the stream was dropped: the sequence is cancelled.
+            _ => StreamControl::Stop,
         }
     }
 
     fn cancelled(&self) -> bool {
-        self.events.is_closed()
+        self.events.is_closed() || self.stop.load(Ordering::Acquire)
     }
 
     fn finish(self: Box<Self>, result: Result<Generation>) {
@@ -283,9 +292,18 @@ impl Sink for StreamSink {
 /// One sequence's events; dropping it cancels the sequence.
 pub struct SequenceStream {
     events: mpsc::UnboundedReceiver<Event>,
+    stop: Arc<AtomicBool>,
 }
 
 impl SequenceStream {
+    /// Ends the sequence at the engine's next step, keeping the tokens it has committed, and
+    /// still delivers its [`Event::Finished`] (finish reason `Cancelled`, with its statistics,
+    /// log-probabilities and monitor report), where dropping the stream delivers nothing. For a
+    /// consumer that found its own reason to stop, such as a stop string.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+
     /// The next event, awaited (for async code; does not block the runtime). `None` after
     /// [`Event::Finished`].
     pub async fn next_event(&mut self) -> Option<Event> {

@@ -476,7 +476,7 @@ fn softmax_sums_to_one_and_config_checks() {
         .iter()
         .map(|l| -(l.exp() / sum) * (l.exp() / sum).ln())
         .sum();
-    // f32 exponentials: about 1e-8 relative.
+    // The lane exponential: about 2e-6 relative.
     assert!(
         (entropy - want_entropy).abs() < 1e-6,
         "{entropy} vs {want_entropy}"
@@ -504,4 +504,19 @@ fn softmax_sums_to_one_and_config_checks() {
         Some(MonitorKind::PathDeviation)
     );
     assert_eq!(MonitorKind::from_name("nope"), None);
+}
+
+#[test]
+fn largest_matches_a_full_sort_with_ties_and_tails() {
+    let mut rng = StdRng::seed_from_u64(7);
+    for n in [0usize, 1, 5, 63, 64, 65, 200, 1_000, 4_099] {
+        // Few distinct values, so that ties cross the k-th place and chunk edges.
+        let values: Vec<f32> = (0..n).map(|_| rng.random_range(0..40) as f32).collect();
+        for k in [0usize, 1, 3, 20, 64, 70, 5_000] {
+            let mut sorted: Vec<(u32, f32)> = (0..n).map(|i| (i as u32, values[i])).collect();
+            sorted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            sorted.truncate(k);
+            assert_eq!(largest(&values, k), sorted, "n {n}, k {k}");
+        }
+    }
 }

@@ -34,7 +34,7 @@ use crate::run::{capacity_for, check_penalties};
 use crate::strategy::settings::check_pair;
 use crate::window::DraftWindow;
 use request::{check_speculation, gamma_of, shared_prompt_refused, Lent};
-use sequence::{new_sequence, Phase, Sequence};
+use sequence::{new_sequence, settle_all, Phase, Sequence};
 
 pub use request::{BatchSettings, EngineLoad, SequenceRequest, Speculation, StepReport};
 pub(crate) use request::{Fork, Sink, Waiting};
@@ -456,12 +456,7 @@ impl BatchCore {
         };
         self.step_cost.record(rows, started.elapsed());
         drop(inputs);
-        let mut hidden = hidden.into_iter();
-        for (sequence, rows) in offered.into_iter().zip(logits) {
-            if let Err(e) = sequence.settle(rows, hidden.next().unwrap_or_default()) {
-                sequence.failed = Some(e);
-            }
-        }
+        settle_all(offered, logits, hidden);
         Ok(())
     }
 

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use mirror_core::Model;
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use rayon::prelude::*;
 
 use super::request::{gamma_of, Fork, Lent, SequenceRequest, Sink, Speculation};
 use crate::adaptive::TokenAcceptance;
@@ -367,6 +368,33 @@ impl Sequence {
     pub(crate) fn enter_decode(&mut self) {
         self.phase = Phase::Decode;
         self.stats.time.prefill = self.started.elapsed();
+    }
+}
+
+/// One sequence's rows of a step (logits, or hidden states), one per fed token.
+type Rows = Vec<Vec<f32>>;
+
+/// Every offered sequence settles on its rows of the step (`logits[i]`, and `hidden[i]` when
+/// its monitors captured a layer), a failure failing that sequence alone. Settling is per
+/// sequence (sampling, penalties, the grammar, monitors, log-probabilities: passes over
+/// vocabulary-wide rows), so with several sequences the rayon pool takes them in parallel;
+/// each one's result is the same whichever thread runs it.
+pub(crate) fn settle_all(
+    offered: Vec<&mut Sequence>,
+    logits: Vec<Vec<Vec<f32>>>,
+    mut hidden: Vec<Vec<Vec<f32>>>,
+) {
+    hidden.resize_with(offered.len(), Vec::new);
+    let settle = |((sequence, rows), hidden): ((&mut Sequence, Rows), Rows)| {
+        if let Err(e) = sequence.settle(rows, hidden) {
+            sequence.failed = Some(e);
+        }
+    };
+    let work = offered.into_iter().zip(logits).zip(hidden);
+    match work.len() {
+        // One sequence: no hand-off to the pool.
+        0 | 1 => work.for_each(settle),
+        _ => work.collect::<Vec<_>>().into_par_iter().for_each(settle),
     }
 }
 
