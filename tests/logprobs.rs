@@ -1,15 +1,17 @@
 //! Log-probabilities from the batched engine on SmolLM2, greedy: each generated token's value
 //! equals a log-softmax computed here (in f64) from the logits of a plain one-token forward of
 //! the target, its alternatives are the likeliest tokens there in order, and the values are the
-//! same bit for bit under every speculation (the rows are batch-invariant).
+//! same bit for bit under every speculation (the rows are batch-invariant). Mirror (one
+//! sequence) returns them too, against the same reference, streamed with their tokens.
 
 mod common;
 
 use std::sync::Arc;
 
-use mirror_core::{load, LoadOptions, ModelSource};
+use mirror_core::{load, LoadOptions, Model, ModelSource};
 use mirror_sd::mirror_scheduler::{
-    Autoregressive, BatchSettings, Decoder, EngineHandle, Error, GenerationConfig, SequenceRequest,
+    Autoregressive, Decoder, Error, Generation, GenerationConfig, Mirror, SequenceRequest,
+    StreamControl,
 };
 
 #[test]
@@ -29,9 +31,7 @@ fn logprobs_equal_a_log_softmax_of_plain_forwards_under_every_speculation() {
         stop_at_eos: false,
         ..GenerationConfig::greedy(12)
     };
-    let engine =
-        EngineHandle::spawn_with_draft(Arc::clone(&target), draft, None, BatchSettings::default())
-            .unwrap();
+    let engine = common::engine_with_draft(&target, &draft, None);
     let runs: Vec<_> = common::batched_speculations()
         .into_iter()
         .map(|speculation| {
@@ -51,9 +51,36 @@ fn logprobs_equal_a_log_softmax_of_plain_forwards_under_every_speculation() {
             "bit for bit under every speculation"
         );
     }
-    // The reference: plain forwards, one token at a time, and a log-softmax in f64.
+    // Mirror (one sequence, SmolLM2's first 10 layers drafting) returns them too, streamed
+    // with their tokens.
+    let mut mirror = Mirror::builder(Arc::clone(&target), Arc::clone(&draft))
+        .build()
+        .unwrap();
+    let mut streamed = Vec::new();
+    let mirrored = mirror
+        .generate_streamed(&prompt, &config, &mut |tokens, logprobs| {
+            assert_eq!(tokens.len(), logprobs.len());
+            streamed.extend_from_slice(logprobs);
+            StreamControl::Continue
+        })
+        .unwrap();
+    assert_eq!(mirrored.tokens, first.tokens);
+    assert_eq!(streamed, mirrored.logprobs);
+    check_against_plain_forwards(&target, &prompt, first);
+    check_against_plain_forwards(&target, &prompt, &mirrored);
+    // The other one-sequence decoders say they do not return them.
+    let mut ar = Autoregressive::new(Arc::clone(&target));
+    assert!(matches!(
+        ar.generate(&prompt, &config),
+        Err(Error::InvalidConfig(_))
+    ));
+}
+
+/// The reference: plain forwards, one token at a time, and a log-softmax in f64.
+fn check_against_plain_forwards(target: &Model, prompt: &[u32], first: &Generation) {
+    assert_eq!(first.logprobs.len(), first.tokens.len());
     let mut cache = target.new_cache(1, prompt.len() + 16).unwrap();
-    let mut logits = target.next_token_logits(&prompt, &mut cache).unwrap();
+    let mut logits = target.next_token_logits(prompt, &mut cache).unwrap();
     for (j, entry) in first.logprobs.iter().enumerate() {
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
         let log_sum = logits
@@ -83,10 +110,4 @@ fn logprobs_equal_a_log_softmax_of_plain_forwards_under_every_speculation() {
             .next_token_logits(&[first.tokens[j]], &mut cache)
             .unwrap();
     }
-    // The one-sequence decoders say they do not return them.
-    let mut ar = Autoregressive::new(Arc::clone(&target));
-    assert!(matches!(
-        ar.generate(&prompt, &config),
-        Err(Error::InvalidConfig(_))
-    ));
 }

@@ -3,7 +3,8 @@
 //! prompt and the generated tokens (also under a frequency penalty, which changes the output
 //! but not the raw rows monitors read); summaries are identical under every speculation (the rows
 //! and states are batch-invariant); early stop ends with `FinishReason::Monitor` on a prefix of
-//! the unmonitored output; the one-sequence decoders refuse monitors.
+//! the unmonitored output. Mirror (one sequence) gives the same summaries against the same
+//! reference and stops early the same way; the other one-sequence decoders refuse monitors.
 
 // The references are plain index loops on purpose: obviously right, sharing nothing.
 #![allow(clippy::needless_range_loop)]
@@ -18,8 +19,8 @@ use mirror_sd::mirror_scheduler::monitor::{
     InstabilityConfig, LatentTrajectoryConfig, MonitorSummary, PathDeviationConfig,
 };
 use mirror_sd::mirror_scheduler::{
-    Autoregressive, BatchSettings, Decoder, EngineHandle, Error, FinishReason, GenerationConfig,
-    MonitorConfig, MonitorReport, SequenceRequest,
+    Autoregressive, Decoder, Error, FinishReason, GenerationConfig, Mirror, MonitorConfig,
+    MonitorReport, SequenceRequest,
 };
 
 const TOKENS: usize = 40;
@@ -119,13 +120,7 @@ fn monitor_summaries_equal_a_plain_forward_reference_under_every_speculation() {
         monitors: Some(config()),
         ..base.clone()
     };
-    let engine = EngineHandle::spawn_with_draft(
-        Arc::clone(&target),
-        draft,
-        Some(tokenizer.clone()),
-        BatchSettings::default(),
-    )
-    .unwrap();
+    let engine = common::engine_with_draft(&target, &draft, Some(tokenizer.clone()));
     let run = |config: &GenerationConfig, speculation| {
         let request = SequenceRequest {
             speculation,
@@ -158,6 +153,40 @@ fn monitor_summaries_equal_a_plain_forward_reference_under_every_speculation() {
 
     check_against_reference(&target, &tokenizer, &prompt, &first.tokens, &report);
 
+    // Mirror (one sequence, SmolLM2's first 10 layers drafting): the same output, and its
+    // summaries against the same reference; its latent monitor reads the tap's states, here at
+    // the middle layer the reference reads.
+    let mut mirror = Mirror::builder(Arc::clone(&target), Arc::clone(&draft))
+        .tokenizer(tokenizer.clone())
+        .build()
+        .unwrap();
+    assert_eq!(mirror.early_exit_layer(), target.num_layers() / 2);
+    let mirrored = mirror.generate(&prompt, &monitored).unwrap();
+    assert_eq!(mirrored.tokens, first.tokens);
+    let mirrored_report = mirrored.monitors.clone().expect("monitors asked for");
+    check_against_reference(
+        &target,
+        &tokenizer,
+        &prompt,
+        &mirrored.tokens,
+        &mirrored_report,
+    );
+    // Another layer than the tap's is refused.
+    let elsewhere = GenerationConfig {
+        monitors: Some(MonitorConfig {
+            latent_trajectory: Some(LatentTrajectoryConfig {
+                layer: Some(3),
+                chunk: 8,
+            }),
+            ..config()
+        }),
+        ..base.clone()
+    };
+    assert!(matches!(
+        mirror.generate(&prompt, &elsewhere),
+        Err(Error::InvalidConfig(_))
+    ));
+
     // Under a penalty the output differs, and the monitors still read the target's raw rows.
     let penalized = GenerationConfig {
         penalties: Penalties {
@@ -184,8 +213,12 @@ fn monitor_summaries_equal_a_plain_forward_reference_under_every_speculation() {
         }),
         ..base.clone()
     };
-    for speculation in common::batched_speculations() {
-        let stopped = run(&stopping, speculation);
+    let mut stopped_runs: Vec<_> = common::batched_speculations()
+        .into_iter()
+        .map(|speculation| run(&stopping, speculation))
+        .collect();
+    stopped_runs.push(mirror.generate(&prompt, &stopping).unwrap());
+    for stopped in stopped_runs {
         assert_eq!(stopped.finish_reason, FinishReason::Monitor);
         assert!(stopped.tokens.len() < plain.tokens.len());
         assert_eq!(stopped.tokens[..], plain.tokens[..stopped.tokens.len()]);

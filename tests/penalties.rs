@@ -12,8 +12,8 @@ use std::sync::Arc;
 use mirror_core::sampling::{argmax, Penalties};
 use mirror_core::{load, LoadOptions, Model, ModelSource};
 use mirror_sd::mirror_scheduler::{
-    Autoregressive, BatchSettings, Decoder, EngineHandle, Error, GenerationConfig, LookupConfig,
-    Mirror, SequenceRequest, SpeculativeDecoding, WindowPolicy,
+    Autoregressive, Decoder, Error, GenerationConfig, LookupConfig, Mirror, SequenceRequest,
+    SpeculativeDecoding, WindowPolicy,
 };
 
 const NEW_TOKENS: usize = 24;
@@ -122,13 +122,7 @@ fn penalized_greedy_output_equals_the_reference_under_every_decoder() {
         let got = decoder.generate(&prompt, &config).unwrap().tokens;
         assert_eq!(got, want, "{name}");
     }
-    let engine = EngineHandle::spawn_with_draft(
-        Arc::clone(&target),
-        Arc::clone(&draft),
-        None,
-        BatchSettings::default(),
-    )
-    .unwrap();
+    let engine = common::engine_with_draft(&target, &draft, None);
     let speculations = common::batched_speculations();
     // All at once, beside each other in the batch.
     let streams: Vec<_> = speculations

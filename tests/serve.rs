@@ -847,11 +847,15 @@ fn bad_inputs_get_their_status_and_error_body_and_harm_no_other_request() {
             "logprobs",
         ),
         (
-            "logprobs on mirror",
+            "a latent monitor off Mirror's tap layer",
             chat_path,
-            chat(json!({"logprobs": true, "mirror_sd": {"method": "mirror"}})),
+            chat(json!({"mirror_sd": {
+                "method": "mirror",
+                "monitors": ["latent_trajectory"],
+                "monitor_options": {"latent_trajectory": {"layer": 3}},
+            }})),
             400,
-            "logprobs",
+            "mirror_sd.monitor_options",
         ),
         (
             "frequency_penalty 3",

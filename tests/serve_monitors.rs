@@ -1,7 +1,8 @@
 //! `mirror_sd.monitors` in the HTTP server (SmolLM2): unknown names and bad options are 400s
 //! in OpenAI's error shape; summaries come back in the `mirror_sd` report of whole and streamed
-//! responses, with every field of each monitor, also when a stop string cuts the output; early stop answers `finish_reason: "monitor"`;
-//! `/metrics` has the peak-instability histogram. Without the model the test skips.
+//! responses, with every field of each monitor, also when a stop string cuts the output, and
+//! under Mirror; early stop answers `finish_reason: "monitor"`; `/metrics` has the
+//! peak-instability histogram. Without the model the test skips.
 
 #[path = "common/http.rs"]
 mod client;
@@ -97,11 +98,12 @@ fn monitors_are_validated_returned_and_measured() {
     };
     let loaded = load(&ModelSource::Gguf(path), &LoadOptions::default()).expect("load");
     let target = Arc::new(loaded.model);
+    let draft = Arc::new(target.truncated(10).expect("draft"));
     let backend = Backend::new(
         target,
-        None,
+        Some(draft),
         loaded.tokenizer,
-        &[Method::Autoregressive, Method::Lookup],
+        &[Method::Autoregressive, Method::Lookup, Method::Mirror],
         Method::Autoregressive,
         &MirrorSettings::default(),
     )
@@ -210,6 +212,22 @@ fn monitors_are_validated_returned_and_measured() {
         observed < all_tokens,
         "{observed:?} of {all_tokens:?} tokens observed"
     );
+
+    // Mirror (one sequence) returns every summary too; its latent monitor reads the tap's
+    // layer, and another layer is a 400 before anything is queued.
+    let mut on_mirror = body(all.clone(), Value::Null, false);
+    on_mirror["mirror_sd"]["method"] = json!("mirror");
+    let mirrored = post(&on_mirror);
+    assert_eq!(mirrored.status, 200, "{}", mirrored.text());
+    let mirrored = mirrored.json().unwrap();
+    assert_eq!(mirrored["mirror_sd"]["method"], "mirror", "{mirrored}");
+    assert_summaries(&mirrored["mirror_sd"]);
+    assert_eq!(
+        mirrored["choices"][0]["message"]["content"], whole["choices"][0]["message"]["content"],
+        "greedy Mirror is the target's output"
+    );
+    on_mirror["mirror_sd"]["monitor_options"] = json!({"latent_trajectory": {"layer": 3}});
+    assert_bad_request(&post(&on_mirror), Some("mirror_sd.monitor_options"));
 
     // Early stop at a low threshold: finish_reason "monitor", with the reading.
     let options = json!({

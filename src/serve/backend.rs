@@ -8,7 +8,7 @@ use std::sync::Arc;
 use mirror_core::{ChatMessage, Model, Tokenizer, Tool};
 use mirror_scheduler::{
     BatchSettings, Engine, EngineHandle, Generation, GenerationConfig, LazyCompiler, Mirror,
-    MirrorSettings, Prompt, SequenceRequest, Speculation, StreamControl,
+    MirrorSettings, Prompt, SequenceRequest, Speculation, StreamControl, TokenLogprob,
 };
 
 use super::ServeError;
@@ -196,6 +196,11 @@ impl Backend {
         self.constraints.clone()
     }
 
+    /// Mirror's settings and the target's depth (to check monitors before they are queued).
+    pub fn mirror_layout(&self) -> (MirrorSettings, usize) {
+        (self.settings, self.target.num_layers())
+    }
+
     /// A prompt encoder for the HTTP side.
     pub fn encoder(&self) -> PromptEncoder {
         self.encoder.clone()
@@ -232,18 +237,19 @@ impl Backend {
     }
 
     /// Generates after `prompt` with Mirror, calling `on_text` with each committed piece of
-    /// text; returning [`StreamControl::Stop`] cancels at the next commit.
+    /// text and its tokens' log-probabilities (when asked for; the piece may then be empty);
+    /// returning [`StreamControl::Stop`] cancels at the next commit.
     pub fn generate_mirror(
         &mut self,
         prompt: &[u32],
         config: &GenerationConfig,
-        on_text: impl FnMut(&str) -> StreamControl,
+        on_text: impl FnMut(&str, &[TokenLogprob]) -> StreamControl,
     ) -> Result<Generation, ServeError> {
         let engine = self
             .mirror
             .as_mut()
             .ok_or_else(|| ServeError::Config("method `mirror` is not served".into()))?;
-        Ok(engine.generate_with(prompt, config, on_text)?)
+        Ok(engine.generate_streamed(prompt, config, on_text)?)
     }
 }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mirror_scheduler::{
-    EngineLoad, Error, Event, FinishReason, GenerationConfig, SequenceStream, Stats, TokenLogprob,
+    EngineLoad, Error, Event, FinishReason, GenerationConfig, SequenceStream, Stats,
 };
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::watch;
@@ -20,7 +20,7 @@ use super::error::{ApiError, ServeError};
 use super::messages::ToolChoice;
 use super::metrics::{Metrics, Outcome};
 use super::queue::{engine_error, report, settle, Completed, JobEvent, Timing};
-use super::response::{LogprobEntry, TopLogprob};
+use super::response::LogprobEntry;
 use super::stop::StopText;
 use super::tool_output::ToolOutput;
 
@@ -222,7 +222,7 @@ impl Relay {
                     if !new_logprobs.is_empty() {
                         let entries: Vec<LogprobEntry> = new_logprobs
                             .iter()
-                            .map(|lp| logprob_entry(&self.encoder, lp))
+                            .map(|lp| LogprobEntry::new(lp, |id| self.encoder.token_text(id)))
                             .collect();
                         logprobs.extend(entries.iter().cloned());
                         let _ = self.events.send(JobEvent::Logprobs(entries));
@@ -323,29 +323,6 @@ impl Relay {
         if !text.is_empty() {
             let _ = self.events.send(JobEvent::Text(text));
         }
-    }
-}
-
-/// OpenAI's chat log-probability entry of one token: its text, log-probability, UTF-8 bytes
-/// and the likeliest alternatives.
-fn logprob_entry(encoder: &PromptEncoder, lp: &TokenLogprob) -> LogprobEntry {
-    let token = encoder.token_text(lp.token);
-    LogprobEntry {
-        bytes: token.as_bytes().to_vec(),
-        token,
-        logprob: f64::from(lp.logprob),
-        top_logprobs: lp
-            .top
-            .iter()
-            .map(|&(id, logprob)| {
-                let token = encoder.token_text(id);
-                TopLogprob {
-                    bytes: token.as_bytes().to_vec(),
-                    token,
-                    logprob: f64::from(logprob),
-                }
-            })
-            .collect(),
     }
 }
 

@@ -148,6 +148,7 @@ impl Server {
         let context_limit = backend.context_limit();
         let vocab_size = backend.vocab_size();
         let constraints = backend.constraints();
+        let mirror_layout = backend.mirror_layout();
         let batched = backend.spawn_batched(config.batch)?.map(|b| {
             BatchedQueue::new(
                 b,
@@ -170,6 +171,7 @@ impl Server {
             context_limit,
             vocab_size,
             constraints,
+            mirror_layout,
             max_body_bytes: config.max_body_bytes,
             request_timeout: config.request_timeout,
             default_max_tokens: config.default_max_tokens,

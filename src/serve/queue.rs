@@ -279,8 +279,21 @@ fn run_job(backend: &mut Backend, job: Job, queue_wait: Duration, shared: &Share
     let mut stop = StopText::new(job.stop.clone());
     let mut first_text: Option<Duration> = None;
     let mut interrupted: Option<Interruption> = None;
+    let mut logprobs: Vec<LogprobEntry> = Vec::new();
+    let encoder = backend.encoder();
     let result = catch_unwind(AssertUnwindSafe(|| {
-        backend.generate_mirror(&job.prompt, &job.config, |piece| {
+        backend.generate_mirror(&job.prompt, &job.config, |piece, new_logprobs| {
+            if !new_logprobs.is_empty() {
+                let entries: Vec<LogprobEntry> = new_logprobs
+                    .iter()
+                    .map(|lp| LogprobEntry::new(lp, |id| encoder.token_text(id)))
+                    .collect();
+                logprobs.extend(entries.iter().cloned());
+                let _ = job.events.send(JobEvent::Logprobs(entries));
+            }
+            if piece.is_empty() {
+                return StreamControl::Continue;
+            }
             first_text.get_or_insert_with(|| job.received.elapsed());
             let out = stop.push(piece);
             if !out.is_empty() && job.events.send(JobEvent::Text(out)).is_err() {
@@ -338,20 +351,24 @@ fn run_job(backend: &mut Backend, job: Job, queue_wait: Duration, shared: &Share
                 record(Outcome::Shutdown, Some(&generation));
                 Err(ApiError::shutting_down())
             }
-            None => Ok(settle(
-                Method::Mirror,
-                generation,
-                &mut stop,
-                &mut |tail| {
-                    let _ = job.events.send(JobEvent::Text(tail));
-                },
-                Timing {
-                    queue_wait,
-                    first_text,
-                    latency,
-                },
-                metrics,
-            )),
+            None => {
+                let mut completed = settle(
+                    Method::Mirror,
+                    generation,
+                    &mut stop,
+                    &mut |tail| {
+                        let _ = job.events.send(JobEvent::Text(tail));
+                    },
+                    Timing {
+                        queue_wait,
+                        first_text,
+                        latency,
+                    },
+                    metrics,
+                );
+                completed.logprobs = logprobs;
+                Ok(completed)
+            }
         },
     };
     finish(&job, answer, shared);

@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use mirror_core::ToolCall;
-use mirror_scheduler::MonitorReport;
+use mirror_scheduler::{MonitorReport, TokenLogprob};
 
 use super::api::Endpoint;
 
@@ -51,6 +51,30 @@ pub struct LogprobEntry {
     pub bytes: Vec<u8>,
     /// The likeliest tokens at its position.
     pub top_logprobs: Vec<TopLogprob>,
+}
+
+impl LogprobEntry {
+    /// The entry of one generated token, `text` giving each token id's text.
+    pub(crate) fn new(lp: &TokenLogprob, text: impl Fn(u32) -> String) -> Self {
+        let token = text(lp.token);
+        Self {
+            bytes: token.as_bytes().to_vec(),
+            token,
+            logprob: f64::from(lp.logprob),
+            top_logprobs: lp
+                .top
+                .iter()
+                .map(|&(id, logprob)| {
+                    let token = text(id);
+                    TopLogprob {
+                        bytes: token.as_bytes().to_vec(),
+                        token,
+                        logprob: f64::from(logprob),
+                    }
+                })
+                .collect(),
+        }
+    }
 }
 
 /// A choice's `logprobs`: chat's `{"content": entries}`, or the legacy completions shape.

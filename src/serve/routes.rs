@@ -13,7 +13,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use futures_util::StreamExt;
 use mirror_core::Tool;
-use mirror_scheduler::{GenerationConfig, LazyCompiler};
+use mirror_scheduler::{GenerationConfig, LazyCompiler, MirrorSettings};
 use serde::Serialize;
 use tokio::sync::mpsc::unbounded_channel;
 
@@ -44,6 +44,8 @@ pub(crate) struct App {
     pub vocab_size: usize,
     /// Checks a constraint on Mirror's path before it is queued.
     pub constraints: LazyCompiler,
+    /// Mirror's settings and the target's depth: check monitors on Mirror's path.
+    pub mirror_layout: (MirrorSettings, usize),
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
     pub default_max_tokens: usize,
@@ -317,6 +319,12 @@ async fn complete(
                     .compile(constraint)
                     .map_err(|e| constraint_error(e, param))?;
             }
+            if let Some(monitors) = &config.monitors {
+                let (settings, layers) = &app.mirror_layout;
+                settings.monitors_for(monitors, *layers).map_err(|e| {
+                    ApiError::invalid_param("mirror_sd.monitor_options", e.to_string())
+                })?;
+            }
             let (events, receiver) = unbounded_channel();
             let (guard, cancel) = CancelOnDrop::new();
             app.queue.submit(Job {
@@ -369,14 +377,10 @@ fn default_method_for(app: &App, parsed: &ParsedRequest) -> Method {
 }
 
 /// The first thing `parsed` asks for that only the batched engine does (several choices,
-/// log-probabilities, monitors, tools): the field that asked, and what it is.
+/// tools): the field that asked, and what it is.
 fn batch_feature(parsed: &ParsedRequest) -> Option<(&'static str, &'static str)> {
     if parsed.choices > 1 {
         Some(("n", "n > 1 needs"))
-    } else if parsed.logprobs.is_some() {
-        Some(("logprobs", "log-probabilities need"))
-    } else if parsed.monitors.is_some() {
-        Some(("mirror_sd.monitors", "generation monitors need"))
     } else if parsed.tool_choice != ToolChoice::None {
         Some(("tools", "tool calls need"))
     } else {

@@ -20,6 +20,19 @@ pub fn batched_speculations() -> [mirror_sd::mirror_scheduler::Speculation; 3] {
     ]
 }
 
+/// The batched engine over `target` with `draft` for the draft-model speculation, default
+/// settings.
+pub fn engine_with_draft(
+    target: &std::sync::Arc<Model>,
+    draft: &std::sync::Arc<Model>,
+    tokenizer: Option<mirror_sd::mirror_core::Tokenizer>,
+) -> mirror_sd::mirror_scheduler::EngineHandle {
+    use mirror_sd::mirror_scheduler::{BatchSettings, EngineHandle};
+    let (target, draft) = (std::sync::Arc::clone(target), std::sync::Arc::clone(draft));
+    EngineHandle::spawn_with_draft(target, draft, tokenizer, BatchSettings::default())
+        .expect("spawn the batched engine")
+}
+
 use std::path::PathBuf;
 
 /// Runs candle's matmuls single-threaded in this test binary (`RAYON_NUM_THREADS=1` unless the

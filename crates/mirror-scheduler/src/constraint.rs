@@ -158,6 +158,11 @@ impl LazyCompiler {
         }
     }
 
+    /// The tokenizer it compiles for, if any.
+    pub fn tokenizer(&self) -> Option<&Tokenizer> {
+        self.tokenizer.as_ref()
+    }
+
     /// Compiles `constraint` (see [`ConstraintCompiler::compile`]), building the compiler
     /// first if need be.
     pub fn compile(&self, constraint: &Constraint) -> Result<ConstraintState> {

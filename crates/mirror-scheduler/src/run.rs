@@ -9,9 +9,17 @@ use mirror_core::{KvCache, Model};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use crate::error::{Error, Result};
-use crate::generation::{FinishReason, Generation, GenerationConfig, StopSet, StreamControl};
+use crate::generation::{
+    token_logprobs, FinishReason, Generation, GenerationConfig, StopSet, StreamControl,
+    TokenLogprob,
+};
+use crate::monitor::MonitorSet;
 use crate::stats::Stats;
 use crate::window::{DraftWindow, Verdict};
+
+/// Where a one-sequence generation streams its committed tokens, with their log-probabilities
+/// when asked for (else an empty slice).
+pub(crate) type OnTokens<'a> = &'a mut dyn FnMut(&[u32], &[TokenLogprob]) -> StreamControl;
 
 /// One generation in progress, as every strategy starts it: the prompt checked, the target's
 /// cache sized, statistics, the committed output and the random generator of verification.
@@ -26,6 +34,12 @@ pub(crate) struct Run<'a> {
     pub seq: Vec<u32>,
     /// Tokens of `seq` that are the prompt.
     prompt_len: usize,
+    /// Alternatives per token when log-probabilities were asked for.
+    logprobs_top: Option<usize>,
+    /// The committed tokens' log-probabilities, when asked for.
+    logprobs: Vec<TokenLogprob>,
+    /// The monitors, for the strategies that feed them ([`Run::monitor`]).
+    monitors: Option<MonitorSet>,
 }
 
 impl<'a> Run<'a> {
@@ -37,21 +51,9 @@ impl<'a> Run<'a> {
         config: &GenerationConfig,
         gamma: usize,
         rng_seed: u64,
-        on_tokens: &'a mut dyn FnMut(&[u32]) -> StreamControl,
+        on_tokens: OnTokens<'a>,
     ) -> Result<Self> {
         let started = Instant::now();
-        if config.logprobs.is_some() {
-            return Err(Error::InvalidConfig(
-                "log-probabilities come from the batched engine (EngineHandle); the one-sequence \
-                 decoders do not return them"
-                    .into(),
-            ));
-        }
-        if config.monitors.is_some() {
-            return Err(Error::BatchedOnly {
-                feature: "generation monitors",
-            });
-        }
         check_penalties(config, target)?;
         let capacity = capacity_for(target, prompt, config, gamma)?;
         Ok(Self {
@@ -62,7 +64,43 @@ impl<'a> Run<'a> {
             cache: target.new_cache(1, capacity)?,
             seq: prompt.to_vec(),
             prompt_len: prompt.len(),
+            logprobs_top: config.logprobs,
+            logprobs: Vec::new(),
+            monitors: None,
         })
+    }
+
+    /// Refuses log-probabilities and monitors (for the decoders that do not read them: they
+    /// run on the batched engine, and under Mirror).
+    pub fn refuse_observers(config: &GenerationConfig) -> Result<()> {
+        if config.logprobs.is_some() {
+            return Err(Error::InvalidConfig(
+                "log-probabilities come from the batched engine (EngineHandle) and Mirror; this \
+                 decoder does not return them"
+                    .into(),
+            ));
+        }
+        if config.monitors.is_some() {
+            return Err(Error::BatchedOnly {
+                feature: "generation monitors",
+            });
+        }
+        Ok(())
+    }
+
+    /// Feeds `monitors` every committed token ([`Run::commit_observed`]).
+    pub fn monitor(&mut self, monitors: MonitorSet) {
+        self.monitors = Some(monitors);
+    }
+
+    /// Whether commits need the target's raw rows (log-probabilities or monitors).
+    pub fn observes(&self) -> bool {
+        self.logprobs_top.is_some() || self.monitors.is_some()
+    }
+
+    /// The layer whose hidden states the monitors read, if any.
+    pub fn hidden_layer(&self) -> Option<usize> {
+        self.monitors.as_ref()?.hidden_layer()
     }
 
     /// Refuses a constraint (for the decoders that do not apply one).
@@ -110,15 +148,52 @@ impl<'a> Run<'a> {
     /// [`crate::constraint::ConstraintState::settle`]). The cache keeps the rows of every
     /// committed token but the last: the one before the window at `base`, then the window's.
     pub fn commit_kept(&mut self, base: usize, new: Vec<u32>) -> Vec<u32> {
+        self.commit_observed(base, new, &[], &[])
+    }
+
+    /// [`Run::commit_kept`], token `j` of `new` chosen at `rows[j]` (the target's raw logits,
+    /// before penalties and constraint) with the monitored layer's state `hidden[j]`: the
+    /// monitors see the tokens the output takes (under early stop a firing rule cuts `new`
+    /// after its token and ends the generation), and log-probabilities are read when asked.
+    pub fn commit_observed(
+        &mut self,
+        base: usize,
+        mut new: Vec<u32>,
+        rows: &[Vec<f32>],
+        hidden: &[Vec<f32>],
+    ) -> Vec<u32> {
+        let taken = self.progress.output.accepts(&new);
+        let stopped = match self.monitors.as_mut() {
+            Some(monitors) => monitors.observe_committed(&mut new, taken, rows, hidden),
+            None => false,
+        };
+        let logprobs = match self.logprobs_top {
+            Some(top) => token_logprobs(rows, &new, top),
+            None => Vec::new(),
+        };
         self.cache.truncate(base + new.len());
         self.seq.extend_from_slice(&new);
-        self.progress.commit(&new);
+        let before = self.progress.output.tokens.len();
+        self.progress.commit(&new, &logprobs);
+        let committed = self.progress.output.tokens.len() - before;
+        self.logprobs
+            .extend_from_slice(&logprobs[..committed.min(logprobs.len())]);
+        if stopped {
+            self.progress
+                .output
+                .finish
+                .get_or_insert(FinishReason::Monitor);
+        }
         new
     }
 
     /// Closes the generation.
     pub fn finish(self) -> Generation {
-        self.progress.finish(self.stats, self.started)
+        let mut generation = self.progress.finish(self.stats, self.started);
+        generation.logprobs = self.logprobs;
+        let stopped = generation.finish_reason == FinishReason::Monitor;
+        generation.monitors = self.monitors.map(|m| m.report(stopped));
+        generation
     }
 }
 
@@ -216,15 +291,11 @@ impl Output {
 /// The committed output of one generation, streamed to a callback as it grows.
 pub(crate) struct Progress<'a> {
     pub output: Output,
-    on_tokens: &'a mut dyn FnMut(&[u32]) -> StreamControl,
+    on_tokens: OnTokens<'a>,
 }
 
 impl<'a> Progress<'a> {
-    pub fn new(
-        config: &GenerationConfig,
-        target: &Model,
-        on_tokens: &'a mut dyn FnMut(&[u32]) -> StreamControl,
-    ) -> Self {
+    pub fn new(config: &GenerationConfig, target: &Model, on_tokens: OnTokens<'a>) -> Self {
         Self {
             output: Output::new(config, target),
             on_tokens,
@@ -236,11 +307,13 @@ impl<'a> Progress<'a> {
     }
 
     /// Commits `new` tokens in order, stopping at a stop token or the length limit, and streams
-    /// them. Returns true while generation should go on.
-    pub fn commit(&mut self, new: &[u32]) -> bool {
+    /// them with theirs of `logprobs` (one per token of `new`, or none). Returns true while
+    /// generation should go on.
+    pub fn commit(&mut self, new: &[u32], logprobs: &[TokenLogprob]) -> bool {
         let committed = self.output.push(new);
+        let logprobs = &logprobs[..logprobs.len().min(committed.len())];
         if !committed.is_empty()
-            && (self.on_tokens)(committed) == StreamControl::Stop
+            && (self.on_tokens)(committed, logprobs) == StreamControl::Stop
             && self.output.finish.is_none()
         {
             self.output.finish = Some(FinishReason::Cancelled);

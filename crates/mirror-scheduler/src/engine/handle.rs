@@ -171,10 +171,9 @@ impl EngineHandle {
     fn boundaries(&self, config: &GenerationConfig) -> Option<BoundaryTokens> {
         config.monitors.as_ref()?;
         let tokenizer = self.shared.tokenizer.as_ref()?;
-        let vocab = self.shared.target.vocab_size() as u32;
-        let texts = || (0..vocab).map(|id| tokenizer.decode(&[id], false).unwrap_or_default());
+        let vocab = self.shared.target.vocab_size();
         (self.shared.boundaries)
-            .get_or_init(|| Some(BoundaryTokens::from_texts(texts())))
+            .get_or_init(|| Some(BoundaryTokens::of_tokenizer(tokenizer, vocab)))
             .clone()
     }
 

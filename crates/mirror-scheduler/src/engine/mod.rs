@@ -26,7 +26,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{unbounded, Receiver};
 
 use crate::error::{Error, Result};
-use crate::generation::{Generation, GenerationConfig, StreamControl};
+use crate::generation::{Generation, GenerationConfig, StreamControl, TokenLogprob};
 use crate::strategy::Decoder;
 use mirror_core::{ChatMessage, Tokenizer, Tool};
 
@@ -154,15 +154,32 @@ impl Engine {
         config: &GenerationConfig,
         mut on_text: impl FnMut(&str) -> StreamControl,
     ) -> Result<Generation> {
+        self.generate_streamed(prompt, config, |piece, _| match piece.is_empty() {
+            true => StreamControl::Continue,
+            false => on_text(piece),
+        })
+    }
+
+    /// [`Engine::generate_with`], each piece of text with the log-probabilities of the tokens
+    /// committed with it when the decoder streams them ([`Decoder::generate_streamed`]). A
+    /// piece is empty when its tokens' bytes end inside a character (the text follows with the
+    /// next piece) and only their log-probabilities come.
+    pub fn generate_streamed<'a>(
+        &mut self,
+        prompt: impl Into<Prompt<'a>>,
+        config: &GenerationConfig,
+        mut on_text: impl FnMut(&str, &[TokenLogprob]) -> StreamControl,
+    ) -> Result<Generation> {
         let prompt = self.encode(prompt)?;
         let config = self.with_eos(config);
         let mut text = IncrementalText::new(Arc::clone(&self.tokenizer));
-        let mut on_tokens = |new: &[u32]| match text.push(new) {
-            Some(piece) => on_text(&piece),
+        let mut on_tokens = |new: &[u32], logprobs: &[TokenLogprob]| match text.push(new) {
+            Some(piece) => on_text(&piece, logprobs),
+            None if !logprobs.is_empty() => on_text("", logprobs),
             None => StreamControl::Continue,
         };
         let decoder = self.decoder_mut()?;
-        let mut generation = decoder.generate_with(&prompt, &config, &mut on_tokens)?;
+        let mut generation = decoder.generate_streamed(&prompt, &config, &mut on_tokens)?;
         generation.text = Some(self.tokenizer.decode(&generation.tokens, true)?);
         Ok(generation)
     }

@@ -276,6 +276,27 @@ impl MonitorSet {
         }
     }
 
+    /// Feeds the monitors the first `taken` tokens of `committed` (those the output takes),
+    /// token `j` chosen at raw `rows[j]` with hidden state `hidden[j]` (if captured). Under
+    /// early stop a firing rule cuts `committed` after its token and returns true.
+    pub fn observe_committed(
+        &mut self,
+        committed: &mut Vec<u32>,
+        taken: usize,
+        rows: &[Vec<f32>],
+        hidden: &[Vec<f32>],
+    ) -> bool {
+        let taken = taken.min(committed.len());
+        for (j, (&token, row)) in committed[..taken].iter().zip(rows).enumerate() {
+            let state = hidden.get(j).map(Vec::as_slice);
+            if self.observe_logits(token, row, state).is_some() {
+                committed.truncate(j + 1);
+                return true;
+            }
+        }
+        false
+    }
+
     /// The layer whose output hidden states the monitors read (see
     /// [`MonitorConfig::hidden_layer`]), if any.
     pub fn hidden_layer(&self) -> Option<usize> {

@@ -45,6 +45,14 @@ impl BoundaryTokens {
         Self(flags.into())
     }
 
+    /// From `tokenizer`'s text of each id below `vocab_size` (an id it cannot decode is not a
+    /// boundary). Decodes the whole vocabulary: build it once per model.
+    pub fn of_tokenizer(tokenizer: &mirror_core::Tokenizer, vocab_size: usize) -> Self {
+        let texts =
+            (0..vocab_size as u32).map(|id| tokenizer.decode(&[id], false).unwrap_or_default());
+        Self::from_texts(texts)
+    }
+
     /// Whether `token` is a boundary (an id past the table is not).
     pub fn contains(&self, token: u32) -> bool {
         self.0.get(token as usize).copied().unwrap_or(false)

@@ -6,7 +6,7 @@ use mirror_core::Model;
 
 use super::Decoder;
 use crate::error::Result;
-use crate::generation::{Generation, GenerationConfig, StreamControl};
+use crate::generation::{Generation, GenerationConfig, StreamControl, TokenLogprob};
 use crate::run::{next_token, Run};
 use crate::stats::time_phase;
 
@@ -38,7 +38,9 @@ impl Decoder for Autoregressive {
         on_tokens: &mut dyn FnMut(&[u32]) -> StreamControl,
     ) -> Result<Generation> {
         Run::refuse_constraint(config)?;
-        let mut run = Run::begin(&self.target, prompt, config, 0, config.seed, on_tokens)?;
+        Run::refuse_observers(config)?;
+        let mut stream = |tokens: &[u32], _: &[TokenLogprob]| on_tokens(tokens);
+        let mut run = Run::begin(&self.target, prompt, config, 0, config.seed, &mut stream)?;
         let mut logits = self.target.next_token_logits(prompt, &mut run.cache)?;
         run.stats.time.prefill = run.started.elapsed();
         loop {
@@ -48,7 +50,7 @@ impl Decoder for Autoregressive {
                 [logits] = rows;
             }
             let token = next_token(&logits, &config.sampling, &mut run.rng);
-            if !run.progress.commit(&[token]) || !run.has_room() {
+            if !run.progress.commit(&[token], &[]) || !run.has_room() {
                 break;
             }
             logits = time_phase(&mut run.stats.time.target_prefix, || {

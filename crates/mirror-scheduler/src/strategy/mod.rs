@@ -15,7 +15,7 @@ use std::sync::Arc;
 use mirror_core::Model;
 
 use crate::error::Result;
-use crate::generation::{Generation, GenerationConfig, StreamControl};
+use crate::generation::{Generation, GenerationConfig, StreamControl, TokenLogprob};
 
 /// A decoding strategy over a target model.
 pub trait Decoder: Send {
@@ -33,6 +33,19 @@ pub trait Decoder: Send {
         config: &GenerationConfig,
         on_tokens: &mut dyn FnMut(&[u32]) -> StreamControl,
     ) -> Result<Generation>;
+
+    /// [`Decoder::generate_with`], streaming each batch of committed tokens with their
+    /// log-probabilities when [`GenerationConfig::logprobs`] asks for them. The decoders that
+    /// return log-probabilities ([`crate::Mirror`]) stream them here; by default none are
+    /// streamed (an empty slice).
+    fn generate_streamed(
+        &mut self,
+        prompt: &[u32],
+        config: &GenerationConfig,
+        on_tokens: &mut dyn FnMut(&[u32], &[TokenLogprob]) -> StreamControl,
+    ) -> Result<Generation> {
+        self.generate_with(prompt, config, &mut |tokens| on_tokens(tokens, &[]))
+    }
 
     /// Generates after `prompt`.
     fn generate(&mut self, prompt: &[u32], config: &GenerationConfig) -> Result<Generation> {

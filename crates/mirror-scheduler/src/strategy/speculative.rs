@@ -15,7 +15,7 @@ use crate::adaptive::{Offer, WindowChooser};
 use crate::draft::lookup::LookupConfig;
 use crate::draft::Drafter;
 use crate::error::{Error, Result};
-use crate::generation::{Generation, GenerationConfig, StreamControl};
+use crate::generation::{Generation, GenerationConfig, StreamControl, TokenLogprob};
 use crate::host::host_rows;
 use crate::run::Run;
 use crate::seed::mix;
@@ -159,7 +159,9 @@ impl Decoder for SpeculativeDecoding {
         let gamma = self.settings.gamma;
         let seed = mix(config.seed, 1);
         Run::refuse_constraint(config)?;
-        let mut run = Run::begin(&self.target, prompt, config, gamma, seed, on_tokens)?;
+        Run::refuse_observers(config)?;
+        let mut stream = |tokens: &[u32], _: &[TokenLogprob]| on_tokens(tokens);
+        let mut run = Run::begin(&self.target, prompt, config, gamma, seed, &mut stream)?;
         // Prefill: the target and the draft cache everything but the prompt's last token.
         let n = run.seq.len();
         if n > 1 {

@@ -272,14 +272,7 @@ impl Sequence {
             return false;
         };
         let taken = self.output.accepts(committed);
-        for (j, (&token, row)) in committed[..taken].iter().zip(rows).enumerate() {
-            let state = hidden.get(j).map(Vec::as_slice);
-            if monitors.observe_logits(token, row, state).is_some() {
-                committed.truncate(j + 1);
-                return true;
-            }
-        }
-        false
+        monitors.observe_committed(committed, taken, rows, hidden)
     }
 
     /// The layer whose hidden states this sequence's monitors read this step, if any (none in

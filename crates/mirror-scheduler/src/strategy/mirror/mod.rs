@@ -26,7 +26,7 @@ mod target;
 mod tree_draft;
 mod worker;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use mirror_core::{Model, Tokenizer};
@@ -36,7 +36,8 @@ use crate::constraint::LazyCompiler;
 use crate::draft::{Drafter, InjectedFault};
 use crate::error::Result;
 use crate::generation::{FinishReason, Generation, GenerationConfig, StreamControl};
-use crate::run::Run;
+use crate::monitor::{BoundaryTokens, MonitorConfig, MonitorSet};
+use crate::run::{OnTokens, Run};
 use crate::seed::mix;
 use crate::stats::time_phase;
 use crate::strategy::settings::{check_pair, speculative_setters};
@@ -138,6 +139,7 @@ impl MirrorBuilder {
             .map_or(0, |head| head.config().tokens);
         Ok(Mirror {
             constraints: self.constraints,
+            boundaries: OnceLock::new(),
             worker: DraftWorker::spawn(drafter, settings.schedule)?,
             side: TargetSide {
                 target: self.target,
@@ -157,6 +159,8 @@ pub struct Mirror {
     worker: DraftWorker,
     settings: MirrorSettings,
     constraints: LazyCompiler,
+    /// The monitors' boundary tokens, decoded at the first monitored generation.
+    boundaries: OnceLock<Option<BoundaryTokens>>,
 }
 
 impl Mirror {
@@ -202,6 +206,22 @@ impl Decoder for Mirror {
         config: &GenerationConfig,
         on_tokens: &mut dyn FnMut(&[u32]) -> StreamControl,
     ) -> Result<Generation> {
+        self.generate_streamed(prompt, config, &mut |tokens, _| on_tokens(tokens))
+    }
+
+    /// Log-probabilities and monitors read the target's final rows of each verified window
+    /// (raw logits, before penalties and the constraint), and the latent monitor the early-exit
+    /// tap's states: its layer is the tap's, `l_e` (another is an `InvalidConfig`).
+    fn generate_streamed(
+        &mut self,
+        prompt: &[u32],
+        config: &GenerationConfig,
+        on_tokens: OnTokens<'_>,
+    ) -> Result<Generation> {
+        let monitors = match &config.monitors {
+            Some(monitors) => Some(self.monitor_set(monitors)?),
+            None => None,
+        };
         let (side, worker) = (&self.side, &mut self.worker);
         let gamma = side.gamma;
         let mut run = Run::begin(
@@ -212,6 +232,12 @@ impl Decoder for Mirror {
             mix(config.seed, 1),
             on_tokens,
         )?;
+        if let Some(monitors) = monitors {
+            run.monitor(monitors);
+        }
+        // The raw rows are copied apart only where penalties or the grammar change them.
+        let copies_raw =
+            run.observes() && (!config.penalties.is_neutral() || config.constraint.is_some());
         let mut grammar = match &config.constraint {
             Some(constraint) => Some(self.constraints.compile(constraint)?),
             None => None,
@@ -256,6 +282,11 @@ impl Decoder for Mirror {
             run.stats.target_passes += 1;
 
             // Verify and learn.
+            let raw = copies_raw.then(|| rows.clone());
+            let hidden = match run.hidden_layer() {
+                Some(_) => side.exit_rows(&tapped)?,
+                None => Vec::new(),
+            };
             run.penalize(config, &mut rows, &window.tokens);
             for (row, mask) in rows.iter_mut().zip(masks.iter().flatten()) {
                 mask.apply(row);
@@ -286,7 +317,7 @@ impl Decoder for Mirror {
                 let kept = time_phase(&mut run.stats.time.constraint, || grammar.settle(&new))?;
                 new.truncate(kept);
             }
-            run.commit_kept(tapped.base, new);
+            run.commit_observed(tapped.base, new, raw.as_ref().unwrap_or(&rows), &hidden);
             if grammar.as_ref().is_some_and(|g| g.is_stopped()) {
                 // Complete: nothing may follow (its end token, if any, is committed).
                 run.progress.output.finish.get_or_insert(FinishReason::Stop);
@@ -296,6 +327,24 @@ impl Decoder for Mirror {
             step += 1;
         }
         Ok(run.finish())
+    }
+}
+
+impl Mirror {
+    /// The monitors of `config` ([`MirrorSettings::monitors_for`]), with the boundary tokens of
+    /// the tokenizer the builder was given, if any.
+    fn monitor_set(&self, config: &MonitorConfig) -> Result<MonitorSet> {
+        let layers = self.side.target.num_layers();
+        let config = self.settings.monitors_for(config, layers)?;
+        let vocab = self.side.target.vocab_size();
+        let boundaries = self
+            .boundaries
+            .get_or_init(|| {
+                let tokenizer = self.constraints.tokenizer()?;
+                Some(BoundaryTokens::of_tokenizer(tokenizer, vocab))
+            })
+            .clone();
+        Ok(MonitorSet::new(&config, boundaries, layers))
     }
 }
 

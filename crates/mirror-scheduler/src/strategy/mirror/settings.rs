@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::monitor::MonitorConfig;
 use crate::strategy::settings::SpeculativeSettings;
 
 /// Default of [`DraftSchedule::Anytime`]'s `branches_per_pass` (BENCHMARKS.md, "Branches per
@@ -108,6 +109,29 @@ impl Default for MirrorSettings {
 }
 
 impl MirrorSettings {
+    /// `monitors` as Mirror runs them on a target of `num_layers` layers, checked: the latent
+    /// trajectory reads the early-exit tap's states, so its layer defaults to the tap's, `l_e`,
+    /// and any other is an `InvalidConfig`.
+    pub fn monitors_for(
+        &self,
+        monitors: &MonitorConfig,
+        num_layers: usize,
+    ) -> Result<MonitorConfig> {
+        let tap = self.early_exit.resolve(num_layers)?;
+        let mut monitors = monitors.clone();
+        if let Some(latent) = monitors.latent_trajectory.as_mut() {
+            let layer = *latent.layer.get_or_insert(tap);
+            if layer != tap {
+                return Err(Error::InvalidConfig(format!(
+                    "under Mirror the latent trajectory reads the early-exit tap's layer {tap}, \
+                     not {layer}: leave latent_trajectory.layer unset or set it to {tap}"
+                )));
+            }
+        }
+        monitors.check(num_layers).map_err(Error::InvalidConfig)?;
+        Ok(monitors)
+    }
+
     /// Checks every knob but the early exit (which needs the target's depth).
     pub(crate) fn check(&self) -> Result<()> {
         self.speculative.check()?;

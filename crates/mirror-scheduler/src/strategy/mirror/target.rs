@@ -91,6 +91,12 @@ impl TargetSide {
         })
     }
 
+    /// The hidden states after layer `l_e` at each window row, on the host (what the latent
+    /// monitor reads under Mirror: the tap's own states, no extra forward).
+    pub fn exit_rows(&self, tapped: &Tapped) -> Result<Vec<Vec<f32>>> {
+        host_rows(&tapped.exit_states)
+    }
+
     /// Suffix: the target's layers `[l_e, N)` and its final distributions, while the draft
     /// drafts the tree.
     pub fn suffix(&self, cache: &mut KvCache, tapped: &Tapped) -> Result<Vec<Vec<f32>>> {
