@@ -8,7 +8,8 @@
 //! lookahead tokens): the same context, the same draft logits (rows are batch-invariant), the
 //! same seeds ([`choose_draft_token`]). Under adaptive windows a sequence drafts one token more
 //! than the batch's allocation kept of its last window, so that the draft's work follows what
-//! the target's step can use; verification is exact whatever the length.
+//! the target's step can use, and no deeper than the depth priced with the draft's own measured
+//! forwards ([`plan_draft_depth`]); verification is exact whatever the length.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +18,7 @@ use mirror_core::sampling::SamplingParams;
 use mirror_core::{Model, RaggedSequence};
 
 use super::sequence::{Phase, Sequence};
+use crate::adaptive::batch::{plan_draft_depth, DraftPlanOffer, StepCost};
 use crate::adaptive::WindowPolicy;
 use crate::draft::choose_draft_token;
 use crate::error::{Error, Result};
@@ -55,22 +57,87 @@ fn draft_params(config: &GenerationConfig, speculation: Speculation) -> Sampling
     }
 }
 
+/// What the draft phase works with: the draft, how windows are sized, and the measured cost
+/// lines of the target's steps and of the draft's forwards (the latter recorded here).
+pub(super) struct DraftPhase<'a> {
+    pub draft: &'a Model,
+    pub policy: WindowPolicy,
+    pub prefill_chunk: usize,
+    pub target_cost: &'a StepCost,
+    pub draft_cost: &'a mut StepCost,
+}
+
+/// The depth every drafting sequence drafts to this step, priced with both cost lines
+/// ([`plan_draft_depth`]); `None` (no limit) under fixed windows or before both lines have a
+/// measured step.
+fn planned_depth(phase: &DraftPhase<'_>, running: &[Sequence]) -> Option<usize> {
+    if phase.policy != WindowPolicy::Adaptive {
+        return None;
+    }
+    let (target, draft) = (phase.target_cost, &*phase.draft_cost);
+    target.seconds(1)?;
+    draft.seconds(1)?;
+    let decoding: Vec<&Sequence> = running
+        .iter()
+        .filter(|s| matches!(s.phase, Phase::Decode) && !s.done())
+        .collect();
+    let offers: Vec<DraftPlanOffer> = decoding
+        .iter()
+        .filter_map(|s| {
+            let Speculation::Draft { gamma, .. } = s.speculation else {
+                return None;
+            };
+            let side = s.draft.as_ref()?;
+            let common = side
+                .tokens
+                .iter()
+                .zip(&s.seq)
+                .take_while(|(a, b)| a == b)
+                .count();
+            // A draft that fell behind while not drafting catches up once, not every step:
+            // priced as a step's catch-up at most (the last token and an accepted window), so
+            // that a pause in drafting does not make resuming look ever dearer.
+            let behind = s.seq.len() - common.min(s.seq.len().saturating_sub(1));
+            Some(DraftPlanOffer {
+                rate: s.acceptance.rate(),
+                tokens: gamma.min(window_room(&s.cache.cache)),
+                catch_up: behind.min(gamma + 1),
+            })
+        })
+        .collect();
+    let rows = decoding.len();
+    Some(plan_draft_depth(
+        rows,
+        rows as f64,
+        &offers,
+        |r| target.seconds(r).unwrap_or(f64::EPSILON),
+        |r| draft.seconds(r).unwrap_or(f64::EPSILON),
+    ))
+}
+
 /// Runs the draft phase over `running` (see the module docs). Sequences whose draft forward
 /// fails are marked failed; the others go on.
-pub(super) fn draft_phase(
-    draft: &Model,
-    running: &mut [Sequence],
-    policy: WindowPolicy,
-    prefill_chunk: usize,
-) {
+pub(super) fn draft_phase(phase: DraftPhase<'_>, running: &mut [Sequence]) {
+    let depth = planned_depth(&phase, running);
+    let DraftPhase {
+        draft,
+        policy,
+        prefill_chunk,
+        draft_cost,
+        ..
+    } = phase;
     let mut feeds = Vec::new();
     let mut growing = Vec::new();
     for (index, sequence) in running.iter_mut().enumerate() {
         if sequence.done() {
             continue;
         }
-        if let Some(feed) = first_feed(index, sequence, draft, policy, prefill_chunk, &mut growing)
-        {
+        let limits = Limits {
+            policy,
+            prefill_chunk,
+            depth,
+        };
+        if let Some(feed) = first_feed(index, sequence, draft, limits, &mut growing) {
             feeds.push(feed);
         }
     }
@@ -90,6 +157,10 @@ pub(super) fn draft_phase(
             }
         };
         let busy = started.elapsed();
+        // Prompt chunks price prefill, not drafting: only forwards that propose are timed.
+        if feeds.iter().all(|f| f.proposes) {
+            draft_cost.record(feeds.iter().map(|f| f.tokens.len()).sum(), busy);
+        }
         let proposing = feeds.iter().filter(|f| f.proposes).count().max(1);
         let mut next = Vec::new();
         for (feed, rows_logits) in feeds.iter().zip(logits) {
@@ -125,14 +196,27 @@ pub(super) fn draft_phase(
 /// The first feed of `sequence`: its next prompt chunk while its draft cache prefills, or, in
 /// decode, the committed tokens its draft cache lacks (at least the last one, whose logits start
 /// the window), with its window registered in `growing`.
+/// How far a sequence's first feed may go: its prompt chunk, and its window under the policy
+/// and the planned depth.
+#[derive(Clone, Copy)]
+struct Limits {
+    policy: WindowPolicy,
+    prefill_chunk: usize,
+    depth: Option<usize>,
+}
+
 fn first_feed(
     index: usize,
     sequence: &mut Sequence,
     draft: &Model,
-    policy: WindowPolicy,
-    prefill_chunk: usize,
+    limits: Limits,
     growing: &mut Vec<Growing>,
 ) -> Option<Feed> {
+    let Limits {
+        policy,
+        prefill_chunk,
+        depth,
+    } = limits;
     let Speculation::Draft { gamma, .. } = sequence.speculation else {
         return None;
     };
@@ -169,6 +253,8 @@ fn first_feed(
                 if let Some(kept) = side.last_kept {
                     count = count.min(kept + 1);
                 }
+                // Where the draft's forwards cost more than their tokens save, none run.
+                count = count.min(depth.unwrap_or(count));
             }
             if count == 0 {
                 return None;

@@ -51,6 +51,8 @@ pub(crate) struct BatchCore {
     draft_prefix: PrefixStore,
     /// Measured step time by row count: the price of a row in the next step.
     step_cost: StepCost,
+    /// The draft's forward time by rows, measured while it drafts.
+    draft_cost: StepCost,
     waiting: VecDeque<Waiting>,
     running: Vec<Sequence>,
 }
@@ -72,6 +74,7 @@ impl BatchCore {
             draft,
             pool: KvPool::new(settings.kv_budget_bytes),
             step_cost: StepCost::default(),
+            draft_cost: StepCost::default(),
             settings,
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -152,8 +155,14 @@ impl BatchCore {
         self.admit();
         self.expire();
         if let Some(draft) = &self.draft {
-            let (policy, chunk) = (self.settings.window, self.settings.prefill_chunk);
-            drafting::draft_phase(draft, &mut self.running, policy, chunk);
+            let phase = drafting::DraftPhase {
+                draft,
+                policy: self.settings.window,
+                prefill_chunk: self.settings.prefill_chunk,
+                target_cost: &self.step_cost,
+                draft_cost: &mut self.draft_cost,
+            };
+            drafting::draft_phase(phase, &mut self.running);
         }
         let report = self.schedule();
         if report.rows > 0 {
