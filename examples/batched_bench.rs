@@ -26,7 +26,7 @@ use clap::{Parser, ValueEnum};
 use mirror_sd::mirror_core::{ChatMessage, Model, Tokenizer};
 use mirror_sd::mirror_scheduler::{
     BatchSettings, EngineHandle, EngineLoad, Event, Generation, GenerationConfig, LookupConfig,
-    Prompt, SequenceRequest, Speculation, SpeculativeSettings,
+    MirrorSettings, Prompt, SequenceRequest, Speculation, SpeculativeSettings,
 };
 use serde_json::json;
 
@@ -42,7 +42,8 @@ enum Method {
     /// Lookup, then the draft model (not batched yet).
     #[value(name = "sd+lookup")]
     SdLookup,
-    /// Mirror (not batched yet).
+    /// Mirror: windows of up to --gamma tokens, each sequence's tree drafted by its own draft
+    /// worker from the step's early-exit tap while the target runs its remaining layers.
     Mirror,
 }
 
@@ -75,6 +76,13 @@ struct Args {
     /// Most draft tokens per window (lookup, sd).
     #[arg(long, default_value_t = SpeculativeSettings::default().gamma)]
     gamma: usize,
+    /// Mirror's early-exit candidates per row (lowered as the batch grows, see
+    /// `MirrorSettings::batch_candidates`).
+    #[arg(long, default_value_t = MirrorSettings::default().kappa)]
+    kappa: usize,
+    /// Threads of Mirror's draft pool (default: the draft's own, as the target's).
+    #[arg(long)]
+    draft_threads: Option<usize>,
     /// Rows one step may take (default: every prompt at once).
     #[arg(long)]
     step_tokens: Option<usize>,
@@ -112,14 +120,28 @@ fn prompt(n: usize, seed: u32, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-/// One run of `batch` sequences: (prefill seconds, decode seconds, prompt tokens, new tokens).
+/// What one run of a batch gave.
+struct BatchRun {
+    prefill_s: f64,
+    decode_s: f64,
+    prompt_tokens: usize,
+    tokens: usize,
+    /// Windows verified and draft tokens accepted, over every sequence.
+    windows: usize,
+    accepted: usize,
+    /// Mirror: next windows taken whole or partly from a tree, and rolled out afresh.
+    reused: usize,
+    misses: usize,
+}
+
+/// One run of `batch` sequences.
 fn run_batch(
     engine: &EngineHandle,
     prompts: &[Vec<u32>],
     batch: usize,
     args: &Args,
     speculation: Speculation,
-) -> Result<(f64, f64, usize, usize), String> {
+) -> Result<BatchRun, String> {
     let config = GenerationConfig {
         max_new_tokens: args.new_tokens,
         stop_at_eos: false,
@@ -146,9 +168,20 @@ fn run_batch(
         .iter()
         .map(|g| g.stats.time.total.as_secs_f64())
         .fold(0.0, f64::max);
-    let tokens = generations.iter().map(|g| g.tokens.len()).sum();
-    let prompt_tokens = (0..batch).map(|b| prompts[b % prompts.len()].len()).sum();
-    Ok((prefill, total - prefill, prompt_tokens, tokens))
+    let sum = |f: &dyn Fn(&Generation) -> usize| generations.iter().map(f).sum::<usize>();
+    Ok(BatchRun {
+        prefill_s: prefill,
+        decode_s: total - prefill,
+        prompt_tokens: (0..batch).map(|b| prompts[b % prompts.len()].len()).sum(),
+        tokens: sum(&|g| g.tokens.len()),
+        windows: sum(&|g| g.stats.windows),
+        accepted: sum(&|g| {
+            let histogram = &g.stats.accepted_histogram;
+            histogram.iter().enumerate().map(|(a, n)| a * n).sum()
+        }),
+        reused: sum(&|g| g.stats.reuse_hits + g.stats.reuse_partials),
+        misses: sum(&|g| g.stats.reuse_misses),
+    })
 }
 
 /// What a method runs as in the batched engine.
@@ -163,9 +196,10 @@ fn speculation_of(method: Method, gamma: usize) -> Result<Speculation, String> {
             gamma,
             greedy_draft: false,
         }),
-        other => Err(format!(
-            "--methods {other:?} is not batched yet: the batched engine runs ar, lookup and sd"
-        )),
+        Method::Mirror => Ok(Speculation::Mirror { gamma }),
+        Method::SdLookup => {
+            Err("--methods sd+lookup is not batched yet (ar, lookup, sd and mirror are)".into())
+        }
     }
 }
 
@@ -323,9 +357,15 @@ fn run(args: Args) -> Result<(), String> {
         prefill_chunk: longest,
         prefix_cache: false,
         window: args.window.policy(),
+        mirror: MirrorSettings {
+            kappa: args.kappa,
+            draft_threads: args.draft_threads,
+            ..MirrorSettings::default()
+        },
         ..BatchSettings::default()
     };
-    let engine = if args.methods.contains(&Method::Sd) {
+    let drafts = args.methods.contains(&Method::Sd) || args.methods.contains(&Method::Mirror);
+    let engine = if drafts {
         let draft_options =
             common::load_options(args.pair.draft_weights(), &device, args.threads, None)?;
         let draft_source = common::resolve_source(&args.pair.draft)?;
@@ -340,11 +380,15 @@ fn run(args: Args) -> Result<(), String> {
         for (&method, &speculation) in args.methods.iter().zip(&speculations) {
             run_batch(&engine, &prompts, batch, &args, speculation)?;
             let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+            let (mut windows, mut accepted, mut reused, mut misses) = (0, 0, 0, 0);
             for _ in 0..args.repeats.max(1) {
-                let (p, d, prompt_tokens, tokens) =
-                    run_batch(&engine, &prompts, batch, &args, speculation)?;
-                prefill.push(prompt_tokens as f64 / p);
-                decode.push(tokens as f64 / d);
+                let run = run_batch(&engine, &prompts, batch, &args, speculation)?;
+                prefill.push(run.prompt_tokens as f64 / run.prefill_s);
+                decode.push(run.tokens as f64 / run.decode_s);
+                windows += run.windows;
+                accepted += run.accepted;
+                reused += run.reused;
+                misses += run.misses;
             }
             let name = match method {
                 Method::Ar => "ar",
@@ -358,12 +402,17 @@ fn run(args: Args) -> Result<(), String> {
                 "method": name,
                 "prefill_tok_s": common::median(prefill),
                 "decode_tok_s": common::median(decode),
+                "accepted_per_window": accepted as f64 / windows.max(1) as f64,
+                "tree_reuse": reused as f64 / (reused + misses).max(1) as f64,
             });
             if !args.json {
                 println!(
-                    "B={batch:>3}  {name:<7} prefill {:>8.1} tok/s  decode {:>7.2} tok/s",
+                    "B={batch:>3}  {name:<7} prefill {:>8.1} tok/s  decode {:>7.2} tok/s  \
+                     accepted/window {:.2}  tree reuse {:.2}",
                     row["prefill_tok_s"].as_f64().unwrap_or(0.0),
-                    row["decode_tok_s"].as_f64().unwrap_or(0.0)
+                    row["decode_tok_s"].as_f64().unwrap_or(0.0),
+                    row["accepted_per_window"].as_f64().unwrap_or(0.0),
+                    row["tree_reuse"].as_f64().unwrap_or(0.0),
                 );
             }
             rows.push(row);

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use mirror_core::sampling::SamplingParams;
 use mirror_core::{load, LoadOptions, Model, ModelSource, Tokenizer};
 use mirror_sd::mirror_scheduler::{
-    Autoregressive, BatchSettings, Decoder, EngineHandle, Error, Event, FinishReason,
-    GenerationConfig, LookupConfig, SequenceRequest, Speculation, SpeculativeDecoding,
-    WindowPolicy,
+    Autoregressive, BatchSettings, Decoder, DraftSchedule, EngineHandle, Error, Event,
+    FinishReason, GenerationConfig, LookupConfig, SequenceRequest, Speculation,
+    SpeculativeDecoding, WindowPolicy,
 };
 
 const PROMPTS: [&str; 8] = [
@@ -55,6 +55,11 @@ fn drafted() -> Speculation {
 /// call), which the target agrees with often enough that whole windows are accepted too.
 fn draft_of(target: &Model) -> Arc<Model> {
     Arc::new(target.truncated(26).expect("self-draft"))
+}
+
+/// Mirror windows, drafted by each sequence's worker over the engine's draft model.
+fn mirrored() -> Speculation {
+    Speculation::Mirror { gamma: 4 }
 }
 
 /// An engine with the self-speculative draft.
@@ -98,6 +103,9 @@ fn alone(target: &Arc<Model>, request: &SequenceRequest) -> Vec<u32> {
                 .build()
                 .unwrap(),
         ),
+        // Greedy Mirror output is the target's alone (its sampled output is checked for its
+        // distribution in `tests/sampling.rs`).
+        Speculation::Mirror { .. } => Box::new(Autoregressive::new(Arc::clone(target))),
     };
     decoder
         .generate(&request.prompt, &request.config)
@@ -146,6 +154,65 @@ fn requests(tokenizer: &Tokenizer) -> Vec<SequenceRequest> {
             }
         })
         .collect()
+}
+
+#[test]
+fn mirror_sequences_in_a_batch_equal_the_target_alone() {
+    // Five Mirror sequences of different prompt lengths beside plain, lookup and drafted ones,
+    // greedy: each equals its autoregressive output alone, at batch 1, 3 (joining and leaving
+    // mid-batch, anytime drafting) and 8 (full-grid drafting), with kappa lowered as the batch
+    // grows.
+    let Some((target, tokenizer)) = smollm2() else {
+        return;
+    };
+    let requests: Vec<SequenceRequest> = (0..8)
+        .map(|i| SequenceRequest {
+            speculation: match i {
+                1 => Speculation::None,
+                4 => lookup(),
+                6 => drafted(),
+                _ => mirrored(),
+            },
+            ..SequenceRequest::new(
+                tokenizer.encode(PROMPTS[i], true).unwrap(),
+                GenerationConfig::greedy(10 + 2 * i),
+            )
+        })
+        .collect();
+    let expected: Vec<Vec<u32>> = requests.iter().map(|r| alone(&target, r)).collect();
+    for batch in [1, 3, 8] {
+        let mut settings = BatchSettings {
+            max_batch: batch,
+            ..BatchSettings::default()
+        };
+        settings.mirror.batch_candidates = 16;
+        // The full grid makes reuse certain; anytime drafting (batch 3) stops at the target's
+        // pace, which the machine decides.
+        let full = batch != 3;
+        if full {
+            settings.mirror.schedule = DraftSchedule::FullGrid;
+        }
+        let engine = engine_with_draft(&target, settings);
+        let streams: Vec<_> = (requests.iter())
+            .map(|r| engine.submit(r.clone()).unwrap())
+            .collect();
+        let mut hits = 0;
+        for (i, stream) in streams.into_iter().enumerate() {
+            let out = stream.wait().unwrap();
+            assert_eq!(out.tokens, expected[i], "batch {batch}, sequence {i}");
+            if requests[i].speculation == mirrored() {
+                assert!(
+                    out.stats.branches_planned > 0,
+                    "sequence {i} planned no tree"
+                );
+                hits += out.stats.reuse_hits + out.stats.reuse_partials;
+            }
+        }
+        assert!(
+            !full || hits > 0,
+            "batch {batch}: no window came from a tree"
+        );
+    }
 }
 
 #[test]

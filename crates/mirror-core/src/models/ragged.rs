@@ -54,9 +54,25 @@ impl Model {
         sequences: &mut [RaggedSequence<'_>],
         capture: &[Option<usize>],
     ) -> Result<(Vec<Vec<Vec<f32>>>, Vec<Vec<Vec<f32>>>)> {
-        let mut captured: Vec<Vec<Vec<f32>>> = vec![Vec::new(); sequences.len()];
         if sequences.is_empty() {
-            return Ok((Vec::new(), captured));
+            return Ok((Vec::new(), Vec::new()));
+        }
+        self.begin_ragged(sequences, capture)?.finish()
+    }
+
+    /// A ragged forward run layer range by layer range: [`RaggedPass::run_to`] a depth,
+    /// [`RaggedPass::tap`] the rows there (the early-exit tap of Mirror-SD), then
+    /// [`RaggedPass::finish`]. Running it to the end gives the same bits as
+    /// [`Model::forward_ragged_capturing`], whatever depths were tapped on the way.
+    pub fn begin_ragged<'m, 's, 'a>(
+        &'m self,
+        sequences: &'s mut [RaggedSequence<'a>],
+        capture: &[Option<usize>],
+    ) -> Result<RaggedPass<'m, 's, 'a>> {
+        if sequences.is_empty() {
+            return Err(Error::invalid(
+                "a ragged forward needs at least one sequence",
+            ));
         }
         if let Some(&layer) = capture
             .iter()
@@ -88,14 +104,85 @@ impl Model {
         let rows = tokens.len();
         let hidden = self.embed(&[&tokens])?;
         let positions = Tensor::from_vec(positions, (1, rows), self.device())?;
-        let hidden = self.run(|| {
-            let (cos, sin) = self.rope.tables(&positions)?;
-            let mut x = hidden;
-            for (index, layer) in self.layers.iter().enumerate() {
-                x = layer.forward(&x, Kernels::Fused, |attn, h| {
-                    let (q, k, v) = attn.project_qkv(h, &self.rope, &cos, &sin, Kernels::Fused)?;
+        let (cos, sin) = self.run(|| self.rope.tables(&positions))?;
+        Ok(RaggedPass {
+            model: self,
+            captured: vec![Vec::new(); sequences.len()],
+            sequences,
+            spans,
+            capture: capture.to_vec(),
+            cos,
+            sin,
+            hidden,
+            depth: 0,
+        })
+    }
+
+    /// A sequence's share must be non-empty, fit its cache, and match this model.
+    fn check_ragged(&self, sequence: &RaggedSequence<'_>) -> Result<()> {
+        let cache = &sequence.cache;
+        if sequence.tokens.is_empty() {
+            return Err(Error::invalid("a ragged sequence needs at least one token"));
+        }
+        if cache.batch() != 1 || cache.num_layers() != self.num_layers() {
+            return Err(Error::invalid(format!(
+                "a ragged sequence needs a cache of batch 1 and {} layers, got batch {} and {} layers",
+                self.num_layers(),
+                cache.batch(),
+                cache.num_layers()
+            )));
+        }
+        if cache.len() + sequence.tokens.len() > cache.capacity() {
+            return Err(Error::invalid(format!(
+                "{} tokens do not fit after {} cached rows (capacity {})",
+                sequence.tokens.len(),
+                cache.len(),
+                cache.capacity()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A ragged forward in progress (see [`Model::begin_ragged`]): the hidden states of every row
+/// after the first [`RaggedPass::depth`] layers.
+pub struct RaggedPass<'m, 's, 'a> {
+    model: &'m Model,
+    sequences: &'s mut [RaggedSequence<'a>],
+    spans: Vec<Span>,
+    capture: Vec<Option<usize>>,
+    captured: Vec<Vec<Vec<f32>>>,
+    cos: Tensor,
+    sin: Tensor,
+    hidden: Tensor,
+    depth: usize,
+}
+
+impl RaggedPass<'_, '_, '_> {
+    /// Layers run so far.
+    pub fn depth(&self) -> usize {
+        self.depth
+    }
+
+    /// Runs layers `[depth, layer)` over every row (nothing when `layer <= depth`).
+    pub fn run_to(&mut self, layer: usize) -> Result<()> {
+        let model = self.model;
+        if layer > model.num_layers() {
+            return Err(Error::invalid(format!(
+                "layer {layer} is past the model's {} layers",
+                model.num_layers()
+            )));
+        }
+        let (from, spans, capture) = (self.depth, &self.spans, &self.capture);
+        let (sequences, captured) = (&mut *self.sequences, &mut self.captured);
+        let (cos, sin) = (&self.cos, &self.sin);
+        let mut x = self.hidden.clone();
+        x = model.run(|| {
+            for index in from..layer {
+                x = model.layers[index].forward(&x, Kernels::Fused, |attn, h| {
+                    let (q, k, v) = attn.project_qkv(h, &model.rope, cos, sin, Kernels::Fused)?;
                     let mut heads = Vec::with_capacity(spans.len());
-                    for (sequence, span) in sequences.iter_mut().zip(&spans) {
+                    for (sequence, span) in sequences.iter_mut().zip(spans) {
                         let rows_of = |t: &Tensor| -> Result<Tensor> {
                             Ok(t.narrow(2, span.offset, span.len)?.contiguous()?)
                         };
@@ -123,56 +210,63 @@ impl Model {
             }
             Ok(x)
         })?;
-        let wanted: Vec<usize> = sequences
+        self.hidden = x;
+        self.depth = self.depth.max(layer);
+        Ok(())
+    }
+
+    /// The final norm and LM head over the rows of the sequences `tapped` (indices into the
+    /// pass's sequences) at the current depth: per tapped sequence, the logits of its fed rows
+    /// as host vectors. After layer `l < N` this is the early-exit tap.
+    pub fn tap(&self, tapped: &[usize]) -> Result<Vec<Vec<Vec<f32>>>> {
+        if let Some(&i) = tapped.iter().find(|&&i| i >= self.spans.len()) {
+            return Err(Error::invalid(format!(
+                "sequence {i} is not in a pass of {}",
+                self.spans.len()
+            )));
+        }
+        let rows: Vec<usize> = tapped
             .iter()
-            .zip(&spans)
+            .flat_map(|&i| self.spans[i].offset..self.spans[i].offset + self.spans[i].len)
+            .collect();
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut logits = (self.model.logits_at(&self.hidden, &rows)?)
+            .squeeze(0)?
+            .to_vec2::<f32>()?
+            .into_iter();
+        Ok(tapped
+            .iter()
+            .map(|&i| logits.by_ref().take(self.spans[i].len).collect())
+            .collect())
+    }
+
+    /// Runs the remaining layers and returns, per sequence, the logits of its fed rows when it
+    /// asked for them, and the hidden states it asked to capture.
+    #[allow(clippy::type_complexity)]
+    pub fn finish(mut self) -> Result<(Vec<Vec<Vec<f32>>>, Vec<Vec<Vec<f32>>>)> {
+        self.run_to(self.model.num_layers())?;
+        let wanted: Vec<usize> = (self.sequences.iter())
+            .zip(&self.spans)
             .filter(|(sequence, _)| sequence.logits)
             .flat_map(|(_, span)| span.offset..span.offset + span.len)
             .collect();
         let mut logits = if wanted.is_empty() {
             Vec::new()
         } else {
-            self.logits_at(&hidden, &wanted)?
+            (self.model.logits_at(&self.hidden, &wanted)?)
                 .squeeze(0)?
                 .to_vec2::<f32>()?
         }
         .into_iter();
-        let logits = sequences
-            .iter()
-            .zip(&spans)
-            .map(|(sequence, span)| {
-                if sequence.logits {
-                    logits.by_ref().take(span.len).collect()
-                } else {
-                    Vec::new()
-                }
+        let logits = (self.sequences.iter())
+            .zip(&self.spans)
+            .map(|(sequence, span)| match sequence.logits {
+                true => logits.by_ref().take(span.len).collect(),
+                false => Vec::new(),
             })
             .collect();
-        Ok((logits, captured))
-    }
-
-    /// A sequence's share must be non-empty, fit its cache, and match this model.
-    fn check_ragged(&self, sequence: &RaggedSequence<'_>) -> Result<()> {
-        let cache = &sequence.cache;
-        if sequence.tokens.is_empty() {
-            return Err(Error::invalid("a ragged sequence needs at least one token"));
-        }
-        if cache.batch() != 1 || cache.num_layers() != self.num_layers() {
-            return Err(Error::invalid(format!(
-                "a ragged sequence needs a cache of batch 1 and {} layers, got batch {} and {} layers",
-                self.num_layers(),
-                cache.batch(),
-                cache.num_layers()
-            )));
-        }
-        if cache.len() + sequence.tokens.len() > cache.capacity() {
-            return Err(Error::invalid(format!(
-                "{} tokens do not fit after {} cached rows (capacity {})",
-                sequence.tokens.len(),
-                cache.len(),
-                cache.capacity()
-            )));
-        }
-        Ok(())
+        Ok((logits, self.captured))
     }
 }

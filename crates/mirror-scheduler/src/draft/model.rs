@@ -58,6 +58,13 @@ impl DraftModel {
         Ok(())
     }
 
+    /// Drafts in `cache` from now on (the next [`DraftModel::reset`] clears it, and keeps it
+    /// when it has the capacity asked for).
+    pub fn set_cache(&mut self, cache: KvCache) {
+        self.cache = Some(cache);
+        self.cached.clear();
+    }
+
     pub fn cache(&mut self) -> Result<&mut KvCache> {
         self.cache
             .as_mut()

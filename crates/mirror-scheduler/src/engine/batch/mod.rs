@@ -15,14 +15,17 @@
 //! equals the sequence's output alone.
 
 mod drafting;
+mod forward;
+mod mirror;
 mod request;
+mod retire;
 mod sequence;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use mirror_core::{Model, RaggedSequence};
+use mirror_core::Model;
 
 use super::pool::{cache_bytes, KvPool};
 use super::prefix::PrefixStore;
@@ -33,8 +36,9 @@ use crate::generation::FinishReason;
 use crate::run::{capacity_for, check_penalties};
 use crate::strategy::settings::check_pair;
 use crate::window::DraftWindow;
+use mirror::MirrorShared;
 use request::{check_speculation, gamma_of, shared_prompt_refused, Lent};
-use sequence::{new_sequence, settle_all, Phase, Sequence};
+use sequence::{new_sequence, Phase, Sequence};
 
 pub use request::{BatchSettings, EngineLoad, SequenceRequest, Speculation, StepReport};
 pub(crate) use request::{Fork, Sink, Waiting};
@@ -44,6 +48,8 @@ pub(crate) struct BatchCore {
     target: Arc<Model>,
     /// The draft model of sequences that draft with one ([`Speculation::Draft`]).
     draft: Option<Arc<Model>>,
+    /// What Mirror sequences share ([`Speculation::Mirror`]), when there is a draft model.
+    mirror: Option<MirrorShared>,
     settings: BatchSettings,
     pool: KvPool,
     prefix: PrefixStore,
@@ -67,7 +73,12 @@ impl BatchCore {
         if let Some(draft) = &draft {
             check_pair(&target, draft)?;
         }
+        let mirror = match &draft {
+            Some(draft) => Some(MirrorShared::new(&target, draft, settings.mirror)?),
+            None => None,
+        };
         Ok(Self {
+            mirror,
             prefix: PrefixStore::new(Some(&target)),
             draft_prefix: PrefixStore::new(draft.as_deref()),
             target,
@@ -111,15 +122,27 @@ impl BatchCore {
         let draft = self.draft_of(waiting);
         capacities
             .iter()
-            .map(|&c| cache_bytes(&self.target, c) + draft.map_or(0, |d| cache_bytes(d, c)))
+            .map(|&c| {
+                cache_bytes(&self.target, c)
+                    + draft
+                        .as_ref()
+                        .map_or(0, |(d, extra)| cache_bytes(d, c + extra))
+            })
             .sum()
     }
 
-    /// The draft model, when `waiting`'s sequences draft with it.
-    fn draft_of(&self, waiting: &Waiting) -> Option<&Arc<Model>> {
-        self.draft
-            .as_ref()
-            .filter(|_| waiting.request.speculation.uses_draft_model())
+    /// The draft model, when `waiting`'s sequences draft with it, and the rows their draft
+    /// caches take beyond the target's (a Mirror sequence's tree).
+    fn draft_of(&self, waiting: &Waiting) -> Option<(Arc<Model>, usize)> {
+        let speculation = waiting.request.speculation;
+        match (&self.draft, &self.mirror) {
+            (Some(draft), _) if speculation.uses_draft_model() => Some((Arc::clone(draft), 0)),
+            (_, Some(mirror)) if speculation.is_mirror() => Some((
+                Arc::clone(&mirror.draft),
+                mirror.extra_rows(gamma_of(&waiting.request)),
+            )),
+            _ => None,
+        }
     }
 
     fn capacities(&self, waiting: &Waiting) -> Result<Vec<usize>> {
@@ -164,6 +187,11 @@ impl BatchCore {
             };
             drafting::draft_phase(phase, &mut self.running);
         }
+        if let Some(shared) = &self.mirror {
+            for sequence in &mut self.running {
+                sequence.prepare_mirror(shared);
+            }
+        }
         let report = self.schedule();
         if report.rows > 0 {
             if let Err(e) = self.forward_and_settle() {
@@ -190,7 +218,7 @@ impl BatchCore {
             if self.running.len() + wanted > self.settings.max_batch && !self.running.is_empty() {
                 break;
             }
-            let draft = self.draft_of(next).cloned();
+            let draft = self.draft_of(next);
             let lent = self.capacities(next).and_then(|c| self.lend_all(&c, draft));
             let caches = match lent {
                 Ok(Some(caches)) => caches,
@@ -217,12 +245,15 @@ impl BatchCore {
     fn lend_all(
         &mut self,
         capacities: &[usize],
-        draft: Option<Arc<Model>>,
+        draft: Option<(Arc<Model>, usize)>,
     ) -> Result<Option<Vec<Lent>>> {
         let needed: u64 = capacities
             .iter()
             .map(|&c| {
-                cache_bytes(&self.target, c) + draft.as_ref().map_or(0, |d| cache_bytes(d, c))
+                cache_bytes(&self.target, c)
+                    + draft
+                        .as_ref()
+                        .map_or(0, |(d, extra)| cache_bytes(d, c + extra))
             })
             .sum();
         while self.pool.free() < needed {
@@ -238,7 +269,8 @@ impl BatchCore {
         }
         let mut lent: Vec<Lent> = Vec::with_capacity(capacities.len());
         for &capacity in capacities {
-            match self.lend_one(capacity, draft.as_deref()) {
+            let draft = draft.as_ref().map(|(d, extra)| (&**d, capacity + extra));
+            match self.lend_one(capacity, draft) {
                 Ok(Some(one)) => lent.push(one),
                 other => {
                     for one in lent {
@@ -251,12 +283,17 @@ impl BatchCore {
         Ok(Some(lent))
     }
 
-    /// One sequence's caches of `capacity` rows (`None` while the pool cannot hold them).
-    fn lend_one(&mut self, capacity: usize, draft: Option<&Model>) -> Result<Option<Lent>> {
+    /// One sequence's caches of `capacity` rows, and its draft cache of the rows given with the
+    /// draft model (`None` while the pool cannot hold them).
+    fn lend_one(
+        &mut self,
+        capacity: usize,
+        draft: Option<(&Model, usize)>,
+    ) -> Result<Option<Lent>> {
         let Some(target) = self.pool.lend(&self.target, capacity)? else {
             return Ok(None);
         };
-        let draft = match draft.map(|model| self.pool.lend(model, capacity)) {
+        let draft = match draft.map(|(model, rows)| self.pool.lend(model, rows)) {
             None => None,
             Some(Ok(Some(cache))) => Some(cache),
             Some(other) => {
@@ -285,7 +322,10 @@ impl BatchCore {
         let mut reused = (0, 0);
         if self.settings.prefix_cache {
             let first = lent.first_mut()?;
-            let (target, draft) = (&mut first.target.cache, first.draft.as_mut());
+            // A Mirror sequence's draft cache is its worker's: it prefills there.
+            let drafts = waiting.request.speculation.uses_draft_model();
+            let draft = first.draft.as_mut().filter(|_| drafts);
+            let target = &mut first.target.cache;
             let copied = self
                 .prefix
                 .copy_longest(prompt, limit, target)
@@ -439,36 +479,6 @@ impl BatchCore {
         }
     }
 
-    /// The ragged forward over every offered row, then each sequence settles.
-    fn forward_and_settle(&mut self) -> Result<()> {
-        let mut offered: Vec<&mut Sequence> = self
-            .running
-            .iter_mut()
-            .filter(|s| !s.fed.is_empty())
-            .collect();
-        // Monitored decode rows also bring back a layer's hidden states (same forward).
-        let capture: Vec<Option<usize>> = offered.iter().map(|s| s.hidden_layer()).collect();
-        let mut inputs: Vec<RaggedSequence<'_>> = offered
-            .iter_mut()
-            .map(|s| RaggedSequence {
-                tokens: &s.fed,
-                logits: matches!(s.phase, Phase::Decode),
-                cache: &mut s.cache.cache,
-            })
-            .collect();
-        let rows: usize = inputs.iter().map(|i| i.tokens.len()).sum();
-        let target = &self.target;
-        let started = Instant::now();
-        let (logits, hidden) = match capture.iter().any(Option::is_some) {
-            true => target.forward_ragged_capturing(&mut inputs, &capture)?,
-            false => (target.forward_ragged(&mut inputs)?, Vec::new()),
-        };
-        self.step_cost.record(rows, started.elapsed());
-        drop(inputs);
-        settle_all(offered, logits, hidden);
-        Ok(())
-    }
-
     /// Forks whose prompt is cached now start decoding, each from a copy of the cache.
     fn spawn_forks(&mut self) {
         let mut spawned = Vec::new();
@@ -488,104 +498,6 @@ impl BatchCore {
             }
         }
         self.running.extend(spawned);
-    }
-
-    /// Finished, cancelled, expired and failed sequences leave; the prefix cache keeps the rows
-    /// of theirs it lacks, and their caches go back to the pool. A leaving sequence's pending
-    /// forks take over its prefill.
-    fn retire(&mut self) {
-        let mut index = 0;
-        while index < self.running.len() {
-            let sequence = &mut self.running[index];
-            // As a sequence alone: it ends when done, or at the context limit.
-            let leaving = sequence.done()
-                || (matches!(sequence.phase, Phase::Decode) && !sequence.has_room());
-            if !leaving {
-                index += 1;
-                continue;
-            }
-            let mut sequence = self.running.swap_remove(index);
-            if let Some(heir) = self.hand_over_forks(&mut sequence) {
-                self.running.push(heir);
-            }
-            let sink = sequence.sink.take();
-            let failed = sequence.failed.take();
-            let rows = sequence.cache.cache.len();
-            if self.settings.prefix_cache && failed.is_none() {
-                // Keeping rows only saves later prefills: a copy that fails keeps the tree as
-                // it was, the cache's bytes are back in the pool either way, and the
-                // sequence's output stands.
-                let pool = &mut self.pool;
-                let _ = self
-                    .prefix
-                    .insert(&sequence.seq[..rows], sequence.cache, pool);
-                if let Some(draft) = sequence.draft {
-                    let _ = (self.draft_prefix).insert(&draft.tokens, draft.cache, pool);
-                }
-            } else {
-                self.pool.give_back(sequence.cache);
-                if let Some(draft) = sequence.draft {
-                    self.pool.give_back(draft.cache);
-                }
-            }
-            let result = match failed {
-                Some(e) => Err(e),
-                None => {
-                    let mut generation = sequence.output.finish(sequence.stats, sequence.started);
-                    generation.logprobs = sequence.logprobs;
-                    let stopped = generation.finish_reason == FinishReason::Monitor;
-                    generation.monitors = sequence.monitors.map(|m| m.report(stopped));
-                    Ok(generation)
-                }
-            };
-            if let Some(sink) = sink {
-                sink.finish(result);
-            }
-        }
-    }
-
-    /// A sequence leaving before its forks started: the first fork carries on with its prefill
-    /// (from a copy of what is cached so far), with the others as its own forks.
-    fn hand_over_forks(&mut self, sequence: &mut Sequence) -> Option<Sequence> {
-        if sequence.forks.is_empty() {
-            return None;
-        }
-        let mut forks = std::mem::take(&mut sequence.forks).into_iter();
-        let (fork, lent) = forks.next()?;
-        // A failed step may have left the cache half-written: the heir starts over then.
-        let prompt_rows = sequence.prompt_len() - 1;
-        let rows = if sequence.failed.is_some() {
-            0
-        } else {
-            sequence.cache.cache.len().min(prompt_rows)
-        };
-        let mut heir = sequence.fork(fork, lent, rows, &self.target);
-        heir.forks = forks.collect();
-        heir.stats.prefix_cached_tokens = sequence.stats.prefix_cached_tokens;
-        heir.decode_once_prefilled();
-        Some(heir)
-    }
-
-    /// Ends every sequence, running or waiting, with `error()` (the engine is shutting down).
-    pub fn abandon(&mut self, error: impl Fn() -> Error) {
-        for waiting in self.waiting.drain(..) {
-            waiting.fail(error(), &error);
-        }
-        for mut sequence in std::mem::take(&mut self.running) {
-            if let Some(sink) = sequence.sink.take() {
-                sink.finish(Err(error()));
-            }
-            for (fork, lent) in std::mem::take(&mut sequence.forks) {
-                fork.sink.finish(Err(error()));
-                self.give_back(lent);
-            }
-            self.give_back(Lent {
-                target: sequence.cache,
-                draft: sequence.draft.map(|d| d.cache),
-            });
-        }
-        self.prefix.clear(&mut self.pool);
-        self.draft_prefix.clear(&mut self.pool);
     }
 }
 

@@ -12,6 +12,7 @@ use crate::draft::lookup::LookupConfig;
 use crate::error::{Error, Result};
 use crate::generation::{Generation, GenerationConfig, StreamControl, TokenLogprob};
 use crate::monitor::BoundaryTokens;
+use crate::strategy::mirror::MirrorSettings;
 
 /// The batched engine's settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -43,6 +44,10 @@ pub struct BatchSettings {
     /// Under a constraint, propose the tokens the grammar forces as the window (default on);
     /// off, they are decoded one target pass each, as any token (for comparison).
     pub forced_drafts: bool,
+    /// The settings of Mirror sequences ([`Speculation::Mirror`]): early-exit layer, kappa and
+    /// its lowering with the batch ([`MirrorSettings::batch_candidates`]), drafting schedule,
+    /// lookup and the draft's threads. Their windows' length is the sequence's own `gamma`.
+    pub mirror: MirrorSettings,
 }
 
 impl Default for BatchSettings {
@@ -56,6 +61,7 @@ impl Default for BatchSettings {
             prefill_slowdown: 4.0,
             window: WindowPolicy::Adaptive,
             forced_drafts: true,
+            mirror: MirrorSettings::default(),
         }
     }
 }
@@ -78,6 +84,7 @@ impl BatchSettings {
                 self.prefill_slowdown
             )));
         }
+        self.mirror.check()?;
         if self.kv_budget_bytes == 0 {
             return Err(Error::InvalidConfig(
                 "kv_budget_bytes must be at least 1".into(),
@@ -113,12 +120,27 @@ pub enum Speculation {
         /// [`crate::SpeculativeSettings::greedy_draft`].
         greedy_draft: bool,
     },
+    /// Mirror speculative decoding (as [`crate::Mirror`]), windows of up to `gamma` tokens: the
+    /// step's target forward taps its early exit for the sequence's rows, and the sequence's
+    /// draft worker (the engine's draft model on a thread of its own) drafts the hypothesis
+    /// tree while the target runs its remaining layers; the rest of its settings are
+    /// [`BatchSettings::mirror`]. The engine must have been started with a draft model.
+    Mirror {
+        /// Most draft tokens per window.
+        gamma: usize,
+    },
 }
 
 impl Speculation {
-    /// Whether the sequence needs the engine's draft model.
+    /// Whether the sequence drafts with the engine's draft model in the batch's draft phase
+    /// (vanilla SD; Mirror sequences draft on workers of their own).
     pub fn uses_draft_model(&self) -> bool {
         matches!(self, Speculation::Draft { .. })
+    }
+
+    /// Whether the sequence runs Mirror.
+    pub fn is_mirror(&self) -> bool {
+        matches!(self, Speculation::Mirror { .. })
     }
 }
 
@@ -237,7 +259,9 @@ pub struct StepReport {
 pub(crate) fn gamma_of(request: &SequenceRequest) -> usize {
     match request.speculation {
         Speculation::None => 0,
-        Speculation::Lookup { gamma, .. } | Speculation::Draft { gamma, .. } => gamma,
+        Speculation::Lookup { gamma, .. }
+        | Speculation::Draft { gamma, .. }
+        | Speculation::Mirror { gamma } => gamma,
     }
 }
 
@@ -249,7 +273,7 @@ pub(crate) fn check_speculation(speculation: Speculation, has_draft: bool) -> Re
             lookup.check()?;
             gamma
         }
-        Speculation::Draft { gamma, .. } => {
+        Speculation::Draft { gamma, .. } | Speculation::Mirror { gamma } => {
             if !has_draft {
                 return Err(Error::InvalidConfig(
                     "draft-model speculation needs an engine started with a draft model".into(),

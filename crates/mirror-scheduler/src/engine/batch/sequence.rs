@@ -8,6 +8,7 @@ use mirror_core::Model;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rayon::prelude::*;
 
+use super::mirror::{Context, MirrorShared, MirrorSide};
 use super::request::{gamma_of, Fork, Lent, SequenceRequest, Sink, Speculation};
 use crate::adaptive::TokenAcceptance;
 use crate::constraint::ConstraintState;
@@ -58,6 +59,8 @@ pub(crate) struct Sequence {
     pub(crate) acceptance: TokenAcceptance,
     /// The draft model's side, for a sequence that drafts with it.
     pub(crate) draft: Option<DraftSide>,
+    /// The draft worker's side, for a Mirror sequence.
+    pub(crate) mirror: Option<MirrorSide>,
     /// Decode steps settled so far (a drafted window's seed, as a sequence alone).
     pub(crate) decode_steps: u64,
     /// Where the sequence is in its constraint, if it has one.
@@ -97,6 +100,34 @@ impl Sequence {
         self.output.has_room(&self.cache.cache)
     }
 
+    /// Readies a Mirror sequence's draft worker and next window (see [`MirrorSide::prepare`]);
+    /// a failure fails the sequence.
+    pub(crate) fn prepare_mirror(&mut self, shared: &MirrorShared) {
+        if self.done() {
+            return;
+        }
+        let decoding = self.is_decoding();
+        let Some(side) = self.mirror.as_mut() else {
+            return;
+        };
+        let context = Context {
+            seq: &self.seq,
+            decoding,
+            config: &self.config,
+            stop: self.output.stop(),
+            position_limit: self.cache.cache.capacity(),
+            stats: &mut self.stats,
+        };
+        if let Err(e) = side.prepare(shared, context) {
+            self.failed = Some(e);
+        }
+    }
+
+    /// Whether it is past its prefill.
+    pub(crate) fn is_decoding(&self) -> bool {
+        matches!(self.phase, Phase::Decode)
+    }
+
     pub(crate) fn done(&self) -> bool {
         self.output.done() || self.failed.is_some()
     }
@@ -131,6 +162,13 @@ impl Sequence {
                         if let Some(draft) = self.draft.as_mut() {
                             self.window = std::mem::take(&mut draft.drafted);
                             self.window.truncate(budget - 1);
+                        }
+                    }
+                    Speculation::Mirror { .. } => {
+                        if let Some(mirror) = self.mirror.as_mut() {
+                            self.window = mirror.take_window();
+                            let room = window_room(&self.cache.cache).min(budget - 1);
+                            self.window.truncate(room);
                         }
                     }
                     Speculation::None => {}
@@ -192,8 +230,12 @@ impl Sequence {
                     self.stats.time.constraint += started.elapsed();
                 }
                 let plain = matches!(self.speculation, Speculation::None) && self.window.is_empty();
-                let committed = match plain {
-                    true => vec![next_token(&rows[0], &self.config.sampling, &mut self.rng)],
+                let seq_len = self.seq.len();
+                let (committed, verdict) = match plain {
+                    true => (
+                        vec![next_token(&rows[0], &self.config.sampling, &mut self.rng)],
+                        None,
+                    ),
                     false => {
                         let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
                         let rng = &mut self.rng;
@@ -208,13 +250,13 @@ impl Sequence {
                                 .record_window(self.window.len(), verdict.accepted);
                         }
                         if !self.window.is_empty() && !self.forced {
-                            if !self.speculation.uses_draft_model() {
+                            if matches!(self.speculation, Speculation::Lookup { .. }) {
                                 self.stats.lookup_windows += 1;
                             }
                             self.acceptance.record(self.window.len(), verdict.accepted);
                         }
                         self.cache.cache.truncate(base + 1 + verdict.accepted);
-                        verdict.committed(&self.window.tokens)
+                        (verdict.committed(&self.window.tokens), Some(verdict))
                     }
                 };
                 if let Some(draft) = self.draft.as_mut() {
@@ -246,6 +288,14 @@ impl Sequence {
                 if self.constraint.as_ref().is_some_and(|c| c.is_stopped()) {
                     // Complete: nothing may follow (its end token, if any, is committed).
                     self.output.finish.get_or_insert(FinishReason::Stop);
+                }
+                if let Some(verdict) = verdict {
+                    // A sequence that ends here abandons its tree: no next window is drafted.
+                    let done = self.done() || !self.has_room();
+                    if let Some(mirror) = self.mirror.as_mut() {
+                        let (window, stats) = (&self.window, &mut self.stats);
+                        mirror.settle(&rows, window, &verdict, seq_len, stats, done)?;
+                    }
                 }
                 Ok(())
             }
@@ -404,13 +454,20 @@ pub(crate) fn new_sequence(
     let rng_seed = match request.speculation {
         Speculation::None => request.config.seed,
         // As vanilla SD seeds its verification.
-        Speculation::Lookup { .. } | Speculation::Draft { .. } => mix(request.config.seed, 1),
+        Speculation::Lookup { .. } | Speculation::Draft { .. } | Speculation::Mirror { .. } => {
+            mix(request.config.seed, 1)
+        }
+    };
+    let (draft, mirror) = match (request.speculation, lent.draft) {
+        (Speculation::Mirror { gamma }, Some(cache)) => (None, Some(MirrorSide::new(gamma, cache))),
+        (_, draft) => (draft, None),
     };
     Sequence {
         output: Output::new(&request.config, target),
         seq: request.prompt,
         cache: lent.target,
-        draft: lent.draft.map(|cache| DraftSide {
+        mirror,
+        draft: draft.map(|cache| DraftSide {
             cache,
             tokens: Vec::new(),
             drafted: DraftWindow::default(),

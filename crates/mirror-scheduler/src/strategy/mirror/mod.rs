@@ -22,9 +22,9 @@
 
 pub mod plan;
 mod settings;
-mod target;
+pub(crate) mod target;
 mod tree_draft;
-mod worker;
+pub(crate) mod worker;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -129,14 +129,9 @@ impl MirrorBuilder {
             self.draft = Arc::new(Model::clone(&self.draft).with_threads(threads)?);
         }
         let early_exit_layer = settings.early_exit.resolve(self.target.num_layers())?;
-        let mut drafter = Drafter::new(Arc::clone(&self.draft));
+        let mut drafter = drafter_for(Arc::clone(&self.draft), &settings);
         drafter.model.fault = self.fault;
-        drafter.lookahead_confidence = settings.speculative.lookahead_confidence;
-        drafter.lookup = settings.speculative.lookup;
-        let draft_lookahead = self
-            .draft
-            .lookahead()
-            .map_or(0, |head| head.config().tokens);
+        let draft_lookahead = lookahead_tokens(&self.draft);
         Ok(Mirror {
             constraints: self.constraints,
             boundaries: OnceLock::new(),
@@ -151,6 +146,20 @@ impl MirrorBuilder {
             settings,
         })
     }
+}
+
+/// The drafter of Mirror's worker over `draft`, with `settings`' lookup and lookahead
+/// confidence.
+pub(crate) fn drafter_for(draft: Arc<Model>, settings: &MirrorSettings) -> Drafter {
+    let mut drafter = Drafter::new(draft);
+    drafter.lookahead_confidence = settings.speculative.lookahead_confidence;
+    drafter.lookup = settings.speculative.lookup;
+    drafter
+}
+
+/// Lookahead tokens a step of `draft` may propose beside its main token.
+pub(crate) fn lookahead_tokens(draft: &Model) -> usize {
+    draft.lookahead().map_or(0, |head| head.config().tokens)
 }
 
 /// Mirror speculative decoding: target and draft in parallel, with a hypothesis tree.
@@ -306,7 +315,7 @@ impl Decoder for Mirror {
 
             // Final rendezvous: the draft hands over the next window.
             let resolved = time_phase(&mut run.stats.time.wait_final, || tree.resolve(verdict))?;
-            record_resolution(&mut run, &resolved);
+            record_resolution(&mut run.stats, &resolved);
             // A step's whole time, exposed draft waits included, against its window length.
             let drafted = (!window.is_empty()).then_some(source);
             if !forced {
@@ -385,6 +394,7 @@ fn start(
         params,
         stop: run.progress.stop().clone(),
         gamma: side.gamma,
+        cache: None,
     })?;
     let prefill = worker.prefill(run.seq.clone())?;
     let n = run.seq.len();
@@ -401,8 +411,8 @@ fn start(
     Ok(first)
 }
 
-fn record_resolution(run: &mut Run, resolved: &Resolved) {
-    let stats = &mut run.stats;
+/// Counts a resolved tree in `stats`: the draft's work, what of it was hidden, and the reuse.
+pub(crate) fn record_resolution(stats: &mut crate::stats::Stats, resolved: &Resolved) {
     stats.record_draft(resolved.next.counters);
     stats.time.draft_hidden += resolved.busy_while_target_ran;
     stats.branches_completed += resolved.completed;

@@ -93,6 +93,11 @@ pub struct MirrorSettings {
     /// Under a constraint, propose the tokens the grammar forces as the window, before the
     /// draft's (default on).
     pub forced_drafts: bool,
+    /// In the batched engine, the early-exit candidates one step sends for all its Mirror
+    /// sequences together: a sequence's kappa is `batch_candidates / batch`, within
+    /// `1..=kappa` (default 64, the paper's schedule: kappa 8 at batch 8, 4 at 16, 2 at 32 and
+    /// 1 at 64). See [`MirrorSettings::kappa_at`].
+    pub batch_candidates: usize,
 }
 
 impl Default for MirrorSettings {
@@ -104,6 +109,7 @@ impl Default for MirrorSettings {
             schedule: DraftSchedule::default(),
             draft_threads: None,
             forced_drafts: true,
+            batch_candidates: 64,
         }
     }
 }
@@ -132,11 +138,22 @@ impl MirrorSettings {
         Ok(monitors)
     }
 
+    /// Candidates per row for a sequence in a step of `batch` Mirror sequences: kappa lowered
+    /// as the batch grows (`batch_candidates / batch`, within `1..=kappa`).
+    pub fn kappa_at(&self, batch: usize) -> usize {
+        (self.batch_candidates / batch.max(1)).clamp(1, self.kappa.max(1))
+    }
+
     /// Checks every knob but the early exit (which needs the target's depth).
     pub(crate) fn check(&self) -> Result<()> {
         self.speculative.check()?;
         if self.kappa == 0 {
             return Err(Error::InvalidConfig("kappa must be at least 1".into()));
+        }
+        if self.batch_candidates == 0 {
+            return Err(Error::InvalidConfig(
+                "batch_candidates must be at least 1".into(),
+            ));
         }
         if let DraftSchedule::Anytime {
             branches_per_pass: 0,

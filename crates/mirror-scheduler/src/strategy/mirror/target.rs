@@ -45,9 +45,7 @@ impl TargetSide {
     /// up to `1 + lookahead` rows (lookahead tokens the main row rejects keep their rows until
     /// the tree is resolved).
     pub fn tree_cache_rows(&self) -> usize {
-        let gamma = self.gamma;
-        let branches = self.kappa * (gamma + 1) + 1;
-        branches * gamma * (1 + self.draft_lookahead) + gamma + 2
+        tree_cache_rows(self.gamma, self.kappa, self.draft_lookahead)
     }
 
     /// Prefix and tap: the target runs its first `l_e` layers over the window, applies its
@@ -73,14 +71,7 @@ impl TargetSide {
         for (row, mask) in rows.iter_mut().zip(masks.into_iter().flatten()) {
             mask.apply(row);
         }
-        let top_k: Vec<Vec<(u32, f32)>> = rows
-            .iter()
-            .map(|row| {
-                let mut top = sampling::top_k_log_probs(row, self.kappa);
-                top.retain(|&(_, log_prob)| log_prob.is_finite());
-                top
-            })
-            .collect();
+        let top_k = candidates(&rows, self.kappa);
         let plan = plan_branches(&top_k, &window.tokens, acceptance);
         Ok(Tapped {
             base,
@@ -108,6 +99,40 @@ impl TargetSide {
     }
 }
 
+/// Rows of the draft's cache a tree may take beyond the sequence, for windows of `gamma`
+/// tokens, `kappa` candidates a row and a draft of `lookahead` lookahead tokens (see
+/// [`TargetSide::tree_cache_rows`]).
+pub(crate) fn tree_cache_rows(gamma: usize, kappa: usize, lookahead: usize) -> usize {
+    let branches = kappa * (gamma + 1) + 1;
+    branches * gamma * (1 + lookahead) + gamma + 2
+}
+
+/// The early-exit candidates of every tapped row: its top-`kappa` (token, log-prob) pairs,
+/// most likely first, without the tokens a mask ruled out.
+pub(crate) fn candidates(rows: &[Vec<f32>], kappa: usize) -> Vec<Vec<(u32, f32)>> {
+    rows.iter()
+        .map(|row| {
+            let mut top = sampling::top_k_log_probs(row, kappa);
+            top.retain(|&(_, log_prob)| log_prob.is_finite());
+            top
+        })
+        .collect()
+}
+
+/// The overlap mass Omega of the final distribution at the row that decided `verdict` on the
+/// early-exit candidates there.
+pub(crate) fn omega(rows: &[Vec<f32>], verdict: &Verdict, top_k: &[Vec<(u32, f32)>]) -> f64 {
+    let (Some(row), Some(candidates)) = (rows.get(verdict.accepted), top_k.get(verdict.accepted))
+    else {
+        return 0.0;
+    };
+    let final_probs: Vec<f32> = sampling::log_softmax(row)
+        .into_iter()
+        .map(f32::exp)
+        .collect();
+    overlap_mass(&final_probs, candidates)
+}
+
 /// The target's verdict on the window, and the overlap mass Omega of its distribution at the
 /// deciding row on the early-exit candidates there.
 pub(crate) fn verify(
@@ -119,10 +144,6 @@ pub(crate) fn verify(
 ) -> Result<(Verdict, f64)> {
     let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
     let verdict = verify_window(&refs, window, &config.sampling, &mut || rng.random())?;
-    let final_probs: Vec<f32> = sampling::log_softmax(&rows[verdict.accepted])
-        .into_iter()
-        .map(f32::exp)
-        .collect();
-    let omega = overlap_mass(&final_probs, &tapped.top_k[verdict.accepted]);
+    let omega = omega(rows, &verdict, &tapped.top_k);
     Ok((verdict, omega))
 }

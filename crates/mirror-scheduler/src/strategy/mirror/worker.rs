@@ -37,6 +37,9 @@ pub(crate) struct Reset {
     pub stop: StopSet,
     /// Tokens per window and per branch.
     pub gamma: usize,
+    /// A cache of `capacity` rows to draft in (the batched engine's, lent by its pool); `None`
+    /// keeps or allocates the worker's own.
+    pub cache: Option<mirror_core::KvCache>,
 }
 
 /// A window the draft proposed.
@@ -207,10 +210,16 @@ impl PendingTree {
 
     /// The target's verdict on the window: the draft hands over the next window.
     pub fn resolve(self, verdict: Verdict) -> Result<Resolved> {
+        self.send_verdict(verdict)?.wait()
+    }
+
+    /// Sends the target's verdict without waiting: the draft resolves the tree (and rolls out
+    /// afresh on a miss) while the caller goes on; the reply is the next window.
+    pub fn send_verdict(self, verdict: Verdict) -> Result<Pending<Resolved>> {
         if self.verdict.send(verdict).is_err() {
             return Err(WorkerFault::Exited.into());
         }
-        self.resolved.wait()
+        Ok(self.resolved)
     }
 }
 
@@ -270,6 +279,9 @@ impl Worker {
     fn reset(&mut self, reset: Reset) -> Result<()> {
         self.seq.clear();
         self.gamma = reset.gamma;
+        if let Some(cache) = reset.cache {
+            self.drafter.model.set_cache(cache);
+        }
         self.drafter.reset(
             reset.capacity,
             reset.position_limit,
