@@ -30,6 +30,12 @@ use crate::window::DraftWindow;
 
 use super::request::Speculation;
 
+/// Windows a drafting sequence drafts against the planner's price before the planner may stop
+/// its drafting: until then it drafts at least one token a step, to learn its acceptance (a
+/// pessimistic prior would otherwise keep a sequence that drafts well from ever drafting). They
+/// are counted as drafted, not as verified, so that a step that trims them ends the exploring.
+const EXPLORE_WINDOWS: usize = 3;
+
 /// What one sequence feeds the next draft forward.
 struct Feed {
     /// Index into the running sequences.
@@ -227,6 +233,7 @@ fn first_feed(
     let target_ready = sequence.cache.cache.len() + 1 >= seq_len;
     let side = sequence.draft.as_mut()?;
     side.drafted = DraftWindow::default();
+    side.exploring = false;
     if matches!(sequence.phase, Phase::Prefill) {
         let cached = side.tokens.len();
         let end = (seq_len - 1).min(cached + prefill_chunk);
@@ -253,8 +260,14 @@ fn first_feed(
                 if let Some(kept) = side.last_kept {
                     count = count.min(kept + 1);
                 }
-                // Where the draft's forwards cost more than their tokens save, none run.
-                count = count.min(depth.unwrap_or(count));
+                // Where the draft's forwards cost more than their tokens save, none run; but a
+                // sequence with too few windows to know its acceptance drafts one token, so that
+                // the planner prices it by evidence and not by its prior alone.
+                let exploring = side.explored < EXPLORE_WINDOWS;
+                let priced = depth.unwrap_or(count);
+                side.exploring = exploring && priced == 0;
+                side.explored += usize::from(side.exploring);
+                count = count.min(priced.max(usize::from(exploring)));
             }
             if count == 0 {
                 return None;

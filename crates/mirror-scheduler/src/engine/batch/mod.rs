@@ -466,8 +466,11 @@ impl BatchCore {
             .running
             .iter()
             .map(|s| DraftOffer {
-                // Forced tokens are always accepted.
-                rate: if s.forced { 1.0 } else { s.acceptance.rate() },
+                // Forced tokens are always accepted; an exploring window is kept whole.
+                rate: match s.forced || s.draft.as_ref().is_some_and(|d| d.exploring) {
+                    true => 1.0,
+                    false => s.acceptance.rate(),
+                },
                 tokens: s.window.len(),
             })
             .collect();

@@ -83,6 +83,11 @@ pub(crate) struct DraftSide {
     /// Draft tokens the batch's allocation kept of the last window (adaptive windows draft one
     /// more than that next time).
     pub last_kept: Option<usize>,
+    /// Windows drafted so far while the planner could not yet price the sequence's acceptance
+    /// (see `drafting`'s `EXPLORE_WINDOWS`), whether or not the step kept them.
+    pub explored: usize,
+    /// Whether the window drafted for the next step is one of those: the step keeps it whole.
+    pub exploring: bool,
 }
 
 impl DraftSide {
@@ -472,6 +477,8 @@ pub(crate) fn new_sequence(
             tokens: Vec::new(),
             drafted: DraftWindow::default(),
             last_kept: None,
+            explored: 0,
+            exploring: false,
         }),
         decode_steps: 0,
         constraint: None,
