@@ -217,7 +217,12 @@ impl GroupLayout {
         self.per_record
     }
 
-    fn record_start(&self, b: usize) -> usize {
+    /// Bytes of one record (a multiple of 64).
+    pub(crate) fn record_bytes(&self) -> usize {
+        self.record
+    }
+
+    pub(crate) fn record_start(&self, b: usize) -> usize {
         b / self.per_record * self.record
     }
 

@@ -157,11 +157,12 @@ unsafe fn shift_right(v: __m512i, by: usize) -> __m512i {
     }
 }
 
-/// Loads 64 bytes and prefetches further along the weights. The weights are read
-/// from memory once per call, and the kernels do too little work per byte for the hardware
-/// prefetcher alone to keep enough requests in flight. Distances and cache levels were tuned
-/// on the pair's 1.5B model with interleaved runs: for one activation row, prefetch 3 KB
-/// ahead into L2; for a tile of rows (more work per byte), 2 KB ahead into L1.
+/// Loads 64 bytes and, for a tile of rows, prefetches further along the weights. The weights
+/// are read from memory once per call, and the kernels do too little work per byte for the
+/// hardware prefetcher alone to keep enough requests in flight. Distances and cache levels were
+/// tuned on the pair's 1.5B model with interleaved runs: for a tile of rows (more work per
+/// byte), 2 KB ahead into L1; one row prefetches in [`load_streaming`] (Q4_K, Q5_K) or in
+/// whole records ([`prefetch_record`], the other types).
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, and `at` must be 64-byte aligned and valid for reading 64
@@ -171,12 +172,49 @@ unsafe fn load<const R: usize>(at: *const u8) -> __m512i {
     // SAFETY: AVX-512 F and 64 aligned readable bytes at `at` are the caller's contract; the
     // prefetch addresses are computed with `wrapping_add` and never dereferenced.
     unsafe {
-        if R == 1 {
-            _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(3072) as *const i8);
-        } else {
+        if R > 1 {
             _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(2048) as *const i8);
         }
         _mm512_load_si512(at as *const _)
+    }
+}
+
+/// [`load`] for the k-quants of four and five bits, whose records are one block of quants
+/// after a short meta: one row prefetches each line 3 KB ahead into L2. With both cores
+/// reading, this streamed Q4_K faster than [`prefetch_record`] (which is faster on one core).
+///
+/// # Safety
+/// As [`load`].
+#[inline(always)]
+unsafe fn load_streaming<const R: usize>(at: *const u8) -> __m512i {
+    // SAFETY: as `load`; the prefetch address is computed with `wrapping_add` and never
+    // dereferenced.
+    unsafe {
+        if R == 1 {
+            _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(3072) as *const i8);
+        }
+        load::<R>(at)
+    }
+}
+
+/// How far ahead of the block in hand a one-row tile prefetches its group's records. Q6_K
+/// and the 32-weight types interleave quants, high bits and meta in their records, a pattern
+/// the hardware prefetcher follows poorly: one core streamed Q6_K at 17 GB/s and Q5_0 at 17
+/// with a prefetch per load, 20-21 and 22 with whole records 4 KB ahead (AVX-512 Zen 5 class,
+/// `kbench`-style timing of the pair's matrices, one thread).
+const RECORD_AHEAD: usize = 4096;
+
+/// Prefetches part `part` of `parts` of the record [`RECORD_AHEAD`] bytes past block `b`'s in
+/// `group`: a group's records lie one after another, so these are the bytes of the blocks a
+/// few steps on, fetched as one stream whatever the record's inner layout.
+#[inline(always)]
+fn prefetch_record(group: *const u8, layout: &GroupLayout, b: usize, part: usize, parts: usize) {
+    let lines = layout.record_bytes() / 64;
+    let start = layout.record_start(b) + RECORD_AHEAD;
+    for line in part * lines / parts..(part + 1) * lines / parts {
+        // SAFETY: a prefetch reads nothing and cannot fault; the address is only computed
+        // (wrapping, so it may point past the group or the matrix).
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(group.wrapping_add(start + 64 * line) as *const i8) };
     }
 }
 
@@ -325,6 +363,10 @@ impl<'a, const R: usize> Tile<'a, R> {
         // loaded as such), and the activations' offsets inside each row.
         unsafe {
             let layout = self.layout;
+            if R == 1 {
+                let per = layout.blocks_per_record();
+                prefetch_record(self.group, layout, b, b % per, per);
+            }
             {
                 let meta = self.group.add(layout.meta_at(b));
                 let quants = self.group.add(layout.quants_at(b));
@@ -399,14 +441,14 @@ impl<'a, const R: usize> Tile<'a, R> {
             let mut big_b = [_mm512_setzero_si512(); R];
             for s in 0..8 {
                 let (high, high4) = if FIVE {
-                    let high = load::<R>(planes.add(64 * s));
+                    let high = load_streaming::<R>(planes.add(64 * s));
                     (high, _mm512_slli_epi16::<4>(high))
                 } else {
                     (_mm512_setzero_si512(), _mm512_setzero_si512())
                 };
                 let mut isum = [[_mm512_setzero_si512(); 2]; R];
                 for t in 0..4 {
-                    let chunk = load::<R>(quants.add(64 * (4 * s + t)));
+                    let chunk = load_streaming::<R>(quants.add(64 * (4 * s + t)));
                     let (lo, hi) = Self::nibbles::<FIVE>(chunk, high, high4, t);
                     for r in 0..R {
                         let at = self.q[r].add(b * 256 + 32 * s + 4 * t);
@@ -467,6 +509,9 @@ impl<'a, const R: usize> Tile<'a, R> {
             let mut big_a = [_mm512_setzero_si512(); R];
             let mut offset = [_mm512_setzero_si512(); R];
             for s in 0..8 {
+                if R == 1 {
+                    prefetch_record(self.group, layout, b, s, 8);
+                }
                 // Two bits per group at 2t: t = 0 and 1 need a left shift by 4 first.
                 let high_lo = load::<R>(planes.add(128 * s));
                 let high_hi = load::<R>(planes.add(128 * s + 64));
