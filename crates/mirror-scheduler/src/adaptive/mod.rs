@@ -110,6 +110,20 @@ impl TokenAcceptance {
         (self.accepted + ACCEPTANCE_PRIOR.0) / (self.judged + ACCEPTANCE_PRIOR.1)
     }
 
+    /// Decayed judged tokens so far: how much evidence the rate rests on.
+    pub fn judged(&self) -> f64 {
+        self.judged
+    }
+
+    /// A fresh estimate that starts from `other`'s rate as `weight` judged tokens of evidence
+    /// (a new sequence starting from what earlier sequences measured).
+    pub fn seeded_from(other: &TokenAcceptance, weight: f64) -> Self {
+        Self {
+            accepted: other.rate() * weight,
+            judged: weight,
+        }
+    }
+
     /// `1 + a + a^2 + ... + a^k`: tokens a window of `k` commits in expectation, the
     /// target's own token included.
     pub fn expected_tokens(&self, k: usize) -> f64 {
@@ -315,6 +329,20 @@ mod tests {
             accepted: rate * 1e12,
             judged: 1e12,
         }
+    }
+
+    #[test]
+    fn a_seeded_estimate_starts_at_the_pooled_rate_and_follows_its_own_windows() {
+        // Seeded from a pooled rate of 0.8 with 4 judged tokens: (0.8 * 4 + 1) / (4 + 2).
+        let seeded = TokenAcceptance::seeded_from(&known(0.8), 4.0);
+        assert!((seeded.rate() - 4.2 / 6.0).abs() < 1e-12);
+        assert_eq!(seeded.judged(), 4.0);
+        // Twenty fully rejected windows of 4 outweigh the seed: far below 0.8.
+        let mut learning = seeded;
+        for _ in 0..20 {
+            learning.record(4, 0);
+        }
+        assert!(learning.rate() < 0.2, "{}", learning.rate());
     }
 
     #[test]

@@ -19,7 +19,7 @@ use mirror_core::{Model, RaggedSequence};
 
 use super::sequence::{Phase, Sequence};
 use crate::adaptive::batch::{plan_draft_depth, DraftPlanOffer, StepCost};
-use crate::adaptive::WindowPolicy;
+use crate::adaptive::{TokenAcceptance, WindowPolicy};
 use crate::draft::choose_draft_token;
 use crate::error::{Error, Result};
 use crate::generation::GenerationConfig;
@@ -35,6 +35,27 @@ use super::request::Speculation;
 /// pessimistic prior would otherwise keep a sequence that drafts well from ever drafting). They
 /// are counted as drafted, not as verified, so that a step that trims them ends the exploring.
 const EXPLORE_WINDOWS: usize = 3;
+
+/// Judged tokens of pooled evidence from which a new drafting sequence starts from the
+/// engine's measured acceptance instead of exploring (see [`seed_acceptance`]).
+const POOLED_EVIDENCE: f64 = 6.0;
+
+/// Judged tokens the pooled rate weighs in a new sequence's estimate: its own windows soon
+/// outweigh it.
+const SEED_WEIGHT: f64 = 4.0;
+
+/// A new drafting sequence starts from the acceptance earlier sequences measured with the
+/// engine's draft, once there is enough of it, and then needs no exploring windows: the planner
+/// prices it from that rate until its own windows take over.
+pub(super) fn seed_acceptance(sequence: &mut Sequence, pooled: &TokenAcceptance) {
+    if !sequence.speculation.uses_draft_model() || pooled.judged() < POOLED_EVIDENCE {
+        return;
+    }
+    if let Some(side) = sequence.draft.as_mut() {
+        side.explored = EXPLORE_WINDOWS;
+        sequence.acceptance = TokenAcceptance::seeded_from(pooled, SEED_WEIGHT);
+    }
+}
 
 /// What one sequence feeds the next draft forward.
 struct Feed {

@@ -30,7 +30,7 @@ use mirror_core::Model;
 use super::pool::{cache_bytes, KvPool};
 use super::prefix::PrefixStore;
 use crate::adaptive::batch::{allocate, DraftOffer, StepCost};
-use crate::adaptive::WindowPolicy;
+use crate::adaptive::{TokenAcceptance, WindowPolicy};
 use crate::error::{Error, Result};
 use crate::generation::FinishReason;
 use crate::run::{capacity_for, check_penalties};
@@ -59,6 +59,8 @@ pub(crate) struct BatchCore {
     step_cost: StepCost,
     /// The draft's forward time by rows, measured while it drafts.
     draft_cost: StepCost,
+    /// Draft-model acceptance pooled over every drafting sequence: a new one starts from it.
+    draft_acceptance: TokenAcceptance,
     waiting: VecDeque<Waiting>,
     running: Vec<Sequence>,
 }
@@ -86,6 +88,7 @@ impl BatchCore {
             pool: KvPool::new(settings.kv_budget_bytes),
             step_cost: StepCost::default(),
             draft_cost: StepCost::default(),
+            draft_acceptance: TokenAcceptance::default(),
             settings,
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -203,6 +206,11 @@ impl BatchCore {
                         });
                     }
                 }
+            }
+        }
+        for sequence in &mut self.running {
+            if let Some((proposed, accepted)) = sequence.drafted_verdict.take() {
+                self.draft_acceptance.record(proposed, accepted);
             }
         }
         self.spawn_forks();
@@ -359,6 +367,7 @@ impl BatchCore {
             waiting.boundaries,
         );
         sequence.stats.prefix_cached_tokens = reused.0;
+        drafting::seed_acceptance(&mut sequence, &self.draft_acceptance);
         sequence.constraint = waiting.constraint;
         if let Some(draft) = sequence.draft.as_mut() {
             draft.tokens = sequence.seq[..reused.1].to_vec();

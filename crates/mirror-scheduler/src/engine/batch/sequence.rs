@@ -57,6 +57,9 @@ pub(crate) struct Sequence {
     pub(crate) forks: Vec<(Fork, Lent)>,
     /// How often the target accepts this sequence's draft tokens.
     pub(crate) acceptance: TokenAcceptance,
+    /// The last step's drafted window and its accepted tokens, for the engine's pooled
+    /// acceptance (taken after the settle).
+    pub(crate) drafted_verdict: Option<(usize, usize)>,
     /// The draft model's side, for a sequence that drafts with it.
     pub(crate) draft: Option<DraftSide>,
     /// The draft worker's side, for a Mirror sequence.
@@ -259,6 +262,9 @@ impl Sequence {
                                 self.stats.lookup_windows += 1;
                             }
                             self.acceptance.record(self.window.len(), verdict.accepted);
+                            if self.speculation.uses_draft_model() {
+                                self.drafted_verdict = Some((self.window.len(), verdict.accepted));
+                            }
                         }
                         self.cache.cache.truncate(base + 1 + verdict.accepted);
                         (verdict.committed(&self.window.tokens), Some(verdict))
@@ -496,6 +502,7 @@ pub(crate) fn new_sequence(
         window: DraftWindow::default(),
         forks: Vec::new(),
         acceptance: TokenAcceptance::default(),
+        drafted_verdict: None,
         monitors: (request.config.monitors.as_ref())
             .map(|c| MonitorSet::new(c, boundaries.clone(), target.num_layers())),
         boundaries,
