@@ -106,7 +106,7 @@ fn planned_depth(phase: &DraftPhase<'_>, running: &[Sequence]) -> Option<usize> 
     draft.seconds(1)?;
     let decoding: Vec<&Sequence> = running
         .iter()
-        .filter(|s| matches!(s.phase, Phase::Decode) && !s.done())
+        .filter(|s| s.is_decoding() && !s.done())
         .collect();
     let offers: Vec<DraftPlanOffer> = decoding
         .iter()
@@ -114,13 +114,7 @@ fn planned_depth(phase: &DraftPhase<'_>, running: &[Sequence]) -> Option<usize> 
             let Speculation::Draft { gamma, .. } = s.speculation else {
                 return None;
             };
-            let side = s.draft.as_ref()?;
-            let common = side
-                .tokens
-                .iter()
-                .zip(&s.seq)
-                .take_while(|(a, b)| a == b)
-                .count();
+            let common = s.draft.as_ref()?.common_prefix(&s.seq);
             // A draft that fell behind while not drafting catches up once, not every step:
             // priced as a step's catch-up at most (the last token and an accepted window), so
             // that a pause in drafting does not make resuming look ever dearer.
@@ -284,21 +278,15 @@ fn first_feed(
                 // Where the draft's forwards cost more than their tokens save, none run; but a
                 // sequence with too few windows to know its acceptance drafts one token, so that
                 // the planner prices it by evidence and not by its prior alone.
-                let exploring = side.explored < EXPLORE_WINDOWS;
-                let priced = depth.unwrap_or(count);
-                side.exploring = exploring && priced == 0;
+                let exploring = side.explored < EXPLORE_WINDOWS && depth == Some(0);
+                count = count.min(depth.unwrap_or(count).max(usize::from(exploring)));
+                side.exploring = exploring && count > 0;
                 side.explored += usize::from(side.exploring);
-                count = count.min(priced.max(usize::from(exploring)));
             }
             if count == 0 {
                 return None;
             }
-            let mut common = side
-                .tokens
-                .iter()
-                .zip(&sequence.seq)
-                .take_while(|(a, b)| a == b)
-                .count();
+            let mut common = side.common_prefix(&sequence.seq);
             if common == seq_len {
                 // Everything is cached but the logits after it: feed the last token again.
                 common -= 1;

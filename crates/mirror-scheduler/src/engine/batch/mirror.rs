@@ -35,7 +35,9 @@ use crate::stats::Stats;
 use crate::strategy::mirror::plan::{plan_branches, AcceptanceEstimate};
 use crate::strategy::mirror::target::{candidates, omega, tree_cache_rows};
 use crate::strategy::mirror::worker::{DraftWorker, Pending, PendingTree, Reset, Resolved};
-use crate::strategy::mirror::{drafter_for, lookahead_tokens, record_resolution, MirrorSettings};
+use crate::strategy::mirror::{
+    draft_on_its_pool, drafter_for, lookahead_tokens, record_resolution, MirrorSettings,
+};
 use crate::window::{DraftWindow, Verdict};
 
 /// What the engine's Mirror sequences share: the draft model, the settings, the tap's layer.
@@ -50,10 +52,7 @@ impl MirrorShared {
     /// layer of `target`.
     pub fn new(target: &Model, draft: &Arc<Model>, settings: MirrorSettings) -> Result<Self> {
         settings.check()?;
-        let draft = match settings.draft_threads {
-            Some(threads) => Arc::new(Model::clone(draft).with_threads(threads)?),
-            None => Arc::clone(draft),
-        };
+        let draft = draft_on_its_pool(draft, &settings)?;
         Ok(Self {
             early_exit_layer: settings.early_exit.resolve(target.num_layers())?,
             draft,

@@ -122,15 +122,15 @@ impl BatchCore {
     /// Bytes of the caches of `capacities` rows that `waiting`'s sequences need: the target's,
     /// and the draft model's when they draft with it.
     fn bytes_of(&self, waiting: &Waiting, capacities: &[usize]) -> u64 {
-        let draft = self.draft_of(waiting);
-        capacities
-            .iter()
-            .map(|&c| {
-                cache_bytes(&self.target, c)
-                    + draft
-                        .as_ref()
-                        .map_or(0, |(d, extra)| cache_bytes(d, c + extra))
-            })
+        self.caches_bytes(capacities, self.draft_of(waiting).as_ref())
+    }
+
+    /// Bytes of target caches of `capacities` rows, each with a cache of the draft model given
+    /// (and of the extra rows given with it), as [`BatchCore::draft_of`] gives them.
+    fn caches_bytes(&self, capacities: &[usize], draft: Option<&(Arc<Model>, usize)>) -> u64 {
+        let draft_bytes = |c| draft.map_or(0, |(d, extra)| cache_bytes(d, c + extra));
+        (capacities.iter())
+            .map(|&c| cache_bytes(&self.target, c) + draft_bytes(c))
             .sum()
     }
 
@@ -255,15 +255,7 @@ impl BatchCore {
         capacities: &[usize],
         draft: Option<(Arc<Model>, usize)>,
     ) -> Result<Option<Vec<Lent>>> {
-        let needed: u64 = capacities
-            .iter()
-            .map(|&c| {
-                cache_bytes(&self.target, c)
-                    + draft
-                        .as_ref()
-                        .map_or(0, |(d, extra)| cache_bytes(d, c + extra))
-            })
-            .sum();
+        let needed = self.caches_bytes(capacities, draft.as_ref());
         while self.pool.free() < needed {
             // The larger store gives back first: neither starves the other.
             let (larger, smaller) = if self.prefix.bytes() >= self.draft_prefix.bytes() {

@@ -94,6 +94,13 @@ pub(crate) struct DraftSide {
 }
 
 impl DraftSide {
+    /// Leading tokens the draft cache holds in common with `seq`.
+    pub fn common_prefix(&self, seq: &[u32]) -> usize {
+        (self.tokens.iter().zip(seq))
+            .take_while(|(a, b)| a == b)
+            .count()
+    }
+
     /// Keeps the first `rows` cache rows.
     pub fn truncate(&mut self, rows: usize) {
         self.tokens.truncate(rows);

@@ -125,9 +125,7 @@ impl MirrorBuilder {
         let settings = self.settings;
         settings.check()?;
         check_pair(&self.target, &self.draft)?;
-        if let Some(threads) = settings.draft_threads {
-            self.draft = Arc::new(Model::clone(&self.draft).with_threads(threads)?);
-        }
+        self.draft = draft_on_its_pool(&self.draft, &settings)?;
         let early_exit_layer = settings.early_exit.resolve(self.target.num_layers())?;
         let mut drafter = drafter_for(Arc::clone(&self.draft), &settings);
         drafter.model.fault = self.fault;
@@ -155,6 +153,17 @@ pub(crate) fn drafter_for(draft: Arc<Model>, settings: &MirrorSettings) -> Draft
     drafter.lookahead_confidence = settings.speculative.lookahead_confidence;
     drafter.lookup = settings.speculative.lookup;
     drafter
+}
+
+/// `draft` on a pool of its own when `settings` give it threads (`draft_threads`), else as is.
+pub(crate) fn draft_on_its_pool(
+    draft: &Arc<Model>,
+    settings: &MirrorSettings,
+) -> Result<Arc<Model>> {
+    Ok(match settings.draft_threads {
+        Some(threads) => Arc::new(Model::clone(draft).with_threads(threads)?),
+        None => Arc::clone(draft),
+    })
 }
 
 /// Lookahead tokens a step of `draft` may propose beside its main token.
