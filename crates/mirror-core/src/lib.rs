@@ -61,7 +61,7 @@ pub use loading::{
 pub use mask::{AttentionInput, RowVisibility};
 pub use models::layers::Kernels;
 pub use models::lookahead::{lookahead_attention, LookaheadHead, LookaheadLogits};
-pub use models::ragged::{RaggedPass, RaggedSequence};
+pub use models::ragged::{RaggedPass, RaggedSequence, RowLogits};
 pub use models::transformer::Model;
 pub use threads::ThreadPlacement;
 pub use tokenizer::{ChatMessage, Tokenizer};

@@ -15,14 +15,37 @@ use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::mask::AttentionInput;
 
+/// Which of a sequence's fed rows a ragged forward returns logits for. The LM head is a large
+/// share of a forward's work (a 0.5B's reads a quarter of its weights), and each row's logits
+/// cost it again beyond the first rows, so a forward computes only the rows asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowLogits {
+    /// None (a prompt chunk).
+    Nothing,
+    /// The last fed row's only (a draft catching up on committed tokens before it proposes).
+    Last,
+    /// Every fed row's (a decode step or a verification window).
+    Every,
+}
+
+impl RowLogits {
+    /// The fed rows of a span of `len` rows at `offset` that get logits.
+    fn rows(self, offset: usize, len: usize) -> std::ops::Range<usize> {
+        match self {
+            RowLogits::Nothing => offset..offset,
+            RowLogits::Last => (offset + len).saturating_sub(1).max(offset)..offset + len,
+            RowLogits::Every => offset..offset + len,
+        }
+    }
+}
+
 /// One sequence's share of a ragged forward: `tokens` fed causally after what `cache` holds
-/// (a cache of batch 1), and whether the logits of its rows are wanted.
+/// (a cache of batch 1), and which of its rows' logits are wanted.
 pub struct RaggedSequence<'a> {
     /// Tokens to feed (at least one).
     pub tokens: &'a [u32],
-    /// Whether to return the logits of every fed row (a decode step or a verification window)
-    /// or none (a prompt chunk).
-    pub logits: bool,
+    /// Which fed rows' logits to return.
+    pub logits: RowLogits,
     /// The sequence's own cache; the fed rows are appended to it.
     pub cache: &'a mut KvCache,
 }
@@ -36,7 +59,7 @@ struct Span {
 
 impl Model {
     /// One forward over the rows of every sequence in `sequences`. Returns, per sequence, the
-    /// logits of its fed rows (as host vectors) when it asked for them, else nothing.
+    /// logits of the fed rows it asked for (as host vectors), in order.
     pub fn forward_ragged(
         &self,
         sequences: &mut [RaggedSequence<'_>],
@@ -249,8 +272,7 @@ impl RaggedPass<'_, '_, '_> {
         self.run_to(self.model.num_layers())?;
         let wanted: Vec<usize> = (self.sequences.iter())
             .zip(&self.spans)
-            .filter(|(sequence, _)| sequence.logits)
-            .flat_map(|(_, span)| span.offset..span.offset + span.len)
+            .flat_map(|(sequence, span)| sequence.logits.rows(span.offset, span.len))
             .collect();
         let mut logits = if wanted.is_empty() {
             Vec::new()
@@ -262,9 +284,9 @@ impl RaggedPass<'_, '_, '_> {
         .into_iter();
         let logits = (self.sequences.iter())
             .zip(&self.spans)
-            .map(|(sequence, span)| match sequence.logits {
-                true => logits.by_ref().take(span.len).collect(),
-                false => Vec::new(),
+            .map(|(sequence, span)| {
+                let rows = sequence.logits.rows(span.offset, span.len).len();
+                logits.by_ref().take(rows).collect()
             })
             .collect();
         Ok((logits, self.captured))

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mirror_core::sampling::SamplingParams;
-use mirror_core::{Model, RaggedSequence};
+use mirror_core::{Model, RaggedSequence, RowLogits};
 
 use super::sequence::{Phase, Sequence};
 use crate::adaptive::batch::{plan_draft_depth, DraftPlanOffer, StepCost};
@@ -321,7 +321,12 @@ fn forward(draft: &Model, running: &mut [Sequence], feeds: &[Feed]) -> Result<Ve
             .ok_or_else(|| Error::InvalidConfig("a drafting sequence has no draft cache".into()))?;
         inputs.push(RaggedSequence {
             tokens: &feed.tokens,
-            logits: feed.proposes,
+            // Only a proposing feed's last row starts (or grows) a window; catch-up rows
+            // before it need no logits.
+            logits: match feed.proposes {
+                true => RowLogits::Last,
+                false => RowLogits::Nothing,
+            },
             cache,
         });
     }

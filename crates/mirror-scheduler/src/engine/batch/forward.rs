@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use mirror_core::RaggedSequence;
+use mirror_core::{RaggedSequence, RowLogits};
 
 use super::mirror::{tap_and_send, target_done, Tapped};
 use super::sequence::{settle_all, Sequence};
@@ -38,7 +38,10 @@ impl BatchCore {
             } = &mut **sequence;
             inputs.push(RaggedSequence {
                 tokens: fed,
-                logits: decoding[index],
+                logits: match decoding[index] {
+                    true => RowLogits::Every,
+                    false => RowLogits::Nothing,
+                },
                 cache: &mut cache.cache,
             });
             match mirror.as_mut() {
