@@ -153,6 +153,59 @@ impl PackedMatrix {
         self.groups
     }
 
+    /// The matrix of rows `rows` of this one (in that order; a row may repeat), repacked:
+    /// row `i` of the result holds exactly the quants and scales of row `rows[i]` here, so
+    /// its products are the same bits (the kernels give a row the same result in any group).
+    pub fn select_rows(&self, rows: &[usize]) -> Result<Self> {
+        if rows.is_empty() {
+            return Err(Error::invalid(
+                "a matrix of selected rows needs at least one row",
+            ));
+        }
+        if let Some(&row) = rows.iter().find(|&&r| r >= self.rows) {
+            return Err(Error::invalid(format!(
+                "row {row} is not a row of a matrix of {} rows",
+                self.rows
+            )));
+        }
+        let layout = self.layout;
+        let groups = rows.len().div_ceil(GROUP);
+        let mut data = AlignedBytes::zeroed(groups * layout.stride);
+        data.as_mut_slice()
+            .par_chunks_mut(layout.stride)
+            .enumerate()
+            .for_each(|(g, group)| {
+                let mut cols: [DecodedBlock; GROUP] = std::array::from_fn(|_| DecodedBlock::zero());
+                for b in 0..layout.blocks {
+                    for (c, decoded) in cols.iter_mut().enumerate() {
+                        match rows.get(g * GROUP + c) {
+                            Some(&row) => {
+                                let from = self.group(row / GROUP);
+                                formats::unpack_block(
+                                    self.ty,
+                                    &layout,
+                                    b,
+                                    row % GROUP,
+                                    from,
+                                    decoded,
+                                );
+                            }
+                            None => *decoded = DecodedBlock::zero(),
+                        }
+                    }
+                    formats::pack_block(self.ty, &layout, b, &cols, group);
+                }
+            });
+        Ok(Self {
+            ty: self.ty,
+            rows: rows.len(),
+            cols: self.cols,
+            layout,
+            groups,
+            data,
+        })
+    }
+
     /// The bytes and layout the kernels read.
     pub(crate) fn operand(&self) -> Weights<'_> {
         Weights {

@@ -348,6 +348,47 @@ fn fused_matrices_equal_separate_calls() {
 }
 
 #[test]
+fn selected_rows_keep_their_weights_and_products_bit_for_bit() {
+    for ty in WeightType::ALL {
+        for (rows, cols) in shapes(ty) {
+            let (w, reference) = fixture(ty, rows, cols, 53);
+            // Out of order, repeated, the tail group's last row, fewer than a group and more.
+            let picks: Vec<usize> = [rows - 1, 0, 3, 3, rows / 2]
+                .into_iter()
+                .chain((1..rows).step_by(2))
+                .collect();
+            let selected = w.select_rows(&picks).unwrap();
+            assert_eq!(selected.rows(), picks.len());
+            let mut row = vec![0f32; cols];
+            for (i, &from) in picks.iter().enumerate() {
+                selected.dequantize_row(i, &mut row).unwrap();
+                assert_eq!(
+                    row,
+                    reference[from * cols..(from + 1) * cols],
+                    "{ty:?} row {from}"
+                );
+            }
+            for path in paths() {
+                for m in [1, 5] {
+                    let x = random(m * cols, 59);
+                    let full = run(path, &w, &x, m);
+                    let got = run(path, &selected, &x, m);
+                    for r in 0..m {
+                        for (i, &from) in picks.iter().enumerate() {
+                            let (a, b) = (got[r * picks.len() + i], full[r * rows + from]);
+                            assert_eq!(a.to_bits(), b.to_bits(), "{ty:?} {path:?} row {from}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let (w, _) = fixture(WeightType::Q8_0, 16, 32, 61);
+    assert!(w.select_rows(&[]).is_err());
+    assert!(w.select_rows(&[16]).is_err());
+}
+
+#[test]
 fn transposed_product_matches_the_dequantized_matrix() {
     let (packed, weights) = fixture(WeightType::Q5_0, 37, 96, 53);
     let grad = random(2 * 37, 59);

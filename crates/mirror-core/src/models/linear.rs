@@ -127,6 +127,14 @@ impl Linear {
         Self { weight, bias }
     }
 
+    /// The packed weight of a layer without bias; `None` for other layers.
+    pub(crate) fn packed(&self) -> Option<&Arc<PackedMatrix>> {
+        match (&self.weight, &self.bias) {
+            (Matrix::Packed(p), None) => Some(p),
+            _ => None,
+        }
+    }
+
     fn add_bias(&self, y: Tensor) -> Result<Tensor> {
         Ok(match &self.bias {
             Some(bias) => y.broadcast_add(bias)?,
@@ -196,7 +204,7 @@ impl Linear {
 }
 
 /// Runs the packed kernels on `x` (any float dtype, converted to f32 and back).
-fn packed_forward(matrices: &[Arc<PackedMatrix>], x: &Tensor) -> Result<Tensor> {
+pub(crate) fn packed_forward(matrices: &[Arc<PackedMatrix>], x: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
     let input = x.to_dtype(DType::F32)?.contiguous()?;
     let op = PackedMatmul {

@@ -12,6 +12,7 @@ pub mod layers;
 pub(crate) mod linear;
 pub(crate) mod loader;
 pub mod lookahead;
+pub(crate) mod partial_head;
 pub mod ragged;
 pub(crate) mod rope;
 pub mod transformer;

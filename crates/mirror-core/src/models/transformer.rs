@@ -16,6 +16,7 @@ use super::layers::{DecoderLayer, Kernels};
 use super::linear::{Embedding, Linear};
 use super::loader::WeightLoader;
 use super::lookahead::LookaheadHead;
+use super::partial_head::PartialHead;
 use super::rope::Rope;
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{Error, Result};
@@ -34,6 +35,9 @@ pub struct Model {
     pub(crate) layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
+    /// Set by [`Model::with_head_tokens`]: the head over some tokens only (decoding's logits;
+    /// training reads the full head).
+    partial_head: Option<Arc<PartialHead>>,
     pub(crate) rope: Rope,
     dtype: DType,
     pub(crate) device: Device,
@@ -100,6 +104,7 @@ impl Model {
             layers,
             norm,
             lm_head,
+            partial_head: None,
             rope,
             dtype,
             device: device.clone(),
@@ -136,6 +141,7 @@ impl Model {
             layers: self.layers[..layers].to_vec(),
             norm: self.norm.clone(),
             lm_head: self.lm_head.clone(),
+            partial_head: self.partial_head.clone(),
             rope: self.rope.clone(),
             dtype: self.dtype,
             device: self.device.clone(),
@@ -143,6 +149,30 @@ impl Model {
             lookahead: None,
             weights: Arc::clone(&self.weights),
         })
+    }
+
+    /// This model (the other weights shared) with an LM head that computes the logits of
+    /// `tokens` only (a copy of those rows of the head); every other token's logit is negative
+    /// infinity. For a draft model: its
+    /// forward reads far fewer bytes, and it proposes only tokens it can score (FR-Spec, see
+    /// `partial_head`). Verification stays exact whatever the draft proposes, so the target's
+    /// output does not change; only the acceptance rate can. Needs packed head weights (GGUF
+    /// or quantized on the CPU).
+    pub fn with_head_tokens(&self, tokens: &[u32]) -> Result<Self> {
+        if tokens.is_empty() {
+            return Err(Error::invalid("a partial LM head needs at least one token"));
+        }
+        let mut model = self.clone();
+        model.partial_head = Some(Arc::new(PartialHead::new(&self.lm_head, tokens)?));
+        Ok(model)
+    }
+
+    /// Tokens the LM head computes logits for: the vocabulary, or fewer after
+    /// [`Model::with_head_tokens`].
+    pub fn head_tokens(&self) -> usize {
+        self.partial_head
+            .as_ref()
+            .map_or(self.vocab_size(), |head| head.computed_tokens())
     }
 
     /// This model (weights shared, no copy) with lookahead parameters attached
@@ -423,7 +453,10 @@ impl Model {
     pub fn logits_with(&self, hidden: &Tensor, kernels: Kernels) -> Result<Tensor> {
         self.run(|| {
             let h = kernels.norm(&self.norm, hidden)?;
-            Ok(self.lm_head.forward(&h)?.to_dtype(DType::F32)?)
+            match (&self.partial_head, kernels) {
+                (Some(head), Kernels::Fused) => head.forward(&h),
+                _ => Ok(self.lm_head.forward(&h)?.to_dtype(DType::F32)?),
+            }
         })
     }
 
