@@ -83,6 +83,8 @@ struct Args {
     /// Threads of Mirror's draft pool (default: the draft's own, as the target's).
     #[arg(long)]
     draft_threads: Option<usize>,
+    #[command(flatten)]
+    draft_vocab: common::DraftVocabArgs,
     /// Rows one step may take (default: every prompt at once).
     #[arg(long)]
     step_tokens: Option<usize>,
@@ -370,7 +372,8 @@ fn run(args: Args) -> Result<(), String> {
             common::load_options(args.pair.draft_weights(), &device, args.threads, None)?;
         let draft_source = common::resolve_source(&args.pair.draft)?;
         let draft = common::load_with_spinner("draft", &draft_source, &draft_options)?;
-        EngineHandle::spawn_with_draft(Arc::clone(&target), Arc::new(draft.model), None, settings)
+        let draft = args.draft_vocab.apply(&draft.model, &draft.tokenizer)?;
+        EngineHandle::spawn_with_draft(Arc::clone(&target), Arc::new(draft), None, settings)
     } else {
         EngineHandle::spawn(Arc::clone(&target), None, settings)
     }

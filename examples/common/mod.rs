@@ -314,6 +314,42 @@ pub fn load_with_spinner(
     Ok(loaded)
 }
 
+/// The draft with its LM head over its `vocab` most frequent tokens and its end-of-sequence
+/// tokens (`--draft-vocab`; 0 keeps the whole vocabulary): the first `vocab` ids of `ranking`
+/// (a file of token ids, most frequent first, one per line), or else ids `0..vocab`.
+/// Lossless whatever the tokens (see `Model::with_head_tokens`); only the acceptance can drop.
+pub fn partial_draft_head(
+    draft: &Model,
+    tokenizer: &mirror_sd::mirror_core::Tokenizer,
+    vocab: usize,
+    ranking: Option<&Path>,
+) -> Result<Model, String> {
+    if vocab == 0 || vocab >= draft.vocab_size() {
+        return Ok(draft.clone());
+    }
+    let mut tokens: Vec<u32> = match ranking {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("--draft-vocab-ranking {}: {e}", path.display()))?;
+            (text.lines().take(vocab))
+                .map(|line| line.trim().parse::<u32>())
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("--draft-vocab-ranking {}: {e}", path.display()))?
+        }
+        None => (0..vocab as u32).collect(),
+    };
+    tokens.extend_from_slice(tokenizer.eos_ids());
+    let model = draft
+        .with_head_tokens(&tokens)
+        .map_err(|e| format!("--draft-vocab {vocab}: {e}"))?;
+    eprintln!(
+        "draft LM head over {} of {} tokens",
+        model.head_tokens(),
+        model.vocab_size()
+    );
+    Ok(model)
+}
+
 /// The draft: a separate model, or the target's own first `layers` layers (self-speculation).
 /// A separate draft's tokenizer is checked against `target_tokenizer` id by id.
 pub fn draft_model(
@@ -363,6 +399,38 @@ pub struct DraftModelArgs {
     /// Speculative-lookahead checkpoint for the draft: it then proposes 1 + S tokens a step.
     #[arg(long)]
     pub draft_lookahead: Option<PathBuf>,
+    #[command(flatten)]
+    pub vocab: DraftVocabArgs,
+}
+
+/// The draft's LM head over part of the vocabulary (`Model::with_head_tokens`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct DraftVocabArgs {
+    /// The draft's LM head computes the logits of N tokens only (and of its end-of-sequence
+    /// tokens): lossless, a cheaper draft forward, and proposals only among those tokens
+    /// (0: the whole vocabulary).
+    #[arg(long, default_value_t = 0)]
+    pub draft_vocab: usize,
+    /// Token ids most frequent first, one per line (the `draft_vocab` example writes them from
+    /// a corpus): --draft-vocab keeps the first N (default: ids 0..N, the merge order).
+    #[arg(long)]
+    pub draft_vocab_ranking: Option<PathBuf>,
+}
+
+impl DraftVocabArgs {
+    /// `draft` with its LM head cut as these flags say (see [`partial_draft_head`]).
+    pub fn apply(
+        &self,
+        draft: &Model,
+        tokenizer: &mirror_sd::mirror_core::Tokenizer,
+    ) -> Result<Model, String> {
+        partial_draft_head(
+            draft,
+            tokenizer,
+            self.draft_vocab,
+            self.draft_vocab_ranking.as_deref(),
+        )
+    }
 }
 
 impl DraftModelArgs {
@@ -382,9 +450,13 @@ impl DraftModelArgs {
             Some(target_tokenizer),
             options,
         )?;
-        match &self.draft_lookahead {
-            Some(path) => attach_lookahead(&draft, path),
-            None => Ok(draft),
+        let draft = match &self.draft_lookahead {
+            Some(path) => attach_lookahead(&draft, path)?,
+            None => draft,
+        };
+        match self.vocab.draft_vocab {
+            0 => Ok(draft),
+            _ => Ok(Arc::new(self.vocab.apply(&draft, target_tokenizer)?)),
         }
     }
 }
