@@ -454,10 +454,7 @@ impl DraftModelArgs {
             Some(path) => attach_lookahead(&draft, path)?,
             None => draft,
         };
-        match self.vocab.draft_vocab {
-            0 => Ok(draft),
-            _ => Ok(Arc::new(self.vocab.apply(&draft, target_tokenizer)?)),
-        }
+        Ok(Arc::new(self.vocab.apply(&draft, target_tokenizer)?))
     }
 }
 

@@ -153,11 +153,10 @@ impl Model {
 
     /// This model (the other weights shared) with an LM head that computes the logits of
     /// `tokens` only (a copy of those rows of the head); every other token's logit is negative
-    /// infinity. For a draft model: its
-    /// forward reads far fewer bytes, and it proposes only tokens it can score (FR-Spec, see
-    /// `partial_head`). Verification stays exact whatever the draft proposes, so the target's
-    /// output does not change; only the acceptance rate can. Needs packed head weights (GGUF
-    /// or quantized on the CPU).
+    /// infinity. For a draft model: its forward reads far fewer bytes, and it proposes only
+    /// tokens it can score (FR-Spec, see `partial_head`). Verification stays exact whatever the
+    /// draft proposes, so the target's output does not change; only the acceptance rate can.
+    /// Needs packed head weights (GGUF or quantized on the CPU).
     pub fn with_head_tokens(&self, tokens: &[u32]) -> Result<Self> {
         if tokens.is_empty() {
             return Err(Error::invalid("a partial LM head needs at least one token"));

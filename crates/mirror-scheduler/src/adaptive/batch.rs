@@ -5,12 +5,12 @@
 //! its row only while its chance of being committed, weighed against what the row adds to the
 //! whole step, beats the step's current rate. So the price of a row depends on the rows already
 //! in the step, through a least-squares line of the measured step times at the row counts
-//! nearest the one priced. Draft tokens
-//! are added one at a time, most likely first (a sequence's `j`-th draft token is committed with
-//! probability `a^j`, `a` its acceptance rate), while the expected committed tokens per second
-//! grow; with a step time linear in the rows, that rate is unimodal in the tokens added, so the
-//! first drop ends the search at the best allocation. Which tokens are proposed never depends
-//! on the target's randomness, so every allocation stays lossless.
+//! nearest the one priced. Draft tokens are added one at a time, most likely first (a
+//! sequence's `j`-th draft token is committed with probability `a^j`, `a` its acceptance rate),
+//! while the expected committed tokens per second grow; with a step time linear in the rows,
+//! that rate is unimodal in the tokens added, so the first drop ends the search at the best
+//! allocation. Which tokens are proposed never depends on the target's randomness, so every
+//! allocation stays lossless.
 //!
 //! Draft-model tokens cost more than their target rows: the draft runs one forward per window
 //! position for every sequence still drafting there. That cost is paid before the target's
