@@ -150,6 +150,28 @@ pub(crate) fn plan_draft_depth(
     best.0
 }
 
+/// Whether any acceptance could make drafting pay this step: [`plan_draft_depth`] with every
+/// offer's rate raised to at least `optimistic_rate` drafts something. Where it does not (a
+/// full batch on a CPU whose rows are dear), a sequence measuring its acceptance by drafting
+/// learns nothing the planner could use, and its exploring drafts are pure cost.
+pub(crate) fn drafting_could_pay(
+    rows: usize,
+    committed: f64,
+    offers: &[DraftPlanOffer],
+    optimistic_rate: f64,
+    target_seconds: impl Fn(usize) -> f64,
+    draft_seconds: impl Fn(usize) -> f64,
+) -> bool {
+    let optimistic: Vec<DraftPlanOffer> = offers
+        .iter()
+        .map(|o| DraftPlanOffer {
+            rate: o.rate.max(optimistic_rate),
+            ..*o
+        })
+        .collect();
+    plan_draft_depth(rows, committed, &optimistic, target_seconds, draft_seconds) > 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,6 +212,61 @@ mod tests {
             plan_draft_depth(8, 8.0, &[offer(0.6, 4); 8], target, draft),
             0
         );
+    }
+
+    #[test]
+    fn drafting_could_pay_for_one_sequence_but_not_for_four_where_rows_are_dear() {
+        let offer = |rate| DraftPlanOffer {
+            rate,
+            tokens: 4,
+            catch_up: 2,
+        };
+        // Lines like the Zen 4 host's of 2026-12-05 (target 50 ms at 4 rows, 73 ms at 8; draft
+        // 29 ms at 8 rows, 0.38 of a target step at one).
+        let target = |r: usize| 0.027 + 0.00575 * r as f64;
+        let draft = |r: usize| 0.0105 + 0.00231 * r as f64;
+        // By hand, at rate 0.9 and depth 1 (the best depth for one sequence): one sequence
+        // commits 1.9 tokens in draft(2) + target(2) = 53.6 ms against 1 in 32.8 ms; four
+        // commit 7.6 in draft(8) + target(8) = 102 ms against 4 in 50 ms.
+        assert!(1.9 / (draft(2) + target(2)) > 1.0 / target(1));
+        assert!(7.6 / (draft(8) + target(8)) < 4.0 / target(4));
+        assert!(drafting_could_pay(
+            1,
+            1.0,
+            &[offer(0.1)],
+            0.9,
+            target,
+            draft
+        ));
+        assert!(!drafting_could_pay(
+            4,
+            4.0,
+            &[offer(0.1); 4],
+            0.9,
+            target,
+            draft
+        ));
+        // Four sequences accepting 95% do not pay there either; the rate is a floor, so a
+        // sequence measured above it keeps its own rate (every draft accepted pays at depth 4).
+        assert!(!drafting_could_pay(
+            4,
+            4.0,
+            &[offer(0.95); 4],
+            0.9,
+            target,
+            draft
+        ));
+        assert!(drafting_could_pay(
+            4,
+            4.0,
+            &[offer(1.0); 4],
+            0.9,
+            target,
+            draft
+        ));
+        // Without the raise, a sequence whose prior is low would not draft: the raise is what
+        // lets it explore.
+        assert_eq!(plan_draft_depth(1, 1.0, &[offer(0.1)], target, draft), 0);
     }
 
     /// Expected committed tokens per second of a step that adds `taken[i]` draft tokens of

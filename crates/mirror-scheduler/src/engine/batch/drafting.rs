@@ -18,7 +18,7 @@ use mirror_core::sampling::SamplingParams;
 use mirror_core::{Model, RaggedSequence, RowLogits};
 
 use super::sequence::{Phase, Sequence};
-use crate::adaptive::batch::{plan_draft_depth, DraftPlanOffer, StepCost};
+use crate::adaptive::batch::{drafting_could_pay, plan_draft_depth, DraftPlanOffer, StepCost};
 use crate::adaptive::{TokenAcceptance, WindowPolicy};
 use crate::draft::choose_draft_token;
 use crate::error::{Error, Result};
@@ -35,6 +35,11 @@ use super::request::Speculation;
 /// pessimistic prior would otherwise keep a sequence that drafts well from ever drafting). They
 /// are counted as drafted, not as verified, so that a step that trims them ends the exploring.
 const EXPLORE_WINDOWS: usize = 3;
+
+/// An acceptance rate few drafts exceed on open text: where drafting would not pay even at
+/// this rate (a full batch on a CPU whose rows are dear), exploring windows are pure cost (at 4
+/// sequences on a Zen 4 host, 5% of a 64-token decode), so none are drafted.
+const OPTIMISTIC_RATE: f64 = 0.9;
 
 /// Judged tokens of pooled evidence from which a new drafting sequence starts from the
 /// engine's measured acceptance instead of exploring (see [`seed_acceptance`]).
@@ -94,10 +99,19 @@ pub(super) struct DraftPhase<'a> {
     pub draft_cost: &'a mut StepCost,
 }
 
-/// The depth every drafting sequence drafts to this step, priced with both cost lines
-/// ([`plan_draft_depth`]); `None` (no limit) under fixed windows or before both lines have a
-/// measured step.
-fn planned_depth(phase: &DraftPhase<'_>, running: &[Sequence]) -> Option<usize> {
+/// What the planner allows this step.
+#[derive(Clone, Copy)]
+struct Plan {
+    /// The depth every drafting sequence drafts to ([`plan_draft_depth`]).
+    depth: usize,
+    /// Whether drafting would pay at [`OPTIMISTIC_RATE`]: when not, no sequence explores,
+    /// since no acceptance it could measure would make its drafts pay.
+    worth_exploring: bool,
+}
+
+/// The plan for this step, priced with both cost lines ([`plan_draft_depth`]); `None` (no limit)
+/// under fixed windows or before both lines have a measured step.
+fn planned_depth(phase: &DraftPhase<'_>, running: &[Sequence]) -> Option<Plan> {
     if phase.policy != WindowPolicy::Adaptive {
         return None;
     }
@@ -127,19 +141,28 @@ fn planned_depth(phase: &DraftPhase<'_>, running: &[Sequence]) -> Option<usize> 
         })
         .collect();
     let rows = decoding.len();
-    Some(plan_draft_depth(
-        rows,
-        rows as f64,
-        &offers,
-        |r| target.seconds(r).unwrap_or(f64::EPSILON),
-        |r| draft.seconds(r).unwrap_or(f64::EPSILON),
-    ))
+    let target_seconds = |r| target.seconds(r).unwrap_or(f64::EPSILON);
+    let draft_seconds = |r| draft.seconds(r).unwrap_or(f64::EPSILON);
+    let depth = plan_draft_depth(rows, rows as f64, &offers, target_seconds, draft_seconds);
+    let worth_exploring = depth > 0
+        || drafting_could_pay(
+            rows,
+            rows as f64,
+            &offers,
+            OPTIMISTIC_RATE,
+            target_seconds,
+            draft_seconds,
+        );
+    Some(Plan {
+        depth,
+        worth_exploring,
+    })
 }
 
 /// Runs the draft phase over `running` (see the module docs). Sequences whose draft forward
 /// fails are marked failed; the others go on.
 pub(super) fn draft_phase(phase: DraftPhase<'_>, running: &mut [Sequence]) {
-    let depth = planned_depth(&phase, running);
+    let plan = planned_depth(&phase, running);
     let DraftPhase {
         draft,
         policy,
@@ -156,7 +179,7 @@ pub(super) fn draft_phase(phase: DraftPhase<'_>, running: &mut [Sequence]) {
         let limits = Limits {
             policy,
             prefill_chunk,
-            depth,
+            plan,
         };
         if let Some(feed) = first_feed(index, sequence, draft, limits, &mut growing) {
             feeds.push(feed);
@@ -223,7 +246,7 @@ pub(super) fn draft_phase(phase: DraftPhase<'_>, running: &mut [Sequence]) {
 struct Limits {
     policy: WindowPolicy,
     prefill_chunk: usize,
-    depth: Option<usize>,
+    plan: Option<Plan>,
 }
 
 fn first_feed(
@@ -236,8 +259,9 @@ fn first_feed(
     let Limits {
         policy,
         prefill_chunk,
-        depth,
+        plan,
     } = limits;
+    let depth = plan.map(|p| p.depth);
     let Speculation::Draft { gamma, .. } = sequence.speculation else {
         return None;
     };
@@ -277,8 +301,10 @@ fn first_feed(
                 }
                 // Where the draft's forwards cost more than their tokens save, none run; but a
                 // sequence with too few windows to know its acceptance drafts one token, so that
-                // the planner prices it by evidence and not by its prior alone.
-                let exploring = side.explored < EXPLORE_WINDOWS && depth == Some(0);
+                // the planner prices it by evidence and not by its prior alone, unless no
+                // acceptance could make drafting pay.
+                let exploring = side.explored < EXPLORE_WINDOWS
+                    && plan.is_some_and(|p| p.depth == 0 && p.worth_exploring);
                 count = count.min(depth.unwrap_or(count).max(usize::from(exploring)));
                 side.exploring = exploring && count > 0;
                 side.explored += usize::from(side.exploring);
