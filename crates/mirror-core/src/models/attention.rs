@@ -5,6 +5,10 @@
 //! whether it is decoded alone, verified inside a window, or sits in a tree pass — the
 //! property that makes greedy speculative decoding reproduce plain decoding exactly.
 //!
+//! The query heads that share a kv head (grouped-query attention) run in blocks of up to four
+//! for one token: each key and value row is read once per block, and each query's operations
+//! are those of attending alone, so blocking changes no bit.
+//!
 //! candle's matmul-softmax-matmul changes its summation order with the number of queries and
 //! keys, so it is used only off the CPU and for training (where gradients must flow).
 
@@ -88,33 +92,47 @@ pub(crate) fn attention(
         }
         None => None,
     };
+    let group = heads / kv_heads;
     let job = HeadJob {
         q: qv,
         k: kv,
         v: vv,
         mask: mask_rows,
-        heads,
-        group: heads / kv_heads,
         tokens,
         kv_len,
         head_dim,
         scale,
     };
-    let run = |bh: usize| job.run(bh);
+    // The query heads of a kv group in near-equal blocks of at most BLOCK_HEADS.
+    let parts = group.div_ceil(BLOCK_HEADS);
+    let blocks: Vec<Block> = (0..batch)
+        .flat_map(|b| (0..kv_heads).map(move |kvh| (b, kvh)))
+        .flat_map(|(b, kvh)| (0..tokens).map(move |i| (b, kvh, i)))
+        .flat_map(|(b, kvh, i)| {
+            (0..parts).map(move |part| {
+                let first = part * group / parts;
+                Block {
+                    b,
+                    kvh,
+                    i,
+                    first_head: kvh * group + first,
+                    heads: (part + 1) * group / parts - first,
+                }
+            })
+        })
+        .collect();
+    let run = |block: &Block| job.run(block);
     let work = batch * heads * tokens * kv_len * head_dim;
-    let per_head: Vec<Vec<f32>> = if work >= 1 << 16 && rayon::current_num_threads() > 1 {
-        (0..batch * heads).into_par_iter().map(run).collect()
+    let per_block: Vec<Vec<f32>> = if work >= 1 << 16 && rayon::current_num_threads() > 1 {
+        blocks.par_iter().map(run).collect()
     } else {
-        (0..batch * heads).map(run).collect()
+        blocks.iter().map(run).collect()
     };
-    // (b, heads, t, d) -> (b, t, heads * d)
+    // Blocks' rows -> (b, t, heads * d)
     let mut output = vec![0f32; batch * tokens * heads * head_dim];
-    for (bh, values) in per_head.iter().enumerate() {
-        let (b, h) = (bh / heads, bh % heads);
-        for (i, row) in values.chunks_exact(head_dim).enumerate() {
-            let at = ((b * tokens + i) * heads + h) * head_dim;
-            output[at..at + head_dim].copy_from_slice(row);
-        }
+    for (block, values) in blocks.iter().zip(&per_block) {
+        let at = ((block.b * tokens + block.i) * heads + block.first_head) * head_dim;
+        output[at..at + values.len()].copy_from_slice(values);
     }
     Ok(Some(Tensor::from_vec(
         output,
@@ -123,15 +141,29 @@ pub(crate) fn attention(
     )?))
 }
 
-/// What every (batch, head) pair of one attention call reads.
+/// Query heads per block at most: the heads of one kv group that share one pass over its keys
+/// and values, so that each key and value row is read once per block and not once per head (at
+/// long contexts the rows come from L3 or memory). Four keep a block's queries and sums in L1.
+const BLOCK_HEADS: usize = 4;
+
+/// Query heads `first_head..first_head + heads` (all of kv head `kvh`) at token `i` of batch
+/// `b`: they see the same keys, through the same mask row.
+#[derive(Clone, Copy)]
+struct Block {
+    b: usize,
+    kvh: usize,
+    i: usize,
+    first_head: usize,
+    heads: usize,
+}
+
+/// What every block of one attention call reads.
 struct HeadJob<'a> {
     q: View<'a>,
     k: View<'a>,
     v: View<'a>,
     /// The mask's rows and its batch size (1 or the batch).
     mask: Option<(&'a [f32], usize)>,
-    heads: usize,
-    group: usize,
     tokens: usize,
     kv_len: usize,
     head_dim: usize,
@@ -139,21 +171,21 @@ struct HeadJob<'a> {
 }
 
 impl HeadJob<'_> {
-    /// The outputs `(tokens, head_dim)` of head `bh = batch * heads + head`, compiled for the
-    /// widest vectors the CPU has (the bits do not depend on which).
-    fn run(&self, bh: usize) -> Vec<f32> {
+    /// The outputs `(heads, head_dim)` of a block, compiled for the widest vectors the CPU has
+    /// (the bits do not depend on which).
+    fn run(&self, block: &Block) -> Vec<f32> {
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx512f") {
                 // SAFETY: the feature was detected.
-                return unsafe { self.run_avx512(bh) };
+                return unsafe { self.run_avx512(block) };
             }
             if std::arch::is_x86_feature_detected!("avx2") {
                 // SAFETY: the feature was detected.
-                return unsafe { self.run_avx2(bh) };
+                return unsafe { self.run_avx2(block) };
             }
         }
-        self.run_body(bh)
+        self.run_body(block)
     }
 
     /// [`HeadJob::run_body`] compiled for AVX-512.
@@ -162,8 +194,8 @@ impl HeadJob<'_> {
     /// The CPU must support AVX-512 F.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn run_avx512(&self, bh: usize) -> Vec<f32> {
-        self.run_body(bh)
+    unsafe fn run_avx512(&self, block: &Block) -> Vec<f32> {
+        self.run_body(block)
     }
 
     /// [`HeadJob::run_body`] compiled for AVX2.
@@ -172,60 +204,203 @@ impl HeadJob<'_> {
     /// The CPU must support AVX2.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn run_avx2(&self, bh: usize) -> Vec<f32> {
-        self.run_body(bh)
+    unsafe fn run_avx2(&self, block: &Block) -> Vec<f32> {
+        self.run_body(block)
     }
 
+    /// Each query's operations are those of attending alone, in the same order (softmax over
+    /// the visible keys in cache order, then the weighted sum of their values and one
+    /// division); the block only interleaves its queries' work key by key.
     #[inline(always)]
-    fn run_body(&self, bh: usize) -> Vec<f32> {
-        let (b, h) = (bh / self.heads, bh % self.heads);
-        let (tokens, kv_len, head_dim) = (self.tokens, self.kv_len, self.head_dim);
-        let mut out = vec![0f32; tokens * head_dim];
-        let mut scores = vec![0f32; kv_len];
-        let mut visible = vec![0u32; kv_len];
-        for (i, out) in out.chunks_exact_mut(head_dim).enumerate() {
-            let mask = self.mask.map(|(rows, batches)| {
-                let mb = if batches == 1 { 0 } else { b };
-                &rows[(mb * tokens + i) * kv_len..(mb * tokens + i + 1) * kv_len]
-            });
-            let query = self.q.row(b, h, i, head_dim);
-            // Softmax over the visible keys, in cache order.
-            let mut count = 0;
-            for j in 0..kv_len {
-                let bias = mask.map_or(0.0, |m| m[j]);
-                if bias == f32::NEG_INFINITY {
-                    continue;
-                }
-                let key = self.k.row(b, h / self.group, j, head_dim);
-                scores[count] = simd::dot_lanes(query, key) * self.scale + bias;
-                visible[count] = j as u32;
-                count += 1;
-            }
-            out.fill(0.0);
-            if count == 0 {
+    fn run_body(&self, block: &Block) -> Vec<f32> {
+        let Block { b, kvh, i, .. } = *block;
+        let (n, tokens, kv_len, head_dim) = (block.heads, self.tokens, self.kv_len, self.head_dim);
+        let mask = self.mask.map(|(rows, batches)| {
+            let mb = if batches == 1 { 0 } else { b };
+            &rows[(mb * tokens + i) * kv_len..(mb * tokens + i + 1) * kv_len]
+        });
+        let queries: Vec<&[f32]> = (0..n)
+            .map(|h| self.q.row(b, block.first_head + h, i, head_dim))
+            .collect();
+        // Each query's scores in its own row of `kv_len`, so that the softmax runs over
+        // contiguous values (and vectorizes).
+        let mut scores = vec![0f32; n * kv_len];
+        let mut visible = Vec::with_capacity(kv_len);
+        for j in 0..kv_len {
+            let bias = mask.map_or(0.0, |m| m[j]);
+            if bias == f32::NEG_INFINITY {
                 continue;
             }
-            let scores = &mut scores[..count];
-            let max = scores
+            let key = self.k.row(b, kvh, j, head_dim);
+            let at = visible.len();
+            for (h, query) in queries.iter().enumerate() {
+                scores[h * kv_len + at] = simd::dot_lanes(query, key) * self.scale + bias;
+            }
+            visible.push(j as u32);
+        }
+        let mut out = vec![0f32; n * head_dim];
+        let count = visible.len();
+        if count == 0 {
+            return out;
+        }
+        for row in scores.chunks_exact_mut(kv_len) {
+            let row = &mut row[..count];
+            let max = row
                 .iter()
                 .fold(f32::NEG_INFINITY, |m, &s| if s > m { s } else { m });
-            for s in scores.iter_mut() {
+            for s in row.iter_mut() {
                 *s = simd::exp(*s - max);
             }
-            // The weighted sum of their values, then one division.
-            let mut total = 0f32;
-            for (&p, &j) in scores.iter().zip(visible.iter()) {
-                total += p;
-                let value = self.v.row(b, h / self.group, j as usize, head_dim);
+        }
+        let mut totals = vec![0f32; n];
+        for (at, &j) in visible.iter().enumerate() {
+            let value = self.v.row(b, kvh, j as usize, head_dim);
+            for (h, (total, out)) in totals
+                .iter_mut()
+                .zip(out.chunks_exact_mut(head_dim))
+                .enumerate()
+            {
+                let p = scores[h * kv_len + at];
+                *total += p;
                 for (o, &v) in out.iter_mut().zip(value) {
                     *o += p * v;
                 }
             }
+        }
+        for (total, out) in totals.iter().zip(out.chunks_exact_mut(head_dim)) {
             let inverse = 1.0 / total;
             for v in out.iter_mut() {
                 *v *= inverse;
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    /// The obvious algorithm, one query at a time: the scores of its visible keys in cache
+    /// order, their softmax, the weighted sum of values, one division. Same operations as the
+    /// blocked kernel promises, so the bits must match.
+    #[allow(clippy::too_many_arguments)]
+    fn one_query(
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        mask: Option<&[f32]>,
+        kv_len: usize,
+        d: usize,
+        scale: f32,
+    ) -> Vec<f32> {
+        let mut scores = Vec::new();
+        let mut visible = Vec::new();
+        for j in 0..kv_len {
+            let bias = mask.map_or(0.0, |m| m[j]);
+            if bias == f32::NEG_INFINITY {
+                continue;
+            }
+            scores.push(simd::dot_lanes(q, &keys[j * d..(j + 1) * d]) * scale + bias);
+            visible.push(j);
+        }
+        let mut out = vec![0f32; d];
+        if scores.is_empty() {
+            return out;
+        }
+        let max = scores
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &s| if s > m { s } else { m });
+        let mut total = 0f32;
+        for (s, &j) in scores.iter().zip(&visible) {
+            let p = simd::exp(*s - max);
+            total += p;
+            for (o, &v) in out.iter_mut().zip(&values[j * d..(j + 1) * d]) {
+                *o += p * v;
+            }
+        }
+        out.iter().map(|o| o * (1.0 / total)).collect()
+    }
+
+    #[test]
+    fn blocks_of_query_heads_give_each_query_its_own_bits() {
+        let mut rng = StdRng::seed_from_u64(7);
+        // Groups of 6 (blocks of 3 + 3), 7 (4 + 3), 3 and 1; a causal mask per batch, a shared
+        // mask, no mask; one query and several.
+        let cases = [
+            (2, 12, 2, 3, 37, 32, true, true),
+            (1, 14, 2, 1, 300, 64, false, false),
+            (1, 9, 3, 4, 20, 48, true, false),
+            (2, 4, 4, 2, 5, 16, false, true),
+        ];
+        for (batch, heads, kv_heads, tokens, kv_len, d, masked, per_batch) in cases {
+            let mut random =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0..2.0)).collect() };
+            let q = random(batch * heads * tokens * d);
+            let k = random(batch * kv_heads * kv_len * d);
+            let v = random(batch * kv_heads * kv_len * d);
+            let mask_batches = if per_batch { batch } else { 1 };
+            let mask: Vec<f32> = (0..mask_batches * tokens * kv_len)
+                .map(|at| {
+                    let (row, j) = ((at / kv_len) % tokens, at % kv_len);
+                    // Causal over the last `tokens` keys, plus a hole that differs per batch.
+                    let hole = (at / (tokens * kv_len) + 1) * 3 % kv_len.max(1) == j;
+                    if j + tokens > kv_len + row || hole {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let tensor = |data: &[f32], shape: (usize, usize, usize, usize)| {
+                Tensor::from_vec(data.to_vec(), shape, &Device::Cpu).unwrap()
+            };
+            let qt = tensor(&q, (batch, heads, tokens, d));
+            let kt = tensor(&k, (batch, kv_heads, kv_len, d));
+            let vt = tensor(&v, (batch, kv_heads, kv_len, d));
+            let mt = Tensor::from_vec(mask.clone(), (mask_batches, tokens, kv_len), &Device::Cpu)
+                .unwrap();
+            let scale = 1.0 / (d as f32).sqrt();
+            let got = attention(&qt, &kt, &vt, masked.then_some(&mt), scale)
+                .unwrap()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let group = heads / kv_heads;
+            for b in 0..batch {
+                for h in 0..heads {
+                    for i in 0..tokens {
+                        let kvh = h / group;
+                        let kv = |x: &[f32]| {
+                            x[(b * kv_heads + kvh) * kv_len * d
+                                ..(b * kv_heads + kvh + 1) * kv_len * d]
+                                .to_vec()
+                        };
+                        let mb = if per_batch { b } else { 0 };
+                        let row = &mask[(mb * tokens + i) * kv_len..(mb * tokens + i + 1) * kv_len];
+                        let at = ((b * heads + h) * tokens + i) * d;
+                        let want = one_query(
+                            &q[at..at + d],
+                            &kv(&k),
+                            &kv(&v),
+                            masked.then_some(row),
+                            kv_len,
+                            d,
+                            scale,
+                        );
+                        let out = ((b * tokens + i) * heads + h) * d;
+                        let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(
+                            bits(&got[out..out + d]),
+                            bits(&want),
+                            "batch {b} head {h} token {i} of case {heads}/{kv_heads} heads"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
