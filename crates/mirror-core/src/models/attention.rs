@@ -226,17 +226,28 @@ impl HeadJob<'_> {
         // contiguous values (and vectorizes).
         let mut scores = vec![0f32; n * kv_len];
         let mut visible = Vec::with_capacity(kv_len);
+        let mut biases = Vec::with_capacity(kv_len);
         for j in 0..kv_len {
             let bias = mask.map_or(0.0, |m| m[j]);
-            if bias == f32::NEG_INFINITY {
-                continue;
+            if bias != f32::NEG_INFINITY {
+                visible.push(j as u32);
+                biases.push(bias);
             }
-            let key = self.k.row(b, kvh, j, head_dim);
-            let at = visible.len();
+        }
+        // Sixteen keys at a time: their rows stay in L1 while every head of the block uses them.
+        for (chunk, (indices, biases)) in visible.chunks(16).zip(biases.chunks(16)).enumerate() {
+            let keys: Vec<&[f32]> = indices
+                .iter()
+                .map(|&j| self.k.row(b, kvh, j as usize, head_dim))
+                .collect();
             for (h, query) in queries.iter().enumerate() {
-                scores[h * kv_len + at] = simd::dot_lanes(query, key) * self.scale + bias;
+                let at = h * kv_len + chunk * 16;
+                let row = &mut scores[at..at + keys.len()];
+                dots(query, &keys, row);
+                for (s, &bias) in row.iter_mut().zip(biases) {
+                    *s = *s * self.scale + bias;
+                }
             }
-            visible.push(j as u32);
         }
         let mut out = vec![0f32; n * head_dim];
         let count = visible.len();
@@ -253,18 +264,22 @@ impl HeadJob<'_> {
             }
         }
         let mut totals = vec![0f32; n];
-        for (at, &j) in visible.iter().enumerate() {
-            let value = self.v.row(b, kvh, j as usize, head_dim);
+        for (chunk, indices) in visible.chunks(16).enumerate() {
+            let values: Vec<&[f32]> = indices
+                .iter()
+                .map(|&j| self.v.row(b, kvh, j as usize, head_dim))
+                .collect();
             for (h, (total, out)) in totals
                 .iter_mut()
                 .zip(out.chunks_exact_mut(head_dim))
                 .enumerate()
             {
-                let p = scores[h * kv_len + at];
-                *total += p;
-                for (o, &v) in out.iter_mut().zip(value) {
-                    *o += p * v;
+                let at = h * kv_len + chunk * 16;
+                let weights = &scores[at..at + values.len()];
+                for &p in weights {
+                    *total += p;
                 }
+                accumulate(out, weights, &values);
             }
         }
         for (total, out) in totals.iter().zip(out.chunks_exact_mut(head_dim)) {
@@ -277,130 +292,150 @@ impl HeadJob<'_> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rand::{rngs::StdRng, Rng, SeedableRng};
-
-    /// The obvious algorithm, one query at a time: the scores of its visible keys in cache
-    /// order, their softmax, the weighted sum of values, one division. Same operations as the
-    /// blocked kernel promises, so the bits must match.
-    #[allow(clippy::too_many_arguments)]
-    fn one_query(
-        q: &[f32],
-        keys: &[f32],
-        values: &[f32],
-        mask: Option<&[f32]>,
-        kv_len: usize,
-        d: usize,
-        scale: f32,
-    ) -> Vec<f32> {
-        let mut scores = Vec::new();
-        let mut visible = Vec::new();
-        for j in 0..kv_len {
-            let bias = mask.map_or(0.0, |m| m[j]);
-            if bias == f32::NEG_INFINITY {
-                continue;
-            }
-            scores.push(simd::dot_lanes(q, &keys[j * d..(j + 1) * d]) * scale + bias);
-            visible.push(j);
-        }
-        let mut out = vec![0f32; d];
-        if scores.is_empty() {
-            return out;
-        }
-        let max = scores
-            .iter()
-            .fold(f32::NEG_INFINITY, |m, &s| if s > m { s } else { m });
-        let mut total = 0f32;
-        for (s, &j) in scores.iter().zip(&visible) {
-            let p = simd::exp(*s - max);
-            total += p;
-            for (o, &v) in out.iter_mut().zip(&values[j * d..(j + 1) * d]) {
-                *o += p * v;
-            }
-        }
-        out.iter().map(|o| o * (1.0 / total)).collect()
-    }
-
-    #[test]
-    fn blocks_of_query_heads_give_each_query_its_own_bits() {
-        let mut rng = StdRng::seed_from_u64(7);
-        // Groups of 6 (blocks of 3 + 3), 7 (4 + 3), 3 and 1; a causal mask per batch, a shared
-        // mask, no mask; one query and several.
-        let cases = [
-            (2, 12, 2, 3, 37, 32, true, true),
-            (1, 14, 2, 1, 300, 64, false, false),
-            (1, 9, 3, 4, 20, 48, true, false),
-            (2, 4, 4, 2, 5, 16, false, true),
-        ];
-        for (batch, heads, kv_heads, tokens, kv_len, d, masked, per_batch) in cases {
-            let mut random =
-                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0..2.0)).collect() };
-            let q = random(batch * heads * tokens * d);
-            let k = random(batch * kv_heads * kv_len * d);
-            let v = random(batch * kv_heads * kv_len * d);
-            let mask_batches = if per_batch { batch } else { 1 };
-            let mask: Vec<f32> = (0..mask_batches * tokens * kv_len)
-                .map(|at| {
-                    let (row, j) = ((at / kv_len) % tokens, at % kv_len);
-                    // Causal over the last `tokens` keys, plus a hole that differs per batch.
-                    let hole = (at / (tokens * kv_len) + 1) * 3 % kv_len.max(1) == j;
-                    if j + tokens > kv_len + row || hole {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
-            let tensor = |data: &[f32], shape: (usize, usize, usize, usize)| {
-                Tensor::from_vec(data.to_vec(), shape, &Device::Cpu).unwrap()
-            };
-            let qt = tensor(&q, (batch, heads, tokens, d));
-            let kt = tensor(&k, (batch, kv_heads, kv_len, d));
-            let vt = tensor(&v, (batch, kv_heads, kv_len, d));
-            let mt = Tensor::from_vec(mask.clone(), (mask_batches, tokens, kv_len), &Device::Cpu)
-                .unwrap();
-            let scale = 1.0 / (d as f32).sqrt();
-            let got = attention(&qt, &kt, &vt, masked.then_some(&mt), scale)
-                .unwrap()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let group = heads / kv_heads;
-            for b in 0..batch {
-                for h in 0..heads {
-                    for i in 0..tokens {
-                        let kvh = h / group;
-                        let kv = |x: &[f32]| {
-                            x[(b * kv_heads + kvh) * kv_len * d
-                                ..(b * kv_heads + kvh + 1) * kv_len * d]
-                                .to_vec()
-                        };
-                        let mb = if per_batch { b } else { 0 };
-                        let row = &mask[(mb * tokens + i) * kv_len..(mb * tokens + i + 1) * kv_len];
-                        let at = ((b * heads + h) * tokens + i) * d;
-                        let want = one_query(
-                            &q[at..at + d],
-                            &kv(&k),
-                            &kv(&v),
-                            masked.then_some(row),
-                            kv_len,
-                            d,
-                            scale,
-                        );
-                        let out = ((b * tokens + i) * heads + h) * d;
-                        let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                        assert_eq!(
-                            bits(&got[out..out + d]),
-                            bits(&want),
-                            "batch {b} head {h} token {i} of case {heads}/{kv_heads} heads"
-                        );
-                    }
+/// `out += weights[k] * values[k]` for each k in order, each element's multiply then add (the
+/// per-query order of attending alone). On AVX-512 with rows of 64 or 128 values, `out` stays
+/// in registers across the keys instead of going through memory once per key.
+#[inline(always)]
+fn accumulate(out: &mut [f32], weights: &[f32], values: &[&[f32]]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let d = out.len();
+        if (d == 64 || d == 128)
+            && values.iter().all(|v| v.len() == d)
+            && std::arch::is_x86_feature_detected!("avx512f")
+        {
+            // SAFETY: AVX-512 F was detected; `out` and every value row hold `d` values, 4 or 8
+            // vectors of 16.
+            unsafe {
+                if d == 64 {
+                    accumulate_avx512::<4>(out, weights, values);
+                } else {
+                    accumulate_avx512::<8>(out, weights, values);
                 }
             }
+            return;
+        }
+    }
+    for (&p, value) in weights.iter().zip(values) {
+        for (o, &v) in out.iter_mut().zip(*value) {
+            *o += p * v;
         }
     }
 }
+
+/// [`accumulate`] for rows of `16 * VECTORS` values on AVX-512.
+///
+/// # Safety
+/// The CPU must support AVX-512 F; `out` and every row of `values` must hold `16 * VECTORS`
+/// values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn accumulate_avx512<const VECTORS: usize>(
+    out: &mut [f32],
+    weights: &[f32],
+    values: &[&[f32]],
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX-512 F and the row lengths are this function's contract: every load and
+    // store covers 16 values at an offset below 16 * VECTORS.
+    unsafe {
+        let mut acc: [__m512; VECTORS] =
+            std::array::from_fn(|c| _mm512_loadu_ps(out.as_ptr().add(16 * c)));
+        for (&p, value) in weights.iter().zip(values) {
+            let p = _mm512_set1_ps(p);
+            for (c, acc) in acc.iter_mut().enumerate() {
+                let v = _mm512_loadu_ps(value.as_ptr().add(16 * c));
+                *acc = _mm512_add_ps(*acc, _mm512_mul_ps(p, v));
+            }
+        }
+        for (c, acc) in acc.iter().enumerate() {
+            _mm512_storeu_ps(out.as_mut_ptr().add(16 * c), *acc);
+        }
+    }
+}
+
+/// `out[i] = dot_lanes(query, keys[i])` for up to 16 keys, bit for bit: on AVX-512 with rows
+/// a multiple of 16 long, the 16 keys' lane sums are transposed so that adding them in lane
+/// order (what `dot_lanes` does one key at a time, a chain of 15 dependent adds) runs as 16
+/// vector adds for all the keys at once.
+#[inline(always)]
+fn dots(query: &[f32], keys: &[&[f32]], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let d = query.len();
+        if keys.len() == 16
+            && d.is_multiple_of(16)
+            && keys.iter().all(|k| k.len() == d)
+            && std::arch::is_x86_feature_detected!("avx512f")
+        {
+            // SAFETY: AVX-512 F was detected; the query and all 16 keys hold `d` values, a
+            // multiple of 16, and `out` holds 16 (it is as long as `keys`).
+            let sums = unsafe { dots16_avx512(query, keys) };
+            out.copy_from_slice(&sums);
+            return;
+        }
+    }
+    for (o, key) in out.iter_mut().zip(keys) {
+        *o = simd::dot_lanes(query, key);
+    }
+}
+
+/// The 16 dot products of [`dots`] on AVX-512: `dot_lanes`' operations, lane for lane.
+///
+/// # Safety
+/// The CPU must support AVX-512 F; `keys` must hold 16 rows, each as long as `query`, whose
+/// length is a multiple of 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dots16_avx512(query: &[f32], keys: &[&[f32]]) -> [f32; 16] {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX-512 F and the lengths are this function's contract: every load reads 16
+    // values at an offset below `query.len()`, a multiple of 16, inside each row.
+    unsafe {
+        let mut acc = [_mm512_setzero_ps(); 16];
+        for c in (0..query.len()).step_by(16) {
+            let q = _mm512_loadu_ps(query.as_ptr().add(c));
+            for (acc, key) in acc.iter_mut().zip(keys) {
+                let k = _mm512_loadu_ps(key.as_ptr().add(c));
+                *acc = _mm512_add_ps(*acc, _mm512_mul_ps(q, k));
+            }
+        }
+        // Transpose: rows (keys) of lanes into rows (lanes) of keys.
+        let mut t = [_mm512_setzero_ps(); 16];
+        for m in 0..8 {
+            t[2 * m] = _mm512_unpacklo_ps(acc[2 * m], acc[2 * m + 1]);
+            t[2 * m + 1] = _mm512_unpackhi_ps(acc[2 * m], acc[2 * m + 1]);
+        }
+        let pd = _mm512_castps_pd;
+        let ps = _mm512_castpd_ps;
+        let mut r = [_mm512_setzero_ps(); 16];
+        for i in 0..4 {
+            r[4 * i] = ps(_mm512_unpacklo_pd(pd(t[4 * i]), pd(t[4 * i + 2])));
+            r[4 * i + 1] = ps(_mm512_unpackhi_pd(pd(t[4 * i]), pd(t[4 * i + 2])));
+            r[4 * i + 2] = ps(_mm512_unpacklo_pd(pd(t[4 * i + 1]), pd(t[4 * i + 3])));
+            r[4 * i + 3] = ps(_mm512_unpackhi_pd(pd(t[4 * i + 1]), pd(t[4 * i + 3])));
+        }
+        // r[4i + j], 128-bit lane l: lane 4l + j of keys 4i..4i + 4.
+        let mut lanes = [_mm512_setzero_ps(); 16];
+        for j in 0..4 {
+            let u0 = _mm512_shuffle_f32x4::<0x44>(r[j], r[4 + j]);
+            let u1 = _mm512_shuffle_f32x4::<0xee>(r[j], r[4 + j]);
+            let u2 = _mm512_shuffle_f32x4::<0x44>(r[8 + j], r[12 + j]);
+            let u3 = _mm512_shuffle_f32x4::<0xee>(r[8 + j], r[12 + j]);
+            lanes[j] = _mm512_shuffle_f32x4::<0x88>(u0, u2);
+            lanes[4 + j] = _mm512_shuffle_f32x4::<0xdd>(u0, u2);
+            lanes[8 + j] = _mm512_shuffle_f32x4::<0x88>(u1, u3);
+            lanes[12 + j] = _mm512_shuffle_f32x4::<0xdd>(u1, u3);
+        }
+        let mut sum = _mm512_setzero_ps();
+        for lane in lanes {
+            sum = _mm512_add_ps(sum, lane);
+        }
+        let mut out = [0f32; 16];
+        _mm512_storeu_ps(out.as_mut_ptr(), sum);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;
