@@ -26,11 +26,27 @@ struct View<'a> {
     strides: [usize; 4],
 }
 
-impl View<'_> {
+impl<'a> View<'a> {
     /// Row `(i0, i1, i2)` of `len` contiguous values.
-    fn row(&self, i0: usize, i1: usize, i2: usize, len: usize) -> &[f32] {
+    fn row(&self, i0: usize, i1: usize, i2: usize, len: usize) -> &'a [f32] {
         let at = self.start + i0 * self.strides[0] + i1 * self.strides[1] + i2 * self.strides[2];
         &self.data[at..at + len]
+    }
+
+    /// Rows `(i0, i1, j)` for up to 16 `j` in `indices`, gathered into `into` (on the caller's
+    /// stack: the attention loops gather once per 16 keys, too often to allocate).
+    fn rows16<'s>(
+        &self,
+        i0: usize,
+        i1: usize,
+        indices: &[u32],
+        len: usize,
+        into: &'s mut [&'a [f32]; 16],
+    ) -> &'s [&'a [f32]] {
+        for (slot, &j) in into.iter_mut().zip(indices) {
+            *slot = self.row(i0, i1, j as usize, len);
+        }
+        &into[..indices.len().min(16)]
     }
 }
 
@@ -235,15 +251,13 @@ impl HeadJob<'_> {
             }
         }
         // Sixteen keys at a time: their rows stay in L1 while every head of the block uses them.
+        let mut gathered = [&[][..]; 16];
         for (chunk, (indices, biases)) in visible.chunks(16).zip(biases.chunks(16)).enumerate() {
-            let keys: Vec<&[f32]> = indices
-                .iter()
-                .map(|&j| self.k.row(b, kvh, j as usize, head_dim))
-                .collect();
+            let keys = self.k.rows16(b, kvh, indices, head_dim, &mut gathered);
             for (h, query) in queries.iter().enumerate() {
                 let at = h * kv_len + chunk * 16;
                 let row = &mut scores[at..at + keys.len()];
-                dots(query, &keys, row);
+                dots(query, keys, row);
                 for (s, &bias) in row.iter_mut().zip(biases) {
                     *s = *s * self.scale + bias;
                 }
@@ -265,10 +279,7 @@ impl HeadJob<'_> {
         }
         let mut totals = vec![0f32; n];
         for (chunk, indices) in visible.chunks(16).enumerate() {
-            let values: Vec<&[f32]> = indices
-                .iter()
-                .map(|&j| self.v.row(b, kvh, j as usize, head_dim))
-                .collect();
+            let values = self.v.rows16(b, kvh, indices, head_dim, &mut gathered);
             for (h, (total, out)) in totals
                 .iter_mut()
                 .zip(out.chunks_exact_mut(head_dim))
@@ -279,7 +290,7 @@ impl HeadJob<'_> {
                 for &p in weights {
                     *total += p;
                 }
-                accumulate(out, weights, &values);
+                accumulate(out, weights, values);
             }
         }
         for (total, out) in totals.iter().zip(out.chunks_exact_mut(head_dim)) {

@@ -3,6 +3,10 @@
 use super::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+fn bits(x: &[f32]) -> Vec<u32> {
+    x.iter().map(|f| f.to_bits()).collect()
+}
+
 /// The obvious algorithm, one query at a time: the scores of its visible keys in cache
 /// order, their softmax, the weighted sum of values, one division. Same operations as the
 /// blocked kernel promises, so the bits must match.
@@ -82,7 +86,6 @@ fn accumulating_in_registers_equals_the_plain_loop_bit_for_bit() {
                     *o += p * v;
                 }
             }
-            let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "d {d}, {count} rows");
         }
     }
@@ -156,7 +159,6 @@ fn blocks_of_query_heads_give_each_query_its_own_bits() {
                         scale,
                     );
                     let out = ((b * tokens + i) * heads + h) * d;
-                    let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                     assert_eq!(
                         bits(&got[out..out + d]),
                         bits(&want),

@@ -111,7 +111,7 @@ struct Plan {
 
 /// The plan for this step, priced with both cost lines ([`plan_draft_depth`]); `None` (no limit)
 /// under fixed windows or before both lines have a measured step.
-fn planned_depth(phase: &DraftPhase<'_>, running: &[Sequence]) -> Option<Plan> {
+fn step_plan(phase: &DraftPhase<'_>, running: &[Sequence]) -> Option<Plan> {
     if phase.policy != WindowPolicy::Adaptive {
         return None;
     }
@@ -162,7 +162,7 @@ fn planned_depth(phase: &DraftPhase<'_>, running: &[Sequence]) -> Option<Plan> {
 /// Runs the draft phase over `running` (see the module docs). Sequences whose draft forward
 /// fails are marked failed; the others go on.
 pub(super) fn draft_phase(phase: DraftPhase<'_>, running: &mut [Sequence]) {
-    let plan = planned_depth(&phase, running);
+    let plan = step_plan(&phase, running);
     let DraftPhase {
         draft,
         policy,
