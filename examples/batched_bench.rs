@@ -333,7 +333,7 @@ fn run(args: Args) -> Result<(), String> {
         .collect::<Result<Vec<_>, _>>()?;
     let source = common::resolve_source(&args.pair.target)?;
     let device = common::parse_device("cpu")?;
-    let options = common::load_options(&args.pair.weights, &device, args.threads, None)?;
+    let options = args.pair.target_options(&device, args.threads)?;
     let loaded = common::load_with_spinner("target", &source, &options)?;
     let target = Arc::new(loaded.model);
     if args.follow_up {
@@ -368,8 +368,7 @@ fn run(args: Args) -> Result<(), String> {
     };
     let drafts = args.methods.contains(&Method::Sd) || args.methods.contains(&Method::Mirror);
     let engine = if drafts {
-        let draft_options =
-            common::load_options(args.pair.draft_weights(), &device, args.threads, None)?;
+        let draft_options = args.pair.draft_options(&device, args.threads)?;
         let draft_source = common::resolve_source(&args.pair.draft)?;
         let draft = common::load_with_spinner("draft", &draft_source, &draft_options)?;
         let draft = args.draft_vocab.apply(&draft.model, &draft.tokenizer)?;

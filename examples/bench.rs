@@ -195,6 +195,7 @@ fn bench_model(model: &Model, args: &Args) -> Result<Value, String> {
         "threads": model.threads(),
         "weights": report.summary(),
         "weight_bytes": report.total_bytes(),
+        "weight_bytes_per_token": report.bytes_read_per_token(),
     }))
 }
 
@@ -287,7 +288,7 @@ fn run(args: Args) -> Result<(), String> {
     let mut models = Vec::new();
     for (role, source, weights) in &roles {
         let source = common::resolve_source(source)?;
-        let options = common::load_options(weights, &device, threads, None)?;
+        let options = common::load_options(weights, args.pair.kv_dtype, &device, threads, None)?;
         let loaded = common::load_with_spinner(role, &source, &options)?;
         models.push((role.to_string(), source, loaded.model));
     }
@@ -308,7 +309,7 @@ fn run(args: Args) -> Result<(), String> {
         let bandwidth = read_bandwidth(threads.unwrap_or(1));
         for (role, _, _) in &models {
             if let Some(result) = out.get_mut(role) {
-                let bytes = result["weight_bytes"].as_f64().unwrap_or(0.0);
+                let bytes = result["weight_bytes_per_token"].as_f64().unwrap_or(0.0);
                 let token_s = 1.0 / result["decode_tok_s"].as_f64().unwrap_or(f64::NAN);
                 let floor_s = bytes / bandwidth;
                 result["memory_floor_ms"] = json!(floor_s * 1e3);
@@ -382,7 +383,7 @@ fn print_table(out: &Value, args: &Args) {
             let Some(r) = out.get(role) else { continue };
             println!(
                 "{role}: {:.0} MB of weights a token: floor {:.1} ms, decode {:.1} ms a token, {:.2} of the floor",
-                r["weight_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+                r["weight_bytes_per_token"].as_f64().unwrap_or(0.0) / 1e6,
                 r["memory_floor_ms"].as_f64().unwrap_or(0.0),
                 r["decode_ms"].as_f64().unwrap_or(0.0),
                 r["fraction_of_floor"].as_f64().unwrap_or(0.0),

@@ -161,7 +161,7 @@ fn mirrors(
 fn run(args: Args) -> Result<(), String> {
     let source = common::resolve_source(&args.pair.target)?;
     let device = common::parse_device("cpu")?;
-    let options = common::load_options(&args.pair.weights, &device, args.threads, None)?;
+    let options = args.pair.target_options(&device, args.threads)?;
     let loaded = common::load_with_spinner("target", &source, &options)?;
     let target = Arc::new(loaded.model);
     let tokenizer = loaded.tokenizer;
@@ -188,8 +188,7 @@ fn run(args: Args) -> Result<(), String> {
         .iter()
         .any(|m| matches!(m, Method::Sd | Method::Mirror));
     let draft = if needs_draft {
-        let draft_options =
-            common::load_options(args.pair.draft_weights(), &device, args.threads, None)?;
+        let draft_options = args.pair.draft_options(&device, args.threads)?;
         let draft_source = common::resolve_source(&args.pair.draft)?;
         Some(Arc::new(
             common::load_with_spinner("draft", &draft_source, &draft_options)?.model,

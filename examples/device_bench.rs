@@ -804,6 +804,7 @@ fn costs(args: &CostsArgs) -> Res<Value> {
     let gpu_options = |device: &Device| LoadOptions {
         weights: WeightFormat::Float,
         dtype,
+        kv_dtype: None,
         device: device.clone(),
         placement: ThreadPlacement::default(),
     };
@@ -826,6 +827,7 @@ fn costs(args: &CostsArgs) -> Res<Value> {
         let options = LoadOptions {
             weights,
             dtype: DType::F32,
+            kv_dtype: None,
             device: Device::Cpu,
             placement: ThreadPlacement {
                 threads: Some(cores.len()),

@@ -68,6 +68,7 @@ fn main() -> Result<(), String> {
     let source = common::resolve_source(&args.model)?;
     let options = common::load_options(
         "as-stored",
+        common::KvDtypeArg::F32,
         &mirror_sd::mirror_core::Device::Cpu,
         None,
         None,

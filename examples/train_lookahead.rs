@@ -321,7 +321,7 @@ fn run(args: Args) -> Result<(), String> {
     let loaded = common::load_with_spinner(
         "draft",
         &source,
-        &common::load_options("as-stored", &device, None, None)?,
+        &common::load_options("as-stored", common::KvDtypeArg::F32, &device, None, None)?,
     )?;
     let model = &loaded.model;
     let config = LookaheadConfig {
@@ -373,7 +373,7 @@ fn run(args: Args) -> Result<(), String> {
         let target = common::load_with_spinner(
             "target",
             &common::resolve_source(target)?,
-            &common::load_options("as-stored", &device, None, None)?,
+            &common::load_options("as-stored", common::KvDtypeArg::F32, &device, None, None)?,
         )?;
         mirror_sd::mirror_scheduler::check_tokenizers(&target.tokenizer, &loaded.tokenizer)
             .map_err(|e| e.to_string())?;

@@ -256,6 +256,56 @@ fn every_sequence_of_a_batch_equals_itself_alone() {
     }
 }
 
+/// With keys and values cached as f16 (half the pool's bytes a row), every sequence of a batch
+/// still equals itself alone on that model, bit for bit; and the rounding is small enough that
+/// greedy decoding mostly keeps the f32 cache's tokens (a wrong conversion would keep none).
+#[test]
+fn an_f16_kv_cache_keeps_every_sequence_equal_to_itself_alone() {
+    let Some((target32, tokenizer)) = smollm2() else {
+        return;
+    };
+    let Some(path) = common::smollm2_path() else {
+        return;
+    };
+    let options = LoadOptions {
+        kv_dtype: Some(mirror_core::DType::F16),
+        ..LoadOptions::default()
+    };
+    let target = Arc::new(load(&ModelSource::Gguf(path), &options).unwrap().model);
+    assert_eq!(2 * row_bytes(&target), row_bytes(&target32));
+    let requests: Vec<SequenceRequest> = requests(&tokenizer).into_iter().take(8).collect();
+    let expected: Vec<Vec<u32>> = requests.iter().map(|r| alone(&target, r)).collect();
+    let settings = BatchSettings {
+        window: WindowPolicy::Fixed,
+        max_batch: 8,
+        prefill_chunk: 5,
+        step_tokens: 24,
+        ..BatchSettings::default()
+    };
+    assert_all_alone(
+        &engine_with_draft(&target, settings),
+        &requests,
+        &expected,
+        "f16 cache",
+    );
+    let mut same = 0;
+    for prompt in PROMPTS {
+        let prompt = tokenizer.encode(prompt, true).unwrap();
+        let config = GenerationConfig::greedy(12);
+        let run = |model: &Arc<Model>| {
+            Autoregressive::new(Arc::clone(model))
+                .generate(&prompt, &config)
+                .unwrap()
+                .tokens
+        };
+        same += usize::from(run(&target) == run(&target32));
+    }
+    assert!(
+        same >= 5,
+        "only {same} of 8 greedy outputs kept the f32 cache's tokens"
+    );
+}
+
 #[test]
 fn greedy_sequences_equal_themselves_alone_under_adaptive_windows() {
     let Some((target, tokenizer)) = smollm2() else {
@@ -703,7 +753,7 @@ fn two_conversations_sharing_a_system_prompt_store_it_once() {
 /// Pool bytes of one cached position of `model` (keys and values, every layer).
 fn row_bytes(model: &Model) -> u64 {
     let config = model.config();
-    let element = model.dtype().size_in_bytes();
+    let element = model.kv_dtype().size_in_bytes();
     (model.num_layers() * 2 * config.num_kv_heads() * config.head_dim() * element) as u64
 }
 

@@ -77,9 +77,11 @@ pub fn parse_weights(text: &str) -> Result<WeightFormat, String> {
     WeightFormat::parse(text).map_err(|e| e.to_string())
 }
 
-/// Load options from the examples' flags: weight format, device, threads or pinned cores.
+/// Load options from the examples' flags: weight format, KV cache dtype, device, threads or
+/// pinned cores.
 pub fn load_options(
     weights: &str,
+    kv_dtype: KvDtypeArg,
     device: &Device,
     threads: Option<usize>,
     cores: Option<Vec<usize>>,
@@ -87,6 +89,7 @@ pub fn load_options(
     Ok(LoadOptions {
         weights: parse_weights(weights)?,
         dtype: DType::F32,
+        kv_dtype: Some(kv_dtype.dtype()),
         device: device.clone(),
         placement: ThreadPlacement { threads, cores },
     })
@@ -108,6 +111,26 @@ pub struct PairArgs {
     /// Weight format of the draft (default: --weights).
     #[arg(long)]
     pub draft_weights: Option<String>,
+    /// What both models' KV caches store keys and values as: f32, or f16 for half the bytes
+    /// (long contexts and large batches decode faster; outputs differ from an f32 cache's).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub kv_dtype: KvDtypeArg,
+}
+
+/// `--kv-dtype`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvDtypeArg {
+    F32,
+    F16,
+}
+
+impl KvDtypeArg {
+    pub fn dtype(self) -> DType {
+        match self {
+            KvDtypeArg::F32 => DType::F32,
+            KvDtypeArg::F16 => DType::F16,
+        }
+    }
 }
 
 /// Where each model runs: devices, CPU threads and core pinning (`generate`, `serve`).
@@ -151,12 +174,14 @@ impl PlacementArgs {
         Ok((
             load_options(
                 &pair.weights,
+                pair.kv_dtype,
                 &parse_device(&self.target_device)?,
                 self.target_threads,
                 target_cores,
             )?,
             load_options(
                 pair.draft_weights(),
+                pair.kv_dtype,
                 &parse_device(&self.draft_device)?,
                 self.draft_threads,
                 draft_cores,
@@ -174,9 +199,27 @@ impl PairArgs {
     /// Target and draft options, unpinned, on `device`.
     pub fn options(&self, device: &Device) -> Result<(LoadOptions, LoadOptions), String> {
         Ok((
-            load_options(&self.weights, device, None, None)?,
-            load_options(self.draft_weights(), device, None, None)?,
+            self.target_options(device, None)?,
+            self.draft_options(device, None)?,
         ))
+    }
+
+    /// The target's options, unpinned, on `device` with `threads`.
+    pub fn target_options(
+        &self,
+        device: &Device,
+        threads: Option<usize>,
+    ) -> Result<LoadOptions, String> {
+        load_options(&self.weights, self.kv_dtype, device, threads, None)
+    }
+
+    /// The draft's options, unpinned, on `device` with `threads`.
+    pub fn draft_options(
+        &self,
+        device: &Device,
+        threads: Option<usize>,
+    ) -> Result<LoadOptions, String> {
+        load_options(self.draft_weights(), self.kv_dtype, device, threads, None)
     }
 }
 

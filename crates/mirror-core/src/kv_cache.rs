@@ -1,6 +1,9 @@
 //! A preallocated key/value cache with O(1) rollback and in-place compaction.
 //!
-//! Each layer owns two buffers of shape `(batch, kv_heads, capacity, head_dim)`, allocated once.
+//! Each layer owns two buffers of shape `(batch, kv_heads, capacity, head_dim)`, allocated once,
+//! in the cache's own dtype: the model's activations' (f32 on the CPU) by default, or f16 for
+//! half the bytes (keys and values are rounded once, when appended; see
+//! [`LoadOptions::kv_dtype`](crate::LoadOptions)).
 //! Appending writes new rows in place (`slice_set`); truncating only moves the length; compaction
 //! (keeping an accepted path of a token tree) gathers the kept rows and writes them back at the
 //! base of the region.
@@ -73,6 +76,11 @@ impl KvCache {
         self.capacity
     }
 
+    /// The dtype keys and values are stored in.
+    pub fn dtype(&self) -> Option<DType> {
+        self.layers.first().map(|l| l.keys.dtype())
+    }
+
     /// Number of layers.
     pub fn num_layers(&self) -> usize {
         self.layers.len()
@@ -93,8 +101,8 @@ impl KvCache {
         self.layers.get(layer).map_or(0, |l| l.len)
     }
 
-    /// Appends keys and values `(batch, kv_heads, t, head_dim)` to `layer` and returns views of
-    /// everything cached for it so far.
+    /// Appends keys and values `(batch, kv_heads, t, head_dim)` to `layer`, converted to the
+    /// cache's dtype, and returns views of everything cached for it so far.
     pub(crate) fn append(
         &mut self,
         layer: usize,
@@ -114,8 +122,11 @@ impl KvCache {
                 capacity,
             });
         }
-        cache.keys.slice_set(keys, 2, cache.len)?;
-        cache.values.slice_set(values, 2, cache.len)?;
+        let dtype = cache.keys.dtype();
+        cache.keys.slice_set(&keys.to_dtype(dtype)?, 2, cache.len)?;
+        cache
+            .values
+            .slice_set(&values.to_dtype(dtype)?, 2, cache.len)?;
         cache.len = new_len;
         Ok((
             cache.keys.narrow(2, 0, new_len)?,
@@ -469,5 +480,32 @@ mod tests {
         into.copy_prefix_from(&source, 4).unwrap();
         assert_rows(&into, &[0, 1, 2, 3]);
         assert!(into.copy_prefix_from(&source, 6).is_err());
+    }
+
+    #[test]
+    fn an_f16_cache_holds_each_appended_value_rounded_to_f16() {
+        let mut cache = KvCache::new(1, 1, 1, 3, 2, DType::F16, &Device::Cpu).unwrap();
+        let input = [1.0f32 / 3.0, 65519.0, -1.0e-6];
+        let keys = Tensor::from_vec(input.to_vec(), (1, 1, 1, 3), &Device::Cpu).unwrap();
+        let (k, v) = cache.append(0, &keys, &(&keys * 2.0).unwrap()).unwrap();
+        assert_eq!(cache.dtype(), Some(DType::F16));
+        let read = |t: &Tensor| -> Vec<f32> {
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let want: Vec<f32> = input
+            .iter()
+            .map(|&x| half::f16::from_f32(x).to_f32())
+            .collect();
+        assert_eq!(read(&k), want);
+        let doubled: Vec<f32> = input
+            .iter()
+            .map(|&x| half::f16::from_f32(x * 2.0).to_f32())
+            .collect();
+        assert_eq!(read(&v), doubled);
     }
 }

@@ -148,6 +148,19 @@ impl WeightReport {
         self.tensors.iter().map(|t| t.bytes).sum()
     }
 
+    /// Bytes of weights a one-token forward reads: every matrix but the token embedding
+    /// table, of which it reads one row, unless that table is also the LM head (tied
+    /// embeddings, no `lm_head.weight` of its own).
+    pub fn bytes_read_per_token(&self) -> usize {
+        const EMBEDDING: &str = "model.embed_tokens.weight";
+        let own_head = self.tensors.iter().any(|t| t.name == "lm_head.weight");
+        self.tensors
+            .iter()
+            .filter(|t| !(own_head && t.name == EMBEDDING))
+            .map(|t| t.bytes)
+            .sum()
+    }
+
     /// The matrices whose type changed at load, as `(name, stored, used)`.
     pub fn converted(&self) -> Vec<(&str, &str, &str)> {
         self.tensors
@@ -184,5 +197,41 @@ impl WeightReport {
                 converted.join(", ")
             }
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{TensorReport, WeightReport};
+
+    fn report(names: &[(&str, usize)]) -> WeightReport {
+        WeightReport {
+            compute: "portable".into(),
+            tensors: names
+                .iter()
+                .map(|&(name, bytes)| TensorReport {
+                    name: name.into(),
+                    stored: "Q4_K".into(),
+                    used: "Q4_K".into(),
+                    bytes,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_token_reads_the_embedding_table_only_when_it_is_the_head() {
+        let own_head = report(&[
+            ("model.embed_tokens.weight", 100),
+            ("model.layers.0.mlp.up_proj.weight", 10),
+            ("lm_head.weight", 50),
+        ]);
+        assert_eq!(own_head.total_bytes(), 160);
+        assert_eq!(own_head.bytes_read_per_token(), 60);
+        let tied = report(&[
+            ("model.embed_tokens.weight", 100),
+            ("model.layers.0.mlp.up_proj.weight", 10),
+        ]);
+        assert_eq!(tied.bytes_read_per_token(), 110);
     }
 }

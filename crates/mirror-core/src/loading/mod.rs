@@ -35,6 +35,10 @@ pub struct LoadOptions {
     /// Activations, and float weights; f32 by default (the CPU kernels for quantized weights
     /// take f32).
     pub dtype: DType,
+    /// What KV caches store keys and values as: `None` (the default) for `dtype`, or f16 for
+    /// half the cache's bytes, which long contexts and large batches read at every step (see
+    /// [`Model::with_kv_dtype`]).
+    pub kv_dtype: Option<DType>,
     /// Where the weights live.
     pub device: Device,
     /// The model's own rayon pool, if any: its threads and the cores they are pinned to (see
@@ -47,6 +51,7 @@ impl Default for LoadOptions {
         Self {
             weights: WeightFormat::AsStored,
             dtype: DType::F32,
+            kv_dtype: None,
             device: Device::Cpu,
             placement: ThreadPlacement::default(),
         }
@@ -55,9 +60,11 @@ impl Default for LoadOptions {
 
 impl LoadOptions {
     /// Builds the model of `config` from `weights` as these options say: weight format, dtype,
-    /// device, then its thread pool ([`Model::load`], then [`Model::with_placement`]).
+    /// device, KV cache dtype, then its thread pool ([`Model::load`], [`Model::with_kv_dtype`],
+    /// then [`Model::with_placement`]).
     pub fn build_model(&self, config: ModelConfig, weights: &dyn WeightSource) -> Result<Model> {
         Model::load(config, weights, self.weights, self.dtype, &self.device)?
+            .with_kv_dtype(self.kv_dtype.unwrap_or(self.dtype))?
             .with_placement(&self.placement)
     }
 }

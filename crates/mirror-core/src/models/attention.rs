@@ -9,62 +9,25 @@
 //! for one token: each key and value row is read once per block, and each query's operations
 //! are those of attending alone, so blocking changes no bit.
 //!
+//! Keys and values may be cached as f32 or f16 (`storage`): f16 rows are widened to f32
+//! exactly before any arithmetic, so the storage changes no operation, only the values that
+//! were rounded when cached.
+//!
 //! candle's matmul-softmax-matmul changes its summation order with the number of queries and
 //! keys, so it is used only off the CPU and for training (where gradients must flow).
 
-use candle_core::{Device, Layout, Tensor};
+use candle_core::{CpuStorage, Device, Storage, Tensor};
 use rayon::prelude::*;
+
+use storage::{contiguous, each_wide, view, widened, CacheElement, Shape, View};
 
 use super::cpu_ops::{self as simd, cpu_f32};
 use crate::error::Result;
 
-/// A strided f32 view: element `(i0, i1, i2, i3)` at `start + sum(i * stride)`.
-#[derive(Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
-    start: usize,
-    strides: [usize; 4],
-}
-
-impl<'a> View<'a> {
-    /// Row `(i0, i1, i2)` of `len` contiguous values.
-    fn row(&self, i0: usize, i1: usize, i2: usize, len: usize) -> &'a [f32] {
-        let at = self.start + i0 * self.strides[0] + i1 * self.strides[1] + i2 * self.strides[2];
-        &self.data[at..at + len]
-    }
-
-    /// Rows `(i0, i1, j)` for up to 16 `j` in `indices`, gathered into `into` (on the caller's
-    /// stack: the attention loops gather once per 16 keys, too often to allocate).
-    fn rows16<'s>(
-        &self,
-        i0: usize,
-        i1: usize,
-        indices: &[u32],
-        len: usize,
-        into: &'s mut [&'a [f32]; 16],
-    ) -> &'s [&'a [f32]] {
-        for (slot, &j) in into.iter_mut().zip(indices) {
-            *slot = self.row(i0, i1, j as usize, len);
-        }
-        &into[..indices.len().min(16)]
-    }
-}
-
-fn view<'a>(data: &'a [f32], layout: &Layout) -> Option<View<'a>> {
-    let strides = layout.stride();
-    if strides.len() != 4 || strides[3] != 1 && layout.dims()[3] > 1 {
-        return None;
-    }
-    Some(View {
-        data,
-        start: layout.start_offset(),
-        strides: [strides[0], strides[1], strides[2], strides[3]],
-    })
-}
-
 /// Attention of `q` `(b, heads, t, d)` over `keys`/`values` `(b, kv_heads, kv_len, d)` with an
 /// optional additive mask `(1 or b, t, kv_len)` (0 or -inf), scores scaled by `scale`.
-/// Returns `(b, t, heads * d)`, or `None` when the inputs are not f32 on the CPU.
+/// Returns `(b, t, heads * d)`, or `None` unless `q` and the mask are f32 on the CPU and the
+/// keys and values both f32 or both f16 there.
 pub(crate) fn attention(
     q: &Tensor,
     keys: &Tensor,
@@ -78,16 +41,10 @@ pub(crate) fn attention(
         Some(m) => Some(m.contiguous()?),
         None => None,
     };
-    let (Some((qs, ql)), Some((ks, kl)), Some((vs, vl))) =
-        (cpu_f32(q), cpu_f32(keys), cpu_f32(values))
-    else {
+    let Some((qs, ql)) = cpu_f32(q) else {
         return Ok(None);
     };
-    let (Some(qd), Some(kd), Some(vd)) = (simd::slice(&qs), simd::slice(&ks), simd::slice(&vs))
-    else {
-        return Ok(None);
-    };
-    let (Some(qv), Some(kv), Some(vv)) = (view(qd, ql), view(kd, kl), view(vd, vl)) else {
+    let Some(qv) = simd::slice(&qs).and_then(|data| view(data, ql)) else {
         return Ok(None);
     };
     let mask_guard = match &mask {
@@ -108,12 +65,76 @@ pub(crate) fn attention(
         }
         None => None,
     };
+    let shape = Shape {
+        batch,
+        heads,
+        kv_heads,
+        tokens,
+        kv_len,
+        head_dim,
+    };
+    let (ks, kl) = keys.storage_and_layout();
+    let (vs, vl) = values.storage_and_layout();
+    let output = match (&*ks, &*vs) {
+        (Storage::Cpu(CpuStorage::F32(kd)), Storage::Cpu(CpuStorage::F32(vd))) => attend(
+            shape,
+            qv,
+            view(kd.as_slice(), kl),
+            view(vd.as_slice(), vl),
+            mask_rows,
+            scale,
+        ),
+        (Storage::Cpu(CpuStorage::F16(kd)), Storage::Cpu(CpuStorage::F16(vd))) => {
+            let (k, v) = (view(kd.as_slice(), kl), view(vd.as_slice(), vl));
+            if tokens >= WIDEN_FROM_TOKENS {
+                let (Some(k), Some(v)) = (k, v) else {
+                    return Ok(None);
+                };
+                let (k, v) = (widened(&k, shape), widened(&v, shape));
+                let (k, v) = (contiguous(&k, shape), contiguous(&v, shape));
+                attend(shape, qv, Some(k), Some(v), mask_rows, scale)
+            } else {
+                attend(shape, qv, k, v, mask_rows, scale)
+            }
+        }
+        _ => None,
+    };
+    let Some(output) = output else {
+        return Ok(None);
+    };
+    Ok(Some(Tensor::from_vec(
+        output,
+        (batch, tokens, heads * head_dim),
+        &Device::Cpu,
+    )?))
+}
+
+/// Queries per call from which f16 keys and values are widened to f32 once, up front, rather
+/// than in registers at every use: a prompt's chunk reuses each row for every query, a decode
+/// step (one query) reads each row about once, where half the bytes matter more.
+const WIDEN_FROM_TOKENS: usize = 16;
+
+/// [`attention`] over keys and values stored as `E`: the outputs `(b, t, heads * d)`, or
+/// `None` when a view is not row-contiguous.
+fn attend<E: CacheElement>(
+    shape: Shape,
+    q: View<'_, f32>,
+    k: Option<View<'_, E>>,
+    v: Option<View<'_, E>>,
+    mask: Option<(&[f32], usize)>,
+    scale: f32,
+) -> Option<Vec<f32>> {
+    let (Some(k), Some(v)) = (k, v) else {
+        return None;
+    };
+    let (batch, heads, kv_heads) = (shape.batch, shape.heads, shape.kv_heads);
+    let (tokens, kv_len, head_dim) = (shape.tokens, shape.kv_len, shape.head_dim);
     let group = heads / kv_heads;
     let job = HeadJob {
-        q: qv,
-        k: kv,
-        v: vv,
-        mask: mask_rows,
+        q,
+        k,
+        v,
+        mask,
         tokens,
         kv_len,
         head_dim,
@@ -150,11 +171,7 @@ pub(crate) fn attention(
         let at = ((block.b * tokens + block.i) * heads + block.first_head) * head_dim;
         output[at..at + values.len()].copy_from_slice(values);
     }
-    Ok(Some(Tensor::from_vec(
-        output,
-        (batch, tokens, heads * head_dim),
-        &Device::Cpu,
-    )?))
+    Some(output)
 }
 
 /// Query heads per block at most: the heads of one kv group that share one pass over its keys
@@ -174,10 +191,10 @@ struct Block {
 }
 
 /// What every block of one attention call reads.
-struct HeadJob<'a> {
-    q: View<'a>,
-    k: View<'a>,
-    v: View<'a>,
+struct HeadJob<'a, E> {
+    q: View<'a, f32>,
+    k: View<'a, E>,
+    v: View<'a, E>,
     /// The mask's rows and its batch size (1 or the batch).
     mask: Option<(&'a [f32], usize)>,
     tokens: usize,
@@ -186,7 +203,7 @@ struct HeadJob<'a> {
     scale: f32,
 }
 
-impl HeadJob<'_> {
+impl<E: CacheElement> HeadJob<'_, E> {
     /// The outputs `(heads, head_dim)` of a block, compiled for the widest vectors the CPU has
     /// (the bits do not depend on which).
     fn run(&self, block: &Block) -> Vec<f32> {
@@ -307,7 +324,7 @@ impl HeadJob<'_> {
 /// per-query order of attending alone). On AVX-512 with rows of 64 or 128 values, `out` stays
 /// in registers across the keys instead of going through memory once per key.
 #[inline(always)]
-fn accumulate(out: &mut [f32], weights: &[f32], values: &[&[f32]]) {
+fn accumulate<E: CacheElement>(out: &mut [f32], weights: &[f32], values: &[&[E]]) {
     #[cfg(target_arch = "x86_64")]
     {
         let d = out.len();
@@ -319,19 +336,20 @@ fn accumulate(out: &mut [f32], weights: &[f32], values: &[&[f32]]) {
             // vectors of 16.
             unsafe {
                 if d == 64 {
-                    accumulate_avx512::<4>(out, weights, values);
+                    accumulate_avx512::<E, 4>(out, weights, values);
                 } else {
-                    accumulate_avx512::<8>(out, weights, values);
+                    accumulate_avx512::<E, 8>(out, weights, values);
                 }
             }
             return;
         }
     }
-    for (&p, value) in weights.iter().zip(values) {
-        for (o, &v) in out.iter_mut().zip(*value) {
+    each_wide(&values[..weights.len().min(values.len())], |k, value| {
+        let p = weights[k];
+        for (o, &v) in out.iter_mut().zip(value) {
             *o += p * v;
         }
-    }
+    });
 }
 
 /// [`accumulate`] for rows of `16 * VECTORS` values on AVX-512.
@@ -341,10 +359,10 @@ fn accumulate(out: &mut [f32], weights: &[f32], values: &[&[f32]]) {
 /// values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn accumulate_avx512<const VECTORS: usize>(
+unsafe fn accumulate_avx512<E: CacheElement, const VECTORS: usize>(
     out: &mut [f32],
     weights: &[f32],
-    values: &[&[f32]],
+    values: &[&[E]],
 ) {
     use std::arch::x86_64::*;
     // SAFETY: AVX-512 F and the row lengths are this function's contract: every load and
@@ -355,7 +373,7 @@ unsafe fn accumulate_avx512<const VECTORS: usize>(
         for (&p, value) in weights.iter().zip(values) {
             let p = _mm512_set1_ps(p);
             for (c, acc) in acc.iter_mut().enumerate() {
-                let v = _mm512_loadu_ps(value.as_ptr().add(16 * c));
+                let v = E::load16(value.as_ptr().add(16 * c));
                 *acc = _mm512_add_ps(*acc, _mm512_mul_ps(p, v));
             }
         }
@@ -370,7 +388,7 @@ unsafe fn accumulate_avx512<const VECTORS: usize>(
 /// order (what `dot_lanes` does one key at a time, a chain of 15 dependent adds) runs as 16
 /// vector adds for all the keys at once.
 #[inline(always)]
-fn dots(query: &[f32], keys: &[&[f32]], out: &mut [f32]) {
+fn dots<E: CacheElement>(query: &[f32], keys: &[&[E]], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         let d = query.len();
@@ -386,9 +404,9 @@ fn dots(query: &[f32], keys: &[&[f32]], out: &mut [f32]) {
             return;
         }
     }
-    for (o, key) in out.iter_mut().zip(keys) {
-        *o = simd::dot_lanes(query, key);
-    }
+    each_wide(&keys[..out.len().min(keys.len())], |i, key| {
+        out[i] = simd::dot_lanes(query, key);
+    });
 }
 
 /// The 16 dot products of [`dots`] on AVX-512: `dot_lanes`' operations, lane for lane.
@@ -398,7 +416,7 @@ fn dots(query: &[f32], keys: &[&[f32]], out: &mut [f32]) {
 /// length is a multiple of 16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn dots16_avx512(query: &[f32], keys: &[&[f32]]) -> [f32; 16] {
+unsafe fn dots16_avx512<E: CacheElement>(query: &[f32], keys: &[&[E]]) -> [f32; 16] {
     use std::arch::x86_64::*;
     // SAFETY: AVX-512 F and the lengths are this function's contract: every load reads 16
     // values at an offset below `query.len()`, a multiple of 16, inside each row.
@@ -407,7 +425,7 @@ unsafe fn dots16_avx512(query: &[f32], keys: &[&[f32]]) -> [f32; 16] {
         for c in (0..query.len()).step_by(16) {
             let q = _mm512_loadu_ps(query.as_ptr().add(c));
             for (acc, key) in acc.iter_mut().zip(keys) {
-                let k = _mm512_loadu_ps(key.as_ptr().add(c));
+                let k = E::load16(key.as_ptr().add(c));
                 *acc = _mm512_add_ps(*acc, _mm512_mul_ps(q, k));
             }
         }
@@ -448,5 +466,6 @@ unsafe fn dots16_avx512(query: &[f32], keys: &[&[f32]]) -> [f32; 16] {
     }
 }
 
+mod storage;
 #[cfg(test)]
 mod tests;

@@ -156,6 +156,10 @@ impl Attention {
                 return Ok(out);
             }
         }
+        // A cache stored in another dtype than the activations' (f16 keys and values) joins
+        // candle's products in theirs.
+        let keys = &keys.to_dtype(q.dtype())?;
+        let values = &values.to_dtype(q.dtype())?;
         let kv_heads = self.num_kv_heads;
         let kv_len = keys.dim(2)?;
         // Grouped-query attention without copying K/V: fold the query heads that share a kv head

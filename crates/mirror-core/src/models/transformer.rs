@@ -40,6 +40,8 @@ pub struct Model {
     partial_head: Option<Arc<PartialHead>>,
     pub(crate) rope: Rope,
     dtype: DType,
+    /// What new KV caches store keys and values as (see [`Model::with_kv_dtype`]).
+    kv_dtype: DType,
     pub(crate) device: Device,
     pool: Option<Arc<rayon::ThreadPool>>,
     pub(crate) lookahead: Option<Arc<LookaheadHead>>,
@@ -107,6 +109,7 @@ impl Model {
             partial_head: None,
             rope,
             dtype,
+            kv_dtype: dtype,
             device: device.clone(),
             pool: None,
             lookahead: None,
@@ -144,6 +147,7 @@ impl Model {
             partial_head: self.partial_head.clone(),
             rope: self.rope.clone(),
             dtype: self.dtype,
+            kv_dtype: self.kv_dtype,
             device: self.device.clone(),
             pool: self.pool.clone(),
             lookahead: None,
@@ -286,6 +290,30 @@ impl Model {
         self.dtype
     }
 
+    /// What new KV caches store keys and values as: the activations' dtype unless
+    /// [`Model::with_kv_dtype`] chose another.
+    pub fn kv_dtype(&self) -> DType {
+        self.kv_dtype
+    }
+
+    /// This model with KV caches that store keys and values as `dtype`: f16 halves the bytes
+    /// each cached token holds and each attention step reads (on the CPU, where long contexts
+    /// make decoding wait on them), at the cost of rounding every key and value to f16 once,
+    /// when cached. Every path (alone, in a window, in a tree, in a batch) reads the same
+    /// rounded rows, so greedy speculative output stays identical to this model's plain
+    /// decoding; it is not identical to the same model with an f32 cache. Only f32, f16 and
+    /// the activations' dtype are accepted.
+    pub fn with_kv_dtype(mut self, dtype: DType) -> Result<Self> {
+        if !matches!(dtype, DType::F32 | DType::F16) && dtype != self.dtype {
+            return Err(Error::invalid(format!(
+                "a KV cache stores f32, f16 or the activations' dtype ({:?}), not {dtype:?}",
+                self.dtype
+            )));
+        }
+        self.kv_dtype = dtype;
+        Ok(self)
+    }
+
     /// Longest context: the position table, capped by the config's context limit.
     pub fn context_limit(&self) -> usize {
         self.config.context_limit().min(self.rope.max_positions())
@@ -301,7 +329,7 @@ impl Model {
             self.config.num_kv_heads(),
             self.config.head_dim(),
             capacity,
-            self.dtype,
+            self.kv_dtype,
             &self.device,
         )
     }

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 /// Bytes of a cache of `capacity` rows for `model` (keys and values, every layer).
 pub(crate) fn cache_bytes(model: &Model, capacity: usize) -> u64 {
     let config = model.config();
-    let per_row = 2 * config.num_kv_heads() * config.head_dim() * model.dtype().size_in_bytes();
+    let per_row = 2 * config.num_kv_heads() * config.head_dim() * model.kv_dtype().size_in_bytes();
     (model.num_layers() * per_row * capacity) as u64
 }
 

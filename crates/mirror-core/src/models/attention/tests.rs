@@ -1,6 +1,7 @@
 //! The blocked attention kernel against the one-query algorithm, bit for bit.
 
 use super::*;
+use half::f16;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 fn bits(x: &[f32]) -> Vec<u32> {
@@ -92,22 +93,66 @@ fn accumulating_in_registers_equals_the_plain_loop_bit_for_bit() {
 }
 
 #[test]
+fn f16_rows_give_the_bits_of_their_f32_values() {
+    let mut rng = StdRng::seed_from_u64(17);
+    // 64 and 128: the AVX-512 loops (widened in registers); 40 and 48: the plain ones.
+    for d in [64, 128, 40, 48] {
+        for count in [16, 7] {
+            let mut random =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-3.0..3.0)).collect() };
+            let query = random(d);
+            let weights = random(count);
+            let halves: Vec<Vec<f16>> = (0..count)
+                .map(|_| random(d).into_iter().map(f16::from_f32).collect())
+                .collect();
+            let widened: Vec<Vec<f32>> = halves
+                .iter()
+                .map(|row| row.iter().map(|h| h.to_f32()).collect())
+                .collect();
+            let half_rows: Vec<&[f16]> = halves.iter().map(Vec::as_slice).collect();
+            let wide_rows: Vec<&[f32]> = widened.iter().map(Vec::as_slice).collect();
+            let (mut got, mut want) = (vec![0f32; count], vec![0f32; count]);
+            dots(&query, &half_rows, &mut got);
+            dots(&query, &wide_rows, &mut want);
+            assert_eq!(bits(&got), bits(&want), "dots, d {d}, {count} rows");
+            let (mut got, mut want) = (query.clone(), query.clone());
+            accumulate(&mut got, &weights, &half_rows);
+            accumulate(&mut want, &weights, &wide_rows);
+            assert_eq!(bits(&got), bits(&want), "sums, d {d}, {count} rows");
+        }
+    }
+}
+
+#[test]
 fn blocks_of_query_heads_give_each_query_its_own_bits() {
     let mut rng = StdRng::seed_from_u64(7);
     // Groups of 6 (blocks of 3 + 3), 7 (4 + 3), 3 and 1; a causal mask per batch, a shared
-    // mask, no mask; one query and several.
+    // mask, no mask; one query and several (17: past `WIDEN_FROM_TOKENS`).
     let cases = [
         (2, 12, 2, 3, 37, 32, true, true),
         (1, 14, 2, 1, 300, 64, false, false),
         (1, 9, 3, 4, 20, 48, true, false),
         (2, 4, 4, 2, 5, 16, false, true),
+        // Enough queries that f16 rows are widened once, up front.
+        (2, 6, 2, 17, 40, 64, true, true),
     ];
-    for (batch, heads, kv_heads, tokens, kv_len, d, masked, per_batch) in cases {
+    // Keys and values stored as f32, then as f16: the reference reads the f16 rows rounded
+    // one value at a time (half's scalar conversion).
+    let stores = [false, true];
+    for (case, half_store) in cases.iter().flat_map(|c| stores.map(|h| (*c, h))) {
+        let (batch, heads, kv_heads, tokens, kv_len, d, masked, per_batch) = case;
         let mut random =
             |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0..2.0)).collect() };
         let q = random(batch * heads * tokens * d);
-        let k = random(batch * kv_heads * kv_len * d);
-        let v = random(batch * kv_heads * kv_len * d);
+        let stored = |x: Vec<f32>| -> Vec<f32> {
+            if half_store {
+                x.into_iter().map(|x| f16::from_f32(x).to_f32()).collect()
+            } else {
+                x
+            }
+        };
+        let k = stored(random(batch * kv_heads * kv_len * d));
+        let v = stored(random(batch * kv_heads * kv_len * d));
         let mask_batches = if per_batch { batch } else { 1 };
         let mask: Vec<f32> = (0..mask_batches * tokens * kv_len)
             .map(|at| {
@@ -125,8 +170,15 @@ fn blocks_of_query_heads_give_each_query_its_own_bits() {
             Tensor::from_vec(data.to_vec(), shape, &Device::Cpu).unwrap()
         };
         let qt = tensor(&q, (batch, heads, tokens, d));
-        let kt = tensor(&k, (batch, kv_heads, kv_len, d));
-        let vt = tensor(&v, (batch, kv_heads, kv_len, d));
+        let store = |t: Tensor| {
+            if half_store {
+                t.to_dtype(candle_core::DType::F16).unwrap()
+            } else {
+                t
+            }
+        };
+        let kt = store(tensor(&k, (batch, kv_heads, kv_len, d)));
+        let vt = store(tensor(&v, (batch, kv_heads, kv_len, d)));
         let mt =
             Tensor::from_vec(mask.clone(), (mask_batches, tokens, kv_len), &Device::Cpu).unwrap();
         let scale = 1.0 / (d as f32).sqrt();
@@ -162,7 +214,7 @@ fn blocks_of_query_heads_give_each_query_its_own_bits() {
                     assert_eq!(
                         bits(&got[out..out + d]),
                         bits(&want),
-                        "batch {b} head {h} token {i} of case {heads}/{kv_heads} heads"
+                        "batch {b} head {h} token {i} of case {heads}/{kv_heads} heads, f16 {half_store}"
                     );
                 }
             }

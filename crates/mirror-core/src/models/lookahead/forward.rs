@@ -66,6 +66,9 @@ impl Model {
                 x = self.layers[index].forward(&x, kernels, |attn, h| {
                     let (q, k, v) = attn.project_qkv(h, &self.rope, &cos, &sin, kernels)?;
                     let (cached_keys, cached_values) = cache.view(index)?;
+                    // The lookahead rows' keys as the cache would hold them (its dtype).
+                    let k = k.to_dtype(cached_keys.dtype())?;
+                    let v = v.to_dtype(cached_values.dtype())?;
                     let keys = Tensor::cat(&[&cached_keys, &k], 2)?;
                     let values = Tensor::cat(&[&cached_values, &v], 2)?;
                     attn.attend(&q, &keys, &values, mask.as_ref(), kernels)
