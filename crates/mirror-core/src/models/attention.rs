@@ -422,9 +422,11 @@ unsafe fn dots16_avx512<E: CacheElement>(query: &[f32], keys: &[&[E]]) -> [f32; 
     // values at an offset below `query.len()`, a multiple of 16, inside each row.
     unsafe {
         let mut acc = [_mm512_setzero_ps(); 16];
-        for c in (0..query.len()).step_by(16) {
-            let q = _mm512_loadu_ps(query.as_ptr().add(c));
-            for (acc, key) in acc.iter_mut().zip(keys) {
+        // Key by key, each row read front to back (without masked holes the 16 rows lie end to
+        // end in the cache, one stream for the prefetcher).
+        for (acc, key) in acc.iter_mut().zip(keys) {
+            for c in (0..query.len()).step_by(16) {
+                let q = _mm512_loadu_ps(query.as_ptr().add(c));
                 let k = E::load16(key.as_ptr().add(c));
                 *acc = _mm512_add_ps(*acc, _mm512_mul_ps(q, k));
             }
