@@ -282,11 +282,22 @@ fn an_f16_kv_cache_keeps_every_sequence_equal_to_itself_alone() {
         step_tokens: 24,
         ..BatchSettings::default()
     };
-    assert_all_alone(
-        &engine_with_draft(&target, settings),
-        &requests,
-        &expected,
-        "f16 cache",
+    let engine = engine_with_draft(&target, settings);
+    assert_all_alone(&engine, &requests, &expected, "f16 cache");
+    // The pool charges f16 rows: what the prefix cache keeps fits in every sequence's prompt,
+    // output and one window at f16 row bytes, which rows charged as f32 (twice as many bytes
+    // for the same rows) would not.
+    let both_rows = row_bytes(&target) + row_bytes(&draft_of(&target));
+    let whole: u64 = requests
+        .iter()
+        .zip(&expected)
+        .map(|(r, tokens)| (r.prompt.len() + tokens.len() + 4) as u64 * both_rows)
+        .sum();
+    let load = settled_load(&engine);
+    assert!(
+        load.prefix_bytes > 0 && load.prefix_bytes <= whole,
+        "{} bytes kept, at most {whole} at f16",
+        load.prefix_bytes
     );
     let mut same = 0;
     for prompt in PROMPTS {

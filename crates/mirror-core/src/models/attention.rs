@@ -76,31 +76,25 @@ pub(crate) fn attention(
     let (ks, kl) = keys.storage_and_layout();
     let (vs, vl) = values.storage_and_layout();
     let output = match (&*ks, &*vs) {
-        (Storage::Cpu(CpuStorage::F32(kd)), Storage::Cpu(CpuStorage::F32(vd))) => attend(
-            shape,
-            qv,
-            view(kd.as_slice(), kl),
-            view(vd.as_slice(), vl),
-            mask_rows,
-            scale,
-        ),
+        (Storage::Cpu(CpuStorage::F32(kd)), Storage::Cpu(CpuStorage::F32(vd))) => {
+            let (Some(k), Some(v)) = (view(kd.as_slice(), kl), view(vd.as_slice(), vl)) else {
+                return Ok(None);
+            };
+            attend(shape, qv, k, v, mask_rows, scale)
+        }
         (Storage::Cpu(CpuStorage::F16(kd)), Storage::Cpu(CpuStorage::F16(vd))) => {
-            let (k, v) = (view(kd.as_slice(), kl), view(vd.as_slice(), vl));
+            let (Some(k), Some(v)) = (view(kd.as_slice(), kl), view(vd.as_slice(), vl)) else {
+                return Ok(None);
+            };
             if tokens >= WIDEN_FROM_TOKENS {
-                let (Some(k), Some(v)) = (k, v) else {
-                    return Ok(None);
-                };
                 let (k, v) = (widened(&k, shape), widened(&v, shape));
                 let (k, v) = (contiguous(&k, shape), contiguous(&v, shape));
-                attend(shape, qv, Some(k), Some(v), mask_rows, scale)
+                attend(shape, qv, k, v, mask_rows, scale)
             } else {
                 attend(shape, qv, k, v, mask_rows, scale)
             }
         }
-        _ => None,
-    };
-    let Some(output) = output else {
-        return Ok(None);
+        _ => return Ok(None),
     };
     Ok(Some(Tensor::from_vec(
         output,
@@ -114,19 +108,15 @@ pub(crate) fn attention(
 /// step (one query) reads each row about once, where half the bytes matter more.
 const WIDEN_FROM_TOKENS: usize = 16;
 
-/// [`attention`] over keys and values stored as `E`: the outputs `(b, t, heads * d)`, or
-/// `None` when a view is not row-contiguous.
+/// [`attention`] over keys and values stored as `E`: the outputs `(b, t, heads * d)`.
 fn attend<E: CacheElement>(
     shape: Shape,
     q: View<'_, f32>,
-    k: Option<View<'_, E>>,
-    v: Option<View<'_, E>>,
+    k: View<'_, E>,
+    v: View<'_, E>,
     mask: Option<(&[f32], usize)>,
     scale: f32,
-) -> Option<Vec<f32>> {
-    let (Some(k), Some(v)) = (k, v) else {
-        return None;
-    };
+) -> Vec<f32> {
     let (batch, heads, kv_heads) = (shape.batch, shape.heads, shape.kv_heads);
     let (tokens, kv_len, head_dim) = (shape.tokens, shape.kv_len, shape.head_dim);
     let group = heads / kv_heads;
@@ -171,7 +161,7 @@ fn attend<E: CacheElement>(
         let at = ((block.b * tokens + block.i) * heads + block.first_head) * head_dim;
         output[at..at + values.len()].copy_from_slice(values);
     }
-    Some(output)
+    output
 }
 
 /// Query heads per block at most: the heads of one kv group that share one pass over its keys

@@ -30,64 +30,7 @@ impl<'a, E> View<'a, E> {
         let at = self.start + i0 * self.strides[0] + i1 * self.strides[1] + i2 * self.strides[2];
         &self.data[at..at + len]
     }
-}
 
-/// What a KV cache stores keys and values as: f32, or f16 read through exact conversion to
-/// f32 (every f16 is an f32), in registers where the loops are vectorized. A query's
-/// operations and bits therefore do not depend on the storage beyond the rounding done when
-/// the rows were cached.
-pub(super) trait CacheElement: Copy + Send + Sync + Sized {
-    /// The row itself when it is f32.
-    fn as_f32(row: &[Self]) -> Option<&[f32]>;
-
-    /// Row `row` as f32 values in `into` (as long as the row).
-    fn widen(row: &[Self], into: &mut [f32]);
-
-    /// Sixteen values at `at`, widened.
-    ///
-    /// # Safety
-    /// The CPU must support AVX-512 F, and `at` must be valid for reading 16 values.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn load16(at: *const Self) -> std::arch::x86_64::__m512;
-}
-
-impl CacheElement for f32 {
-    fn as_f32(row: &[f32]) -> Option<&[f32]> {
-        Some(row)
-    }
-
-    fn widen(row: &[f32], into: &mut [f32]) {
-        into.copy_from_slice(row);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load16(at: *const f32) -> std::arch::x86_64::__m512 {
-        // SAFETY: AVX-512 F and 16 readable values are the caller's contract.
-        unsafe { std::arch::x86_64::_mm512_loadu_ps(at) }
-    }
-}
-
-impl CacheElement for f16 {
-    fn as_f32(_: &[f16]) -> Option<&[f32]> {
-        None
-    }
-
-    fn widen(row: &[f16], into: &mut [f32]) {
-        row.convert_to_f32_slice(into);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load16(at: *const f16) -> std::arch::x86_64::__m512 {
-        use std::arch::x86_64::*;
-        // SAFETY: AVX-512 F (which has the 16-lane f16 conversion) and 16 readable values (32
-        // bytes) are the caller's contract.
-        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(at as *const __m256i)) }
-    }
-}
-
-impl<'a, E> View<'a, E> {
     /// Rows `(i0, i1, j)` for up to 16 `j` in `indices`, gathered into `into` (on the caller's
     /// stack: the attention loops gather once per 16 keys, too often to allocate).
     pub(super) fn rows16<'s>(
@@ -105,19 +48,58 @@ impl<'a, E> View<'a, E> {
     }
 }
 
+/// What a KV cache stores keys and values as: f32, or f16 read through exact conversion to
+/// f32 (every f16 is an f32), in registers where the loops are vectorized. A query's
+/// operations and bits therefore do not depend on the storage beyond the rounding done when
+/// the rows were cached.
+pub(super) trait CacheElement: Copy + Send + Sync + Sized {
+    /// Row `row` as f32 values: itself when it is f32, otherwise widened into `buffer`.
+    fn as_f32<'r>(row: &'r [Self], buffer: &'r mut Vec<f32>) -> &'r [f32];
+
+    /// Sixteen values at `at`, widened.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F, and `at` must be valid for reading 16 values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(at: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl CacheElement for f32 {
+    fn as_f32<'r>(row: &'r [f32], _: &'r mut Vec<f32>) -> &'r [f32] {
+        row
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(at: *const f32) -> std::arch::x86_64::__m512 {
+        // SAFETY: AVX-512 F and 16 readable values are the caller's contract.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(at) }
+    }
+}
+
+impl CacheElement for f16 {
+    fn as_f32<'r>(row: &'r [f16], buffer: &'r mut Vec<f32>) -> &'r [f32] {
+        buffer.resize(row.len(), 0.0);
+        row.convert_to_f32_slice(buffer);
+        buffer
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(at: *const f16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: AVX-512 F (which has the 16-lane f16 conversion) and 16 readable values (32
+        // bytes) are the caller's contract.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(at as *const __m256i)) }
+    }
+}
+
 /// Calls `f` with each row as f32 values: f32 rows as they are, others widened into one
 /// buffer (the loops that are not vectorized for f16).
 pub(super) fn each_wide<E: CacheElement>(rows: &[&[E]], mut f: impl FnMut(usize, &[f32])) {
     let mut buffer = Vec::new();
     for (i, row) in rows.iter().enumerate() {
-        match E::as_f32(row) {
-            Some(row) => f(i, row),
-            None => {
-                buffer.resize(row.len(), 0.0);
-                E::widen(row, &mut buffer);
-                f(i, &buffer);
-            }
-        }
+        f(i, E::as_f32(row, &mut buffer));
     }
 }
 
