@@ -65,7 +65,20 @@ struct Args {
 /// `threads` threads (summed as u64 words, which the compiler vectorizes).
 fn read_bandwidth(threads: usize) -> f64 {
     const BYTES: usize = 1 << 30;
-    let words: Vec<u64> = (0..BYTES / 8).map(|i| i as u64 | 1).collect();
+    // Memory as the weights get it (mirror-core's storage): an anonymous mapping, in huge pages
+    // unless they are turned off, so that the floor is the one the kernels stream against.
+    let Ok(mut map) = memmap2::MmapMut::map_anon(BYTES) else {
+        return f64::NAN;
+    };
+    #[cfg(target_os = "linux")]
+    if mirror_sd::mirror_core::kernels::huge_pages_wanted() {
+        let _ = map.advise(memmap2::Advice::HugePage);
+    }
+    let words: &mut [u64] = as_words(&mut map);
+    for (i, w) in words.iter_mut().enumerate() {
+        *w = i as u64 | 1;
+    }
+    let words: &[u64] = words;
     let threads = threads.max(1);
     let chunk = words.len().div_ceil(threads);
     let mut times = Vec::new();
@@ -86,6 +99,14 @@ fn read_bandwidth(threads: usize) -> f64 {
     }
     // The first pass warms the pages and the threads.
     BYTES as f64 / common::median(times[1..].to_vec())
+}
+
+/// The mapping as 64-bit words (it is page-aligned, and its length a multiple of 8).
+fn as_words(map: &mut memmap2::MmapMut) -> &mut [u64] {
+    let len = map.len() / 8;
+    // SAFETY: the mapping is page-aligned (so 8-byte aligned), `len * 8` bytes lie inside it,
+    // every bit pattern is a valid u64, and the borrow of `map` is unique for the slice's life.
+    unsafe { std::slice::from_raw_parts_mut(map.as_mut_ptr().cast::<u64>(), len) }
 }
 
 fn main() {
@@ -124,6 +145,14 @@ fn memory_mb() -> (Option<f64>, Option<f64>) {
             .map(|kb| kb / 1024.0)
     };
     (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Resident memory in transparent huge pages (Linux), in MB.
+fn huge_page_mb() -> Option<f64> {
+    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
+    let line = rollup.lines().find(|l| l.starts_with("AnonHugePages:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }
 
 fn bench_model(model: &Model, args: &Args) -> Result<Value, String> {
@@ -293,6 +322,7 @@ fn run(args: Args) -> Result<(), String> {
         models.push((role.to_string(), source, loaded.model));
     }
     let (rss, _) = memory_mb();
+    let huge = huge_page_mb();
     for (role, source, model) in &models {
         let mut result = bench_model(model, &args)?;
         result["model"] = json!(source.to_string());
@@ -322,6 +352,7 @@ fn run(args: Args) -> Result<(), String> {
     let (_, peak) = memory_mb();
     out.insert("rss_mb_after_load".into(), json!(rss));
     out.insert("peak_rss_mb".into(), json!(peak));
+    out.insert("huge_page_mb_after_load".into(), json!(huge));
     out.insert("kernel_path".into(), json!(KernelPath::selected().name()));
     out.insert("threads".into(), json!(threads));
     let out = Value::Object(out);
@@ -391,10 +422,11 @@ fn print_table(out: &Value, args: &Args) {
         }
     }
     println!(
-        "\nkernel path {}, threads {:?}, RSS after load {:.0} MB, peak {:.0} MB",
+        "\nkernel path {}, threads {:?}, RSS after load {:.0} MB ({:.0} MB in huge pages), peak {:.0} MB",
         out["kernel_path"].as_str().unwrap_or("?"),
         out["threads"],
         out["rss_mb_after_load"].as_f64().unwrap_or(0.0),
+        out["huge_page_mb_after_load"].as_f64().unwrap_or(0.0),
         out["peak_rss_mb"].as_f64().unwrap_or(0.0)
     );
 }

@@ -145,6 +145,15 @@ pub enum Error {
         path: PathBuf,
     },
 
+    /// The system refused memory for a model's weights (the mapping failed).
+    #[error("cannot allocate {bytes} bytes for weights: {source}")]
+    Allocation {
+        /// The bytes asked for.
+        bytes: usize,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+
     /// A worker thread pool could not be built.
     #[error("thread pool: {0}")]
     ThreadPool(String),

@@ -1,9 +1,10 @@
 //! Quantized matrix multiplication on the CPU for a few activation rows: `y = x W^T` with `W`
 //! in a GGML type as stored and `x` of 1 to 64 rows (one decoded token, a verification window,
 //! a hypothesis-tree pass). Bottom up: `types` (weight types, code paths), `formats` (GGML
-//! blocks and the packed layout), `operands` (what a kernel reads and writes), `packing`
-//! ([`PackedMatrix`]), `activations` (input quantization), the code paths `portable`,
-//! `x86_avx2` and `x86_avx512`, and `dispatch` ([`matmul`]) on top; each imports only modules
+//! blocks and the packed layout), `operands` (what a kernel reads and writes), `storage` (the
+//! memory a matrix lives in: huge pages where the system has them), `packing`
+//! ([`PackedMatrix`]), `activations` (input quantization), the code paths `portable`, `x86_avx2`
+//! and `x86_avx512`, and `dispatch` ([`matmul`]) on top; each imports only modules
 //! below it, and nothing here imports the rest of the crate but its error type.
 //!
 //! The design follows llama.cpp's CPU path (ggml `vec_dot_*` and its repacked "x8/x16" weights):
@@ -29,6 +30,7 @@ mod formats;
 mod operands;
 mod packing;
 mod portable;
+mod storage;
 mod types;
 #[cfg(target_arch = "x86_64")]
 mod x86_avx2;
@@ -37,6 +39,7 @@ mod x86_avx512;
 
 pub use dispatch::{matmul, MAX_ROWS};
 pub use packing::PackedMatrix;
+pub use storage::{huge_pages_wanted, HUGE_PAGES_ENV};
 pub use types::{KernelPath, WeightType, KERNEL_PATH_ENV};
 
 #[cfg(test)]

@@ -8,49 +8,20 @@ use rayon::prelude::*;
 
 use super::formats::{self, DecodedBlock, GroupLayout, GROUP};
 use super::operands::Weights;
+use super::storage::WeightBytes;
 use super::types::WeightType;
 use crate::error::{Error, Result};
 
-/// 64-byte aligned bytes.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([u8; 64]);
-
-#[derive(Clone)]
-struct AlignedBytes {
-    lines: Vec<Line>,
-}
-
-impl AlignedBytes {
-    fn zeroed(len: usize) -> Self {
-        Self {
-            lines: vec![Line([0; 64]); len.div_ceil(64)],
-        }
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        // SAFETY: `Line` is 64 plain bytes with no padding, so the lines are contiguous bytes.
-        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast(), self.lines.len() * 64) }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as in `as_slice`, and the borrow is unique.
-        unsafe {
-            std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast(), self.lines.len() * 64)
-        }
-    }
-}
-
 /// A weight matrix `(rows, cols)` (output features by input features) in a GGML type,
-/// repacked for the kernels. Immutable and shareable across threads.
-#[derive(Clone)]
+/// repacked for the kernels (in huge pages where the system has them, see
+/// [`HUGE_PAGES_ENV`](super::HUGE_PAGES_ENV)). Immutable and shareable across threads.
 pub struct PackedMatrix {
     ty: WeightType,
     rows: usize,
     cols: usize,
     layout: GroupLayout,
     groups: usize,
-    data: AlignedBytes,
+    data: WeightBytes,
 }
 
 impl std::fmt::Debug for PackedMatrix {
@@ -83,7 +54,7 @@ impl PackedMatrix {
         }
         let layout = GroupLayout::new(ty, cols);
         let groups = rows.div_ceil(GROUP);
-        let mut data = AlignedBytes::zeroed(groups * layout.stride);
+        let mut data = WeightBytes::zeroed(groups * layout.stride)?;
         data.as_mut_slice()
             .par_chunks_mut(layout.stride)
             .enumerate()
@@ -128,6 +99,14 @@ impl PackedMatrix {
         Self::from_ggml_bytes(ty, &qtensor.data()?, rows, cols)
     }
 
+    /// A copy in memory of its own (fails when the system has no memory to map).
+    pub fn try_clone(&self) -> Result<Self> {
+        Ok(Self {
+            data: self.data.try_clone()?,
+            ..*self
+        })
+    }
+
     /// The weight type.
     pub fn weight_type(&self) -> WeightType {
         self.ty
@@ -145,7 +124,7 @@ impl PackedMatrix {
 
     /// Bytes held (what one pass over the matrix reads).
     pub fn storage_bytes(&self) -> usize {
-        self.data.lines.len() * 64
+        self.data.len()
     }
 
     /// Column groups of 16 output rows (the last one padded).
@@ -170,7 +149,7 @@ impl PackedMatrix {
         }
         let layout = self.layout;
         let groups = rows.len().div_ceil(GROUP);
-        let mut data = AlignedBytes::zeroed(groups * layout.stride);
+        let mut data = WeightBytes::zeroed(groups * layout.stride)?;
         data.as_mut_slice()
             .par_chunks_mut(layout.stride)
             .enumerate()
