@@ -19,7 +19,8 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use clap::Parser;
-use mirror_sd::mirror_core::{kernels::KernelPath, Device, Model, ModelSource, Tensor};
+use mirror_sd::mirror_core::kernels::{KernelPath, WeightBytes};
+use mirror_sd::mirror_core::{Device, Model, ModelSource, Tensor};
 use serde_json::{json, Value};
 
 #[derive(Parser, Debug)]
@@ -63,18 +64,12 @@ struct Args {
 
 /// Read bandwidth in bytes per second: the median of 5 streaming reads of 1 GiB, split over
 /// `threads` threads (summed as u64 words, which the compiler vectorizes).
-fn read_bandwidth(threads: usize) -> f64 {
+fn read_bandwidth(threads: usize) -> Result<f64, String> {
     const BYTES: usize = 1 << 30;
-    // Memory as the weights get it (mirror-core's storage): an anonymous mapping, in huge pages
-    // unless they are turned off, so that the floor is the one the kernels stream against.
-    let Ok(mut map) = memmap2::MmapMut::map_anon(BYTES) else {
-        return f64::NAN;
-    };
-    #[cfg(target_os = "linux")]
-    if mirror_sd::mirror_core::kernels::huge_pages_wanted() {
-        let _ = map.advise(memmap2::Advice::HugePage);
-    }
-    let words: &mut [u64] = as_words(&mut map);
+    // Memory as the weights get it (huge pages unless they are turned off), so that the floor
+    // is the one the kernels stream against.
+    let mut memory = WeightBytes::zeroed(BYTES).map_err(|e| e.to_string())?;
+    let words: &mut [u64] = as_words(memory.as_mut_slice());
     for (i, w) in words.iter_mut().enumerate() {
         *w = i as u64 | 1;
     }
@@ -98,15 +93,15 @@ fn read_bandwidth(threads: usize) -> f64 {
         times.push(started.elapsed().as_secs_f64());
     }
     // The first pass warms the pages and the threads.
-    BYTES as f64 / common::median(times[1..].to_vec())
+    Ok(BYTES as f64 / common::median(times[1..].to_vec()))
 }
 
-/// The mapping as 64-bit words (it is page-aligned, and its length a multiple of 8).
-fn as_words(map: &mut memmap2::MmapMut) -> &mut [u64] {
-    let len = map.len() / 8;
-    // SAFETY: the mapping is page-aligned (so 8-byte aligned), `len * 8` bytes lie inside it,
-    // every bit pattern is a valid u64, and the borrow of `map` is unique for the slice's life.
-    unsafe { std::slice::from_raw_parts_mut(map.as_mut_ptr().cast::<u64>(), len) }
+/// 64-byte aligned bytes (a multiple of 8 long) as 64-bit words.
+fn as_words(bytes: &mut [u8]) -> &mut [u64] {
+    let len = bytes.len() / 8;
+    // SAFETY: `WeightBytes` are 64-byte aligned (so 8-byte aligned), `len * 8` bytes lie inside
+    // them, every bit pattern is a valid u64, and the borrow is unique for the slice's life.
+    unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<u64>(), len) }
 }
 
 fn main() {
@@ -134,25 +129,27 @@ fn argmax(values: &[f32]) -> u32 {
 }
 
 /// Resident set and its peak, in MB (Linux).
+/// Field `name` (in kB) of a `/proc` status-like text, in MB.
+fn proc_field_mb(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+}
+
 fn memory_mb() -> (Option<f64>, Option<f64>) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<f64>().ok())
-            .map(|kb| kb / 1024.0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    (
+        proc_field_mb(&status, "VmRSS:"),
+        proc_field_mb(&status, "VmHWM:"),
+    )
 }
 
 /// Resident memory in transparent huge pages (Linux), in MB.
 fn huge_page_mb() -> Option<f64> {
     let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
-    let line = rollup.lines().find(|l| l.starts_with("AnonHugePages:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
+    proc_field_mb(&rollup, "AnonHugePages:")
 }
 
 fn bench_model(model: &Model, args: &Args) -> Result<Value, String> {
@@ -336,7 +333,7 @@ fn run(args: Args) -> Result<(), String> {
         out.insert(role.clone(), result);
     }
     if args.bandwidth {
-        let bandwidth = read_bandwidth(threads.unwrap_or(1));
+        let bandwidth = read_bandwidth(threads.unwrap_or(1))?;
         for (role, _, _) in &models {
             if let Some(result) = out.get_mut(role) {
                 let bytes = result["weight_bytes_per_token"].as_f64().unwrap_or(0.0);

@@ -1,7 +1,7 @@
 //! Quantized matrix multiplication on the CPU for a few activation rows: `y = x W^T` with `W`
 //! in a GGML type as stored and `x` of 1 to 64 rows (one decoded token, a verification window,
 //! a hypothesis-tree pass). Bottom up: `types` (weight types, code paths), `formats` (GGML
-//! blocks and the packed layout), `operands` (what a kernel reads and writes), `storage` (the
+//! blocks and the packed layout), `operands` (what a kernel reads and writes), `memory` (the
 //! memory a matrix lives in: huge pages where the system has them), `packing`
 //! ([`PackedMatrix`]), `activations` (input quantization), the code paths `portable`, `x86_avx2`
 //! and `x86_avx512`, and `dispatch` ([`matmul`]) on top; each imports only modules
@@ -27,10 +27,10 @@
 mod activations;
 mod dispatch;
 mod formats;
+mod memory;
 mod operands;
 mod packing;
 mod portable;
-mod storage;
 mod types;
 #[cfg(target_arch = "x86_64")]
 mod x86_avx2;
@@ -38,8 +38,8 @@ mod x86_avx2;
 mod x86_avx512;
 
 pub use dispatch::{matmul, MAX_ROWS};
+pub use memory::{WeightBytes, HUGE_PAGES_ENV};
 pub use packing::PackedMatrix;
-pub use storage::{huge_pages_wanted, HUGE_PAGES_ENV};
 pub use types::{KernelPath, WeightType, KERNEL_PATH_ENV};
 
 #[cfg(test)]

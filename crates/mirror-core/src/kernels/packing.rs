@@ -7,8 +7,8 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::formats::{self, DecodedBlock, GroupLayout, GROUP};
+use super::memory::WeightBytes;
 use super::operands::Weights;
-use super::storage::WeightBytes;
 use super::types::WeightType;
 use crate::error::{Error, Result};
 

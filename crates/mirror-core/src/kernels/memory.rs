@@ -16,7 +16,7 @@ use memmap2::MmapMut;
 
 use crate::error::{Error, Result};
 
-/// Environment variable that turns the huge-page advice off: `off` (or `0`).
+/// Environment variable that turns the huge-page advice off: `off`, `0` or `false`.
 pub const HUGE_PAGES_ENV: &str = "MIRROR_SD_HUGE_PAGES";
 
 /// Bytes of a transparent huge page on x86-64 and (with 4 KiB base pages) aarch64 Linux.
@@ -27,7 +27,7 @@ const ALIGN: usize = 64;
 
 /// Whether weight matrices of 2 MiB or more ask for huge pages: on Linux unless
 /// [`HUGE_PAGES_ENV`] says `off`. Read once per process.
-pub fn huge_pages_wanted() -> bool {
+fn huge_pages_wanted() -> bool {
     static WANTED: OnceLock<bool> = OnceLock::new();
     *WANTED.get_or_init(|| {
         cfg!(target_os = "linux")
@@ -38,8 +38,10 @@ pub fn huge_pages_wanted() -> bool {
     })
 }
 
-/// Zeroed bytes, 64-byte aligned (2 MiB aligned when they span a huge page), owned alone.
-pub(crate) struct WeightBytes {
+/// Zeroed bytes, 64-byte aligned (2 MiB aligned when they span a huge page), owned alone: what
+/// a [`PackedMatrix`](super::PackedMatrix) keeps its weights in, for code that wants to read
+/// memory as the kernels do (`bench --bandwidth`).
+pub struct WeightBytes {
     map: MmapMut,
     /// Where the bytes start in `map` (past the slack that aligns them to a huge page).
     start: usize,
@@ -49,7 +51,7 @@ pub(crate) struct WeightBytes {
 impl WeightBytes {
     /// `len` zeroed bytes (rounded up to a multiple of 64). Fails, rather than aborting, when
     /// the system has no memory to map.
-    pub(crate) fn zeroed(len: usize) -> Result<Self> {
+    pub fn zeroed(len: usize) -> Result<Self> {
         let len = len.max(1).div_ceil(ALIGN) * ALIGN;
         let huge = huge_pages_wanted() && len >= HUGE_PAGE;
         // Slack to move the start to a huge-page boundary: mapped but never touched, so it
@@ -75,21 +77,27 @@ impl WeightBytes {
     }
 
     /// The bytes (a multiple of 64 long, starting 64-byte aligned).
-    pub(crate) fn as_slice(&self) -> &[u8] {
+    pub fn as_slice(&self) -> &[u8] {
         &self.map[self.start..self.start + self.len]
     }
 
-    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
+    /// The bytes, to write.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
         &mut self.map[self.start..self.start + self.len]
     }
 
     /// Bytes held.
-    pub(crate) fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether no bytes are held (never: `zeroed` rounds up to 64).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// A copy in new memory of its own.
-    pub(crate) fn try_clone(&self) -> Result<Self> {
+    pub fn try_clone(&self) -> Result<Self> {
         let mut copy = Self::zeroed(self.len)?;
         copy.as_mut_slice().copy_from_slice(self.as_slice());
         Ok(copy)
