@@ -161,8 +161,12 @@ unsafe fn shift_right(v: __m512i, by: usize) -> __m512i {
 /// are read from memory once per call, and the kernels do too little work per byte for the
 /// hardware prefetcher alone to keep enough requests in flight. Distances and cache levels were
 /// tuned on the pair's 1.5B model with interleaved runs: for a tile of rows (more work per
-/// byte), 2 KB ahead into L1; one row prefetches in [`load_streaming`] (Q4_K, Q5_K) or in
-/// whole records ([`prefetch_record`], the other types).
+/// byte), 2 KB ahead into L1; one row prefetches whole records ([`prefetch_record`]) for
+/// every type but Q4_K and Q5_K. Their records are one block of quants after a short meta,
+/// which the hardware prefetcher follows alone: on a Zen 4 EPYC, a prefetch of each line 3 KB
+/// ahead into L2 (kept earlier because distances from 0 to 12 KB had differed by less than the
+/// hosts' noise) cost 14% of decode on 2 threads and a third on one (BENCHMARKS.md,
+/// 2026-12-07).
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, and `at` must be 64-byte aligned and valid for reading 64
@@ -176,24 +180,6 @@ unsafe fn load<const R: usize>(at: *const u8) -> __m512i {
             _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(2048) as *const i8);
         }
         _mm512_load_si512(at as *const _)
-    }
-}
-
-/// [`load`] for the k-quants of four and five bits, whose records are one block of quants
-/// after a short meta: one row prefetches each line 3 KB ahead into L2. With both cores
-/// reading, this streamed Q4_K faster than [`prefetch_record`] (which is faster on one core).
-///
-/// # Safety
-/// As [`load`].
-#[inline(always)]
-unsafe fn load_streaming<const R: usize>(at: *const u8) -> __m512i {
-    // SAFETY: as `load`; the prefetch address is computed with `wrapping_add` and never
-    // dereferenced.
-    unsafe {
-        if R == 1 {
-            _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(3072) as *const i8);
-        }
-        load::<R>(at)
     }
 }
 
@@ -441,14 +427,14 @@ impl<'a, const R: usize> Tile<'a, R> {
             let mut big_b = [_mm512_setzero_si512(); R];
             for s in 0..8 {
                 let (high, high4) = if FIVE {
-                    let high = load_streaming::<R>(planes.add(64 * s));
+                    let high = load::<R>(planes.add(64 * s));
                     (high, _mm512_slli_epi16::<4>(high))
                 } else {
                     (_mm512_setzero_si512(), _mm512_setzero_si512())
                 };
                 let mut isum = [[_mm512_setzero_si512(); 2]; R];
                 for t in 0..4 {
-                    let chunk = load_streaming::<R>(quants.add(64 * (4 * s + t)));
+                    let chunk = load::<R>(quants.add(64 * (4 * s + t)));
                     let (lo, hi) = Self::nibbles::<FIVE>(chunk, high, high4, t);
                     for r in 0..R {
                         let at = self.q[r].add(b * 256 + 32 * s + 4 * t);
