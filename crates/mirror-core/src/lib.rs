@@ -63,7 +63,7 @@ pub use models::layers::Kernels;
 pub use models::lookahead::{lookahead_attention, LookaheadHead, LookaheadLogits};
 pub use models::ragged::{RaggedPass, RaggedSequence, RowLogits};
 pub use models::transformer::Model;
-pub use threads::ThreadPlacement;
+pub use threads::{ThreadPlacement, POLL_ENV};
 pub use tokenizer::{ChatMessage, Tokenizer};
 pub use tools::{Tool, ToolCall};
 pub use weights::{WeightFormat, WeightReport};

@@ -20,7 +20,10 @@
 //! cores each; Mirror, target and draft side by side, one core each (measured in
 //! BENCHMARKS.md with `--target-threads`/`--draft-threads`).
 
-use std::sync::Arc;
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 
@@ -137,6 +140,136 @@ impl ThreadPlacement {
     }
 }
 
+/// Environment variable that stops the pool threads polling for work during a forward
+/// ([`with_pool_awake`]): `off`, `0` or `false`. For comparisons, or on a machine shared with
+/// other work, where a thread that spins between calls takes time from someone else.
+pub const POLL_ENV: &str = "MIRROR_SD_POLL";
+
+/// Most activation rows of work for which [`with_pool_awake`] keeps the pool polling: decode
+/// steps, verification windows and small batches.
+const POLL_MAX_ROWS: usize = 16;
+
+/// Longest a poller of [`with_pool_awake`] goes without work before it leaves, back to rayon's
+/// own idling (a few dozen yields, then sleep).
+const POLL_IDLE_LIMIT: Duration = Duration::from_millis(1);
+
+thread_local! {
+    /// Whether this thread runs inside [`with_pool_awake`], as the caller or as a poller.
+    static AWAKE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether forwards keep their pool's threads polling: unless [`POLL_ENV`] says `off`. Read
+/// once per process.
+fn polling_wanted() -> bool {
+    static WANTED: OnceLock<bool> = OnceLock::new();
+    *WANTED.get_or_init(|| {
+        !matches!(
+            std::env::var(POLL_ENV).as_deref().map(str::trim),
+            Ok("off" | "0" | "false")
+        )
+    })
+}
+
+/// Runs `f` on this thread while the other threads of its rayon pool poll for work instead of
+/// sleeping, so that each of the many short parallel calls of a forward (a one-token step of
+/// the 1.5B makes 113 matmul calls of 50 us to 6 ms) starts on every thread at once.
+///
+/// Why: a rayon worker with nothing to do yields a few dozen times, then sleeps, and waking it
+/// takes 10-15 us on our VMs. In a one-row forward the other thread waits between calls (norms,
+/// RoPE, attention, the SwiGLU gate, and the end of the previous call) for longer than that, so
+/// it joined each call late: 7-16 us into calls of 54-300 us on a Zen 4 EPYC (per-item timers,
+/// BENCHMARKS.md); polling, 3-8 us. llama.cpp's threads spin between the ops of a graph for the
+/// same reason.
+///
+/// The pollers run any pending job of the pool (candle's and attention's parallel work too)
+/// and leave when `f` returns, or after [`POLL_IDLE_LIMIT`] without work, so a long stretch of
+/// single-threaded work costs at most that much spinning. Work on more than [`POLL_MAX_ROWS`]
+/// rows (a prompt's chunk) runs long calls, where a late start matters little, and its larger
+/// element-wise ops run on candle's own pool, whose threads a poller would compete with: it
+/// runs without pollers, as it does off a rayon worker, in a pool of one thread, nested, or
+/// with [`POLL_ENV`] off.
+pub(crate) fn with_pool_awake<T>(rows: usize, f: impl FnOnce() -> T) -> T {
+    let Some(owner) = rayon::current_thread_index() else {
+        return f();
+    };
+    if rows > POLL_MAX_ROWS
+        || rayon::current_num_threads() < 2
+        || AWAKE.with(Cell::get)
+        || !polling_wanted()
+    {
+        return f();
+    }
+    let done = AtomicBool::new(false);
+    rayon::in_place_scope(|scope| {
+        for _ in 1..rayon::current_num_threads() {
+            scope.spawn(|_| poll_for_work(&done, owner));
+        }
+        // Ends the polling when `f` returns or unwinds.
+        let _awake = Awake::enter(&done);
+        f()
+    })
+}
+
+/// Runs `f` on a thread of the caller's rayon pool: here when this thread is one of its
+/// workers, otherwise on a worker of the global pool while this thread waits. A forward called
+/// from a plain thread (the batched engine's, a user's `main`) then crosses into the pool once,
+/// not once per parallel call, and its pool threads can poll ([`with_pool_awake`]).
+pub(crate) fn in_current_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
+}
+
+/// Marks this thread awake until dropped, then (for the caller) tells the pollers to leave.
+struct Awake<'a> {
+    done: Option<&'a AtomicBool>,
+}
+
+impl<'a> Awake<'a> {
+    fn enter(done: &'a AtomicBool) -> Self {
+        AWAKE.with(|a| a.set(true));
+        Self { done: Some(done) }
+    }
+
+    fn poller() -> Self {
+        AWAKE.with(|a| a.set(true));
+        Self { done: None }
+    }
+}
+
+impl Drop for Awake<'_> {
+    fn drop(&mut self) {
+        AWAKE.with(|a| a.set(false));
+        if let Some(done) = self.done {
+            done.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// A poller of [`with_pool_awake`]: runs pending jobs of the pool until `done`.
+fn poll_for_work(done: &AtomicBool, owner: usize) {
+    // The caller may pick up a poller it spawned (while it waits inside a join), and a poller
+    // may pick up another: either returns at once rather than hold its thread.
+    if rayon::current_thread_index() == Some(owner) || AWAKE.with(Cell::get) {
+        return;
+    }
+    let _awake = Awake::poller();
+    let mut idle_since = Instant::now();
+    while !done.load(Ordering::Acquire) {
+        match rayon::yield_now() {
+            Some(rayon::Yield::Executed) => idle_since = Instant::now(),
+            _ if idle_since.elapsed() > POLL_IDLE_LIMIT => break,
+            _ => {
+                for _ in 0..16 {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+    }
+}
+
 /// How to split `cores` between a target and a draft that run at the same time (Mirror):
 /// disjoint sets, the draft taking a third (at least one core) and the target the rest. With
 /// one core both get it. Returns `(target cores, draft cores)`.
@@ -163,6 +296,39 @@ mod tests {
         let (target, draft) = split_cores(&cores);
         assert_eq!((target.len(), draft.len()), (11, 5));
         assert!(target.iter().all(|c| !draft.contains(c)));
+    }
+
+    #[test]
+    fn a_forward_with_its_pool_awake_computes_as_without_and_the_pollers_leave() {
+        use rayon::prelude::*;
+        let pool = build_pool("test-awake", 2, None).unwrap();
+        let values: Vec<u64> = (0..100_000).map(|i| i * 7 % 1001).collect();
+        let serial: u64 = values.iter().sum();
+        for _ in 0..20 {
+            let (sum, nested) = pool.install(|| {
+                with_pool_awake(1, || {
+                    let sum: u64 = values.par_iter().sum();
+                    // Nested: runs at once, no second set of pollers.
+                    let nested = with_pool_awake(1, || {
+                        values.par_chunks(1000).map(|c| c.len()).sum::<usize>()
+                    });
+                    (sum, nested)
+                })
+            });
+            assert_eq!((sum, nested), (serial, values.len()));
+        }
+        // A panic inside ends the polling too, and leaves no thread marked awake.
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.install(|| with_pool_awake(1, || panic!("inside a forward")))
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(
+            pool.broadcast(|_| AWAKE.with(Cell::get)),
+            vec![false, false]
+        );
+        // From a plain thread, the work crosses into the global pool.
+        assert!(rayon::current_thread_index().is_none());
+        assert!(in_current_pool(|| rayon::current_thread_index().is_some()));
     }
 
     #[test]

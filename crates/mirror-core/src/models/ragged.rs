@@ -127,7 +127,7 @@ impl Model {
         let rows = tokens.len();
         let hidden = self.embed(&[&tokens])?;
         let positions = Tensor::from_vec(positions, (1, rows), self.device())?;
-        let (cos, sin) = self.run(|| self.rope.tables(&positions))?;
+        let (cos, sin) = self.run(rows, || self.rope.tables(&positions))?;
         Ok(RaggedPass {
             model: self,
             captured: vec![Vec::new(); sequences.len()],
@@ -200,7 +200,8 @@ impl RaggedPass<'_, '_, '_> {
         let (sequences, captured) = (&mut *self.sequences, &mut self.captured);
         let (cos, sin) = (&self.cos, &self.sin);
         let mut x = self.hidden.clone();
-        x = model.run(|| {
+        let rows = spans.iter().map(|span| span.len).sum();
+        x = model.run(rows, || {
             for index in from..layer {
                 x = model.layers[index].forward(&x, Kernels::Fused, |attn, h| {
                     let (q, k, v) = attn.project_qkv(h, &model.rope, cos, sin, Kernels::Fused)?;

@@ -22,7 +22,7 @@ use crate::config::{Architecture, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::mask::AttentionInput;
-use crate::threads::ThreadPlacement;
+use crate::threads::{self, ThreadPlacement};
 use crate::weights::{WeightFormat, WeightReport, WeightSource};
 
 /// A decoder-only language model with weights behind `&self` (share it across threads with an
@@ -248,10 +248,17 @@ impl Model {
         self.pool.as_ref().map(|p| p.current_num_threads())
     }
 
-    pub(crate) fn run<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    /// Runs `f`, the model's work on `rows` activation rows, in the model's pool (see
+    /// [`threads::with_pool_awake`] for why few rows keep the pool's threads polling).
+    pub(crate) fn run<T: Send>(
+        &self,
+        rows: usize,
+        f: impl FnOnce() -> Result<T> + Send,
+    ) -> Result<T> {
+        let f = || threads::with_pool_awake(rows, f);
         match &self.pool {
             Some(pool) => pool.install(f),
-            None => f(),
+            None => threads::in_current_pool(f),
         }
     }
 
@@ -354,7 +361,7 @@ impl Model {
             }
             ids.push(token);
         }
-        self.run(|| self.embed_tokens.forward(&ids, batch, tokens))
+        self.run(ids.len(), || self.embed_tokens.forward(&ids, batch, tokens))
     }
 
     /// Runs `layers` (a sub-range of `0..N`) over `hidden` `(batch, tokens, hidden)`, appending
@@ -397,7 +404,7 @@ impl Model {
             ));
         }
         let (positions, mask) = self.prepare_input(input, batch, tokens, first_len + tokens)?;
-        self.run(|| {
+        self.run(batch * tokens, || {
             let (cos, sin) = self.rope.tables(&positions)?;
             let mut x = hidden.clone();
             for index in layers {
@@ -478,7 +485,8 @@ impl Model {
 
     /// [`Model::logits`] with a choice of kernels ([`Kernels::Autograd`] to train through it).
     pub fn logits_with(&self, hidden: &Tensor, kernels: Kernels) -> Result<Tensor> {
-        self.run(|| {
+        let rows = hidden.elem_count() / hidden.dim(candle_core::D::Minus1)?.max(1);
+        self.run(rows, || {
             let h = kernels.norm(&self.norm, hidden)?;
             match (&self.partial_head, kernels) {
                 (Some(head), Kernels::Fused) => head.forward(&h),

@@ -59,7 +59,7 @@ impl Model {
             Kernels::Autograd => positions.i(0..1)?,
             Kernels::Fused => positions,
         };
-        self.run(|| {
+        self.run(batch * rows, || {
             let (cos, sin) = self.rope.tables(&positions)?;
             let mut x = head.initial_states(anchors)?;
             for index in split..self.num_layers() {
