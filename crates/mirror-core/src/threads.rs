@@ -7,6 +7,11 @@
 //!   the model whose forward calls them. A pool can be pinned to a set of cores
 //!   ([`ThreadPlacement::cores`]), so that two models that run at the same time (Mirror's target
 //!   and draft) never share a core.
+//!   A model without a pool of its own runs in the caller's: from a plain thread, its forward
+//!   crosses into rayon's global pool once.
+//! - **A decode step keeps its pool awake.** During a forward of at most 16 rows the pool's
+//!   other threads poll for work instead of sleeping between its short parallel calls
+//!   ([`POLL_ENV`] turns it off).
 //! - **The draft worker** of Mirror runs the draft on the draft model's pool; the scheduler
 //!   builds no pool of its own.
 //! - **candle's element-wise pool** is process-wide (`CANDLE_NUM_THREADS` threads; candle uses
@@ -140,9 +145,10 @@ impl ThreadPlacement {
     }
 }
 
-/// Environment variable that stops the pool threads polling for work during a forward
-/// ([`with_pool_awake`]): `off`, `0` or `false`. For comparisons, or on a machine shared with
-/// other work, where a thread that spins between calls takes time from someone else.
+/// Environment variable that stops the pool threads polling for work during a forward of at
+/// most 16 rows (a decode step), where they would otherwise spin between its parallel calls
+/// rather than sleep: `off`, `0` or `false`. For comparisons, or on a machine shared with other
+/// work, where a spinning thread takes time from someone else.
 pub const POLL_ENV: &str = "MIRROR_SD_POLL";
 
 /// Most activation rows of work for which [`with_pool_awake`] keeps the pool polling: decode
