@@ -128,7 +128,6 @@ fn argmax(values: &[f32]) -> u32 {
     best as u32
 }
 
-/// Resident set and its peak, in MB (Linux).
 /// Field `name` (in kB) of a `/proc` status-like text, in MB.
 fn proc_field_mb(text: &str, name: &str) -> Option<f64> {
     text.lines()
@@ -138,6 +137,7 @@ fn proc_field_mb(text: &str, name: &str) -> Option<f64> {
         .map(|kb| kb / 1024.0)
 }
 
+/// Resident set and its peak, in MB (Linux).
 fn memory_mb() -> (Option<f64>, Option<f64>) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     (

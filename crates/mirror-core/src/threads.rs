@@ -31,6 +31,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::kernels::switched_off;
 
 /// The environment variable candle sizes its element-wise pool by.
 pub const CANDLE_THREADS_ENV: &str = "CANDLE_NUM_THREADS";
@@ -168,12 +169,7 @@ thread_local! {
 /// once per process.
 fn polling_wanted() -> bool {
     static WANTED: OnceLock<bool> = OnceLock::new();
-    *WANTED.get_or_init(|| {
-        !matches!(
-            std::env::var(POLL_ENV).as_deref().map(str::trim),
-            Ok("off" | "0" | "false")
-        )
-    })
+    *WANTED.get_or_init(|| !switched_off(POLL_ENV))
 }
 
 /// Runs `f` on this thread while the other threads of its rayon pool poll for work instead of
@@ -198,16 +194,13 @@ pub(crate) fn with_pool_awake<T>(rows: usize, f: impl FnOnce() -> T) -> T {
     let Some(owner) = rayon::current_thread_index() else {
         return f();
     };
-    if rows > POLL_MAX_ROWS
-        || rayon::current_num_threads() < 2
-        || AWAKE.with(Cell::get)
-        || !polling_wanted()
-    {
+    let threads = rayon::current_num_threads();
+    if rows > POLL_MAX_ROWS || threads < 2 || AWAKE.with(Cell::get) || !polling_wanted() {
         return f();
     }
     let done = AtomicBool::new(false);
     rayon::in_place_scope(|scope| {
-        for _ in 1..rayon::current_num_threads() {
+        for _ in 1..threads {
             scope.spawn(|_| poll_for_work(&done, owner));
         }
         // Ends the polling when `f` returns or unwinds.

@@ -14,6 +14,7 @@ use std::sync::OnceLock;
 
 use memmap2::MmapMut;
 
+use super::types::switched_off;
 use crate::error::{Error, Result};
 
 /// Environment variable that turns the huge-page advice off: `off`, `0` or `false`.
@@ -29,13 +30,7 @@ const ALIGN: usize = 64;
 /// [`HUGE_PAGES_ENV`] says `off`. Read once per process.
 fn huge_pages_wanted() -> bool {
     static WANTED: OnceLock<bool> = OnceLock::new();
-    *WANTED.get_or_init(|| {
-        cfg!(target_os = "linux")
-            && !matches!(
-                std::env::var(HUGE_PAGES_ENV).as_deref().map(str::trim),
-                Ok("off" | "0" | "false")
-            )
-    })
+    *WANTED.get_or_init(|| cfg!(target_os = "linux") && !switched_off(HUGE_PAGES_ENV))
 }
 
 /// Zeroed bytes, 64-byte aligned (2 MiB aligned when they span a huge page), owned alone: what

@@ -40,6 +40,7 @@ mod x86_avx512;
 pub use dispatch::{matmul, MAX_ROWS};
 pub use memory::{WeightBytes, HUGE_PAGES_ENV};
 pub use packing::PackedMatrix;
+pub(crate) use types::switched_off;
 pub use types::{KernelPath, WeightType, KERNEL_PATH_ENV};
 
 #[cfg(test)]

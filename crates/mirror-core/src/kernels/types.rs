@@ -202,3 +202,13 @@ impl KernelPath {
         }
     }
 }
+
+/// Whether environment variable `var` turns a default-on behaviour off: `off`, `0` or `false`
+/// (surrounding blanks ignored). The one reading of mirror-sd's on/off switches
+/// ([`HUGE_PAGES_ENV`](super::HUGE_PAGES_ENV), `threads::POLL_ENV`).
+pub(crate) fn switched_off(var: &str) -> bool {
+    matches!(
+        std::env::var(var).as_deref().map(str::trim),
+        Ok("off" | "0" | "false")
+    )
+}

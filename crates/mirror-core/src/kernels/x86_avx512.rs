@@ -166,7 +166,7 @@ unsafe fn shift_right(v: __m512i, by: usize) -> __m512i {
 /// which the hardware prefetcher follows alone: on a Zen 4 EPYC, a prefetch of each line 3 KB
 /// ahead into L2 (kept earlier because distances from 0 to 12 KB had differed by less than the
 /// hosts' noise) cost 14% of decode on 2 threads and a third on one (BENCHMARKS.md,
-/// 2026-12-07).
+/// 2026-12-08).
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, and `at` must be 64-byte aligned and valid for reading 64
