@@ -1190,13 +1190,13 @@ fn models_health_and_metrics_describe_the_server() {
     assert!(
         metric(
             addr,
-            "mirror_sd_reuse_total{method=\"mirror\",kind=\"whole\"}"
+            "mirror_sd_reuse_total{method=\"mirror\",kind=\"hit\"}"
         ) + metric(
             addr,
             "mirror_sd_reuse_total{method=\"mirror\",kind=\"partial\"}"
         ) + metric(
             addr,
-            "mirror_sd_reuse_total{method=\"mirror\",kind=\"fallback\"}"
+            "mirror_sd_reuse_total{method=\"mirror\",kind=\"miss\"}"
         ) > 0.0
     );
 }
