@@ -192,12 +192,16 @@ const RECORD_AHEAD: usize = 4096;
 
 /// Prefetches part `part` of `parts` of the record [`RECORD_AHEAD`] bytes past block `b`'s in
 /// `group`: a group's records lie one after another, so these are the bytes of the blocks a
-/// few steps on, fetched as one stream whatever the record's inner layout.
+/// few steps on, fetched as one stream whatever the record's inner layout. `parts` must be a
+/// power of two.
 #[inline(always)]
 fn prefetch_record(group: *const u8, layout: &GroupLayout, b: usize, part: usize, parts: usize) {
     let lines = layout.record_bytes() / 64;
     let start = layout.record_start(b) + RECORD_AHEAD;
-    for line in part * lines / parts..(part + 1) * lines / parts {
+    // `parts` is a power of two (a record's blocks, or Q6_K's 8 sub-blocks): shifts, not the
+    // divisions a runtime `parts` would compile to.
+    let shift = parts.trailing_zeros();
+    for line in (part * lines) >> shift..((part + 1) * lines) >> shift {
         // SAFETY: a prefetch reads nothing and cannot fault; the address is only computed
         // (wrapping, so it may point past the group or the matrix).
         unsafe { _mm_prefetch::<_MM_HINT_T0>(group.wrapping_add(start + 64 * line) as *const i8) };
@@ -351,7 +355,7 @@ impl<'a, const R: usize> Tile<'a, R> {
             let layout = self.layout;
             if R == 1 {
                 let per = layout.blocks_per_record();
-                prefetch_record(self.group, layout, b, b % per, per);
+                prefetch_record(self.group, layout, b, layout.index_in_record(b), per);
             }
             {
                 let meta = self.group.add(layout.meta_at(b));
