@@ -14,6 +14,8 @@
 //! sequence's new tokens. Prompts are pseudo-random tokens, as `llama-batched-bench`'s are, or
 //! with `--suite` the prompt suite's chat prompts (sequence `b` takes prompt `b`, at their own
 //! lengths); end-of-sequence does not stop a sequence, so every one generates exactly its tokens.
+//! With `--whole-suite` every batch size runs the whole suite with `B` sequences in flight, and
+//! the figure is the throughput over it all (prefills included).
 //! The prefix cache is off, so that every run prefills. `--methods ar,lookup` runs both in one
 //! process, alternating per batch size.
 
@@ -85,6 +87,13 @@ struct Args {
     draft_threads: Option<usize>,
     #[command(flatten)]
     draft_vocab: common::DraftVocabArgs,
+    /// With `--suite`: each batch size runs every prompt of the suite with B sequences in
+    /// flight (a finished sequence's slot takes the next prompt), and reports `throughput_tok_s`:
+    /// tokens generated over the seconds from the first submission to the last completion,
+    /// prefills included. Without it, a batch of B takes the suite's first B prompts (one
+    /// category or two).
+    #[arg(long, requires = "suite")]
+    whole_suite: bool,
     /// Rows one step may take (default: every prompt at once).
     #[arg(long)]
     step_tokens: Option<usize>,
@@ -136,6 +145,85 @@ struct BatchRun {
     misses: usize,
 }
 
+/// Every prompt of the suite with `batch` sequences in flight: a sequence that finishes hands
+/// its slot to the next prompt at once, as a loaded server's would, so that a method which
+/// finishes some sequences early is not charged for a batch draining at its end (fixed groups
+/// of `batch` would be). Returns the tokens generated, the seconds from the first submission to
+/// the last completion (every prefill included), and the run's window counts.
+fn run_suite(
+    engine: &EngineHandle,
+    prompts: &[Vec<u32>],
+    batch: usize,
+    args: &Args,
+    speculation: Speculation,
+) -> Result<BatchRun, String> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let started = std::time::Instant::now();
+    let generations: Vec<Generation> = std::thread::scope(|scope| {
+        let slots: Vec<_> = (0..batch.clamp(1, prompts.len().max(1)))
+            .map(|_| {
+                scope.spawn(|| -> Result<Vec<Generation>, String> {
+                    let mut done = Vec::new();
+                    loop {
+                        let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(prompt) = prompts.get(index) else {
+                            return Ok(done);
+                        };
+                        let stream = engine
+                            .submit(request(prompt, args, speculation))
+                            .map_err(|e| e.to_string())?;
+                        done.push(stream.wait().map_err(|e| e.to_string())?);
+                    }
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for slot in slots {
+            all.extend(
+                slot.join()
+                    .map_err(|_| "a submitting thread panicked".to_string())??,
+            );
+        }
+        Ok::<_, String>(all)
+    })?;
+    let wall = started.elapsed().as_secs_f64();
+    let prompt_tokens = prompts.iter().map(Vec::len).sum();
+    Ok(BatchRun::of(&generations, 0.0, wall, prompt_tokens))
+}
+
+/// A request for `prompt`: exactly `--new-tokens` tokens (end-of-sequence does not stop it).
+fn request(prompt: &[u32], args: &Args, speculation: Speculation) -> SequenceRequest {
+    let config = GenerationConfig {
+        max_new_tokens: args.new_tokens,
+        stop_at_eos: false,
+        ..GenerationConfig::default()
+    };
+    SequenceRequest {
+        speculation,
+        ..SequenceRequest::new(prompt.to_vec(), config)
+    }
+}
+
+impl BatchRun {
+    /// A run's figures: its times, its prompts' tokens, and its generations' counts.
+    fn of(generations: &[Generation], prefill_s: f64, decode_s: f64, prompt_tokens: usize) -> Self {
+        let sum = |f: &dyn Fn(&Generation) -> usize| generations.iter().map(f).sum::<usize>();
+        BatchRun {
+            prefill_s,
+            decode_s,
+            prompt_tokens,
+            tokens: sum(&|g| g.tokens.len()),
+            windows: sum(&|g| g.stats.windows),
+            accepted: sum(&|g| {
+                let histogram = &g.stats.accepted_histogram;
+                histogram.iter().enumerate().map(|(a, n)| a * n).sum()
+            }),
+            reused: sum(&|g| g.stats.reuse_hits + g.stats.reuse_partials),
+            misses: sum(&|g| g.stats.reuse_misses),
+        }
+    }
+}
+
 /// One run of `batch` sequences.
 fn run_batch(
     engine: &EngineHandle,
@@ -144,18 +232,12 @@ fn run_batch(
     args: &Args,
     speculation: Speculation,
 ) -> Result<BatchRun, String> {
-    let config = GenerationConfig {
-        max_new_tokens: args.new_tokens,
-        stop_at_eos: false,
-        ..GenerationConfig::default()
-    };
     let streams = (0..batch)
         .map(|b| {
-            let request = SequenceRequest {
-                speculation,
-                ..SequenceRequest::new(prompts[b % prompts.len()].clone(), config.clone())
-            };
-            engine.submit(request).map_err(|e| e.to_string())
+            let prompt = &prompts[b % prompts.len()];
+            engine
+                .submit(request(prompt, args, speculation))
+                .map_err(|e| e.to_string())
         })
         .collect::<Result<Vec<_>, _>>()?;
     let generations: Vec<Generation> = streams
@@ -170,20 +252,13 @@ fn run_batch(
         .iter()
         .map(|g| g.stats.time.total.as_secs_f64())
         .fold(0.0, f64::max);
-    let sum = |f: &dyn Fn(&Generation) -> usize| generations.iter().map(f).sum::<usize>();
-    Ok(BatchRun {
-        prefill_s: prefill,
-        decode_s: total - prefill,
-        prompt_tokens: (0..batch).map(|b| prompts[b % prompts.len()].len()).sum(),
-        tokens: sum(&|g| g.tokens.len()),
-        windows: sum(&|g| g.stats.windows),
-        accepted: sum(&|g| {
-            let histogram = &g.stats.accepted_histogram;
-            histogram.iter().enumerate().map(|(a, n)| a * n).sum()
-        }),
-        reused: sum(&|g| g.stats.reuse_hits + g.stats.reuse_partials),
-        misses: sum(&|g| g.stats.reuse_misses),
-    })
+    let prompt_tokens = (0..batch).map(|b| prompts[b % prompts.len()].len()).sum();
+    Ok(BatchRun::of(
+        &generations,
+        prefill,
+        total - prefill,
+        prompt_tokens,
+    ))
 }
 
 /// What a method runs as in the batched engine.
@@ -380,11 +455,21 @@ fn run(args: Args) -> Result<(), String> {
     let mut rows = Vec::new();
     for &batch in &args.batches {
         for (&method, &speculation) in args.methods.iter().zip(&speculations) {
-            run_batch(&engine, &prompts, batch, &args, speculation)?;
+            // Warm-up (with --whole-suite, one batch of the suite's first prompts).
+            run_batch(
+                &engine,
+                &prompts,
+                batch.min(prompts.len()),
+                &args,
+                speculation,
+            )?;
             let (mut prefill, mut decode) = (Vec::new(), Vec::new());
             let (mut windows, mut accepted, mut reused, mut misses) = (0, 0, 0, 0);
             for _ in 0..args.repeats.max(1) {
-                let run = run_batch(&engine, &prompts, batch, &args, speculation)?;
+                let run = match args.whole_suite {
+                    true => run_suite(&engine, &prompts, batch, &args, speculation)?,
+                    false => run_batch(&engine, &prompts, batch, &args, speculation)?,
+                };
                 prefill.push(run.prompt_tokens as f64 / run.prefill_s);
                 decode.push(run.tokens as f64 / run.decode_s);
                 windows += run.windows;
@@ -399,15 +484,33 @@ fn run(args: Args) -> Result<(), String> {
                 Method::SdLookup => "sd+lookup",
                 Method::Mirror => "mirror",
             };
-            let row = json!({
+            let mut row = json!({
                 "batch": batch,
                 "method": name,
                 "prefill_tok_s": common::median(prefill),
-                "decode_tok_s": common::median(decode),
+                "decode_tok_s": common::median(decode.clone()),
                 "accepted_per_window": accepted as f64 / windows.max(1) as f64,
                 "tree_reuse": reused as f64 / (reused + misses).max(1) as f64,
             });
-            if !args.json {
+            if args.whole_suite {
+                // One figure: prefill and decode interleave while slots refill.
+                row = json!({
+                    "batch": batch,
+                    "method": name,
+                    "throughput_tok_s": common::median(decode),
+                    "accepted_per_window": row["accepted_per_window"],
+                    "tree_reuse": row["tree_reuse"],
+                });
+                if !args.json {
+                    println!(
+                        "B={batch:>3}  {name:<7} whole suite {:>7.2} tok/s  accepted/window {:.2}  \
+                         tree reuse {:.2}",
+                        row["throughput_tok_s"].as_f64().unwrap_or(0.0),
+                        row["accepted_per_window"].as_f64().unwrap_or(0.0),
+                        row["tree_reuse"].as_f64().unwrap_or(0.0),
+                    );
+                }
+            } else if !args.json {
                 println!(
                     "B={batch:>3}  {name:<7} prefill {:>8.1} tok/s  decode {:>7.2} tok/s  \
                      accepted/window {:.2}  tree reuse {:.2}",
