@@ -107,6 +107,10 @@ struct Plan {
     /// Whether drafting would pay at [`OPTIMISTIC_RATE`]: when not, no sequence explores,
     /// since no acceptance it could measure would make its drafts pay.
     worth_exploring: bool,
+    /// Whether drafting would not pay at [`OPTIMISTIC_RATE`] even with every prompt now
+    /// prefilling decoding beside the others, its draft ready: then those prompts' draft rows
+    /// wait (see `DraftSide::deferred`).
+    defer_prefill: bool,
 }
 
 /// The plan for this step, priced with both cost lines ([`plan_draft_depth`]); `None` (no limit)
@@ -128,15 +132,20 @@ fn step_plan(phase: &DraftPhase<'_>, running: &[Sequence]) -> Option<Plan> {
             let Speculation::Draft { gamma, .. } = s.speculation else {
                 return None;
             };
-            let common = s.draft.as_ref()?.common_prefix(&s.seq);
+            let side = s.draft.as_ref()?;
+            let common = side.common_prefix(&s.seq);
             // A draft that fell behind while not drafting catches up once, not every step:
             // priced as a step's catch-up at most (the last token and an accepted window), so
-            // that a pause in drafting does not make resuming look ever dearer.
+            // that a pause in drafting does not make resuming look ever dearer. A deferred
+            // prompt prefill is priced whole: resuming pays for every row of it.
             let behind = s.seq.len() - common.min(s.seq.len().saturating_sub(1));
             Some(DraftPlanOffer {
                 rate: s.acceptance.rate(),
                 tokens: gamma.min(window_room(&s.cache.cache)),
-                catch_up: behind.min(gamma + 1),
+                catch_up: match side.deferred {
+                    true => behind,
+                    false => behind.min(gamma + 1),
+                },
             })
         })
         .collect();
@@ -144,18 +153,35 @@ fn step_plan(phase: &DraftPhase<'_>, running: &[Sequence]) -> Option<Plan> {
     let target_seconds = |r| target.seconds(r).unwrap_or(f64::EPSILON);
     let draft_seconds = |r| draft.seconds(r).unwrap_or(f64::EPSILON);
     let depth = plan_draft_depth(rows, rows as f64, &offers, target_seconds, draft_seconds);
-    let worth_exploring = depth > 0
-        || drafting_could_pay(
+    let could_pay = |offers: &[DraftPlanOffer]| {
+        let rows = offers.len().max(rows);
+        let rate = OPTIMISTIC_RATE;
+        drafting_could_pay(
             rows,
             rows as f64,
-            &offers,
-            OPTIMISTIC_RATE,
+            offers,
+            rate,
             target_seconds,
             draft_seconds,
-        );
+        )
+    };
+    let worth_exploring = depth > 0 || could_pay(&offers);
+    // The prompts prefilling now, as if decoding with their drafts ready.
+    let mut with_prefills = offers;
+    with_prefills.extend(running.iter().filter_map(|s| match s.speculation {
+        Speculation::Draft { gamma, .. } if matches!(s.phase, Phase::Prefill) && !s.done() => {
+            Some(DraftPlanOffer {
+                rate: s.acceptance.rate(),
+                tokens: gamma,
+                catch_up: 1,
+            })
+        }
+        _ => None,
+    }));
     Some(Plan {
         depth,
         worth_exploring,
+        defer_prefill: !could_pay(&with_prefills),
     })
 }
 
@@ -274,6 +300,15 @@ fn first_feed(
     side.drafted = DraftWindow::default();
     side.exploring = false;
     if matches!(sequence.phase, Phase::Prefill) {
+        // No acceptance could make drafting pay this step even with this prompt decoding (a
+        // full batch where rows are dear): its draft rows would be pure cost, so they wait; the
+        // sequence may decode once the target has its prompt. Decided again each step while
+        // the prompt prefills.
+        side.deferred = plan.is_some_and(|p| p.defer_prefill);
+        if side.deferred {
+            sequence.decode_once_prefilled();
+            return None;
+        }
         let cached = side.tokens.len();
         let end = (seq_len - 1).min(cached + prefill_chunk);
         if !target_ready || end < seq_len - 1 {
@@ -318,6 +353,19 @@ fn first_feed(
                 common -= 1;
             }
             side.truncate(common);
+            if seq_len - common > prefill_chunk.max(1) + 1 {
+                // A draft far behind (its prompt prefill was deferred) catches up in prompt-sized
+                // chunks first, as a prefill would; it drafts once the rest fits one forward.
+                if side.exploring {
+                    side.exploring = false;
+                    side.explored -= 1;
+                }
+                return Some(Feed {
+                    index,
+                    tokens: sequence.seq[common..common + prefill_chunk.max(1)].to_vec(),
+                    proposes: false,
+                });
+            }
             growing.push(Growing {
                 index,
                 count,

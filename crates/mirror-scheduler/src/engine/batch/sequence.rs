@@ -91,6 +91,11 @@ pub(crate) struct DraftSide {
     pub explored: usize,
     /// Whether the window drafted for the next step is one of those: the step keeps it whole.
     pub exploring: bool,
+    /// Whether the rest of the prompt's draft prefill is put off: when it came, no acceptance
+    /// could make drafting pay (see `drafting`), so the prompt's draft rows would be pure cost.
+    /// The sequence decodes without them; if the planner later drafts, the first draft forward
+    /// catches the draft up on every committed token it lacks.
+    pub deferred: bool,
 }
 
 impl DraftSide {
@@ -419,7 +424,8 @@ impl Sequence {
     /// chunk, or at once for a one-token prompt or one whose prefix came from the prefix cache.
     pub(crate) fn decode_once_prefilled(&mut self) {
         let cached = |rows: usize| rows + 1 >= self.seq.len();
-        let draft_cached = self.draft.as_ref().is_none_or(|d| cached(d.tokens.len()));
+        let draft_cached =
+            (self.draft.as_ref()).is_none_or(|d| d.deferred || cached(d.tokens.len()));
         if matches!(self.phase, Phase::Prefill) && cached(self.cache.cache.len()) && draft_cached {
             self.enter_decode();
         }
@@ -492,6 +498,7 @@ pub(crate) fn new_sequence(
             last_kept: None,
             explored: 0,
             exploring: false,
+            deferred: false,
         }),
         decode_steps: 0,
         constraint: None,

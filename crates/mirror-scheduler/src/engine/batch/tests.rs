@@ -217,3 +217,84 @@ fn leaves_evicted_while_the_batch_runs_change_no_output() {
     let load = core.load();
     assert_eq!(load.pool_used, load.prefix_bytes);
 }
+
+/// With draft forwards so dear against the target's steps that no acceptance could make
+/// drafting pay, SD sequences put off their prompts' draft prefill: they decode holding no draft
+/// rows, and greedy output stays the target's own. Unmeasured costs (the planner cannot price
+/// yet) prefill the draft as before, so the check can fail. When drafting resumes (the dear
+/// line forgotten mid-run), the drafts catch up in 3-token chunks and output stays the same.
+#[test]
+fn where_drafting_cannot_pay_the_drafts_prefill_waits_and_outputs_stay_the_targets() {
+    let target = fixture();
+    let config = GenerationConfig {
+        stop_at_eos: false,
+        ..GenerationConfig::greedy(10)
+    };
+    let prompts = [
+        vec![3u32, 14, 15, 92, 6, 5, 35],
+        vec![2u32, 7, 18, 28],
+        vec![9u32, 9, 8, 7, 6, 5, 4, 3],
+    ];
+    for (dear, resumes) in [(true, false), (false, false), (true, true)] {
+        let draft = Some(Arc::clone(&target));
+        let settings = BatchSettings {
+            prefill_chunk: 3,
+            ..BatchSettings::default()
+        };
+        let mut core = BatchCore::new(Arc::clone(&target), draft, settings).unwrap();
+        if dear {
+            for rows in [1usize, 4, 8, 16] {
+                let target_step = std::time::Duration::from_micros(1000 + rows as u64);
+                core.step_cost.record(rows, target_step);
+                core.draft_cost
+                    .record(rows, std::time::Duration::from_secs(1));
+            }
+        }
+        let receivers: Vec<_> = prompts
+            .iter()
+            .map(|prompt| {
+                let request = SequenceRequest {
+                    speculation: Speculation::Draft {
+                        gamma: 4,
+                        greedy_draft: false,
+                    },
+                    ..SequenceRequest::new(prompt.clone(), config.clone())
+                };
+                submit(&mut core, request, None)
+            })
+            .collect();
+        let mut draft_rows_while_decoding = Vec::new();
+        for step in 0..200 {
+            if core.is_idle() {
+                break;
+            }
+            if resumes && step == 8 {
+                core.draft_cost = StepCost::default();
+                draft_rows_while_decoding.clear();
+            }
+            core.step();
+            for sequence in core.running.iter().filter(|s| s.is_decoding()) {
+                let rows = sequence.draft.as_ref().map_or(0, |d| d.tokens.len());
+                draft_rows_while_decoding.push(rows);
+            }
+        }
+        assert!(core.is_idle());
+        for (prompt, received) in prompts.iter().zip(&receivers) {
+            let expected = Autoregressive::new(Arc::clone(&target))
+                .generate(prompt, &config)
+                .unwrap()
+                .tokens;
+            assert_eq!(
+                received.recv().unwrap().unwrap().tokens,
+                expected,
+                "dear {dear}"
+            );
+        }
+        assert!(!draft_rows_while_decoding.is_empty());
+        if dear && !resumes {
+            assert!(draft_rows_while_decoding.iter().all(|&rows| rows == 0));
+        } else {
+            assert!(draft_rows_while_decoding.iter().any(|&rows| rows > 0));
+        }
+    }
+}
