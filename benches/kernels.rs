@@ -1,13 +1,14 @@
 //! Quantized matmul of m activation rows (m = 1, 2, 4, 8, 16, 32) against real tensors of the
 //! default pair, mirror-core's kernels beside candle's `QMatMul` on the same bytes, in one run.
-//! Both use all cores of the machine (rayon's global pool and candle's own pool).
+//! Both use all cores of the machine (a rayon pool of every core, ours timed on one of its
+//! workers, and candle's own pool).
 //!
 //! `python3 scripts/fetch_models.py qwen && cargo bench --bench kernels`
 //! (`-- ggml_types` alone times every GGML type on one matrix, candle beside ours.)
 //! (`MIRROR_SD_KERNEL=avx2|portable` times the other code paths; `-- q4k` filters.)
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use candle_core::quantized::{gguf_file, QMatMul};
 use candle_core::{Device, Module, Tensor};
@@ -40,6 +41,7 @@ const DRAFT: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
 fn bench(c: &mut Criterion) {
     let path = KernelPath::selected();
     eprintln!("mirror-core kernel path: {path:?}");
+    let pool = rayon::ThreadPoolBuilder::new().build().unwrap();
     for (label, file, name) in TENSORS {
         let Some(file_path) = model(file) else {
             eprintln!("skipping {label}: run `python3 scripts/fetch_models.py qwen` first");
@@ -67,8 +69,19 @@ fn bench(c: &mut Criterion) {
                 .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
                 .collect();
             let mut out = vec![0f32; m * rows];
+            // Timed on a worker of the pool, as a model's forward calls the kernels: from
+            // criterion's own thread, outside any pool, 2-thread calls of 16 rows read about a
+            // third slower (BENCHMARKS.md, 2026-12-08, later).
             group.bench_function(format!("mirror_core/m_{m}"), |b| {
-                b.iter(|| matmul(path, &[&packed], &x, m, &mut out).unwrap())
+                b.iter_custom(|iters| {
+                    pool.install(|| {
+                        let started = Instant::now();
+                        for _ in 0..iters {
+                            matmul(path, &[&packed], &x, m, &mut out).unwrap();
+                        }
+                        started.elapsed()
+                    })
+                })
             });
             let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap();
             group.bench_function(format!("candle_qmatmul/m_{m}"), |b| {
