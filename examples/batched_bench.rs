@@ -188,6 +188,7 @@ fn run_suite(
     })?;
     let wall = started.elapsed().as_secs_f64();
     let prompt_tokens = prompts.iter().map(Vec::len).sum();
+    // No prefill time of its own: prefills interleave with decoding; the wall time is the run's.
     Ok(BatchRun::of(&generations, 0.0, wall, prompt_tokens))
 }
 
@@ -484,40 +485,32 @@ fn run(args: Args) -> Result<(), String> {
                 Method::SdLookup => "sd+lookup",
                 Method::Mirror => "mirror",
             };
+            let accepted_per_window = accepted as f64 / windows.max(1) as f64;
+            let tree_reuse = reused as f64 / (reused + misses).max(1) as f64;
             let mut row = json!({
                 "batch": batch,
                 "method": name,
-                "prefill_tok_s": common::median(prefill),
-                "decode_tok_s": common::median(decode.clone()),
-                "accepted_per_window": accepted as f64 / windows.max(1) as f64,
-                "tree_reuse": reused as f64 / (reused + misses).max(1) as f64,
+                "accepted_per_window": accepted_per_window,
+                "tree_reuse": tree_reuse,
             });
-            if args.whole_suite {
-                // One figure: prefill and decode interleave while slots refill.
-                row = json!({
-                    "batch": batch,
-                    "method": name,
-                    "throughput_tok_s": common::median(decode),
-                    "accepted_per_window": row["accepted_per_window"],
-                    "tree_reuse": row["tree_reuse"],
-                });
-                if !args.json {
-                    println!(
-                        "B={batch:>3}  {name:<7} whole suite {:>7.2} tok/s  accepted/window {:.2}  \
-                         tree reuse {:.2}",
-                        row["throughput_tok_s"].as_f64().unwrap_or(0.0),
-                        row["accepted_per_window"].as_f64().unwrap_or(0.0),
-                        row["tree_reuse"].as_f64().unwrap_or(0.0),
-                    );
+            // With --whole-suite one figure: prefill and decode interleave while slots refill.
+            let rates = match args.whole_suite {
+                true => {
+                    let throughput = common::median(decode);
+                    row["throughput_tok_s"] = json!(throughput);
+                    format!("whole suite {throughput:>7.2} tok/s")
                 }
-            } else if !args.json {
+                false => {
+                    let (prefill, decode) = (common::median(prefill), common::median(decode));
+                    row["prefill_tok_s"] = json!(prefill);
+                    row["decode_tok_s"] = json!(decode);
+                    format!("prefill {prefill:>8.1} tok/s  decode {decode:>7.2} tok/s")
+                }
+            };
+            if !args.json {
                 println!(
-                    "B={batch:>3}  {name:<7} prefill {:>8.1} tok/s  decode {:>7.2} tok/s  \
-                     accepted/window {:.2}  tree reuse {:.2}",
-                    row["prefill_tok_s"].as_f64().unwrap_or(0.0),
-                    row["decode_tok_s"].as_f64().unwrap_or(0.0),
-                    row["accepted_per_window"].as_f64().unwrap_or(0.0),
-                    row["tree_reuse"].as_f64().unwrap_or(0.0),
+                    "B={batch:>3}  {name:<7} {rates}  accepted/window {accepted_per_window:.2}  \
+                     tree reuse {tree_reuse:.2}"
                 );
             }
             rows.push(row);

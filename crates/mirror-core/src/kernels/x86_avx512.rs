@@ -198,8 +198,7 @@ const RECORD_AHEAD: usize = 4096;
 fn prefetch_record(group: *const u8, layout: &GroupLayout, b: usize, part: usize, parts: usize) {
     let lines = layout.record_bytes() / 64;
     let start = layout.record_start(b) + RECORD_AHEAD;
-    // `parts` is a power of two (a record's blocks, or Q6_K's 8 sub-blocks): shifts, not the
-    // divisions a runtime `parts` would compile to.
+    // A record's blocks or Q6_K's 8 sub-blocks: shifts, not divisions by a runtime `parts`.
     let shift = parts.trailing_zeros();
     for line in (part * lines) >> shift..((part + 1) * lines) >> shift {
         // SAFETY: a prefetch reads nothing and cannot fault; the address is only computed

@@ -155,33 +155,30 @@ fn step_plan(phase: &DraftPhase<'_>, running: &[Sequence]) -> Option<Plan> {
     let depth = plan_draft_depth(rows, rows as f64, &offers, target_seconds, draft_seconds);
     let could_pay = |offers: &[DraftPlanOffer]| {
         let rows = offers.len().max(rows);
-        let rate = OPTIMISTIC_RATE;
-        drafting_could_pay(
-            rows,
-            rows as f64,
-            offers,
-            rate,
-            target_seconds,
-            draft_seconds,
-        )
+        let (target, draft) = (target_seconds, draft_seconds);
+        drafting_could_pay(rows, rows as f64, offers, OPTIMISTIC_RATE, target, draft)
     };
     let worth_exploring = depth > 0 || could_pay(&offers);
-    // The prompts prefilling now, as if decoding with their drafts ready.
-    let mut with_prefills = offers;
-    with_prefills.extend(running.iter().filter_map(|s| match s.speculation {
-        Speculation::Draft { gamma, .. } if matches!(s.phase, Phase::Prefill) && !s.done() => {
-            Some(DraftPlanOffer {
-                rate: s.acceptance.rate(),
-                tokens: gamma,
-                catch_up: 1,
-            })
-        }
-        _ => None,
-    }));
+    // The prompts prefilling now, as if decoding with their drafts ready; priced only when
+    // there are any (the planner's search is exhaustive).
+    let prefilling: Vec<DraftPlanOffer> = running
+        .iter()
+        .filter_map(|s| match s.speculation {
+            Speculation::Draft { gamma, .. } if matches!(s.phase, Phase::Prefill) && !s.done() => {
+                Some(DraftPlanOffer {
+                    rate: s.acceptance.rate(),
+                    tokens: gamma,
+                    catch_up: 1,
+                })
+            }
+            _ => None,
+        })
+        .collect();
+    let defer_prefill = !prefilling.is_empty() && !could_pay(&[offers, prefilling].concat());
     Some(Plan {
         depth,
         worth_exploring,
-        defer_prefill: !could_pay(&with_prefills),
+        defer_prefill,
     })
 }
 
@@ -353,7 +350,7 @@ fn first_feed(
                 common -= 1;
             }
             side.truncate(common);
-            if seq_len - common > prefill_chunk.max(1) + 1 {
+            if seq_len - common > prefill_chunk + 1 {
                 // A draft far behind (its prompt prefill was deferred) catches up in prompt-sized
                 // chunks first, as a prefill would; it drafts once the rest fits one forward.
                 if side.exploring {
@@ -362,7 +359,7 @@ fn first_feed(
                 }
                 return Some(Feed {
                     index,
-                    tokens: sequence.seq[common..common + prefill_chunk.max(1)].to_vec(),
+                    tokens: sequence.seq[common..common + prefill_chunk].to_vec(),
                     proposes: false,
                 });
             }

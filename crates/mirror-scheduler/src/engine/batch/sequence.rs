@@ -424,8 +424,8 @@ impl Sequence {
     /// chunk, or at once for a one-token prompt or one whose prefix came from the prefix cache.
     pub(crate) fn decode_once_prefilled(&mut self) {
         let cached = |rows: usize| rows + 1 >= self.seq.len();
-        let draft_cached =
-            (self.draft.as_ref()).is_none_or(|d| d.deferred || cached(d.tokens.len()));
+        let draft = self.draft.as_ref();
+        let draft_cached = draft.is_none_or(|d| d.deferred || cached(d.tokens.len()));
         if matches!(self.phase, Phase::Prefill) && cached(self.cache.cache.len()) && draft_cached {
             self.enter_decode();
         }
